@@ -1,0 +1,3 @@
+from atas.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""Paired crop + flip: one random crop/flip per sample, applied to the image AND its stored prior.
+
+ATAS keeps each sample's perturbation in the *frame* the random crop is taken from (CIFAR: the
+32x32 image zero-padded to 40x40; ImageNet: the image resized to 256x256). A training step crops
+the same window out of the padded image and out of the stored prior, and afterwards writes the
+new perturbation back into exactly that window. The official code does this with three
+per-sample Python loops per step (defect 3); here the crop/flip parameters are tensors and each
+direction is a single advanced-indexing gather or scatter over the whole batch.
+
+Indexing convention: `frame[b, :, rows[b, h], cols[b, w]]` is pixel (h, w) of sample b's crop.
+A horizontal flip is a reversed column index, so the same (rows, cols) pair serves the gather
+and the inverse scatter: the inverse of a crop+flip is writing back through the same indices.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class CropFlip:
+    """Per-sample crop offsets and flips for a batch; `size` is the crop side, `frame` the source side."""
+
+    top: torch.Tensor   # [B] int64
+    left: torch.Tensor  # [B] int64
+    flip: torch.Tensor  # [B] bool
+    size: int
+    frame: int
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """[B, size] frame row of every crop row."""
+        return self.top[:, None] + torch.arange(self.size, device=self.top.device)
+
+    @property
+    def cols(self) -> torch.Tensor:
+        """[B, size] frame column of every crop column (reversed where flipped)."""
+        ar = torch.arange(self.size, device=self.left.device)
+        return self.left[:, None] + torch.where(self.flip[:, None], self.size - 1 - ar, ar)
+
+    def index(self, batch_index: torch.Tensor | None = None):
+        """Advanced index (b, :, r, c) selecting every crop window; b defaults to 0..B-1."""
+        b = torch.arange(len(self.top), device=self.top.device) if batch_index is None else batch_index
+        return b[:, None, None], slice(None), self.rows[:, :, None], self.cols[:, None, :]
+
+
+def sample_crop_flip(batch: int, frame: int, size: int, flip: bool, device: torch.device | str,
+                     generator: torch.Generator | None = None) -> CropFlip:
+    """Offsets uniform in {0..frame-size} (both ends included, as RandomCrop), flip with p=0.5."""
+    if size > frame:
+        raise ValueError(f"crop size {size} exceeds frame size {frame}")
+    gen_device = generator.device if generator is not None else "cpu"
+    top = torch.randint(0, frame - size + 1, (batch,), generator=generator, device=gen_device)
+    left = torch.randint(0, frame - size + 1, (batch,), generator=generator, device=gen_device)
+    if flip:
+        flips = torch.rand(batch, generator=generator, device=gen_device) < 0.5
+    else:
+        flips = torch.zeros(batch, dtype=torch.bool, device=gen_device)
+    return CropFlip(top.to(device), left.to(device), flips.to(device), size, frame)
+
+
+def crop(frames: torch.Tensor, cf: CropFlip) -> torch.Tensor:
+    """[B, C, F, F] -> [B, C, size, size]: one gather for the whole batch."""
+    # Advanced indices separated by a slice put the broadcast dims first: [B, size, size, C].
+    return frames[cf.index()].permute(0, 3, 1, 2).contiguous()
+
+
+def uncrop_into(frames: torch.Tensor, rows: torch.Tensor, window: torch.Tensor, cf: CropFlip) -> None:
+    """Inverse of `crop`: write window[b] into frames[rows[b]] at sample b's crop, in place.
+
+    Only the crop window of each listed row is touched; flipped samples are flipped back by the
+    reversed column index. `rows` are the rows of `frames` (e.g. store rows) for the batch."""
+    frames[cf.index(rows)] = window.permute(0, 2, 3, 1).to(frames.dtype)
+
+
+def pad_to_frame(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Zero padding, as torchvision's Pad/RandomCrop(padding=...) used by the official code."""
+    return F.pad(x, (pad, pad, pad, pad)) if pad else x
+
+
+class PairedAugment:
+    """Draws a crop+flip per sample and applies it to images (and, through the store, to priors).
+
+    frame: side of the source frame (image + 2*pad, or the resize size for ImageNet).
+    size:  side of the training crop fed to the model.
+    pad:   zero padding applied on the device to make the frame (0 when the loader already
+           delivers frame-sized images, as for ImageNet's Resize((256, 256))).
+    """
+
+    def __init__(self, size: int, pad: int = 0, frame: int | None = None, flip: bool = True,
+                 enabled: bool = True):
+        self.size, self.pad, self.flip = size, pad, flip
+        self.frame = frame if frame is not None else size + 2 * pad
+        self.enabled = enabled and (self.frame > size or flip)
+
+    def sample(self, batch: int, device, generator: torch.Generator | None = None) -> CropFlip:
+        if not self.enabled:  # identity crop: offsets 0, no flip
+            zeros = torch.zeros(batch, dtype=torch.long, device=device)
+            return CropFlip(zeros, zeros, torch.zeros(batch, dtype=torch.bool, device=device),
+                            self.size, self.frame)
+        return sample_crop_flip(batch, self.frame, self.size, self.flip, device, generator)
+
+    def __call__(self, x: torch.Tensor, cf: CropFlip) -> torch.Tensor:
+        frames = pad_to_frame(x, self.pad)
+        if not self.enabled and frames.shape[-1] == self.size:
+            return frames
+        return crop(frames, cf)

@@ -1,0 +1,383 @@
+"""Typed, layered configuration: dataclass defaults -> YAML recipe -> `key=value` overrides.
+
+One unit system: pixels in [0, 1]. A perturbation size written `8/255` is parsed here, once, as
+an exact fraction (never `eval`) and keeps the text the user wrote, so reports can say "8/255".
+The resolved config is saved in the run folder and in every checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fractions
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message says which key and what to write instead."""
+
+
+# --------------------------------------------------------------------------------------------
+# Exact fractions such as 8/255
+# --------------------------------------------------------------------------------------------
+_FRACTION = re.compile(r"^\s*([+-]?\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*(?:/\s*(\d+(?:\.\d*)?))?\s*$")
+
+
+def parse_fraction(text: str | float | int) -> float:
+    """'8/255' -> 8/255 exactly as a float; '0.3' -> 0.3; 0.3 -> 0.3. Never evaluates code."""
+    if isinstance(text, bool):
+        raise ConfigError(f"expected a number such as 0.3 or 8/255, got {text!r}")
+    if isinstance(text, (int, float)):
+        return float(text)
+    m = _FRACTION.match(str(text))
+    if not m:
+        raise ConfigError(f"expected a number such as 0.3 or 8/255, got {text!r}")
+    num, den = m.group(1), m.group(2)
+    value = fractions.Fraction(num) / fractions.Fraction(den) if den else fractions.Fraction(num)
+    if den is not None and fractions.Fraction(den) == 0:
+        raise ConfigError(f"division by zero in {text!r}")
+    return float(value)
+
+
+class Frac(float):
+    """A float that remembers how it was written ('8/255'), for honest reports."""
+
+    text: str
+
+    def __new__(cls, value: "str | float | int | Frac") -> "Frac":
+        if isinstance(value, Frac):
+            return value
+        obj = super().__new__(cls, parse_fraction(value))
+        obj.text = str(value).replace(" ", "") if isinstance(value, str) else repr(float(value))
+        return obj
+
+    def __repr__(self) -> str:
+        return self.text
+
+    __str__ = __repr__
+
+    def __reduce__(self):  # copy/deepcopy keep the text
+        return (Frac, (self.text,))
+
+
+def check_eps(eps: float, key: str = "method.eps") -> None:
+    """eps is in pixel units [0, 1]; catch the classic `8` written for `8/255`."""
+    if eps <= 0:
+        raise ConfigError(f"{key} must be > 0, got {eps}")
+    if eps > 1:
+        hint = f" Did you mean {key}={eps:g}/255?" if eps <= 255 else ""
+        raise ConfigError(f"{key}={eps:g} is larger than the whole pixel range [0, 1].{hint}")
+
+
+# --------------------------------------------------------------------------------------------
+# The config tree. Defaults reproduce the official ATAS CIFAR-10 settings where one applies.
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    name: str = "cifar10"
+    data_dir: str | None = None      # None: the dataset's default search path (see atas.data)
+    download: bool = False           # torchvision download, needs internet
+    train_pad: int | None = None     # None: the dataset's default (CIFAR 4, as the official code)
+    flip: bool | None = None         # None: the dataset's default
+    subset: int | None = None        # keep only the first n training images (quick runs, tests)
+    test_subset: int | None = None   # keep only the first n test images
+    num_workers: int = 4             # DataLoader workers, folder datasets only
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "preact_resnet18"
+
+
+@dataclass
+class MethodConfig:
+    name: str = "atas"
+    eps: Frac = field(default_factory=lambda: Frac("8/255"))
+    # Method-specific options, checked against the method's own Options dataclass
+    # (atas.methods.<name>); `method.<option>=value` on the command line lands here.
+    args: dict = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    # Stepped every iteration. multistep: x gamma at the milestone epochs (official ATAS);
+    # cyclic: one-cycle triangle 0 -> lr -> 0 peaking at pct_start (Wong et al.); cosine; constant.
+    schedule: str = "multistep"
+    milestones: list[int] = field(default_factory=lambda: [24, 28])
+    gamma: float = 0.1
+    pct_start: float = 0.4
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    seed: int = 0
+    deterministic: bool = False      # torch.use_deterministic_algorithms + cudnn settings
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    store_dtype: str = "float32"     # per-sample store: float32 (official) | float16 | bfloat16
+    store_size: int | None = None    # stored prior side; None: the frame (ImageNet official: 32)
+    drop_last: bool = False          # official: False (the last partial batch is trained on)
+    probe_size: int = 512            # fixed held-out batch for the per-epoch PGD probe (0: off)
+    probe_steps: int = 10            # PGD-k of the probe (1 restart, alpha eps/4)
+    progress: bool = True
+    max_steps: int | None = None     # stop after this many optimizer steps (tests, debugging)
+
+
+@dataclass
+class EvalConfig:
+    attacks: str = "clean,fgsm,pgd"
+    pgd_steps: int = 50
+    pgd_restarts: int = 10
+    pgd_alpha: Frac | None = None    # None: eps/4
+    n_examples: int | None = None    # None: the whole test set
+    batch_size: int = 256
+    at_end: bool = True              # evaluate the final model when training ends
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    description: str = ""
+    out_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return _to_plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Building: dicts and overrides -> typed dataclasses, with errors that name the key
+# --------------------------------------------------------------------------------------------
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Frac):
+        return obj.text
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert `value` to the annotated type `tp`; raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in options:
+                return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list such as 24,28, got {value!r}")
+        return [coerce(v, item_tp, key) for v in value]
+    if tp is Frac:
+        try:
+            return Frac(value)
+        except ConfigError as e:
+            raise ConfigError(f"{key}: {e}") from None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return parse_fraction(value)
+        except ConfigError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
+    """Instantiate dataclass `cls` from a (possibly partial) dict, type-checking every key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in sorted(unknown))}; "
+                          f"valid keys under '{prefix or 'top level'}': {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in values.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name}: expected a mapping")
+            kwargs[name] = build_dataclass(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['method.eps=8/255', 'train.epochs=5'] -> nested dict of raw values.
+
+    Values are read as YAML scalars (so `true`, `5`, `[24, 28]` work), except that anything
+    with a '/' stays a string for the fraction parser."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=5)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has no key")
+        value: Any = raw if "/" in raw else yaml.safe_load(raw) if raw.strip() else ""
+        _set_path(tree, key, value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _route_method_args(tree: dict) -> dict:
+    """`method.c=0.02`: keys under `method` that MethodConfig does not have go to method.args."""
+    method = tree.get("method")
+    if isinstance(method, str):  # `method: atas` shorthand in a recipe
+        tree["method"] = method = {"name": method}
+    if isinstance(method, dict):
+        own = {f.name for f in dataclasses.fields(MethodConfig)}
+        extra = {k: method.pop(k) for k in list(method) if k not in own}
+        if extra:
+            method["args"] = _merge(method.get("args") or {}, extra)
+    return tree
+
+
+def resolve_recipe_path(recipe: str | Path) -> Path:
+    """A recipe is a YAML path or the name of a shipped recipe (`atas recipes` lists them)."""
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    shipped = RECIPE_DIR / f"{recipe}.yaml"
+    if shipped.exists():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
+    raise ConfigError(f"no recipe file {recipe!r} and no shipped recipe of that name; shipped: {names}")
+
+
+def load_config(recipe: str | Path | dict | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- recipe (path, shipped name or dict) <- overrides; returns a validated Config."""
+    tree: dict = {}
+    if isinstance(recipe, dict):
+        tree = dict(recipe)
+    elif recipe is not None:
+        path = resolve_recipe_path(recipe)
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: a recipe is a YAML mapping of sections")
+    tree = _route_method_args(_merge(_route_method_args(tree), _route_method_args(parse_overrides(overrides or []))))
+    cfg = build_dataclass(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Rebuild a Config saved with `to_dict()` (checkpoints, run folders)."""
+    cfg = build_dataclass(Config, _route_method_args(dict(tree)))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; fills method.args with the method's defaults so the saved config is whole."""
+    from atas.data import dataset_info
+    from atas.methods import get_method
+    from atas.models import list_models
+
+    check_eps(cfg.method.eps)
+    dataset_info(cfg.data.name)  # raises, listing valid names
+    if cfg.model.arch not in list_models():
+        raise ConfigError(f"unknown model {cfg.model.arch!r}; valid: {', '.join(list_models())}")
+    method_cls = get_method(cfg.method.name)
+    options = build_dataclass(method_cls.Options, cfg.method.args, f"method.")
+    cfg.method.args = _to_plain(options)
+    if cfg.train.epochs < 1:
+        raise ConfigError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
+    if cfg.train.batch_size < 1:
+        raise ConfigError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
+    if cfg.train.store_dtype not in ("float32", "float16", "bfloat16"):
+        raise ConfigError(f"train.store_dtype must be float32, float16 or bfloat16, got {cfg.train.store_dtype!r}")
+    if cfg.optim.schedule not in ("multistep", "cyclic", "cosine", "constant"):
+        raise ConfigError(f"optim.schedule must be multistep, cyclic, cosine or constant, got {cfg.optim.schedule!r}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+
+
+def method_options(cfg: Config) -> Any:
+    """The method's typed Options dataclass for this config."""
+    from atas.methods import get_method
+
+    return build_dataclass(get_method(cfg.method.name).Options, cfg.method.args, "method.")

@@ -1,0 +1,453 @@
+"""Datasets: what each one is (`DatasetInfo`), where its files live, and how to read them.
+
+Every dataset yields `(x, y, idx)`: x float in [0, 1] with shape [C, S, S], y the int label, idx
+the int position in the dataset (ATAS keys its per-sample state by idx). Normalisation is NOT
+done here: mean/std travel in `DatasetInfo` and are applied inside the model, so attacks and
+eps live in pixel units.
+
+Two kinds of dataset:
+  * resident (MNIST, Fashion-MNIST, CIFAR-10/100, SVHN): `load_tensors` returns the whole split
+    as one uint8 tensor [N, C, H, W], small enough to keep on the device (as airbench does);
+  * folder (ImageNet, Tiny-ImageNet): `image_folder` streams JPEGs from disk through a DataLoader.
+
+The random crop + flip is NOT done here: it happens on the device, on whole batches, paired with
+the stored ATAS prior (`atas.augment`). The crop window of side `image_size` is taken from the
+`frame_size` image zero-padded by `train_pad` on each side, so `atas.augment`'s frame side is
+`frame_size + 2 * train_pad` (CIFAR: 32 + 2*4 = 40; ImageNet: 256 + 0 = 256).
+
+Files are looked for, in order, in `data_dir`, in the cache `default_data_dir()`, and in system
+folders (Debian's dataset-fashion-mnist); only with `download=True` does torchvision fetch them.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Debian/Ubuntu package `dataset-fashion-mnist` (gzipped IDX files). Module-level so tests can
+# point it elsewhere.
+DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+SPLITS = ("train", "test")
+
+
+# --------------------------------------------------------------------------------------------
+# What each dataset is
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a dataset; train_pad and flip are defaults the config may override."""
+
+    name: str
+    num_classes: int
+    channels: int
+    image_size: int           # side of the image fed to the model (train crop and test image)
+    train_pad: int            # zero padding around the frame before the paired random crop
+    flip: bool                # random horizontal flip during training
+    mean: tuple[float, ...]   # per-channel normalisation, applied inside the model
+    std: tuple[float, ...]
+    resident: bool            # True: one uint8 tensor (load_tensors); False: streamed folder
+    frame_size: int           # side of the stored training image the crop is taken from
+
+
+_MNIST_LIKE = dict(num_classes=10, channels=1, image_size=28, train_pad=2, resident=True, frame_size=28)
+_CIFAR_LIKE = dict(channels=3, image_size=32, train_pad=4, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                   resident=True, frame_size=32)
+
+# CIFAR, SVHN and ImageNet use the ImageNet statistics, as the official ATAS code does.
+DATASETS: dict[str, DatasetInfo] = {
+    "fmnist": DatasetInfo("fmnist", flip=True, mean=(0.2860,), std=(0.3530,), **_MNIST_LIKE),
+    "mnist": DatasetInfo("mnist", flip=False, mean=(0.1307,), std=(0.3081,), **_MNIST_LIKE),
+    "cifar10": DatasetInfo("cifar10", num_classes=10, flip=True, **_CIFAR_LIKE),
+    "cifar100": DatasetInfo("cifar100", num_classes=100, flip=True, **_CIFAR_LIKE),
+    # No flip for digits: a mirrored 2 or 5 is not a 2 or 5.
+    "svhn": DatasetInfo("svhn", num_classes=10, flip=False, **_CIFAR_LIKE),
+    # Official code: train Resize((256, 256)) + RandomCrop(224) + flip; test Resize((256, 256))
+    # + CenterCrop(224). The resize happens here, the crop on the device.
+    "imagenet": DatasetInfo("imagenet", num_classes=1000, channels=3, image_size=224, train_pad=0,
+                            flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, resident=False,
+                            frame_size=256),
+    # Our choice (no official recipe): the images are already 64x64, so they are not resized and
+    # are cropped as CIFAR is, RandomCrop(64, padding=4) + flip; the test image is the image itself.
+    "tiny_imagenet": DatasetInfo("tiny_imagenet", num_classes=200, channels=3, image_size=64,
+                                 train_pad=4, flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                                 resident=False, frame_size=64),
+}
+_ALIASES = {"fashion_mnist": "fmnist", "fashion-mnist": "fmnist", "tiny-imagenet": "tiny_imagenet"}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The registry entry for `name` (aliases: fashion_mnist -> fmnist); ValueError if unknown."""
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)} "
+                         f"(aliases: {', '.join(_ALIASES)})")
+    return DATASETS[key]
+
+
+def default_data_dir() -> Path:
+    """The cache folder: $ATAS_DATA_DIR, else ~/.cache/atas/data."""
+    env = os.environ.get("ATAS_DATA_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "atas" / "data"
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The dataset's files are not where we looked; the message says how to get them."""
+
+
+class DataFormatError(ValueError):
+    """A dataset file exists but is truncated, corrupt or not what its name says."""
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+
+
+# --------------------------------------------------------------------------------------------
+# IDX (MNIST, Fashion-MNIST)
+# --------------------------------------------------------------------------------------------
+IDX_IMAGES_MAGIC = 2051  # 0x0803: unsigned bytes, 3 dims [N, rows, cols]
+IDX_LABELS_MAGIC = 2049  # 0x0801: unsigned bytes, 1 dim [N]
+
+
+def _corrupt(path: Path, what: str) -> DataFormatError:
+    return DataFormatError(f"{path}: {what}. The file is truncated or corrupt: delete it and "
+                           f"fetch it again.")
+
+
+def read_idx(path: str | Path, magic: int) -> np.ndarray:
+    """One IDX file (gzipped or plain, told apart by content) as a uint8 array of its dims."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":  # gzip magic
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise _corrupt(path, f"cannot decompress ({e})") from e
+    if len(raw) < 4:
+        raise _corrupt(path, f"only {len(raw)} bytes, shorter than the IDX header")
+    got = int.from_bytes(raw[:4], "big")
+    if got != magic:
+        raise _corrupt(path, f"IDX magic number {got}, expected {magic} "
+                             f"({IDX_IMAGES_MAGIC} images, {IDX_LABELS_MAGIC} labels)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise _corrupt(path, "truncated inside the IDX header")
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    expected = header + int(np.prod(dims))
+    if len(raw) != expected:
+        raise _corrupt(path, f"header promises dims {dims} = {expected} bytes, file has {len(raw)} "
+                             f"({'truncated' if len(raw) < expected else 'trailing bytes'})")
+    # copy(): frombuffer over `bytes` is read-only, and torch wants a writable array.
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims).copy()
+
+
+def _read_idx_pair(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    x = read_idx(paths[0], IDX_IMAGES_MAGIC)
+    y = read_idx(paths[1], IDX_LABELS_MAGIC)
+    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+        raise DataFormatError(f"{paths[0]} holds images {x.shape} but {paths[1]} labels {y.shape}")
+    return torch.from_numpy(x).unsqueeze(1).contiguous(), torch.from_numpy(y).long()
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR python pickles, read with an allow-list: a pickle can run any code it names
+# --------------------------------------------------------------------------------------------
+# Everything a CIFAR batch needs: ndarray reconstruction (numpy 1 and 2 module names; protocol 5
+# uses _frombuffer) and _codecs.encode, which Python 3 uses for bytes in protocol <= 2 pickles.
+_CIFAR_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing global {module}.{name}: a CIFAR batch holds "
+                                         f"only numpy arrays, lists and bytes")
+        if module.startswith("numpy.core"):  # numpy 2 renamed it; the old name warns
+            try:
+                return super().find_class(module.replace("numpy.core", "numpy._core", 1), name)
+            except (ImportError, AttributeError):
+                pass  # numpy 1: only the old name exists
+        return super().find_class(module, name)
+
+
+def load_cifar_batch(path: str | Path) -> dict:
+    """One CIFAR batch file as its dict (bytes keys), refusing any non-numpy global."""
+    with open(path, "rb") as f:
+        batch = _CifarUnpickler(f, encoding="bytes").load()
+    if not isinstance(batch, dict) or b"data" not in batch:
+        raise DataFormatError(f"{path}: not a CIFAR batch (expected a dict with b'data')")
+    return batch
+
+
+def _read_cifar(paths: list[Path], label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    batches = [load_cifar_batch(p) for p in paths]
+    data = np.concatenate([np.asarray(b[b"data"]) for b in batches])
+    labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+    if data.dtype != np.uint8 or data.shape[1:] != (3 * 32 * 32,) or len(data) != len(labels):
+        raise DataFormatError(f"{paths[0].parent}: CIFAR data {data.dtype} {data.shape} with "
+                              f"{len(labels)} labels, expected uint8 [N, 3072] and N labels")
+    # Each row is 1024 red, 1024 green, 1024 blue values, each plane row-major: already CHW.
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32)).contiguous(), torch.from_numpy(labels)
+
+
+# --------------------------------------------------------------------------------------------
+# SVHN .mat files
+# --------------------------------------------------------------------------------------------
+def _read_svhn(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        from scipy.io import loadmat  # only SVHN needs scipy, so it is not a dependency
+    except ImportError as e:
+        raise ImportError("SVHN is stored as MATLAB .mat files; reading them needs scipy: "
+                          "pip install scipy") from e
+    mat = loadmat(paths[0])
+    x, y = mat["X"], mat["y"].reshape(-1).astype(np.int64)
+    if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):
+        raise DataFormatError(f"{paths[0]}: X {x.shape} y {y.shape}, expected [32, 32, 3, N] and [N]")
+    x = np.ascontiguousarray(x.transpose(3, 2, 0, 1))  # [H, W, C, N] -> [N, C, H, W]
+    y = y % 10  # SVHN stores digit 0 as label 10
+    return torch.from_numpy(x.astype(np.uint8, copy=False)), torch.from_numpy(y)
+
+
+# --------------------------------------------------------------------------------------------
+# Where each resident dataset's files live, how to read and how to download them
+# --------------------------------------------------------------------------------------------
+def _idx_files(split: str) -> tuple[str, str]:
+    prefix = "train" if split == "train" else "t10k"
+    return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+
+
+def _torchvision_download(cls_name: str) -> Callable[[Path, str], None]:
+    def download(root: Path, split: str) -> None:
+        import torchvision.datasets as tvd
+        cls = getattr(tvd, cls_name)
+        if cls_name == "SVHN":
+            cls(str(root), split=split, download=True)
+        else:
+            cls(str(root), train=split == "train", download=True)
+    return download
+
+
+@dataclass(frozen=True)
+class _Source:
+    subdirs: tuple[str, ...]                    # where, under a root, the files may be
+    files: Callable[[str], tuple[str, ...]]     # split -> file names
+    gz_ok: bool                                 # also accept name + ".gz"
+    read: Callable[[list[Path]], tuple[torch.Tensor, torch.Tensor]]
+    download: Callable[[Path, str], None]       # torchvision, writing under root
+    title: str
+
+
+def _cifar10_files(split: str) -> tuple[str, ...]:
+    return tuple(f"data_batch_{i}" for i in range(1, 6)) if split == "train" else ("test_batch",)
+
+
+_SOURCES: dict[str, _Source] = {
+    "fmnist": _Source(("", "FashionMNIST/raw"), _idx_files, True, _read_idx_pair,
+                      _torchvision_download("FashionMNIST"), "Fashion-MNIST"),
+    "mnist": _Source(("", "MNIST/raw"), _idx_files, True, _read_idx_pair,
+                     _torchvision_download("MNIST"), "MNIST"),
+    "cifar10": _Source(("cifar-10-batches-py", ""), _cifar10_files, False,
+                       lambda paths: _read_cifar(paths, b"labels"),
+                       _torchvision_download("CIFAR10"), "CIFAR-10"),
+    "cifar100": _Source(("cifar-100-python", ""), lambda split: (split,), False,
+                        lambda paths: _read_cifar(paths, b"fine_labels"),
+                        _torchvision_download("CIFAR100"), "CIFAR-100"),
+    "svhn": _Source(("", "svhn"), lambda split: (f"{split}_32x32.mat",), False, _read_svhn,
+                    _torchvision_download("SVHN"), "SVHN"),
+}
+
+
+def _candidate_folders(name: str, roots: list[Path]) -> list[Path]:
+    folders = [root / sub for root in roots for sub in _SOURCES[name].subdirs]
+    if name == "fmnist":
+        folders.append(DEBIAN_FASHION_MNIST_DIR)
+    return folders
+
+
+def _find_files(name: str, split: str, folders: list[Path]) -> list[Path] | None:
+    """The split's files from the first folder holding all of them, or None."""
+    source = _SOURCES[name]
+    for folder in folders:
+        found = []
+        for file in source.files(split):
+            options = [folder / file] + ([folder / f"{file}.gz"] if source.gz_ok else [])
+            found.append(next((p for p in options if p.is_file()), None))
+        if all(found):
+            return found
+    return None
+
+
+def _how_to_get(name: str, split: str, folders: list[Path], target: Path) -> str:
+    source = _SOURCES[name]
+    files = ", ".join(f + ("[.gz]" if source.gz_ok else "") for f in source.files(split))
+    where = target / source.subdirs[0] if source.subdirs[0] else target
+    fixes = []
+    if name == "fmnist":
+        fixes.append(f"apt-get install dataset-fashion-mnist (Debian/Ubuntu; installs "
+                     f"{DEBIAN_FASHION_MNIST_DIR})")
+    fixes += [f"put {files} in {where}",
+              f"pass data.download=true (torchvision downloads under {target}, needs internet)"]
+    searched = "\n".join(f"  {f}" for f in folders)
+    return (f"{source.title} {split} split not found. Searched:\n{searched}\nTo fix, do one of:\n"
+            + "\n".join(f"  - {fix}" for fix in fixes))
+
+
+def load_tensors(name: str, split: str, data_dir: str | Path | None = None,
+                 download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A resident dataset split: x uint8 [N, C, H, W] (contiguous), y int64 [N].
+
+    Looks in data_dir, then default_data_dir(), then system folders; with download=True and
+    nothing found, torchvision downloads into data_dir (or the cache when data_dir is None).
+    """
+    info = dataset_info(name)
+    _check_split(split)
+    if not info.resident:
+        raise ValueError(f"{info.name} is a folder dataset streamed from disk; use image_folder() "
+                         f"or load_split()")
+    target = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    roots = [target] + ([default_data_dir()] if data_dir is not None else [])
+    folders = _candidate_folders(info.name, roots)
+    paths = _find_files(info.name, split, folders)
+    if paths is None and download:
+        _SOURCES[info.name].download(target, split)
+        paths = _find_files(info.name, split, _candidate_folders(info.name, [target]))
+    if paths is None:
+        raise DataNotFoundError(_how_to_get(info.name, split, folders, target))
+    x, y = _SOURCES[info.name].read(paths)
+    if x.shape[1:] != (info.channels, info.image_size, info.image_size):
+        raise DataFormatError(f"{paths[0]}: images {tuple(x.shape)}, expected "
+                              f"[N, {info.channels}, {info.image_size}, {info.image_size}]")
+    return x, y
+
+
+class IndexedTensorDataset(Dataset):
+    """(x uint8 [N, C, H, W], y [N]) -> items (x float in [0, 1], y, idx).
+
+    `x` and `y` stay public so a trainer can move the whole uint8 split to the device at once
+    and skip the per-item path entirely."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        if x.dtype != torch.uint8 or len(x) != len(y):
+            raise ValueError(f"expected uint8 images and as many labels, got {x.dtype} "
+                             f"{tuple(x.shape)} and {tuple(y.shape)}")
+        self.x, self.y = x, y.long()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, idx: int):
+        return self.x[idx].float().div_(255), self.y[idx], idx
+
+
+# --------------------------------------------------------------------------------------------
+# Folder datasets (ImageNet, Tiny-ImageNet)
+# --------------------------------------------------------------------------------------------
+class IndexedImageFolder(Dataset):
+    """A list of (path, label) image files; items (transform(image), label, idx)."""
+
+    def __init__(self, samples: list[tuple[str, int]], classes: list[str], transform: Callable):
+        self.samples, self.classes, self.transform = samples, classes, transform
+        self.targets = [label for _, label in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, idx: int):
+        from torchvision.datasets.folder import default_loader  # PIL, converted to RGB
+        path, label = self.samples[idx]
+        return self.transform(default_loader(path)), label, idx
+
+
+_FOLDER_SUBDIRS = {"imagenet": ("imagenet",), "tiny_imagenet": ("tiny_imagenet", "tiny-imagenet-200")}
+
+
+def _folder_layout(name: str) -> str:
+    return ("train/<class>/**/<image> and val/<class>/**/<image>"
+            + (", or Tiny-ImageNet's val/images/*.JPEG + val/val_annotations.txt"
+               if name == "tiny_imagenet" else ""))
+
+
+def image_folder(name: str, split: str, data_dir: str | Path | None = None) -> IndexedImageFolder:
+    """A folder dataset split read from `<root>/train` or `<root>/val`, items (x, y, idx).
+
+    root is data_dir itself or data_dir/<name> (None: default_data_dir()/<name>). Train images
+    are resized to frame_size (the crop comes later, on the device); test images are resized to
+    frame_size and center-cropped to image_size. Labels always follow the sorted train class
+    folders (when train/ exists), so a val folder missing a class cannot shift them.
+    """
+    from torchvision import transforms
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    info = dataset_info(name)
+    _check_split(split)
+    if info.resident:
+        raise ValueError(f"{info.name} is a resident dataset; use load_tensors() or load_split()")
+    subdir = "train" if split == "train" else "val"
+    bases = [Path(data_dir).expanduser()] if data_dir is not None else []
+    roots = bases + [b / sub for b in bases + [default_data_dir()] for sub in _FOLDER_SUBDIRS[info.name]]
+    root = next((r for r in roots if (r / subdir).is_dir()), None)
+    if root is None:
+        raise DataNotFoundError(
+            f"{info.name} {split} split not found: no {subdir}/ folder in any of "
+            f"{', '.join(str(r) for r in roots)}. Expected layout under data.data_dir: "
+            f"{_folder_layout(info.name)}. This dataset is not downloaded automatically.")
+
+    folder, train_folder = root / subdir, root / "train"
+    annotations = folder / "val_annotations.txt"
+    tiny_val = split == "test" and annotations.is_file() and (folder / "images").is_dir()
+    if tiny_val and not train_folder.is_dir():
+        raise DataNotFoundError(f"{annotations} labels images by class folder name (wnid); the "
+                                f"train/ folder next to it is needed to number the classes")
+    classes, class_to_idx = find_classes(train_folder if train_folder.is_dir() else folder)
+    if tiny_val:
+        samples = _tiny_imagenet_val(folder, annotations, class_to_idx)
+    else:
+        samples = make_dataset(folder, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    if not samples:
+        raise DataNotFoundError(f"no images found in {folder}; expected layout: "
+                                f"{_folder_layout(info.name)}")
+
+    resize = transforms.Resize((info.frame_size, info.frame_size))
+    steps = [resize] if split == "train" else [resize, transforms.CenterCrop(info.image_size)]
+    return IndexedImageFolder(samples, classes, transforms.Compose(steps + [transforms.ToTensor()]))
+
+
+def _tiny_imagenet_val(folder: Path, annotations: Path,
+                       class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+    """Tiny-ImageNet's original val: images/<file> labelled by lines '<file>\\t<wnid>\\t<bbox>'."""
+    samples = []
+    for line_no, line in enumerate(annotations.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        file, wnid = line.split("\t")[:2]
+        if wnid not in class_to_idx:
+            raise DataFormatError(f"{annotations}:{line_no}: class {wnid!r} is not a train/ "
+                                  f"class folder")
+        samples.append((str(folder / "images" / file), class_to_idx[wnid]))
+    return samples
+
+
+def load_split(name: str, split: str, data_dir: str | Path | None = None,
+               download: bool = False) -> Dataset:
+    """Any dataset split as a Dataset of (x float in [0, 1], y, idx)."""
+    if dataset_info(name).resident:
+        return IndexedTensorDataset(*load_tensors(name, split, data_dir, download))
+    return image_folder(name, split, data_dir)

@@ -1,0 +1,12 @@
+"""Training methods: one small file each, registered by name.
+
+A method says how to make x_adv for a batch (and, if it needs one, its own training loss); the
+threat model, the signed step, the per-sample store, the augmentation and the training loop are
+shared. Adding a method is one file with a `@register` class and an `Options` dataclass.
+"""
+from atas.methods.base import METHODS, BatchState, Method, get_method, list_methods, register
+
+# Importing the modules fills the registry.
+from atas.methods import standard, fgsm_rs, pgd, atas  # noqa: E402,F401
+
+__all__ = ["METHODS", "BatchState", "Method", "get_method", "list_methods", "register"]

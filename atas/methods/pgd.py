@@ -1,0 +1,46 @@
+"""PGD adversarial training (PGD-AT).
+
+Madry, Makelov, Schmidt, Tsipras, Vladu, "Towards Deep Learning Models Resistant to Adversarial
+Attacks", ICLR 2018. https://arxiv.org/abs/1706.06083
+
+Threat model: L-inf ball of radius eps around x, pixels in [0, 1].
+K steps: x_adv <- project(x_adv + alpha * sign(grad)), from a uniform random start.
+
+Arguments (defaults as the robust-overfitting baseline of Rice et al. 2020):
+    steps (10): K.
+    alpha_factor (0.25): step alpha = alpha_factor * eps (2/255 at eps 8/255).
+    random_start (True).
+    bn_mode ("train"): BatchNorm mode while attacking.
+Cost: K+1 forward + K+1 backward per step.
+
+Example:
+    atas train fmnist method.name=pgd method.steps=10
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from atas.methods.base import Method, register
+from atas.threat import bn_mode, input_grad, signed_step
+
+
+@register
+class PGDAT(Method):
+    name = "pgd"
+    cost = "K+1 fwd + K+1 bwd"
+
+    @dataclass
+    class Options:
+        steps: int = 10
+        alpha_factor: float = 0.25
+        random_start: bool = True
+        bn_mode: str = "train"
+
+    def perturb(self, model, x, y, state):
+        x_adv = self.ball.random_start(x) if self.opt.random_start else x.clone()
+        alpha = self.opt.alpha_factor * self.eps
+        with bn_mode(model, self.opt.bn_mode):
+            for _ in range(self.opt.steps):
+                grad, _ = input_grad(model, x_adv, y)
+                x_adv = self.ball.project(signed_step(x_adv, grad, alpha), x).detach()
+        return x_adv

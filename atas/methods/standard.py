@@ -1,0 +1,24 @@
+"""Standard (non-adversarial) training: x_adv = x. The speed and accuracy baseline."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from atas.methods.base import Method, register
+
+
+@register
+class Standard(Method):
+    """Standard training, no attack.
+
+    Cost: 1 forward + 1 backward per step.
+    """
+
+    name = "none"
+    cost = "1 fwd + 1 bwd"
+
+    @dataclass
+    class Options:
+        pass
+
+    def perturb(self, model, x, y, state):
+        return x

@@ -1,0 +1,51 @@
+"""Glue between a trained model, its config and the evaluation: the test set, the settings, the file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from atas.config import Config
+from atas.data import dataset_info, image_folder, load_tensors
+from atas.evaluate import evaluate, save_result
+
+
+def load_test_set(cfg: Config, n_examples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpadded test images (uint8) and labels; the first n_examples if given."""
+    info = dataset_info(cfg.data.name)
+    n = n_examples if n_examples is not None else cfg.data.test_subset
+    if info.resident:
+        x, y = load_tensors(info.name, "test", cfg.data.data_dir, cfg.data.download)
+        return (x[:n], y[:n]) if n else (x, y)
+    test_set = image_folder(info.name, "test", cfg.data.data_dir)
+    items = [test_set[i] for i in range(min(n or len(test_set), len(test_set)))]
+    x = torch.stack([it[0] for it in items]).mul(255).round().to(torch.uint8)
+    return x, torch.tensor([int(it[1]) for it in items])
+
+
+def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: float | None = None, seed: int = 0,
+                 out: str | Path | None = None, progress: bool | None = None) -> dict:
+    """Evaluate `model` with cfg.eval's attacks on the unpadded test set; save JSON; return the result."""
+    e = cfg.eval
+    eps = cfg.method.eps if eps is None else eps
+    x, y = load_test_set(cfg, e.n_examples)
+    device = next(model.parameters()).device
+    model.eval()  # evaluation is always in eval mode; say so up front rather than be warned
+    out = Path(out) if out else Path(run_dir) / "eval.json"
+    result = evaluate(model, x, y, float(eps), attacks=[a.strip() for a in e.attacks.split(",") if a.strip()],
+                      pgd_steps=e.pgd_steps, pgd_restarts=e.pgd_restarts,
+                      pgd_alpha=None if e.pgd_alpha is None else float(e.pgd_alpha), batch_size=e.batch_size,
+                      seed=seed, device=device, progress=cfg.train.progress if progress is None else progress,
+                      state_path=out.with_suffix(".state"), eps_label=getattr(eps, "text", str(eps)))
+    if float(eps) != float(cfg.method.eps):
+        import warnings
+
+        msg = (f"evaluating at eps={getattr(eps, 'text', eps)} but the model was trained at "
+               f"eps={cfg.method.eps.text}")
+        warnings.warn(msg)
+        result.setdefault("warnings", []).append(msg)
+    result["model"] = {"arch": cfg.model.arch, "dataset": cfg.data.name, "method": cfg.method.name,
+                       "train_eps": cfg.method.eps.text}
+    save_result(result, out)
+    return result

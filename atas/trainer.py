@@ -1,0 +1,354 @@
+"""The training loop, one screen of it: gather -> paired augment -> attack -> loss -> step -> scatter -> log.
+
+Everything around the loop (data, model, store, schedule, checkpoints, the per-epoch probe) is
+built by small functions above it. The loop is the same for every method; a method only decides
+how x_adv is made (and, rarely, its loss).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from atas.augment import PairedAugment
+from atas.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint, save_json
+from atas.config import Config, ConfigError, config_from_dict, method_options
+from atas.data import dataset_info, image_folder, load_tensors
+from atas.evaluate import FGSM, PGD
+from atas.loaders import FolderLoader, ResidentLoader
+from atas.methods import BatchState, get_method
+from atas.models import build_model, unwrap
+from atas.store import PerSampleStore
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but no CUDA GPU is visible; use train.device=cpu")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def make_model(cfg: Config) -> nn.Module:
+    info = dataset_info(cfg.data.name)
+    return build_model(cfg.model.arch, num_classes=info.num_classes, in_channels=info.channels,
+                       mean=info.mean, std=info.std)
+
+
+def lr_factor(cfg: Config, steps_per_epoch: int):
+    """Per-iteration LR multiplier (the scheduler steps every iteration, as the official code)."""
+    o, total = cfg.optim, cfg.train.epochs * steps_per_epoch
+    if o.schedule == "multistep":
+        bounds = [m * steps_per_epoch for m in o.milestones]
+        return lambda it: o.gamma ** sum(it >= b for b in bounds)
+    if o.schedule == "cyclic":
+        peak = max(1, int(o.pct_start * total))
+        return lambda it: it / peak if it <= peak else max(0.0, (total - it) / max(1, total - peak))
+    if o.schedule == "cosine":
+        return lambda it: 0.5 * (1 + math.cos(math.pi * min(it, total) / total))
+    return lambda it: 1.0
+
+
+@dataclass
+class TrainData:
+    loader: object
+    num_train: int
+    augment: PairedAugment
+    frame_shape: tuple[int, int, int]
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    indices: torch.Tensor | None  # this rank's training indices (None: all)
+
+
+def make_data(cfg: Config, device: torch.device, shard=None) -> TrainData:
+    """Train loader + test tensors. `shard(num_train) -> indices` restricts training to one rank's part."""
+    info = dataset_info(cfg.data.name)
+    d, t = cfg.data, cfg.train
+    pad = info.train_pad if d.train_pad is None else d.train_pad
+    flip = info.flip if d.flip is None else d.flip
+    if info.resident:
+        x, y = load_tensors(info.name, "train", d.data_dir, d.download)
+        if d.subset:
+            x, y = x[:d.subset], y[:d.subset]
+        x_test, y_test = load_tensors(info.name, "test", d.data_dir, d.download)
+        indices = shard(len(x)) if shard else None
+        loader = ResidentLoader(x.to(device), y.to(device), t.batch_size, indices=indices, seed=t.seed,
+                                drop_last=t.drop_last)
+        augment = PairedAugment(info.image_size, pad=pad, flip=flip)
+        num_train = len(x)
+    else:
+        train_set = image_folder(info.name, "train", d.data_dir)
+        if d.subset:
+            train_set = torch.utils.data.Subset(train_set, range(min(d.subset, len(train_set))))
+        test_set = image_folder(info.name, "test", d.data_dir)
+        n_test = min(len(test_set), d.test_subset or cfg.eval.n_examples or len(test_set))
+        batch = torch.utils.data.default_collate([test_set[i] for i in range(n_test)])
+        x_test, y_test = (batch[0] * 255).round().to(torch.uint8), batch[1]
+        indices = shard(len(train_set)) if shard else None
+        loader = FolderLoader(train_set, t.batch_size, device, indices=indices, seed=t.seed,
+                              drop_last=t.drop_last, num_workers=d.num_workers)
+        augment = PairedAugment(info.image_size, pad=pad, frame=info.frame_size + 2 * pad, flip=flip)
+        num_train = len(train_set)
+    if d.test_subset:
+        x_test, y_test = x_test[:d.test_subset], y_test[:d.test_subset]
+    return TrainData(loader, num_train, augment, (info.channels, augment.frame, augment.frame), x_test, y_test,
+                     indices)
+
+
+def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int) -> dict:
+    """Clean / FGSM / PGD-k accuracy on a fixed held-out batch: catastrophic overfitting shows as
+    PGD accuracy collapsing while FGSM accuracy climbs (often above clean)."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    with torch.no_grad():
+        out["probe_clean"] = (model(x).argmax(1) == y).float().mean().item()
+    for name, attack in (("probe_fgsm", FGSM(eps)), (f"probe_pgd", PGD(eps, steps=steps, restarts=1))):
+        x_adv = attack(model, x, y)
+        with torch.no_grad():
+            out[name] = (model(x_adv).argmax(1) == y).float().mean().item()
+    model.train(was_training)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------------
+class MetricsLog:
+    """Per-epoch metrics to metrics.jsonl and metrics.csv in the run folder (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.jsonl, self.csv, self.enabled = run_dir / "metrics.jsonl", run_dir / "metrics.csv", enabled
+
+    def read(self) -> list[dict]:
+        if not self.jsonl.exists():
+            return []
+        return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+
+    def write_all(self, rows: list[dict]) -> None:
+        if not self.enabled:
+            return
+        atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+
+        def write_csv(f):
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+        from atas.checkpoint import atomic_write
+        atomic_write(self.csv, write_csv, mode="w")
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    run_dir: Path
+    model: nn.Module
+    metrics: list[dict] = field(default_factory=list)
+    evaluation: dict | None = None
+    store: PerSampleStore | None = None
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": torch.tensor(np.random.get_state()[1].astype(np.int64)),
+             "python": str(random.getstate())}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _check_resumable(saved: dict, cfg: Config) -> None:
+    """Resuming is only honest with the config the run was started with (epochs may grow)."""
+    mine, theirs = cfg.to_dict(), dict(saved)
+    for section, key in (("train", "epochs"), ("train", "progress"), ("train", "device"), ("train", "max_steps"),
+                         ("data", "num_workers"), ("data", "data_dir"), ("eval", None)):
+        for tree in (mine, theirs):
+            if key is None:
+                tree.pop(section, None)
+            else:
+                tree.get(section, {}).pop(key, None)
+    if mine != theirs:
+        diff = [f"{s}.{k}: checkpoint {theirs.get(s, {}).get(k)!r} vs now {v!r}"
+                for s, sec in mine.items() if isinstance(sec, dict)
+                for k, v in sec.items() if theirs.get(s, {}).get(k) != v]
+        diff += [f"{s}: checkpoint {theirs.get(s)!r} vs now {v!r}" for s, v in mine.items()
+                 if not isinstance(v, dict) and theirs.get(s) != v]
+        raise CheckpointError("cannot resume: the config differs from the one the run was started with ("
+                              + "; ".join(diff[:6]) + "). Resume without overrides, or start a new run.")
+
+
+def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) -> RunResult:
+    """Train `cfg`; checkpoints every epoch to run_dir; `resume=True` continues from its checkpoint."""
+    from atas import distributed as dist
+
+    ctx = dist.setup(cfg)
+    device = ctx.device if ctx.enabled else resolve_device(cfg.train.device)
+    run_dir = Path(run_dir or Path(cfg.out_dir) / cfg.name)
+    ckpt_path = run_dir / (ctx.checkpoint_name(CHECKPOINT) if ctx.enabled else CHECKPOINT)
+    if resume and not ckpt_path.exists():
+        raise CheckpointError(f"nothing to resume: {ckpt_path} does not exist"
+                              + (f" (found {sorted(p.name for p in run_dir.glob('checkpoint*.pt'))}: was the run started"
+                                 " with another world size?)" if run_dir.exists() else ""))
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+    seed_everything(cfg.train.seed + ctx.rank, cfg.train.deterministic)
+
+    data = make_data(cfg, device, (lambda n: ctx.shard_indices(cfg, n)) if ctx.enabled else None)
+    model = make_model(cfg).to(device)
+    train_model = ctx.wrap(model)  # DDP wrapper under torchrun; `model` itself is used for attacks
+    method = get_method(cfg.method.name)(cfg.method.eps, method_options(cfg), cfg.train.epochs)
+    store = None
+    if method.uses_store:
+        store = PerSampleStore(data.num_train, data.frame_shape, cfg.method.eps, dtype=cfg.train.store_dtype,
+                               device=device, storage_size=cfg.train.store_size,
+                               indices=data.indices)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+    steps_per_epoch = len(data.loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
+    n_probe = min(cfg.train.probe_size, len(data.x_test))
+    x_probe = data.x_test[-n_probe:].to(device).float().div_(255) if n_probe else None
+    y_probe = data.y_test[-n_probe:].to(device) if n_probe else None
+
+    log = MetricsLog(run_dir, enabled=ctx.is_main)
+    rows, start_epoch, step = [], 1, 0
+    if resume:
+        state = load_checkpoint(ckpt_path, map_location=device)
+        _check_resumable(state["config"], cfg)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if store is not None:
+            store.load_state_dict(state["store"])
+        _set_rng_state(state["rng"], device)
+        start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+        rows = [r for r in log.read() if r["epoch"] < start_epoch] if ctx.is_main else []
+
+    for epoch in range(start_epoch, cfg.train.epochs + 1):
+        if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
+            break
+        data.loader.set_epoch(epoch)
+        method.on_epoch_start(epoch, store)
+        model.train()
+        sums = torch.zeros(6, device=device)  # loss, correct, n, alpha_sum, alpha_min, alpha_max
+        sums[4], sums[5] = float("inf"), float("-inf")
+        bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        t0 = time.time()
+        bar = tqdm(data.loader, desc=f"epoch {epoch}/{cfg.train.epochs} {method.name}", leave=False,
+                   disable=not (cfg.train.progress and ctx.is_main), dynamic_ncols=True)
+        for i, (x, y, idx) in enumerate(bar):
+            cf = data.augment.sample(len(idx), device)                            # paired crop/flip
+            x = data.augment(x, cf)
+            prior = store.gather_delta(idx, cf) if store is not None else None   # gather
+            state = BatchState(idx=idx, epoch=epoch, store=store, prior=prior)
+            x_adv = method.perturb(model, x, y, state)                            # attack
+            model.train()
+            loss, logits = method.loss(train_model, x_adv, y, x, state)           # loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()                                                       # DDP syncs here
+            optimizer.step()
+            scheduler.step()
+            if store is not None:
+                store.scatter_delta(idx, cf, x_adv - x)                           # scatter
+            step += 1
+            with torch.no_grad():                                                 # log (no sync)
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
+                sums[0] += loss.detach() * len(y)
+                sums[1] += (logits.argmax(1) == y).sum()
+                sums[2] += len(y)
+                if "alpha" in method.stats:
+                    a = method.stats["alpha"]
+                    sums[3] += a.sum()
+                    sums[4] = torch.minimum(sums[4], a.min())
+                    sums[5] = torch.maximum(sums[5], a.max())
+            if i % 20 == 0 or i == steps_per_epoch - 1:
+                _check_finite(bad_step, epoch, ckpt_path)                         # sync point
+                s = sums.tolist()
+                post = {"loss": f"{s[0] / s[2]:.3f}", "acc": f"{s[1] / s[2]:.3f}"}
+                if s[3]:
+                    post["alpha"] = f"{s[3] / s[2] * 255:.2f}/255 [{s[4] * 255:.1f},{s[5] * 255:.1f}]"
+                bar.set_postfix(post)
+            if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
+                break
+        bar.close()
+        _check_finite(bad_step, epoch, ckpt_path)
+        sums = ctx.reduce_sums(sums)
+        s = sums.tolist()
+        row = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"], "train_loss": s[0] / s[2],
+               "train_adv_acc": s[1] / s[2], "epoch_time_s": time.time() - t0}
+        if s[3]:
+            row.update(alpha_mean=s[3] / s[2], alpha_min=s[4], alpha_max=s[5])
+        if x_probe is not None and ctx.is_main:
+            row.update(probe(model, x_probe, y_probe, cfg.method.eps, cfg.train.probe_steps))
+        rows.append(row)
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "rng": _rng_state(device), "config": cfg.to_dict(),
+                 "epoch": epoch, "step": step, "num_train": data.num_train}
+        if store is not None:
+            state["store"] = store.state_dict()
+        if ctx.is_main or (store is not None and ctx.enabled):
+            save_checkpoint(ckpt_path, state)
+        log.write_all(rows)
+        if ctx.is_main:
+            msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+            tqdm.write(msg)
+    ctx.barrier()
+    return RunResult(run_dir, model, rows, store=store)
+
+
+def _check_finite(bad_step: torch.Tensor, epoch: int, ckpt_path: Path) -> None:
+    bad = int(bad_step)
+    if bad >= 0:
+        kept = (f"the last good checkpoint {ckpt_path} (end of epoch {epoch - 1}) is kept"
+                if ckpt_path.exists() else "no checkpoint had been written yet")
+        raise TrainingDiverged(
+            f"the training loss became NaN/inf at epoch {epoch}, step {bad}; {kept}. Lower optim.lr, "
+            "check the data range (pixels must be in [0, 1]), or resume with `atas train --resume RUN_DIR`.")
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise CheckpointError(f"{run_dir} is not a run folder (no config.yaml)")
+    import yaml
+
+    return config_from_dict(yaml.safe_load(path.read_text()))
