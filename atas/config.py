@@ -40,9 +40,9 @@ def parse_fraction(text: str | float | int) -> float:
     if not m:
         raise ConfigError(f"expected a number such as 0.3 or 8/255, got {text!r}")
     num, den = m.group(1), m.group(2)
-    value = fractions.Fraction(num) / fractions.Fraction(den) if den else fractions.Fraction(num)
     if den is not None and fractions.Fraction(den) == 0:
         raise ConfigError(f"division by zero in {text!r}")
+    value = fractions.Fraction(num) / fractions.Fraction(den) if den else fractions.Fraction(num)
     return float(value)
 
 
@@ -107,6 +107,7 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "sgd"                # sgd (every paper recipe) | adam (Wong et al.'s MNIST recipe)
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -131,6 +132,13 @@ class TrainConfig:
     drop_last: bool = False          # official: False (the last partial batch is trained on)
     probe_size: int = 512            # fixed held-out batch for the per-epoch PGD probe (0: off)
     probe_steps: int = 10            # PGD-k of the probe (1 restart, alpha eps/4)
+    amp: str = "off"                 # off | bf16 | fp16 (autocast; GradScaler for fp16)
+    channels_last: bool = False
+    compile: bool = False            # torch.compile the model (attack and training passes)
+    # Catastrophic-overfitting monitor on the per-epoch probe (atas.monitor):
+    # none: log only; stop: end the run when CO is flagged; keep_best: also save best.pt, the
+    # checkpoint with the best probe PGD accuracy so far.
+    co_action: str = "keep_best"
     progress: bool = True
     max_steps: int | None = None     # stop after this many optimizer steps (tests, debugging)
 
@@ -358,10 +366,13 @@ def validate(cfg: Config) -> None:
     from atas.models import list_models
 
     check_eps(cfg.method.eps)
-    dataset_info(cfg.data.name)  # raises, listing valid names
     if cfg.model.arch not in list_models():
         raise ConfigError(f"unknown model {cfg.model.arch!r}; valid: {', '.join(list_models())}")
-    method_cls = get_method(cfg.method.name)
+    try:  # the registries raise ValueError listing the valid names
+        dataset_info(cfg.data.name)
+        method_cls = get_method(cfg.method.name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     options = build_dataclass(method_cls.Options, cfg.method.args, f"method.")
     cfg.method.args = _to_plain(options)
     if cfg.train.epochs < 1:
@@ -370,8 +381,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
     if cfg.train.store_dtype not in ("float32", "float16", "bfloat16"):
         raise ConfigError(f"train.store_dtype must be float32, float16 or bfloat16, got {cfg.train.store_dtype!r}")
+    if cfg.train.amp not in ("off", "bf16", "fp16"):
+        raise ConfigError(f"train.amp must be off, bf16 or fp16, got {cfg.train.amp!r}")
+    if cfg.train.co_action not in ("none", "stop", "keep_best"):
+        raise ConfigError(f"train.co_action must be none, stop or keep_best, got {cfg.train.co_action!r}")
     if cfg.optim.schedule not in ("multistep", "cyclic", "cosine", "constant"):
         raise ConfigError(f"optim.schedule must be multistep, cyclic, cosine or constant, got {cfg.optim.schedule!r}")
+    if cfg.optim.name not in ("sgd", "adam"):
+        raise ConfigError(f"optim.name must be sgd or adam, got {cfg.optim.name!r}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
 

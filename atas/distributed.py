@@ -5,17 +5,26 @@ partition of the training indices (index i belongs to rank i % W) and shuffles i
 per-sample store is sharded with no communication: rank r only ever reads and writes the rows of
 its own indices. The attack runs on the unwrapped module (no gradient all-reduce for it); only
 the training backward goes through DDP. Without torchrun this is a no-op context.
+
+Every rank writes its own checkpoint (checkpoint-rank{r}-of{W}.pt: its store shard and RNG
+state), so a run resumes only with the world size it was started with; `resume_path` refuses any
+other with a message that says which. Decisions taken on rank 0 alone (the per-epoch probe and
+the catastrophic-overfitting verdict run there only) reach the other ranks through
+`broadcast_flag`, so every rank stops at the same epoch.
 """
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from atas.checkpoint import CheckpointError
 from atas.config import Config, ConfigError
 
 
@@ -51,6 +60,43 @@ class DistContext:
     def checkpoint_name(self, name: str) -> str:
         stem, ext = os.path.splitext(name)
         return f"{stem}-rank{self.rank}-of{self.world_size}{ext}"
+
+    def checkpoint_path(self, run_dir: str | Path, name: str) -> Path:
+        """This rank's file: run_dir/name alone, run_dir/<stem>-rank{r}-of{W}<ext> under DDP."""
+        return Path(run_dir) / (self.checkpoint_name(name) if self.enabled else name)
+
+    def resume_path(self, run_dir: str | Path, name: str) -> Path:
+        """This rank's checkpoint to resume from; CheckpointError naming the world size the run was
+        saved with when it differs from this launch's (the store shards would not line up)."""
+        path = self.checkpoint_path(run_dir, name)
+        if path.exists():
+            return path
+        saved = saved_world_sizes(run_dir, name)
+        if saved and self.world_size not in saved:
+            sizes = " and ".join(str(w) for w in sorted(saved))
+            how = "; ".join(f"`torchrun --nproc-per-node {w} -m atas train --resume {run_dir}`" if w > 1 else
+                            f"`atas train --resume {run_dir}` (one process, no torchrun)" for w in sorted(saved))
+            files = sorted(p.name for p in Path(run_dir).iterdir() if p.name == name or _rank_of(p.name, name))
+            raise CheckpointError(
+                f"cannot resume {run_dir} with world size {self.world_size}: its checkpoints were written with world "
+                f"size {sizes} ({', '.join(files)}). "
+                "Each rank saves its own shard of the per-sample store (index i lives on rank i % world size), so "
+                f"a run resumes only with the world size it was started with: {how}.")
+        if saved:
+            raise CheckpointError(f"cannot resume rank {self.rank}: {path} is missing although the run has checkpoints "
+                                  f"for world size {self.world_size} (a rank crashed before its save?). Resume from "
+                                  "an earlier copy of the run folder or start a new run.")
+        raise CheckpointError(f"nothing to resume: {path} does not exist")
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        """Rank 0's `flag` on every rank (sync point). For decisions taken on rank 0 alone, e.g.
+        the CO monitor's stop: a rank that broke out of the loop alone would leave the others
+        hanging in DDP's all-reduce. Every rank must call it, with any value off rank 0."""
+        if not self.enabled:
+            return bool(flag)
+        t = torch.tensor([1 if flag else 0], dtype=torch.long, device=self.device)
+        dist.broadcast(t, src=0)
+        return bool(t.item())
 
     def reduce_sums(self, sums: torch.Tensor) -> torch.Tensor:
         """[loss*n, correct, n, alpha_sum, alpha_min, alpha_max] summed / min'ed / max'ed over ranks."""
@@ -94,5 +140,35 @@ def setup(cfg: Config) -> DistContext:
 
 
 def is_main_process() -> bool:
-    """Rank 0 under torchrun, True otherwise (logging, reports, evaluation at the end)."""
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """Rank 0 under torchrun, True otherwise (logging, reports, evaluation at the end).
+
+    Falls back on torchrun's RANK variable, so the answer holds after `cleanup()` too."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def cleanup() -> None:
+    """Leave the process group (end of a torchrun job); a no-op without one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _rank_of(filename: str, name: str) -> tuple[int, int] | None:
+    """'checkpoint-rank1-of2.pt' -> (1, 2) for name 'checkpoint.pt'; None for other files."""
+    stem, ext = os.path.splitext(name)
+    m = re.fullmatch(re.escape(stem) + r"-rank(\d+)-of(\d+)" + re.escape(ext), filename)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def saved_world_sizes(run_dir: str | Path, name: str) -> set[int]:
+    """World sizes that left a checkpoint `name` in run_dir (1: the plain file, W: per-rank files)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return set()
+    sizes = {1} if (run_dir / name).exists() else set()
+    for p in run_dir.iterdir():
+        found = _rank_of(p.name, name)
+        if found:
+            sizes.add(found[1])
+    return sizes

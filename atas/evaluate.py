@@ -618,9 +618,18 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
+def _atas_version() -> str:
+    version = _version("atas")
+    if version == "unknown":  # running from a source checkout, not an installed distribution
+        import atas
+
+        version = getattr(atas, "__version__", "unknown")
+    return version
+
+
 def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "torchvision": _version("torchvision"),
-            "pyautoattack": _version("pyautoattack"), "atas": _version("atas"),
+            "pyautoattack": _version("pyautoattack"), "atas": _atas_version(),
             "python": platform.python_version()}
 
 

@@ -15,23 +15,44 @@ Storage resolution (ImageNet): the prior may be stored smaller than the frame (o
 for a 256x256 frame, fp16). Gather upsamples the rows to the frame before cropping; scatter
 upsamples, writes the new window, and resamples back into storage. The official code returns the
 unchanged source there, so its ImageNet prior is never updated (defect 2); ours is.
+
+Memory (docs/scale.md): the official CIFAR store is fp32, 50000 x 3x40x40 = 0.96 GB. `dtype`
+float16 / bfloat16 halve it; "int8" quarters it by quantising delta relative to eps:
+q = round(delta / eps * 127) clamped to [-127, 127], so a stored pixel is off by at most eps/254
+(at eps = 8/255: 0.03/255, far below one grey level). Gather dequantises to float32, scatter
+quantises; both stay one vectorised op over the batch. An int8 store holds [-eps, eps] only,
+which is every prior a projected method writes. `memmap_path` keeps delta in a file on disk
+(torch.from_file, shared mapping) for stores larger than RAM; such a store lives on the CPU and
+gather/scatter move each batch's window to and from the training device. `estimate_bytes` says
+what a store will take before building it.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from atas.augment import CropFlip, crop, uncrop_into
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "int8": torch.int8}
+INT8_LEVELS = 127           # q in [-127, 127]: symmetric, so -eps and +eps are both exact
+_CHUNK_BYTES = 64 * 2**20   # float32 working set of the row-chunked paths (init, dtype conversion)
+
+
+def _check_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ValueError(f"store dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
 
 
 class PerSampleStore:
     def __init__(self, num_samples: int, frame_shape: tuple[int, int, int], eps: float, *,
                  dtype: str = "float32", device: torch.device | str = "cpu",
-                 storage_size: int | None = None, indices: torch.Tensor | None = None):
-        if dtype not in DTYPES:
-            raise ValueError(f"store dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+                 storage_size: int | None = None, indices: torch.Tensor | None = None,
+                 memmap_path: str | Path | None = None):
+        torch_dtype = _check_dtype(dtype)
         channels, frame_h, frame_w = frame_shape
         if frame_h != frame_w:
             raise ValueError(f"the augmentation frame must be square, got {frame_h}x{frame_w}")
@@ -41,6 +62,14 @@ class PerSampleStore:
         self.eps = float(eps)
         self.dtype_name = dtype
         self.device = torch.device(device)
+        # int8: the value of one quantisation level (delta = q * quant_step); None for float dtypes.
+        self.quant_step = self.eps / INT8_LEVELS if torch_dtype == torch.int8 else None
+        self.memmap_path = Path(memmap_path) if memmap_path is not None else None
+        if self.memmap_path is not None and self.device.type != "cpu":
+            raise ValueError(
+                f"a memory-mapped store (memmap_path={str(self.memmap_path)!r}) lives in host memory and cannot "
+                f"be on {self.device}: keep the store on the CPU (device='cpu'); gather/scatter then move each "
+                "batch's window to and from the training device.")
         if indices is None:
             self.indices = None
             self._row = None
@@ -52,7 +81,10 @@ class PerSampleStore:
             self._row[self.indices] = torch.arange(len(self.indices), device=self.device)
             n_rows = len(self.indices)
         shape = (n_rows, channels, self.storage_size, self.storage_size)
-        self.delta = torch.empty(shape, dtype=DTYPES[dtype], device=self.device)
+        if self.memmap_path is None:
+            self.delta = torch.empty(shape, dtype=torch_dtype, device=self.device)
+        else:
+            self.delta = _map_file(self.memmap_path, shape, torch_dtype)
         self.grad_sq_ema = torch.zeros(n_rows, dtype=torch.float32, device=self.device)
         self.reset_delta()
 
@@ -68,38 +100,83 @@ class PerSampleStore:
 
     @property
     def nbytes(self) -> int:
+        """Bytes held by delta (in RAM, on the GPU or in the memmap file) and grad_sq_ema."""
         return self.delta.numel() * self.delta.element_size() + self.grad_sq_ema.numel() * 4
+
+    @staticmethod
+    def estimate_bytes(num_samples: int, frame_shape: tuple[int, int, int], dtype: str = "float32",
+                       storage_size: int | None = None) -> int:
+        """What `PerSampleStore(num_samples, frame_shape, ..., dtype=, storage_size=)` will hold:
+        delta (num_samples x C x S x S of dtype, S = storage_size or the frame side) + fp32 v."""
+        channels, frame_h, _ = frame_shape
+        side = storage_size or frame_h
+        return num_samples * channels * side * side * _check_dtype(dtype).itemsize + num_samples * 4
 
     def reset_delta(self, generator: torch.Generator | None = None) -> None:
         """delta ~ U(-eps, eps) (init, and the official reset every 10 epochs). v is kept."""
-        noise = torch.rand(self.delta.shape, generator=generator, device=self.device, dtype=torch.float32)
-        self.delta.copy_((noise * 2 - 1) * self.eps)
+        if self.quant_step is None and self.memmap_path is None:
+            noise = torch.rand(self.delta.shape, generator=generator, device=self.device, dtype=torch.float32)
+            self.delta.copy_((noise * 2 - 1) * self.eps)
+            return
+        # int8 / memmap: row chunks, so the float32 noise never takes 4x the store (or all of RAM).
+        for start, stop in self._row_chunks():
+            noise = torch.rand((stop - start, *self.delta.shape[1:]), generator=generator, device=self.device,
+                               dtype=torch.float32)
+            self.delta[start:stop] = self._encode((noise * 2 - 1) * self.eps)
+
+    # -- storage encoding: float32 values <-> the stored dtype ------------------------------
+    def _encode(self, values: torch.Tensor) -> torch.Tensor:
+        """float perturbation -> stored dtype. int8: nearest of the 255 levels q * eps/127."""
+        if self.quant_step is None:
+            return values.to(self.delta.dtype)
+        return (values * (1.0 / self.quant_step)).round_().clamp_(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
+
+    def _decode(self, stored: torch.Tensor) -> torch.Tensor:
+        """stored dtype -> float32 perturbation."""
+        return stored.float() if self.quant_step is None else stored.float().mul_(self.quant_step)
+
+    def _row_chunks(self):
+        row_bytes = max(1, self.delta[0].numel() * 4)
+        step = max(1, _CHUNK_BYTES // row_bytes)
+        for start in range(0, len(self.delta), step):
+            yield start, min(start + step, len(self.delta))
+
+    def _local(self, cf: CropFlip) -> CropFlip:
+        """The crop/flip on the store's device (differs for a CPU/memmap store of a GPU run)."""
+        if cf.top.device == self.device:
+            return cf
+        return CropFlip(cf.top.to(self.device), cf.left.to(self.device), cf.flip.to(self.device), cf.size, cf.frame)
 
     # -- the two doors -------------------------------------------------------------------
     def gather_delta(self, idx: torch.Tensor, cf: CropFlip) -> torch.Tensor:
-        """The stored prior of samples idx, cropped/flipped like their images; float32 [B,C,H,W]."""
+        """The stored prior of samples idx, cropped/flipped like their images; float32 [B,C,H,W]
+        on the device of `cf` (the training device)."""
+        out_device, cf = cf.top.device, self._local(cf)
         rows = self.rows(idx)
         if self.storage_size == self.frame:
-            # Crop straight out of storage: only the window is read.
-            return self.delta[cf.index(rows)].permute(0, 3, 1, 2).float()
-        return crop(self._to_frame(self.delta[rows]), cf)
+            # Crop straight out of storage: only the window is read (and dequantised).
+            window = self._decode(self.delta[cf.index(rows)].permute(0, 3, 1, 2))
+        else:
+            window = crop(self._to_frame(self._decode(self.delta[rows])), cf)
+        return window.to(out_device)
 
     def scatter_delta(self, idx: torch.Tensor, cf: CropFlip, delta_window: torch.Tensor) -> None:
         """Write the new perturbation (x_adv - x, [B,C,H,W]) into each sample's crop window."""
+        cf, delta_window = self._local(cf), delta_window.to(self.device)
         rows = self.rows(idx)
         if self.storage_size == self.frame:
-            uncrop_into(self.delta, rows, delta_window, cf)
+            uncrop_into(self.delta, rows, self._encode(delta_window), cf)
             return
-        frames = self._to_frame(self.delta[rows])
+        frames = self._to_frame(self._decode(self.delta[rows]))
         uncrop_into(frames, torch.arange(len(rows), device=frames.device), delta_window, cf)
         stored = F.interpolate(frames, size=(self.storage_size,) * 2, mode="area")
-        self.delta[rows] = stored.clamp_(-self.eps, self.eps).to(self.delta.dtype)
+        self.delta[rows] = self._encode(stored.clamp_(-self.eps, self.eps))
 
     def gather_grad_sq_ema(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.grad_sq_ema[self.rows(idx)]
+        return self.grad_sq_ema[self.rows(idx)].to(idx.device)
 
     def scatter_grad_sq_ema(self, idx: torch.Tensor, value: torch.Tensor) -> None:
-        self.grad_sq_ema[self.rows(idx)] = value.float()
+        self.grad_sq_ema[self.rows(idx)] = value.float().to(self.device)
 
     def _to_frame(self, stored: torch.Tensor) -> torch.Tensor:
         return F.interpolate(stored.float(), size=(self.frame,) * 2, mode="bilinear", align_corners=False)
@@ -110,6 +187,8 @@ class PerSampleStore:
                  "meta": torch.tensor([self.num_samples, self.frame, self.storage_size])}
         if self.indices is not None:
             state["indices"] = self.indices
+        if self.quant_step is not None:
+            state["int8_step"] = torch.tensor(self.quant_step, dtype=torch.float64)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -129,5 +208,30 @@ class PerSampleStore:
         if tuple(state["delta"].shape) != tuple(self.delta.shape):
             raise ValueError(f"per-sample store shape mismatch: {tuple(state['delta'].shape)} vs "
                              f"{tuple(self.delta.shape)}")
-        self.delta.copy_(state["delta"].to(self.device, self.delta.dtype))
+        source = state["delta"]
+        source_step = float(state.get("int8_step", self.eps / INT8_LEVELS)) if source.dtype == torch.int8 else None
+        if source.dtype == self.delta.dtype and source_step == self.quant_step:
+            self.delta.copy_(source.to(self.device))
+        else:  # another store dtype (or int8 step): through float32, a chunk of rows at a time
+            for start, stop in self._row_chunks():
+                values = source[start:stop].to(self.device).float()
+                self.delta[start:stop] = self._encode(values if source_step is None else values * source_step)
         self.grad_sq_ema.copy_(state["grad_sq_ema"].to(self.device))
+
+    def __repr__(self) -> str:
+        shape = "x".join(str(d) for d in self.delta.shape[1:])
+        where = f"memmap {self.memmap_path}" if self.memmap_path is not None else str(self.device)
+        return (f"PerSampleStore({len(self.delta)} rows of {shape} {self.dtype_name}, "
+                f"{self.nbytes / 1e9:.3f} GB, {where})")
+
+
+def _map_file(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor whose storage is `path` (created or overwritten, sized to fit), shared-mapped so
+    every write goes to the file and the OS pages rows in and out as training touches them."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:  # a sparse file of the right size; reset_delta fills it
+        f.truncate(numel * dtype.itemsize)
+    return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)

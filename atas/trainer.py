@@ -27,7 +27,8 @@ from atas.data import dataset_info, image_folder, load_tensors
 from atas.evaluate import FGSM, PGD
 from atas.loaders import FolderLoader, ResidentLoader
 from atas.methods import BatchState, get_method
-from atas.models import build_model, unwrap
+from atas.models import build_model
+from atas.monitor import COMonitor
 from atas.store import PerSampleStore
 
 CHECKPOINT = "checkpoint.pt"
@@ -63,6 +64,14 @@ def make_model(cfg: Config) -> nn.Module:
     info = dataset_info(cfg.data.name)
     return build_model(cfg.model.arch, num_classes=info.num_classes, in_channels=info.channels,
                        mean=info.mean, std=info.std)
+
+
+def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                           nesterov=o.nesterov)
 
 
 def lr_factor(cfg: Config, steps_per_epoch: int):
@@ -234,22 +243,30 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
 
     data = make_data(cfg, device, (lambda n: ctx.shard_indices(cfg, n)) if ctx.enabled else None)
     model = make_model(cfg).to(device)
-    train_model = ctx.wrap(model)  # DDP wrapper under torchrun; `model` itself is used for attacks
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    # The attack runs on `attack_model` (no DDP: its backward must not all-reduce anything); only
+    # the training pass goes through the DDP wrapper. Both share the same parameters.
+    attack_model = torch.compile(model) if cfg.train.compile else model
+    train_model = ctx.wrap(attack_model)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
     method = get_method(cfg.method.name)(cfg.method.eps, method_options(cfg), cfg.train.epochs)
     store = None
     if method.uses_store:
         store = PerSampleStore(data.num_train, data.frame_shape, cfg.method.eps, dtype=cfg.train.store_dtype,
                                device=device, storage_size=cfg.train.store_size,
                                indices=data.indices)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
-    steps_per_epoch = len(data.loader)
+    optimizer = make_optimizer(cfg, model)
+    steps_per_epoch = len(data.loader) * method.replays
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
     n_probe = min(cfg.train.probe_size, len(data.x_test))
     x_probe = data.x_test[-n_probe:].to(device).float().div_(255) if n_probe else None
     y_probe = data.y_test[-n_probe:].to(device) if n_probe else None
 
     log = MetricsLog(run_dir, enabled=ctx.is_main)
+    monitor = COMonitor()
     rows, start_epoch, step = [], 1, 0
     if resume:
         state = load_checkpoint(ckpt_path, map_location=device)
@@ -257,11 +274,14 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         if store is not None:
             store.load_state_dict(state["store"])
         _set_rng_state(state["rng"], device)
         start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
         rows = [r for r in log.read() if r["epoch"] < start_epoch] if ctx.is_main else []
+        monitor.replay(rows)
 
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
@@ -277,18 +297,22 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
                    disable=not (cfg.train.progress and ctx.is_main), dynamic_ncols=True)
         for i, (x, y, idx) in enumerate(bar):
             cf = data.augment.sample(len(idx), device)                            # paired crop/flip
-            x = data.augment(x, cf)
+            x = data.augment(x, cf).contiguous(memory_format=memory_format)
             prior = store.gather_delta(idx, cf) if store is not None else None   # gather
             state = BatchState(idx=idx, epoch=epoch, store=store, prior=prior)
-            x_adv = method.perturb(model, x, y, state)                            # attack
-            model.train()
-            loss, logits = method.loss(train_model, x_adv, y, x, state)           # loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()                                                       # DDP syncs here
-            optimizer.step()
-            scheduler.step()
+            for _ in range(method.replays):
+                with autocast():
+                    x_adv = method.perturb(attack_model, x, y, state)             # attack
+                model.train()
+                with autocast():
+                    loss, logits = method.loss(train_model, x_adv, y, x, state)   # loss
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()                                     # DDP syncs here
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
             if store is not None:
-                store.scatter_delta(idx, cf, x_adv - x)                           # scatter
+                store.scatter_delta(idx, cf, method.new_prior(x_adv, x))          # scatter
             step += 1
             with torch.no_grad():                                                 # log (no sync)
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
@@ -317,20 +341,36 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
                "train_adv_acc": s[1] / s[2], "epoch_time_s": time.time() - t0}
         if s[3]:
             row.update(alpha_mean=s[3] / s[2], alpha_min=s[4], alpha_max=s[5])
+        verdict = {"co": False, "best": False}
         if x_probe is not None and ctx.is_main:
             row.update(probe(model, x_probe, y_probe, cfg.method.eps, cfg.train.probe_steps))
+            verdict = monitor.update(row)
+            row["co"] = verdict["co"]
         rows.append(row)
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "rng": _rng_state(device), "config": cfg.to_dict(),
                  "epoch": epoch, "step": step, "num_train": data.num_train}
         if store is not None:
             state["store"] = store.state_dict()
+        if cfg.train.amp == "fp16":
+            state["scaler"] = scaler.state_dict()
         if ctx.is_main or (store is not None and ctx.enabled):
             save_checkpoint(ckpt_path, state)
+            if verdict["best"] and cfg.train.co_action == "keep_best" and ctx.is_main:
+                save_checkpoint(run_dir / "best.pt", state)
         log.write_all(rows)
         if ctx.is_main:
             msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
             tqdm.write(msg)
+            if verdict["co"]:
+                tqdm.write(f"CATASTROPHIC OVERFITTING at epoch {epoch}: probe PGD accuracy {row['probe_pgd']:.3f} "
+                           f"fell from its best {monitor.best_pgd:.3f} (epoch {monitor.best_epoch}) while FGSM "
+                           f"accuracy is {row['probe_fgsm']:.3f} (clean {row['probe_clean']:.3f})."
+                           + (" Best-robust checkpoint: best.pt." if cfg.train.co_action == "keep_best" else ""))
+        if verdict["co"] and cfg.train.co_action == "stop":
+            if ctx.is_main:
+                tqdm.write("train.co_action=stop: ending the run.")
+            break
     ctx.barrier()
     return RunResult(run_dir, model, rows, store=store)
 

@@ -52,6 +52,8 @@ class Method:
     name: ClassVar[str]
     cost: ClassVar[str] = ""
     uses_store: ClassVar[bool] = False
+    # Optimizer steps per minibatch (Free-AT replays each minibatch m times; everyone else 1).
+    replays: int = 1
 
     @dataclass
     class Options:
@@ -70,6 +72,10 @@ class Method:
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, state: BatchState) -> torch.Tensor:
         raise NotImplementedError
+
+    def new_prior(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """What the trainer writes back into the store after the step (default: the perturbation)."""
+        return x_adv - x
 
     def loss(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
              state: BatchState) -> tuple[torch.Tensor, torch.Tensor]:

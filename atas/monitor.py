@@ -1,0 +1,49 @@
+"""Catastrophic-overfitting (CO) monitor, fed by the per-epoch probe.
+
+CO (Wong et al. 2020; Andriushchenko & Flammarion 2020) shows within an epoch or two: PGD accuracy
+on held-out data collapses towards 0 while FGSM accuracy rises, often above clean accuracy (the
+model has learnt to mask the single-step gradient). The monitor flags an epoch when
+
+    probe_pgd < drop_ratio * best probe_pgd so far  (and the best was meaningful, >= min_best)
+    AND (probe_fgsm rose since the previous epoch OR probe_fgsm > probe_clean)
+
+It never looks at the test set used for the final evaluation numbers beyond the fixed probe batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class COMonitor:
+    drop_ratio: float = 0.5      # PGD accuracy below half its best ...
+    min_best: float = 0.05       # ... of a best that was above chance-ish (else nothing to lose)
+    best_pgd: float = -1.0
+    best_epoch: int = 0
+    prev_fgsm: float | None = None
+    flagged_epochs: list[int] = field(default_factory=list)
+
+    def update(self, row: dict) -> dict:
+        """Look at one epoch's metrics row; returns {'co': bool, 'best': bool} and records it."""
+        if "probe_pgd" not in row:
+            return {"co": False, "best": False}
+        pgd, fgsm, clean = row["probe_pgd"], row["probe_fgsm"], row["probe_clean"]
+        fgsm_up = self.prev_fgsm is not None and fgsm > self.prev_fgsm
+        collapsed = self.best_pgd >= self.min_best and pgd < self.drop_ratio * self.best_pgd
+        co = bool(collapsed and (fgsm_up or fgsm > clean))
+        best = pgd > self.best_pgd
+        if best:
+            self.best_pgd, self.best_epoch = pgd, row["epoch"]
+        if co:
+            self.flagged_epochs.append(row["epoch"])
+        self.prev_fgsm = fgsm
+        return {"co": co, "best": best}
+
+    def replay(self, rows: list[dict]) -> None:
+        """Rebuild the state from logged rows (resume)."""
+        for row in rows:
+            self.update(row)
+
+    @property
+    def co_detected(self) -> bool:
+        return bool(self.flagged_epochs)
