@@ -133,7 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     from atas.config import ConfigError
     from atas.data import DataNotFoundError
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # parse_known_args so that overrides may also follow an option: `atas train R --run-dir D k=v`
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     handlers = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "recipes": cmd_recipes}
     from atas.compare import cmd_compare
 

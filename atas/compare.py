@@ -1,45 +1,493 @@
-"""`atas compare`: methods x seeds x eps on one recipe, each run evaluated, one table."""
+"""`atas compare`: methods x eps x seeds on one recipe -> trained, evaluated runs and one report.
+
+    atas compare fmnist --methods atas,fgsm_rs,n_fgsm,grad_align,pgd --seeds 3 --eps 0.1,0.2,0.3 \\
+        --attacks clean,pgd,aa --n-examples 1000 --out reports/fmnist train.epochs=10
+
+Every (eps, method, seed) is one run folder OUT/runs/<method>_eps<eps>_seed<seed>. Running the same
+command again is cheap and safe: a run whose training finished and whose eval.json matches the
+requested evaluation is only read; an unfinished run resumes from its checkpoint; an evaluation
+that was killed resumes from its state file (eval.state). Every config is built and checked before
+anything trains, so a typo fails in a second, not after the first run.
+
+This module is the orchestration only; the tables, findings and plots are in atas.report.
+"""
 from __future__ import annotations
 
+import argparse
+import copy
+import dataclasses
+import datetime
+import functools
+import importlib.util
 import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from atas.config import Config, ConfigError, Frac, MethodConfig, load_config, parse_fraction
+
+SUMMARY_FORMAT = "atas.compare.summary/1"
+# Per-epoch metrics copied into summary.json for the plots (and anyone re-plotting).
+CURVE_KEYS = ("probe_clean", "probe_fgsm", "probe_pgd", "co", "alpha_mean", "alpha_min", "alpha_max",
+              "train_loss", "train_adv_acc", "epoch_time_s")
+
+EPILOG = """\
+overrides (key=value, before or after the options):
+  section.key=value      applies to every run, e.g. train.epochs=10 optim.lr=0.05
+  method.<opt>=value     a method option; applies to every compared method whose Options has <opt>
+                         and is skipped (with a note) for the others, e.g. method.warmup_epochs=1
+                         reaches ATAS only. An option no compared method has is an error.
+  <method>.<opt>=value   applies only to that method's runs, e.g. pgd.steps=10 atas.c=0.02
+                         (also written method.pgd.steps=10). Wins over method.<opt>.
+  The recipe's own method options apply only to the recipe's method; method.name is set by
+  --methods, method.eps by --eps, train.seed by --seeds (seeds are train.seed + 0..N-1).
+
+re-running the same command trains nothing that has finished: runs whose eval.json matches the
+requested attacks / n-examples / PGD settings are read back; unfinished runs resume from their
+checkpoint; a killed evaluation resumes from eval.state.
+
+output: OUT/summary.json (every run), OUT/report.md and OUT/report.html (mean +- std over seeds
+per eps, CO counts, findings, plots OUT/*.png), and the summary table on stdout.
+"""
 
 
 def add_compare_parser(sub) -> None:
-    c = sub.add_parser("compare", help="train and evaluate several methods/seeds/eps on one recipe")
-    c.add_argument("recipe")
-    c.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
-    c.add_argument("--methods", default="atas,fgsm_rs")
-    c.add_argument("--seeds", type=int, default=1, help="number of seeds (0..n-1)")
-    c.add_argument("--eps", default=None, help="comma list, e.g. 0.1,0.2,0.3 (default: the recipe's)")
+    c = sub.add_parser("compare", help="train and evaluate several methods/seeds/eps on one recipe; write a report",
+                       description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("recipe", help="shipped recipe name (see `atas recipes`) or a YAML path")
+    # key=value after the options reach `overrides` through atas.cli.main's parse_known_args.
+    c.add_argument("overrides", nargs="*", help="key=value overrides (see below)")
+    c.add_argument("--methods", default="atas,fgsm_rs", help="comma list of method names (default: atas,fgsm_rs)")
+    c.add_argument("--seeds", type=int, default=1, help="number of seeds per (method, eps) (default: 1)")
+    c.add_argument("--eps", default=None, help="comma list, e.g. 0.1,0.2,0.3 or 8/255,16/255 (default: the recipe's)")
+    c.add_argument("--attacks", default=None,
+                   help="comma list for the final evaluation, e.g. clean,pgd,aa (default: the recipe's eval.attacks)")
+    c.add_argument("--n-examples", type=int, default=None,
+                   help="evaluate on the first N test images (default: the recipe's eval.n_examples)")
     c.add_argument("--out", default=None, help="report folder (default: reports/<recipe>)")
 
 
-def cmd_compare(args) -> int:
-    from atas.config import load_config
-    from atas.evaluate import format_table
-    from atas.runner import evaluate_run
-    from atas.trainer import CHECKPOINT, train
+# --------------------------------------------------------------------------------------------
+# Input: names, eps, overrides -> one checked Config per run
+# --------------------------------------------------------------------------------------------
+def _split(text: str) -> list[str]:
+    return list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
 
-    base = load_config(args.recipe, args.overrides)
-    out = Path(args.out or Path("reports") / Path(args.recipe).stem)
-    eps_list = [e.strip() for e in args.eps.split(",")] if args.eps else [base.method.eps.text]
-    rows = []
+
+def check_methods(names: list[str]) -> list[str]:
+    from atas.methods import list_methods
+
+    if not names:
+        raise ConfigError(f"--methods is empty; valid: {', '.join(list_methods())}")
+    unknown = [m for m in names if m not in list_methods()]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {', '.join(unknown)} in --methods; valid: {', '.join(list_methods())}")
+    return names
+
+
+def check_attacks(text: str) -> list[str]:
+    from atas.evaluate import ATTACKS
+
+    names = _split(text.lower())
+    unknown = [a for a in names if a not in ATTACKS]
+    if unknown or not names:
+        raise ConfigError(f"unknown attack(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(ATTACKS)}")
+    if "aa" in names and importlib.util.find_spec("pyautoattack") is None:
+        raise ConfigError("attack 'aa' (standard AutoAttack) needs the pyautoattack package: pip install pyautoattack")
+    return names
+
+
+def eps_text(text: str) -> str:
+    """How an eps is named in folders and tables: '8/255' stays '8/255', '0.10' becomes '0.1'."""
+    value = Frac(text) if "/" in text else Frac(parse_fraction(text))
+    return value.text
+
+
+@dataclass
+class RoutedOverrides:
+    common: list[str]                       # for every run
+    per_method: dict[str, list[str]]        # method -> its `method.<opt>=v` overrides
+    notes: list[str] = field(default_factory=list)
+
+
+def route_overrides(overrides: list[str], methods: list[str]) -> RoutedOverrides:
+    """Split the command line's key=value overrides by the runs they reach.
+
+    method.<opt>=v goes to every method whose Options has <opt> (an option none has is a typo:
+    error); <method>.<opt>=v and method.<method>.<opt>=v go to that method only, as method.<opt>=v,
+    after the generic ones so they win; a prefix naming a method not compared is ignored with a
+    note. Anything else is common to all runs."""
+    from atas.methods import get_method, list_methods
+
+    known = set(list_methods())
+    sections = {f.name for f in dataclasses.fields(Config)}
+    own = {f.name for f in dataclasses.fields(MethodConfig)}
+    options = {m: [f.name for f in dataclasses.fields(get_method(m).Options)] for m in methods}
+    common: list[str] = []
+    generic: dict[str, list[str]] = {m: [] for m in methods}
+    targeted: dict[str, list[str]] = {m: [] for m in methods}
+    notes: list[str] = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=5)")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        target = opt = None
+        if parts[0] == "method" and len(parts) >= 2:
+            if parts[1] == "name":
+                raise ConfigError("method.name: `atas compare` sets it per run; give the methods with --methods")
+            if parts[1] == "args" and len(parts) == 3:
+                parts = ["method", parts[2]]
+            if len(parts) == 3 and parts[1] in known and parts[1] not in own:
+                target, opt = parts[1], parts[2]
+            elif len(parts) == 4 and parts[1] == "per_method":
+                target, opt = parts[2], parts[3]
+            elif parts[1] in own:
+                common.append(item)
+                continue
+            elif len(parts) == 2:
+                opt = parts[1]
+                takers = [m for m in methods if opt in options[m]]
+                if not takers:
+                    have = "; ".join(f"{m}: {', '.join(options[m]) or '(none)'}" for m in methods)
+                    raise ConfigError(f"method.{opt}: none of the compared methods has this option ({have})")
+                for m in takers:
+                    generic[m].append(f"method.{opt}={value}")
+                skipped = [m for m in methods if m not in takers]
+                if skipped:
+                    notes.append(f"method.{opt} applies to {', '.join(takers)}; not to {', '.join(skipped)} "
+                                 "(no such option)")
+                continue
+            else:
+                raise ConfigError(f"{key}: write method.<option>=value or <method>.<option>=value")
+        elif len(parts) == 2 and parts[0] in known and parts[0] not in sections:
+            target, opt = parts
+        else:
+            common.append(item)
+            continue
+        if target not in known:
+            raise ConfigError(f"{key}: {target!r} is not a method; valid: {', '.join(sorted(known))}")
+        if target not in methods:
+            notes.append(f"{key}: {target} is not in --methods; ignored")
+            continue
+        if opt not in options[target]:
+            raise ConfigError(f"{key}: method {target} has no option {opt!r}; its options: "
+                              f"{', '.join(options[target]) or '(none)'}")
+        targeted[target].append(f"method.{opt}={value}")
+    return RoutedOverrides(common, {m: generic[m] + targeted[m] for m in methods}, notes)
+
+
+def run_name(method: str, eps: str, seed: int) -> str:
+    return f"{method}_eps{eps.replace('/', '-')}_seed{seed}"
+
+
+@dataclass
+class RunSpec:
+    method: str
+    eps: str
+    seed: int
+    cfg: Config
+    run_dir: Path
+
+
+def plan_runs(recipe: str, methods: list[str], eps_list: list[str] | None, n_seeds: int,
+              routed: RoutedOverrides, out: Path) -> list[RunSpec]:
+    """Build and validate every run's Config (eps outer, then method, then seed)."""
+    base = load_config(recipe, routed.common)
+    eps_list = eps_list or [base.method.eps.text]
+    base_tree = base.to_dict()
+    specs = []
     for eps in eps_list:
-        for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-            for seed in range(args.seeds):
-                cfg = load_config(args.recipe, args.overrides + [f"method.name={method}", f"method.eps={eps}",
-                                                                 f"train.seed={seed}"])
-                run_dir = out / "runs" / f"{method}_eps{eps.replace('/', '-')}_seed{seed}"
-                eval_path = run_dir / "eval.json"
-                if not eval_path.exists():
-                    resume = (run_dir / CHECKPOINT).exists()
-                    run = train(cfg, run_dir=run_dir, resume=resume)
-                    evaluate_run(run.model, cfg, run_dir)
-                result = json.loads(eval_path.read_text())
-                print(f"== {method} eps={eps} seed={seed}")
-                print(format_table(result))
-                rows.append({"method": method, "eps": eps, "seed": seed,
-                             **{k: v["accuracy"] for k, v in result["results"].items()}})
-    (out / "summary.json").write_text(json.dumps(rows, indent=2))
+        for method in methods:
+            tree = copy.deepcopy(base_tree)
+            if method != base.method.name:
+                tree["method"]["args"] = {}  # the recipe's options were written for its own method
+            tree["method"]["name"] = method
+            for i in range(n_seeds):
+                seed = base.train.seed + i
+                cfg = load_config(tree, routed.per_method[method] + [f"method.eps={eps}", f"train.seed={seed}"])
+                specs.append(RunSpec(method, eps, seed, cfg, out / "runs" / run_name(method, eps, seed)))
+    return specs
+
+
+# --------------------------------------------------------------------------------------------
+# What a run folder already holds
+# --------------------------------------------------------------------------------------------
+def _read_metrics(run_dir: Path) -> list[dict]:
+    from atas.trainer import MetricsLog
+
+    return MetricsLog(run_dir).read()
+
+
+def _training_finished(rows: list[dict], cfg: Config) -> bool:
+    if not rows:
+        return False
+    last = rows[-1]
+    return (last["epoch"] >= cfg.train.epochs
+            or (cfg.train.co_action == "stop" and bool(last.get("co")))
+            or (cfg.train.max_steps is not None and last["step"] >= cfg.train.max_steps))
+
+
+# Top-level config keys that only label a run: an edited recipe description must not make a
+# finished run look like another experiment.
+COSMETIC_KEYS = ("name", "description", "out_dir")
+
+
+def _saved_config(run_dir: Path) -> dict | None:
+    import yaml
+
+    path = run_dir / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else None
+
+
+def training_status(run_dir: Path, cfg: Config) -> str:
+    """'fresh' (no checkpoint), 'resume' (checkpoint of an unfinished run) or 'done'.
+
+    A folder holding a run of another config (more epochs excepted, as for `atas train --resume`)
+    is an error: resuming it would mix two experiments, overwriting it would lose one."""
+    from atas.checkpoint import CheckpointError
+    from atas.trainer import CHECKPOINT, _check_resumable
+
+    if not (run_dir / CHECKPOINT).exists():
+        return "fresh"
+    saved = _saved_config(run_dir)
+    if saved is not None:
+        saved.update({k: getattr(cfg, k) for k in COSMETIC_KEYS})
+        try:
+            _check_resumable(saved, cfg)
+        except CheckpointError as e:
+            raise ConfigError(f"{run_dir} holds a run with another config: {e} Delete that folder or pick "
+                              "another --out.") from None
+    rows = _read_metrics(run_dir)
+    if rows and rows[-1]["epoch"] > cfg.train.epochs:
+        raise ConfigError(f"{run_dir} holds a run trained for {rows[-1]['epoch']} epochs, more than the "
+                          f"train.epochs={cfg.train.epochs} asked for. Delete that folder or pick another --out.")
+    return "done" if _training_finished(rows, cfg) else "resume"
+
+
+@functools.lru_cache(maxsize=None)
+def _test_set_size(name: str, data_dir: str | None, download: bool, test_subset: int | None) -> int:
+    from atas.data import dataset_info, image_folder, load_tensors
+
+    info = dataset_info(name)
+    n = len(load_tensors(name, "test", data_dir, download)[1]) if info.resident else len(
+        image_folder(name, "test", data_dir))
+    return min(n, test_subset) if test_subset else n
+
+
+def eval_is_current(run_dir: Path, cfg: Config) -> bool:
+    """eval.json exists, is newer than the checkpoint, and used the requested attacks, number of
+    examples, eps and PGD settings."""
+    from atas.trainer import CHECKPOINT
+
+    path, ckpt = run_dir / "eval.json", run_dir / CHECKPOINT
+    if not path.exists() or (ckpt.exists() and path.stat().st_mtime_ns < ckpt.stat().st_mtime_ns):
+        return False
+    try:
+        result = json.loads(path.read_text())
+        results, n = result["results"], result["n_examples"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    e, eps = cfg.eval, float(cfg.method.eps)
+    if set(results) != set(_split(e.attacks.lower())) or abs(float(result.get("eps", -1)) - eps) > 1e-12:
+        return False
+    wanted_n = e.n_examples if e.n_examples is not None else _test_set_size(
+        cfg.data.name, cfg.data.data_dir, cfg.data.download, cfg.data.test_subset)
+    if n != wanted_n:
+        return False
+    if "pgd" in results:
+        s = results["pgd"].get("settings", {})
+        alpha = eps / 4 if e.pgd_alpha is None else float(e.pgd_alpha)
+        same_alpha = abs(s.get("alpha", -1) - alpha) <= 1e-12
+        if (s.get("steps"), s.get("restarts")) != (e.pgd_steps, e.pgd_restarts) or not same_alpha:
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# One run, and what the report keeps of it
+# --------------------------------------------------------------------------------------------
+def run_one(spec: RunSpec) -> str:
+    """Train (or resume) and evaluate as needed; returns what was done, for the log line."""
+    from atas.export import load_model
+    from atas.runner import evaluate_run
+    from atas.trainer import resolve_device, train
+
+    status = training_status(spec.run_dir, spec.cfg)
+    model, done = None, []
+    if status != "done":
+        cfg = spec.cfg
+        if status == "resume":  # the trainer compares every key; keep the run's own labels
+            saved = _saved_config(spec.run_dir) or {}
+            cfg = dataclasses.replace(cfg, **{k: saved[k] for k in COSMETIC_KEYS if k in saved})
+        for stale in ("eval.json", "eval.state"):  # they belong to the model before this training
+            (spec.run_dir / stale).unlink(missing_ok=True)
+        model = train(cfg, run_dir=spec.run_dir, resume=status == "resume").model
+        done.append("trained" if status == "fresh" else "resumed training")
+    if model is not None or not eval_is_current(spec.run_dir, spec.cfg):
+        if model is None:  # finished training, evaluation missing, stale or killed: the checkpoint's model
+            model, _, _ = load_model(spec.run_dir, resolve_device(spec.cfg.train.device))
+        evaluate_run(model, spec.cfg, spec.run_dir)
+        done.append("evaluated")
+    return ", ".join(done) or "finished before: read back"
+
+
+def co_verdict(metrics: list[dict], accuracy: dict[str, float]) -> tuple[bool, list[int], bool | None]:
+    """(CO detected, epochs the probe monitor flagged, final-evaluation signature FGSM > clean or
+    None when FGSM or clean was not evaluated). Either sign counts as CO."""
+    epochs = [int(r["epoch"]) for r in metrics if r.get("co")]
+    signature = accuracy["fgsm"] > accuracy["clean"] if "fgsm" in accuracy and "clean" in accuracy else None
+    return bool(epochs) or bool(signature), epochs, signature
+
+
+def summarize_run(spec: RunSpec, out: Path) -> dict:
+    """What summary.json keeps of one finished run (accuracies as fractions)."""
+    from atas.data import dataset_info
+
+    metrics = _read_metrics(spec.run_dir)
+    result = json.loads((spec.run_dir / "eval.json").read_text())
+    accuracy = {k: v["accuracy"] for k, v in result["results"].items()}
+    co, co_epochs, signature = co_verdict(metrics, accuracy)
+
+    curves = {"epoch": [r["epoch"] for r in metrics]}
+    curves.update({k: [r.get(k) for r in metrics] for k in CURVE_KEYS if any(k in r for r in metrics)})
+    return {
+        "method": spec.method, "eps": spec.eps, "eps_value": float(spec.cfg.method.eps), "seed": spec.seed,
+        "clean": accuracy.get("clean"), "fgsm": accuracy.get("fgsm"), "pgd": accuracy.get("pgd"),
+        "aa": accuracy.get("aa"),
+        "pgd_label": result["results"].get("pgd", {}).get("label"),
+        "n_examples": result["n_examples"], "chance": 1.0 / dataset_info(spec.cfg.data.name).num_classes,
+        # Training only: the per-epoch probe and the final evaluation are not in epoch_time_s.
+        "train_time_s": sum(float(r.get("epoch_time_s", 0.0)) for r in metrics),
+        "epochs": len(metrics), "epochs_planned": spec.cfg.train.epochs,
+        "co_detected": co, "co_epochs": co_epochs, "co_final_signature": signature,
+        "eval_warnings": result.get("warnings", []),
+        "method_args": spec.cfg.method.args,
+        "run_dir": os.path.relpath(spec.run_dir, out),
+        "curves": curves,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Provenance
+# --------------------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + (" (uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def load_average() -> float | None:
+    """1-minute load average: train times from a busy shared machine are not comparable."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def machine_info(train_device: str, load_at_start: float | None = None) -> dict:
+    import torch
+
+    gpu = None
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        gpu = ", ".join(f"{names.count(n)}x {n}" for n in dict.fromkeys(names))
+    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "gpu": gpu or "none", "training device": train_device,
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "atas commit": _git_commit(),
+            "load average (1 min) at start / end": f"{load_at_start} / {load_average()}"}
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------
+def cmd_compare(args) -> int:
+    from atas.checkpoint import atomic_write_text
+    from atas.report import build_report, findings, format_summary_table
+    from atas.trainer import TrainingDiverged, resolve_device
+
+    # Everything a user can get wrong is checked here, before the first run trains.
+    methods = check_methods(_split(args.methods))
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.n_examples is not None and args.n_examples < 1:
+        raise ConfigError(f"--n-examples must be >= 1, got {args.n_examples}")
+    routed = route_overrides(args.overrides, methods)
+    if args.eps and any(o.split("=", 1)[0].strip() == "method.eps" for o in routed.common):
+        raise ConfigError("give eps either with --eps or as method.eps=..., not both")
+    eps_list = list(dict.fromkeys(eps_text(e) for e in _split(args.eps))) if args.eps else None
+    if args.attacks is not None:
+        routed.common.append(f"eval.attacks={','.join(check_attacks(args.attacks))}")
+    if args.n_examples is not None:
+        routed.common.append(f"eval.n_examples={args.n_examples}")
+    out = Path(args.out or Path("reports") / Path(args.recipe).stem)
+    specs = plan_runs(args.recipe, methods, eps_list, args.seeds, routed, out)
+    attacks = check_attacks(specs[0].cfg.eval.attacks)
+    statuses = [training_status(s.run_dir, s.cfg) for s in specs]  # folder conflicts fail here too
+    for note in routed.notes:
+        print(f"note: {note}")
+    print(f"atas compare: {len(specs)} runs ({sum(st != 'done' for st in statuses)} to train or resume) "
+          f"-> {out}", flush=True)
+
+    rows, load_at_start = [], load_average()
+    for i, spec in enumerate(specs, 1):
+        head = f"[{i}/{len(specs)}] {spec.method} eps={spec.eps} seed={spec.seed}"
+        try:
+            action = run_one(spec)
+        except TrainingDiverged as e:  # one diverged run must not cost the rest of the sweep
+            print(f"{head}: FAILED: {e}", flush=True)
+            rows.append({"method": spec.method, "eps": spec.eps, "eps_value": float(spec.cfg.method.eps),
+                         "seed": spec.seed, "failed": str(e), "run_dir": os.path.relpath(spec.run_dir, out)})
+            continue
+        row = summarize_run(spec, out)
+        rows.append(row)
+        accs = " ".join(f"{k} {100 * row[k]:.1f}%" for k in ("clean", "fgsm", "pgd", "aa") if row[k] is not None)
+        print(f"{head}: {action}; {accs}; train {row['train_time_s']:.1f} s; "
+              f"CO {'yes' if row['co_detected'] else 'no'}", flush=True)
+
+    equivalent = ["atas", "compare", args.recipe, "--methods", ",".join(methods), "--seeds", str(args.seeds),
+                  "--eps", ",".join(dict.fromkeys(s.eps for s in specs)), "--attacks", ",".join(attacks)]
+    if args.n_examples is not None:
+        equivalent += ["--n-examples", str(args.n_examples)]
+    command = {"command": shlex.join(sys.argv), "equivalent": shlex.join(equivalent + ["--out", str(out)]
+                                                                         + list(args.overrides))}
+    machine = machine_info(str(resolve_device(specs[0].cfg.train.device)), load_at_start)
+    summary = {"format": SUMMARY_FORMAT,
+               "date": datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds"),
+               **command, "machine": machine, "recipe": args.recipe, "methods": methods,
+               "eps": list(dict.fromkeys(s.eps for s in specs)), "seeds": sorted({s.seed for s in specs}),
+               "attacks": attacks, "n_examples": args.n_examples, "notes": routed.notes, "runs": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    report = build_report(rows, out, command, machine)
+
+    print()
+    print(format_summary_table(rows))
+    for eps, facts in findings(rows).items():
+        for fact in facts:
+            print(f"eps {eps}: {fact}")
+    print(f"\nreport: {report} (and {report.with_suffix('.html')}); runs: {out / 'runs'}")
     return 0

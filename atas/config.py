@@ -103,6 +103,10 @@ class MethodConfig:
     # Method-specific options, checked against the method's own Options dataclass
     # (atas.methods.<name>); `method.<option>=value` on the command line lands here.
     args: dict = field(default_factory=dict)
+    # Options per method name, used when that method is the one run: a recipe can tune several
+    # methods at once (`method.atas.c=0.02`, `method.pgd.steps=10`) and `atas compare` switches
+    # method.name without tripping over the others' options.
+    per_method: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -127,8 +131,11 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False      # torch.use_deterministic_algorithms + cudnn settings
     device: str = "auto"             # auto | cpu | cuda | cuda:N
-    store_dtype: str = "float32"     # per-sample store: float32 (official) | float16 | bfloat16
+    store_dtype: str = "float32"     # per-sample store: float32 (official) | float16 | bfloat16 | int8
     store_size: int | None = None    # stored prior side; None: the frame (ImageNet official: 32)
+    # Keep the store's prior in this file (memory-mapped, on the CPU) instead of in memory; a
+    # relative path is under the run folder. None: in memory on the training device.
+    store_memmap: str | None = None
     drop_last: bool = False          # official: False (the last partial batch is trained on)
     probe_size: int = 512            # fixed held-out batch for the per-epoch PGD probe (0: off)
     probe_steps: int = 10            # PGD-k of the probe (1 restart, alpha eps/4)
@@ -243,6 +250,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         except ConfigError:
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if tp is str:
+        if isinstance(value, bool):  # `amp: off` in a YAML recipe arrives as False
+            return "on" if value else "off"
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
@@ -297,6 +306,8 @@ def parse_overrides(overrides: list[str]) -> dict:
         if not key:
             raise ConfigError(f"override {item!r} has no key")
         value: Any = raw if "/" in raw else yaml.safe_load(raw) if raw.strip() else ""
+        if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+            value = raw.strip()  # YAML 1.1 reads `off`/`yes` as booleans; keep the word (train.amp=off)
         _set_path(tree, key, value)
     return tree
 
@@ -310,12 +321,17 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def _route_method_args(tree: dict) -> dict:
     """`method.c=0.02`: keys under `method` that MethodConfig does not have go to method.args."""
+    from atas.methods import METHODS
+
     method = tree.get("method")
     if isinstance(method, str):  # `method: atas` shorthand in a recipe
         tree["method"] = method = {"name": method}
     if isinstance(method, dict):
         own = {f.name for f in dataclasses.fields(MethodConfig)}
+        per = {k: method.pop(k) for k in list(method) if k in METHODS and k not in own}
         extra = {k: method.pop(k) for k in list(method) if k not in own}
+        if per:
+            method["per_method"] = _merge(method.get("per_method") or {}, per)
         if extra:
             method["args"] = _merge(method.get("args") or {}, extra)
     return tree
@@ -362,7 +378,7 @@ def config_from_dict(tree: dict) -> Config:
 def validate(cfg: Config) -> None:
     """Cross-field checks; fills method.args with the method's defaults so the saved config is whole."""
     from atas.data import dataset_info
-    from atas.methods import get_method
+    from atas.methods import get_method, list_methods
     from atas.models import list_models
 
     check_eps(cfg.method.eps)
@@ -373,14 +389,20 @@ def validate(cfg: Config) -> None:
         method_cls = get_method(cfg.method.name)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    options = build_dataclass(method_cls.Options, cfg.method.args, f"method.")
+    for name, opts in cfg.method.per_method.items():
+        if name not in list_methods() or not isinstance(opts, dict):
+            raise ConfigError(f"method.{name}: not a method; valid: {', '.join(list_methods())}")
+        build_dataclass(get_method(name).Options, opts, f"method.{name}.")  # typos fail even if unused
+    chosen = _merge(cfg.method.per_method.get(cfg.method.name, {}), cfg.method.args)
+    options = build_dataclass(method_cls.Options, chosen, "method.")
     cfg.method.args = _to_plain(options)
     if cfg.train.epochs < 1:
         raise ConfigError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
     if cfg.train.batch_size < 1:
         raise ConfigError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
-    if cfg.train.store_dtype not in ("float32", "float16", "bfloat16"):
-        raise ConfigError(f"train.store_dtype must be float32, float16 or bfloat16, got {cfg.train.store_dtype!r}")
+    if cfg.train.store_dtype not in ("float32", "float16", "bfloat16", "int8"):
+        raise ConfigError("train.store_dtype must be float32, float16, bfloat16 or int8 (quantised relative to "
+                          f"eps), got {cfg.train.store_dtype!r}")
     if cfg.train.amp not in ("off", "bf16", "fp16"):
         raise ConfigError(f"train.amp must be off, bf16 or fp16, got {cfg.train.amp!r}")
     if cfg.train.co_action not in ("none", "stop", "keep_best"):
@@ -394,7 +416,14 @@ def validate(cfg: Config) -> None:
 
 
 def method_options(cfg: Config) -> Any:
-    """The method's typed Options dataclass for this config."""
+    """The method's typed Options dataclass for this (validated) config."""
     from atas.methods import get_method
 
     return build_dataclass(get_method(cfg.method.name).Options, cfg.method.args, "method.")
+
+
+def switch_method(cfg: Config, name: str) -> Config:
+    """A copy of cfg running method `name`: its args come from method.per_method[name] (or defaults)."""
+    tree = cfg.to_dict()
+    tree["method"]["name"], tree["method"]["args"] = name, {}
+    return config_from_dict(tree)

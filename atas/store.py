@@ -28,6 +28,7 @@ what a store will take before building it.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -76,10 +77,11 @@ class PerSampleStore:
             n_rows = num_samples
         else:
             self.indices = torch.as_tensor(indices, dtype=torch.long).sort().values.to(self.device)
-            # global index -> row of this store; -1 where another rank owns the index
-            self._row = torch.full((num_samples,), -1, dtype=torch.long, device=self.device)
-            self._row[self.indices] = torch.arange(len(self.indices), device=self.device)
             n_rows = len(self.indices)
+            # global index -> row of this store; n_rows (out of range) where another rank owns the
+            # index, so a stray index fails loudly in gather/scatter instead of wrapping like -1 would
+            self._row = torch.full((num_samples,), n_rows, dtype=torch.long, device=self.device)
+            self._row[self.indices] = torch.arange(n_rows, device=self.device)
         shape = (n_rows, channels, self.storage_size, self.storage_size)
         if self.memmap_path is None:
             self.delta = torch.empty(shape, dtype=torch_dtype, device=self.device)
@@ -96,7 +98,7 @@ class PerSampleStore:
 
     def owns(self, idx: torch.Tensor) -> bool:
         """Whether every index is held here (a sync point: for checks, not the hot path)."""
-        return bool((self.rows(idx) >= 0).all()) if self._row is not None else True
+        return bool((self.rows(idx) < len(self.indices)).all()) if self._row is not None else True
 
     @property
     def nbytes(self) -> int:
@@ -136,7 +138,7 @@ class PerSampleStore:
         return stored.float() if self.quant_step is None else stored.float().mul_(self.quant_step)
 
     def _row_chunks(self):
-        row_bytes = max(1, self.delta[0].numel() * 4)
+        row_bytes = max(1, math.prod(self.delta.shape[1:]) * 4)
         step = max(1, _CHUNK_BYTES // row_bytes)
         for start in range(0, len(self.delta), step):
             yield start, min(start + step, len(self.delta))
@@ -151,26 +153,24 @@ class PerSampleStore:
     def gather_delta(self, idx: torch.Tensor, cf: CropFlip) -> torch.Tensor:
         """The stored prior of samples idx, cropped/flipped like their images; float32 [B,C,H,W]
         on the device of `cf` (the training device)."""
-        out_device, cf = cf.top.device, self._local(cf)
-        rows = self.rows(idx)
+        device, rows = cf.top.device, self.rows(idx)
         if self.storage_size == self.frame:
-            # Crop straight out of storage: only the window is read (and dequantised).
-            window = self._decode(self.delta[cf.index(rows)].permute(0, 3, 1, 2))
-        else:
-            window = crop(self._to_frame(self._decode(self.delta[rows])), cf)
-        return window.to(out_device)
+            # Crop straight out of storage: only the window is read, moved (in the stored dtype,
+            # when the store is on another device) and dequantised.
+            window = self.delta[self._local(cf).index(rows)].to(device)
+            return self._decode(window.permute(0, 3, 1, 2))
+        return crop(self._to_frame(self._decode(self.delta[rows].to(device))), cf)
 
     def scatter_delta(self, idx: torch.Tensor, cf: CropFlip, delta_window: torch.Tensor) -> None:
         """Write the new perturbation (x_adv - x, [B,C,H,W]) into each sample's crop window."""
-        cf, delta_window = self._local(cf), delta_window.to(self.device)
         rows = self.rows(idx)
         if self.storage_size == self.frame:
-            uncrop_into(self.delta, rows, self._encode(delta_window), cf)
+            uncrop_into(self.delta, rows, self._encode(delta_window).to(self.device), self._local(cf))
             return
-        frames = self._to_frame(self._decode(self.delta[rows]))
+        frames = self._to_frame(self._decode(self.delta[rows].to(delta_window.device)))
         uncrop_into(frames, torch.arange(len(rows), device=frames.device), delta_window, cf)
         stored = F.interpolate(frames, size=(self.storage_size,) * 2, mode="area")
-        self.delta[rows] = self._encode(stored.clamp_(-self.eps, self.eps))
+        self.delta[rows] = self._encode(stored.clamp_(-self.eps, self.eps)).to(self.device)
 
     def gather_grad_sq_ema(self, idx: torch.Tensor) -> torch.Tensor:
         return self.grad_sq_ema[self.rows(idx)].to(idx.device)
@@ -228,9 +228,7 @@ class PerSampleStore:
 def _map_file(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A tensor whose storage is `path` (created or overwritten, sized to fit), shared-mapped so
     every write goes to the file and the OS pages rows in and out as training touches them."""
-    numel = 1
-    for d in shape:
-        numel *= d
+    numel = math.prod(shape)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:  # a sparse file of the right size; reset_delta fills it
         f.truncate(numel * dtype.itemsize)

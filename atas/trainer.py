@@ -208,6 +208,7 @@ def _check_resumable(saved: dict, cfg: Config) -> None:
     """Resuming is only honest with the config the run was started with (epochs may grow)."""
     mine, theirs = cfg.to_dict(), dict(saved)
     for section, key in (("train", "epochs"), ("train", "progress"), ("train", "device"), ("train", "max_steps"),
+                         ("train", "store_memmap"),
                          ("data", "num_workers"), ("data", "data_dir"), ("eval", None)):
         for tree in (mine, theirs):
             if key is None:
@@ -231,11 +232,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
     ctx = dist.setup(cfg)
     device = ctx.device if ctx.enabled else resolve_device(cfg.train.device)
     run_dir = Path(run_dir or Path(cfg.out_dir) / cfg.name)
-    ckpt_path = run_dir / (ctx.checkpoint_name(CHECKPOINT) if ctx.enabled else CHECKPOINT)
-    if resume and not ckpt_path.exists():
-        raise CheckpointError(f"nothing to resume: {ckpt_path} does not exist"
-                              + (f" (found {sorted(p.name for p in run_dir.glob('checkpoint*.pt'))}: was the run started"
-                                 " with another world size?)" if run_dir.exists() else ""))
+    ckpt_path = ctx.resume_path(run_dir, CHECKPOINT) if resume else ctx.checkpoint_path(run_dir, CHECKPOINT)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
@@ -253,11 +250,15 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
     method = get_method(cfg.method.name)(cfg.method.eps, method_options(cfg), cfg.train.epochs)
+    if cfg.train.compile and cfg.method.name == "grad_align":
+        raise ConfigError("train.compile=true cannot run grad_align: its double backprop does not go through "
+                          "torch.compile. Set train.compile=false.")
     store = None
     if method.uses_store:
+        memmap = ctx.checkpoint_path(run_dir, cfg.train.store_memmap) if cfg.train.store_memmap else None
         store = PerSampleStore(data.num_train, data.frame_shape, cfg.method.eps, dtype=cfg.train.store_dtype,
-                               device=device, storage_size=cfg.train.store_size,
-                               indices=data.indices)
+                               device="cpu" if memmap else device, storage_size=cfg.train.store_size,
+                               indices=data.indices, memmap_path=memmap)
     optimizer = make_optimizer(cfg, model)
     steps_per_epoch = len(data.loader) * method.replays
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
@@ -269,7 +270,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
     monitor = COMonitor()
     rows, start_epoch, step = [], 1, 0
     if resume:
-        state = load_checkpoint(ckpt_path, map_location=device)
+        state = load_checkpoint(ckpt_path, map_location="cpu")  # RNG states must stay CPU tensors
         _check_resumable(state["config"], cfg)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -278,6 +279,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
             scaler.load_state_dict(state["scaler"])
         if store is not None:
             store.load_state_dict(state["store"])
+        method.load_state_dict(state.get("method", {}))
         _set_rng_state(state["rng"], device)
         start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
         rows = [r for r in log.read() if r["epoch"] < start_epoch] if ctx.is_main else []
@@ -324,7 +326,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
                     sums[3] += a.sum()
                     sums[4] = torch.minimum(sums[4], a.min())
                     sums[5] = torch.maximum(sums[5], a.max())
-            if i % 20 == 0 or i == steps_per_epoch - 1:
+            if i % 20 == 0 or i == len(data.loader) - 1:
                 _check_finite(bad_step, epoch, ckpt_path)                         # sync point
                 s = sums.tolist()
                 post = {"loss": f"{s[0] / s[2]:.3f}", "acc": f"{s[1] / s[2]:.3f}"}
@@ -354,7 +356,9 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
             state["store"] = store.state_dict()
         if cfg.train.amp == "fp16":
             state["scaler"] = scaler.state_dict()
-        if ctx.is_main or (store is not None and ctx.enabled):
+        if method.state_dict():
+            state["method"] = method.state_dict()
+        if ctx.is_main or ctx.enabled:  # every rank keeps its own file (its store shard, its RNG)
             save_checkpoint(ckpt_path, state)
             if verdict["best"] and cfg.train.co_action == "keep_best" and ctx.is_main:
                 save_checkpoint(run_dir / "best.pt", state)
@@ -367,7 +371,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
                            f"fell from its best {monitor.best_pgd:.3f} (epoch {monitor.best_epoch}) while FGSM "
                            f"accuracy is {row['probe_fgsm']:.3f} (clean {row['probe_clean']:.3f})."
                            + (" Best-robust checkpoint: best.pt." if cfg.train.co_action == "keep_best" else ""))
-        if verdict["co"] and cfg.train.co_action == "stop":
+        if ctx.broadcast_flag(verdict["co"] and cfg.train.co_action == "stop"):  # all ranks stop together
             if ctx.is_main:
                 tqdm.write("train.co_action=stop: ending the run.")
             break

@@ -67,6 +67,14 @@ class Method:
         # Per-step numbers for the progress bar / logs, kept as tensors (no device sync here).
         self.stats: dict[str, torch.Tensor] = {}
 
+    def state_dict(self) -> dict:
+        """Tensors the method carries between steps (Free-AT's delta, FGSM-PGI's momentum), for
+        checkpoints. Most methods carry nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def on_epoch_start(self, epoch: int, store: PerSampleStore | None) -> None:
         """Called before epoch `epoch` (1-based) begins."""
 

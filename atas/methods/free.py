@@ -1,0 +1,100 @@
+"""Free adversarial training (Free-AT): every minibatch replayed m times, one pass per replay.
+
+Shafahi, Najibi, Ghiasi, Xu, Dickerson, Studer, Davis, Taylor, Goldstein, "Adversarial Training for
+Free!", NeurIPS 2019. https://arxiv.org/abs/1904.12843
+
+Threat model: L-inf ball of radius eps around x, pixels in [0, 1].
+One perturbation delta (the shape of a batch, zero at the start) is carried over from replay to
+replay AND from minibatch to minibatch. Each replay:
+    x_adv = clip(x + delta, 0, 1)                         (delta a leaf that requires grad)
+    one backward of CE(f(x_adv), y) gives the parameter gradient (optimizer step) and grad_delta
+    delta <- clip(delta + step * sign(grad_delta), -eps, eps)
+The single backward is the trainer's: `loss` builds x_adv from the delta leaf and keeps a handle
+on it; the next `perturb` reads the leaf's .grad, which that backward filled, and takes the
+step. (Under DDP this is still each rank's own input gradient: DDP's hooks all-reduce parameter
+gradients only, never the input's.) A smaller batch (the last partial one) uses and updates the
+first B rows of delta and leaves the others for the next full batch, as the official code does.
+
+Arguments (defaults = the paper's CIFAR-10 setting, Free-8; the official ImageNet code uses m=4):
+    m (8): replays per minibatch; the trainer takes m optimizer steps per minibatch and counts
+        them in the learning-rate schedule.
+    step_factor (1.0): step = step_factor * eps (official fgsm_step = clip_eps).
+Epochs: a paper's epoch count is in *effective* passes (m optimizer steps per minibatch count as
+m); divide it by m for train.epochs, as the official code does (epochs = ceil(epochs / m)).
+delta is not checkpointed: a resumed run restarts it at zero.
+Cost: 1 forward + 1 backward per replay, so m of each per minibatch (m=8: 4x FGSM-RS's cost per
+pass over the data, half of it per optimizer step).
+
+Example:
+    atas train fmnist method.name=free train.epochs=2       # 2 passes x 8 replays
+    atas train fmnist method.name=free method.m=4 train.epochs=3
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from atas.config import ConfigError
+from atas.methods.base import Method, register
+
+
+@register
+class Free(Method):
+    name = "free"
+    cost = "m fwd + m bwd (1 + 1 per replay)"
+
+    @dataclass
+    class Options:
+        m: int = 8
+        step_factor: float = 1.0
+
+    def __init__(self, eps, options=None, epochs=1):
+        super().__init__(eps, options, epochs)
+        if self.opt.m < 1 or self.opt.step_factor <= 0:
+            raise ConfigError(f"need method.m >= 1 and method.step_factor > 0, "
+                              f"got {self.opt.m}, {self.opt.step_factor}")
+        self.replays = self.opt.m
+        self.delta: torch.Tensor | None = None         # [rows >= B, C, H, W], carried across batches
+        self._delta_leaf: torch.Tensor | None = None   # the leaf the last `loss` trained on
+
+    def _take_pending_step(self) -> None:
+        """delta <- clip(delta + step * sign(grad), -eps, eps) with the grad of the last backward."""
+        leaf, self._delta_leaf = self._delta_leaf, None
+        if leaf is None or leaf.grad is None:   # no backward since the last `loss` (or none yet)
+            return
+        grad = leaf.grad
+        # A non-finite gradient (fp16 GradScaler overflow: that optimizer step is skipped too)
+        # leaves delta as it was instead of poisoning it with NaN.
+        stepped = (leaf.detach() + self.opt.step_factor * self.eps * grad.sign()).clamp_(-self.eps, self.eps)
+        self.delta[:len(leaf)] = torch.where(torch.isfinite(grad), stepped, leaf.detach())
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The first B rows of delta, (re)allocating it when the image shape or device changes or
+        the batch outgrows it (new rows start at zero)."""
+        if self.delta is None or self.delta.shape[1:] != x.shape[1:] or self.delta.device != x.device:
+            self.delta = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        elif len(x) > len(self.delta):
+            extra = self.delta.new_zeros((len(x) - len(self.delta), *x.shape[1:]))
+            self.delta = torch.cat([self.delta, extra])
+        return self.delta[:len(x)]
+
+    def state_dict(self) -> dict:
+        if self.delta is None:
+            return {}
+        self._take_pending_step()  # the step the next perturb() would take; same result, now saved
+        return {"delta": self.delta}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "delta" in state:
+            self.delta = state["delta"].float()
+
+    def perturb(self, model, x, y, state):
+        if self.delta is not None:
+            self._take_pending_step()
+        return (x + self._rows(x)).clamp(0.0, 1.0)
+
+    def loss(self, model, x_adv, y, x, state):
+        # Rebuild x_adv from a fresh leaf so the trainer's backward also fills grad_delta.
+        self._delta_leaf = self._rows(x).clone().requires_grad_(True)
+        return super().loss(model, (x + self._delta_leaf).clamp(0.0, 1.0), y, x, state)

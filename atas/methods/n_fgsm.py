@@ -1,0 +1,67 @@
+"""N-FGSM: FGSM from a strongly noised point, without projecting back to the eps ball.
+
+de Jorge, Bibi, Volpi, Sanyal, Torr, Rogez, Dokania, "Make Some Noise: Reliable and Efficient
+Single-Step Adversarial Training", NeurIPS 2022. https://arxiv.org/abs/2202.01181
+
+Threat model: trained against the L-inf ball of radius eps around x, pixels in [0, 1]; the
+training point itself may lie OUTSIDE the ball (up to (noise_factor + step_factor) * eps away).
+One step:
+    eta     ~ U(-k eps, k eps),  x_noisy = clip(x + eta, 0, 1)
+    x_adv   = clip(x_noisy + alpha * sign(grad at x_noisy), 0, 1)     no projection to the ball
+That the perturbation is not clipped is the point of the paper: the noise, not the projection,
+keeps the step from overfitting catastrophically.
+
+Arguments (defaults of the paper and of pdejorge/N-FGSM train.py):
+    noise_factor (2.0): k, the noise is U(-k eps, k eps). The paper uses 2 (PreActResNet-18) and
+        4 for WideResNet-28-10 at eps 16/255.
+    step_factor (1.0): step alpha = step_factor * eps (official --alpha 8 at eps 8).
+    clip_delta (None): None = no projection (the paper). A number c clips x_adv - x to
+        [-c eps, c eps] afterwards, as the official code's optional --clip (c=1: FGSM-RS's ball).
+    bn_mode ("train"): BatchNorm mode while attacking; the official code attacks in train mode.
+Cost: 2 forward + 2 backward per step (attack + training), the same as FGSM-RS.
+
+Example:
+    atas train fmnist method.name=n_fgsm
+    atas train fmnist method.name=n_fgsm method.noise_factor=4
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from atas.config import ConfigError
+from atas.methods.base import Method, register
+from atas.threat import LinfBall, bn_mode, input_grad, signed_step
+
+
+@register
+class NFGSM(Method):
+    name = "n_fgsm"
+    cost = "2 fwd + 2 bwd"
+
+    @dataclass
+    class Options:
+        noise_factor: float = 2.0
+        step_factor: float = 1.0
+        clip_delta: float | None = None
+        bn_mode: str = "train"
+
+    def __init__(self, eps, options=None, epochs=1):
+        super().__init__(eps, options, epochs)
+        o = self.opt
+        if o.noise_factor < 0 or o.step_factor <= 0:
+            raise ConfigError(f"need method.noise_factor >= 0 and method.step_factor > 0, "
+                              f"got {o.noise_factor} and {o.step_factor}")
+        if o.clip_delta is not None and o.clip_delta <= 0:
+            raise ConfigError(f"method.clip_delta must be > 0 (a multiple of eps) or none, got {o.clip_delta}")
+        # The optional clip is just a ball of radius c*eps (capped at the whole pixel range).
+        self.clip_ball = None if o.clip_delta is None else LinfBall(min(1.0, o.clip_delta * self.eps))
+
+    def perturb(self, model, x, y, state):
+        o = self.opt
+        x_noisy = self.ball.random_start(x, scale=o.noise_factor) if o.noise_factor else x
+        with bn_mode(model, o.bn_mode):
+            grad, _ = input_grad(model, x_noisy, y)
+        x_adv = signed_step(x_noisy, grad, o.step_factor * self.eps)
+        if self.clip_ball is not None:
+            return self.clip_ball.project(x_adv, x).detach()
+        return x_adv.clamp_(0.0, 1.0).detach()  # image range only, deliberately no eps ball

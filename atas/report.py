@@ -1,0 +1,479 @@
+"""The comparison report: tables (mean ± std over seeds), findings computed from the numbers, plots.
+
+Input is the list of per-run rows that `atas compare` writes to summary.json (one dict per
+(method, eps, seed): accuracies as fractions, train_time_s, CO verdicts, per-epoch curves). This
+module only reads those rows; it never trains or evaluates anything, so a report can be rebuilt
+from summary.json alone:
+
+    >>> rows = json.loads(Path("reports/fmnist/summary.json").read_text())["runs"]
+    >>> build_report(rows, "reports/fmnist", command="atas compare ...", machine={...})
+
+Plots are drawn on matplotlib `Figure` objects (Agg canvas, no pyplot): no global backend state is
+touched, so this works on a headless machine and inside a user's notebook alike.
+"""
+from __future__ import annotations
+
+import datetime
+import html
+import statistics
+from pathlib import Path
+from typing import Any, Iterable
+
+# Names as the papers write them; registry names not listed here are shown as they are.
+METHOD_LABELS = {"atas": "ATAS", "fgsm_rs": "FGSM-RS", "n_fgsm": "N-FGSM", "grad_align": "GradAlign",
+                 "pgd": "PGD-AT", "free": "Free-AT", "fgsm_pgi": "FGSM-PGI", "none": "standard"}
+# "ATAS AA within GAP_POINTS points of PGD-AT" is the claim the report checks (ATAS paper, Tables).
+GAP_POINTS = 3.0
+
+# Mean clean accuracy within this of chance (1 / classes): the runs did not learn; say so.
+NEAR_CHANCE = 0.05
+
+PROBE_PLOT, ALPHA_PLOT, TIME_PLOT = "probe_pgd.png", "atas_alpha.png", "time_vs_robust.png"
+
+
+def method_label(name: str) -> str:
+    return METHOD_LABELS.get(name, name)
+
+
+# --------------------------------------------------------------------------------------------
+# Grouping and statistics
+# --------------------------------------------------------------------------------------------
+def _ok(rows: Iterable[dict]) -> list[dict]:
+    """Runs that produced results (a diverged run has `failed` set and no accuracies)."""
+    return [r for r in rows if not r.get("failed")]
+
+
+def group_runs(rows: list[dict]) -> dict[str, dict[str, list[dict]]]:
+    """{eps text: {method: [runs over seeds]}}, in the order the runs were given."""
+    out: dict[str, dict[str, list[dict]]] = {}
+    for r in rows:
+        out.setdefault(r["eps"], {}).setdefault(r["method"], []).append(r)
+    return out
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None] | None:
+    """(mean, sample std with n-1) of the values; std is None for one value; None for none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def format_pm(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    """'71.3 ± 1.2' (scale 100: fractions shown as %); one value: '71.3 (1 seed)'; none: '—'."""
+    ms = mean_std(values)
+    if ms is None:
+        return "—"
+    m, s = ms
+    if s is None:
+        return f"{m * scale:.{digits}f} (1 seed)"
+    return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
+
+
+def co_column(runs: list[dict]) -> str:
+    """'yes (2/3)': how many seeds were flagged with catastrophic overfitting; 'no (0/3)'."""
+    runs = _ok(runs)
+    k = sum(bool(r.get("co_detected")) for r in runs)
+    return f"{'yes' if k else 'no'} ({k}/{len(runs)})"
+
+
+def _pgd_label(rows: list[dict]) -> str:
+    labels = {r.get("pgd_label") for r in _ok(rows) if r.get("pgd_label")}
+    return labels.pop() if len(labels) == 1 else "PGD"
+
+
+def _mean(runs: list[dict], key: str) -> float | None:
+    ms = mean_std([r.get(key) for r in _ok(runs)])
+    return None if ms is None else ms[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Tables and findings
+# --------------------------------------------------------------------------------------------
+def summary_tables(rows: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Per eps: (eps, header, table rows) with mean ± std over seeds."""
+    pgd_label = _pgd_label(rows)
+    tables = []
+    for eps, by_method in group_runs(rows).items():
+        pgd_time = _mean(by_method.get("pgd", []), "train_time_s")
+        header = ["method", "seeds", "clean (%)", f"{pgd_label} (%)", "AA (%)", "train time (s)",
+                  "time vs PGD-AT", "CO"]
+        body = []
+        for method, runs in by_method.items():
+            ok = _ok(runs)
+            seeds = f"{len(ok)}" if len(ok) == len(runs) else f"{len(ok)} of {len(runs)} ({len(runs) - len(ok)} failed)"
+            time_mean = _mean(runs, "train_time_s")
+            ratio = f"{time_mean / pgd_time:.2f}×" if pgd_time and time_mean is not None else "—"
+            body.append([method_label(method), seeds,
+                         format_pm([r.get("clean") for r in ok]),
+                         format_pm([r.get("pgd") for r in ok]),
+                         format_pm([r.get("aa") for r in ok]),
+                         format_pm([r.get("train_time_s") for r in ok], scale=1.0),
+                         ratio, co_column(runs)])
+        if pgd_time is None:  # no PGD-AT at this eps: no column of dashes
+            header, body = header[:6] + header[7:], [r[:6] + r[7:] for r in body]
+        tables.append((eps, header, body))
+    return tables
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def format_summary_table(rows: list[dict]) -> str:
+    """Markdown: one table per eps, mean ± std over seeds (what `atas compare` prints at the end)."""
+    parts = []
+    for eps, header, body in summary_tables(rows):
+        parts.append(f"### eps = {eps}\n\n{_md_table(header, body)}")
+    return "\n\n".join(parts)
+
+
+def _seed_list(runs: list[dict]) -> str:
+    return ", ".join(str(r["seed"]) for r in runs)
+
+
+def findings(rows: list[dict]) -> dict[str, list[str]]:
+    """Per eps, the claims the comparison exists to check, stated as facts from the numbers.
+
+    A miss is reported as a miss: 'no' with the numbers that make it one."""
+    out: dict[str, list[str]] = {}
+    for eps, by_method in group_runs(rows).items():
+        facts = []
+        for method in ("atas", "fgsm_rs"):
+            if method not in by_method:
+                continue
+            runs = _ok(by_method[method])
+            flagged = [r for r in runs if r.get("co_detected")]
+            name = method_label(method)
+            if not runs:
+                facts.append(f"{name}: no run finished (all failed), so nothing can be said about its CO.")
+            elif flagged:
+                facts.append(f"{name} shows catastrophic overfitting: yes, {len(flagged)}/{len(runs)} seeds "
+                             f"flagged (seed {_seed_list(flagged)}).")
+            else:
+                facts.append(f"{name} shows catastrophic overfitting: no (0/{len(runs)} seeds flagged).")
+        atas, pgd = _ok(by_method.get("atas", [])), _ok(by_method.get("pgd", []))
+        if atas and pgd:
+            use_aa = all(r.get("aa") is not None for r in atas + pgd)
+            key = "aa" if use_aa else "pgd"
+            metric = "AA" if use_aa else _pgd_label(atas + pgd)
+            a, p = _mean(atas, key), _mean(pgd, key)
+            ta, tp = _mean(atas, "train_time_s"), _mean(pgd, "train_time_s")
+            ratio = f"{ta / tp:.2f}" if tp else "n/a"
+            if a is None or p is None:
+                facts.append(f"ATAS vs PGD-AT: no {metric} accuracy to compare.")
+            else:
+                gap = 100 * (p - a)  # points ATAS is below PGD-AT (negative: above)
+                within = gap <= GAP_POINTS
+                side = f"{abs(gap):.1f} points {'below' if gap >= 0 else 'above'} PGD-AT"
+                facts.append(f"ATAS {metric} within {GAP_POINTS:g} points of PGD-AT: {'yes' if within else 'no'} "
+                             f"(ATAS {100 * a:.1f}% vs PGD-AT {100 * p:.1f}%, {side}), time ratio {ratio} "
+                             f"(ATAS {ta:.1f} s vs PGD-AT {tp:.1f} s).")
+            if not use_aa:
+                facts.append("AutoAttack was not evaluated for every ATAS and PGD-AT run (add aa to --attacks); "
+                             f"the gap above is on {metric}, a weaker attack.")
+        elif "atas" in by_method and "pgd" not in by_method:
+            facts.append("PGD-AT is not in this comparison: no ATAS-vs-PGD-AT gap or time ratio.")
+        for method, runs in by_method.items():  # a model that learnt nothing makes every claim vacuous
+            clean, chance = _mean(runs, "clean"), _ok(runs)[0].get("chance") if _ok(runs) else None
+            if clean is not None and chance is not None and clean <= chance + NEAR_CHANCE:
+                facts.append(f"{method_label(method)} clean accuracy {100 * clean:.1f}% is near chance "
+                             f"({100 * chance:.0f}%): these runs did not learn, so the statements above say nothing.")
+        out[eps] = facts
+    return out
+
+
+def run_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Every run on its own line: what the means above are made of."""
+    pgd_label = _pgd_label(rows)
+    header = ["method", "eps", "seed", "clean", "FGSM", pgd_label, "AA", "time (s)", "CO epochs (probe)",
+              "final FGSM > clean", "run folder"]
+
+    def pct(v):
+        return "—" if v is None else f"{100 * v:.1f}"
+
+    body = []
+    for r in rows:
+        if r.get("failed"):
+            body.append([method_label(r["method"]), r["eps"], str(r["seed"]), "failed: " + r["failed"],
+                         *["—"] * 6, r.get("run_dir", "")])
+            continue
+        sig = r.get("co_final_signature")
+        body.append([method_label(r["method"]), r["eps"], str(r["seed"]), pct(r.get("clean")), pct(r.get("fgsm")),
+                     pct(r.get("pgd")), pct(r.get("aa")), f"{r.get('train_time_s', 0.0):.1f}",
+                     ", ".join(map(str, r.get("co_epochs") or [])) or "none",
+                     "not evaluated" if sig is None else ("yes" if sig else "no"), r.get("run_dir", "")])
+    return header, body
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------
+def _figure(n_panels: int, width: float = 4.6, height: float = 3.6, integer_x: bool = True):
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(width * n_panels, height), layout="constrained")
+    axes = fig.subplots(1, n_panels, squeeze=False)[0]
+    if integer_x:  # epochs
+        for ax in axes:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig, axes
+
+
+def _colors(methods: list[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return {m: cmap(i % 10) for i, m in enumerate(methods)}
+
+
+def _methods(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["method"] for r in rows))
+
+
+def _mean_curve(runs: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """Mean over seeds per epoch (seeds that reached that epoch)."""
+    per_epoch: dict[int, list[float]] = {}
+    for r in runs:
+        c = r.get("curves") or {}
+        for e, v in zip(c.get("epoch", []), c.get(key, [])):
+            if v is not None:
+                per_epoch.setdefault(e, []).append(v)
+    epochs = sorted(per_epoch)
+    return epochs, [statistics.fmean(per_epoch[e]) for e in epochs]
+
+
+def plot_probe_curves(rows: list[dict], path: str | Path) -> Path | None:
+    """Probe PGD accuracy per epoch, one panel per eps: thick = mean over seeds, thin = each seed,
+    'x' = an epoch the CO monitor flagged. CO reads as a line falling to ~0 with x marks on it."""
+    rows = [r for r in _ok(rows) if (r.get("curves") or {}).get("probe_pgd")]
+    if not rows:
+        return None
+    groups = group_runs(rows)
+    colors = _colors(_methods(rows))
+    fig, axes = _figure(len(groups))
+    for ax, (eps, by_method) in zip(axes, groups.items()):
+        for method, runs in by_method.items():
+            color = colors[method]
+            for r in runs:
+                c = r["curves"]
+                y = [100 * v for v in c["probe_pgd"]]
+                ax.plot(c["epoch"], y, color=color, lw=0.8, alpha=0.35)
+                co = [(e, v) for e, v, flag in zip(c["epoch"], y, c.get("co", [])) if flag]
+                if co:
+                    ax.scatter(*zip(*co), marker="x", s=60, color=color, linewidths=2, zorder=3)
+            epochs, mean = _mean_curve(runs, "probe_pgd")
+            ax.plot(epochs, [100 * v for v in mean], color=color, lw=2.2, label=method_label(method))
+        ax.set_title(f"eps = {eps}")
+        ax.set_xlabel("epoch")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("probe PGD accuracy (%)")
+    axes[0].scatter([], [], marker="x", color="black", label="CO flagged")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Robust accuracy on the probe batch during training (CO = collapse to ~0, marked x)")
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def plot_alpha(rows: list[dict], path: str | Path) -> Path | None:
+    """ATAS step size per epoch, one panel per eps: mean over seeds of the epoch's mean alpha, band =
+    smallest .. largest per-sample alpha over seeds; dashed: eps; dotted: the configured clamp."""
+    from atas.config import parse_fraction
+
+    rows = [r for r in _ok(rows) if r["method"] == "atas" and (r.get("curves") or {}).get("alpha_mean")]
+    if not rows:
+        return None
+    groups = group_runs(rows)
+    fig, axes = _figure(len(groups))
+    for ax, (eps, by_method) in zip(axes, groups.items()):
+        runs = by_method["atas"]
+        epochs, mean = _mean_curve(runs, "alpha_mean")
+        lo: dict[int, float] = {}
+        hi: dict[int, float] = {}
+        for r in runs:
+            c = r["curves"]
+            for e, a, b in zip(c["epoch"], c.get("alpha_min", []), c.get("alpha_max", [])):
+                if a is not None and b is not None:
+                    lo[e], hi[e] = min(lo.get(e, a), a), max(hi.get(e, b), b)
+        band = [e for e in epochs if e in lo]
+        ax.fill_between(band, [lo[e] for e in band], [hi[e] for e in band], color="C0", alpha=0.2,
+                        label="min .. max over samples")
+        ax.plot(epochs, mean, color="C0", lw=2, marker="o", ms=3, label="mean alpha")
+        ax.axhline(runs[0].get("eps_value", float("nan")), color="gray", ls="--", lw=1, label="eps")
+        for bound in ("alpha_min", "alpha_max"):  # the configured clamp, where alpha saturates
+            value = (runs[0].get("method_args") or {}).get(bound)
+            if value is not None:
+                ax.axhline(parse_fraction(value), color="C3", ls=":", lw=1,
+                           label="alpha_min / alpha_max" if bound == "alpha_min" else None)
+        ax.set_title(f"eps = {eps}")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("ATAS step size alpha (pixel units)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("ATAS adaptive step size during training")
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def plot_time_vs_robust(rows: list[dict], path: str | Path) -> Path | None:
+    """Final robust accuracy (AA where every run has it, else PGD) against training time: one
+    point per run, colour = method, marker = eps."""
+    rows = _ok(rows)
+    key = "aa" if rows and all(r.get("aa") is not None for r in rows) else "pgd"
+    rows = [r for r in rows if r.get(key) is not None and r.get("train_time_s") is not None]
+    if not rows:
+        return None
+    colors = _colors(_methods(rows))
+    markers = dict(zip(group_runs(rows), "os^Dvp*hX"))
+    fig, axes = _figure(1, width=6.0, height=4.2, integer_x=False)
+    ax = axes[0]
+    for (method, eps), _ in {(r["method"], r["eps"]): None for r in rows}.items():
+        runs = [r for r in rows if r["method"] == method and r["eps"] == eps]
+        ax.scatter([r["train_time_s"] for r in runs], [100 * r[key] for r in runs], color=colors[method],
+                   marker=markers.get(eps, "o"), s=40, edgecolors="black", linewidths=0.5)
+    for method, color in colors.items():
+        ax.scatter([], [], color=color, marker="o", label=method_label(method))
+    for eps, marker in markers.items():
+        ax.scatter([], [], color="gray", marker=marker, label=f"eps {eps}")
+    ax.set_xlabel("training time (s, sum of epoch times)")
+    ax.set_ylabel(f"final {'AutoAttack' if key == 'aa' else _pgd_label(rows)} accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Robustness vs training cost (one point per run)")
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------------
+# The document: one list of blocks rendered twice (Markdown and HTML), so both say the same
+# --------------------------------------------------------------------------------------------
+def _blocks(rows: list[dict], command: str | dict, machine: dict, images: dict[str, Path | None],
+            date: str) -> list[tuple]:
+    ok = _ok(rows)
+    cmd = command if isinstance(command, dict) else {"command": command}
+    n_examples = sorted({r.get("n_examples") for r in ok if r.get("n_examples")})
+    epochs = sorted({r.get("epochs_planned") or r.get("epochs") for r in ok} - {None, 0})
+    blocks: list[tuple] = [("h1", "atas compare report")]
+    blocks.append(("p", "Command line:"))
+    blocks.append(("code", cmd["command"]))
+    if cmd.get("equivalent") and cmd["equivalent"] != cmd["command"]:
+        blocks.append(("p", "The same comparison as an `atas` command:"))
+        blocks.append(("code", cmd["equivalent"]))
+    items = [f"date: {date}"] + [f"{k}: {v}" for k, v in machine.items() if v not in (None, "")]
+    blocks.append(("list", items))
+    notes = ["Accuracies in % on the first "
+             + (" / ".join(str(n) for n in n_examples) or "?") + " test images"
+             + (f" (one image = {100 / n_examples[0]:.2f} points)" if len(n_examples) == 1 else "")
+             + "; mean ± sample std (n-1) over seeds.",
+             "Train time: sum of the per-epoch training time (epoch_time_s), excluding the per-epoch probe and "
+             "the final evaluation" + (f"; {', '.join(map(str, epochs))} epochs" if epochs else "") + ".",
+             "CO: seeds with catastrophic overfitting, flagged by the per-epoch probe monitor (probe PGD accuracy "
+             "collapsing while FGSM accuracy rises) or by the final evaluation (FGSM accuracy above clean).",
+             "AA is standard AutoAttack (fra31, via pyautoattack); '—' where it was not evaluated."]
+    no_probe = [r for r in ok if not (r.get("curves") or {}).get("probe_pgd")]
+    if no_probe:
+        notes.append(f"{len(no_probe)} run(s) trained without the per-epoch probe (train.probe_size=0): their CO "
+                     "verdict rests on the final evaluation alone, and only if FGSM was evaluated.")
+    blocks.append(("h2", "Results"))
+    blocks.append(("list", notes))
+    facts = findings(rows)
+    for eps, header, body in summary_tables(rows):
+        blocks.append(("h3", f"eps = {eps}"))
+        blocks.append(("table", header, body))
+        if facts.get(eps):
+            blocks.append(("list", facts[eps]))
+    captions = {PROBE_PLOT: "Probe PGD accuracy per epoch (thick: mean over seeds; thin: each seed; x: CO flagged).",
+                ALPHA_PLOT: "ATAS step size per epoch (mean; band: min..max over samples and seeds; dashed: eps; "
+                            "dotted: the alpha_min/alpha_max clamp).",
+                TIME_PLOT: "Final robust accuracy vs training time, one point per run."}
+    drawn = [(name, p) for name, p in images.items() if p is not None]
+    if drawn:
+        blocks.append(("h2", "Plots"))
+        for name, p in drawn:
+            blocks.append(("p", captions.get(name, name)))
+            blocks.append(("img", Path(p).name, Path(p).stem.replace("_", " ")))
+    missing = [name for name, p in images.items() if p is None]
+    if missing:
+        blocks.append(("p", "Not drawn (no data for them): " + ", ".join(missing)
+                       + (" (no ATAS run)" if ALPHA_PLOT in missing else "") + "."))
+    header, body = run_table(rows)
+    blocks.append(("h2", "Runs"))
+    blocks.append(("table", header, body))
+    warned = [(r, w) for r in ok for w in r.get("eval_warnings") or []]
+    if warned:
+        blocks.append(("h2", "Evaluation warnings"))
+        blocks.append(("list", [f"{method_label(r['method'])} eps {r['eps']} seed {r['seed']}: {w}"
+                                for r, w in warned]))
+    return blocks
+
+
+def _render_md(blocks: list[tuple]) -> str:
+    out = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2", "h3"):
+            out.append("#" * int(kind[1]) + " " + rest[0])
+        elif kind == "p":
+            out.append(rest[0])
+        elif kind == "code":
+            out.append("```\n" + rest[0] + "\n```")
+        elif kind == "list":
+            out.append("\n".join(f"- {item}" for item in rest[0]))
+        elif kind == "table":
+            out.append(_md_table(rest[0], [[c.replace("|", "\\|") for c in row] for row in rest[1]]))
+        elif kind == "img":
+            out.append(f"![{rest[1]}]({rest[0]})")
+    return "\n\n".join(out) + "\n"
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+        "text-align:right}td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}"
+        "pre{background:#f6f6f6;padding:0.6em;overflow-x:auto;white-space:pre-wrap}img{max-width:100%}")
+
+
+def _render_html(blocks: list[tuple]) -> str:
+    e = html.escape
+    out = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\"><title>atas compare report</title>",
+           f"<style>{_CSS}</style></head><body>"]
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2", "h3"):
+            out.append(f"<{kind}>{e(rest[0])}</{kind}>")
+        elif kind == "p":
+            out.append(f"<p>{e(rest[0])}</p>")
+        elif kind == "code":
+            out.append(f"<pre><code>{e(rest[0])}</code></pre>")
+        elif kind == "list":
+            out.append("<ul>" + "".join(f"<li>{e(item)}</li>" for item in rest[0]) + "</ul>")
+        elif kind == "table":
+            head = "".join(f"<th>{e(h)}</th>" for h in rest[0])
+            body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rest[1])
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif kind == "img":
+            out.append(f"<p><img src=\"{e(rest[0])}\" alt=\"{e(rest[1])}\"></p>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def build_report(rows: list[dict], out_dir: str | Path, command: str | dict, machine: dict) -> Path:
+    """Write report.md, report.html and the PNG plots into out_dir; returns the report.md path.
+
+    rows: summary.json's runs. command: the command line (or {"command", "equivalent"}).
+    machine: what ran it (cpu, cores, torch, gpu, ...), listed as given."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = {PROBE_PLOT: plot_probe_curves(rows, out_dir / PROBE_PLOT),
+              ALPHA_PLOT: plot_alpha(rows, out_dir / ALPHA_PLOT),
+              TIME_PLOT: plot_time_vs_robust(rows, out_dir / TIME_PLOT)}
+    for name, p in images.items():  # a stale plot from an earlier report must not be shown
+        if p is None and (out_dir / name).exists():
+            (out_dir / name).unlink()
+    date = datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds")
+    blocks = _blocks(rows, command, machine, images, date)
+    md = out_dir / "report.md"
+    md.write_text(_render_md(blocks))
+    (out_dir / "report.html").write_text(_render_html(blocks))
+    return md
