@@ -251,7 +251,7 @@ def training_status(run_dir: Path, cfg: Config) -> str:
     A folder holding a run of another config (more epochs excepted, as for `atas train --resume`)
     is an error: resuming it would mix two experiments, overwriting it would lose one."""
     from atas.checkpoint import CheckpointError
-    from atas.trainer import CHECKPOINT, _check_resumable
+    from atas.trainer import CHECKPOINT, check_resumable
 
     if not (run_dir / CHECKPOINT).exists():
         return "fresh"
@@ -259,7 +259,7 @@ def training_status(run_dir: Path, cfg: Config) -> str:
     if saved is not None:
         saved.update({k: getattr(cfg, k) for k in COSMETIC_KEYS})
         try:
-            _check_resumable(saved, cfg)
+            check_resumable(saved, cfg)
         except CheckpointError as e:
             raise ConfigError(f"{run_dir} holds a run with another config: {e} Delete that folder or pick "
                               "another --out.") from None

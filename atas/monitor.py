@@ -7,6 +7,10 @@ model has learnt to mask the single-step gradient). The monitor flags an epoch w
     probe_pgd < drop_ratio * best probe_pgd so far  (and the best was meaningful, >= min_best)
     AND (probe_fgsm rose since the previous epoch OR probe_fgsm > probe_clean)
 
+or when the signature is there outright, whatever came before (CO can strike in epoch 1):
+
+    probe_fgsm > probe_clean  AND  probe_pgd < signature_ratio * probe_clean
+
 It never looks at the test set used for the final evaluation numbers beyond the fixed probe batch.
 """
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass, field
 class COMonitor:
     drop_ratio: float = 0.5      # PGD accuracy below half its best ...
     min_best: float = 0.05       # ... of a best that was above chance-ish (else nothing to lose)
+    signature_ratio: float = 0.25
     best_pgd: float = -1.0
     best_epoch: int = 0
     prev_fgsm: float | None = None
@@ -30,7 +35,8 @@ class COMonitor:
         pgd, fgsm, clean = row["probe_pgd"], row["probe_fgsm"], row["probe_clean"]
         fgsm_up = self.prev_fgsm is not None and fgsm > self.prev_fgsm
         collapsed = self.best_pgd >= self.min_best and pgd < self.drop_ratio * self.best_pgd
-        co = bool(collapsed and (fgsm_up or fgsm > clean))
+        signature = fgsm > clean and pgd < self.signature_ratio * clean
+        co = bool((collapsed and (fgsm_up or fgsm > clean)) or signature)
         best = pgd > self.best_pgd
         if best:
             self.best_pgd, self.best_epoch = pgd, row["epoch"]

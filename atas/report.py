@@ -305,9 +305,11 @@ def plot_alpha(rows: list[dict], path: str | Path) -> Path | None:
         ax.plot(epochs, mean, color="C0", lw=2, marker="o", ms=3, label="mean alpha")
         ax.axhline(runs[0].get("eps_value", float("nan")), color="gray", ls="--", lw=1, label="eps")
         for bound in ("alpha_min", "alpha_max"):  # the configured clamp, where alpha saturates
-            value = (runs[0].get("method_args") or {}).get(bound)
+            args = runs[0].get("method_args") or {}
+            value = args.get(bound)
             if value is not None:
-                ax.axhline(parse_fraction(value), color="C3", ls=":", lw=1,
+                unit = runs[0].get("eps_value", 1.0) if args.get("alpha_unit") == "eps" else 1.0
+                ax.axhline(parse_fraction(value) * unit, color="C3", ls=":", lw=1,
                            label="alpha_min / alpha_max" if bound == "alpha_min" else None)
         ax.set_title(f"eps = {eps}")
         ax.set_xlabel("epoch")

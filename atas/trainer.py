@@ -204,9 +204,12 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _check_resumable(saved: dict, cfg: Config) -> None:
+def check_resumable(saved: dict, cfg: Config) -> None:
     """Resuming is only honest with the config the run was started with (epochs may grow)."""
     mine, theirs = cfg.to_dict(), dict(saved)
+    for label in ("name", "description", "out_dir"):  # labels, not training settings
+        mine.pop(label, None)
+        theirs.pop(label, None)
     for section, key in (("train", "epochs"), ("train", "progress"), ("train", "device"), ("train", "max_steps"),
                          ("train", "store_memmap"),
                          ("data", "num_workers"), ("data", "data_dir"), ("eval", None)):
@@ -271,7 +274,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
     rows, start_epoch, step = [], 1, 0
     if resume:
         state = load_checkpoint(ckpt_path, map_location="cpu")  # RNG states must stay CPU tensors
-        _check_resumable(state["config"], cfg)
+        check_resumable(state["config"], cfg)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -24,6 +24,9 @@ Arguments (defaults = the official code's CIFAR settings, commit 674b195):
         independent of the batch size; with ref_batch=128 it equals the official default at B=128
         (equivalently, a per-sample c of c * ref_batch).
     ref_batch (128).
+    alpha_unit ("absolute"): alpha_min/alpha_max in pixels, as the official code; "eps": as
+        multiples of eps (the official bounds are 0.5 eps and 1.75 eps at 8/255), so one recipe
+        can sweep eps.
 Cost: 2 forward + 2 backward per step, the same as FGSM-RS.
 
 Example:
@@ -55,6 +58,7 @@ class ATAS(Method):
         beta: float = 0.5
         alpha_min: Frac = field(default_factory=lambda: Frac("4/255"))
         alpha_max: Frac = field(default_factory=lambda: Frac("14/255"))
+        alpha_unit: str = "absolute"
         warmup_epochs: int = 5
         reset_every: int = 10
         step_numerator: str = "official"
@@ -69,6 +73,10 @@ class ATAS(Method):
             raise ConfigError(f"method.step_numerator must be 'official' (16/255) or '2eps', got {o.step_numerator!r}")
         if o.grad_norm not in ("batch_mean", "per_sample"):
             raise ConfigError(f"method.grad_norm must be 'batch_mean' or 'per_sample', got {o.grad_norm!r}")
+        if o.alpha_unit not in ("absolute", "eps"):
+            raise ConfigError(f"method.alpha_unit must be 'absolute' or 'eps', got {o.alpha_unit!r}")
+        unit = self.eps if o.alpha_unit == "eps" else 1.0
+        self.alpha_min, self.alpha_max = float(o.alpha_min) * unit, float(o.alpha_max) * unit
         if not 0 < o.alpha_min <= o.alpha_max:
             raise ConfigError(f"need 0 < method.alpha_min <= method.alpha_max, got {o.alpha_min!r}, {o.alpha_max!r}")
         if o.c <= 0 or not 0 <= o.beta < 1:
@@ -86,7 +94,7 @@ class ATAS(Method):
         scale = 1.0 / (len(grad) if o.grad_norm == "batch_mean" else o.ref_batch)
         grad_sq = grad.flatten(1).float().pow(2).sum(1) * scale ** 2  # fp32 even under AMP
         v = o.beta * grad_sq_ema + (1 - o.beta) * grad_sq
-        alpha = (self.numerator / (1 + v.sqrt() / o.c)).clamp(o.alpha_min, o.alpha_max)
+        alpha = (self.numerator / (1 + v.sqrt() / o.c)).clamp(self.alpha_min, self.alpha_max)
         return alpha, v
 
     def perturb(self, model, x, y, state):
