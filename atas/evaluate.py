@@ -535,10 +535,8 @@ class _State:
             warn(f"state file {self.path} is unreadable ({e!r}); starting fresh")
             return
         if saved_settings != self.settings:
-            diff = sorted(k for k in set(saved_settings) | set(self.settings)
-                          if saved_settings.get(k) != self.settings.get(k))
-            warn(f"state file {self.path} was written with other settings ({', '.join(diff)} "
-                 "differ); starting fresh and overwriting it")
+            # Another model, data or settings (e.g. the same run evaluated again after more
+            # epochs): nothing to resume, and nothing to warn about; the file is overwritten.
             return
         self.attacks = attacks
 
