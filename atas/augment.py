@@ -51,7 +51,8 @@ def sample_crop_flip(batch: int, frame: int, size: int, flip: bool, device: torc
     """Offsets uniform in {0..frame-size} (both ends included, as RandomCrop), flip with p=0.5."""
     if size > frame:
         raise ValueError(f"crop size {size} exceeds frame size {frame}")
-    gen_device = generator.device if generator is not None else "cpu"
+    # Drawn where they are used (the training device's RNG): no host-to-device copy per step.
+    gen_device = generator.device if generator is not None else device
     top = torch.randint(0, frame - size + 1, (batch,), generator=generator, device=gen_device)
     left = torch.randint(0, frame - size + 1, (batch,), generator=generator, device=gen_device)
     if flip:

@@ -210,3 +210,24 @@ def test_cli_train_resume_and_eval(tmp_path, capsys):
     result = json.loads((tmp_path / "r" / "eval.json").read_text())
     assert result["n_examples"] == 32 and result["eps_label"] == "0.2"
     assert cli(["eval", str(tmp_path / "r" / "garbage.pt")]) == 2
+
+
+def test_checkpoint_whose_model_cannot_be_rebuilt_is_a_clear_error(tmp_path):
+    train(tiny(tmp_path, "train.epochs=1"), run_dir=tmp_path / "r")
+    state = load_checkpoint(tmp_path / "r" / CHECKPOINT)
+    state.pop("format")
+    state["config"]["model"]["arch"] = "small_cnn"          # weights of another architecture
+    save_checkpoint(tmp_path / "other.pt", state)
+    with pytest.raises(CheckpointError, match="do not fit the model"):
+        load_model(tmp_path / "other.pt")
+    state["config"]["model"]["arch"] = "no_such_net"        # a model this library cannot build
+    save_checkpoint(tmp_path / "unknown.pt", state)
+    with pytest.raises(CheckpointError, match="cannot rebuild"):
+        load_model(tmp_path / "unknown.pt")
+
+
+def test_eval_at_another_eps_warns(tmp_path, capsys):
+    train(tiny(tmp_path, "train.epochs=1"), run_dir=tmp_path / "r")
+    with pytest.warns(UserWarning, match="trained at eps=0.2"):
+        assert cli(["eval", str(tmp_path / "r"), "--eps", "0.1", "--attacks", "clean", "--n-examples", "16",
+                    "--no-progress"]) == 0
