@@ -282,7 +282,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
             scaler.load_state_dict(state["scaler"])
         if store is not None:
             store.load_state_dict(state["store"])
-        method.load_state_dict(state.get("method", {}))
+        method.load_state_dict({k: v.to(device) for k, v in state.get("method", {}).items()})
         _set_rng_state(state["rng"], device)
         start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
         rows = [r for r in log.read() if r["epoch"] < start_epoch] if ctx.is_main else []
@@ -352,27 +352,28 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
             verdict = monitor.update(row)
             row["co"] = verdict["co"]
         rows.append(row)
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": _rng_state(device), "config": cfg.to_dict(),
-                 "epoch": epoch, "step": step, "num_train": data.num_train}
+        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": _rng_state(device), "config": cfg.to_dict(),
+                "epoch": epoch, "step": step, "num_train": data.num_train}
         if store is not None:
-            state["store"] = store.state_dict()
+            ckpt["store"] = store.state_dict()
         if cfg.train.amp == "fp16":
-            state["scaler"] = scaler.state_dict()
+            ckpt["scaler"] = scaler.state_dict()
         if method.state_dict():
-            state["method"] = method.state_dict()
+            ckpt["method"] = method.state_dict()
         if ctx.is_main or ctx.enabled:  # every rank keeps its own file (its store shard, its RNG)
-            save_checkpoint(ckpt_path, state)
-            if verdict["best"] and cfg.train.co_action == "keep_best" and ctx.is_main:
-                save_checkpoint(run_dir / "best.pt", state)
+            save_checkpoint(ckpt_path, ckpt)
+        if verdict["best"] and cfg.train.co_action == "keep_best" and ctx.is_main:
+            # Weights only (no store/optimizer): best.pt is for evaluation, not for resuming.
+            save_checkpoint(run_dir / "best.pt", {k: ckpt[k] for k in ("model", "config", "epoch", "step")})
         log.write_all(rows)
         if ctx.is_main:
             msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
             tqdm.write(msg)
             if verdict["co"]:
                 tqdm.write(f"CATASTROPHIC OVERFITTING at epoch {epoch}: probe PGD accuracy {row['probe_pgd']:.3f} "
-                           f"fell from its best {monitor.best_pgd:.3f} (epoch {monitor.best_epoch}) while FGSM "
-                           f"accuracy is {row['probe_fgsm']:.3f} (clean {row['probe_clean']:.3f})."
+                           f"(best {monitor.best_pgd:.3f} at epoch {monitor.best_epoch}), FGSM accuracy "
+                           f"{row['probe_fgsm']:.3f}, clean {row['probe_clean']:.3f}."
                            + (" Best-robust checkpoint: best.pt." if cfg.train.co_action == "keep_best" else ""))
         if ctx.broadcast_flag(verdict["co"] and cfg.train.co_action == "stop"):  # all ranks stop together
             if ctx.is_main:

@@ -42,6 +42,9 @@ def test_short_run_writes_metrics_checkpoint_and_config(tmp_path):
     assert state["epoch"] == 2 and state["config"]["method"]["name"] == "atas"
     assert set(state) >= {"model", "optimizer", "scheduler", "store", "rng", "config"}
     assert not list((tmp_path / "r").glob(".*tmp*"))
+    best_model, _, info = load_model(tmp_path / "r" / "best.pt")  # co_action=keep_best: weights only
+    best_epoch = max(rows, key=lambda r: r["probe_pgd"])["epoch"]
+    assert info["epoch"] == min(e["epoch"] for e in rows if e["probe_pgd"] == rows[best_epoch - 1]["probe_pgd"])
     # the store really moved away from its U(-eps, eps) start: entries hit +-eps after the steps
     assert (run.store.delta.abs() > 0.2 - 1e-6).float().mean() > 0.05
 
