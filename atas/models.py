@@ -263,11 +263,12 @@ class PreActBlock(nn.Module):
     """He et al. (ECCV 2016) pre-activation basic block: BN-ReLU-conv3x3-BN-ReLU-conv3x3, with a
     1x1 conv on the pre-activated input as shortcut when the shape changes."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int):
+    def __init__(self, c_in: int, c_out: int, stride: int, dropout: float = 0.0):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
         self.shortcut = None
         if stride != 1 or c_in != c_out:
@@ -277,7 +278,7 @@ class PreActBlock(nn.Module):
         out = F.relu(self.bn1(x))
         shortcut = x if self.shortcut is None else self.shortcut(out)
         out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.conv2(self.dropout(F.relu(self.bn2(out))))
         return out + shortcut
 
 
@@ -315,28 +316,14 @@ def preact_resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return PreActResNet((2, 2, 2, 2), num_classes, in_channels)
 
 
-class WideBlock(nn.Module):
+class WideBlock(PreActBlock):
     """Zagoruyko & Komodakis (BMVC 2016) wide basic block, BN-ReLU pre-activation:
-    BN-ReLU-conv3x3-BN-ReLU-dropout-conv3x3. When the shape changes, the 1x1 shortcut conv takes
-    the pre-activated input (as in the reference CIFAR implementation)."""
+    BN-ReLU-conv3x3-BN-ReLU-dropout-conv3x3 (the pre-activation block with dropout). When the
+    shape changes, the 1x1 shortcut conv takes the pre-activated input (as in the reference CIFAR
+    implementation)."""
 
     def __init__(self, c_in: int, c_out: int, stride: int, dropout: float):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(c_in)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
-        self.shortcut = None
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
-        shortcut = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv1(out)
-        out = self.conv2(self.dropout(F.relu(self.bn2(out))))
-        return out + shortcut
+        super().__init__(c_in, c_out, stride, dropout)
 
 
 class WideResNet(nn.Module):

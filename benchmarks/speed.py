@@ -46,6 +46,9 @@ from atas.data import dataset_info  # noqa: E402
 from atas.loaders import ResidentLoader  # noqa: E402
 from atas.store import DTYPES, PerSampleStore  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from store_memory import human  # noqa: E402  (byte formatting shared with the memory table)
+
 # The dataset (shape, pad, eps) each model is benchmarked on unless --dataset says otherwise.
 MODEL_DATASET = {"preact_resnet18": "cifar10", "wrn28_10": "cifar10", "wrn34_10": "cifar10",
                  "small_cnn": "fmnist", "wong_cnn": "fmnist"}
@@ -121,20 +124,12 @@ def _device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n} B"
-
-
 def store_memory_table() -> str:
     lines = ["per-sample store, CIFAR-10 (50000 x 3x40x40 prior + fp32 v):"]
     fp32 = PerSampleStore.estimate_bytes(50000, (3, 40, 40), "float32")
     for dtype in DTYPES:
         b = PerSampleStore.estimate_bytes(50000, (3, 40, 40), dtype)
-        lines.append(f"  {dtype:9s} {format_bytes(b):>9s}  ({b / fp32:.2f}x fp32)")
+        lines.append(f"  {dtype:9s} {human(b):>9s}  ({b / fp32:.2f}x fp32)")
     return "\n".join(lines)
 
 
