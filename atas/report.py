@@ -215,7 +215,7 @@ def _figure(n_panels: int, width: float = 4.6, height: float = 3.6, integer_x: b
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(width * n_panels, height), layout="constrained")
+    fig = Figure(figsize=(max(6.4, width * n_panels), height), layout="constrained")
     axes = fig.subplots(1, n_panels, squeeze=False)[0]
     if integer_x:  # epochs
         for ax in axes:
@@ -274,7 +274,7 @@ def plot_probe_curves(rows: list[dict], path: str | Path) -> Path | None:
     axes[0].set_ylabel("probe PGD accuracy (%)")
     axes[0].scatter([], [], marker="x", color="black", label="CO flagged")
     axes[0].legend(fontsize=8)
-    fig.suptitle("Robust accuracy on the probe batch during training (CO = collapse to ~0, marked x)")
+    fig.suptitle("Probe PGD accuracy during training\n(catastrophic overfitting = collapse to ~0, marked x)")
     fig.savefig(path, dpi=110)
     return Path(path)
 
