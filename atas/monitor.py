@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 class COMonitor:
     drop_ratio: float = 0.5      # PGD accuracy below half its best ...
     min_best: float = 0.05       # ... of a best that was above chance-ish (else nothing to lose)
-    signature_ratio: float = 0.25
+    signature_ratio: float = 0.5
     best_pgd: float = -1.0
     best_epoch: int = 0
     prev_fgsm: float | None = None
