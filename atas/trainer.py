@@ -210,6 +210,9 @@ def check_resumable(saved: dict, cfg: Config) -> None:
     for label in ("name", "description", "out_dir"):  # labels, not training settings
         mine.pop(label, None)
         theirs.pop(label, None)
+    for tree in (mine, theirs):  # other methods' options do not matter; method.args holds this one's
+        if isinstance(tree.get("method"), dict):
+            tree["method"] = {k: v for k, v in tree["method"].items() if k != "per_method"}
     for section, key in (("train", "epochs"), ("train", "progress"), ("train", "device"), ("train", "max_steps"),
                          ("train", "store_memmap"),
                          ("data", "num_workers"), ("data", "data_dir"), ("eval", None)):

@@ -329,3 +329,19 @@ def test_short_training_run(tmp_path, name, extra):
     assert (run.store is not None) == (name == "fgsm_pgi")
     if run.store is not None:
         assert run.store.delta.abs().max() <= cfg.method.eps + 1e-6
+
+
+def test_pgd_eps_ramp_grows_linearly_to_eps():
+    from atas.methods import BatchState
+    from atas.methods.pgd import PGDAT
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    method = PGDAT(0.3, PGDAT.Options(steps=5, eps_ramp_epochs=3))
+    reach = []
+    for epoch in (1, 2, 3, 4):
+        x_adv = method.perturb(model, x, y, BatchState(torch.arange(32), epoch))
+        reach.append(round(float((x_adv - x).abs().max()), 4))
+    assert reach[0] <= 0.1 + 1e-6 and reach[1] <= 0.2 + 1e-6 and reach[2] <= 0.3 + 1e-6
+    assert reach[0] < reach[1] < reach[2] and reach[3] == reach[2]

@@ -11,6 +11,9 @@ Arguments (defaults as the robust-overfitting baseline of Rice et al. 2020):
     alpha_factor (0.25): step alpha = alpha_factor * eps (2/255 at eps 8/255).
     random_start (True).
     bn_mode ("train"): BatchNorm mode while attacking.
+    eps_ramp_epochs (0): train against eps * min(1, epoch / eps_ramp_epochs) (0: the full eps from
+        the start, as the paper). At large eps (Fashion-MNIST 0.2+) PGD-AT from scratch can collapse
+        to a constant prediction and never leave it; a short linear ramp avoids that.
 Cost: K+1 forward + K+1 backward per step.
 
 Example:
@@ -21,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from atas.methods.base import Method, register
-from atas.threat import bn_mode, input_grad, signed_step
+from atas.threat import LinfBall, bn_mode, input_grad, signed_step
 
 
 @register
@@ -35,12 +38,15 @@ class PGDAT(Method):
         alpha_factor: float = 0.25
         random_start: bool = True
         bn_mode: str = "train"
+        eps_ramp_epochs: int = 0
 
     def perturb(self, model, x, y, state):
-        x_adv = self.ball.random_start(x) if self.opt.random_start else x.clone()
-        alpha = self.opt.alpha_factor * self.eps
+        ramp = self.opt.eps_ramp_epochs
+        ball = LinfBall(self.eps * min(1.0, state.epoch / ramp)) if ramp > 0 else self.ball
+        x_adv = ball.random_start(x) if self.opt.random_start else x.clone()
+        alpha = self.opt.alpha_factor * ball.eps
         with bn_mode(model, self.opt.bn_mode):
             for _ in range(self.opt.steps):
                 grad, _ = input_grad(model, x_adv, y)
-                x_adv = self.ball.project(signed_step(x_adv, grad, alpha), x).detach()
+                x_adv = ball.project(signed_step(x_adv, grad, alpha), x).detach()
         return x_adv
