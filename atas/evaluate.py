@@ -270,7 +270,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     if isinstance(eps, str):
         raise TypeError(f"eps must be a number in pixel units, got the string {eps!r}: parse it "
                         "once at the boundary (e.g. atas.config / fractions.Fraction)")
-    eps = float(eps)
+    eps_given, eps = eps, float(eps)
     LinfBall(eps)  # validates 0 < eps <= 1 (catches eps=8 meant as 8/255)
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
@@ -323,7 +323,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
         for m, training in modes:
             m.train(training)
     _sanity_across_attacks(results, warn)
-    return {"eps": eps, "eps_label": eps_label if eps_label is not None else _default_label(eps),
+    if eps_label is None:  # an atas.config.Frac remembers how the user wrote it ("0.2", "8/255")
+        eps_label = getattr(eps_given, "text", None) or _default_label(eps)
+    return {"eps": eps, "eps_label": eps_label,
             "n_examples": n, "seed": int(seed), "batch_size": int(batch_size), "results": results,
             "per_sample": per_sample, "versions": _versions(), "device": _device_name(dev),
             "timing": timing, "warnings": messages}

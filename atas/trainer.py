@@ -383,6 +383,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
                 tqdm.write("train.co_action=stop: ending the run.")
             break
     ctx.barrier()
+    model.eval()  # what a caller does with a trained model is evaluate or deploy it
     return RunResult(run_dir, model, rows, store=store)
 
 
