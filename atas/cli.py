@@ -58,20 +58,25 @@ def cmd_train(args) -> int:
     from atas.config import load_config
     from atas.trainer import load_run_config, train
 
+    from atas import distributed
+
     if args.resume:
         if args.recipe and "=" in args.recipe:  # `atas train --resume DIR key=value`
             args.overrides.insert(0, args.recipe)
             args.recipe = None
         saved = load_run_config(args.resume)
         cfg = load_config(saved.to_dict(), args.overrides)
-        run = train(cfg, run_dir=args.resume, resume=True)
     else:
         if not args.recipe:
             raise SystemExit("atas train: give a recipe (see `atas recipes`) or --resume RUN_DIR")
         cfg = load_config(args.recipe, args.overrides)
-        run = train(cfg, run_dir=args.run_dir)
-    from atas import distributed
-
+    try:
+        run = train(cfg, run_dir=args.resume or args.run_dir, resume=bool(args.resume))
+    finally:
+        # Under torchrun, leave the process group before the end-of-run evaluation (rank 0 only)
+        # and before exit: a rank that exits with gloo's threads still running aborts
+        # ("terminate called without an active exception") and torchrun fails the job.
+        distributed.cleanup()
     if cfg.eval.at_end and distributed.is_main_process():
         from atas.evaluate import format_table
         from atas.runner import evaluate_run
