@@ -339,8 +339,15 @@ def run_one(spec: RunSpec) -> str:
 
 def co_verdict(metrics: list[dict], accuracy: dict[str, float]) -> tuple[bool, list[int], bool | None]:
     """(CO detected, epochs the probe monitor flagged, final-evaluation signature FGSM > clean or
-    None when FGSM or clean was not evaluated). Either sign counts as CO."""
-    epochs = [int(r["epoch"]) for r in metrics if r.get("co")]
+    None when FGSM or clean was not evaluated). Either sign counts as CO.
+
+    The monitor is replayed on the logged probe curve rather than read from the `co` column, so
+    every run of a report is judged by the same (current) rule, whichever version trained it."""
+    from atas.monitor import COMonitor
+
+    monitor = COMonitor()
+    monitor.replay(metrics)
+    epochs = list(monitor.flagged_epochs)
     signature = accuracy["fgsm"] > accuracy["clean"] if "fgsm" in accuracy and "clean" in accuracy else None
     return bool(epochs) or bool(signature), epochs, signature
 
@@ -356,6 +363,8 @@ def summarize_run(spec: RunSpec, out: Path) -> dict:
 
     curves = {"epoch": [r["epoch"] for r in metrics]}
     curves.update({k: [r.get(k) for r in metrics] for k in CURVE_KEYS if any(k in r for r in metrics)})
+    if "co" in curves:  # the plot marks the epochs of the verdict above
+        curves["co"] = [e in co_epochs for e in curves["epoch"]]
     return {
         "method": spec.method, "eps": spec.eps, "eps_value": float(spec.cfg.method.eps), "seed": spec.seed,
         "clean": accuracy.get("clean"), "fgsm": accuracy.get("fgsm"), "pgd": accuracy.get("pgd"),

@@ -85,13 +85,26 @@ def test_plan_runs_builds_checked_configs(tmp_path):
 # --------------------------------------------------------------------------------------------
 # CO verdict and the report on synthetic rows (no training)
 # --------------------------------------------------------------------------------------------
+def _probe(curve, co=False):
+    return [{"epoch": e, "probe_clean": c, "probe_fgsm": f, "probe_pgd": p, "co": co}
+            for e, (c, f, p) in enumerate(curve, 1)]
+
+
 def test_co_verdict_uses_the_probe_and_the_final_fgsm_signature():
-    flagged = [{"epoch": 1, "co": False}, {"epoch": 2, "co": True}, {"epoch": 3, "co": True}]
-    quiet = [{"epoch": 1, "co": False}, {"epoch": 2, "co": False}]
+    flagged = _probe([(0.6, 0.45, 0.40), (0.7, 0.72, 0.10), (0.7, 0.75, 0.05)])
+    quiet = _probe([(0.6, 0.45, 0.40), (0.66, 0.50, 0.43)])
     assert co_verdict(flagged, {"clean": 0.8, "pgd": 0.0}) == (True, [2, 3], None)
     assert co_verdict(quiet, {"clean": 0.8, "fgsm": 0.9, "pgd": 0.0}) == (True, [], True)
     assert co_verdict(quiet, {"clean": 0.8, "fgsm": 0.5, "pgd": 0.4}) == (False, [], False)
     assert co_verdict([], {"clean": 0.8}) == (False, [], None)
+
+
+def test_co_verdict_replays_the_monitor_instead_of_trusting_the_logged_column():
+    # A run logged by an older monitor: its `co` column says no, the probe curve says a collapse.
+    old_log = _probe([(0.68, 0.55, 0.50), (0.74, 0.64, 0.55), (0.71, 0.65, 0.30)], co=False)
+    assert co_verdict(old_log, {"clean": 0.7, "fgsm": 0.6})[:2] == (True, [3])
+    # and a column flag the curve does not support is not taken on trust
+    assert co_verdict(_probe([(0.6, 0.45, 0.40), (0.66, 0.50, 0.43)], co=True), {"clean": 0.7})[:2] == (False, [])
 
 
 def _row(method, eps, seed, clean, pgd, aa=None, t=10.0, co=False, curve=(0.3, 0.4, 0.45)):

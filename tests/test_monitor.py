@@ -25,10 +25,24 @@ def test_healthy_curve_and_noise_not_flagged():
     assert not m.update({"epoch": 6, "probe_clean": 0.4, "probe_fgsm": 0.2, "probe_pgd": 0.15})["co"]
 
 
+def test_flags_an_absolute_drop_of_more_than_0_2_since_the_previous_epoch():
+    # Wong et al. 2020's early-stopping rule: 0.55 -> 0.30 is above half the best (0.275) but a
+    # fall of 0.25 in one epoch, with FGSM accuracy rising: flagged.
+    m = COMonitor()
+    flags = [m.update(r)["co"] for r in _rows([(0.68, 0.55, 0.50), (0.74, 0.64, 0.55), (0.71, 0.65, 0.30)])]
+    assert flags == [False, False, True]
+    # the same fall while FGSM accuracy falls too is a bad epoch, not gradient masking
+    m = COMonitor()
+    assert not any(m.update(r)["co"] for r in _rows([(0.68, 0.55, 0.50), (0.74, 0.64, 0.55), (0.60, 0.50, 0.30)]))
+    # a fall of 0.2 or less is noise for this rule
+    m = COMonitor()
+    assert not any(m.update(r)["co"] for r in _rows([(0.74, 0.60, 0.55), (0.74, 0.64, 0.36)]))
+
+
 def test_replay_rebuilds_state():
     rows = _rows([(0.6, 0.45, 0.40), (0.66, 0.50, 0.43)])
     a, b = COMonitor(), COMonitor()
     for r in rows:
         a.update(r)
     b.replay(rows)
-    assert (a.best_pgd, a.best_epoch, a.prev_fgsm) == (b.best_pgd, b.best_epoch, b.prev_fgsm)
+    assert (a.best_pgd, a.best_epoch, a.prev_fgsm, a.prev_pgd) == (b.best_pgd, b.best_epoch, b.prev_fgsm, b.prev_pgd)
