@@ -88,6 +88,21 @@ def test_n_fgsm_clip_delta_projects():
         NFGSM(EPS, NFGSM.Options(clip_delta=-1.0))
 
 
+def test_n_fgsm_eps_ramp_scales_noise_step_and_clip():
+    model, (x, y) = tiny_net(), batch(64)
+    reach = {}
+    for epoch in (1, 2, 3, 4):
+        method = NFGSM(EPS, NFGSM.Options(eps_ramp_epochs=4))
+        reach[epoch] = float(linf(method.perturb(model, x, y, state(64, epoch)), x).max())
+        assert reach[epoch] <= 3.0 * EPS * epoch / 4 + 1e-6  # noise 2 eps + step eps, both ramped
+    assert reach[1] < reach[2] < reach[3] < reach[4]
+    assert reach[4] > 2.0 * EPS  # the full N-FGSM reach after the ramp
+    clipped = NFGSM(EPS, NFGSM.Options(eps_ramp_epochs=2, clip_delta=1.0))
+    assert (linf(clipped.perturb(model, x, y, state(64, 1)), x) <= EPS / 2 + 1e-6).all()
+    with pytest.raises(ConfigError, match="eps_ramp_epochs"):
+        NFGSM(EPS, NFGSM.Options(eps_ramp_epochs=-1))
+
+
 # ---------------------------------------------------------------- GradAlign
 def test_grad_align_lambda_schedule_matches_paper():
     assert lam_schedule(8 / 255) == pytest.approx(0.2)

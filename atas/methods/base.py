@@ -75,6 +75,14 @@ class Method:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def ball_at(self, epoch: int, ramp_epochs: int) -> LinfBall:
+        """The ball to train against in `epoch` (1-based): radius eps * min(1, epoch / ramp_epochs),
+        a linear eps warm-up by epoch (ramp_epochs 0: the full eps from the start). Methods that
+        offer `eps_ramp_epochs` use it for every eps-relative quantity of their step."""
+        if ramp_epochs <= 0 or epoch >= ramp_epochs:
+            return self.ball
+        return LinfBall(self.eps * epoch / ramp_epochs)
+
     def on_epoch_start(self, epoch: int, store: PerSampleStore | None) -> None:
         """Called before epoch `epoch` (1-based) begins."""
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from atas.config import ConfigError
 from atas.methods.base import Method, register
-from atas.threat import LinfBall, bn_mode, input_grad, signed_step
+from atas.threat import bn_mode, input_grad, signed_step
 
 
 @register
@@ -40,9 +41,14 @@ class PGDAT(Method):
         bn_mode: str = "train"
         eps_ramp_epochs: int = 0
 
+    def __init__(self, eps, options=None, epochs=1):
+        super().__init__(eps, options, epochs)
+        if self.opt.steps < 1 or self.opt.eps_ramp_epochs < 0:
+            raise ConfigError(f"need method.steps >= 1 and method.eps_ramp_epochs >= 0 (0: no ramp), got "
+                              f"{self.opt.steps} and {self.opt.eps_ramp_epochs}")
+
     def perturb(self, model, x, y, state):
-        ramp = self.opt.eps_ramp_epochs
-        ball = LinfBall(self.eps * min(1.0, state.epoch / ramp)) if ramp > 0 else self.ball
+        ball = self.ball_at(state.epoch, self.opt.eps_ramp_epochs)
         x_adv = ball.random_start(x) if self.opt.random_start else x.clone()
         alpha = self.opt.alpha_factor * ball.eps
         with bn_mode(model, self.opt.bn_mode):
