@@ -177,10 +177,17 @@ def findings(rows: list[dict]) -> dict[str, list[str]]:
         elif "atas" in by_method and "pgd" not in by_method:
             facts.append("PGD-AT is not in this comparison: no ATAS-vs-PGD-AT gap or time ratio.")
         for method, runs in by_method.items():  # a model that learnt nothing makes every claim vacuous
-            clean, chance = _mean(runs, "clean"), _ok(runs)[0].get("chance") if _ok(runs) else None
+            runs = _ok(runs)
+            clean, chance = _mean(runs, "clean"), runs[0].get("chance") if runs else None
             if clean is not None and chance is not None and clean <= chance + NEAR_CHANCE:
                 facts.append(f"{method_label(method)} clean accuracy {100 * clean:.1f}% is near chance "
                              f"({100 * chance:.0f}%): these runs did not learn, so the statements above say nothing.")
+                continue
+            dead = [r for r in runs if r.get("clean") is not None and r.get("chance") is not None
+                    and r["clean"] <= r["chance"] + NEAR_CHANCE]
+            if dead:  # one seed stuck at a constant prediction drags the mean: say which
+                facts.append(f"{method_label(method)}: {len(dead)}/{len(runs)} seeds did not learn (clean accuracy "
+                             f"near chance, seed {_seed_list(dead)}); its means above include them.")
         out[eps] = facts
     return out
 

@@ -145,6 +145,10 @@ def test_findings_state_the_claims_and_report_a_miss_as_a_miss():
     assert "near chance" not in facts
     dead = [dict(r, clean=0.135, aa=0.135, chance=0.1) for r in SYNTHETIC]
     assert "ATAS clean accuracy 13.5% is near chance (10%)" in " ".join(findings(dead)["0.3"])
+    one_dead = [dict(r, clean=0.093, aa=0.093) if (r["method"], r["seed"]) == ("pgd", 1) else r for r in SYNTHETIC]
+    facts = " ".join(findings(one_dead)["0.3"])
+    assert "PGD-AT: 1/2 seeds did not learn (clean accuracy near chance, seed 1)" in facts
+    assert "ATAS: " not in facts and "is near chance" not in facts
 
 
 def test_summary_table_rows_and_relative_time():
