@@ -70,6 +70,9 @@ def add_compare_parser(sub) -> None:
     c.add_argument("--n-examples", type=int, default=None,
                    help="evaluate on the first N test images (default: the recipe's eval.n_examples)")
     c.add_argument("--out", default=None, help="report folder (default: reports/<recipe>)")
+    c.add_argument("--report-only", action="store_true",
+                   help="train and evaluate nothing: write the report from the runs that have finished, "
+                        "listing the others as not finished (look at a sweep while it runs)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,8 +465,14 @@ def cmd_compare(args) -> int:
           f"-> {out}", flush=True)
 
     rows, load_at_start = [], load_average()
-    for i, spec in enumerate(specs, 1):
+    for i, spec, status in zip(range(1, len(specs) + 1), specs, statuses):
         head = f"[{i}/{len(specs)}] {spec.method} eps={spec.eps} seed={spec.seed}"
+        if args.report_only and (status != "done" or not eval_is_current(spec.run_dir, spec.cfg)):
+            missing = {"fresh": "not started", "resume": "training unfinished"}.get(status, "not evaluated")
+            print(f"{head}: {missing} (--report-only)", flush=True)
+            rows.append({"method": spec.method, "eps": spec.eps, "eps_value": float(spec.cfg.method.eps),
+                         "seed": spec.seed, "missing": missing, "run_dir": os.path.relpath(spec.run_dir, out)})
+            continue
         try:
             action = run_one(spec)
         except TrainingDiverged as e:  # one diverged run must not cost the rest of the sweep

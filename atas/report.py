@@ -39,8 +39,9 @@ def method_label(name: str) -> str:
 # Grouping and statistics
 # --------------------------------------------------------------------------------------------
 def _ok(rows: Iterable[dict]) -> list[dict]:
-    """Runs that produced results (a diverged run has `failed` set and no accuracies)."""
-    return [r for r in rows if not r.get("failed")]
+    """Runs that produced results (a diverged run has `failed` set, one that has not finished yet
+    under `--report-only` has `missing` set; neither has accuracies)."""
+    return [r for r in rows if not r.get("failed") and not r.get("missing")]
 
 
 def group_runs(rows: list[dict]) -> dict[str, dict[str, list[dict]]]:
@@ -101,8 +102,11 @@ def summary_tables(rows: list[dict]) -> list[tuple[str, list[str], list[list[str
         body = []
         for method, runs in by_method.items():
             ok = _ok(runs)
-            seeds = f"{len(ok)}" if len(ok) == len(runs) else f"{len(ok)} of {len(runs)} ({len(runs) - len(ok)} failed)"
-            time_mean = _mean(runs, "train_time_s")
+            n_failed, n_missing = sum(bool(r.get("failed")) for r in runs), sum(bool(r.get("missing")) for r in runs)
+            why = ", ".join(t for t in (f"{n_failed} failed" if n_failed else "",
+                                        f"{n_missing} not finished" if n_missing else "") if t)
+            seeds = f"{len(ok)}" if len(ok) == len(runs) else f"{len(ok)} of {len(runs)} ({why})"
+            time_mean = _mean(ok, "train_time_s")
             ratio = f"{time_mean / pgd_time:.2f}×" if pgd_time and time_mean is not None else "—"
             body.append([method_label(method), seeds,
                          format_pm([r.get("clean") for r in ok]),
@@ -203,9 +207,9 @@ def run_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
     body = []
     for r in rows:
-        if r.get("failed"):
-            body.append([method_label(r["method"]), r["eps"], str(r["seed"]), "failed: " + r["failed"],
-                         *["—"] * 6, r.get("run_dir", "")])
+        if r.get("failed") or r.get("missing"):
+            what = "failed: " + r["failed"] if r.get("failed") else "not finished: " + r["missing"]
+            body.append([method_label(r["method"]), r["eps"], str(r["seed"]), what, *["—"] * 6, r.get("run_dir", "")])
             continue
         sig = r.get("co_final_signature")
         body.append([method_label(r["method"]), r["eps"], str(r["seed"]), pct(r.get("clean")), pct(r.get("fgsm")),
@@ -387,6 +391,10 @@ def _blocks(rows: list[dict], command: str | dict, machine: dict, images: dict[s
     if no_probe:
         notes.append(f"{len(no_probe)} run(s) trained without the per-epoch probe (train.probe_size=0): their CO "
                      "verdict rests on the final evaluation alone, and only if FGSM was evaluated.")
+    missing = [r for r in rows if r.get("missing")]
+    if missing:
+        notes.insert(0, f"PARTIAL: {len(missing)} of {len(rows)} planned runs have not finished (marked 'not "
+                        "finished' in the table of every run); means and verdicts are over the seeds that have.")
     blocks.append(("h2", "Results"))
     blocks.append(("list", notes))
     facts = findings(rows)

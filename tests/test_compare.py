@@ -266,10 +266,22 @@ def test_compare_end_to_end_then_rerun_trains_nothing(tmp_path, monkeypatch, cap
 
 
 @pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
-def test_unfinished_run_resumes_and_its_time_adds_up(tmp_path, capsys, one_thread):
+def test_unfinished_run_resumes_and_its_time_adds_up(tmp_path, capsys, monkeypatch, one_thread):
     argv = ["compare", "fmnist", "--methods", "atas", "--eps", "0.1", "--attacks", "clean", "--n-examples", "16",
             "--out", str(tmp_path), *TINY]
     assert cli([*argv, "train.epochs=1"]) == 0  # stands in for a sweep killed after epoch 1
+    capsys.readouterr()
+
+    # --report-only: a look at the sweep while it runs; nothing trains, the unfinished runs are named.
+    with monkeypatch.context() as m:
+        _forbid_training(m)
+        assert cli([*argv, "--eps", "0.1,0.2", "--report-only"]) == 0
+    assert "training unfinished (--report-only)" in capsys.readouterr().out
+    partial = json.loads((tmp_path / "summary.json").read_text())["runs"]
+    assert [(r["eps"], r.get("missing")) for r in partial] == [("0.1", "training unfinished"), ("0.2", "not started")]
+    md = (tmp_path / "report.md").read_text()
+    assert "PARTIAL: 2 of 2 planned runs have not finished" in md and "not finished: not started" in md
+
     assert cli(argv) == 0
     assert "resumed training" in capsys.readouterr().out
     (run,) = json.loads((tmp_path / "summary.json").read_text())["runs"]
