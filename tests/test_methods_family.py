@@ -103,6 +103,25 @@ def test_n_fgsm_eps_ramp_scales_noise_step_and_clip():
         NFGSM(EPS, NFGSM.Options(eps_ramp_epochs=-1))
 
 
+@pytest.mark.parametrize("name", ["grad_align", "fgsm_pgi"])
+def test_eps_ramp_bounds_the_step_of_the_ball_methods(name):
+    cls = get_method(name)
+    model, (x, y) = tiny_net(), batch(64)
+    for epoch, radius in ((1, EPS / 4), (2, EPS / 2), (4, EPS), (9, EPS)):
+        method = cls(EPS, cls.Options(eps_ramp_epochs=4, lam=0.0))
+        st = state(64, epoch)
+        if method.uses_store:
+            store = PerSampleStore(64, (1, 8, 8), EPS)
+            identity = PairedAugment(8, flip=False).sample(64, "cpu")
+            st = BatchState(idx=torch.arange(64), epoch=epoch, store=store, prior=store.gather_delta(st.idx, identity))
+        reach = linf(method.perturb(model, x, y, st), x)
+        assert (reach <= radius + 1e-6).all() and reach.max() > 0.9 * radius, (epoch, float(reach.max()))
+        if method.uses_store:
+            assert linf(method.new_prior(None, x) + x, x).max() <= radius + 1e-6
+    with pytest.raises(ConfigError, match="eps_ramp_epochs"):
+        cls(EPS, cls.Options(eps_ramp_epochs=-1))
+
+
 # ---------------------------------------------------------------- GradAlign
 def test_grad_align_lambda_schedule_matches_paper():
     assert lam_schedule(8 / 255) == pytest.approx(0.2)

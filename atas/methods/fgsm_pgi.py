@@ -29,6 +29,9 @@ x0.1 at epochs 100 and 105, batch 128, weight decay 5e-4):
     reset_every (40): epochs between resets (--epochs_reset); 0 = only the initial draw.
     bn_mode ("train"): BatchNorm mode of the attack pass, whose logits feed the regulariser
         (official: train mode throughout).
+    eps_ramp_epochs (0): train against eps * min(1, epoch / eps_ramp_epochs); every eps-relative
+        quantity of the step scales with it (0: the full eps from the start, as the paper). At
+        Fashion-MNIST eps 0.2+ from scratch it can otherwise stay at a constant prediction.
 Where our version differs, deliberately:
   - eta lives in the per-sample store in the augmentation frame, so it is cropped/flipped with
     the image (the official code adds an uncropped 32x32 prior to the randomly cropped image);
@@ -82,6 +85,7 @@ class FGSMPGI(Method):
         ls_factor: float = 0.6
         reset_every: int = 40
         bn_mode: str = "train"
+        eps_ramp_epochs: int = 0
 
     def __init__(self, eps, options=None, epochs=1):
         super().__init__(eps, options, epochs)
@@ -93,6 +97,8 @@ class FGSMPGI(Method):
             raise ConfigError(f"method.ls_factor (true-class probability) must lie in (0, 1], got {o.ls_factor}")
         if o.reset_every < 0:
             raise ConfigError(f"method.reset_every must be >= 0 (0: never), got {o.reset_every}")
+        if o.eps_ramp_epochs < 0:
+            raise ConfigError(f"method.eps_ramp_epochs must be >= 0 (0: no ramp), got {o.eps_ramp_epochs}")
         self.alpha = o.alpha_factor * self.eps
         self.momentum: torch.Tensor | None = None        # [store rows, C, H, W], see the docstring
         self._logits_init: torch.Tensor | None = None    # f(x_init) with its graph, for `loss`
@@ -131,18 +137,22 @@ class FGSMPGI(Method):
 
     def perturb(self, model, x, y, state):
         o = self.opt
+        # Under eps_ramp_epochs the ball grows by epoch; the stored prior of an earlier epoch lies
+        # in a smaller ball, so it is inside this one. Without a ramp this is self.ball, self.alpha.
+        ball = self.ball_at(state.epoch, o.eps_ramp_epochs)
+        alpha = o.alpha_factor * ball.eps
         prior = state.prior
         if self.is_reset_epoch(state.epoch):
             # Each sample is read once per epoch, so in a reset epoch the store still holds the
             # fresh U(-eps, eps) draw: the official init puts it on the corners.
-            prior = (self.alpha * prior.sign()).clamp(-self.eps, self.eps)
+            prior = (alpha * prior.sign()).clamp(-ball.eps, ball.eps)
         x_init = (x + prior).clamp(0.0, 1.0).requires_grad_(True)
         with bn_mode(model, o.bn_mode), torch.enable_grad():
             logits_init = model(x_init)
             (grad,) = torch.autograd.grad(smoothed_ce(logits_init, y, o.ls_factor, reduction="sum"), [x_init],
                                           retain_graph=o.lam > 0)
         x_init = x_init.detach()
-        x_adv = self.ball.project(signed_step(x_init, grad, self.alpha), x)
+        x_adv = ball.project(signed_step(x_init, grad, alpha), x)
         direction = grad
         if o.momentum_decay > 0:
             rows = self._momentum_rows(state, x)
@@ -150,7 +160,7 @@ class FGSMPGI(Method):
             direction = grad / grad.abs().sum().clamp_min(torch.finfo(grad.dtype).tiny) \
                 + o.momentum_decay * self.momentum[rows]
             self.momentum[rows] = direction
-        self._next_prior = (self.ball.project(signed_step(x_init, direction, self.alpha), x) - x).detach()
+        self._next_prior = (ball.project(signed_step(x_init, direction, alpha), x) - x).detach()
         self._logits_init = logits_init if o.lam > 0 else None
         return x_adv.detach()
 
