@@ -11,6 +11,8 @@ model has learnt to mask the single-step gradient). The monitor flags an epoch w
                   rule of Wong et al. 2020, "Fast is better than free", with their 0.2; they
                   apply it to PGD-5 on a training minibatch, here it is the held-out probe)
     AND (probe_fgsm rose since the previous epoch OR probe_fgsm > probe_clean)
+    AND probe_fgsm > probe_pgd  (a model that collapsed to a constant prediction has clean = FGSM =
+                                 PGD accuracy: it failed to train, it did not overfit to FGSM)
 
 or when the signature is there outright, whatever came before (CO can strike in epoch 1):
 
@@ -44,7 +46,7 @@ class COMonitor:
         collapsed = ((self.best_pgd >= self.min_best and pgd < self.drop_ratio * self.best_pgd)
                      or (self.prev_pgd is not None and self.prev_pgd - pgd > self.abs_drop))
         signature = fgsm > clean and pgd < self.signature_ratio * clean
-        co = bool((collapsed and (fgsm_up or fgsm > clean)) or signature)
+        co = bool((collapsed and (fgsm_up or fgsm > clean) and fgsm > pgd) or signature)
         best = pgd > self.best_pgd
         if best:
             self.best_pgd, self.best_epoch = pgd, row["epoch"]

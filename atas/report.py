@@ -152,7 +152,8 @@ def findings(rows: list[dict]) -> dict[str, list[str]]:
             flagged = [r for r in runs if r.get("co_detected")]
             name = method_label(method)
             if not runs:
-                facts.append(f"{name}: no run finished (all failed), so nothing can be said about its CO.")
+                why = "all failed" if all(r.get("failed") for r in by_method[method]) else "not finished yet"
+                facts.append(f"{name}: no run finished ({why}), so nothing can be said about its CO.")
             elif flagged:
                 facts.append(f"{name} shows catastrophic overfitting: yes, {len(flagged)}/{len(runs)} seeds "
                              f"flagged (seed {_seed_list(flagged)}).")

@@ -39,6 +39,14 @@ def test_flags_an_absolute_drop_of_more_than_0_2_since_the_previous_epoch():
     assert not any(m.update(r)["co"] for r in _rows([(0.74, 0.60, 0.55), (0.74, 0.64, 0.36)]))
 
 
+def test_a_collapse_to_a_constant_prediction_is_not_co():
+    # clean = FGSM = PGD at chance after epoch 2 (every input gets the same class): a failed run,
+    # which the report names as not learning; the single-step attack is not being masked.
+    m = COMonitor()
+    curve = [(0.49, 0.33, 0.22), (0.088, 0.088, 0.088), (0.104, 0.104, 0.104), (0.094, 0.094, 0.094)]
+    assert not any(m.update(r)["co"] for r in _rows(curve))
+
+
 def test_replay_rebuilds_state():
     rows = _rows([(0.6, 0.45, 0.40), (0.66, 0.50, 0.43)])
     a, b = COMonitor(), COMonitor()
