@@ -56,9 +56,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from atas.config import load_config
-    from atas.trainer import load_run_config, train
-
     from atas import distributed
+    from atas.trainer import load_run_config, train
 
     if args.resume:
         if args.recipe and "=" in args.recipe:  # `atas train --resume DIR key=value`

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from atas.config import ConfigError
 from atas.store import PerSampleStore
 from atas.threat import LinfBall
 
@@ -63,6 +64,8 @@ class Method:
         self.eps = float(eps)
         self.ball = LinfBall(eps)
         self.opt = options if options is not None else self.Options()
+        if getattr(self.opt, "eps_ramp_epochs", 0) < 0:  # the option of the methods that offer `ball_at`
+            raise ConfigError(f"method.eps_ramp_epochs must be >= 0 (0: no ramp), got {self.opt.eps_ramp_epochs}")
         self.epochs = epochs
         # Per-step numbers for the progress bar / logs, kept as tensors (no device sync here).
         self.stats: dict[str, torch.Tensor] = {}

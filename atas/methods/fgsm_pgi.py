@@ -97,9 +97,6 @@ class FGSMPGI(Method):
             raise ConfigError(f"method.ls_factor (true-class probability) must lie in (0, 1], got {o.ls_factor}")
         if o.reset_every < 0:
             raise ConfigError(f"method.reset_every must be >= 0 (0: never), got {o.reset_every}")
-        if o.eps_ramp_epochs < 0:
-            raise ConfigError(f"method.eps_ramp_epochs must be >= 0 (0: no ramp), got {o.eps_ramp_epochs}")
-        self.alpha = o.alpha_factor * self.eps
         self.momentum: torch.Tensor | None = None        # [store rows, C, H, W], see the docstring
         self._logits_init: torch.Tensor | None = None    # f(x_init) with its graph, for `loss`
         self._next_prior: torch.Tensor | None = None     # eta for the next epoch, for `new_prior`
@@ -138,7 +135,7 @@ class FGSMPGI(Method):
     def perturb(self, model, x, y, state):
         o = self.opt
         # Under eps_ramp_epochs the ball grows by epoch; the stored prior of an earlier epoch lies
-        # in a smaller ball, so it is inside this one. Without a ramp this is self.ball, self.alpha.
+        # in a smaller ball, so it is inside this one. Without a ramp this is self.ball.
         ball = self.ball_at(state.epoch, o.eps_ramp_epochs)
         alpha = o.alpha_factor * ball.eps
         prior = state.prior

@@ -101,8 +101,6 @@ class GradAlign(Method):
         o = self.opt
         if o.lam is not None and (o.lam < 0 or not math.isfinite(o.lam)):
             raise ConfigError(f"method.lam must be a finite number >= 0 or none, got {o.lam}")
-        if o.eps_ramp_epochs < 0:
-            raise ConfigError(f"method.eps_ramp_epochs must be >= 0 (0: no ramp), got {o.eps_ramp_epochs}")
         if o.lam is None and self.eps > SCHEDULE_MAX_EPS + 1e-12:
             warnings.warn(f"GradAlign's lambda schedule was tuned on CIFAR-10 for eps <= 16/255; at eps="
                           f"{self.eps:.4g} it is held at {lam_schedule(self.eps):g} (its 16/255 value). "

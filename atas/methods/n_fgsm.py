@@ -60,8 +60,6 @@ class NFGSM(Method):
                               f"got {o.noise_factor} and {o.step_factor}")
         if o.clip_delta is not None and o.clip_delta <= 0:
             raise ConfigError(f"method.clip_delta must be > 0 (a multiple of eps) or none, got {o.clip_delta}")
-        if o.eps_ramp_epochs < 0:
-            raise ConfigError(f"method.eps_ramp_epochs must be >= 0 (0: no ramp), got {o.eps_ramp_epochs}")
 
     def perturb(self, model, x, y, state):
         o = self.opt

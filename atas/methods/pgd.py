@@ -43,9 +43,8 @@ class PGDAT(Method):
 
     def __init__(self, eps, options=None, epochs=1):
         super().__init__(eps, options, epochs)
-        if self.opt.steps < 1 or self.opt.eps_ramp_epochs < 0:
-            raise ConfigError(f"need method.steps >= 1 and method.eps_ramp_epochs >= 0 (0: no ramp), got "
-                              f"{self.opt.steps} and {self.opt.eps_ramp_epochs}")
+        if self.opt.steps < 1:
+            raise ConfigError(f"method.steps must be >= 1, got {self.opt.steps}")
 
     def perturb(self, model, x, y, state):
         ball = self.ball_at(state.epoch, self.opt.eps_ramp_epochs)
