@@ -85,16 +85,38 @@ class PairedAugment:
     """Draws a crop+flip per sample and applies it to images (and, through the store, to priors).
 
     frame: side of the source frame (image + 2*pad, or the resize size for ImageNet).
-    size:  side of the training crop fed to the model.
+    size:  side of the training crop fed to the model (None: the side of the images it is given,
+           bound at the first batch by `bind`).
     pad:   zero padding applied on the device to make the frame (0 when the loader already
            delivers frame-sized images, as for ImageNet's Resize((256, 256))).
     """
 
-    def __init__(self, size: int, pad: int = 0, frame: int | None = None, flip: bool = True,
+    def __init__(self, size: int | None = None, pad: int = 0, frame: int | None = None, flip: bool = True,
                  enabled: bool = True):
-        self.size, self.pad, self.flip = size, pad, flip
-        self.frame = frame if frame is not None else size + 2 * pad
-        self.enabled = enabled and (self.frame > size or flip)
+        if pad < 0 or (size is not None and size < 1):
+            raise ValueError(f"need pad >= 0 and size >= 1, got pad={pad}, size={size}")
+        self.size, self.pad, self.flip, self._frame, self._enabled = size, pad, flip, frame, enabled
+
+    @property
+    def frame(self) -> int:
+        if self.size is None:
+            raise RuntimeError("the crop size is not known yet: bind(image_size) first")
+        return self._frame if self._frame is not None else self.size + 2 * self.pad
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled and (self.frame > self.size or self.flip)
+
+    def bind(self, image_size: int) -> "PairedAugment":
+        """Fix the crop size to the images' side when it was left open (a no-op once set)."""
+        if self.size is None:
+            self.size = image_size
+        return self
+
+    def __repr__(self) -> str:
+        size = "" if self.size is None else f", size={self.size}"
+        frame = "" if self._frame is None else f", frame={self._frame}"
+        return f"{type(self).__name__}(pad={self.pad}, flip={self.flip}{size}{frame})"
 
     def sample(self, batch: int, device, generator: torch.Generator | None = None) -> CropFlip:
         if not self.enabled:  # identity crop: offsets 0, no flip
@@ -108,3 +130,18 @@ class PairedAugment:
         if not self.enabled and frames.shape[-1] == self.size:
             return frames
         return crop(frames, cf)
+
+
+class RandomCropFlip(PairedAugment):
+    """atas's training augmentation for your own loop: zero-pad by `pad`, take a random crop of the
+    image's size (or `size`) and flip horizontally with p=0.5, drawn per sample on the device, and
+    the SAME window applied to the sample's stored prior (the official ATAS pairing).
+
+        atk = atas.ATAS(eps=8/255, num_samples=50000, augment=atas.RandomCropFlip(pad=4))   # CIFAR
+
+    frame: the side of the images the loader delivers when they are larger than the crop (ImageNet:
+    frame=256 with size=224 and pad=0).
+    """
+
+    def __init__(self, pad: int = 4, flip: bool = True, size: int | None = None, frame: int | None = None):
+        super().__init__(size=size, pad=pad, frame=frame, flip=flip)

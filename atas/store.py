@@ -52,7 +52,7 @@ class PerSampleStore:
     def __init__(self, num_samples: int, frame_shape: tuple[int, int, int], eps: float, *,
                  dtype: str = "float32", device: torch.device | str = "cpu",
                  storage_size: int | None = None, indices: torch.Tensor | None = None,
-                 memmap_path: str | Path | None = None):
+                 memmap_path: str | Path | None = None, draw: bool = True):
         torch_dtype = _check_dtype(dtype)
         channels, frame_h, frame_w = frame_shape
         if frame_h != frame_w:
@@ -88,7 +88,10 @@ class PerSampleStore:
         else:
             self.delta = _map_file(self.memmap_path, shape, torch_dtype)
         self.grad_sq_ema = torch.zeros(n_rows, dtype=torch.float32, device=self.device)
-        self.reset_delta()
+        if draw:  # draw=False: zeros, for a store about to be loaded (no RNG drawn: resumes stay exact)
+            self.reset_delta()
+        else:
+            self.delta.zero_()
 
     # -- bookkeeping ---------------------------------------------------------------------
     def rows(self, idx: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from atas.config import Config, ConfigError, config_from_dict, method_options
 from atas.data import dataset_info, image_folder, load_tensors
 from atas.evaluate import FGSM, PGD
 from atas.loaders import FolderLoader, ResidentLoader
-from atas.methods import BatchState, get_method
+from atas.methods import get_method
 from atas.models import build_model
 from atas.monitor import COMonitor
 from atas.store import PerSampleStore
@@ -188,6 +188,7 @@ class RunResult:
     metrics: list[dict] = field(default_factory=list)
     evaluation: dict | None = None
     store: PerSampleStore | None = None
+    method: object = None  # the trained method object (its state_dict continues the run)
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -255,16 +256,16 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
-    method = get_method(cfg.method.name)(cfg.method.eps, method_options(cfg), cfg.train.epochs)
+    store_options = {"storage_size": cfg.train.store_size, "indices": data.indices,
+                     "device": "cpu" if cfg.train.store_memmap else device,
+                     "memmap_path": ctx.checkpoint_path(run_dir, cfg.train.store_memmap) if cfg.train.store_memmap else None}
+    # The public method object, exactly as a user's own loop builds it (examples/own_loop.py).
+    method = get_method(cfg.method.name)(cfg.method.eps, method_options(cfg), cfg.train.epochs,
+                                         num_samples=data.num_train, augment=data.augment,
+                                         store_dtype=cfg.train.store_dtype, store_options=store_options)
     if cfg.train.compile and cfg.method.name == "grad_align":
         raise ConfigError("train.compile=true cannot run grad_align: its double backprop does not go through "
                           "torch.compile. Set train.compile=false.")
-    store = None
-    if method.uses_store:
-        memmap = ctx.checkpoint_path(run_dir, cfg.train.store_memmap) if cfg.train.store_memmap else None
-        store = PerSampleStore(data.num_train, data.frame_shape, cfg.method.eps, dtype=cfg.train.store_dtype,
-                               device="cpu" if memmap else device, storage_size=cfg.train.store_size,
-                               indices=data.indices, memmap_path=memmap)
     optimizer = make_optimizer(cfg, model)
     steps_per_epoch = len(data.loader) * method.replays
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
@@ -283,9 +284,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
         scheduler.load_state_dict(state["scheduler"])
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
-        if store is not None:
-            store.load_state_dict(state["store"])
-        method.load_state_dict({k: v.to(device) for k, v in state.get("method", {}).items()})
+        method.load_state_dict(state["method"])
         _set_rng_state(state["rng"], device)
         start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
         rows = [r for r in log.read() if r["epoch"] < start_epoch] if ctx.is_main else []
@@ -294,33 +293,28 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
             break
-        data.loader.set_epoch(epoch)
-        method.on_epoch_start(epoch, store)
         model.train()
         sums = torch.zeros(6, device=device)  # loss, correct, n, alpha_sum, alpha_min, alpha_max
         sums[4], sums[5] = float("inf"), float("-inf")
         bad_step = torch.full((), -1, dtype=torch.long, device=device)
         t0 = time.time()
-        bar = tqdm(data.loader, desc=f"epoch {epoch}/{cfg.train.epochs} {method.name}", leave=False,
-                   disable=not (cfg.train.progress and ctx.is_main), dynamic_ncols=True)
+        batches = method.batches(data.loader)  # starts the epoch; paired crop/flip of every batch
+        bar = tqdm(batches, total=len(data.loader), desc=f"epoch {epoch}/{cfg.train.epochs} {method.name}",
+                   leave=False, disable=not (cfg.train.progress and ctx.is_main), dynamic_ncols=True)
         for i, (x, y, idx) in enumerate(bar):
-            cf = data.augment.sample(len(idx), device)                            # paired crop/flip
-            x = data.augment(x, cf).contiguous(memory_format=memory_format)
-            prior = store.gather_delta(idx, cf) if store is not None else None   # gather
-            state = BatchState(idx=idx, epoch=epoch, store=store, prior=prior)
+            x = x.contiguous(memory_format=memory_format)
             for _ in range(method.replays):
                 with autocast():
-                    x_adv = method.perturb(attack_model, x, y, state)             # attack
+                    x_adv = method.perturb(attack_model, x, y, idx)               # gather, attack, scatter
                 model.train()
                 with autocast():
-                    loss, logits = method.loss(train_model, x_adv, y, x, state)   # loss
+                    loss = method.loss(train_model, x_adv, y, x)                  # loss
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()                                     # DDP syncs here
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
-            if store is not None:
-                store.scatter_delta(idx, cf, method.new_prior(x_adv, x))          # scatter
+            logits = method.logits
             step += 1
             with torch.no_grad():                                                 # log (no sync)
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
@@ -358,12 +352,9 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
         ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": _rng_state(device), "config": cfg.to_dict(),
                 "epoch": epoch, "step": step, "num_train": data.num_train}
-        if store is not None:
-            ckpt["store"] = store.state_dict()
+        ckpt["method"] = method.state_dict()  # epoch, per-sample store, carried tensors
         if cfg.train.amp == "fp16":
             ckpt["scaler"] = scaler.state_dict()
-        if method.state_dict():
-            ckpt["method"] = method.state_dict()
         if ctx.is_main or ctx.enabled:  # every rank keeps its own file (its store shard, its RNG)
             save_checkpoint(ckpt_path, ckpt)
         if verdict["best"] and cfg.train.co_action == "keep_best" and ctx.is_main:
@@ -384,7 +375,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
             break
     ctx.barrier()
     model.eval()  # what a caller does with a trained model is evaluate or deploy it
-    return RunResult(run_dir, model, rows, store=store)
+    return RunResult(run_dir, model, rows, store=method.store, method=method)
 
 
 def _check_finite(bad_step: torch.Tensor, epoch: int, ckpt_path: Path) -> None:

@@ -38,7 +38,7 @@ def _step(autocast: bool, channels_last: bool = False):
     method = ATAS(8 / 255, ATAS.Options(warmup_epochs=0))
     state = BatchState(idx, 1, store, store.gather_delta(idx, cf))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        x_adv = method.perturb(model, x, y, state)
+        x_adv = method.attack(model, x, y, state)
     return x_adv, method.stats["alpha"], store.grad_sq_ema.clone(), x
 
 

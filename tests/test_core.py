@@ -245,7 +245,7 @@ def test_atas_step_equals_official_formula_with_batch_mean_scaling(batch):
     prior = store.gather_delta(idx, cf)
     v_old = store.gather_grad_sq_ema(idx).clone()
     method = ATAS(eps, ATAS.Options(warmup_epochs=0), epochs=30)
-    x_adv = method.perturb(model, x, y, BatchState(idx, epoch=1, store=store, prior=prior))
+    x_adv = method.attack(model, x, y, BatchState(idx, epoch=1, store=store, prior=prior))
     ref_adv, ref_v, ref_alpha = _official_step(model, x, (x + prior).clamp(0, 1), y, v_old, 0.01, 0.5,
                                                4 / 255, 14 / 255, eps)
     assert torch.allclose(store.gather_grad_sq_ema(idx), ref_v, rtol=1e-4, atol=1e-12)
@@ -265,7 +265,7 @@ def test_atas_per_sample_scaling_is_batch_size_independent():
         store.delta.zero_()
         idx = torch.arange(64)[chunk]
         cf = sample_crop_flip(len(idx), 8, 8, False, "cpu")
-        method.perturb(model, x[chunk], y[chunk], BatchState(idx, 1, store, store.gather_delta(idx, cf)))
+        method.attack(model, x[chunk], y[chunk], BatchState(idx, 1, store, store.gather_delta(idx, cf)))
         alphas.append(method.stats["alpha"])
     assert torch.allclose(alphas[0][:16], alphas[1], rtol=1e-5)
 
@@ -277,9 +277,9 @@ def test_atas_warmup_uses_eps_and_keeps_ema():
     idx, x, y = torch.arange(8), torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
     method = ATAS(eps, ATAS.Options(warmup_epochs=5))
     cf = sample_crop_flip(8, 8, 8, False, "cpu")
-    method.perturb(model, x, y, BatchState(idx, 5, store, store.gather_delta(idx, cf)))
+    method.attack(model, x, y, BatchState(idx, 5, store, store.gather_delta(idx, cf)))
     assert torch.allclose(method.stats["alpha"], torch.full((8,), eps)) and store.grad_sq_ema.sum() == 0
-    method.perturb(model, x, y, BatchState(idx, 6, store, store.gather_delta(idx, cf)))
+    method.attack(model, x, y, BatchState(idx, 6, store, store.gather_delta(idx, cf)))
     assert store.grad_sq_ema.sum() > 0
 
 

@@ -97,7 +97,7 @@ def test_each_rank_store_holds_exactly_its_shard_and_updated_every_row(ddp_run):
     run_dir, epoch1 = ddp_run
     owned = []
     for rank in range(WORLD):
-        store, before = _ckpt(run_dir, rank)["store"], _ckpt(epoch1, rank)["store"]
+        store, before = _ckpt(run_dir, rank)["method"]["store"], _ckpt(epoch1, rank)["method"]["store"]
         expected = torch.arange(N)[rank::WORLD]
         assert torch.equal(store["indices"], expected) and torch.equal(before["indices"], expected)
         assert store["delta"].shape[0] == len(expected)  # no row for another rank's index

@@ -52,10 +52,10 @@ def test_perturb_shape_range_and_registry(name):
         store = PerSampleStore(B, (1, 8, 8), EPS)
         identity = PairedAugment(8, flip=False).sample(B, "cpu")
         st = BatchState(idx=torch.arange(B), epoch=1, store=store, prior=store.gather_delta(st.idx, identity))
-    x_adv = method.perturb(model, x, y, st)
+    x_adv = method.attack(model, x, y, st)
     assert x_adv.shape == x.shape and not x_adv.requires_grad
     assert x_adv.min() >= 0 and x_adv.max() <= 1
-    loss, logits = method.loss(model, x_adv, y, x, st)
+    loss, logits = method.training_loss(model, x_adv, y, x, st)
     assert logits.shape == (B, 10) and torch.isfinite(loss)
 
 
@@ -74,7 +74,7 @@ def test_n_fgsm_bound_and_no_projection_by_default():
     model, (x, y) = tiny_net(), batch(64)
     method = NFGSM(EPS)
     assert (method.opt.noise_factor, method.opt.step_factor, method.opt.clip_delta) == (2.0, 1.0, None)
-    dist = linf(method.perturb(model, x, y, state(64)), x)
+    dist = linf(method.attack(model, x, y, state(64)), x)
     assert (dist <= (2.0 + 1.0) * EPS + 1e-6).all()
     assert (dist > EPS + 1e-6).any(), "the default must not project back to the eps ball"
 
@@ -82,7 +82,7 @@ def test_n_fgsm_bound_and_no_projection_by_default():
 def test_n_fgsm_clip_delta_projects():
     model, (x, y) = tiny_net(), batch(64)
     options = NFGSM.Options(clip_delta=1.0)
-    dist = linf(NFGSM(EPS, options).perturb(model, x, y, state(64)), x)
+    dist = linf(NFGSM(EPS, options).attack(model, x, y, state(64)), x)
     assert (dist <= EPS + 1e-6).all()
     with pytest.raises(ConfigError):
         NFGSM(EPS, NFGSM.Options(clip_delta=-1.0))
@@ -93,12 +93,12 @@ def test_n_fgsm_eps_ramp_scales_noise_step_and_clip():
     reach = {}
     for epoch in (1, 2, 3, 4):
         method = NFGSM(EPS, NFGSM.Options(eps_ramp_epochs=4))
-        reach[epoch] = float(linf(method.perturb(model, x, y, state(64, epoch)), x).max())
+        reach[epoch] = float(linf(method.attack(model, x, y, state(64, epoch)), x).max())
         assert reach[epoch] <= 3.0 * EPS * epoch / 4 + 1e-6  # noise 2 eps + step eps, both ramped
     assert reach[1] < reach[2] < reach[3] < reach[4]
     assert reach[4] > 2.0 * EPS  # the full N-FGSM reach after the ramp
     clipped = NFGSM(EPS, NFGSM.Options(eps_ramp_epochs=2, clip_delta=1.0))
-    assert (linf(clipped.perturb(model, x, y, state(64, 1)), x) <= EPS / 2 + 1e-6).all()
+    assert (linf(clipped.attack(model, x, y, state(64, 1)), x) <= EPS / 2 + 1e-6).all()
     with pytest.raises(ConfigError, match="eps_ramp_epochs"):
         NFGSM(EPS, NFGSM.Options(eps_ramp_epochs=-1))
 
@@ -114,7 +114,7 @@ def test_eps_ramp_bounds_the_step_of_the_ball_methods(name):
             store = PerSampleStore(64, (1, 8, 8), EPS)
             identity = PairedAugment(8, flip=False).sample(64, "cpu")
             st = BatchState(idx=torch.arange(64), epoch=epoch, store=store, prior=store.gather_delta(st.idx, identity))
-        reach = linf(method.perturb(model, x, y, st), x)
+        reach = linf(method.attack(model, x, y, st), x)
         assert (reach <= radius + 1e-6).all() and reach.max() > 0.9 * radius, (epoch, float(reach.max()))
         if method.uses_store:
             assert linf(method.new_prior(None, x) + x, x).max() <= radius + 1e-6
@@ -144,31 +144,31 @@ def test_grad_align_regulariser_zero_for_parallel_gradients():
     x, _ = batch()
     y = torch.randint(0, 2, (B,))
     method = GradAlign(EPS, GradAlign.Options(lam=1.0))
-    method.perturb(model, x, y, state())
+    method.attack(model, x, y, state())
     assert method._reg.abs().item() < 1e-6
 
 
 def test_grad_align_regulariser_positive_and_reaches_parameters():
     model, (x, y) = tiny_net(), batch()
     method = GradAlign(EPS, GradAlign.Options(lam=1.0))
-    x_adv = method.perturb(model, x, y, state())
+    x_adv = method.attack(model, x, y, state())
     reg = method._reg
     assert reg.item() > 0
     grads = torch.autograd.grad(reg, list(model.parameters()), retain_graph=True)
     assert all(torch.isfinite(g).all() for g in grads)
     assert grads[0].abs().sum() > 0, "double backprop must reach the first layer"
-    loss, _ = method.loss(model, x_adv, y, x, state())
+    loss, _ = method.training_loss(model, x_adv, y, x, state())
     ce = nn.functional.cross_entropy(model(x_adv), y)
     assert loss.item() == pytest.approx(ce.item() + reg.item(), rel=1e-5)
     # the official variant detaches the attack's gradient and still trains through the noisy one
     method = GradAlign(EPS, GradAlign.Options(lam=1.0, backprop_clean_grad=False))
-    method.perturb(model, x, y, state())
+    method.attack(model, x, y, state())
     assert torch.autograd.grad(method._reg, [model[0].weight])[0].abs().sum() > 0
 
 
 def test_grad_align_default_attack_is_fgsm_from_x():
     model, (x, y) = tiny_net(), batch()
-    x_adv = GradAlign(EPS, GradAlign.Options(lam=0.0)).perturb(model, x, y, state())
+    x_adv = GradAlign(EPS, GradAlign.Options(lam=0.0)).attack(model, x, y, state())
     x_in = x.clone().requires_grad_(True)
     grad, = torch.autograd.grad(nn.functional.cross_entropy(model(x_in), y, reduction="sum"), [x_in])
     expected = torch.minimum(torch.maximum(x + EPS * grad.sign(), x - EPS), x + EPS).clamp(0, 1)
@@ -219,7 +219,7 @@ def test_fgsm_pgi_prior_read_written_and_momentum_carried():
     method.on_epoch_start(1, store)
 
     cf, st = pgi_state(store, idx, epoch=1)
-    x_adv = method.perturb(model, x, y, st)
+    x_adv = method.attack(model, x, y, st)
     assert (linf(x_adv, x) <= EPS + 1e-6).all()
     first = method.new_prior(x_adv, x)
     assert first.abs().max() <= EPS + 1e-6
@@ -231,7 +231,7 @@ def test_fgsm_pgi_prior_read_written_and_momentum_carried():
     method.on_epoch_start(2, store)
     cf, st = pgi_state(store, idx, epoch=2)
     torch.testing.assert_close(st.prior, first)
-    x_init = first_input(model, lambda: method.perturb(model, x, y, st))
+    x_init = first_input(model, lambda: method.attack(model, x, y, st))
     torch.testing.assert_close(x_init, (x + first).clamp(0, 1))
     # momentum: normalised new gradient + 0.3 * the old one
     new_part = method.momentum - 0.3 * momentum_after_1
@@ -245,7 +245,7 @@ def test_fgsm_pgi_first_epoch_starts_on_corners_and_resets():
     method = FGSMPGI(EPS, FGSMPGI.Options(reset_every=2))
     method.on_epoch_start(1, store)
     st = pgi_state(store, torch.arange(B), epoch=1)[1]
-    x_init = first_input(model, lambda: method.perturb(model, x, y, st))
+    x_init = first_input(model, lambda: method.attack(model, x, y, st))
     torch.testing.assert_close((x_init - x).abs(), torch.full_like(x, EPS))
     before = store.delta.clone()
     method.on_epoch_start(2, store)
@@ -260,9 +260,9 @@ def test_fgsm_pgi_regulariser_term_present():
     store = PerSampleStore(B, (1, 8, 8), EPS)
     method = FGSMPGI(EPS)
     _, st = pgi_state(store, torch.arange(B), epoch=1)
-    x_adv = method.perturb(model, x, y, st)
+    x_adv = method.attack(model, x, y, st)
     x_init = (x + (EPS * st.prior.sign()).clamp(-EPS, EPS)).clamp(0, 1)
-    loss, logits = method.loss(model, x_adv, y, x, st)
+    loss, logits = method.training_loss(model, x_adv, y, x, st)
     ce = nn.functional.cross_entropy(logits, y, label_smoothing=0.4 * 10 / 9)
     reg = nn.functional.mse_loss(logits, model(x_init))
     assert reg.item() > 0 and method.stats["reg"].item() == pytest.approx(reg.item(), rel=1e-5)
@@ -276,7 +276,7 @@ def test_fgsm_ep_keeps_no_momentum_and_stores_the_perturbation():
     store = PerSampleStore(B, (1, 8, 8), EPS)
     method = FGSMPGI(EPS, FGSMPGI.Options(momentum_decay=0.0))
     _, st = pgi_state(store, torch.arange(B), epoch=1)
-    x_adv = method.perturb(model, x, y, st)
+    x_adv = method.attack(model, x, y, st)
     torch.testing.assert_close(method.new_prior(x_adv, x), x_adv - x)
     assert method.momentum is None
 
@@ -284,8 +284,8 @@ def test_fgsm_ep_keeps_no_momentum_and_stores_the_perturbation():
 # ---------------------------------------------------------------- Free-AT
 def free_step(method, model, x, y):
     """One replay as the trainer runs it: perturb, loss, backward."""
-    x_adv = method.perturb(model, x, y, state(len(x)))
-    loss, _ = method.loss(model, x_adv, y, x, state(len(x)))
+    x_adv = method.attack(model, x, y, state(len(x)))
+    loss, _ = method.training_loss(model, x_adv, y, x, state(len(x)))
     model.zero_grad()
     loss.backward()
     return x_adv
@@ -302,7 +302,7 @@ def test_free_replays_and_delta_carried_and_bounded():
     leaf, grad = method._delta_leaf.detach(), method._delta_leaf.grad
     expected = (leaf + EPS * grad.sign()).clamp(-EPS, EPS)
     x2, y2 = batch(seed=5)                             # a new minibatch starts from the carried delta
-    torch.testing.assert_close(method.perturb(model, x2, y2, state()), (x2 + expected).clamp(0, 1))
+    torch.testing.assert_close(method.attack(model, x2, y2, state()), (x2 + expected).clamp(0, 1))
     for _ in range(10):
         free_step(method, model, x2, y2)
     assert method.delta.abs().max() <= EPS + 1e-6
@@ -313,7 +313,7 @@ def test_free_step_is_eps_sign_of_the_input_gradient():
     method = Free(EPS)
     free_step(method, model, x, y)
     grad = method._delta_leaf.grad.clone()
-    method.perturb(model, x, y, state())
+    method.attack(model, x, y, state())
     torch.testing.assert_close(method.delta, (EPS * grad.sign()).clamp(-EPS, EPS))
 
 
@@ -326,7 +326,7 @@ def test_free_survives_batch_size_changes():
     assert free_step(method, model, xs, ys).shape == xs.shape   # (applies the full batch's step)
     rows_tail = method.delta[5:].clone()
     free_step(method, model, xs, ys)
-    method.perturb(model, xs, ys, state(5))
+    method.attack(model, xs, ys, state(5))
     assert torch.equal(method.delta[5:], rows_tail)    # untouched rows wait for the next full batch
     xl, yl = batch(24, seed=3)                         # a larger batch grows delta with zeros
     assert free_step(method, model, xl, yl).shape == xl.shape
@@ -338,7 +338,7 @@ def test_free_ignores_non_finite_gradient():
     method = Free(EPS)
     free_step(method, model, x, y)
     method._delta_leaf.grad.fill_(float("nan"))
-    method.perturb(model, x, y, state())
+    method.attack(model, x, y, state())
     assert torch.isfinite(method.delta).all()
 
 
@@ -375,7 +375,7 @@ def test_pgd_eps_ramp_grows_linearly_to_eps():
     method = PGDAT(0.3, PGDAT.Options(steps=5, eps_ramp_epochs=3))
     reach = []
     for epoch in (1, 2, 3, 4):
-        x_adv = method.perturb(model, x, y, BatchState(torch.arange(32), epoch))
+        x_adv = method.attack(model, x, y, BatchState(torch.arange(32), epoch))
         reach.append(round(float((x_adv - x).abs().max()), 4))
     assert reach[0] <= 0.1 + 1e-6 and reach[1] <= 0.2 + 1e-6 and reach[2] <= 0.3 + 1e-6
     assert reach[0] < reach[1] < reach[2] and reach[3] == reach[2]

@@ -40,7 +40,8 @@ def test_short_run_writes_metrics_checkpoint_and_config(tmp_path):
     assert (tmp_path / "r" / "config.yaml").exists()
     state = load_checkpoint(tmp_path / "r" / CHECKPOINT)
     assert state["epoch"] == 2 and state["config"]["method"]["name"] == "atas"
-    assert set(state) >= {"model", "optimizer", "scheduler", "store", "rng", "config"}
+    assert set(state) >= {"model", "optimizer", "scheduler", "method", "rng", "config"}
+    assert "store" in state["method"] and state["method"]["epoch"] == 2
     assert not list((tmp_path / "r").glob(".*tmp*"))
     best_model, _, info = load_model(tmp_path / "r" / "best.pt")  # co_action=keep_best: weights only
     best_epoch = max(rows, key=lambda r: r["probe_pgd"])["epoch"]
@@ -143,14 +144,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
     cfg = tiny(tmp_path, "train.epochs=3")
     calls = {"n": 0}
-    original = ATAS.loss
+    original = ATAS.training_loss
 
     def poisoned(self, model, x_adv, y, x, state):
         loss, logits = original(self, model, x_adv, y, x, state)
         calls["n"] += 1
         return (loss * float("nan"), logits) if state.epoch == 2 and calls["n"] > 8 else (loss, logits)
 
-    monkeypatch.setattr(ATAS, "loss", poisoned)
+    monkeypatch.setattr(ATAS, "training_loss", poisoned)
     with pytest.raises(TrainingDiverged, match=r"epoch 2, step \d+.*last good checkpoint.*epoch 1"):
         train(cfg, run_dir=tmp_path / "r")
     state = load_checkpoint(tmp_path / "r" / CHECKPOINT)

@@ -66,8 +66,8 @@ class ATAS(Method):
         ref_batch: int = 128
         bn_mode: str = "eval"
 
-    def __init__(self, eps, options=None, epochs=1):
-        super().__init__(eps, options, epochs)
+    def __init__(self, eps, options=None, epochs=None, **kwargs):
+        super().__init__(eps, options, epochs, **kwargs)
         o = self.opt
         if o.step_numerator not in ("official", "2eps"):
             raise ConfigError(f"method.step_numerator must be 'official' (16/255) or '2eps', got {o.step_numerator!r}")
@@ -86,7 +86,7 @@ class ATAS(Method):
     def on_epoch_start(self, epoch, store):
         every = self.opt.reset_every
         if every and epoch % every == 0 and epoch != self.epochs:
-            store.reset_delta()
+            self.reset_store(store)
 
     def step_size(self, grad: torch.Tensor, grad_sq_ema: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha [B], new v [B]) from the per-sample gradients of the summed loss."""
@@ -97,7 +97,7 @@ class ATAS(Method):
         alpha = (self.numerator / (1 + v.sqrt() / o.c)).clamp(self.alpha_min, self.alpha_max)
         return alpha, v
 
-    def perturb(self, model, x, y, state):
+    def attack(self, model, x, y, state):
         x_start = (x + state.prior).clamp(0.0, 1.0)
         with bn_mode(model, self.opt.bn_mode):
             grad, _ = input_grad(model, x_start, y)

@@ -1,14 +1,33 @@
-"""What every training method shares: the registry, the per-batch state and the interface."""
+"""The public method object every training method of the family is: configure once, call per batch.
+
+    atk = atas.method("atas", eps=8/255, num_samples=len(train_set), epochs=30,
+                      augment=atas.RandomCropFlip(pad=4))
+    for epoch in range(30):
+        for x, y, idx in atk.batches(loader, device):   # starts the epoch, paired crop/flip
+            x_adv = atk.perturb(model, x, y, idx)        # gather prior -> attack -> scatter prior
+            loss = atk.loss(model, x_adv, y, x)          # the method's own loss, regularisers included
+            opt.zero_grad(); loss.backward(); opt.step()
+    torch.save({"model": model.state_dict(), "atas": atk.state_dict()}, "ckpt.pt")
+
+`atas train` runs exactly these calls (atas/trainer.py): one engine, one code path.
+
+A subclass says how x_adv is made (`attack`) and, if it has one, its training loss
+(`training_loss`); the per-sample store (ATAS's prior and gradient-norm average), the paired
+augmentation, epoch bookkeeping and checkpoint state live here, behind the public calls.
+"""
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Iterable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from atas.config import ConfigError
+from atas.augment import CropFlip, PairedAugment
+from atas.config import ConfigError, build_dataclass, parse_fraction
 from atas.store import PerSampleStore
 from atas.threat import LinfBall
 
@@ -30,29 +49,49 @@ def get_method(name: str) -> type["Method"]:
     return METHODS[name]
 
 
+def method(name: str, eps, **kwargs) -> "Method":
+    """`atas.method("n_fgsm", eps=8/255, ...)`: the method object by registry name; keyword
+    arguments as for the class (num_samples, epochs, augment, store_dtype and the method's options)."""
+    return get_method(name)(eps, **kwargs)
+
+
 @dataclass
 class BatchState:
-    """What a method may look at besides (model, x, y): the batch's dataset indices, the
-    1-based epoch, the per-sample store (methods with uses_store) and the batch's prior
+    """What a method's `attack` may look at besides (model, x, y): the batch's dataset indices,
+    the 1-based epoch, the per-sample store (methods with uses_store) and the batch's prior
     perturbation, already cropped/flipped like x (None for methods without a store)."""
 
-    idx: torch.Tensor
+    idx: torch.Tensor | None
     epoch: int
     store: PerSampleStore | None = None
     prior: torch.Tensor | None = None
 
 
 class Method:
-    """A training method: `perturb` makes x_adv, `loss` is what the optimizer minimises.
+    """A training method of the family (the class docstrings give each one's paper and options).
 
-    Subclasses set `name`, `Options` (a dataclass whose defaults are the paper's), `cost`
-    (forward/backward passes per step) and `uses_store` (True: the trainer gathers each batch's
-    prior from the per-sample store and scatters x_adv - x back after the step).
+    Args:
+        eps: L-inf radius in pixels ([0, 1] units): a float or an exact fraction string "8/255".
+        options: the method's `Options` dataclass; or give its fields as keyword arguments.
+        epochs: planned number of epochs (ATAS never resets its prior before the last one);
+            None: unknown.
+        num_samples: size of the training set; required by the methods that keep per-sample state
+            (`uses_store`: atas, fgsm_pgi), whose batches must then carry dataset indices.
+        augment: None (the batches are used as they come) or `atas.RandomCropFlip(pad=..., flip=...)`,
+            atas's crop+flip drawn per sample on the device and applied to the image AND to its
+            stored prior (the official ATAS pairing). Random crops/flips done by a torchvision
+            transform in the Dataset cannot be seen here: see `atas.IndexedDataset`.
+        store_dtype: "float32" (official), "float16", "bfloat16" or "int8" for the stored prior.
+        store_options: advanced store placement for the trainer (device, storage_size, indices
+            of a DDP shard, memmap_path, frame_shape to build it now rather than at the first batch).
     """
 
     name: ClassVar[str]
     cost: ClassVar[str] = ""
     uses_store: ClassVar[bool] = False
+    # True where `training_loss` adds a term to the cross-entropy (a user who trains on a plain
+    # cross-entropy would silently drop it: warned once).
+    has_regularizer: ClassVar[bool] = False
     # Optimizer steps per minibatch (Free-AT replays each minibatch m times; everyone else 1).
     replays: int = 1
 
@@ -60,22 +99,160 @@ class Method:
     class Options:
         pass
 
-    def __init__(self, eps: float, options=None, epochs: int = 1):
-        self.eps = float(eps)
-        self.ball = LinfBall(eps)
-        self.opt = options if options is not None else self.Options()
+    def __init__(self, eps, options=None, epochs: int | None = None, *, num_samples: int | None = None,
+                 augment: PairedAugment | None = None, store_dtype: str = "float32",
+                 store_options: dict | None = None, **option_values):
+        self.eps = parse_fraction(eps) if isinstance(eps, str) else float(eps)
+        self.ball = LinfBall(self.eps)
+        if options is not None and option_values:
+            raise TypeError(f"{type(self).__name__}: give either options= or keyword options, not both")
+        self.opt = options if options is not None else build_dataclass(self.Options, option_values, "")
         if getattr(self.opt, "eps_ramp_epochs", 0) < 0:  # the option of the methods that offer `ball_at`
             raise ConfigError(f"method.eps_ramp_epochs must be >= 0 (0: no ramp), got {self.opt.eps_ramp_epochs}")
         self.epochs = epochs
+        if num_samples is not None and (int(num_samples) != num_samples or num_samples < 1):
+            raise ValueError(f"num_samples must be a positive integer (len(train_set)), got {num_samples!r}")
+        if augment is not None and not isinstance(augment, PairedAugment):
+            raise TypeError(f"augment must be None or atas.RandomCropFlip(...), got {type(augment).__name__}. "
+                            "A torchvision transform belongs in the Dataset; see atas.IndexedDataset for "
+                            "why ATAS cannot use random crops it does not see.")
+        self.num_samples = None if num_samples is None else int(num_samples)
+        self.augment = augment
+        self.store_dtype = store_dtype
+        self._store_options = dict(store_options or {})
+        self.store: PerSampleStore | None = None
+        self._pending_store_state: dict | None = None
+        self.current_epoch = 0          # 1-based once an epoch has started; 0 before
+        self._crop: tuple[torch.Tensor, CropFlip] | None = None   # (idx, crop) of the last augment
+        self._state: BatchState | None = None                      # the last perturb's batch
+        self._loss_pending = False
+        self._warned_no_loss = False
+        self._checked_epoch = -1
+        self.logits: torch.Tensor | None = None   # logits of the last `loss` (for accuracy logs)
         # Per-step numbers for the progress bar / logs, kept as tensors (no device sync here).
         self.stats: dict[str, torch.Tensor] = {}
+        self._reset_due = False
 
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{f.name}={getattr(self.opt, f.name)!r}" for f in dataclasses.fields(self.opt))
+        return f"atas.method({self.name!r}, eps={self.eps:.6g}{', ' + opts if opts else ''})"
+
+    # -- epochs ----------------------------------------------------------------------------
+    def start_epoch(self, epoch: int | None = None) -> int:
+        """Begin epoch `epoch` (1-based; default: the one after the last). Runs the method's
+        once-per-epoch work (ATAS's prior reset every 10 epochs). `batches()` calls it for you."""
+        epoch = self.current_epoch + 1 if epoch is None else int(epoch)
+        if epoch < 1:
+            raise ValueError(f"epochs are 1-based; got start_epoch({epoch})")
+        self.current_epoch = epoch
+        self.on_epoch_start(epoch, self.store)
+        return epoch
+
+    def batches(self, loader: Iterable, device: torch.device | str | None = None) -> Iterator:
+        """One epoch of (x, y, idx) batches: starts the next epoch (`start_epoch`, and the
+        loader's or its sampler's `set_epoch`, e.g. DistributedSampler's), moves each batch to
+        `device` and applies the paired crop/flip when `augment` is set."""
+        epoch = self.start_epoch()
+        for owner in (loader, getattr(loader, "sampler", None)):
+            if hasattr(owner, "set_epoch"):
+                owner.set_epoch(epoch)
+                break
+        for batch in loader:
+            if not isinstance(batch, (tuple, list)) or len(batch) != 3:
+                got = len(batch) if isinstance(batch, (tuple, list)) else type(batch).__name__
+                raise ValueError(f"each batch must be (x, y, idx) with idx the samples' dataset indices; the "
+                                 f"loader gave {got} item(s) per batch. Wrap the dataset in atas.IndexedDataset(...)")
+            x, y, idx = batch
+            idx = torch.as_tensor(idx)
+            self._check_idx(idx, len(x))
+            if device is not None:
+                x, y, idx = (t.to(device, non_blocking=True) for t in (x, y, idx))
+            yield self.augment_batch(x, idx), y, idx
+
+    # -- the per-batch calls ---------------------------------------------------------------
+    def augment_batch(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """The paired crop/flip of `augment` applied to x (identity without `augment`); the crop
+        is remembered so that `perturb` on the same idx gathers the prior through it."""
+        if self.augment is None:
+            self._crop = None
+            return x
+        aug = self.augment.bind(x.shape[-1])
+        cf = aug.sample(len(x), x.device)
+        self._crop = (idx, cf)
+        return aug(x, cf)
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                idx: torch.Tensor | None = None) -> torch.Tensor:
+        """x_adv for the batch (x in [0, 1], already augmented; y labels; idx dataset indices, needed
+        by methods with per-sample state). The model's train/eval mode is restored afterwards."""
+        if self._loss_pending and self.has_regularizer and not self._warned_no_loss:
+            self._warned_no_loss = True
+            warnings.warn(f"{self.name}: perturb() was called again without loss(): this method's training "
+                          f"loss adds a regulariser to the cross-entropy. Train on loss = atk.loss(model, "
+                          "x_adv, y, x), or the regulariser is silently dropped.", stacklevel=2)
+        if self.current_epoch == 0:
+            self.start_epoch(1)
+        store, prior, cf = None, None, None
+        if self.uses_store:
+            if idx is None:
+                raise ValueError(f"{self.name} keeps state per training sample: pass perturb(model, x, y, idx) "
+                                 "with the samples' dataset indices (wrap the dataset in atas.IndexedDataset)")
+            cf = self._crop_for(idx, x)
+            idx = torch.as_tensor(idx, device=x.device)
+            self._check_idx(idx, len(x))
+            store = self._store_for(x, cf)
+            prior = store.gather_delta(idx, cf)                                   # gather
+        self._state = state = BatchState(idx=idx, epoch=self.current_epoch, store=store, prior=prior)
+        x_adv = self.attack(model, x, y, state)                                   # attack
+        if store is not None:
+            store.scatter_delta(idx, cf, self.new_prior(x_adv, x))                # scatter
+        self._loss_pending = True
+        return x_adv
+
+    def loss(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The method's training loss on the batch of the last `perturb` (regularisers included),
+        the model in the mode it is in (train, for a training step). Its logits: `self.logits`."""
+        if self._state is None:
+            raise RuntimeError(f"{self.name}: loss() needs perturb() on the same batch first")
+        loss, self.logits = self.training_loss(model, x_adv, y, x, self._state)
+        self._loss_pending = False
+        return loss
+
+    # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Tensors the method carries between steps (Free-AT's delta, FGSM-PGI's momentum), for
-        checkpoints. Most methods carry nothing."""
-        return {}
+        """Everything needed to continue exactly: the epoch, the per-sample store and the
+        method's own carried tensors. Tensors and ints only (loads with weights_only=True)."""
+        state = {"epoch": self.current_epoch, "method": self.method_state()}
+        if self.num_samples is not None:
+            state["num_samples"] = self.num_samples
+        if self.store is not None:
+            state["store"] = self.store.state_dict()
+        elif self._pending_store_state is not None:
+            state["store"] = self._pending_store_state
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        saved_n = state.get("num_samples")
+        if self.uses_store and saved_n is not None and int(saved_n) != self.num_samples:
+            raise ValueError(f"cannot resume {self.name}: the saved per-sample state is for num_samples={int(saved_n)}, "
+                             f"this object has num_samples={self.num_samples}. Resume with the training set the "
+                             "state was saved with (same size and order), or start fresh.")
+        self.current_epoch = int(state.get("epoch", 0))
+        if "store" in state:
+            if self.store is not None:
+                self.store.load_state_dict(state["store"])
+            else:  # built at the first batch, when the device and image size are known
+                self._pending_store_state = state["store"]
+        device = self.store.device if self.store is not None else None
+        self.load_method_state({k: v.to(device) if device is not None and torch.is_tensor(v) else v
+                                for k, v in state.get("method", {}).items()})
+
+    # -- what a method defines ---------------------------------------------------------------
+    def method_state(self) -> dict:
+        """Tensors the method carries between steps (Free-AT's delta, FGSM-PGI's momentum)."""
+        return {}
+
+    def load_method_state(self, state: dict) -> None:
         pass
 
     def ball_at(self, epoch: int, ramp_epochs: int) -> LinfBall:
@@ -87,17 +264,80 @@ class Method:
         return LinfBall(self.eps * epoch / ramp_epochs)
 
     def on_epoch_start(self, epoch: int, store: PerSampleStore | None) -> None:
-        """Called before epoch `epoch` (1-based) begins."""
+        """Called before epoch `epoch` (1-based) begins (store: None until the first batch)."""
 
-    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, state: BatchState) -> torch.Tensor:
+    def reset_store(self, store: PerSampleStore | None) -> None:
+        """Re-draw every stored prior U(-eps, eps) now, or as soon as the store is built."""
+        if store is not None:
+            store.reset_delta()
+        else:  # a fresh store is drawn anyway; a store loaded from a checkpoint is re-drawn once built
+            self._reset_due = self._pending_store_state is not None
+
+    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, state: BatchState) -> torch.Tensor:
         raise NotImplementedError
 
     def new_prior(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """What the trainer writes back into the store after the step (default: the perturbation)."""
+        """What is written back into the store after the attack (default: the perturbation)."""
         return x_adv - x
 
-    def loss(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
-             state: BatchState) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean cross-entropy on x_adv (model already in train mode); returns (loss, logits)."""
+    def training_loss(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
+                      state: BatchState) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy on x_adv; returns (loss, logits)."""
         logits = model(x_adv)
         return F.cross_entropy(logits.float(), y), logits
+
+    # -- the store behind the doors ----------------------------------------------------------
+    def _check_idx(self, idx: torch.Tensor, batch: int) -> None:
+        """Dataset indices must be integers in [0, num_samples), one per image. The range check
+        needs the values: free on CPU; on an accelerator done once per epoch (one sync)."""
+        if idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.dim() != 1 or len(idx) != batch:
+            raise ValueError(f"idx must be a 1-D integer tensor with one dataset index per image ({batch}), got "
+                             f"{idx.dtype} of shape {tuple(idx.shape)}")
+        if self.num_samples is None or (idx.device.type != "cpu" and self._checked_epoch == self.current_epoch):
+            return
+        self._checked_epoch = self.current_epoch
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= self.num_samples):
+            raise IndexError(f"dataset index out of range: this batch has indices in [{int(idx.min())}, "
+                             f"{int(idx.max())}] but num_samples={self.num_samples}. Give num_samples=len(train_set) "
+                             "of the dataset the indices come from (atas.IndexedDataset gives 0..len-1).")
+
+    def _crop_for(self, idx: torch.Tensor, x: torch.Tensor) -> CropFlip:
+        """The crop/flip this batch was augmented with (identity without `augment`)."""
+        if self.augment is None:
+            zeros = torch.zeros(len(x), dtype=torch.long, device=x.device)
+            return CropFlip(zeros, zeros, torch.zeros(len(x), dtype=torch.bool, device=x.device),
+                            x.shape[-1], x.shape[-1])
+        if self._crop is None or self._crop[0] is None or not _same_tensor(self._crop[0], idx):
+            raise RuntimeError(f"{self.name} was built with augment={self.augment!r}: take the batch from "
+                               "atk.batches(loader) or call x = atk.augment_batch(x, idx) before perturb(), "
+                               "so that the prior is cropped like the image")
+        return self._crop[1]
+
+    def _store_for(self, x: torch.Tensor, cf: CropFlip) -> PerSampleStore:
+        frame_shape = (x.shape[1], cf.frame, cf.frame)
+        if self.store is None:
+            if self.num_samples is None:
+                raise ValueError(f"{self.name} keeps state per training sample: build it with "
+                                 "num_samples=len(train_set) (and batches with dataset indices: atas.IndexedDataset)")
+            self._build_store(frame_shape, self._store_options.get("device", x.device))
+        if (self.store.delta.shape[1], self.store.frame, self.store.frame) != frame_shape:
+            raise ValueError(f"this batch's images need a stored prior of {frame_shape} (channels, frame, frame) but "
+                             f"the store holds {(self.store.delta.shape[1], self.store.frame, self.store.frame)}: "
+                             "every batch of a run must have the image size (and augmentation) it started with")
+        return self.store
+
+    def _build_store(self, frame_shape: tuple[int, int, int], device) -> None:
+        opts = {k: v for k, v in self._store_options.items() if k != "device"}
+        self.store = PerSampleStore(self.num_samples, frame_shape, self.eps, dtype=self.store_dtype,
+                                    device=device, draw=self._pending_store_state is None, **opts)
+        if self._pending_store_state is not None:
+            self.store.load_state_dict(self._pending_store_state)
+            self._pending_store_state = None
+        if self._reset_due:
+            self.store.reset_delta()
+            self._reset_due = False
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same batch of indices (no device sync: storage and shape, not values)."""
+    return a is b or (a.shape == b.shape and a.device == b.device and a.data_ptr() == b.data_ptr())

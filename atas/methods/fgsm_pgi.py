@@ -76,6 +76,7 @@ class FGSMPGI(Method):
     name = "fgsm_pgi"
     cost = "2 fwd + 3 bwd"
     uses_store = True
+    has_regularizer = True
 
     @dataclass
     class Options:
@@ -87,8 +88,8 @@ class FGSMPGI(Method):
         bn_mode: str = "train"
         eps_ramp_epochs: int = 0
 
-    def __init__(self, eps, options=None, epochs=1):
-        super().__init__(eps, options, epochs)
+    def __init__(self, eps, options=None, epochs=None, **kwargs):
+        super().__init__(eps, options, epochs, **kwargs)
         o = self.opt
         if o.lam < 0 or o.momentum_decay < 0 or o.alpha_factor <= 0:
             raise ConfigError(f"need method.lam >= 0, method.momentum_decay >= 0 and method.alpha_factor > 0, "
@@ -105,17 +106,17 @@ class FGSMPGI(Method):
         every = self.opt.reset_every
         return epoch == 1 or (every > 0 and (epoch - 1) % every == 0)
 
-    def state_dict(self) -> dict:
+    def method_state(self) -> dict:
         return {} if self.momentum is None else {"momentum": self.momentum}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_method_state(self, state: dict) -> None:
         if "momentum" in state:
             self.momentum = state["momentum"].float()
 
     def on_epoch_start(self, epoch, store):
         if self.is_reset_epoch(epoch):
             if epoch > 1:
-                store.reset_delta()   # U(-eps, eps); made into corners as each batch reads it
+                self.reset_store(store)   # U(-eps, eps); made into corners as each batch reads it
             if self.momentum is not None:
                 self.momentum.zero_()
 
@@ -132,7 +133,7 @@ class FGSMPGI(Method):
                                    f"{gib:.1f} GiB) does not fit; method.momentum_decay=0 (FGSM-EP) needs none") from e
         return store.rows(state.idx).to(x.device)
 
-    def perturb(self, model, x, y, state):
+    def attack(self, model, x, y, state):
         o = self.opt
         # Under eps_ramp_epochs the ball grows by epoch; the stored prior of an earlier epoch lies
         # in a smaller ball, so it is inside this one. Without a ramp this is self.ball.
@@ -167,7 +168,7 @@ class FGSMPGI(Method):
         prior, self._next_prior = self._next_prior, None
         return prior
 
-    def loss(self, model, x_adv, y, x, state):
+    def training_loss(self, model, x_adv, y, x, state):
         o = self.opt
         logits = model(x_adv)
         loss = smoothed_ce(logits, y, o.ls_factor)

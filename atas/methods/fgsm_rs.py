@@ -32,7 +32,7 @@ class FGSMRS(Method):
         alpha_factor: float = 1.25
         bn_mode: str = "train"
 
-    def perturb(self, model, x, y, state):
+    def attack(self, model, x, y, state):
         x_start = self.ball.random_start(x)
         with bn_mode(model, self.opt.bn_mode):
             grad, _ = input_grad(model, x_start, y)

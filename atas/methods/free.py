@@ -49,8 +49,8 @@ class Free(Method):
         m: int = 8
         step_factor: float = 1.0
 
-    def __init__(self, eps, options=None, epochs=1):
-        super().__init__(eps, options, epochs)
+    def __init__(self, eps, options=None, epochs=None, **kwargs):
+        super().__init__(eps, options, epochs, **kwargs)
         if self.opt.m < 1 or self.opt.step_factor <= 0:
             raise ConfigError(f"need method.m >= 1 and method.step_factor > 0, "
                               f"got {self.opt.m}, {self.opt.step_factor}")
@@ -79,22 +79,22 @@ class Free(Method):
             self.delta = torch.cat([self.delta, extra])
         return self.delta[:len(x)]
 
-    def state_dict(self) -> dict:
+    def method_state(self) -> dict:
         if self.delta is None:
             return {}
         self._take_pending_step()  # the step the next perturb() would take; same result, now saved
         return {"delta": self.delta}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_method_state(self, state: dict) -> None:
         if "delta" in state:
             self.delta = state["delta"].float()
 
-    def perturb(self, model, x, y, state):
+    def attack(self, model, x, y, state):
         if self.delta is not None:
             self._take_pending_step()
         return (x + self._rows(x)).clamp(0.0, 1.0)
 
-    def loss(self, model, x_adv, y, x, state):
+    def training_loss(self, model, x_adv, y, x, state):
         # Rebuild x_adv from a fresh leaf so the trainer's backward also fills grad_delta.
         self._delta_leaf = self._rows(x).clone().requires_grad_(True)
-        return super().loss(model, (x + self._delta_leaf).clamp(0.0, 1.0), y, x, state)
+        return super().training_loss(model, (x + self._delta_leaf).clamp(0.0, 1.0), y, x, state)

@@ -85,6 +85,7 @@ def gradient_misalignment(grad_a: torch.Tensor, grad_b: torch.Tensor) -> torch.T
 @register
 class GradAlign(Method):
     name = "grad_align"
+    has_regularizer = True
     cost = "3 fwd + ~5 bwd (double backprop)"
 
     @dataclass
@@ -96,8 +97,8 @@ class GradAlign(Method):
         bn_mode: str = "train"
         eps_ramp_epochs: int = 0
 
-    def __init__(self, eps, options=None, epochs=1):
-        super().__init__(eps, options, epochs)
+    def __init__(self, eps, options=None, epochs=None, **kwargs):
+        super().__init__(eps, options, epochs, **kwargs)
         o = self.opt
         if o.lam is not None and (o.lam < 0 or not math.isfinite(o.lam)):
             raise ConfigError(f"method.lam must be a finite number >= 0 or none, got {o.lam}")
@@ -108,7 +109,7 @@ class GradAlign(Method):
         self.lam = lam_schedule(self.eps) if o.lam is None else float(o.lam)
         self._reg: torch.Tensor | None = None
 
-    def perturb(self, model, x, y, state):
+    def attack(self, model, x, y, state):
         o = self.opt
         ball = self.ball_at(state.epoch, o.eps_ramp_epochs)
         x_start = ball.random_start(x) if o.random_start else x
@@ -122,8 +123,8 @@ class GradAlign(Method):
                 self._reg = gradient_misalignment(grad, grad_noisy)
         return x_adv.detach()
 
-    def loss(self, model, x_adv, y, x, state):
-        ce, logits = super().loss(model, x_adv, y, x, state)
+    def training_loss(self, model, x_adv, y, x, state):
+        ce, logits = super().training_loss(model, x_adv, y, x, state)
         if self.lam == 0:
             return ce, logits
         if self._reg is None:

@@ -52,8 +52,8 @@ class NFGSM(Method):
         bn_mode: str = "train"
         eps_ramp_epochs: int = 0
 
-    def __init__(self, eps, options=None, epochs=1):
-        super().__init__(eps, options, epochs)
+    def __init__(self, eps, options=None, epochs=None, **kwargs):
+        super().__init__(eps, options, epochs, **kwargs)
         o = self.opt
         if o.noise_factor < 0 or o.step_factor <= 0:
             raise ConfigError(f"need method.noise_factor >= 0 and method.step_factor > 0, "
@@ -61,7 +61,7 @@ class NFGSM(Method):
         if o.clip_delta is not None and o.clip_delta <= 0:
             raise ConfigError(f"method.clip_delta must be > 0 (a multiple of eps) or none, got {o.clip_delta}")
 
-    def perturb(self, model, x, y, state):
+    def attack(self, model, x, y, state):
         o = self.opt
         ball = self.ball_at(state.epoch, o.eps_ramp_epochs)
         x_noisy = ball.random_start(x, scale=o.noise_factor) if o.noise_factor else x

@@ -41,12 +41,12 @@ class PGDAT(Method):
         bn_mode: str = "train"
         eps_ramp_epochs: int = 0
 
-    def __init__(self, eps, options=None, epochs=1):
-        super().__init__(eps, options, epochs)
+    def __init__(self, eps, options=None, epochs=None, **kwargs):
+        super().__init__(eps, options, epochs, **kwargs)
         if self.opt.steps < 1:
             raise ConfigError(f"method.steps must be >= 1, got {self.opt.steps}")
 
-    def perturb(self, model, x, y, state):
+    def attack(self, model, x, y, state):
         ball = self.ball_at(state.epoch, self.opt.eps_ramp_epochs)
         x_adv = ball.random_start(x) if self.opt.random_start else x.clone()
         alpha = self.opt.alpha_factor * ball.eps

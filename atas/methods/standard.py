@@ -20,5 +20,5 @@ class Standard(Method):
     class Options:
         pass
 
-    def perturb(self, model, x, y, state):
+    def attack(self, model, x, y, state):
         return x
