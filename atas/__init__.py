@@ -1,16 +1,42 @@
 """atas: fast adversarial training with adaptive step size (ATAS) and its peers, evaluated honestly.
 
-    import atas
+In your own loop (docs/own-code.md, examples/own_loop.py):
+
+    atk = atas.ATAS(eps=8/255, num_samples=len(train_set), epochs=30, augment=atas.RandomCropFlip(pad=4))
+    loader = DataLoader(atas.IndexedDataset(train_set), batch_size=128, shuffle=True)
+    for x, y, idx in atk.batches(loader, device):
+        x_adv = atk.perturb(model, x, y, idx)
+        loss = atk.loss(model, x_adv, y, x)
+
+The whole run, as `atas train` does it:
+
     cfg = atas.load_config("fmnist", ["method.name=atas", "train.epochs=5"])
     run = atas.train(cfg)                      # checkpoints, metrics, probe in runs/<name>/
-    report = atas.evaluate(run.model, x_test, y_test, eps=cfg.method.eps)
+
+Any model, trained here or not:
+
+    result = atas.benchmark(model, "fmnist", eps=0.2, attacks=["clean", "pgd", "aa"])
 """
 __version__ = "0.1.0"
 
+from atas.augment import RandomCropFlip  # noqa: E402
+from atas.benchmark import benchmark, load_test_set  # noqa: E402
 from atas.config import Config, ConfigError, load_config, parse_fraction  # noqa: E402
 from atas.evaluate import evaluate, format_table  # noqa: E402
 from atas.export import export_model, load_model  # noqa: E402
+from atas.indexed import IndexedDataset  # noqa: E402
+from atas.methods import Method, get_method, list_methods, method  # noqa: E402
+from atas.methods.atas import ATAS  # noqa: E402
+from atas.methods.fgsm_pgi import FGSMPGI  # noqa: E402
+from atas.methods.fgsm_rs import FGSMRS  # noqa: E402
+from atas.methods.free import Free  # noqa: E402
+from atas.methods.grad_align import GradAlign  # noqa: E402
+from atas.methods.n_fgsm import NFGSM  # noqa: E402
+from atas.methods.pgd import PGDAT  # noqa: E402
+from atas.models import NormalizedModel, build_model, register as register_model  # noqa: E402
 from atas.trainer import train  # noqa: E402
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_fraction", "train", "evaluate", "format_table",
-           "export_model", "load_model", "__version__"]
+__all__ = ["ATAS", "FGSMRS", "NFGSM", "GradAlign", "FGSMPGI", "Free", "PGDAT", "Method", "method", "get_method",
+           "list_methods", "RandomCropFlip", "IndexedDataset", "benchmark", "load_test_set", "NormalizedModel",
+           "build_model", "register_model", "Config", "ConfigError", "load_config", "parse_fraction", "train",
+           "evaluate", "format_table", "export_model", "load_model", "__version__"]

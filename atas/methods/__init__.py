@@ -4,9 +4,9 @@ A method says how to make x_adv for a batch (and, if it needs one, its own train
 threat model, the signed step, the per-sample store, the augmentation and the training loop are
 shared. Adding a method is one file with a `@register` class and an `Options` dataclass.
 """
-from atas.methods.base import METHODS, BatchState, Method, get_method, list_methods, register
+from atas.methods.base import METHODS, BatchState, Method, get_method, list_methods, method, register
 
 # Importing the modules fills the registry.
 from atas.methods import standard, fgsm_rs, pgd, atas, n_fgsm, grad_align, fgsm_pgi, free  # noqa: E402,F401
 
-__all__ = ["METHODS", "BatchState", "Method", "get_method", "list_methods", "register"]
+__all__ = ["METHODS", "BatchState", "Method", "get_method", "list_methods", "method", "register"]
