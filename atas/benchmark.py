@@ -122,6 +122,12 @@ def benchmark(model: nn.Module, data, eps: "float | str", attacks: Sequence[str]
     if normalization is not None or dtype != torch.float32:
         mean, std = normalization if normalization is not None else (None, None)
         wrapped = InputAdapter(model, mean, std, dtype).to(model_device)
-    return evaluate(wrapped, x, y, eps, attacks, n_examples=n_examples, batch_size=batch_size,
-                    device=device if device is not None else model_device, seed=seed, progress=progress,
-                    eps_label=label, **kwargs)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()  # evaluation is in eval() mode by definition: no warning for a freshly built model
+    try:
+        return evaluate(wrapped, x, y, eps, attacks, n_examples=n_examples, batch_size=batch_size,
+                        device=device if device is not None else model_device, seed=seed, progress=progress,
+                        eps_label=label, **kwargs)
+    finally:
+        for m, training in modes:
+            m.training = training
