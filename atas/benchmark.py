@@ -121,7 +121,7 @@ def benchmark(model: nn.Module, data, eps: "float | str", attacks: Sequence[str]
     wrapped: nn.Module = model
     if normalization is not None or dtype != torch.float32:
         mean, std = normalization if normalization is not None else (None, None)
-        wrapped = InputAdapter(model, mean, std, dtype).to(model_device)
+        wrapped = InputAdapter(model, mean, std, dtype).to(model_device).eval()
     modes = [(m, m.training) for m in model.modules()]
     model.eval()  # evaluation is in eval() mode by definition: no warning for a freshly built model
     try:

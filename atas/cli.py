@@ -28,8 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", help="run folder (default: <out_dir>/<name>)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint, run folder or exported model")
-    e.add_argument("checkpoint")
+    e = sub.add_parser("eval", help="evaluate a checkpoint, run folder or exported model, or any model")
+    e.add_argument("checkpoint", nargs="?", help="run folder, checkpoint or export (or use --model)")
+    e.add_argument("--model", metavar="MODULE:FUNCTION",
+                   help="evaluate your own model: FUNCTION() builds it (with --weights, --data, --eps)")
+    e.add_argument("--weights", help="state dict for --model: .safetensors or a torch file (never unpickled)")
+    e.add_argument("--data", help="dataset of --model's test split, e.g. fmnist, cifar10")
+    e.add_argument("--mean", help="--model expects normalised inputs: per-channel mean, e.g. 0.49,0.48,0.45")
+    e.add_argument("--std", help="per-channel std for --mean")
     e.add_argument("--attacks", default=None, help="comma list of: clean,fgsm,pgd,aa,apgd-ce,apgd-t")
     e.add_argument("--n-examples", type=int, default=None, help="first N test images (default: all)")
     e.add_argument("--batch-size", type=int, default=None)
@@ -51,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     from atas.compare import add_compare_parser
 
     add_compare_parser(sub)
+    for command in (t, e, x):
+        command.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                             help="import MODULE first (its atas.register_model(...) models become usable); repeatable")
     return p
 
 
@@ -86,7 +95,49 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_eval_external(args) -> int:
+    """`atas eval --model MODULE:FUNCTION --weights FILE --data NAME --eps E`: any model, atas's evaluation."""
+    from atas.benchmark import benchmark
+    from atas.config import ConfigError, Frac, check_eps
+    from atas.evaluate import format_table, save_result
+    from atas.external import load_weights, model_from_factory
+    from atas.trainer import resolve_device
+
+    missing = [flag for flag, value in (("--data", args.data), ("--eps", args.eps)) if value is None]
+    if missing or args.checkpoint:
+        raise ConfigError("--model evaluates your own model: give --data and --eps (and --weights), and no run folder"
+                          if missing else f"give either a run folder ({args.checkpoint}) or --model, not both")
+    eps = Frac(args.eps)
+    check_eps(eps, "--eps")
+    model = model_from_factory(args.model)
+    if args.weights:
+        load_weights(model, args.weights)
+    if (args.mean is None) != (args.std is None):
+        raise ConfigError("--mean and --std go together")
+    norm = None
+    if args.mean is not None:
+        norm = tuple(tuple(float(v) for v in text.split(",")) for text in (args.mean, args.std))
+    model = model.to(resolve_device(args.device))
+    attacks = (args.attacks or "clean,pgd,aa").split(",")
+    kwargs = {k: v for k, v in (("pgd_steps", args.pgd_steps), ("pgd_restarts", args.pgd_restarts)) if v}
+    result = benchmark(model, args.data, eps.text, attacks, normalization=norm, n_examples=args.n_examples,
+                       data_dir=args.data_dir, batch_size=args.batch_size or 256, seed=args.seed,
+                       progress=not args.no_progress, **kwargs)
+    result["model"] = {"factory": args.model, "weights": args.weights, "dataset": args.data}
+    out = Path(args.out or f"eval-{args.model.replace(':', '.')}-{args.data}.json")
+    save_result(result, out)
+    print(format_table(result))
+    print(f"saved: {out}")
+    return 0
+
+
 def cmd_eval(args) -> int:
+    if args.model:
+        return cmd_eval_external(args)
+    if not args.checkpoint:
+        from atas.config import ConfigError
+
+        raise ConfigError("give a run folder / checkpoint / export to evaluate, or --model MODULE:FUNCTION")
     from atas.config import Frac, check_eps
     from atas.evaluate import format_table
     from atas.export import load_model, resolve_artifact
@@ -150,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers["compare"] = cmd_compare
     try:
+        if getattr(args, "imports", None) is not None:
+            from atas.external import import_plugins
+
+            import_plugins(args.imports)
         return handlers[args.command](args)
     except (ConfigError, DataNotFoundError, CheckpointError) as e:
         print(f"atas {args.command}: error: {e}", file=sys.stderr)

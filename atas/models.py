@@ -120,7 +120,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3,
     to the architecture's factory and are recorded in `model.spec`.
     """
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())} (a model registered "
+                         "by your own code with atas.register_model needs `--import your.module` on the command line)")
     net = MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
     return NormalizedModel(
         net,
