@@ -1,0 +1,45 @@
+"""The README's Python examples run, as written, on a small subset (sizes capped by the prelude)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import atas
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def python_blocks() -> list[str]:
+    section = README.read_text().split("## Python API", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    blocks = python_blocks()
+    assert len(blocks) == 3
+    monkeypatch.chdir(tmp_path)
+    # Prelude: what the first snippet takes from the reader's own code, small; sizes capped so the
+    # suite stays fast (the code itself is the README's, unchanged).
+    torch.manual_seed(0)
+    x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    tiny = ["model.arch=wong_cnn", "data.subset=128", "train.epochs=1", "train.probe_size=0", "train.progress=false",
+            "eval.at_end=false"]
+    real_load_config, real_benchmark, real_evaluate = atas.load_config, atas.benchmark, atas.evaluate
+    monkeypatch.setattr(atas, "load_config", lambda name, overrides=(): real_load_config(name, list(overrides) + tiny))
+    monkeypatch.setattr(atas, "benchmark", lambda *a, **k: real_benchmark(
+        *a, **{**k, "n_examples": 16, "attacks": ["clean", "pgd"], "pgd_steps": 2, "pgd_restarts": 1, "progress": False}))
+    monkeypatch.setattr(atas, "evaluate", lambda *a, **k: real_evaluate(
+        *a, **{**k, "n_examples": 16, "attacks": ["clean", "pgd"], "pgd_steps": 2, "pgd_restarts": 1, "progress": False}))
+    scope = {"train_set": torch.utils.data.TensorDataset(x, y), "model": model, "device": "cpu",
+             "opt": torch.optim.SGD(model.parameters(), lr=0.01), "DataLoader": torch.utils.data.DataLoader,
+             "torch": torch, "range": lambda n: range(min(n, 2))}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), scope)
+    assert scope["atk"].current_epoch == 2 and Path("ckpt.pt").exists()
+    assert scope["result"]["n_examples"] == 16 and isinstance(scope["model"], torch.nn.Module)
