@@ -411,7 +411,10 @@ def _make_attack(name: str, model: nn.Module, eps: float, seed: int, batch_size:
 
 def _make_autoattack(name: str, model: nn.Module, eps: float, seed: int, batch_size: int,
                      n_classes: int, dev: torch.device, warn) -> tuple[dict, Callable]:
-    import pyautoattack  # optional at import time: only AutoAttack evaluations need it
+    from atas.extras import require
+
+    # an optional dependency (`atas[aa]`): only AutoAttack evaluations need it
+    pyautoattack = require("pyautoattack", f"attack {name!r} (AutoAttack)")
 
     targeted = name in ("aa", "apgd-t")
     if targeted and n_classes < 4:
