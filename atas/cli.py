@@ -5,21 +5,36 @@
     atas eval CHECKPOINT|RUN_DIR|EXPORT_DIR [--attacks clean,fgsm,pgd,aa] [--n-examples N]
     atas export RUN_DIR|CHECKPOINT --out DIR
     atas recipes
+    atas --version
 
-Errors a user can fix (bad config, missing data, unusable checkpoint) print one clear message and
-exit with status 2, no traceback.
+Exit status: 0 done; 2 an error the user can fix (bad config, missing or corrupt data, unusable
+checkpoint or export, a missing optional package), printed as one clear message, no traceback;
+3 the training loss became NaN/inf (the last good checkpoint is kept); 130 interrupted.
+`--debug` anywhere on the line, or ATAS_DEBUG=1 in the environment, also prints the traceback.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import yaml
 
 
 def _parser() -> argparse.ArgumentParser:
+    import platform
+
+    import torch
+
+    from atas import __version__
+
     p = argparse.ArgumentParser(prog="atas", description="Fast adversarial training with adaptive step size.")
+    p.add_argument("--version", action="version",
+                   version=f"atas {__version__} (torch {torch.__version__}, Python {platform.python_version()})")
+    p.add_argument("--debug", action="store_true",
+                   help="on an error, also print the traceback (anywhere on the line; or ATAS_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a recipe (or resume a run)")
@@ -63,8 +78,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_final_eval_extras(cfg) -> None:
+    """Refuse before training, not hours later, when the end-of-run evaluation needs AutoAttack
+    and pyautoattack is not installed."""
+    from atas.config import ConfigError
+    from atas.extras import INSTALL, available
+
+    attacks = [a.strip() for a in cfg.eval.attacks.lower().split(",")]
+    needs_aa = [a for a in attacks if a in ("aa", "apgd-ce", "apgd-t")]
+    if cfg.eval.at_end and needs_aa and not available("pyautoattack"):
+        kept = ",".join(a for a in attacks if a not in needs_aa) or "clean,pgd"
+        raise ConfigError(f"eval.attacks={cfg.eval.attacks} runs AutoAttack ({', '.join(needs_aa)}) at the end "
+                          f"of training, and the pyautoattack package is not installed: "
+                          f"{INSTALL['pyautoattack']}; or evaluate without it: eval.attacks={kept}")
+
+
 def cmd_train(args) -> int:
-    from atas.config import load_config
+    from atas.config import ConfigError, load_config
     from atas import distributed
     from atas.trainer import load_run_config, train
 
@@ -76,8 +106,9 @@ def cmd_train(args) -> int:
         cfg = load_config(saved.to_dict(), args.overrides)
     else:
         if not args.recipe:
-            raise SystemExit("atas train: give a recipe (see `atas recipes`) or --resume RUN_DIR")
+            raise ConfigError("give a recipe (see `atas recipes`) or --resume RUN_DIR")
         cfg = load_config(args.recipe, args.overrides)
+    _check_final_eval_extras(cfg)
     try:
         run = train(cfg, run_dir=args.resume or args.run_dir, resume=bool(args.resume))
     finally:
@@ -183,11 +214,38 @@ def cmd_recipes(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions whose message tells the user what to fix: one line, exit 2, no traceback."""
     from atas.checkpoint import CheckpointError
     from atas.config import ConfigError
-    from atas.data import DataNotFoundError
+    from atas.data import DataFormatError, DataNotFoundError
+    from atas.extras import MissingDependencyError
 
+    return ConfigError, CheckpointError, DataNotFoundError, DataFormatError, MissingDependencyError
+
+
+def _fail(command: str, error: BaseException, status: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(error)
+    print(f"atas {command}: error: {error}", file=sys.stderr)
+    return status
+
+
+def _stdout_closed() -> int:
+    """The reader of our stdout went away (`atas recipes | head`): stop quietly, as `cat` does.
+    stdout is pointed at /dev/null so the interpreter's final flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + 13  # killed by SIGPIPE, the status a shell reports for `cat big | head`
+
+
+def main(argv: list[str] | None = None) -> int:
+    from atas.trainer import TrainingDiverged
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("ATAS_DEBUG", "").strip() not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = _parser()
     # parse_known_args so that overrides may also follow an option: `atas train R --run-dir D k=v`
     args, extra = parser.parse_known_args(argv)
@@ -205,10 +263,15 @@ def main(argv: list[str] | None = None) -> int:
             from atas.external import import_plugins
 
             import_plugins(args.imports)
-        return handlers[args.command](args)
-    except (ConfigError, DataNotFoundError, CheckpointError) as e:
-        print(f"atas {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        status = handlers[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handler, not at exit
+        return status
+    except _user_errors() as e:
+        return _fail(args.command, e, 2, debug)
+    except TrainingDiverged as e:  # an outcome of the run, not a bug: say it, no traceback
+        return _fail(args.command, e, 3, debug)
+    except BrokenPipeError:
+        return _stdout_closed()
     except KeyboardInterrupt:
         print("interrupted; the last completed epoch's checkpoint is intact (resume with --resume RUN_DIR)",
               file=sys.stderr)

@@ -396,6 +396,10 @@ def validate(cfg: Config) -> None:
     chosen = _merge(cfg.method.per_method.get(cfg.method.name, {}), cfg.method.args)
     options = build_dataclass(method_cls.Options, chosen, "method.")
     cfg.method.args = _to_plain(options)
+    for key, n in (("data.subset", cfg.data.subset), ("data.test_subset", cfg.data.test_subset)):
+        if n is not None and n < 1:  # x[:0] would keep nothing and x[:-5] all but 5: never what was meant
+            raise ConfigError(f"{key} must be >= 1 (keep the first N images), got {n}; "
+                              f"leave it out (or {key}=null) to use the whole split")
     if cfg.train.epochs < 1:
         raise ConfigError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
     if cfg.train.batch_size < 1:

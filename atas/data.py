@@ -107,7 +107,21 @@ class DataNotFoundError(FileNotFoundError):
 
 
 class DataFormatError(ValueError):
-    """A dataset file exists but is truncated, corrupt or not what its name says."""
+    """A dataset file exists but is truncated, corrupt or not what its name says.
+
+    Raised in a DataLoader worker, it reaches the main process rebuilt from one string that holds
+    the worker's whole traceback ("Caught DataFormatError in DataLoader worker process 0. Original
+    Traceback ..."); the message is cut back to the original one line, the rest kept in
+    `worker_traceback`.
+    """
+
+    def __init__(self, message: str = ""):
+        self.worker_traceback = None
+        marker = f"{type(self).__name__}: "
+        if isinstance(message, str) and message.startswith("Caught ") and "Original Traceback" in message:
+            self.worker_traceback = message
+            message = message.rsplit(marker, 1)[-1].strip() if marker in message else message
+        super().__init__(message)
 
 
 def _check_split(split: str) -> None:
@@ -158,8 +172,12 @@ def read_idx(path: str | Path, magic: int) -> np.ndarray:
 def _read_idx_pair(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
     x = read_idx(paths[0], IDX_IMAGES_MAGIC)
     y = read_idx(paths[1], IDX_LABELS_MAGIC)
-    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-        raise DataFormatError(f"{paths[0]} holds images {x.shape} but {paths[1]} labels {y.shape}")
+    if x.ndim != 3 or y.ndim != 1:
+        raise DataFormatError(f"{paths[0]} holds an array of shape {x.shape} and {paths[1]} one of shape "
+                              f"{y.shape}; expected images [N, rows, cols] and labels [N]. Fetch both again.")
+    if len(x) != len(y):
+        raise DataFormatError(f"{paths[0]} holds {len(x)} images but {paths[1]} holds {len(y)} labels; the "
+                              f"two files do not belong together: fetch both again.")
     return torch.from_numpy(x).unsqueeze(1).contiguous(), torch.from_numpy(y).long()
 
 
@@ -178,8 +196,9 @@ _CIFAR_PICKLE_GLOBALS = {
 class _CifarUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in _CIFAR_PICKLE_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing global {module}.{name}: a CIFAR batch holds "
-                                         f"only numpy arrays, lists and bytes")
+            raise UnsafePickleError(f"refusing global {module}.{name}: a CIFAR batch holds only "
+                                    f"numpy arrays, lists and bytes, so this file is not one (or was "
+                                    f"tampered with); it was not unpickled")
         if module.startswith("numpy.core"):  # numpy 2 renamed it; the old name warns
             try:
                 return super().find_class(module.replace("numpy.core", "numpy._core", 1), name)
@@ -188,10 +207,21 @@ class _CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+class UnsafePickleError(DataFormatError, pickle.UnpicklingError):
+    """A CIFAR batch names a global that is not numpy's; it is refused, never run."""
+
+
 def load_cifar_batch(path: str | Path) -> dict:
     """One CIFAR batch file as its dict (bytes keys), refusing any non-numpy global."""
     with open(path, "rb") as f:
-        batch = _CifarUnpickler(f, encoding="bytes").load()
+        try:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+        except UnsafePickleError:
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+                IndexError, KeyError, OverflowError, MemoryError) as e:
+            raise _corrupt(Path(path), f"cannot unpickle the CIFAR batch ({type(e).__name__}: "
+                                       f"{str(e)[:200]})") from e
     if not isinstance(batch, dict) or b"data" not in batch:
         raise DataFormatError(f"{path}: not a CIFAR batch (expected a dict with b'data')")
     return batch
@@ -212,13 +242,15 @@ def _read_cifar(paths: list[Path], label_key: bytes) -> tuple[torch.Tensor, torc
 # SVHN .mat files
 # --------------------------------------------------------------------------------------------
 def _read_svhn(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    from atas.extras import require
+
+    # only SVHN needs scipy, so it is not a dependency
+    loadmat = require("scipy.io", "SVHN (stored as MATLAB .mat files)").loadmat
     try:
-        from scipy.io import loadmat  # only SVHN needs scipy, so it is not a dependency
-    except ImportError as e:
-        raise ImportError("SVHN is stored as MATLAB .mat files; reading them needs scipy: "
-                          "pip install scipy") from e
-    mat = loadmat(paths[0])
-    x, y = mat["X"], mat["y"].reshape(-1).astype(np.int64)
+        mat = loadmat(paths[0])
+        x, y = mat["X"], mat["y"].reshape(-1).astype(np.int64)
+    except Exception as e:  # scipy's MatReadError, ValueError, KeyError for a .mat without X/y, ...
+        raise _corrupt(paths[0], f"cannot read it as SVHN's .mat ({type(e).__name__}: {str(e)[:200]})") from e
     if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):
         raise DataFormatError(f"{paths[0]}: X {x.shape} y {y.shape}, expected [32, 32, 3, N] and [N]")
     x = np.ascontiguousarray(x.transpose(3, 2, 0, 1))  # [H, W, C, N] -> [N, C, H, W]
@@ -338,6 +370,23 @@ def load_tensors(name: str, split: str, data_dir: str | Path | None = None,
     return x, y
 
 
+def check_subset(subset: int | None, available: int, key: str = "data.subset",
+                 split: str = "training") -> int:
+    """How many images `key`=subset keeps from a split of `available`: all of them when subset is
+    None; ConfigError when subset is < 1 or larger than the split (asking for more images than
+    there are must not silently train on fewer)."""
+    from atas.config import ConfigError
+
+    if subset is None:
+        return available
+    if subset < 1:
+        raise ConfigError(f"{key} must be >= 1 (keep the first N images), got {subset}")
+    if subset > available:
+        raise ConfigError(f"{key}={subset} but the {split} split has only {available} images; use "
+                          f"{key}<={available}, or leave it out to use all of them")
+    return subset
+
+
 class IndexedTensorDataset(Dataset):
     """(x uint8 [N, C, H, W], y [N]) -> items (x float in [0, 1], y, idx).
 
@@ -373,7 +422,12 @@ class IndexedImageFolder(Dataset):
     def __getitem__(self, idx: int):
         from torchvision.datasets.folder import default_loader  # PIL, converted to RGB
         path, label = self.samples[idx]
-        return self.transform(default_loader(path)), label, idx
+        try:
+            image = default_loader(path)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated file, ...
+            raise DataFormatError(f"{path}: cannot read this image ({type(e).__name__}: {str(e)[:200]}). "
+                                  f"Replace or delete the file.") from e
+        return self.transform(image), label, idx
 
 
 _FOLDER_SUBDIRS = {"imagenet": ("imagenet",), "tiny_imagenet": ("tiny_imagenet", "tiny-imagenet-200")}
@@ -416,7 +470,11 @@ def image_folder(name: str, split: str, data_dir: str | Path | None = None) -> I
     if tiny_val and not train_folder.is_dir():
         raise DataNotFoundError(f"{annotations} labels images by class folder name (wnid); the "
                                 f"train/ folder next to it is needed to number the classes")
-    classes, class_to_idx = find_classes(train_folder if train_folder.is_dir() else folder)
+    try:
+        classes, class_to_idx = find_classes(train_folder if train_folder.is_dir() else folder)
+    except FileNotFoundError:  # torchvision: "Couldn't find any class folder in ..."
+        raise DataNotFoundError(f"no class folders in {train_folder if train_folder.is_dir() else folder}; "
+                                f"expected layout: {_folder_layout(info.name)}") from None
     if tiny_val:
         samples = _tiny_imagenet_val(folder, annotations, class_to_idx)
     else:

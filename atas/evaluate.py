@@ -1,6 +1,6 @@
 """Honest robustness evaluation: clean, FGSM, PGD-k-r and standard AutoAttack, under L-inf.
 
-The protocol the field trusts (REFERENCE.md section 3): raw, unpadded test images with pixels in
+The protocol the field trusts (docs/algorithm.md, section 5): raw, unpadded test images with pixels in
 [0, 1], normalisation inside the model, the model in eval() mode, PGD-50 with 10 restarts keeping
 the worst case per sample, and standard AutoAttack (fra31/auto-attack, here the `pyautoattack`
 package, run through its own `run_standard_evaluation`). Everything below checks itself: every
@@ -411,7 +411,10 @@ def _make_attack(name: str, model: nn.Module, eps: float, seed: int, batch_size:
 
 def _make_autoattack(name: str, model: nn.Module, eps: float, seed: int, batch_size: int,
                      n_classes: int, dev: torch.device, warn) -> tuple[dict, Callable]:
-    import pyautoattack  # optional at import time: only AutoAttack evaluations need it
+    from atas.extras import require
+
+    # an optional dependency (`atas[aa]`): only AutoAttack evaluations need it
+    pyautoattack = require("pyautoattack", f"attack {name!r} (AutoAttack)")
 
     targeted = name in ("aa", "apgd-t")
     if targeted and n_classes < 4:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from atas import __version__
@@ -62,12 +63,23 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         card_path = path.with_name(CARD_FILE)
         if not card_path.exists():
             raise CheckpointError(f"{path} has no {CARD_FILE} beside it: the card says which model to build")
-        card = json.loads(card_path.read_text())
+        redo = "Export the model again (`atas export RUN_DIR --out DIR`)."
+        try:
+            card = json.loads(card_path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+            raise CheckpointError(f"{card_path} is not valid JSON ({e}): the card is truncated or corrupt. "
+                                  f"{redo}") from None
         try:
             cfg = config_from_dict(card["config"])
-        except (KeyError, ValueError) as e:
-            raise CheckpointError(f"{card_path}: cannot rebuild the model from its config ({e})") from None
-        model = _load_weights(_build(cfg), load_file(str(path)), str(path))
+        except (KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{card_path}: cannot rebuild the model from its config "
+                                  f"({type(e).__name__}: {e}). {redo}") from None
+        try:
+            weights = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is truncated or not a safetensors file ({str(e)[:200]}). "
+                                  f"{redo}") from None
+        model = _load_weights(_build(cfg), weights, str(path))
         return model.to(device), cfg, {"card": card}
     state = load_checkpoint(path, map_location="cpu")
     try:

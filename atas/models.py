@@ -262,7 +262,14 @@ def small_cnn(num_classes: int = 10, in_channels: int = 1, batch_norm: bool = Fa
 
 class PreActBlock(nn.Module):
     """He et al. (ECCV 2016) pre-activation basic block: BN-ReLU-conv3x3-BN-ReLU-conv3x3, with a
-    1x1 conv on the pre-activated input as shortcut when the shape changes."""
+    1x1 conv as shortcut when the shape changes.
+
+    The 1x1 shortcut reads the block's raw input x, as in the PreActResNet-18 of Wong et al.
+    (ICLR 2020) and of the official ATAS code: the network their CIFAR numbers come from.
+    Subclasses set `shortcut_preactivated = True` to feed it relu(bn1(x)) instead (WideBlock).
+    """
+
+    shortcut_preactivated = False
 
     def __init__(self, c_in: int, c_out: int, stride: int, dropout: float = 0.0):
         super().__init__()
@@ -277,7 +284,10 @@ class PreActBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
-        shortcut = x if self.shortcut is None else self.shortcut(out)
+        if self.shortcut is None:
+            shortcut = x
+        else:
+            shortcut = self.shortcut(out if self.shortcut_preactivated else x)
         out = self.conv1(out)
         out = self.conv2(self.dropout(F.relu(self.bn2(out))))
         return out + shortcut
@@ -320,8 +330,11 @@ def preact_resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
 class WideBlock(PreActBlock):
     """Zagoruyko & Komodakis (BMVC 2016) wide basic block, BN-ReLU pre-activation:
     BN-ReLU-conv3x3-BN-ReLU-dropout-conv3x3 (the pre-activation block with dropout). When the
-    shape changes, the 1x1 shortcut conv takes the pre-activated input (as in the reference CIFAR
-    implementation)."""
+    shape changes, the 1x1 shortcut conv takes the pre-activated input relu(bn1(x)), unlike
+    PreActBlock: that is how the WideResNet of the official ATAS code (and of the WRN reference
+    CIFAR implementation it follows) computes it, so the WRN-28-10 recipes train that network."""
+
+    shortcut_preactivated = True
 
     def __init__(self, c_in: int, c_out: int, stride: int, dropout: float):
         super().__init__(c_in, c_out, stride, dropout)

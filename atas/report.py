@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import html
 import statistics
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -483,9 +484,15 @@ def build_report(rows: list[dict], out_dir: str | Path, command: str | dict, mac
     machine: what ran it (cpu, cores, torch, gpu, ...), listed as given."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = {PROBE_PLOT: plot_probe_curves(rows, out_dir / PROBE_PLOT),
-              ALPHA_PLOT: plot_alpha(rows, out_dir / ALPHA_PLOT),
-              TIME_PLOT: plot_time_vs_robust(rows, out_dir / TIME_PLOT)}
+    from atas.extras import INSTALL, available
+
+    if available("matplotlib"):  # an optional dependency (`atas[plots]`)
+        images = {PROBE_PLOT: plot_probe_curves(rows, out_dir / PROBE_PLOT),
+                  ALPHA_PLOT: plot_alpha(rows, out_dir / ALPHA_PLOT),
+                  TIME_PLOT: plot_time_vs_robust(rows, out_dir / TIME_PLOT)}
+    else:
+        print(f"report: no plots, matplotlib is not installed: {INSTALL['matplotlib']}", file=sys.stderr)
+        images = dict.fromkeys((PROBE_PLOT, ALPHA_PLOT, TIME_PLOT))
     for name, p in images.items():  # a stale plot from an earlier report must not be shown
         if p is None and (out_dir / name).exists():
             (out_dir / name).unlink()

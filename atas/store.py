@@ -1,11 +1,11 @@
 """The per-sample store: ATAS's memory of every training instance, keyed by dataset index.
 
-Two pieces of state per instance, for the whole run (REFERENCE.md §1):
+Two pieces of state per instance, for the whole run (docs/algorithm.md, section 3):
   delta        the prior perturbation, kept in the augmentation *frame* (CIFAR: padded 40x40), so
                that any crop/flip of it lines up with the same crop/flip of the image;
   grad_sq_ema  v_i, the moving average of the squared input-gradient norm (starts at 0).
 
-Gather and scatter are the only doors (STYLE.md principle 3). Both take dataset indices and a
+Gather and scatter are the only ways in and out of the store. Both take dataset indices and a
 CropFlip and touch only the crop window of the listed rows.
 
 Sharding (DDP): a store may own only a subset of the indices (`indices=`); a rank-stable sampler

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from atas.augment import PairedAugment
 from atas.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint, save_json
 from atas.config import Config, ConfigError, config_from_dict, method_options
-from atas.data import dataset_info, image_folder, load_tensors
+from atas.data import check_subset, dataset_info, image_folder, load_tensors
 from atas.evaluate import FGSM, PGD
 from atas.loaders import FolderLoader, ResidentLoader
 from atas.methods import get_method
@@ -107,8 +107,8 @@ def make_data(cfg: Config, device: torch.device, shard=None) -> TrainData:
     flip = info.flip if d.flip is None else d.flip
     if info.resident:
         x, y = load_tensors(info.name, "train", d.data_dir, d.download)
-        if d.subset:
-            x, y = x[:d.subset], y[:d.subset]
+        n = check_subset(d.subset, len(x))
+        x, y = x[:n], y[:n]
         x_test, y_test = load_tensors(info.name, "test", d.data_dir, d.download)
         indices = shard(len(x)) if shard else None
         loader = ResidentLoader(x.to(device), y.to(device), t.batch_size, indices=indices, seed=t.seed,
@@ -117,8 +117,9 @@ def make_data(cfg: Config, device: torch.device, shard=None) -> TrainData:
         num_train = len(x)
     else:
         train_set = image_folder(info.name, "train", d.data_dir)
-        if d.subset:
-            train_set = torch.utils.data.Subset(train_set, range(min(d.subset, len(train_set))))
+        n = check_subset(d.subset, len(train_set))
+        if n < len(train_set):
+            train_set = torch.utils.data.Subset(train_set, range(n))
         test_set = image_folder(info.name, "test", d.data_dir)
         n_test = min(len(test_set), d.test_subset or cfg.eval.n_examples or len(test_set))
         batch = torch.utils.data.default_collate([test_set[i] for i in range(n_test)])
@@ -128,8 +129,8 @@ def make_data(cfg: Config, device: torch.device, shard=None) -> TrainData:
                               drop_last=t.drop_last, num_workers=d.num_workers)
         augment = PairedAugment(info.image_size, pad=pad, frame=info.frame_size + 2 * pad, flip=flip)
         num_train = len(train_set)
-    if d.test_subset:
-        x_test, y_test = x_test[:d.test_subset], y_test[:d.test_subset]
+    n = check_subset(d.test_subset, len(x_test), "data.test_subset", "test")
+    x_test, y_test = x_test[:n], y_test[:n]
     return TrainData(loader, num_train, augment, (info.channels, augment.frame, augment.frame), x_test, y_test,
                      indices)
 

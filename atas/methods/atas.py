@@ -5,7 +5,7 @@ Adaptive Step Size", IEEE TIP 32:6102-6114, 2023. https://arxiv.org/abs/2206.024
 
 Threat model: L-inf ball of radius eps around x, pixels in [0, 1].
 Per instance i the store keeps a prior perturbation delta_i and v_i, an EMA of its squared
-input-gradient norm. One step (REFERENCE.md §1):
+input-gradient norm. One step (docs/algorithm.md, section 3):
     x_start = clip(x + delta_i, 0, 1)                  (delta_i cropped/flipped like x)
     g_i     = grad of the CE at x_start (BN in eval mode)
     warm-up (epoch <= warmup_epochs): alpha_i = eps, v_i untouched
