@@ -167,9 +167,10 @@ def _nonfinite(tree: Any, name: str = "") -> tuple[str, int, int] | None:
     if torch.is_tensor(tree):
         if not tree.is_floating_point() or tree.numel() == 0:
             return None
-        flat = tree.reshape(-1)
-        bad = sum(int((~torch.isfinite(part)).sum()) for part in flat.split(1 << 24))  # bounded temporary
-        return (name, bad, tree.numel()) if bad else None
+        if bool(torch.isfinite(torch.stack(torch.aminmax(tree))).all()):  # NaN propagates; one fast pass
+            return None
+        bad = sum(int((~torch.isfinite(part)).sum()) for part in tree.reshape(-1).split(1 << 24))
+        return name, bad, tree.numel()
     items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
     for key, value in items:
         found = _nonfinite(value, f"{name}.{key}" if name else str(key))

@@ -104,9 +104,13 @@ class RunLock:
             "would overwrite each other's checkpoints. Wait for it to finish, stop it, or use another --run-dir.")
 
     def acquire(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise RunDirError(f"cannot take the run folder {self.run_dir}: {e.strerror} ({self.path}). "
+                                  "Use a --run-dir you can write to.") from None
             try:
                 locked = self._flock(fd)
             except BaseException:
