@@ -1,10 +1,18 @@
-"""Checkpoints that survive crashes and never execute code on load.
+"""Checkpoints that survive crashes, are checked on load, and never execute code on load.
 
 Saving writes a temporary file in the same folder, fsyncs it and renames it over the target
 (os.replace is atomic on POSIX), so a crash or a full disk mid-save leaves the previous
-checkpoint intact and no temporary file behind. Loading uses `torch.load(weights_only=True)`:
-tensors, numbers, strings and containers only; a checkpoint holding any other object is refused
-instead of unpickled. Exported models are safetensors plus a JSON card.
+checkpoint intact; a temporary file left by SIGKILL is removed by the next run in that folder
+(`atas.rundir`). A training checkpoint also keeps the one before it (`checkpoint.prev.pt`, a
+hard link taken just before the save, so it costs no disk while a save is in progress that the
+save did not need anyway; README, "Robustness of the run itself").
+
+Loading checks before it trusts: the zip archive torch.save writes carries a CRC-32 of every
+member, and all of them are verified (a flipped bit anywhere in the data is found, not evaluated
+to a wrong accuracy); every floating-point tensor must be finite (a NaN prior would make a
+resumed run diverge). `torch.load(weights_only=True)` then unpickles tensors, numbers, strings
+and containers only; a checkpoint holding any other object is refused. Exported models are
+safetensors plus a JSON card.
 """
 from __future__ import annotations
 
@@ -25,24 +33,66 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message says why and what to do."""
 
 
+class DiskFullError(CheckpointError):
+    """No space left while writing `path`; `intact` says what survived (the target is never half-written)."""
+
+    def __init__(self, path: str | Path, intact: str | None = None, then: str = "free space and try again"):
+        self.path = Path(path)
+        if intact is None:
+            intact = "the previous file is intact" if self.path.exists() else "nothing was written"
+        super().__init__(f"no space left on device while writing {self.path}; {intact}; {then}")
+
+
+class _Recorder:
+    """A file whose write errors are remembered: torch.save reports a failed write as its own
+    RuntimeError ('unexpected pos'), so ENOSPC is recognised from what the file saw, not from the
+    message."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def _is_disk_full(e: BaseException | None, recorded: OSError | None) -> bool:
+    seen = [recorded]
+    while e is not None and len(seen) < 8:  # the exception and what it was raised from or during
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    return any(isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT) for x in seen)
+
+
+def temporary_path(path: Path) -> Path:
+    """Where `atomic_write` stages `path`: hidden, beside it, named by this process (see rundir)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write `path` through `write(file)` via temp file + fsync + rename; clean up on any failure."""
+    """Write `path` through `write(file)` via temp file + fsync + rename; clean up on any failure.
+    Out of space: DiskFullError (a CheckpointError) naming the file, the old file untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
+    recorder = None
     try:
         with open(tmp, mode) as f:
-            write(f)
+            recorder = _Recorder(f)
+            write(recorder)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise CheckpointError(
-                f"no space left on the device while writing {path}; nothing was replaced"
-                f"{' (the previous file is intact)' if path.exists() else ''}. Free some disk space "
-                "and resume the run with `atas train --resume RUN_DIR`.") from e
+        if _is_disk_full(e, recorder.error if recorder else None):
+            raise DiskFullError(path) from e
         raise
 
 
@@ -50,21 +100,95 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), mode="w")
 
 
-def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Atomically save a training state (dict of tensors / plain values)."""
+def previous_path(path: str | Path) -> Path:
+    """checkpoint.pt -> checkpoint.prev.pt: the checkpoint one save older."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _keep_previous(path: Path) -> None:
+    """previous_path(path) becomes the current file, by a hard link (no copy, no extra disk while
+    `path` exists). The link is staged and renamed, so a crash leaves the old .prev or the new one."""
+    if not path.exists():
+        return
+    prev = previous_path(path)
+    staged = temporary_path(prev)
+    staged.unlink(missing_ok=True)
+    try:
+        os.link(path, staged)
+    except OSError:  # a filesystem without hard links: copy instead
+        import shutil
+
+        try:
+            shutil.copyfile(path, staged)
+        except BaseException as e:
+            staged.unlink(missing_ok=True)
+            if _is_disk_full(e, None):
+                raise DiskFullError(prev) from e
+            raise
+    os.replace(staged, prev)
+
+
+def save_checkpoint(path: str | Path, state: dict, keep_previous: bool = False) -> None:
+    """Atomically save a training state (dict of tensors / plain values). keep_previous: the file
+    it replaces stays as `previous_path(path)`."""
+    path = Path(path)
     state = {"format": FORMAT, **state}
+    if keep_previous:
+        _keep_previous(path)
     atomic_write(path, lambda f: torch.save(state, f))
 
 
+def _what_to_do(path: Path) -> str:
+    prev = previous_path(path)
+    if prev.exists() and prev != path:
+        return (f"The checkpoint one epoch older is kept as {prev}: move it over the damaged one "
+                f"(`mv {prev} {path}`) and resume, or start the run again.")
+    return "Restore the file from a copy, or start the run again (`atas train ... --overwrite`)."
+
+
+def _verify_archive(path: Path) -> None:
+    """Every member's CRC-32 (written by torch.save) against its bytes: a bit flip anywhere in the
+    data is found here. One sequential read of the file (about 1 GB/s)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path} is truncated or not a checkpoint ({type(e).__name__}: {str(e)[:200]}). "
+                              + _what_to_do(path)) from None
+    if bad is not None:
+        raise CheckpointError(
+            f"{path} is corrupt: its member {bad} fails its CRC-32 check (the file changed after it was "
+            f"written: a disk, memory or copy error). {_what_to_do(path)}")
+
+
+def _nonfinite(tree: Any, name: str = "") -> tuple[str, int, int] | None:
+    """(dotted name, count, numel) of the first floating tensor holding NaN/inf, else None."""
+    if torch.is_tensor(tree):
+        if not tree.is_floating_point() or tree.numel() == 0:
+            return None
+        if bool(torch.isfinite(torch.stack(torch.aminmax(tree))).all()):  # NaN propagates; one fast pass
+            return None
+        bad = sum(int((~torch.isfinite(part)).sum()) for part in tree.reshape(-1).split(1 << 24))
+        return name, bad, tree.numel()
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for key, value in items:
+        found = _nonfinite(value, f"{name}.{key}" if name else str(key))
+        if found:
+            return found
+    return None
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint without unpickling arbitrary objects; clear errors for bad files."""
+    """Load a checkpoint without unpickling arbitrary objects; clear errors for bad files:
+    truncated, corrupt (CRC), not an atas checkpoint, foreign objects, non-finite values."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-off one has no directory
         raise CheckpointError(
-            f"{path} is truncated or not a checkpoint (not a complete torch zip archive). If a save was "
-            "interrupted, the run folder still holds the previous epoch's checkpoint.")
+            f"{path} is truncated or not a checkpoint (not a complete torch zip archive). " + _what_to_do(path))
+    _verify_archive(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -74,10 +198,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"(or convert the file yourself from a trusted environment). Detail: {str(e)[:300]}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(
-            f"{path} is truncated or not a checkpoint ({type(e).__name__}: {str(e)[:200]}). If a save "
-            "was interrupted, use the previous epoch's checkpoint in the same folder.") from None
+            f"{path} is truncated or not a checkpoint ({type(e).__name__}: {str(e)[:200]}). "
+            + _what_to_do(path)) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an atas checkpoint (no '{FORMAT}' marker)")
+    bad = _nonfinite({k: v for k, v in state.items() if k != "rng"})
+    if bad:
+        name, count, numel = bad
+        raise CheckpointError(
+            f"{path} holds non-finite values: {count} of {numel} entries of {name} are NaN or inf (a run "
+            f"resumed from it would diverge, a model evaluated from it is meaningless). {_what_to_do(path)}")
     return state
 
 

@@ -1,6 +1,6 @@
 """`atas` command line: train, eval, export, recipes (and compare).
 
-    atas train RECIPE [key=value ...] [--run-dir DIR]
+    atas train RECIPE [key=value ...] [--run-dir DIR] [--overwrite]
     atas train --resume RUN_DIR
     atas eval CHECKPOINT|RUN_DIR|EXPORT_DIR [--attacks clean,fgsm,pgd,aa] [--n-examples N]
     atas export RUN_DIR|CHECKPOINT --out DIR
@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.eps=8/255 train.epochs=10")
     t.add_argument("--run-dir", help="run folder (default: <out_dir>/<name>)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in the run folder (its checkpoints, metrics and eval.json go)")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint, run folder or exported model, or any model")
     e.add_argument("checkpoint", nargs="?", help="run folder, checkpoint or export (or use --model)")
@@ -110,7 +112,7 @@ def cmd_train(args) -> int:
         cfg = load_config(args.recipe, args.overrides)
     _check_final_eval_extras(cfg)
     try:
-        run = train(cfg, run_dir=args.resume or args.run_dir, resume=bool(args.resume))
+        run = train(cfg, run_dir=args.resume or args.run_dir, resume=bool(args.resume), overwrite=args.overwrite)
     finally:
         # Under torchrun, leave the process group before the end-of-run evaluation (rank 0 only)
         # and before exit: a rank that exits with gloo's threads still running aborts

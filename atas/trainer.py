@@ -21,7 +21,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from atas.augment import PairedAugment
-from atas.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint, save_json
+from atas.checkpoint import (CheckpointError, DiskFullError, atomic_write, atomic_write_text, load_checkpoint,
+                             save_checkpoint, save_json)
 from atas.config import Config, ConfigError, config_from_dict, method_options
 from atas.data import check_subset, dataset_info, image_folder, load_tensors
 from atas.evaluate import FGSM, PGD
@@ -29,9 +30,8 @@ from atas.loaders import FolderLoader, ResidentLoader
 from atas.methods import get_method
 from atas.models import build_model
 from atas.monitor import COMonitor
+from atas.rundir import CHECKPOINT, RunFolder
 from atas.store import PerSampleStore
-
-CHECKPOINT = "checkpoint.pt"
 
 
 class TrainingDiverged(RuntimeError):
@@ -175,7 +175,6 @@ class MetricsLog:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(rows)
-        from atas.checkpoint import atomic_write
         atomic_write(self.csv, write_csv, mode="w")
 
 
@@ -233,17 +232,27 @@ def check_resumable(saved: dict, cfg: Config) -> None:
                               + "; ".join(diff[:6]) + "). Resume without overrides, or start a new run.")
 
 
-def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) -> RunResult:
-    """Train `cfg`; checkpoints every epoch to run_dir; `resume=True` continues from its checkpoint."""
+def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False,
+          overwrite: bool = False) -> RunResult:
+    """Train `cfg`; checkpoints every epoch to run_dir; `resume=True` continues from its checkpoint.
+
+    The folder is locked for the run (one writer); a fresh run refuses a folder holding another
+    run unless `overwrite=True`, which deletes that run's checkpoints, metrics and evaluation."""
     from atas import distributed as dist
 
     ctx = dist.setup(cfg)
-    device = ctx.device if ctx.enabled else resolve_device(cfg.train.device)
     run_dir = Path(run_dir or Path(cfg.out_dir) / cfg.name)
+    with RunFolder(run_dir, resume=resume, overwrite=overwrite, enabled=ctx.is_main) as folder:
+        return _train(cfg, ctx, folder, resume)
+
+
+def _train(cfg: Config, ctx, folder: RunFolder, resume: bool) -> RunResult:
+    run_dir = folder.run_dir
+    device = ctx.device if ctx.enabled else resolve_device(cfg.train.device)
     ckpt_path = ctx.resume_path(run_dir, CHECKPOINT) if resume else ctx.checkpoint_path(run_dir, CHECKPOINT)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+    if resume:  # checked before anything is written: a refused resume leaves the folder as it was
+        state = load_checkpoint(ckpt_path, map_location="cpu")  # RNG states must stay CPU tensors
+        check_resumable(state["config"], cfg)
     seed_everything(cfg.train.seed + ctx.rank, cfg.train.deterministic)
 
     data = make_data(cfg, device, (lambda n: ctx.shard_indices(cfg, n)) if ctx.enabled else None)
@@ -278,8 +287,6 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
     monitor = COMonitor()
     rows, start_epoch, step = [], 1, 0
     if resume:
-        state = load_checkpoint(ckpt_path, map_location="cpu")  # RNG states must stay CPU tensors
-        check_resumable(state["config"], cfg)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -288,8 +295,14 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
         method.load_state_dict(state["method"])
         _set_rng_state(state["rng"], device)
         start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
-        rows = [r for r in log.read() if r["epoch"] < start_epoch] if ctx.is_main else []
+        if ctx.is_main:  # the checkpoint's rows; a checkpoint older than that: the log's, cut to it
+            rows = state.get("metrics") or [r for r in log.read() if r["epoch"] < start_epoch]
         monitor.replay(rows)
+        del state
+    if ctx.is_main:  # all checked: only now is the folder written (stale outputs go on a fresh start)
+        folder.start(cfg.to_yaml())
+        if resume:
+            log.write_all(rows)  # rebuilt from the checkpoint: an epoch saved but not yet logged is not lost
 
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
@@ -356,12 +369,18 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
         ckpt["method"] = method.state_dict()  # epoch, per-sample store, carried tensors
         if cfg.train.amp == "fp16":
             ckpt["scaler"] = scaler.state_dict()
-        if ctx.is_main or ctx.enabled:  # every rank keeps its own file (its store shard, its RNG)
-            save_checkpoint(ckpt_path, ckpt)
-        if verdict["best"] and cfg.train.co_action == "keep_best" and ctx.is_main:
-            # Weights only (no store/optimizer): best.pt is for evaluation, not for resuming.
-            save_checkpoint(run_dir / "best.pt", {k: ckpt[k] for k in ("model", "config", "epoch", "step")})
-        log.write_all(rows)
+        ckpt["metrics"] = json.loads(json.dumps(rows))  # plain values; the metrics files are rebuilt from these
+        saved_epoch = epoch - 1
+        try:
+            if ctx.is_main or ctx.enabled:  # every rank keeps its own file (its store shard, its RNG)
+                save_checkpoint(ckpt_path, ckpt, keep_previous=True)
+                saved_epoch = epoch
+            if verdict["best"] and cfg.train.co_action == "keep_best" and ctx.is_main:
+                # Weights only (no store/optimizer): best.pt is for evaluation, not for resuming.
+                save_checkpoint(run_dir / "best.pt", {k: ckpt[k] for k in ("model", "config", "epoch", "step")})
+            log.write_all(rows)
+        except DiskFullError as e:
+            raise _disk_full(e, ckpt_path, saved_epoch, run_dir) from None
         if ctx.is_main:
             msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
             tqdm.write(msg)
@@ -377,6 +396,14 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
     ctx.barrier()
     model.eval()  # what a caller does with a trained model is evaluate or deploy it
     return RunResult(run_dir, model, rows, store=method.store, method=method)
+
+
+def _disk_full(e: DiskFullError, ckpt_path: Path, saved_epoch: int, run_dir: Path) -> DiskFullError:
+    """The message a full disk deserves: which file, which checkpoint survived, what to do."""
+    if saved_epoch >= 1 and ckpt_path.exists():
+        return DiskFullError(e.path, f"the checkpoint of epoch {saved_epoch} is intact ({ckpt_path})",
+                             f"free space and resume with `atas train --resume {run_dir}`")
+    return DiskFullError(e.path, "no checkpoint was written yet", "free space and start the run again")
 
 
 def _check_finite(bad_step: torch.Tensor, epoch: int, ckpt_path: Path) -> None:
