@@ -142,3 +142,20 @@ def test_margin_pgd_and_the_probe_keys():
     assert torch.equal(torch.get_rng_state(), state)  # the probe leaves the training's RNG alone
     assert out == probe(model, x, y, 0.1, steps=3)    # and attacks the same way every time
     assert out["probe_pgd_worst"] <= min(out["probe_pgd"], out["probe_pgd_margin"]) and out["probe_lin_err"] >= 0
+
+
+def test_report_plots_the_masking_signal_and_skips_runs_without_it(tmp_path):
+    from atas.report import plot_probe_masking
+
+    def run(method, seed, worst):
+        curves = {"epoch": [1, 2, 3], "probe_fgsm": [0.5, 0.6, 0.7], "probe_pgd": [0.4, 0.5, 0.5],
+                  "co": [False, False, True]}
+        if worst is not None:
+            curves["probe_pgd_worst"] = worst
+        return {"method": method, "eps": "0.2", "seed": seed, "aa": 0.3, "curves": curves}
+
+    old = [run("fgsm_rs", 0, None)]
+    assert plot_probe_masking(old, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+    path = plot_probe_masking(old + [run("atas", 0, [0.4, 0.5, 0.6]), run("fgsm_rs", 1, [0.4, None, 0.3])],
+                              tmp_path / "m.png")
+    assert path.exists() and path.stat().st_size > 1000
