@@ -20,7 +20,9 @@ Pixel values do not change the cost of a step.
 
 Reported: images/s per method (mean ± std over the timed epochs), throughput relative to `none`,
 and ATAS relative to FGSM-RS: the claim of the paper is that ATAS costs what FGSM-RS costs
-(2 forward + 2 backward per step), so the target is atas/fgsm_rs throughput >= 0.95.
+(2 forward + 2 backward per step), so the target is atas/fgsm_rs throughput >= 0.95. ELLE and
+ELLE-A are reported as time per step relative to FGSM-RS (5 forward + 5 backward passes of B images
+per step, no target).
 Then the per-sample store memory for CIFAR-10 per dtype (PerSampleStore.estimate_bytes).
 """
 from __future__ import annotations

@@ -49,8 +49,10 @@ takes the scripts' values. Deviations from the code: x_a, x_b and x_adv are clip
 per-epoch eps ramp of the code is `eps_ramp_epochs` here, by epoch.
 Cost: 5 forward + 5 backward passes of B images per step, no double backprop: the attack (1+1),
 the training forward on x_adv (1) and on the 3B triplet (3), and their backward (1+3). About 2.5x
-FGSM-RS in passes; measured with benchmarks/speed.py, see its docstring. ELLE-A costs the same
-(the penalty is computed every step to watch for spikes).
+FGSM-RS in passes (a 3B batch runs faster than three B batches, so less in time): benchmarks/speed.py
+--model small_cnn --steps 10 --repeats 2 on one shared, heavily loaded CPU core measured ELLE at
+1.70x FGSM-RS's time per step (ELLE-A 1.12x +- 0.2, noise: it runs the same passes as ELLE, the
+penalty is computed every step to watch for spikes). Rerun it on an idle machine for the table.
 
 Example:
     atas train fmnist method.name=elle method.lam=5000
