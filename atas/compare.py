@@ -32,8 +32,8 @@ from atas.config import Config, ConfigError, Frac, MethodConfig, load_config, pa
 
 SUMMARY_FORMAT = "atas.compare.summary/1"
 # Per-epoch metrics copied into summary.json for the plots (and anyone re-plotting).
-CURVE_KEYS = ("probe_clean", "probe_fgsm", "probe_pgd", "co", "alpha_mean", "alpha_min", "alpha_max",
-              "train_loss", "train_adv_acc", "epoch_time_s")
+CURVE_KEYS = ("probe_clean", "probe_fgsm", "probe_pgd", "probe_pgd_margin", "probe_pgd_worst", "probe_lin_err", "co",
+              "alpha_mean", "alpha_min", "alpha_max", "train_loss", "train_adv_acc", "epoch_time_s")
 
 EPILOG = """\
 overrides (key=value, before or after the options):
@@ -355,6 +355,14 @@ def co_verdict(metrics: list[dict], accuracy: dict[str, float]) -> tuple[bool, l
     return bool(epochs) or bool(signature), epochs, signature
 
 
+def co_reasons(metrics: list[dict]) -> list[str]:
+    """The monitor's reason per epoch ('' where it did not flag), replayed like `co_verdict`."""
+    from atas.monitor import COMonitor
+
+    monitor = COMonitor()
+    return [monitor.update(r)["reason"] for r in metrics]
+
+
 def summarize_run(spec: RunSpec, out: Path) -> dict:
     """What summary.json keeps of one finished run (accuracies as fractions)."""
     from atas.data import dataset_info
@@ -366,8 +374,9 @@ def summarize_run(spec: RunSpec, out: Path) -> dict:
 
     curves = {"epoch": [r["epoch"] for r in metrics]}
     curves.update({k: [r.get(k) for r in metrics] for k in CURVE_KEYS if any(k in r for r in metrics)})
-    if "co" in curves:  # the plot marks the epochs of the verdict above
+    if "co" in curves:  # the plot marks the epochs of the verdict above, and says why
         curves["co"] = [e in co_epochs for e in curves["epoch"]]
+        curves["co_reason"] = co_reasons(metrics)
     return {
         "method": spec.method, "eps": spec.eps, "eps_value": float(spec.cfg.method.eps), "seed": spec.seed,
         "clean": accuracy.get("clean"), "fgsm": accuracy.get("fgsm"), "pgd": accuracy.get("pgd"),

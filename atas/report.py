@@ -30,6 +30,7 @@ GAP_POINTS = 3.0
 NEAR_CHANCE = 0.05
 
 PROBE_PLOT, ALPHA_PLOT, TIME_PLOT = "probe_pgd.png", "atas_alpha.png", "time_vs_robust.png"
+MASK_PLOT = "probe_masking.png"
 
 
 def method_label(name: str) -> str:
@@ -292,6 +293,51 @@ def plot_probe_curves(rows: list[dict], path: str | Path) -> Path | None:
     return Path(path)
 
 
+def plot_probe_masking(rows: list[dict], path: str | Path) -> Path | None:
+    """The CO monitor's masked-gradient signal per epoch, one panel per eps: worst-case probe
+    accuracy (cross-entropy and margin PGD) over FGSM probe accuracy; thick = mean over seeds,
+    thin = each seed, dotted = the monitor's threshold, 'x' = an epoch the monitor flagged. A
+    healthy run sits near 1; a run whose robustness is an artefact of masked gradients sinks."""
+    from atas.monitor import COMonitor
+
+    def with_ratio(r):
+        c = r["curves"]
+        ratio = [w / f if w is not None and f else None for w, f in zip(c["probe_pgd_worst"], c["probe_fgsm"])]
+        return {**r, "curves": {**c, "masking": ratio}}
+
+    rows = [with_ratio(r) for r in _ok(rows) if any(v is not None for v in (r.get("curves") or {}).get(
+        "probe_pgd_worst", []))]
+    if not rows:
+        return None
+    groups = group_runs(rows)
+    colors = _colors(_methods(rows))
+    fig, axes = _figure(len(groups))
+    for ax, (eps, by_method) in zip(axes, groups.items()):
+        for method, runs in by_method.items():
+            color = colors[method]
+            for r in runs:
+                c = r["curves"]
+                pts = [(e, v) for e, v in zip(c["epoch"], c["masking"]) if v is not None]
+                ax.plot(*zip(*pts), color=color, lw=0.8, alpha=0.35)
+                co = [(e, v) for (e, v), flag in zip(zip(c["epoch"], c["masking"]), c.get("co", [])) if flag and v is not None]
+                if co:
+                    ax.scatter(*zip(*co), marker="x", s=60, color=color, linewidths=2, zorder=3)
+            epochs, mean = _mean_curve(runs, "masking")
+            ax.plot(epochs, mean, color=color, lw=2.2, label=method_label(method))
+        ax.axhline(COMonitor.mask_ratio, color="black", ls=":", lw=1)
+        ax.set_title(f"eps = {eps}")
+        ax.set_xlabel("epoch")
+        ax.set_ylim(0, 1.1)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("worst-case probe PGD / probe FGSM accuracy")
+    axes[0].scatter([], [], marker="x", color="black", label="CO flagged")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Masked gradients: worst-case (CE + margin) PGD over FGSM probe accuracy\n"
+                 f"(dotted: the monitor's threshold {COMonitor.mask_ratio:g}; x: flagged)")
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
 def plot_alpha(rows: list[dict], path: str | Path) -> Path | None:
     """ATAS step size per epoch, one panel per eps: mean over seeds of the epoch's mean alpha, band =
     smallest .. largest per-sample alpha over seeds; dashed: eps; dotted: the configured clamp."""
@@ -406,6 +452,8 @@ def _blocks(rows: list[dict], command: str | dict, machine: dict, images: dict[s
         if facts.get(eps):
             blocks.append(("list", facts[eps]))
     captions = {PROBE_PLOT: "Probe PGD accuracy per epoch (thick: mean over seeds; thin: each seed; x: CO flagged).",
+                MASK_PLOT: "The CO monitor's masked-gradient signal per epoch: worst-case (cross-entropy and margin) "
+                           "PGD probe accuracy over FGSM probe accuracy; dotted: its threshold (x: CO flagged).",
                 ALPHA_PLOT: "ATAS step size per epoch (mean; band: min..max over samples and seeds; dashed: eps; "
                             "dotted: the alpha_min/alpha_max clamp).",
                 TIME_PLOT: "Final robust accuracy vs training time, one point per run."}
@@ -488,11 +536,12 @@ def build_report(rows: list[dict], out_dir: str | Path, command: str | dict, mac
 
     if available("matplotlib"):  # an optional dependency (`atas[plots]`)
         images = {PROBE_PLOT: plot_probe_curves(rows, out_dir / PROBE_PLOT),
+                  MASK_PLOT: plot_probe_masking(rows, out_dir / MASK_PLOT),
                   ALPHA_PLOT: plot_alpha(rows, out_dir / ALPHA_PLOT),
                   TIME_PLOT: plot_time_vs_robust(rows, out_dir / TIME_PLOT)}
     else:
         print(f"report: no plots, matplotlib is not installed: {INSTALL['matplotlib']}", file=sys.stderr)
-        images = dict.fromkeys((PROBE_PLOT, ALPHA_PLOT, TIME_PLOT))
+        images = dict.fromkeys((PROBE_PLOT, MASK_PLOT, ALPHA_PLOT, TIME_PLOT))
     for name, p in images.items():  # a stale plot from an earlier report must not be shown
         if p is None and (out_dir / name).exists():
             (out_dir / name).unlink()

@@ -137,16 +137,32 @@ def make_data(cfg: Config, device: torch.device, shard=None) -> TrainData:
 
 def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int) -> dict:
     """Clean / FGSM / PGD-k accuracy on a fixed held-out batch: catastrophic overfitting shows as
-    PGD accuracy collapsing while FGSM accuracy climbs (often above clean)."""
+    PGD accuracy collapsing while FGSM accuracy climbs (often above clean). Also a margin-loss
+    PGD-k and the per-sample worst case of the two (masked cross-entropy gradients that fool the
+    plain probe do not fool both), and the local-linearity error of the loss on the batch; see
+    atas.monitor. The probe runs on its own fixed-seed RNG: it never shifts the training's random
+    stream, and it attacks the same way every epoch, so its curves move only with the model."""
+    from atas.monitor import margin_pgd_robust
+    from atas.methods.elle import local_linearity_error
+    from atas.threat import LinfBall
+
     was_training = model.training
     model.eval()
     out = {}
-    with torch.no_grad():
-        out["probe_clean"] = (model(x).argmax(1) == y).float().mean().item()
-    for name, attack in (("probe_fgsm", FGSM(eps)), (f"probe_pgd", PGD(eps, steps=steps, restarts=1))):
-        x_adv = attack(model, x, y)
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(0)
         with torch.no_grad():
-            out[name] = (model(x_adv).argmax(1) == y).float().mean().item()
+            out["probe_clean"] = (model(x).argmax(1) == y).float().mean().item()
+            x_adv = FGSM(eps)(model, x, y)
+            out["probe_fgsm"] = (model(x_adv).argmax(1) == y).float().mean().item()
+        _, robust_ce = PGD(eps, steps=steps, restarts=1).run(model, x, y)
+        robust_margin = margin_pgd_robust(model, x, y, eps, steps)
+        with torch.no_grad():
+            lin_err = local_linearity_error(model, x, y, LinfBall(eps))
+    out["probe_pgd"] = robust_ce.float().mean().item()
+    out["probe_pgd_margin"] = robust_margin.float().mean().item()
+    out["probe_pgd_worst"] = (robust_ce & robust_margin).float().mean().item()
+    out["probe_lin_err"] = lin_err.item()
     model.train(was_training)
     return out
 
@@ -362,6 +378,8 @@ def _train(cfg: Config, ctx, folder: RunFolder, resume: bool) -> RunResult:
             row.update(probe(model, x_probe, y_probe, cfg.method.eps, cfg.train.probe_steps))
             verdict = monitor.update(row)
             row["co"] = verdict["co"]
+            if verdict.get("reason"):
+                row["co_reason"] = verdict["reason"]
         rows.append(row)
         ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": _rng_state(device), "config": cfg.to_dict(),

@@ -1,4 +1,4 @@
-"""Training throughput of none / FGSM-RS / ATAS / PGD-10, measured through the real trainer.
+"""Training throughput of none / FGSM-RS / ATAS / ELLE / ELLE-A / PGD-10, measured through the real trainer.
 
     python benchmarks/speed.py                                   # PreActResNet-18, CIFAR-shaped data
     python benchmarks/speed.py --model small_cnn --steps 20      # Fashion-MNIST-shaped, quick on CPU
@@ -20,7 +20,9 @@ Pixel values do not change the cost of a step.
 
 Reported: images/s per method (mean ± std over the timed epochs), throughput relative to `none`,
 and ATAS relative to FGSM-RS: the claim of the paper is that ATAS costs what FGSM-RS costs
-(2 forward + 2 backward per step), so the target is atas/fgsm_rs throughput >= 0.95.
+(2 forward + 2 backward per step), so the target is atas/fgsm_rs throughput >= 0.95. ELLE and
+ELLE-A are reported as time per step relative to FGSM-RS (5 forward + 5 backward passes of B images
+per step, no target).
 Then the per-sample store memory for CIFAR-10 per dtype (PerSampleStore.estimate_bytes).
 """
 from __future__ import annotations
@@ -53,7 +55,7 @@ from store_memory import human  # noqa: E402  (byte formatting shared with the m
 MODEL_DATASET = {"preact_resnet18": "cifar10", "wrn28_10": "cifar10", "wrn34_10": "cifar10",
                  "small_cnn": "fmnist", "wong_cnn": "fmnist"}
 DATASET_EPS = {"cifar10": "8/255", "cifar100": "8/255", "svhn": "8/255", "fmnist": "0.1", "mnist": "0.3"}
-METHODS = ["none", "fgsm_rs", "atas", "pgd"]
+METHODS = ["none", "fgsm_rs", "atas", "elle", "elle_a", "pgd"]
 
 
 def synthetic_make_data(cfg, device, shard=None):
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed epochs per method, after one warm-up epoch")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--pgd-steps", type=int, default=10)
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list (default: none,fgsm_rs,atas,pgd)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list (default: " + ",".join(METHODS) + ")")
     args = p.parse_args(argv)
     dataset = args.dataset or MODEL_DATASET.get(args.model, "cifar10")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -177,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         ratio = rates["atas"][0] / rates["fgsm_rs"][0]
         verdict = "meets" if ratio >= 0.95 else "MISSES"
         print(f"\natas / fgsm_rs throughput: {ratio:.3f} ({verdict} the target >= 0.95, i.e. ATAS time <= 1.05x FGSM-RS)")
+    for method in ("elle", "elle_a"):  # no target: the paper's point is 'cheaper than GradAlign', not 'as FGSM'
+        if method in rates and "fgsm_rs" in rates:
+            print(f"{method} time per step / fgsm_rs: {rates['fgsm_rs'][0] / rates[method][0]:.2f}x")
     print()
     print(store_memory_table())
     return 0

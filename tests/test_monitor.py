@@ -1,5 +1,12 @@
-"""The catastrophic-overfitting monitor on synthetic probe curves."""
-from atas.monitor import COMonitor
+"""The catastrophic-overfitting monitor on synthetic and logged probe curves, and the probe's margin attack."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from atas.monitor import COMonitor, margin_pgd_robust
 
 
 def _rows(curve):
@@ -54,3 +61,101 @@ def test_replay_rebuilds_state():
         a.update(r)
     b.replay(rows)
     assert (a.best_pgd, a.best_epoch, a.prev_fgsm, a.prev_pgd) == (b.best_pgd, b.best_epoch, b.prev_fgsm, b.prev_pgd)
+
+
+# ---------------------------------------------------------------- gradual collapse, masked gradients
+def _rows_worst(curve):
+    """(clean, fgsm, pgd, worst) per epoch: rows as logged by a probe with the worst-case PGD."""
+    return [{"epoch": e + 1, "probe_clean": c, "probe_fgsm": f, "probe_pgd": p, "probe_pgd_worst": w}
+            for e, (c, f, p, w) in enumerate(curve)]
+
+
+def test_flags_a_gradual_decline_of_the_worst_case_probe():
+    # no epoch falls by 0.2, none halves the best: the old rules stay silent; robustness drains
+    # over epochs 5-6 while FGSM accuracy keeps rising
+    curve = [(0.70, 0.60, 0.52, 0.50), (0.72, 0.65, 0.56, 0.55), (0.74, 0.68, 0.59, 0.58), (0.75, 0.70, 0.55, 0.52),
+             (0.76, 0.72, 0.50, 0.45), (0.77, 0.74, 0.49, 0.44), (0.78, 0.75, 0.48, 0.43)]
+    m = COMonitor()
+    verdicts = [m.update(r) for r in _rows_worst(curve)]
+    assert [v["co"] for v in verdicts] == [False] * 5 + [True, True]
+    assert verdicts[5]["reason"].startswith("decline:") and "0.580" in verdicts[5]["reason"]
+    old = COMonitor()  # the same curve without the new key: the old rule alone, not flagged
+    assert not any(old.update({k: v for k, v in r.items() if k != "probe_pgd_worst"})["co"] for r in _rows_worst(curve))
+
+
+def test_a_noisy_plateau_is_not_flagged():
+    curve = [(0.70, 0.62, 0.52, 0.50), (0.72, 0.65, 0.57, 0.55), (0.71, 0.63, 0.54, 0.52), (0.74, 0.66, 0.59, 0.57),
+             (0.72, 0.64, 0.55, 0.53), (0.73, 0.66, 0.58, 0.56), (0.71, 0.62, 0.53, 0.51), (0.74, 0.66, 0.57, 0.55)]
+    m = COMonitor()
+    assert not any(m.update(r)["co"] for r in _rows_worst(curve)) and not m.reasons
+
+
+def test_flags_masked_gradients_that_persist_after_the_warmup():
+    # the worst-case probe sits far below FGSM from epoch 2 on; epochs <= 3 are warm-up, the flag
+    # comes once it held 2 epochs after it
+    curve = [(0.6, 0.50, 0.40, 0.38)] + [(0.75, 0.70, 0.45, 0.35)] * 5
+    m = COMonitor()
+    flags = [m.update(r)["co"] for r in _rows_worst(curve)]
+    assert flags == [False, False, False, False, True, True]
+    assert m.reasons[5].startswith("masked:")
+    # a single epoch below the line is not enough
+    m = COMonitor()
+    curve = [(0.7, 0.6, 0.55, 0.52)] * 4 + [(0.75, 0.70, 0.45, 0.38), (0.75, 0.66, 0.6, 0.55)]
+    assert not any(m.update(r)["co"] for r in _rows_worst(curve))
+
+
+def test_reason_names_the_old_rules_too():
+    m = COMonitor()
+    v = [m.update(r) for r in _rows([(0.6, 0.45, 0.40), (0.66, 0.50, 0.43), (0.70, 0.69, 0.10)])][-1]
+    assert v["co"] and v["reason"].startswith("collapse:") and "signature" not in v["reason"]
+    assert COMonitor().update(_rows([(0.65, 0.74, 0.05)])[0])["reason"].startswith("signature:")
+
+
+SWEEP = Path(__file__).resolve().parents[1] / "docs" / "results" / "fmnist-sweep" / "summary.json"
+
+
+@pytest.mark.skipif(not SWEEP.exists(), reason="the logged sweep is not in this checkout")
+def test_logged_sweep_atas_and_pgd_at_runs_are_not_flagged():
+    runs = [r for r in json.loads(SWEEP.read_text())["runs"] if r.get("curves") and r["method"] in ("atas", "pgd")]
+    assert len(runs) == 18
+    for r in runs:
+        c = r["curves"]
+        rows = [{"epoch": e, "probe_clean": cl, "probe_fgsm": f, "probe_pgd": p}
+                for e, cl, f, p in zip(c["epoch"], c["probe_clean"], c["probe_fgsm"], c["probe_pgd"])]
+        m = COMonitor()
+        m.replay(rows)
+        assert not m.flagged_epochs, (r["method"], r["eps"], r["seed"], m.reasons)
+
+
+def test_margin_pgd_and_the_probe_keys():
+    from atas.trainer import probe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    correct = model(x).argmax(1) == y
+    robust = margin_pgd_robust(model, x, y, 0.3, steps=5)
+    assert robust.dtype == torch.bool and not bool((robust & ~correct).any())  # robust implies correct at x
+    assert bool(torch.equal(margin_pgd_robust(model, x, y, 1e-7, steps=2), correct))  # nothing to move
+    state = torch.get_rng_state()
+    out = probe(model, x, y, 0.1, steps=3)
+    assert torch.equal(torch.get_rng_state(), state)  # the probe leaves the training's RNG alone
+    assert out == probe(model, x, y, 0.1, steps=3)    # and attacks the same way every time
+    assert out["probe_pgd_worst"] <= min(out["probe_pgd"], out["probe_pgd_margin"]) and out["probe_lin_err"] >= 0
+
+
+def test_report_plots_the_masking_signal_and_skips_runs_without_it(tmp_path):
+    from atas.report import plot_probe_masking
+
+    def run(method, seed, worst):
+        curves = {"epoch": [1, 2, 3], "probe_fgsm": [0.5, 0.6, 0.7], "probe_pgd": [0.4, 0.5, 0.5],
+                  "co": [False, False, True]}
+        if worst is not None:
+            curves["probe_pgd_worst"] = worst
+        return {"method": method, "eps": "0.2", "seed": seed, "aa": 0.3, "curves": curves}
+
+    old = [run("fgsm_rs", 0, None)]
+    assert plot_probe_masking(old, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+    path = plot_probe_masking(old + [run("atas", 0, [0.4, 0.5, 0.6]), run("fgsm_rs", 1, [0.4, None, 0.3])],
+                              tmp_path / "m.png")
+    assert path.exists() and path.stat().st_size > 1000
