@@ -66,8 +66,9 @@ def main(argv=None) -> LitClassifier:
     p.add_argument("--subset", type=int, default=None)
     p.add_argument("--out", default="lightning_runs")
     p.add_argument("--resume", default=None, help="a Lightning checkpoint to continue from")
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    L.seed_everything(0, verbose=False)
+    L.seed_everything(args.seed, verbose=False)
 
     train_set = datasets.FashionMNIST(args.data, train=True, download=args.download, transform=transforms.ToTensor())
     if args.subset:
