@@ -64,12 +64,15 @@ def scale_of(eps: float) -> str:
 
 
 def bench_model(source: str, n: int, device: torch.device, steps: int, restarts: int, batch_size: int,
-                seed: int, with_aa: bool, progress: bool) -> dict:
+                seed: int, with_aa: bool, progress: bool, data_dir: str | None = None) -> dict:
     model, cfg, extra = load_model(source, device)
+    if data_dir:
+        cfg.data.data_dir = data_dir
     eps = cfg.method.eps
     x, y = load_test_set(cfg, n)
     row = {"source": str(resolve_artifact(source)), "method": cfg.method.name, "arch": cfg.model.arch,
-           "dataset": cfg.data.name, "eps": float(eps), "eps_label": eps.text, "epoch": extra.get("epoch"),
+           "dataset": cfg.data.name, "eps": float(eps), "eps_label": eps.text,
+           "epoch": extra.get("epoch", (extra.get("card") or {}).get("epoch")),
            "epochs_planned": cfg.train.epochs, "n_examples": int(len(y)), "attacks": {}}
     common = dict(batch_size=batch_size, seed=seed, device=device, progress=progress, eps_label=eps.text)
     base = evaluate(model, x, y, float(eps), attacks=["clean"] + (["apgd-ce", "aa"] if with_aa else []), **common)
@@ -153,20 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--restarts", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None, help="where the test set is (default: each run's data.data_dir)")
     p.add_argument("--no-aa", action="store_true", help="skip APGD-CE and AutoAttack (no gaps then)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.n_examples < 1:
         p.error(f"--n-examples must be >= 1, got {args.n_examples}")
     device = resolve_device(args.device)
-    rows = []
-    for source in args.models:
-        print(f"{source}:", flush=True)
-        t0 = time.perf_counter()
-        rows.append(bench_model(source, args.n_examples, device, args.steps, args.restarts, args.batch_size,
-                                args.seed, not args.no_aa, not args.no_progress))
-        rows[-1]["total_time_s"] = round(time.perf_counter() - t0, 1)
-    summary = summarize(rows)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds"),
             "command": " ".join(["python", "benchmarks/pgd_step.py"] + (argv if argv is not None else sys.argv[1:])),
@@ -174,9 +170,17 @@ def main(argv: list[str] | None = None) -> int:
                               f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
             "device": str(device), "torch": torch.__version__, "steps": args.steps, "restarts": args.restarts}
     out = Path(args.out)
-    _atomic_write_text(out / "pgd_step.json", json.dumps({**meta, "models": rows, "summary": summary}, indent=2))
-    md = markdown(rows, summary, meta)
-    _atomic_write_text(out / "pgd_step.md", md)
+    rows: list[dict] = []
+    for source in args.models:
+        print(f"{source}:", flush=True)
+        t0 = time.perf_counter()
+        rows.append(bench_model(source, args.n_examples, device, args.steps, args.restarts, args.batch_size,
+                                args.seed, not args.no_aa, not args.no_progress, args.data_dir))
+        rows[-1]["total_time_s"] = round(time.perf_counter() - t0, 1)
+        summary = summarize(rows)  # written after every model: a long run killed half-way keeps what it did
+        _atomic_write_text(out / "pgd_step.json", json.dumps({**meta, "models": rows, "summary": summary}, indent=2))
+        md = markdown(rows, summary, meta)
+        _atomic_write_text(out / "pgd_step.md", md)
     print("\n" + md)
     print(f"wrote {out / 'pgd_step.json'} and {out / 'pgd_step.md'}")
     return 0
