@@ -470,6 +470,12 @@ def cmd_compare(args) -> int:
     out = Path(args.out or Path(out_dirs[-1] if out_dirs else "reports") / Path(args.recipe).stem)
     specs = plan_runs(args.recipe, methods, eps_list, args.seeds, routed, out)
     attacks = check_attacks(specs[0].cfg.eval.attacks)
+    n_wanted, d = specs[0].cfg.eval.n_examples, specs[0].cfg.data
+    if n_wanted is not None and not args.report_only:  # an impossible size fails now, not after training
+        size = _test_set_size(d.name, d.data_dir, d.download, d.test_subset)
+        if n_wanted > size:
+            raise ConfigError(f"--n-examples / eval.n_examples is {n_wanted} but the {d.name} test set has {size} "
+                              f"images; give at most {size}")
     statuses = [training_status(s.run_dir, s.cfg) for s in specs]  # folder conflicts fail here too
     for note in routed.notes:
         print(f"note: {note}")

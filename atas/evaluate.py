@@ -570,15 +570,15 @@ def _report_runs(attack: Any, component: str, progress: "_Progress") -> None:
 class _Progress:
     """A tqdm bar counting attack units (PGD steps, else batches), with a stage note."""
 
-    def __init__(self, bar: tqdm):
-        self.bar, self.done = bar, 0
+    def __init__(self, bar: tqdm, where: str):
+        self.bar, self.where, self.done = bar, where, 0
 
     def step(self, k: int = 1) -> None:
         self.done += k
         self.bar.update(k)
 
-    def stage(self, text: str) -> None:
-        self.bar.set_postfix_str(text, refresh=True)
+    def stage(self, text: str = "") -> None:
+        self.bar.set_postfix_str(f"{self.where} {text}".strip(), refresh=True)
 
 
 class _ListHandler(logging.Handler):
@@ -623,8 +623,8 @@ def _run_attack(name: str, attack_settings: dict, run_batch: Callable, model: nn
             lo, hi = b * batch_size, min((b + 1) * batch_size, n)
             xb, yb = _to_device(x[lo:hi], dev), y[lo:hi].to(dev)
             torch.manual_seed(_batch_seed(seed, name, b))  # inside evaluate's fork_rng
-            tracker = _Progress(bar)
-            tracker.stage(f"batch {b + 1}/{n_batches}")
+            tracker = _Progress(bar, f"batch {b + 1}/{n_batches}")
+            tracker.stage()
             x_adv, robust = run_batch(xb, yb, tracker)
             if name != "clean":
                 check_adversarial(x_adv, xb, eps, name)

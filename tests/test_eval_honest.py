@@ -279,6 +279,19 @@ def test_summary_table_shows_exactly_the_attacks_that_ran(tmp_path):
     assert AA_NOT_RUN not in md and "WEAK ATTACK in 1 run(s) (runs/atas_0)" in md
 
 
+@needs_fmnist
+def test_compare_refuses_more_examples_than_the_test_set_before_training(tmp_path, monkeypatch, capsys):
+    import atas.trainer
+
+    def boom(*args, **kwargs):
+        raise AssertionError("nothing may train here")
+
+    monkeypatch.setattr(atas.trainer, "train", boom)
+    assert cli(["compare", "fmnist", "--n-examples", "20000", "--out", str(tmp_path), f"data.data_dir={FMNIST}"]) == 2
+    assert "test set has 10000 images" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_compare_out_dir_override_is_the_report_folder(tmp_path, monkeypatch, capsys):
     import atas.compare
 
