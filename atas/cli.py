@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                         "eval.pgd_alpha, else the threat model's measured default)")
     e.add_argument("--pgd-schedule", default=None, choices=("constant", "cosine"),
                    help="PGD step schedule (default: the run's eval.pgd_schedule, else the default's)")
+    e.add_argument("--pgd-loss", default=None, choices=("ce", "margin"),
+                   help="PGD loss (default: the run's eval.pgd_loss, else the default's)")
     e.add_argument("--eps", default=None, help="evaluation eps (default: the training eps), e.g. 8/255")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto")
@@ -133,6 +135,7 @@ def cmd_eval(args) -> int:
     if args.pgd_restarts is not None: e.pgd_restarts = args.pgd_restarts
     if args.pgd_alpha is not None: e.pgd_alpha = args.pgd_alpha
     if args.pgd_schedule is not None: e.pgd_schedule = args.pgd_schedule
+    if args.pgd_loss is not None: e.pgd_loss = args.pgd_loss
     if args.data_dir: cfg.data.data_dir = args.data_dir
     validate_eval(cfg)
     eps = None

@@ -313,9 +313,10 @@ def eval_is_current(run_dir: Path, cfg: Config) -> bool:
         from atas.evaluate import pgd_step
 
         s = results["pgd"].get("settings", {})
-        alpha, schedule, _ = pgd_step(eps, e.pgd_alpha, e.pgd_schedule)
+        alpha, schedule, loss, _ = pgd_step(eps, e.pgd_alpha, e.pgd_schedule, e.pgd_loss)
         same_alpha = abs(s.get("alpha", -1) - alpha) <= 1e-12
-        same_schedule = s.get("schedule", "constant") == schedule  # files from before schedules: constant
+        # files from before schedules and losses: constant, ce
+        same_schedule = (s.get("schedule", "constant"), s.get("loss", "ce")) == (schedule, loss)
         if (s.get("steps"), s.get("restarts")) != (e.pgd_steps, e.pgd_restarts) or not (same_alpha and same_schedule):
             return False
     return True

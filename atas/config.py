@@ -159,6 +159,7 @@ class EvalConfig:
     # in pixel units (0.01, 2/255) or a multiple of eps ("eps/4", "0.25eps").
     pgd_alpha: str | None = None
     pgd_schedule: str | None = None  # constant | cosine; None: the default's (constant if pgd_alpha given)
+    pgd_loss: str | None = None      # ce | margin; None: the default's (ce if pgd_alpha given)
     n_examples: int | None = None    # None: the whole test set
     batch_size: int = 256
     at_end: bool = True              # evaluate the final model when training ends
@@ -435,9 +436,9 @@ def validate_eval(cfg: Config) -> None:
     if e.n_examples is not None and e.n_examples < 1:
         raise ConfigError(f"eval.n_examples must be >= 1 (or null for the whole test set), got {e.n_examples}")
     try:
-        pgd_step(cfg.method.eps, e.pgd_alpha, e.pgd_schedule)
+        pgd_step(cfg.method.eps, e.pgd_alpha, e.pgd_schedule, e.pgd_loss)
     except ValueError as err:
-        raise ConfigError(f"eval.pgd_alpha / eval.pgd_schedule: {err}") from None
+        raise ConfigError(f"eval.pgd_alpha / pgd_schedule / pgd_loss: {err}") from None
 
 
 def method_options(cfg: Config) -> Any:

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from .threat import LinfBall, bn_mode, input_grad, signed_step
 
 __all__ = [
-    "ATTACKS", "EvaluationError", "EvaluationWarning", "FGSM", "PGD", "PGD_DEFAULTS", "PGD_SCHEDULES",
+    "ATTACKS", "EvaluationError", "EvaluationWarning", "FGSM", "PGD", "PGD_DEFAULTS", "PGD_LOSSES", "PGD_SCHEDULES",
     "check_adversarial", "evaluate", "format_table", "pgd_step", "save_result",
 ]
 
@@ -56,14 +56,15 @@ ATTACKS: dict[str, tuple[str, bool]] = {
 }
 
 PGD_SCHEDULES = ("constant", "cosine")
+PGD_LOSSES = ("ce", "margin")
 
 # The PGD step used when none is given, per threat model, chosen by measurement (benchmarks/
-# pgd_step.py; the table is in docs/results.md): (rule, alpha as a fraction of eps, schedule).
+# pgd_step.py): (alpha as a fraction of eps, schedule, loss).
 # MNIST-family radii (eps >= 0.1, pixels in [0, 1]) and CIFAR/ImageNet-scale radii (eps < 0.1).
 MNIST_SCALE_EPS = 0.1
 PGD_DEFAULTS = {
-    "mnist-scale": (0.25, "constant"),
-    "cifar-scale": (0.25, "constant"),
+    "mnist-scale": (0.25, "constant", "ce"),
+    "cifar-scale": (0.25, "constant", "ce"),
 }
 
 # AutoAttack more than this many points below PGD: PGD is a weak attack on this model.
@@ -153,6 +154,8 @@ class PGD:
         restarts (int): number of random starts. Default: 10 (PGD-50-10, the field's standard).
         random_start (bool): start at a random point of the ball; False starts at x (then
             restarts > 1 repeat the same deterministic attack). Default: True.
+        loss (str): "ce" (cross-entropy, Madry et al.) or "margin" (max_{k != y} z_k - z_y,
+            Carlini & Wagner 2017; does not saturate on confident points). Default: "ce".
         schedule (str): "constant" (every step alpha) or "cosine" (step t is
             alpha * (1 + cos(pi t / steps)) / 2: a fixed decay from alpha towards 0, in the spirit
             of APGD's decreasing step, Croce & Hein, ICML 2020, https://arxiv.org/abs/2003.01690,
@@ -171,7 +174,8 @@ class PGD:
     """
 
     def __init__(self, eps: float, steps: int = 50, alpha: float | None = None,
-                 restarts: int = 10, random_start: bool = True, schedule: str = "constant"):
+                 restarts: int = 10, random_start: bool = True, schedule: str = "constant",
+                 loss: str = "ce"):
         self.ball = LinfBall(eps)
         self.eps = self.ball.eps
         if int(steps) != steps or steps < 1:
@@ -185,6 +189,9 @@ class PGD:
         if schedule not in PGD_SCHEDULES:
             raise ValueError(f"unknown PGD step schedule {schedule!r}; valid: {', '.join(PGD_SCHEDULES)}")
         self.schedule = schedule
+        if loss not in PGD_LOSSES:
+            raise ValueError(f"unknown PGD loss {loss!r}; valid: {', '.join(PGD_LOSSES)}")
+        self.loss = loss
         self.random_start = bool(random_start)
         if not self.random_start and self.restarts > 1:
             warnings.warn(f"PGD with random_start=False repeats the same attack {self.restarts} "
@@ -200,7 +207,7 @@ class PGD:
     def settings(self) -> dict[str, Any]:
         return {"eps": self.eps, "steps": self.steps, "alpha": self.alpha,
                 "alpha_over_eps": round(self.alpha / self.eps, 6), "schedule": self.schedule,
-                "restarts": self.restarts, "random_start": self.random_start}
+                "loss": self.loss, "restarts": self.restarts, "random_start": self.random_start}
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.run(model, x, y)[0]
@@ -226,7 +233,8 @@ class PGD:
                 x_cur, x_nat, y_nat = start[idx], x[idx], y[idx]
                 for step in range(self.steps + 1):
                     if step < self.steps:
-                        grad, logits = input_grad(model, x_cur, y_nat)
+                        grad, logits = (input_grad(model, x_cur, y_nat) if self.loss == "ce"
+                                        else _margin_grad(model, x_cur, y_nat))
                     else:  # the last iterate gets a forward of its own, no gradient
                         with torch.no_grad():
                             logits = model(x_cur)
@@ -250,29 +258,46 @@ class PGD:
         return x_adv, ~fooled
 
 
-def pgd_step(eps: float, alpha: float | str | None = None,
-             schedule: str | None = None) -> tuple[float, str, str]:
-    """(alpha in pixel units, schedule, rule) for PGD at radius eps.
+def _margin_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of the summed margin loss max_{k != y} z_k - z_y (Carlini & Wagner, IEEE S&P 2017,
+    https://arxiv.org/abs/1608.04644) w.r.t. the input, and the logits. Unlike cross-entropy it
+    does not saturate on confidently classified points."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x)
+        z = logits.float()
+        true = z.gather(1, y[:, None]).squeeze(1)
+        other = z.masked_fill(torch.nn.functional.one_hot(y, z.shape[1]).bool(), float("-inf")).amax(1)
+        (grad,) = torch.autograd.grad((other - true).sum(), [x])
+    return grad, logits
+
+
+def pgd_step(eps: float, alpha: float | str | None = None, schedule: str | None = None,
+             loss: str | None = None) -> tuple[float, str, str, str]:
+    """(alpha in pixel units, schedule, loss, rule) for PGD at radius eps.
 
     alpha: None = this threat model's default (PGD_DEFAULTS); a number (0.01, "2/255") in pixel
-    units; or a multiple of eps written "eps/4", "0.25eps", "2.5*eps/50". schedule: None = the
-    default's ("constant" when alpha is given), or one of PGD_SCHEDULES. `rule` says where the
-    step came from, for the result's settings."""
+    units; or a multiple of eps written "eps/4", "0.25eps", "2.5*eps/50". schedule and loss: None
+    = the default's when alpha is None too, else "constant" and "ce"; or one of PGD_SCHEDULES /
+    PGD_LOSSES. `rule` says where the step came from, for the result's settings."""
     eps = float(eps)
     scale = "mnist-scale" if eps >= MNIST_SCALE_EPS - 1e-12 else "cifar-scale"
     if alpha is None:
-        frac, default_schedule = PGD_DEFAULTS[scale]
-        value, rule = frac * eps, f"default for {scale} eps (eps {'>=' if scale == 'mnist-scale' else '<'} " \
-                                  f"{MNIST_SCALE_EPS:g}): eps*{frac:g}, {default_schedule}"
-        schedule = schedule or default_schedule
+        frac, default_schedule, default_loss = PGD_DEFAULTS[scale]
+        value = frac * eps
+        schedule, loss = schedule or default_schedule, loss or default_loss
+        rule = (f"default for {scale} eps (eps {'>=' if scale == 'mnist-scale' else '<'} {MNIST_SCALE_EPS:g}): "
+                f"eps*{frac:g}, {default_schedule}, {default_loss}")
     else:
         value, rule = _parse_alpha(alpha, eps), f"given: {alpha}"
-        schedule = schedule or "constant"
+        schedule, loss = schedule or "constant", loss or "ce"
     if schedule not in PGD_SCHEDULES:
         raise ValueError(f"unknown PGD step schedule {schedule!r}; valid: {', '.join(PGD_SCHEDULES)}")
+    if loss not in PGD_LOSSES:
+        raise ValueError(f"unknown PGD loss {loss!r}; valid: {', '.join(PGD_LOSSES)}")
     if not 0 < value <= 2 * eps + 1e-12:
         raise ValueError(f"PGD step {alpha!r} = {value:.6g} is outside (0, 2 eps] for eps {eps:.6g}")
-    return value, schedule, rule
+    return value, schedule, loss, rule
 
 
 def _parse_alpha(alpha: float | str, eps: float) -> float:
@@ -318,7 +343,7 @@ def check_adversarial(x_adv: torch.Tensor, x: torch.Tensor, eps: float, name: st
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
              attacks: Sequence[str] = ("clean", "fgsm", "pgd"), *,
              pgd_steps: int = 50, pgd_restarts: int = 10, pgd_alpha: float | str | None = None,
-             pgd_schedule: str | None = None, batch_size: int = 256, n_examples: int | None = None, seed: int = 0,
+             pgd_schedule: str | None = None, pgd_loss: str | None = None, batch_size: int = 256, n_examples: int | None = None, seed: int = 0,
              device: str | torch.device | None = None, progress: bool = True,
              state_path: str | os.PathLike | None = None, eps_label: str | None = None) -> dict:
     """Accuracy of `model` on (x, y) under each attack in `attacks`, L-inf radius eps.
@@ -331,7 +356,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
         eps: radius in pixel units (8/255, not 8). eps_label: how the user wrote it ("8/255"),
             kept for the report; default: "k/255" when eps is such a fraction, else the float.
         attacks: names from ATTACKS: "clean"; "fgsm"; "pgd" (PGD-pgd_steps-pgd_restarts, step
-            pgd_alpha with schedule pgd_schedule, see `pgd_step`; default: the threat model's
+            pgd_alpha with schedule pgd_schedule on loss pgd_loss, see `pgd_step`; default: the threat model's
             PGD_DEFAULTS; the step used is recorded in the result's settings); "aa" (standard AutoAttack: APGD-CE, APGD-T, FAB-T, Square,
             cascaded on still-robust points by pyautoattack's own run_standard_evaluation);
             "apgd-ce", "apgd-t" (one AutoAttack component alone, as configured inside standard
@@ -359,7 +384,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     x, y = _prepare_data(x, y, n_examples)
     n = x.shape[0]
-    pgd_spec = pgd_step(eps, pgd_alpha, pgd_schedule) if "pgd" in names else None
+    pgd_spec = pgd_step(eps, pgd_alpha, pgd_schedule, pgd_loss) if "pgd" in names else None
     dev = _resolve_device(model, device)
     messages: list[str] = []
 
@@ -480,7 +505,7 @@ def _preflight(model: nn.Module, x: torch.Tensor, dev: torch.device, warn) -> in
 
 def _make_attack(name: str, model: nn.Module, eps: float, seed: int, batch_size: int,
                  n_classes: int, dev: torch.device, warn, *, pgd_steps: int, pgd_restarts: int,
-                 pgd_spec: tuple[float, str, str] | None) -> tuple[dict, Callable]:
+                 pgd_spec: tuple[float, str, str, str] | None) -> tuple[dict, Callable]:
     """Configure an attack once: (its settings, fn(x, y, progress) -> (x_adv, robust verdict or
     None)); `progress` is a _Progress the attack reports its steps or stages to."""
     if name == "clean":
@@ -489,8 +514,8 @@ def _make_attack(name: str, model: nn.Module, eps: float, seed: int, batch_size:
         fgsm = FGSM(eps)
         return fgsm.settings(), lambda x, y, progress: (fgsm(model, x, y), None)
     if name == "pgd":
-        alpha, schedule, rule = pgd_spec
-        pgd = PGD(eps, steps=pgd_steps, alpha=alpha, restarts=pgd_restarts, schedule=schedule)
+        alpha, schedule, loss, rule = pgd_spec
+        pgd = PGD(eps, steps=pgd_steps, alpha=alpha, restarts=pgd_restarts, schedule=schedule, loss=loss)
         settings = {**pgd.settings(), "step_rule": rule}
         return settings, lambda x, y, progress: pgd.run(model, x, y, tick=progress.step)
     return _make_autoattack(name, model, eps, seed, batch_size, n_classes, dev, warn)
@@ -708,7 +733,7 @@ def _sanity_across_attacks(results: dict, warn) -> None:
         if "aa" in acc and k in acc and 100 * (acc[k] - acc["aa"]) > WEAK_PGD_POINTS:
             gap = 100 * (acc[k] - acc["aa"])
             s = results[k].get("settings", {})
-            how = (f" (step {s['alpha']:.4g} = eps*{s['alpha_over_eps']:g}, {s['schedule']})"
+            how = (f" (step {s['alpha']:.4g} = eps*{s['alpha_over_eps']:g}, {s['schedule']}, {s.get('loss', 'ce')} loss)"
                    if k == "pgd" and "alpha_over_eps" in s else "")
             warn(f"WEAK ATTACK: {results[k]['label']}{how} accuracy {100 * acc[k]:.2f}% is {gap:.1f} "
                  f"points above AutoAttack {100 * acc['aa']:.2f}% (more than {WEAK_PGD_POINTS:g}): "

@@ -54,7 +54,7 @@ def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: flo
     e = cfg.eval
     eps = cfg.method.eps if eps is None else eps
     try:
-        pgd_step(eps, e.pgd_alpha, e.pgd_schedule)
+        pgd_step(eps, e.pgd_alpha, e.pgd_schedule, e.pgd_loss)
     except ValueError as err:
         raise ConfigError(f"PGD step at eps {getattr(eps, 'text', eps)}: {err}") from None
     x, y = load_test_set(cfg, e.n_examples)
@@ -63,7 +63,8 @@ def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: flo
     out = Path(out) if out else Path(run_dir) / "eval.json"
     result = evaluate(model, x, y, float(eps), attacks=[a.strip() for a in e.attacks.split(",") if a.strip()],
                       pgd_steps=e.pgd_steps, pgd_restarts=e.pgd_restarts,
-                      pgd_alpha=e.pgd_alpha, pgd_schedule=e.pgd_schedule, batch_size=e.batch_size,
+                      pgd_alpha=e.pgd_alpha, pgd_schedule=e.pgd_schedule, pgd_loss=e.pgd_loss,
+                      batch_size=e.batch_size,
                       seed=seed, device=device, progress=cfg.train.progress if progress is None else progress,
                       state_path=out.with_suffix(".state"), eps_label=getattr(eps, "text", str(eps)))
     if float(eps) != float(cfg.method.eps):

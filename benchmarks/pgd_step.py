@@ -18,6 +18,7 @@ step, Wong et al. 2020, and is run only where eps >= 0.1):
     pgd eps/10     constant eps/10
     pgd cos eps/2  cosine decay from eps/2 to 0 over the 50 steps
     pgd cos eps    cosine decay from eps to 0
+    pgd margin eps/4, pgd margin cos eps/2   the same on the margin (CW) loss instead of cross-entropy
     pgd-100-5 eps/10  half the restarts, twice the steps (same budget)
 """
 from __future__ import annotations
@@ -49,7 +50,9 @@ def variants(eps: float, steps: int, restarts: int) -> list[dict]:
         out.append(dict(name="pgd 0.01", alpha="0.01", schedule="constant"))
     out += [dict(name="pgd eps/10", alpha="eps/10", schedule="constant"),
             dict(name="pgd cos eps/2", alpha="eps/2", schedule="cosine"),
-            dict(name="pgd cos eps", alpha="eps", schedule="cosine")]
+            dict(name="pgd cos eps", alpha="eps", schedule="cosine"),
+            dict(name="pgd margin eps/4", alpha="eps/4", schedule="constant", loss="margin"),
+            dict(name="pgd margin cos eps/2", alpha="eps/2", schedule="cosine", loss="margin")]
     for v in out:
         v.update(steps=steps, restarts=restarts)
     if restarts % 2 == 0:
@@ -83,7 +86,7 @@ def bench_model(source: str, n: int, device: torch.device, steps: int, restarts:
                                     "time_s": base["timing"][name], "settings": base["results"][name]["settings"]}
     for v in variants(float(eps), steps, restarts):
         r = evaluate(model, x, y, float(eps), attacks=["pgd"], pgd_steps=v["steps"], pgd_restarts=v["restarts"],
-                     pgd_alpha=v["alpha"], pgd_schedule=v["schedule"], **common)
+                     pgd_alpha=v["alpha"], pgd_schedule=v["schedule"], pgd_loss=v.get("loss", "ce"), **common)
         row["attacks"][v["name"]] = {"accuracy": r["results"]["pgd"]["accuracy"], "time_s": r["timing"]["pgd"],
                                      "settings": r["results"]["pgd"]["settings"]}
         print(f"  {v['name']:<22} {100 * r['results']['pgd']['accuracy']:6.1f}%  ({r['timing']['pgd']:.1f} s)",

@@ -47,22 +47,23 @@ def one_thread():
 # --------------------------------------------------------------------------------------------
 def test_pgd_step_defaults_per_threat_model_and_parsing():
     for eps in (0.1, 0.2, 0.3):
-        alpha, schedule, rule = ev.pgd_step(eps)
-        frac, want = ev.PGD_DEFAULTS["mnist-scale"]
-        assert math.isclose(alpha, frac * eps) and schedule == want and "mnist-scale" in rule
+        alpha, schedule, loss, rule = ev.pgd_step(eps)
+        frac, want, want_loss = ev.PGD_DEFAULTS["mnist-scale"]
+        assert math.isclose(alpha, frac * eps) and (schedule, loss) == (want, want_loss) and "mnist-scale" in rule
     for eps in (2 / 255, 8 / 255, 16 / 255):
-        alpha, schedule, rule = ev.pgd_step(eps)
-        assert math.isclose(alpha, eps / 4) and schedule == "constant" and "cifar-scale" in rule
+        alpha, schedule, loss, rule = ev.pgd_step(eps)
+        assert math.isclose(alpha, eps / 4) and (schedule, loss) == ("constant", "ce") and "cifar-scale" in rule
     assert math.isclose(ev.pgd_step(0.2, "eps/10")[0], 0.02)
     assert math.isclose(ev.pgd_step(0.2, "0.25eps")[0], 0.05)
     assert math.isclose(ev.pgd_step(0.2, "2.5*eps/50")[0], 0.01)
     assert math.isclose(ev.pgd_step(8 / 255, "2/255")[0], 2 / 255)
-    assert ev.pgd_step(0.2, "0.01") == (0.01, "constant", "given: 0.01")
-    assert ev.pgd_step(0.2, "eps/2", "cosine")[1] == "cosine"
-    for bad, schedule, match in [("eps/0", None, "not a step"), ("fast", None, "not a step"),
-                                 ("1.0", None, "outside"), ("eps/4", "linear", "schedule")]:
+    assert ev.pgd_step(0.2, "0.01") == (0.01, "constant", "ce", "given: 0.01")
+    assert ev.pgd_step(0.2, "eps/2", "cosine", "margin")[1:3] == ("cosine", "margin")
+    for bad, schedule, loss, match in [("eps/0", None, None, "not a step"), ("fast", None, None, "not a step"),
+                                       ("1.0", None, None, "outside"), ("eps/4", "linear", None, "schedule"),
+                                       ("eps/4", None, "dlr", "loss")]:
         with pytest.raises(ValueError, match=match):
-            ev.pgd_step(0.2, bad, schedule)
+            ev.pgd_step(0.2, bad, schedule, loss)
 
 
 def test_cosine_schedule_decays_from_alpha_and_is_recorded():
@@ -139,12 +140,30 @@ def test_pgd_step_and_rule_are_in_the_result():
     x, y = _confident_points(model, 4)
     r = ev.evaluate(model, x, y, 0.2, attacks=("pgd",), pgd_steps=3, pgd_restarts=1, progress=False)
     s = r["results"]["pgd"]["settings"]
-    frac, schedule = ev.PGD_DEFAULTS["mnist-scale"]
-    assert s["alpha"] == pytest.approx(frac * 0.2) and s["schedule"] == schedule and "default" in s["step_rule"]
+    frac, schedule, loss = ev.PGD_DEFAULTS["mnist-scale"]
+    assert s["alpha"] == pytest.approx(frac * 0.2) and (s["schedule"], s["loss"]) == (schedule, loss)
+    assert "default" in s["step_rule"]
     r = ev.evaluate(model, x, y, 0.2, attacks=("pgd",), pgd_steps=3, pgd_restarts=1, pgd_alpha="eps/10",
-                    pgd_schedule="cosine", progress=False)
+                    pgd_schedule="cosine", pgd_loss="margin", progress=False)
     s = r["results"]["pgd"]["settings"]
-    assert s["alpha"] == pytest.approx(0.02) and s["schedule"] == "cosine" and s["step_rule"] == "given: eps/10"
+    assert s["alpha"] == pytest.approx(0.02) and (s["schedule"], s["loss"]) == ("cosine", "margin")
+    assert s["step_rule"] == "given: eps/10"
+
+
+def test_margin_loss_pgd_finds_the_analytic_worst_case_of_a_linear_model():
+    """On a linear model the worst case in the box-clipped ball is known; margin-loss PGD reaches it."""
+    model = _linear()
+    x, y = _confident_points(model, 8)
+    w = model.lin.weight.detach()
+    eps = 0.3
+    with torch.no_grad():  # the sign step against every wrong class k, clipped to the box: the exact optimum
+        fooled = torch.zeros(len(y), dtype=torch.bool)
+        for k in range(w.shape[0]):
+            d = (w[k] - w[y]).view(-1, 1, 8, 8)  # gradient of z_k - z_y
+            x_adv = (x + eps * d.sign()).clamp(0, 1)
+            fooled |= (model(x_adv).argmax(1) != y) & (y != k)
+    _, robust = ev.PGD(eps, steps=20, restarts=1, loss="margin").run(model, x, y)
+    assert fooled.any() and torch.equal(~robust, fooled)
 
 
 def test_pgd_reports_every_step_to_the_progress_bar():
