@@ -124,7 +124,9 @@ def test_weak_attack_warning_fires_when_autoattack_beats_pgd():
     acc = {k: v["accuracy"] for k, v in result["results"].items()}
     assert acc["clean"] == 1.0 and acc["pgd"] == 1.0 and acc["aa"] < 0.5  # PGD fooled by the masking
     weak = [w for w in result["warnings"] if w.startswith("WEAK ATTACK")]
-    assert len(weak) == 1 and "PGD-10-2" in weak[0] and "AutoAttack" in weak[0] and "eps*0.25" in weak[0]
+    frac, schedule, _ = ev.PGD_DEFAULTS["mnist-scale"]
+    assert len(weak) == 1 and "PGD-10-2" in weak[0] and "AutoAttack" in weak[0]
+    assert f"eps*{frac:g}, {schedule}" in weak[0]  # the step used is named
     assert "WEAK ATTACK" in ev.format_table(result)
 
     honest = _linear(reverse=False)  # the same network without the masking: PGD finds the worst case
