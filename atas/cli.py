@@ -45,7 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="replace a run already in the run folder (its checkpoints, metrics and eval.json go)")
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint, run folder or exported model, or any model")
+    e = sub.add_parser("eval", help="evaluate a checkpoint, run folder or exported model, or any model",
+                       description="Evaluate a trained model. The result goes to a file of its own beside the "
+                                   "checkpoint, eval-<attacks>-n<N>[-eps<eps>].json, so the eval.json written "
+                                   "at the end of training is never overwritten (give --out to choose). "
+                                   "With --model MODULE:FUNCTION, any model: see docs/own-code.md.")
     e.add_argument("checkpoint", nargs="?", help="run folder, checkpoint or export (or use --model)")
     e.add_argument("--model", metavar="MODULE:FUNCTION",
                    help="evaluate your own model: FUNCTION() builds it (with --weights, --data, --eps)")
@@ -53,16 +57,29 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="dataset of --model's test split, e.g. fmnist, cifar10")
     e.add_argument("--mean", help="--model expects normalised inputs: per-channel mean, e.g. 0.49,0.48,0.45")
     e.add_argument("--std", help="per-channel std for --mean")
-    e.add_argument("--attacks", default=None, help="comma list of: clean,fgsm,pgd,aa,apgd-ce,apgd-t")
-    e.add_argument("--n-examples", type=int, default=None, help="first N test images (default: all)")
+    e.add_argument("--attacks", default=None,
+                   help="comma list of: clean,fgsm,pgd,aa,apgd-ce,apgd-t (default: the run's eval.attacks; "
+                        "clean,pgd,aa with --model)")
+    e.add_argument("--n-examples", type=int, default=None,
+                   help="evaluate the first N test images, 1 <= N <= test set size (default: the run's "
+                        "eval.n_examples, e.g. 1000 for the fmnist recipe; the whole test set if that is unset)")
     e.add_argument("--batch-size", type=int, default=None)
     e.add_argument("--pgd-steps", type=int, default=None)
     e.add_argument("--pgd-restarts", type=int, default=None)
+    e.add_argument("--pgd-alpha", default=None,
+                   help="PGD step: pixels (0.01, 2/255) or a multiple of eps (eps/4) (default: the run's "
+                        "eval.pgd_alpha, else the threat model's measured default)")
+    e.add_argument("--pgd-schedule", default=None, choices=("constant", "cosine"),
+                   help="PGD step schedule (default: the run's eval.pgd_schedule, else the default's)")
+    e.add_argument("--pgd-loss", default=None, choices=("ce", "margin"),
+                   help="PGD loss (default: the run's eval.pgd_loss, else the default's)")
     e.add_argument("--eps", default=None, help="evaluation eps (default: the training eps), e.g. 8/255")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto")
     e.add_argument("--data-dir", default=None)
-    e.add_argument("--out", default=None, help="JSON result path (default: beside the checkpoint)")
+    e.add_argument("--out", default=None,
+                   help="JSON result path (default: eval-<attacks>-n<N>.json beside the checkpoint; never "
+                        "the run's own eval.json unless given here)")
     e.add_argument("--no-progress", action="store_true")
 
     x = sub.add_parser("export", help="write model.safetensors + card.json")
@@ -111,6 +128,8 @@ def cmd_train(args) -> int:
             raise ConfigError("give a recipe (see `atas recipes`) or --resume RUN_DIR")
         cfg = load_config(args.recipe, args.overrides)
     _check_final_eval_extras(cfg)
+    args.run_dir_hint = str(args.resume or args.run_dir or Path(cfg.out_dir) / cfg.name)
+    _sigterm_interrupts()
     try:
         run = train(cfg, run_dir=args.resume or args.run_dir, resume=bool(args.resume), overwrite=args.overwrite)
     finally:
@@ -164,6 +183,19 @@ def cmd_eval_external(args) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's kill, `kill PID`), handled like Ctrl-C."""
+
+
+def _sigterm_interrupts() -> None:
+    import signal
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def cmd_eval(args) -> int:
     if args.model:
         return cmd_eval_external(args)
@@ -171,27 +203,33 @@ def cmd_eval(args) -> int:
         from atas.config import ConfigError
 
         raise ConfigError("give a run folder / checkpoint / export to evaluate, or --model MODULE:FUNCTION")
-    from atas.config import Frac, check_eps
+    from atas.compare import check_attacks
+    from atas.config import Frac, check_eps, validate_eval
     from atas.evaluate import format_table
     from atas.export import load_model, resolve_artifact
-    from atas.runner import evaluate_run
+    from atas.runner import eval_file_name, evaluate_run
     from atas.trainer import resolve_device
 
+    attacks = None if args.attacks is None else ",".join(check_attacks(args.attacks))  # "" is an error
     device = resolve_device(args.device)
     model, cfg, _ = load_model(args.checkpoint, device)
     e = cfg.eval
-    if args.attacks: e.attacks = args.attacks
+    if attacks is not None: e.attacks = attacks
     if args.n_examples is not None: e.n_examples = args.n_examples
-    if args.batch_size: e.batch_size = args.batch_size
-    if args.pgd_steps: e.pgd_steps = args.pgd_steps
-    if args.pgd_restarts: e.pgd_restarts = args.pgd_restarts
+    if args.batch_size is not None: e.batch_size = args.batch_size
+    if args.pgd_steps is not None: e.pgd_steps = args.pgd_steps
+    if args.pgd_restarts is not None: e.pgd_restarts = args.pgd_restarts
+    if args.pgd_alpha is not None: e.pgd_alpha = args.pgd_alpha
+    if args.pgd_schedule is not None: e.pgd_schedule = args.pgd_schedule
+    if args.pgd_loss is not None: e.pgd_loss = args.pgd_loss
     if args.data_dir: cfg.data.data_dir = args.data_dir
+    validate_eval(cfg)
     eps = None
     if args.eps is not None:
         eps = Frac(args.eps)
         check_eps(eps, "--eps")
     source = resolve_artifact(args.checkpoint)
-    out = Path(args.out) if args.out else source.with_name("eval.json")
+    out = Path(args.out) if args.out else source.with_name(eval_file_name(cfg, eps))
     result = evaluate_run(model, cfg, out.parent, eps=eps, seed=args.seed, out=out,
                           progress=not args.no_progress)
     print(format_table(result))
@@ -200,9 +238,15 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
+    import warnings
+
     from atas.export import export_model
 
-    out = export_model(args.source, args.out)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = export_model(args.source, args.out)
+    for w in caught:
+        print(f"atas export: WARNING: {w.message}", file=sys.stderr)
     print(f"exported to {out}/model.safetensors and {out}/card.json")
     return 0
 
@@ -274,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args.command, e, 3, debug)
     except BrokenPipeError:
         return _stdout_closed()
-    except KeyboardInterrupt:
-        print("interrupted; the last completed epoch's checkpoint is intact (resume with --resume RUN_DIR)",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"{how}; the last completed epoch's checkpoint is intact (resume with atas train --resume "
+              f"{getattr(args, 'run_dir_hint', 'RUN_DIR')})", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130

@@ -18,7 +18,6 @@ import copy
 import dataclasses
 import datetime
 import functools
-import importlib.util
 import json
 import os
 import platform
@@ -45,6 +44,11 @@ overrides (key=value, before or after the options):
                          (also written method.pgd.steps=10). Wins over method.<opt>.
   The recipe's own method options apply only to the recipe's method; method.name is set by
   --methods, method.eps by --eps, train.seed by --seeds (seeds are train.seed + 0..N-1).
+  out_dir=DIR           the report goes to DIR/<recipe> (as --out DIR/<recipe>); not with --out.
+
+attacks: the recipe's eval.attacks unless --attacks is given. Without aa (AutoAttack) the report
+and the printed summary say loudly that the robust accuracies are PGD only, which can overstate
+robustness; an evaluation where AutoAttack is more than a few points below PGD warns (WEAK ATTACK).
 
 re-running the same command trains nothing that has finished: runs whose eval.json matches the
 requested attacks / n-examples / PGD settings are read back; unfinished runs resume from their
@@ -69,7 +73,8 @@ def add_compare_parser(sub) -> None:
                    help="comma list for the final evaluation, e.g. clean,pgd,aa (default: the recipe's eval.attacks)")
     c.add_argument("--n-examples", type=int, default=None,
                    help="evaluate on the first N test images (default: the recipe's eval.n_examples)")
-    c.add_argument("--out", default=None, help="report folder (default: reports/<recipe>)")
+    c.add_argument("--out", default=None,
+                   help="report folder (default: reports/<recipe>; an out_dir=DIR override means DIR/<recipe>)")
     c.add_argument("--report-only", action="store_true",
                    help="train and evaluate nothing: write the report from the runs that have finished, "
                         "listing the others as not finished (look at a sweep while it runs)")
@@ -100,8 +105,10 @@ def check_attacks(text: str) -> list[str]:
     unknown = [a for a in names if a not in ATTACKS]
     if unknown or not names:
         raise ConfigError(f"unknown attack(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(ATTACKS)}")
-    if "aa" in names and importlib.util.find_spec("pyautoattack") is None:
-        raise ConfigError("attack 'aa' (standard AutoAttack) needs the pyautoattack package: pip install pyautoattack")
+    if "aa" in names:
+        from atas.extras import require
+
+        require("pyautoattack", "attack 'aa' (standard AutoAttack)")
     return names
 
 
@@ -304,10 +311,14 @@ def eval_is_current(run_dir: Path, cfg: Config) -> bool:
     if n != wanted_n:
         return False
     if "pgd" in results:
+        from atas.evaluate import pgd_step
+
         s = results["pgd"].get("settings", {})
-        alpha = eps / 4 if e.pgd_alpha is None else float(e.pgd_alpha)
+        alpha, schedule, loss, _ = pgd_step(eps, e.pgd_alpha, e.pgd_schedule, e.pgd_loss)
         same_alpha = abs(s.get("alpha", -1) - alpha) <= 1e-12
-        if (s.get("steps"), s.get("restarts")) != (e.pgd_steps, e.pgd_restarts) or not same_alpha:
+        # files from before schedules and losses: constant, ce
+        same_schedule = (s.get("schedule", "constant"), s.get("loss", "ce")) == (schedule, loss)
+        if (s.get("steps"), s.get("restarts")) != (e.pgd_steps, e.pgd_restarts) or not (same_alpha and same_schedule):
             return False
     return True
 
@@ -447,7 +458,7 @@ def machine_info(train_device: str, load_at_start: float | None = None) -> dict:
 # --------------------------------------------------------------------------------------------
 def cmd_compare(args) -> int:
     from atas.checkpoint import atomic_write_text
-    from atas.report import build_report, findings, format_summary_table
+    from atas.report import AA_NOT_RUN, build_report, findings, format_summary_table
     from atas.trainer import TrainingDiverged, resolve_device
 
     # Everything a user can get wrong is checked here, before the first run trains.
@@ -464,9 +475,18 @@ def cmd_compare(args) -> int:
         routed.common.append(f"eval.attacks={','.join(check_attacks(args.attacks))}")
     if args.n_examples is not None:
         routed.common.append(f"eval.n_examples={args.n_examples}")
-    out = Path(args.out or Path("reports") / Path(args.recipe).stem)
+    out_dirs = [o.split("=", 1)[1].strip() for o in routed.common if o.split("=", 1)[0].strip() == "out_dir"]
+    if out_dirs and args.out:
+        raise ConfigError("give the report folder either with --out or as out_dir=..., not both")
+    out = Path(args.out or Path(out_dirs[-1] if out_dirs else "reports") / Path(args.recipe).stem)
     specs = plan_runs(args.recipe, methods, eps_list, args.seeds, routed, out)
     attacks = check_attacks(specs[0].cfg.eval.attacks)
+    n_wanted, d = specs[0].cfg.eval.n_examples, specs[0].cfg.data
+    if n_wanted is not None and not args.report_only:  # an impossible size fails now, not after training
+        size = _test_set_size(d.name, d.data_dir, d.download, d.test_subset)
+        if n_wanted > size:
+            raise ConfigError(f"--n-examples / eval.n_examples is {n_wanted} but the {d.name} test set has {size} "
+                              f"images; give at most {size}")
     statuses = [training_status(s.run_dir, s.cfg) for s in specs]  # folder conflicts fail here too
     for note in routed.notes:
         print(f"note: {note}")
@@ -513,6 +533,8 @@ def cmd_compare(args) -> int:
 
     print()
     print(format_summary_table(rows))
+    if "aa" not in attacks:
+        print(f"\n{AA_NOT_RUN}")
     for eps, facts in findings(rows).items():
         for fact in facts:
             print(f"eps {eps}: {fact}")

@@ -152,10 +152,14 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    attacks: str = "clean,fgsm,pgd"
+    attacks: str = "clean,fgsm,pgd"  # comma list of atas.evaluate.ATTACKS names
     pgd_steps: int = 50
     pgd_restarts: int = 10
-    pgd_alpha: Frac | None = None    # None: eps/4
+    # PGD step: None = the threat model's measured default (atas.evaluate.PGD_DEFAULTS); a number
+    # in pixel units (0.01, 2/255) or a multiple of eps ("eps/4", "0.25eps").
+    pgd_alpha: str | None = None
+    pgd_schedule: str | None = None  # constant | cosine; None: the default's (constant if pgd_alpha given)
+    pgd_loss: str | None = None      # ce | margin; None: the default's (ce if pgd_alpha given)
     n_examples: int | None = None    # None: the whole test set
     batch_size: int = 256
     at_end: bool = True              # evaluate the final model when training ends
@@ -417,6 +421,28 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.name must be sgd or adam, got {cfg.optim.name!r}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    validate_eval(cfg)
+
+
+def validate_eval(cfg: Config) -> None:
+    """The eval section: attack names, sizes and the PGD step, each with a message saying what to write."""
+    from atas.evaluate import ATTACKS, pgd_step
+
+    e = cfg.eval
+    names = [a.strip().lower() for a in str(e.attacks).split(",") if a.strip()]
+    unknown = [a for a in names if a not in ATTACKS]
+    if unknown or not names:
+        raise ConfigError(f"eval.attacks: unknown attack(s) {', '.join(unknown) or '(none given)'}; "
+                          f"valid: {', '.join(ATTACKS)}")
+    for key in ("pgd_steps", "pgd_restarts", "batch_size"):
+        if getattr(e, key) < 1:
+            raise ConfigError(f"eval.{key} must be >= 1, got {getattr(e, key)}")
+    if e.n_examples is not None and e.n_examples < 1:
+        raise ConfigError(f"eval.n_examples must be >= 1 (or null for the whole test set), got {e.n_examples}")
+    try:
+        pgd_step(cfg.method.eps, e.pgd_alpha, e.pgd_schedule, e.pgd_loss)
+    except ValueError as err:
+        raise ConfigError(f"eval.pgd_alpha / pgd_schedule / pgd_loss: {err}") from None
 
 
 def method_options(cfg: Config) -> Any:

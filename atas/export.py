@@ -90,9 +90,39 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     return model.to(device), cfg, {"epoch": int(state["epoch"]), "step": int(state["step"])}
 
 
+def training_state(source: str | Path, cfg: Config, extra: dict) -> dict | None:
+    """How far the exported checkpoint's run had trained: {"epoch", "epochs_planned", "finished",
+    "checkpoint", "note"}; None for an export folder (no epoch to tell). A run counts as finished
+    at its last epoch, at train.max_steps, or when train.co_action=stop ended it."""
+    if extra.get("epoch") is None:
+        return None
+    path = resolve_artifact(source)
+    epoch, step, planned = extra["epoch"], extra.get("step", 0), cfg.train.epochs
+    finished = epoch >= planned or (cfg.train.max_steps is not None and step >= cfg.train.max_steps)
+    if not finished and cfg.train.co_action == "stop":
+        from atas.trainer import MetricsLog
+
+        rows = [r for r in MetricsLog(path.parent).read() if r.get("epoch") == epoch]
+        finished = bool(rows and rows[-1].get("co"))
+    note = None
+    if path.name == "best.pt":
+        note = (f"{path} is the best-robust checkpoint (epoch {epoch} of {planned}, chosen by the CO monitor), "
+                "not the final model")
+    elif not finished:
+        note = (f"{path} is from an unfinished run: epoch {epoch} of {planned}; finish it with "
+                f"`atas train --resume {path.parent}` before publishing, or publish it knowing that")
+    return {"epoch": epoch, "epochs_planned": planned, "finished": finished, "checkpoint": path.name, "note": note}
+
+
 def export_model(source: str | Path, out_dir: str | Path, evaluation: dict | None = None) -> Path:
-    """Write out_dir/model.safetensors and out_dir/card.json; returns out_dir."""
+    """Write out_dir/model.safetensors and out_dir/card.json; returns out_dir. Exporting an
+    unfinished run (or best.pt) warns, and the card's "training" says at which epoch it stopped."""
     model, cfg, extra = load_model(source)
+    state = training_state(source, cfg, extra)
+    if state and state["note"]:
+        import warnings
+
+        warnings.warn(state["note"], stacklevel=2)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in clean_state_dict(unwrap(model).state_dict()).items()}
@@ -107,7 +137,7 @@ def export_model(source: str | Path, out_dir: str | Path, evaluation: dict | Non
         "normalization": {"mean": list(info.mean), "std": list(info.std), "inside_model": True},
         "input": "images in [0, 1], shape [B, C, H, W]",
         "method": cfg.method.name, "eps": cfg.method.eps.text, "eps_value": float(cfg.method.eps),
-        "epoch": extra.get("epoch"), "config": cfg.to_dict(), "evaluation": evaluation,
+        "epoch": extra.get("epoch"), "training": state, "config": cfg.to_dict(), "evaluation": evaluation,
     }
     save_json(out_dir / CARD_FILE, card)
     return out_dir

@@ -26,6 +26,11 @@ METHOD_LABELS = {"atas": "ATAS", "fgsm_rs": "FGSM-RS", "n_fgsm": "N-FGSM", "grad
 # "ATAS AA within GAP_POINTS points of PGD-AT" is the claim the report checks (ATAS paper, Tables).
 GAP_POINTS = 3.0
 
+# Said loudly (report and stdout) when no run was evaluated with AutoAttack.
+AA_NOT_RUN = ("AUTOATTACK WAS NOT RUN: the robust accuracies here are PGD only, an upper bound that can "
+              "overstate robustness by several points (gradient masking, a step size unsuited to the model). "
+              "Add aa to --attacks (e.g. --attacks clean,fgsm,pgd,aa) before quoting these numbers.")
+
 # Mean clean accuracy within this of chance (1 / classes): the runs did not learn; say so.
 NEAR_CHANCE = 0.05
 
@@ -94,13 +99,16 @@ def _mean(runs: list[dict], key: str) -> float | None:
 # Tables and findings
 # --------------------------------------------------------------------------------------------
 def summary_tables(rows: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
-    """Per eps: (eps, header, table rows) with mean ± std over seeds."""
+    """Per eps: (eps, header, table rows) with mean ± std over seeds. A FGSM or AA column appears
+    only where some run was evaluated with that attack."""
     pgd_label = _pgd_label(rows)
+    with_fgsm = any(r.get("fgsm") is not None for r in _ok(rows))
+    with_aa = any(r.get("aa") is not None for r in _ok(rows))
     tables = []
     for eps, by_method in group_runs(rows).items():
         pgd_time = _mean(by_method.get("pgd", []), "train_time_s")
-        header = ["method", "seeds", "clean (%)", f"{pgd_label} (%)", "AA (%)", "train time (s)",
-                  "time vs PGD-AT", "CO"]
+        header = ["method", "seeds", "clean (%)"] + (["FGSM (%)"] if with_fgsm else []) + [f"{pgd_label} (%)"] \
+            + (["AA (%)"] if with_aa else []) + ["train time (s)"] + (["time vs PGD-AT"] if pgd_time else []) + ["CO"]
         body = []
         for method, runs in by_method.items():
             ok = _ok(runs)
@@ -110,14 +118,12 @@ def summary_tables(rows: list[dict]) -> list[tuple[str, list[str], list[list[str
             seeds = f"{len(ok)}" if len(ok) == len(runs) else f"{len(ok)} of {len(runs)} ({why})"
             time_mean = _mean(ok, "train_time_s")
             ratio = f"{time_mean / pgd_time:.2f}×" if pgd_time and time_mean is not None else "—"
-            body.append([method_label(method), seeds,
-                         format_pm([r.get("clean") for r in ok]),
-                         format_pm([r.get("pgd") for r in ok]),
-                         format_pm([r.get("aa") for r in ok]),
-                         format_pm([r.get("train_time_s") for r in ok], scale=1.0),
-                         ratio, co_column(runs)])
-        if pgd_time is None:  # no PGD-AT at this eps: no column of dashes
-            header, body = header[:6] + header[7:], [r[:6] + r[7:] for r in body]
+            body.append([method_label(method), seeds, format_pm([r.get("clean") for r in ok])]
+                        + ([format_pm([r.get("fgsm") for r in ok])] if with_fgsm else [])
+                        + [format_pm([r.get("pgd") for r in ok])]
+                        + ([format_pm([r.get("aa") for r in ok])] if with_aa else [])
+                        + [format_pm([r.get("train_time_s") for r in ok], scale=1.0)]
+                        + ([ratio] if pgd_time else []) + [co_column(runs)])
         tables.append((eps, header, body))
     return tables
 
@@ -435,6 +441,12 @@ def _blocks(rows: list[dict], command: str | dict, machine: dict, images: dict[s
              "CO: seeds with catastrophic overfitting, flagged by the per-epoch probe monitor (probe PGD accuracy "
              "collapsing while FGSM accuracy rises) or by the final evaluation (FGSM accuracy above clean).",
              "AA is standard AutoAttack (fra31, via pyautoattack); '—' where it was not evaluated."]
+    if ok and not any(r.get("aa") is not None for r in ok):
+        notes.insert(0, AA_NOT_RUN)
+    weak = [r for r in ok if any(w.startswith("WEAK ATTACK") for w in r.get("eval_warnings") or [])]
+    if weak:
+        notes.insert(0, f"WEAK ATTACK in {len(weak)} run(s) ({', '.join(r.get('run_dir', '?') for r in weak)}): "
+                        "AutoAttack is more than a few points below PGD there; PGD overstates their robustness.")
     no_probe = [r for r in ok if not (r.get("curves") or {}).get("probe_pgd")]
     if no_probe:
         notes.append(f"{len(no_probe)} run(s) trained without the per-epoch probe (train.probe_size=0): their CO "

@@ -308,8 +308,8 @@ def test_sanity_warnings_across_attacks():
     assert len(messages) == 3  # pgd > clean, aa > clean, aa > pgd
     messages = []
     ev._sanity_across_attacks({"clean": res(0.8), "fgsm": res(0.5), "pgd": res(0.4),
-                               "aa": res(0.3)}, messages.append)
-    assert messages == []
+                               "aa": res(0.38)}, messages.append)
+    assert messages == []  # AA 2 points below PGD: within the WEAK_PGD_POINTS tolerance
 
 
 # ---------------------------------------------------------------------------------- resuming
