@@ -15,6 +15,9 @@ model has learnt to mask the single-step gradient). The monitor flags an epoch, 
                                      FGSM = PGD accuracy: it failed to train, it did not overfit)
   signature: the CO signature outright, whatever came before (CO can strike in epoch 1):
         probe_fgsm > probe_clean  AND  probe_pgd < signature_ratio * probe_clean
+  stuck:     not CO but a failed run all the same: clean = FGSM = PGD probe accuracy (within
+        stuck_tol) at most stuck_max, for `patience` epochs after the first `warmup_epochs` (a model
+        that collapsed to a constant prediction; reported apart from CO, flagged so nobody trusts it)
 
 CO can also come slowly, and hide behind masked gradients: at Fashion-MNIST eps 0.2 FGSM-RS ends
 at half of PGD-AT's AutoAttack accuracy while the PGD-10 probe stays within 0.1 of its best
@@ -85,7 +88,10 @@ class COMonitor:
     mask_ratio: float = 0.6      # masked: worst-case probe below 0.6 x FGSM accuracy ...
     decline_ratio: float = 0.8   # decline: worst-case probe below 0.8 x its best ...
     patience: int = 2            # ... for 2 epochs in a row
-    warmup_epochs: int = 3       # the masked rule starts after epoch 3
+    warmup_epochs: int = 3       # the masked and stuck rules start after epoch 3
+    stuck_tol: float = 0.01      # stuck: clean, FGSM and PGD probe accuracies within 0.01 of each other
+    stuck_max: float = 0.25      # ... and clean accuracy at most 0.25: a constant prediction
+    stuck_run: int = 0
     best_pgd: float = -1.0
     best_epoch: int = 0
     prev_fgsm: float | None = None
@@ -116,6 +122,12 @@ class COMonitor:
         worst = row.get("probe_pgd_worst")
         if worst is not None:
             reasons += self._slow_rules(row["epoch"], worst, fgsm)
+        stuck = (row["epoch"] > self.warmup_epochs and clean <= self.stuck_max
+                 and max(clean, fgsm, pgd) - min(clean, fgsm, pgd) <= self.stuck_tol)
+        self.stuck_run = self.stuck_run + 1 if stuck else 0
+        if self.stuck_run >= self.patience:
+            reasons.append(f"stuck: clean {clean:.3f} = FGSM {fgsm:.3f} = PGD {pgd:.3f} for {self.stuck_run} "
+                           "epochs, a constant prediction (the run is not learning; not CO)")
         best = pgd > self.best_pgd
         if best:
             self.best_pgd, self.best_epoch = pgd, row["epoch"]

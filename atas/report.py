@@ -78,11 +78,19 @@ def format_pm(values: list[float], scale: float = 100.0, digits: int = 1) -> str
     return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
 
 
+def is_stuck_only(run: dict) -> bool:
+    """Flagged by the monitor only as not learning (constant prediction), never as CO."""
+    reasons = [x for x in (run.get("curves") or {}).get("co_reason", []) or [] if x]
+    return bool(reasons) and all(x.startswith("stuck:") for x in reasons) and not run.get("co_final_signature")
+
+
 def co_column(runs: list[dict]) -> str:
-    """'yes (2/3)': how many seeds were flagged with catastrophic overfitting; 'no (0/3)'."""
+    """'yes (2/3)': how many seeds were flagged with catastrophic overfitting; 'no (0/3)'; runs the
+    monitor flagged only as stuck (constant prediction) are counted apart: '+1 stuck'."""
     runs = _ok(runs)
-    k = sum(bool(r.get("co_detected")) for r in runs)
-    return f"{'yes' if k else 'no'} ({k}/{len(runs)})"
+    stuck = sum(bool(r.get("co_detected")) and is_stuck_only(r) for r in runs)
+    k = sum(bool(r.get("co_detected")) for r in runs) - stuck
+    return f"{'yes' if k else 'no'} ({k}/{len(runs)})" + (f", {stuck} stuck" if stuck else "")
 
 
 def _pgd_label(rows: list[dict]) -> str:
@@ -157,7 +165,7 @@ def findings(rows: list[dict]) -> dict[str, list[str]]:
             if method not in by_method:
                 continue
             runs = _ok(by_method[method])
-            flagged = [r for r in runs if r.get("co_detected")]
+            flagged = [r for r in runs if r.get("co_detected") and not is_stuck_only(r)]
             name = method_label(method)
             if not runs:
                 why = "all failed" if all(r.get("failed") for r in by_method[method]) else "not finished yet"

@@ -159,3 +159,22 @@ def test_report_plots_the_masking_signal_and_skips_runs_without_it(tmp_path):
     path = plot_probe_masking(old + [run("atas", 0, [0.4, 0.5, 0.6]), run("fgsm_rs", 1, [0.4, None, 0.3])],
                               tmp_path / "m.png")
     assert path.exists() and path.stat().st_size > 1000
+
+
+def test_constant_prediction_is_flagged_as_stuck_not_co():
+    """A run stuck at a constant prediction (clean = FGSM = PGD near chance) is flagged with a
+    'stuck' reason after the warm-up epochs; a healthy run never has clean = PGD."""
+    m = COMonitor()
+    verdicts = [m.update({"epoch": e, "probe_clean": 0.12, "probe_fgsm": 0.12, "probe_pgd": 0.12,
+                          "probe_pgd_worst": 0.12}) for e in range(1, 7)]
+    assert [v["co"] for v in verdicts] == [False] * 4 + [True] * 2
+    assert verdicts[-1]["reason"].startswith("stuck:") and "not CO" in verdicts[-1]["reason"]
+    from atas.report import co_column
+
+    run = {"co_detected": True, "co_final_signature": False, "clean": 0.1, "pgd": 0.1,
+           "curves": {"co_reason": [v["reason"] for v in verdicts]}}
+    assert co_column([run]) == "no (0/1), 1 stuck"
+    healthy = COMonitor()
+    for e in range(1, 7):
+        assert not healthy.update({"epoch": e, "probe_clean": 0.7, "probe_fgsm": 0.6, "probe_pgd": 0.5,
+                                   "probe_pgd_worst": 0.5})["co"]
