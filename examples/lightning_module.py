@@ -23,7 +23,8 @@ import atas.lightning  # atas
 
 
 def small_cnn() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(1, 16, 4, stride=2, padding=1), nn.ReLU(),
+    return nn.Sequential(transforms.Normalize((0.2860,), (0.3530,)),  # normalisation inside the model: attacks see [0, 1]
+                         nn.Conv2d(1, 16, 4, stride=2, padding=1), nn.ReLU(),
                          nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
                          nn.Linear(32 * 7 * 7, 100), nn.ReLU(), nn.Linear(100, 10))
 
@@ -47,8 +48,9 @@ class LitClassifier(L.LightningModule):
 
     def on_train_epoch_end(self):
         if self.probe is not None:
+            # The probe `atas train` logs: PGD-10, one restart, constant step eps/4, cross-entropy.
             r = atas.benchmark(self, self.probe, self.eps, attacks=["clean", "pgd"], pgd_steps=10, pgd_restarts=1,
-                               progress=False)["results"]
+                               pgd_alpha=self.eps / 4, pgd_schedule="constant", pgd_loss="ce", progress=False)["results"]
             self.history.append({"epoch": self.current_epoch + 1, "probe_clean": r["clean"]["accuracy"],
                                  "probe_pgd": r["pgd"]["accuracy"]})
             print(self.history[-1])

@@ -22,7 +22,8 @@ import atas  # atas
 
 def small_cnn() -> nn.Module:
     """Wong et al.'s MNIST CNN: the user's own model, nothing of the library in it."""
-    return nn.Sequential(nn.Conv2d(1, 16, 4, stride=2, padding=1), nn.ReLU(),
+    return nn.Sequential(transforms.Normalize((0.2860,), (0.3530,)),  # normalisation inside the model: attacks see [0, 1]
+                         nn.Conv2d(1, 16, 4, stride=2, padding=1), nn.ReLU(),
                          nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
                          nn.Linear(32 * 7 * 7, 100), nn.ReLU(), nn.Linear(100, 10))
 
