@@ -32,9 +32,9 @@ it), and apply only to rows that have it (runs logged before it replay by the ru
            epochs in a row, while probe_fgsm stayed at least at its value at that best: robustness
            drains while the single-step attack keeps failing (an LR spike hurts both)
 
-Cost of the additions (margin PGD-k, one 3 x 512-image forward for the local-linearity error that
-is logged as probe_lin_err for the plots): measured at 3.6-4.3% + about 0.6% of an FGSM-RS training
-epoch (wong_cnn, Fashion-MNIST, 512 probe images, PGD-10, one CPU core); the whole probe about 8%.
+Cost: the whole probe, these additions included (margin PGD-k, one 3 x 512-image forward for the
+local-linearity error logged as probe_lin_err), took 5.2-5.9% of a training epoch (wong_cnn,
+Fashion-MNIST, 512 probe images, PGD-10, 2 CPU cores; benchmarks/probe_cost.py).
 The thresholds were set from the sweep of docs/results.md section 2: at its end PGD-50-10 / FGSM
 accuracy was >= 0.63 for every ATAS and PGD-AT run and <= 0.51 for every run whose AutoAttack
 accuracy fell below half of PGD-AT's (constant-prediction runs aside), so mask_ratio 0.6 sits in
