@@ -1,21 +1,44 @@
 """Probe cost vs a training epoch: the per-epoch probe as the trainer runs it (512 held-out images,
 FGSM, cross-entropy and margin PGD-10, linearity error) on a trained run's model, against that
-run's own mean epoch time (metrics.jsonl).
+run's own mean epoch time (metrics.jsonl, probe excluded).
 
     python benchmarks/probe_cost.py reports/fmnist-quick/runs/atas_eps0.3_seed0
 """
-import json, time, sys, torch
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
 from atas.export import load_model
+from atas.runner import load_test_set
 from atas.trainer import probe
-from atas.data import load_tensors
-run = sys.argv[1]
-model, cfg, _ = load_model(run, "cpu")
-x, y = load_tensors("fmnist", "test")
-xp, yp = x[-512:].float().div(255), y[-512:]
-probe(model, xp, yp, float(cfg.method.eps), cfg.train.probe_steps)   # warm-up
-ts = []
-for _ in range(3):
-    t = time.perf_counter(); probe(model, xp, yp, float(cfg.method.eps), cfg.train.probe_steps); ts.append(time.perf_counter() - t)
-rows = [json.loads(l) for l in open(f"{run}/metrics.jsonl")]
-epoch = sum(r["epoch_time_s"] for r in rows) / len(rows)
-print(f"probe {min(ts):.2f} s (min of 3: {[round(t,2) for t in ts]}), mean epoch {epoch:.2f} s, ratio {min(ts)/epoch:.3f}, threads {torch.get_num_threads()}")
+
+
+def main(argv: list[str] | None = None) -> float:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", help="a finished run folder")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    model, cfg, _ = load_model(args.run, "cpu")
+    x, y = load_test_set(cfg)
+    n = cfg.train.probe_size
+    x_probe, y_probe, eps = x[-n:].float().div(255), y[-n:], float(cfg.method.eps)
+    probe(model, x_probe, y_probe, eps, cfg.train.probe_steps)  # warm-up
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        probe(model, x_probe, y_probe, eps, cfg.train.probe_steps)
+        times.append(time.perf_counter() - t0)
+    rows = [json.loads(line) for line in (Path(args.run) / "metrics.jsonl").read_text().splitlines() if line]
+    epoch = sum(r["epoch_time_s"] for r in rows) / len(rows)
+    print(f"probe {min(times):.2f} s (min of {args.repeats}), mean training epoch {epoch:.2f} s: "
+          f"{100 * min(times) / epoch:.1f}% ({torch.get_num_threads()} threads)")
+    return min(times) / epoch
+
+
+if __name__ == "__main__":
+    main()
