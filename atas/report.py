@@ -274,6 +274,23 @@ def _mean_curve(runs: list[dict], key: str) -> tuple[list[int], list[float]]:
     return epochs, [statistics.fmean(per_epoch[e]) for e in epochs]
 
 
+def _plot_seeds_and_mean(ax, by_method: dict, colors: dict, key: str, scale: float = 1.0) -> None:
+    """One curve `key` per run (thin), its mean over seeds (thick), 'x' on the epochs the monitor
+    flagged; points that are None are skipped."""
+    for method, runs in by_method.items():
+        color = colors[method]
+        for r in runs:
+            c = r["curves"]
+            pts = [(e, scale * v, flag) for e, v, flag in zip(c["epoch"], c[key], c.get("co") or [False] * len(c[key]))
+                   if v is not None]
+            ax.plot([e for e, _, _ in pts], [v for _, v, _ in pts], color=color, lw=0.8, alpha=0.35)
+            co = [(e, v) for e, v, flag in pts if flag]
+            if co:
+                ax.scatter(*zip(*co), marker="x", s=60, color=color, linewidths=2, zorder=3)
+        epochs, mean = _mean_curve(runs, key)
+        ax.plot(epochs, [scale * v for v in mean], color=color, lw=2.2, label=method_label(method))
+
+
 def plot_probe_curves(rows: list[dict], path: str | Path) -> Path | None:
     """Probe PGD accuracy per epoch, one panel per eps: thick = mean over seeds, thin = each seed,
     'x' = an epoch the CO monitor flagged. CO reads as a line falling to ~0 with x marks on it."""
@@ -284,17 +301,7 @@ def plot_probe_curves(rows: list[dict], path: str | Path) -> Path | None:
     colors = _colors(_methods(rows))
     fig, axes = _figure(len(groups))
     for ax, (eps, by_method) in zip(axes, groups.items()):
-        for method, runs in by_method.items():
-            color = colors[method]
-            for r in runs:
-                c = r["curves"]
-                y = [100 * v for v in c["probe_pgd"]]
-                ax.plot(c["epoch"], y, color=color, lw=0.8, alpha=0.35)
-                co = [(e, v) for e, v, flag in zip(c["epoch"], y, c.get("co", [])) if flag]
-                if co:
-                    ax.scatter(*zip(*co), marker="x", s=60, color=color, linewidths=2, zorder=3)
-            epochs, mean = _mean_curve(runs, "probe_pgd")
-            ax.plot(epochs, [100 * v for v in mean], color=color, lw=2.2, label=method_label(method))
+        _plot_seeds_and_mean(ax, by_method, colors, "probe_pgd", scale=100)
         ax.set_title(f"eps = {eps}")
         ax.set_xlabel("epoch")
         ax.set_ylim(bottom=0)
@@ -327,17 +334,7 @@ def plot_probe_masking(rows: list[dict], path: str | Path) -> Path | None:
     colors = _colors(_methods(rows))
     fig, axes = _figure(len(groups))
     for ax, (eps, by_method) in zip(axes, groups.items()):
-        for method, runs in by_method.items():
-            color = colors[method]
-            for r in runs:
-                c = r["curves"]
-                pts = [(e, v) for e, v in zip(c["epoch"], c["masking"]) if v is not None]
-                ax.plot(*zip(*pts), color=color, lw=0.8, alpha=0.35)
-                co = [(e, v) for (e, v), flag in zip(zip(c["epoch"], c["masking"]), c.get("co", [])) if flag and v is not None]
-                if co:
-                    ax.scatter(*zip(*co), marker="x", s=60, color=color, linewidths=2, zorder=3)
-            epochs, mean = _mean_curve(runs, "masking")
-            ax.plot(epochs, mean, color=color, lw=2.2, label=method_label(method))
+        _plot_seeds_and_mean(ax, by_method, colors, "masking")
         ax.axhline(COMonitor.mask_ratio, color="black", ls=":", lw=1)
         ax.set_title(f"eps = {eps}")
         ax.set_xlabel("epoch")

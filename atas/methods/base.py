@@ -128,6 +128,7 @@ class Method:
         self._loss_pending = False
         self._warned_no_loss = False
         self._checked_epoch = -1
+        self._checked_idx: torch.Tensor | None = None   # the indices batches() last checked
         self.logits: torch.Tensor | None = None   # logits of the last `loss` (for accuracy logs)
         # Per-step numbers for the progress bar / logs, kept as tensors (no device sync here).
         self.stats: dict[str, torch.Tensor] = {}
@@ -167,6 +168,7 @@ class Method:
             self._check_idx(idx, len(x))
             if device is not None:
                 x, y, idx = (t.to(device, non_blocking=True) for t in (x, y, idx))
+            self._checked_idx = idx  # perturb() on this batch need not check it again
             yield self.augment_batch(x, idx), y, idx
 
     # -- the per-batch calls ---------------------------------------------------------------
@@ -198,8 +200,9 @@ class Method:
                 raise ValueError(f"{self.name} keeps state per training sample: pass perturb(model, x, y, idx) "
                                  "with the samples' dataset indices (wrap the dataset in atas.IndexedDataset)")
             cf = self._crop_for(idx, x)
-            idx = torch.as_tensor(idx, device=x.device)
-            self._check_idx(idx, len(x))
+            if idx is not self._checked_idx:
+                idx = torch.as_tensor(idx, device=x.device)
+                self._check_idx(idx, len(x))
             store = self._store_for(x, cf)
             prior = store.gather_delta(idx, cf)                                   # gather
         self._state = state = BatchState(idx=idx, epoch=self.current_epoch, store=store, prior=prior)
