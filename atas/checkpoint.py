@@ -106,13 +106,16 @@ def previous_path(path: str | Path) -> Path:
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
-def _keep_previous(path: Path) -> None:
-    """previous_path(path) becomes the current file, by a hard link (no copy, no extra disk while
-    `path` exists). The link is staged and renamed, so a crash leaves the old .prev or the new one."""
-    if not path.exists():
-        return
-    prev = previous_path(path)
-    staged = temporary_path(prev)
+def healthy_path(path: str | Path) -> Path:
+    """checkpoint.pt -> checkpoint.healthy.pt: the last epoch the guard of co_action=recover trusts."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.healthy{path.suffix}")
+
+
+def link_as(path: Path, dest: Path) -> None:
+    """`dest` becomes the file `path` is now, by a hard link (no copy, no extra disk while `path`
+    exists). The link is staged and renamed, so a crash leaves the old `dest` or the new one."""
+    staged = temporary_path(dest)
     staged.unlink(missing_ok=True)
     try:
         os.link(path, staged)
@@ -124,9 +127,15 @@ def _keep_previous(path: Path) -> None:
         except BaseException as e:
             staged.unlink(missing_ok=True)
             if _is_disk_full(e, None):
-                raise DiskFullError(prev) from e
+                raise DiskFullError(dest) from e
             raise
-    os.replace(staged, prev)
+    os.replace(staged, dest)
+
+
+def _keep_previous(path: Path) -> None:
+    """previous_path(path) becomes the current file (see link_as)."""
+    if path.exists():
+        link_as(path, previous_path(path))
 
 
 def save_checkpoint(path: str | Path, state: dict, keep_previous: bool = False) -> None:

@@ -229,14 +229,23 @@ def plan_runs(recipe: str, methods: list[str], eps_list: list[str] | None, n_see
 # What a run folder already holds
 # --------------------------------------------------------------------------------------------
 def _read_metrics(run_dir: Path) -> list[dict]:
+    """The epochs the run's final weights descend from (the guard's events and undone epochs aside)."""
+    from atas.guard import epoch_rows
+
+    return epoch_rows(_read_log(run_dir))
+
+
+def _read_log(run_dir: Path) -> list[dict]:
     from atas.trainer import MetricsLog
 
     return MetricsLog(run_dir).read()
 
 
-def _training_finished(rows: list[dict], cfg: Config) -> bool:
+def _training_finished(rows: list[dict], cfg: Config, gave_up: bool = False) -> bool:
     if not rows:
         return False
+    if gave_up:
+        return True
     last = rows[-1]
     return (last["epoch"] >= cfg.train.epochs
             or (cfg.train.co_action == "stop" and bool(last.get("co")))
@@ -277,7 +286,9 @@ def training_status(run_dir: Path, cfg: Config) -> str:
     if rows and rows[-1]["epoch"] > cfg.train.epochs:
         raise ConfigError(f"{run_dir} holds a run trained for {rows[-1]['epoch']} epochs, more than the "
                           f"train.epochs={cfg.train.epochs} asked for. Delete that folder or pick another --out.")
-    return "done" if _training_finished(rows, cfg) else "resume"
+    from atas.guard import gave_up
+
+    return "done" if _training_finished(rows, cfg, gave_up(_read_log(run_dir))) else "resume"
 
 
 @functools.lru_cache(maxsize=None)
@@ -378,6 +389,8 @@ def summarize_run(spec: RunSpec, out: Path) -> dict:
     """What summary.json keeps of one finished run (accuracies as fractions)."""
     from atas.data import dataset_info
 
+    from atas.guard import events
+
     metrics = _read_metrics(spec.run_dir)
     result = json.loads((spec.run_dir / "eval.json").read_text())
     accuracy = {k: v["accuracy"] for k, v in result["results"].items()}
@@ -400,6 +413,9 @@ def summarize_run(spec: RunSpec, out: Path) -> dict:
         "co_detected": co, "co_epochs": co_epochs, "co_final_signature": signature,
         "eval_warnings": result.get("warnings", []),
         "method_args": spec.cfg.method.args,
+        # The training-eps schedule the run started with, and the guard's events (atas.guard).
+        "eps_ramp_epochs": spec.cfg.method.args.get("eps_ramp_epochs", 0),
+        "guard_events": events(_read_log(spec.run_dir)),
         "run_dir": os.path.relpath(spec.run_dir, out),
         "curves": curves,
     }

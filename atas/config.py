@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
+CO_ACTIONS = ("none", "stop", "keep_best", "recover")
 
 
 class ConfigError(ValueError):
@@ -138,14 +139,22 @@ class TrainConfig:
     store_memmap: str | None = None
     drop_last: bool = False          # official: False (the last partial batch is trained on)
     probe_size: int = 512            # fixed held-out batch for the per-epoch PGD probe (0: off)
-    probe_steps: int = 10            # PGD-k of the probe (1 restart, alpha eps/4)
+    probe_steps: int = 10            # PGD-k of the probe (cross-entropy at eps/4; margin with the eval's step rule)
+    probe_restarts: int = 1          # restarts of the probe's margin-loss PGD-k (its worst case)
     amp: str = "off"                 # off | bf16 | fp16 (autocast; GradScaler for fp16)
     channels_last: bool = False
     compile: bool = False            # torch.compile the model (attack and training passes)
+    # The training-eps schedule of every method: a linear ramp of eps over the first N epochs
+    # (0: none, as every paper). method.<name>.eps_ramp_epochs overrides it for one method.
+    eps_ramp_epochs: int = 0
     # Catastrophic-overfitting monitor on the per-epoch probe (atas.monitor):
     # none: log only; stop: end the run when CO is flagged; keep_best: also save best.pt, the
-    # checkpoint with the best probe PGD accuracy so far.
-    co_action: str = "keep_best"
+    # checkpoint with the best probe PGD accuracy so far; recover (default): keep_best, and on a CO
+    # or stuck verdict roll back to the last healthy epoch, apply the method's remedy and go on
+    # (atas.guard), at most max_recoveries times and recover_budget_epochs replayed epochs.
+    co_action: str = "recover"
+    max_recoveries: int = 3
+    recover_budget_epochs: int | None = None   # None: train.epochs (the guard at most doubles a run)
     progress: bool = True
     max_steps: int | None = None     # stop after this many optimizer steps (tests, debugging)
 
@@ -398,6 +407,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"method.{name}: not a method; valid: {', '.join(list_methods())}")
         build_dataclass(get_method(name).Options, opts, f"method.{name}.")  # typos fail even if unused
     chosen = _merge(cfg.method.per_method.get(cfg.method.name, {}), cfg.method.args)
+    chosen.setdefault("eps_ramp_epochs", cfg.train.eps_ramp_epochs)  # the run's schedule, unless set per method
     options = build_dataclass(method_cls.Options, chosen, "method.")
     cfg.method.args = _to_plain(options)
     for key, n in (("data.subset", cfg.data.subset), ("data.test_subset", cfg.data.test_subset)):
@@ -413,8 +423,17 @@ def validate(cfg: Config) -> None:
                           f"eps), got {cfg.train.store_dtype!r}")
     if cfg.train.amp not in ("off", "bf16", "fp16"):
         raise ConfigError(f"train.amp must be off, bf16 or fp16, got {cfg.train.amp!r}")
-    if cfg.train.co_action not in ("none", "stop", "keep_best"):
-        raise ConfigError(f"train.co_action must be none, stop or keep_best, got {cfg.train.co_action!r}")
+    if cfg.train.co_action not in CO_ACTIONS:
+        raise ConfigError(f"train.co_action must be one of {', '.join(CO_ACTIONS)} (recover: roll back to the last "
+                          f"healthy epoch and apply the method's remedy), got {cfg.train.co_action!r}")
+    for key in ("eps_ramp_epochs", "max_recoveries"):
+        if getattr(cfg.train, key) < 0:
+            raise ConfigError(f"train.{key} must be >= 0, got {getattr(cfg.train, key)}")
+    if cfg.train.recover_budget_epochs is not None and cfg.train.recover_budget_epochs < 0:
+        raise ConfigError(f"train.recover_budget_epochs must be >= 0 (epochs the guard may replay), "
+                          f"got {cfg.train.recover_budget_epochs}")
+    if cfg.train.probe_restarts < 1:
+        raise ConfigError(f"train.probe_restarts must be >= 1, got {cfg.train.probe_restarts}")
     if cfg.optim.schedule not in ("multistep", "cyclic", "cosine", "constant"):
         raise ConfigError(f"optim.schedule must be multistep, cyclic, cosine or constant, got {cfg.optim.schedule!r}")
     if cfg.optim.name not in ("sgd", "adam"):

@@ -98,6 +98,14 @@ class DistContext:
         dist.broadcast(t, src=0)
         return bool(t.item())
 
+    def broadcast_object(self, obj):
+        """Rank 0's picklable `obj` on every rank (the guard's decision; sync point)."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def reduce_sums(self, sums: torch.Tensor) -> torch.Tensor:
         """[loss*n, correct, n, alpha_sum, alpha_min, alpha_max] summed / min'ed / max'ed over ranks."""
         if not self.enabled:

@@ -99,11 +99,13 @@ def training_state(source: str | Path, cfg: Config, extra: dict) -> dict | None:
     path = resolve_artifact(source)
     epoch, step, planned = extra["epoch"], extra.get("step", 0), cfg.train.epochs
     finished = epoch >= planned or (cfg.train.max_steps is not None and step >= cfg.train.max_steps)
-    if not finished and cfg.train.co_action == "stop":
+    if not finished and cfg.train.co_action in ("stop", "recover"):
+        from atas.guard import epoch_rows, gave_up
         from atas.trainer import MetricsLog
 
-        rows = [r for r in MetricsLog(path.parent).read() if r.get("epoch") == epoch]
-        finished = bool(rows and rows[-1].get("co"))
+        log = MetricsLog(path.parent).read()
+        rows = [r for r in epoch_rows(log) if r.get("epoch") == epoch]
+        finished = gave_up(log) if cfg.train.co_action == "recover" else bool(rows and rows[-1].get("co"))
     note = None
     if path.name == "best.pt":
         note = (f"{path} is the best-robust checkpoint (epoch {epoch} of {planned}, chosen by the CO monitor), "

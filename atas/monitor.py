@@ -16,8 +16,10 @@ model has learnt to mask the single-step gradient). The monitor flags an epoch, 
   signature: the CO signature outright, whatever came before (CO can strike in epoch 1):
         probe_fgsm > probe_clean  AND  probe_pgd < signature_ratio * probe_clean
   stuck:     not CO but a failed run all the same: clean = FGSM = PGD probe accuracy (within
-        stuck_tol) at most stuck_max, for `patience` epochs after the first `warmup_epochs` (a model
-        that collapsed to a constant prediction; reported apart from CO, flagged so nobody trusts it)
+        stuck_tol) at most stuck_max, for `patience` epochs from the first (a model that collapsed
+        to a constant prediction; reported apart from CO, flagged so nobody trusts it). A run that
+        never learned is flagged at the end of its second epoch: no healthy run of the sweep had a
+        constant prediction after an epoch, and every stuck one had it from the first.
 
 CO can also come slowly, and hide behind masked gradients: at Fashion-MNIST eps 0.2 FGSM-RS ends
 at half of PGD-AT's AutoAttack accuracy while the PGD-10 probe stays within 0.1 of its best
@@ -26,11 +28,19 @@ at half of PGD-AT's AutoAttack accuracy while the PGD-10 probe stays within 0.1 
 it), and apply only to rows that have it (runs logged before it replay by the rules above alone):
 
   masked:  probe_pgd_worst < mask_ratio * probe_fgsm for `patience` epochs in a row, after
-           the first `warmup_epochs` (early epochs of a healthy run, and runs that ramp eps, are not
-           robust yet and look the same)
+           the first `warmup_epochs` and after `hold_until` (the end of the run's eps ramp: early
+           epochs of a healthy run, and epochs trained at a smaller eps, are not robust yet and
+           look the same)
   decline: probe_pgd_worst < decline_ratio * its best so far (best >= min_best) for `patience`
            epochs in a row, while probe_fgsm stayed at least at its value at that best: robustness
-           drains while the single-step attack keeps failing (an LR spike hurts both)
+           drains while the single-step attack keeps failing (an LR spike hurts both); also held
+           until `hold_until`
+
+The worst-case probe is the per-sample AND of a cross-entropy PGD-k (step eps/4) and a margin-loss
+PGD-k with the evaluation's measured step rule (atas.evaluate.pgd_step: a cosine step from eps/2
+at eps >= 0.1) and `train.probe_restarts` restarts: the step rule that brought PGD-50-10 within
+about a point of AutoAttack on the sweep's models, at the probe's cost. Runs logged before it
+(a margin PGD at a constant eps/4) replay with their own, weaker, numbers.
 
 Cost: the whole probe, these additions included (margin PGD-k, one 3 x 512-image forward for the
 local-linearity error logged as probe_lin_err), took 5.2-5.9% of a training epoch (wong_cnn,
@@ -47,38 +57,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
-from atas.threat import LinfBall, bn_mode, signed_step
-
-
-def margin_pgd_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int) -> torch.Tensor:
-    """[B] bool: True where PGD-`steps` on the margin loss max_{k != y} z_k - z_y (Carlini &
-    Wagner 2017), one random start, step eps/4, found no point of the ball that fools the model
-    (x itself and every iterate are checked). The margin's gradient does not vanish where the
-    softmax saturates, which is one way a model masks the cross-entropy's gradient."""
-    ball = LinfBall(eps)
-    with bn_mode(model, "eval"), torch.enable_grad():
-        fooled = torch.zeros(len(y), dtype=torch.bool, device=y.device)
-        x_cur = x.detach()
-        for step in range(steps + 2):
-            x_cur = x_cur.detach().requires_grad_(True)
-            logits = model(x_cur).float()
-            fooled |= logits.argmax(1) != y
-            if step == steps + 1:
-                break
-            if step == 0:  # x itself checked: jump to the random start
-                x_cur = ball.random_start(x)
-                continue
-            z_y = logits.gather(1, y[:, None]).squeeze(1)
-            z_other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
-            (grad,) = torch.autograd.grad((z_other - z_y).sum(), [x_cur])
-            x_cur = ball.project(signed_step(x_cur.detach(), grad, eps / 4), x)
-    return ~fooled
-
-
 @dataclass
 class COMonitor:
     drop_ratio: float = 0.5      # PGD accuracy below half its best ...
@@ -88,7 +66,8 @@ class COMonitor:
     mask_ratio: float = 0.6      # masked: worst-case probe below 0.6 x FGSM accuracy ...
     decline_ratio: float = 0.8   # decline: worst-case probe below 0.8 x its best ...
     patience: int = 2            # ... for 2 epochs in a row
-    warmup_epochs: int = 3       # the masked and stuck rules start after epoch 3
+    warmup_epochs: int = 3       # the masked rule starts after epoch 3 ...
+    hold_until: int = 0          # ... and after this epoch (the end of the eps ramp; set by the trainer)
     stuck_tol: float = 0.01      # stuck: clean, FGSM and PGD probe accuracies within 0.01 of each other
     stuck_max: float = 0.25      # ... and clean accuracy at most 0.25: a constant prediction
     stuck_run: int = 0
@@ -122,8 +101,7 @@ class COMonitor:
         worst = row.get("probe_pgd_worst")
         if worst is not None:
             reasons += self._slow_rules(row["epoch"], worst, fgsm)
-        stuck = (row["epoch"] > self.warmup_epochs and clean <= self.stuck_max
-                 and max(clean, fgsm, pgd) - min(clean, fgsm, pgd) <= self.stuck_tol)
+        stuck = clean <= self.stuck_max and max(clean, fgsm, pgd) - min(clean, fgsm, pgd) <= self.stuck_tol
         self.stuck_run = self.stuck_run + 1 if stuck else 0
         if self.stuck_run >= self.patience:
             reasons.append(f"stuck: clean {clean:.3f} = FGSM {fgsm:.3f} = PGD {pgd:.3f} for {self.stuck_run} "
@@ -140,12 +118,13 @@ class COMonitor:
 
     def _slow_rules(self, epoch: int, worst: float, fgsm: float) -> list[str]:
         reasons = []
-        masked = epoch > self.warmup_epochs and worst < self.mask_ratio * fgsm
+        held = epoch <= max(self.warmup_epochs, self.hold_until)
+        masked = not held and worst < self.mask_ratio * fgsm
         self.masked_run = self.masked_run + 1 if masked else 0
         if self.masked_run >= self.patience:
             reasons.append(f"masked: worst-case probe {worst:.3f} < {self.mask_ratio:g} x FGSM {fgsm:.3f} "
                            f"for {self.masked_run} epochs")
-        declined = (self.best_worst >= self.min_best and worst < self.decline_ratio * self.best_worst
+        declined = (epoch > self.hold_until and self.best_worst >= self.min_best and worst < self.decline_ratio * self.best_worst
                     and fgsm >= self.fgsm_at_best_worst)
         self.decline_run = self.decline_run + 1 if declined else 0
         if self.decline_run >= self.patience:
@@ -159,6 +138,11 @@ class COMonitor:
         """Rebuild the state from logged rows (resume)."""
         for row in rows:
             self.update(row)
+
+    @property
+    def pending(self) -> bool:
+        """A rule is counting towards a flag (the epoch is not clearly healthy)."""
+        return bool(self.stuck_run or self.masked_run or self.decline_run)
 
     @property
     def co_detected(self) -> bool:

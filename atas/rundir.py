@@ -36,7 +36,7 @@ LOCK = ".lock"
 # overwrite) and by-products (config, metrics views, evaluation progress) that go with them.
 RESULTS = ("best.pt", "eval.json", "metrics.jsonl")
 BY_PRODUCTS = ("config.yaml", "metrics.csv", "eval.state")
-_CHECKPOINT_FILE = re.compile(r"checkpoint(-rank\d+-of\d+)?(\.prev)?\.pt")
+_CHECKPOINT_FILE = re.compile(r"checkpoint(-rank\d+-of\d+)?(\.prev|\.healthy)?\.pt")
 _STAGED = re.compile(r"\..+\.tmp-(\d+)")
 
 

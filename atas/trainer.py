@@ -7,6 +7,7 @@ how x_adv is made (and, rarely, its loss).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -21,8 +22,9 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from atas.augment import PairedAugment
-from atas.checkpoint import (CheckpointError, DiskFullError, atomic_write, atomic_write_text, load_checkpoint,
-                             save_checkpoint, save_json)
+from atas import guard
+from atas.checkpoint import (CheckpointError, DiskFullError, atomic_write, atomic_write_text, healthy_path,
+                             link_as, load_checkpoint, save_checkpoint)
 from atas.config import Config, ConfigError, config_from_dict, method_options
 from atas.data import check_subset, dataset_info, image_folder, load_tensors
 from atas.evaluate import FGSM, PGD
@@ -31,6 +33,8 @@ from atas.methods import get_method
 from atas.models import build_model
 from atas.monitor import COMonitor
 from atas.rundir import CHECKPOINT, RunFolder
+
+BEST = "best.pt"
 from atas.store import PerSampleStore
 
 
@@ -135,14 +139,14 @@ def make_data(cfg: Config, device: torch.device, shard=None) -> TrainData:
                      indices)
 
 
-def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int) -> dict:
+def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, restarts: int = 1) -> dict:
     """Clean / FGSM / PGD-k accuracy on a fixed held-out batch: catastrophic overfitting shows as
     PGD accuracy collapsing while FGSM accuracy climbs (often above clean). Also a margin-loss
     PGD-k and the per-sample worst case of the two (masked cross-entropy gradients that fool the
     plain probe do not fool both), and the local-linearity error of the loss on the batch; see
     atas.monitor. The probe runs on its own fixed-seed RNG: it never shifts the training's random
     stream, and it attacks the same way every epoch, so its curves move only with the model."""
-    from atas.monitor import margin_pgd_robust
+    from atas.evaluate import pgd_step
     from atas.methods.elle import local_linearity_error
     from atas.threat import LinfBall
 
@@ -156,7 +160,11 @@ def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps:
             x_adv = FGSM(eps)(model, x, y)
             out["probe_fgsm"] = (model(x_adv).argmax(1) == y).float().mean().item()
         _, robust_ce = PGD(eps, steps=steps, restarts=1).run(model, x, y)
-        robust_margin = margin_pgd_robust(model, x, y, eps, steps)
+        # The margin loss with the evaluation's measured step rule (a cosine step from eps/2 at
+        # eps >= 0.1, atas.evaluate.PGD_DEFAULTS): the probe's stronger half; see atas.monitor.
+        alpha, schedule, _, _ = pgd_step(eps)
+        _, robust_margin = PGD(eps, steps=steps, alpha=alpha, schedule=schedule, loss="margin",
+                               restarts=restarts).run(model, x, y)
         with torch.no_grad():
             lin_err = local_linearity_error(model, x, y, LinfBall(eps))
     out["probe_pgd"] = robust_ce.float().mean().item()
@@ -205,6 +213,7 @@ class RunResult:
     evaluation: dict | None = None
     store: PerSampleStore | None = None
     method: object = None  # the trained method object (its state_dict continues the run)
+    events: list[dict] = field(default_factory=list)  # the guard's recoveries (atas.guard)
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -262,15 +271,32 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False,
         return _train(cfg, ctx, folder, resume)
 
 
-def _train(cfg: Config, ctx, folder: RunFolder, resume: bool) -> RunResult:
-    run_dir = folder.run_dir
-    device = ctx.device if ctx.enabled else resolve_device(cfg.train.device)
-    ckpt_path = ctx.resume_path(run_dir, CHECKPOINT) if resume else ctx.checkpoint_path(run_dir, CHECKPOINT)
-    if resume:  # checked before anything is written: a refused resume leaves the folder as it was
-        state = load_checkpoint(ckpt_path, map_location="cpu")  # RNG states must stay CPU tensors
-        check_resumable(state["config"], cfg)
-    seed_everything(cfg.train.seed + ctx.rank, cfg.train.deterministic)
+@dataclass
+class _Run:
+    """Everything one training run holds, built once by `_build` (and rebuilt in part by a rollback)."""
+    cfg: Config
+    ctx: object
+    device: torch.device
+    data: TrainData
+    model: nn.Module
+    attack_model: nn.Module
+    train_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object
+    method: object
+    store_options: dict
+    ckpt_path: Path
+    memory_format: torch.memory_format
+    autocast: object
+    x_probe: torch.Tensor | None = None
+    y_probe: torch.Tensor | None = None
 
+
+def _build(cfg: Config, ctx, run_dir: Path, ckpt_path: Path) -> _Run:
+    """Data, model, optimizer, scheduler and the public method object, exactly as a user's own loop
+    builds them (examples/own_loop.py)."""
+    device = ctx.device if ctx.enabled else resolve_device(cfg.train.device)
     data = make_data(cfg, device, (lambda n: ctx.shard_indices(cfg, n)) if ctx.enabled else None)
     model = make_model(cfg).to(device)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
@@ -278,142 +304,279 @@ def _train(cfg: Config, ctx, folder: RunFolder, resume: bool) -> RunResult:
     # The attack runs on `attack_model` (no DDP: its backward must not all-reduce anything); only
     # the training pass goes through the DDP wrapper. Both share the same parameters.
     attack_model = torch.compile(model) if cfg.train.compile else model
-    train_model = ctx.wrap(attack_model)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
     store_options = {"storage_size": cfg.train.store_size, "indices": data.indices,
                      "device": "cpu" if cfg.train.store_memmap else device,
                      "memmap_path": ctx.checkpoint_path(run_dir, cfg.train.store_memmap) if cfg.train.store_memmap else None}
-    # The public method object, exactly as a user's own loop builds it (examples/own_loop.py).
-    method = get_method(cfg.method.name)(cfg.method.eps, method_options(cfg), cfg.train.epochs,
-                                         num_samples=data.num_train, augment=data.augment,
-                                         store_dtype=cfg.train.store_dtype, store_options=store_options)
     if cfg.train.compile and cfg.method.name == "grad_align":
         raise ConfigError("train.compile=true cannot run grad_align: its double backprop does not go through "
                           "torch.compile. Set train.compile=false.")
     optimizer = make_optimizer(cfg, model)
-    steps_per_epoch = len(data.loader) * method.replays
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
+    run = _Run(cfg, ctx, device, data, model, attack_model, ctx.wrap(attack_model), optimizer, None,
+               torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16"), None, store_options,
+               ckpt_path, memory_format, autocast)
+    run.method = _make_method(run, {})
+    steps_per_epoch = len(data.loader) * run.method.replays
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
     n_probe = min(cfg.train.probe_size, len(data.x_test))
-    x_probe = data.x_test[-n_probe:].to(device).float().div_(255) if n_probe else None
-    y_probe = data.y_test[-n_probe:].to(device) if n_probe else None
+    if n_probe:
+        run.x_probe = data.x_test[-n_probe:].to(device).float().div_(255)
+        run.y_probe = data.y_test[-n_probe:].to(device)
+    return run
 
+
+def _make_method(run: _Run, changes: dict):
+    """The public method object, with the guard's option changes so far (atas.guard)."""
+    cfg = run.cfg
+    options = method_options(cfg)
+    if changes:
+        options = dataclasses.replace(options, **changes)
+    return get_method(cfg.method.name)(cfg.method.eps, options, cfg.train.epochs, num_samples=run.data.num_train,
+                                       augment=run.data.augment, store_dtype=cfg.train.store_dtype,
+                                       store_options=run.store_options)
+
+
+def _restore(run: _Run, state: dict, rows: list[dict]) -> int:
+    """Load a checkpoint's training state into the run (resume and rollback); the method object is
+    rebuilt with the guard's option changes recorded in `rows`. Returns the step count."""
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if "scaler" in state:
+        run.scaler.load_state_dict(state["scaler"])
+    run.method = _make_method(run, guard.option_changes(rows))
+    run.method.load_state_dict(state["method"])
+    _set_rng_state(state["rng"], run.device)
+    return int(state["step"])
+
+
+def _snapshot(run: _Run, epoch: int, step: int, rows: list[dict]) -> dict:
+    """The checkpoint of the end of `epoch`: all a resume (or a rollback) needs."""
+    ckpt = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "rng": _rng_state(run.device), "config": run.cfg.to_dict(),
+            "epoch": epoch, "step": step, "num_train": run.data.num_train}
+    ckpt["method"] = run.method.state_dict()  # epoch, per-sample store, carried tensors
+    if run.cfg.train.amp == "fp16":
+        ckpt["scaler"] = run.scaler.state_dict()
+    ckpt["metrics"] = json.loads(json.dumps(rows))  # plain values; the metrics files are rebuilt from these
+    return ckpt
+
+
+def _train(cfg: Config, ctx, folder: RunFolder, resume: bool) -> RunResult:
+    run_dir = folder.run_dir
+    ckpt_path = ctx.resume_path(run_dir, CHECKPOINT) if resume else ctx.checkpoint_path(run_dir, CHECKPOINT)
+    if resume:  # checked before anything is written: a refused resume leaves the folder as it was
+        state = load_checkpoint(ckpt_path, map_location="cpu")  # RNG states must stay CPU tensors
+        check_resumable(state["config"], cfg)
+    seed_everything(cfg.train.seed + ctx.rank, cfg.train.deterministic)
+    run = _build(cfg, ctx, run_dir, ckpt_path)
+    recover = cfg.train.co_action == "recover"
     log = MetricsLog(run_dir, enabled=ctx.is_main)
-    monitor = COMonitor()
     rows, start_epoch, step = [], 1, 0
     if resume:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        method.load_state_dict(state["method"])
-        _set_rng_state(state["rng"], device)
-        start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
-        if ctx.is_main:  # the checkpoint's rows; a checkpoint older than that: the log's, cut to it
-            rows = state.get("metrics") or [r for r in log.read() if r["epoch"] < start_epoch]
-        monitor.replay(rows)
+        # Every rank reads the checkpoint's rows: the guard's option changes are in them.
+        rows = state.get("metrics") or ([r for r in log.read() if r["epoch"] < int(state["epoch"]) + 1]
+                                        if ctx.is_main else [])
+        step = _restore(run, state, rows)
+        start_epoch = int(state["epoch"]) + 1
         del state
     if ctx.is_main:  # all checked: only now is the folder written (stale outputs go on a fresh start)
         folder.start(cfg.to_yaml())
         if resume:
             log.write_all(rows)  # rebuilt from the checkpoint: an epoch saved but not yet logged is not lost
+            _repair_best(run, rows, run_dir)
+    if recover and not resume:  # epoch 0 is the rollback target of a run that never gets healthy
+        link = healthy_path(ckpt_path)
+        _save_or_explain(lambda: save_checkpoint(link, _snapshot(run, 0, 0, rows)), ckpt_path, 0, run_dir)
+    monitor = guard.monitor_for(run.method.opt, rows)
+    sentinel = guard.Guard(cfg.train.max_recoveries, cfg.train.recover_budget_epochs
+                           if cfg.train.recover_budget_epochs is not None else cfg.train.epochs)
 
-    for epoch in range(start_epoch, cfg.train.epochs + 1):
+    epoch = start_epoch
+    while epoch <= cfg.train.epochs:
         if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
             break
-        model.train()
-        sums = torch.zeros(6, device=device)  # loss, correct, n, alpha_sum, alpha_min, alpha_max
-        sums[4], sums[5] = float("inf"), float("-inf")
-        bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        t0 = time.time()
-        batches = method.batches(data.loader)  # starts the epoch; paired crop/flip of every batch
-        bar = tqdm(batches, total=len(data.loader), desc=f"epoch {epoch}/{cfg.train.epochs} {method.name}",
-                   leave=False, disable=not (cfg.train.progress and ctx.is_main), dynamic_ncols=True)
-        for i, (x, y, idx) in enumerate(bar):
-            x = x.contiguous(memory_format=memory_format)
-            for _ in range(method.replays):
-                with autocast():
-                    x_adv = method.perturb(attack_model, x, y, idx)               # gather, attack, scatter
-                model.train()
-                with autocast():
-                    loss = method.loss(train_model, x_adv, y, x)                  # loss
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()                                     # DDP syncs here
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-            logits = method.logits
-            step += 1
-            with torch.no_grad():                                                 # log (no sync)
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
-                sums[0] += loss.detach() * len(y)
-                sums[1] += (logits.argmax(1) == y).sum()
-                sums[2] += len(y)
-                if "alpha" in method.stats:
-                    a = method.stats["alpha"]
-                    sums[3] += a.sum()
-                    sums[4] = torch.minimum(sums[4], a.min())
-                    sums[5] = torch.maximum(sums[5], a.max())
-            if i % 20 == 0 or i == len(data.loader) - 1:
-                _check_finite(bad_step, epoch, ckpt_path)                         # sync point
-                s = sums.tolist()
-                post = {"loss": f"{s[0] / s[2]:.3f}", "acc": f"{s[1] / s[2]:.3f}"}
-                if s[3]:
-                    post["alpha"] = f"{s[3] / s[2] * 255:.2f}/255 [{s[4] * 255:.1f},{s[5] * 255:.1f}]"
-                bar.set_postfix(post)
-            if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
-                break
-        bar.close()
-        _check_finite(bad_step, epoch, ckpt_path)
-        sums = ctx.reduce_sums(sums)
-        s = sums.tolist()
-        row = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"], "train_loss": s[0] / s[2],
-               "train_adv_acc": s[1] / s[2], "epoch_time_s": time.time() - t0}
-        if s[3]:
-            row.update(alpha_mean=s[3] / s[2], alpha_min=s[4], alpha_max=s[5])
-        verdict = {"co": False, "best": False}
-        if x_probe is not None and ctx.is_main:
-            row.update(probe(model, x_probe, y_probe, cfg.method.eps, cfg.train.probe_steps))
+        row, step = _train_epoch(run, epoch, step)
+        verdict = {"co": False, "best": False, "reason": ""}
+        if run.x_probe is not None and ctx.is_main:
+            row.update(probe(run.model, run.x_probe, run.y_probe, cfg.method.eps, cfg.train.probe_steps,
+                             cfg.train.probe_restarts))
             verdict = monitor.update(row)
+            verdict["best"] = row["probe_pgd"] > max((r.get("probe_pgd", -1.0) for r in guard.all_epochs(rows)),
+                                                     default=-1.0)
             row["co"] = verdict["co"]
-            if verdict.get("reason"):
+            if verdict["reason"]:
                 row["co_reason"] = verdict["reason"]
         rows.append(row)
-        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": _rng_state(device), "config": cfg.to_dict(),
-                "epoch": epoch, "step": step, "num_train": data.num_train}
-        ckpt["method"] = method.state_dict()  # epoch, per-sample store, carried tensors
-        if cfg.train.amp == "fp16":
-            ckpt["scaler"] = scaler.state_dict()
-        ckpt["metrics"] = json.loads(json.dumps(rows))  # plain values; the metrics files are rebuilt from these
-        saved_epoch = epoch - 1
-        try:
-            if ctx.is_main or ctx.enabled:  # every rank keeps its own file (its store shard, its RNG)
-                save_checkpoint(ckpt_path, ckpt, keep_previous=True)
-                saved_epoch = epoch
-            if verdict["best"] and cfg.train.co_action == "keep_best" and ctx.is_main:
-                # Weights only (no store/optimizer): best.pt is for evaluation, not for resuming.
-                save_checkpoint(run_dir / "best.pt", {k: ckpt[k] for k in ("model", "config", "epoch", "step")})
-            log.write_all(rows)
-        except DiskFullError as e:
-            raise _disk_full(e, ckpt_path, saved_epoch, run_dir) from None
-        if ctx.is_main:
-            msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-            tqdm.write(msg)
-            if verdict["co"]:
-                tqdm.write(f"CATASTROPHIC OVERFITTING at epoch {epoch}: probe PGD accuracy {row['probe_pgd']:.3f} "
-                           f"(best {monitor.best_pgd:.3f} at epoch {monitor.best_epoch}), FGSM accuracy "
-                           f"{row['probe_fgsm']:.3f}, clean {row['probe_clean']:.3f}."
-                           + (" Best-robust checkpoint: best.pt." if cfg.train.co_action == "keep_best" else ""))
-        if ctx.broadcast_flag(verdict["co"] and cfg.train.co_action == "stop"):  # all ranks stop together
+        event = None
+        if recover and ctx.broadcast_flag(verdict["co"]):
+            event = ctx.broadcast_object(sentinel.plan(rows, epoch, verdict["reason"], _last_healthy(rows),
+                                                       run.method) if ctx.is_main else None)
+        _end_of_epoch(run, epoch, step, rows, verdict, monitor, run_dir, log,
+                      healthy=recover and ctx.broadcast_flag(not verdict["co"] and not monitor.pending),
+                      last_word=event)
+        if event is not None and event[guard.EVENT] == "recovery":
+            epoch, step, monitor = _roll_back(run, event, rows, run_dir, log)
+            continue
+        stop = event is not None or (verdict["co"] and cfg.train.co_action == "stop")
+        if ctx.broadcast_flag(stop):  # all ranks stop together
             if ctx.is_main:
-                tqdm.write("train.co_action=stop: ending the run.")
+                tqdm.write("the guard gave up: ending the run." if event else "train.co_action=stop: ending the run.")
             break
+        epoch += 1
     ctx.barrier()
-    model.eval()  # what a caller does with a trained model is evaluate or deploy it
-    return RunResult(run_dir, model, rows, store=method.store, method=method)
+    run.model.eval()  # what a caller does with a trained model is evaluate or deploy it
+    return RunResult(run_dir, run.model, guard.epoch_rows(rows), store=run.method.store, method=run.method,
+                     events=guard.events(rows))
+
+
+def _train_epoch(run: _Run, epoch: int, step: int) -> tuple[dict, int]:
+    """One epoch of the loop; returns its metrics row and the step count."""
+    cfg, method, device = run.cfg, run.method, run.device
+    run.model.train()
+    sums = torch.zeros(6, device=device)  # loss, correct, n, alpha_sum, alpha_min, alpha_max
+    sums[4], sums[5] = float("inf"), float("-inf")
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    t0 = time.time()
+    batches = method.batches(run.data.loader)  # starts the epoch; paired crop/flip of every batch
+    n_batches = len(run.data.loader)
+    bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch}/{cfg.train.epochs} {method.name}",
+               leave=False, disable=not (cfg.train.progress and run.ctx.is_main), dynamic_ncols=True)
+    for i, (x, y, idx) in enumerate(bar):
+        x = x.contiguous(memory_format=run.memory_format)
+        for _ in range(method.replays):
+            with run.autocast():
+                x_adv = method.perturb(run.attack_model, x, y, idx)               # gather, attack, scatter
+            run.model.train()
+            with run.autocast():
+                loss = method.loss(run.train_model, x_adv, y, x)                  # loss
+            run.optimizer.zero_grad(set_to_none=True)
+            run.scaler.scale(loss).backward()                                     # DDP syncs here
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+            run.scheduler.step()
+        step += 1
+        with torch.no_grad():                                                     # log (no sync)
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
+            sums[0] += loss.detach() * len(y)
+            sums[1] += (method.logits.argmax(1) == y).sum()
+            sums[2] += len(y)
+            if "alpha" in method.stats:
+                a = method.stats["alpha"]
+                sums[3] += a.sum()
+                sums[4] = torch.minimum(sums[4], a.min())
+                sums[5] = torch.maximum(sums[5], a.max())
+        if i % 20 == 0 or i == n_batches - 1:
+            _check_finite(bad_step, epoch, run.ckpt_path)                         # sync point
+            s = sums.tolist()
+            post = {"loss": f"{s[0] / s[2]:.3f}", "acc": f"{s[1] / s[2]:.3f}"}
+            if s[3]:
+                post["alpha"] = f"{s[3] / s[2] * 255:.2f}/255 [{s[4] * 255:.1f},{s[5] * 255:.1f}]"
+            bar.set_postfix(post)
+        if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
+            break
+    bar.close()
+    _check_finite(bad_step, epoch, run.ckpt_path)
+    s = run.ctx.reduce_sums(sums).tolist()
+    row = {"epoch": epoch, "step": step, "lr": run.optimizer.param_groups[0]["lr"], "train_loss": s[0] / s[2],
+           "train_adv_acc": s[1] / s[2], "epoch_time_s": time.time() - t0}
+    eps_t = method.eps_at(epoch)
+    if eps_t != method.eps:
+        row["train_eps"] = eps_t
+    if s[3]:
+        row.update(alpha_mean=s[3] / s[2], alpha_min=s[4], alpha_max=s[5])
+    return row, step
+
+
+def _end_of_epoch(run: _Run, epoch: int, step: int, rows: list[dict], verdict: dict, monitor, run_dir: Path,
+                  log: MetricsLog, healthy: bool, last_word: dict | None) -> None:
+    """Save what the epoch leaves: best.pt (first: a kill between the two saves then redoes the
+    epoch, and best.pt is always the best epoch the checkpoint's metrics name), the checkpoint,
+    its healthy link, the metrics; print the row and the verdict."""
+    cfg, ctx = run.cfg, run.ctx
+    if healthy:
+        rows[-1]["healthy"] = True  # the guard's rollback target from now on
+    if last_word is not None and last_word[guard.EVENT] == "gave_up":
+        rows.append(last_word)
+    ckpt = _snapshot(run, epoch, step, rows)
+    keep_best = cfg.train.co_action in ("keep_best", "recover") and ctx.is_main
+    saved_epoch = epoch - 1
+
+    def save():
+        nonlocal saved_epoch
+        if verdict["best"] and keep_best:
+            # Weights only (no store/optimizer): best.pt is for evaluation, not for resuming.
+            save_checkpoint(run_dir / BEST, {k: ckpt[k] for k in ("model", "config", "epoch", "step")})
+        if ctx.is_main or ctx.enabled:  # every rank keeps its own file (its store shard, its RNG)
+            save_checkpoint(run.ckpt_path, ckpt, keep_previous=True)
+            saved_epoch = epoch
+            if healthy:
+                link_as(run.ckpt_path, healthy_path(run.ckpt_path))
+        log.write_all(rows)
+    _save_or_explain(save, run.ckpt_path, lambda: saved_epoch, run_dir)
+    if ctx.is_main:
+        row = rows[-1] if last_word is None or last_word[guard.EVENT] != "gave_up" else rows[-2]
+        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if verdict["co"]:
+            what = "RUN STUCK" if guard.is_stuck_only(verdict["reason"]) else "CATASTROPHIC OVERFITTING"
+            tqdm.write(f"{what} at epoch {epoch}: probe PGD accuracy {row['probe_pgd']:.3f} "
+                       f"(best {monitor.best_pgd:.3f} at epoch {monitor.best_epoch}), FGSM accuracy "
+                       f"{row['probe_fgsm']:.3f}, clean {row['probe_clean']:.3f}. {verdict['reason']}."
+                       + (" Best-robust checkpoint: best.pt." if keep_best else ""))
+        if last_word is not None:
+            tqdm.write("GUARD " + guard.describe(last_word))
+
+
+def _roll_back(run: _Run, event: dict, rows: list[dict], run_dir: Path, log: MetricsLog):
+    """Undo the epochs after event['rollback_to']: the healthy checkpoint, with the event and the
+    discarded rows in its metrics, becomes the run's checkpoint (so a kill from here on resumes
+    into the recovered run), and the run continues from it with the remedy applied."""
+    target = event["rollback_to"]
+    for r in rows:
+        if guard.EVENT not in r and r["epoch"] > target:
+            r["discarded"] = True
+    rows.append(event)
+    state = load_checkpoint(healthy_path(run.ckpt_path), map_location="cpu")
+    state["metrics"] = json.loads(json.dumps(rows))
+    _save_or_explain(lambda: (save_checkpoint(run.ckpt_path, state, keep_previous=True), log.write_all(rows)),
+                     run.ckpt_path, lambda: target, run_dir)
+    step = _restore(run, state, rows)
+    return target + 1, step, guard.monitor_for(run.method.opt, rows)
+
+
+def _last_healthy(rows: list[dict]) -> int:
+    """The last epoch the guard linked as healthy (0: none, the initial weights)."""
+    return max((r["epoch"] for r in guard.epoch_rows(rows) if r.get("healthy")), default=0)
+
+
+def _repair_best(run: _Run, rows: list[dict], run_dir: Path) -> None:
+    """best.pt must hold the best epoch the metrics name. A kill between its save and the
+    checkpoint's (older runs saved it second) can leave it behind: the checkpoint being resumed
+    from is that epoch, so it is rewritten from there."""
+    if run.cfg.train.co_action not in ("keep_best", "recover"):
+        return
+    scored = [r for r in guard.all_epochs(rows) if "probe_pgd" in r]
+    if not scored:
+        return
+    best = max(scored, key=lambda r: r["probe_pgd"])   # first of equals, as the running max
+    path = run_dir / BEST
+    try:
+        held = int(load_checkpoint(path)["epoch"]) if path.exists() else None
+    except CheckpointError:
+        held = None
+    if held != best["epoch"] and best is scored[-1] and not best.get("discarded"):
+        ckpt = _snapshot(run, best["epoch"], best["step"], rows)
+        save_checkpoint(path, {k: ckpt[k] for k in ("model", "config", "epoch", "step")})
+        tqdm.write(f"best.pt held epoch {held}, the metrics name epoch {best['epoch']}: rewritten from the checkpoint")
+
+
+def _save_or_explain(save, ckpt_path: Path, saved_epoch, run_dir: Path) -> None:
+    try:
+        save()
+    except DiskFullError as e:
+        epoch = saved_epoch() if callable(saved_epoch) else saved_epoch
+        raise _disk_full(e, ckpt_path, epoch, run_dir) from None
 
 
 def _disk_full(e: DiskFullError, ckpt_path: Path, saved_epoch: int, run_dir: Path) -> DiskFullError:

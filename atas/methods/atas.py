@@ -24,6 +24,13 @@ Arguments (defaults = the official code's CIFAR settings, commit 674b195):
         independent of the batch size; with ref_batch=128 it equals the official default at B=128
         (equivalently, a per-sample c of c * ref_batch).
     ref_batch (128).
+    step_scale (1.0): multiplies the numerator and both clamp bounds (and the warm-up step): every
+        step shrinks by this factor. 1.0 is the official step, bitwise; the guard of
+        `train.co_action=recover` lowers it after catastrophic overfitting (`remedy`).
+    eps_ramp_epochs, eps_ramp_start: the training-eps schedule every method shares
+        (atas.methods.base). Under a ramp the prior is clipped to the epoch's ball and the
+        quantities written in units of eps (numerator 2eps, bounds with alpha_unit=eps, the
+        warm-up step) follow eps_t; the absolute official ones (16/255, 4/255, 14/255) do not.
     alpha_unit ("absolute"): alpha_min/alpha_max in pixels, as the official code; "eps": as
         multiples of eps (the official bounds are 0.5 eps and 1.75 eps at 8/255), so one recipe
         can sweep eps.
@@ -53,7 +60,7 @@ class ATAS(Method):
     uses_store = True
 
     @dataclass
-    class Options:
+    class Options(Method.Options):
         c: float = 0.01
         beta: float = 0.5
         alpha_min: Frac = field(default_factory=lambda: Frac("4/255"))
@@ -65,46 +72,74 @@ class ATAS(Method):
         grad_norm: str = "batch_mean"
         ref_batch: int = 128
         bn_mode: str = "eval"
+        step_scale: float = 1.0
 
     def __init__(self, eps, options=None, epochs=None, **kwargs):
         super().__init__(eps, options, epochs, **kwargs)
-        o = self.opt
+        self.check_options(self.opt)
+
+    @staticmethod
+    def check_options(o) -> None:
         if o.step_numerator not in ("official", "2eps"):
             raise ConfigError(f"method.step_numerator must be 'official' (16/255) or '2eps', got {o.step_numerator!r}")
         if o.grad_norm not in ("batch_mean", "per_sample"):
             raise ConfigError(f"method.grad_norm must be 'batch_mean' or 'per_sample', got {o.grad_norm!r}")
         if o.alpha_unit not in ("absolute", "eps"):
             raise ConfigError(f"method.alpha_unit must be 'absolute' or 'eps', got {o.alpha_unit!r}")
-        unit = self.eps if o.alpha_unit == "eps" else 1.0
-        self.alpha_min, self.alpha_max = float(o.alpha_min) * unit, float(o.alpha_max) * unit
         if not 0 < o.alpha_min <= o.alpha_max:
             raise ConfigError(f"need 0 < method.alpha_min <= method.alpha_max, got {o.alpha_min!r}, {o.alpha_max!r}")
         if o.c <= 0 or not 0 <= o.beta < 1:
             raise ConfigError(f"need method.c > 0 and 0 <= method.beta < 1, got c={o.c}, beta={o.beta}")
-        self.numerator = OFFICIAL_NUMERATOR if o.step_numerator == "official" else 2 * self.eps
+        if not 0 < o.step_scale <= 1:
+            raise ConfigError(f"method.step_scale must lie in (0, 1], got {o.step_scale}")
+
+    def options_changed(self):
+        self.check_options(self.opt)
+
+    def step_rule(self, eps_t: float) -> tuple[float, float, float]:
+        """(numerator, alpha_min, alpha_max) at training radius eps_t: the quantities written in
+        units of eps (numerator 2eps, bounds with alpha_unit=eps) follow eps_t; all three are
+        scaled by step_scale (1: the official step, bitwise)."""
+        o = self.opt
+        unit = eps_t if o.alpha_unit == "eps" else 1.0
+        numerator = OFFICIAL_NUMERATOR if o.step_numerator == "official" else 2 * eps_t
+        scale = o.step_scale
+        return numerator * scale, float(o.alpha_min) * unit * scale, float(o.alpha_max) * unit * scale
 
     def on_epoch_start(self, epoch, store):
         every = self.opt.reset_every
         if every and epoch % every == 0 and epoch != self.epochs:
             self.reset_store(store)
 
-    def step_size(self, grad: torch.Tensor, grad_sq_ema: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha [B], new v [B]) from the per-sample gradients of the summed loss."""
+    def step_size(self, grad: torch.Tensor, grad_sq_ema: torch.Tensor,
+                  eps_t: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha [B], new v [B]) from the per-sample gradients of the summed loss, at training
+        radius eps_t (default: eps)."""
         o = self.opt
+        numerator, alpha_min, alpha_max = self.step_rule(self.eps if eps_t is None else eps_t)
         scale = 1.0 / (len(grad) if o.grad_norm == "batch_mean" else o.ref_batch)
         grad_sq = grad.flatten(1).float().pow(2).sum(1) * scale ** 2  # fp32 even under AMP
         v = o.beta * grad_sq_ema + (1 - o.beta) * grad_sq
-        alpha = (self.numerator / (1 + v.sqrt() / o.c)).clamp(self.alpha_min, self.alpha_max)
+        alpha = (numerator / (1 + v.sqrt() / o.c)).clamp(alpha_min, alpha_max)
         return alpha, v
 
+    def remedy(self, attempt):
+        # Huang et al.: CO comes from instances whose step is too large for their gradient norm;
+        # the remedy shrinks every step (numerator and clamp) by a quarter per recovery.
+        return {"step_scale": round(self.opt.step_scale * 0.75, 6)}
+
     def attack(self, model, x, y, state):
-        x_start = (x + state.prior).clamp(0.0, 1.0)
+        ball = self.ball_at(state.epoch)
+        prior = state.prior
+        if ball.eps < self.eps:  # an eps ramp: a prior from a larger ball is brought into this one
+            prior = prior.clamp(-ball.eps, ball.eps)
+        x_start = (x + prior).clamp(0.0, 1.0)
         with bn_mode(model, self.opt.bn_mode):
             grad, _ = input_grad(model, x_start, y)
         if state.epoch <= self.opt.warmup_epochs:
-            alpha = torch.full((len(x),), self.eps, device=x.device)
+            alpha = torch.full((len(x),), ball.eps * self.opt.step_scale, device=x.device)
         else:
-            alpha, v = self.step_size(grad, state.store.gather_grad_sq_ema(state.idx))
+            alpha, v = self.step_size(grad, state.store.gather_grad_sq_ema(state.idx), ball.eps)
             state.store.scatter_grad_sq_ema(state.idx, v)
         self.stats = {"alpha": alpha.detach()}
-        return self.ball.project(signed_step(x_start, grad, alpha), x).detach()
+        return ball.project(signed_step(x_start, grad, alpha), x).detach()

@@ -97,7 +97,16 @@ class Method:
 
     @dataclass
     class Options:
-        pass
+        """Options every method has: the training-eps schedule (a subclass's Options inherits it).
+
+        eps_ramp_epochs (0): train against eps_t = eps * min(1, (epoch - eps_ramp_start + 1) /
+            eps_ramp_epochs), a linear warm-up of eps by epoch (0: the full eps from the start, as
+            every paper). Each method scales every eps-relative quantity of its step with eps_t.
+        eps_ramp_start (1): the epoch the ramp starts from (the guard of `train.co_action=recover`
+            restarts the ramp from the epoch it rolled back to).
+        """
+        eps_ramp_epochs: int = 0
+        eps_ramp_start: int = 1
 
     def __init__(self, eps, options=None, epochs: int | None = None, *, num_samples: int | None = None,
                  augment: PairedAugment | None = None, store_dtype: str = "float32",
@@ -107,8 +116,7 @@ class Method:
         if options is not None and option_values:
             raise TypeError(f"{type(self).__name__}: give either options= or keyword options, not both")
         self.opt = options if options is not None else build_dataclass(self.Options, option_values, "")
-        if getattr(self.opt, "eps_ramp_epochs", 0) < 0:  # the option of the methods that offer `ball_at`
-            raise ConfigError(f"method.eps_ramp_epochs must be >= 0 (0: no ramp), got {self.opt.eps_ramp_epochs}")
+        self.check_schedule(self.opt)
         self.epochs = epochs
         if num_samples is not None and (int(num_samples) != num_samples or num_samples < 1):
             raise ValueError(f"num_samples must be a positive integer (len(train_set)), got {num_samples!r}")
@@ -258,13 +266,44 @@ class Method:
     def load_method_state(self, state: dict) -> None:
         pass
 
-    def ball_at(self, epoch: int, ramp_epochs: int) -> LinfBall:
-        """The ball to train against in `epoch` (1-based): radius eps * min(1, epoch / ramp_epochs),
-        a linear eps warm-up by epoch (ramp_epochs 0: the full eps from the start). Methods that
-        offer `eps_ramp_epochs` use it for every eps-relative quantity of their step."""
-        if ramp_epochs <= 0 or epoch >= ramp_epochs:
-            return self.ball
-        return LinfBall(self.eps * epoch / ramp_epochs)
+    @staticmethod
+    def check_schedule(opt) -> None:
+        if opt.eps_ramp_epochs < 0:
+            raise ConfigError(f"method.eps_ramp_epochs must be >= 0 (0: no ramp), got {opt.eps_ramp_epochs}")
+        if opt.eps_ramp_start < 1:
+            raise ConfigError(f"method.eps_ramp_start must be >= 1 (a 1-based epoch), got {opt.eps_ramp_start}")
+
+    def eps_at(self, epoch: int) -> float:
+        """The training eps of `epoch` (1-based): eps * min(1, (epoch - start + 1) / ramp_epochs),
+        where start = eps_ramp_start; eps itself without a ramp, and before `start` the ramp's
+        first value (a guard restarting the ramp never trains at 0)."""
+        ramp, start = self.opt.eps_ramp_epochs, self.opt.eps_ramp_start
+        if ramp <= 0 or epoch - start + 1 >= ramp:
+            return self.eps
+        return self.eps * max(1, epoch - start + 1) / ramp
+
+    def ball_at(self, epoch: int) -> LinfBall:
+        """The ball to train against in `epoch` (radius `eps_at(epoch)`); every method uses it for
+        every eps-relative quantity of its step, so one schedule serves the whole family."""
+        eps_t = self.eps_at(epoch)
+        return self.ball if eps_t == self.eps else LinfBall(eps_t)
+
+    # -- the guard's remedies (train.co_action=recover) ---------------------------------------
+    def remedy(self, attempt: int) -> dict:
+        """Option changes that this method's paper suggests against catastrophic overfitting, for
+        the guard's `attempt`-th recovery (1, 2, ...): {option: new value}. {} (the default): the
+        method has none, and the guard falls back to restarting the eps ramp."""
+        return {}
+
+    def set_options(self, **changes) -> None:
+        """Change options mid-run (the guard's remedies; they are recorded and re-applied on resume)."""
+        opt = dataclasses.replace(self.opt, **changes)
+        self.check_schedule(opt)
+        self.opt = opt
+        self.options_changed()
+
+    def options_changed(self) -> None:
+        """Recompute what a method derives from its options (called by `set_options`)."""
 
     def on_epoch_start(self, epoch: int, store: PerSampleStore | None) -> None:
         """Called before epoch `epoch` (1-based) begins (store: None until the first batch)."""

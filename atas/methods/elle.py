@@ -118,12 +118,11 @@ class ELLE(Method):
     cost = "5 fwd + 5 bwd (no double backprop)"
 
     @dataclass
-    class Options:
+    class Options(Method.Options):
         lam: float | None = None
         step_factor: float = 1.0
         noise_factor: float = 0.0
         bn_mode: str = "train"
-        eps_ramp_epochs: int = 0
 
     def __init__(self, eps, options=None, epochs=None, **kwargs):
         super().__init__(eps, options, epochs, **kwargs)
@@ -145,7 +144,7 @@ class ELLE(Method):
 
     def attack(self, model, x, y, state):
         o = self.opt
-        ball = self.ball_at(state.epoch, o.eps_ramp_epochs)
+        ball = self.ball_at(state.epoch)
         x_start = ball.random_start(x, scale=o.noise_factor) if o.noise_factor else x
         with bn_mode(model, o.bn_mode):
             grad, _ = input_grad(model, x_start, y)
@@ -154,12 +153,20 @@ class ELLE(Method):
     def penalty_weight(self) -> float | torch.Tensor:
         return self.lam
 
+    def remedy(self, attempt):
+        # Abad Rocamora et al. 2024: CO shows as a rising local-linearity error, which a larger
+        # lambda keeps down; double it per recovery.
+        return {"lam": round(max(self.lam, 1.0) * 2, 6)}
+
+    def options_changed(self):
+        self.lam = self._initial_lam()
+
     def training_loss(self, model, x_adv, y, x, state):
         ce, logits = super().training_loss(model, x_adv, y, x, state)
         lam = self.penalty_weight()
         if isinstance(lam, float) and lam == 0:
             return ce, logits
-        lin_err = local_linearity_error(model, x, y, self.ball_at(state.epoch, self.opt.eps_ramp_epochs))
+        lin_err = local_linearity_error(model, x, y, self.ball_at(state.epoch))
         self.observe(lin_err.detach())
         self.stats = {"lin_err": lin_err.detach(), "lam": torch.as_tensor(lam)}
         return ce + lam * lin_err, logits
@@ -173,14 +180,13 @@ class ELLEA(ELLE):
     name = "elle_a"
 
     @dataclass
-    class Options:
+    class Options(Method.Options):
         lam_max: float = 4000.0
         decay: float = 0.99
         sensitivity: float = 2.0
         step_factor: float = 1.0
         noise_factor: float = 0.0
         bn_mode: str = "train"
-        eps_ramp_epochs: int = 0
 
     def _initial_lam(self) -> float:
         o = self.opt
@@ -194,6 +200,12 @@ class ELLEA(ELLE):
 
     def penalty_weight(self) -> torch.Tensor:
         return self._adapt["lam"]
+
+    def remedy(self, attempt):
+        return {"lam_max": round(self.opt.lam_max * 2, 6)}  # the lambda a spike switches on
+
+    def options_changed(self):
+        pass  # lam_max is read at every spike; the adaptive state carries on
 
     def attack(self, model, x, y, state):
         if self._adapt["lam"].device != x.device:

@@ -79,14 +79,13 @@ class FGSMPGI(Method):
     has_regularizer = True
 
     @dataclass
-    class Options:
+    class Options(Method.Options):
         lam: float = 10.0
         momentum_decay: float = 0.3
         alpha_factor: float = 1.0
         ls_factor: float = 0.6
         reset_every: int = 40
         bn_mode: str = "train"
-        eps_ramp_epochs: int = 0
 
     def __init__(self, eps, options=None, epochs=None, **kwargs):
         super().__init__(eps, options, epochs, **kwargs)
@@ -101,6 +100,11 @@ class FGSMPGI(Method):
         self.momentum: torch.Tensor | None = None        # [store rows, C, H, W], see the docstring
         self._logits_init: torch.Tensor | None = None    # f(x_init) with its graph, for `loss`
         self._next_prior: torch.Tensor | None = None     # eta for the next epoch, for `new_prior`
+
+    def remedy(self, attempt):
+        # Jia et al. 2022: the regulariser between the two adversarial outputs is what prevents
+        # CO; weigh it twice as much per recovery.
+        return {"lam": round(max(self.opt.lam, 1.0) * 2, 6)}
 
     def is_reset_epoch(self, epoch: int) -> bool:
         every = self.opt.reset_every
@@ -137,7 +141,7 @@ class FGSMPGI(Method):
         o = self.opt
         # Under eps_ramp_epochs the ball grows by epoch; the stored prior of an earlier epoch lies
         # in a smaller ball, so it is inside this one. Without a ramp this is self.ball.
-        ball = self.ball_at(state.epoch, o.eps_ramp_epochs)
+        ball = self.ball_at(state.epoch)
         alpha = o.alpha_factor * ball.eps
         prior = state.prior
         if self.is_reset_epoch(state.epoch):

@@ -45,7 +45,7 @@ class Free(Method):
     cost = "m fwd + m bwd (1 + 1 per replay)"
 
     @dataclass
-    class Options:
+    class Options(Method.Options):
         m: int = 8
         step_factor: float = 1.0
 
@@ -66,7 +66,8 @@ class Free(Method):
         grad = leaf.grad
         # A non-finite gradient (fp16 GradScaler overflow: that optimizer step is skipped too)
         # leaves delta as it was instead of poisoning it with NaN.
-        stepped = (leaf.detach() + self.opt.step_factor * self.eps * grad.sign()).clamp_(-self.eps, self.eps)
+        eps_t = self.eps_at(self.current_epoch)
+        stepped = (leaf.detach() + self.opt.step_factor * eps_t * grad.sign()).clamp_(-eps_t, eps_t)
         self.delta[:len(leaf)] = torch.where(torch.isfinite(grad), stepped, leaf.detach())
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +93,11 @@ class Free(Method):
     def attack(self, model, x, y, state):
         if self.delta is not None:
             self._take_pending_step()
-        return (x + self._rows(x)).clamp(0.0, 1.0)
+        eps_t = self.eps_at(state.epoch)
+        rows = self._rows(x)
+        if eps_t < self.eps:  # a ramp (re)started: the carried delta may lie outside this epoch's ball
+            rows.clamp_(-eps_t, eps_t)
+        return (x + rows).clamp(0.0, 1.0)
 
     def training_loss(self, model, x_adv, y, x, state):
         # Rebuild x_adv from a fresh leaf so the trainer's backward also fills grad_delta.

@@ -89,13 +89,12 @@ class GradAlign(Method):
     cost = "3 fwd + ~5 bwd (double backprop)"
 
     @dataclass
-    class Options:
+    class Options(Method.Options):
         lam: float | None = None
         alpha_factor: float = 1.0
         random_start: bool = False
         backprop_clean_grad: bool = True
         bn_mode: str = "train"
-        eps_ramp_epochs: int = 0
 
     def __init__(self, eps, options=None, epochs=None, **kwargs):
         super().__init__(eps, options, epochs, **kwargs)
@@ -109,9 +108,18 @@ class GradAlign(Method):
         self.lam = lam_schedule(self.eps) if o.lam is None else float(o.lam)
         self._reg: torch.Tensor | None = None
 
+    def remedy(self, attempt):
+        # Andriushchenko & Flammarion 2020: a larger lambda is what avoids CO at a larger eps
+        # (their schedule grows it with eps); double it per recovery.
+        return {"lam": round(max(self.lam, 0.05) * 2, 6)}
+
+    def options_changed(self):
+        if self.opt.lam is not None:
+            self.lam = float(self.opt.lam)
+
     def attack(self, model, x, y, state):
         o = self.opt
-        ball = self.ball_at(state.epoch, o.eps_ramp_epochs)
+        ball = self.ball_at(state.epoch)
         x_start = ball.random_start(x) if o.random_start else x
         # Both gradients are taken here, on the attack model (no DDP wrapper), so the training
         # pass in `loss` stays the single DDP forward of the step; their graphs are kept for it.

@@ -45,12 +45,11 @@ class NFGSM(Method):
     cost = "2 fwd + 2 bwd"
 
     @dataclass
-    class Options:
+    class Options(Method.Options):
         noise_factor: float = 2.0
         step_factor: float = 1.0
         clip_delta: float | None = None
         bn_mode: str = "train"
-        eps_ramp_epochs: int = 0
 
     def __init__(self, eps, options=None, epochs=None, **kwargs):
         super().__init__(eps, options, epochs, **kwargs)
@@ -61,9 +60,14 @@ class NFGSM(Method):
         if o.clip_delta is not None and o.clip_delta <= 0:
             raise ConfigError(f"method.clip_delta must be > 0 (a multiple of eps) or none, got {o.clip_delta}")
 
+    def remedy(self, attempt):
+        # de Jorge et al. 2022: stronger noise is what keeps N-FGSM clear of CO as eps (or the
+        # model) grows (k = 2 at PRN18, 4 for WRN at eps 16/255): raise it by half a step.
+        return {"noise_factor": round(self.opt.noise_factor * 1.5 if self.opt.noise_factor else 1.0, 6)}
+
     def attack(self, model, x, y, state):
         o = self.opt
-        ball = self.ball_at(state.epoch, o.eps_ramp_epochs)
+        ball = self.ball_at(state.epoch)
         x_noisy = ball.random_start(x, scale=o.noise_factor) if o.noise_factor else x
         with bn_mode(model, o.bn_mode):
             grad, _ = input_grad(model, x_noisy, y)

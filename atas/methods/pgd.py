@@ -34,12 +34,11 @@ class PGDAT(Method):
     cost = "K+1 fwd + K+1 bwd"
 
     @dataclass
-    class Options:
+    class Options(Method.Options):
         steps: int = 10
         alpha_factor: float = 0.25
         random_start: bool = True
         bn_mode: str = "train"
-        eps_ramp_epochs: int = 0
 
     def __init__(self, eps, options=None, epochs=None, **kwargs):
         super().__init__(eps, options, epochs, **kwargs)
@@ -47,7 +46,7 @@ class PGDAT(Method):
             raise ConfigError(f"method.steps must be >= 1, got {self.opt.steps}")
 
     def attack(self, model, x, y, state):
-        ball = self.ball_at(state.epoch, self.opt.eps_ramp_epochs)
+        ball = self.ball_at(state.epoch)
         x_adv = ball.random_start(x) if self.opt.random_start else x.clone()
         alpha = self.opt.alpha_factor * ball.eps
         with bn_mode(model, self.opt.bn_mode):

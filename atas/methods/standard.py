@@ -17,7 +17,7 @@ class Standard(Method):
     cost = "1 fwd + 1 bwd"
 
     @dataclass
-    class Options:
+    class Options(Method.Options):
         pass
 
     def attack(self, model, x, y, state):
