@@ -105,7 +105,7 @@ class COMonitor:
         self.stuck_run = self.stuck_run + 1 if stuck else 0
         if self.stuck_run >= self.patience:
             reasons.append(f"stuck: clean {clean:.3f} = FGSM {fgsm:.3f} = PGD {pgd:.3f} for {self.stuck_run} "
-                           "epochs, a constant prediction (the run is not learning; not CO)")
+                           "epochs, a constant prediction (the run is not learning, not CO)")
         best = pgd > self.best_pgd
         if best:
             self.best_pgd, self.best_epoch = pgd, row["epoch"]

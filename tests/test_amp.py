@@ -65,7 +65,7 @@ def test_training_runs_under_bf16_and_channels_last(tmp_path):
     from atas.trainer import train
 
     cfg = load_config("fmnist", ["model.arch=wong_cnn", "data.subset=256", "train.batch_size=64", "train.epochs=1",
-                                 "train.amp=bf16", "train.channels_last=true", "train.probe_size=32",
+                                 "train.amp=bf16", "train.channels_last=true", "train.probe_size=32", "train.co_action=keep_best",
                                  "train.probe_steps=1", "train.progress=false", "eval.at_end=false",
                                  f"out_dir={tmp_path}"])
     run = train(cfg, run_dir=tmp_path / "r")

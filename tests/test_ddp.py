@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 N, WORLD = 512, 2
 OVERRIDES = ["model.arch=wong_cnn", f"data.subset={N}", f"data.data_dir={FMNIST}", "train.device=cpu",
-             "train.batch_size=64", "train.epochs=1", "train.progress=false", "train.probe_size=64",
+             "train.batch_size=64", "train.epochs=1", "train.progress=false", "train.probe_size=64", "train.co_action=keep_best",
              "eval.at_end=false", "method.warmup_epochs=0"]
 
 

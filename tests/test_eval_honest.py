@@ -29,7 +29,7 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
 ev = importlib.import_module("atas.evaluate")  # the module (atas/__init__ re-exports the function)
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["model.arch=wong_cnn", "data.subset=256", "train.batch_size=64", "train.probe_size=32",
+TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=256", "train.batch_size=64", "train.probe_size=32",
         "train.probe_steps=2", "train.progress=false", "optim.lr=0.02", "method.atas.warmup_epochs=1",
         f"data.data_dir={FMNIST}"]
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from atas.monitor import COMonitor, margin_pgd_robust
+from atas.guard import is_stuck_only
+from atas.monitor import COMonitor
 
 
 def _rows(curve):
@@ -51,7 +52,8 @@ def test_a_collapse_to_a_constant_prediction_is_not_co():
     # which the report names as not learning; the single-step attack is not being masked.
     m = COMonitor()
     curve = [(0.49, 0.33, 0.22), (0.088, 0.088, 0.088), (0.104, 0.104, 0.104), (0.094, 0.094, 0.094)]
-    assert not any(m.update(r)["co"] for r in _rows(curve))
+    reasons = [m.update(r)["reason"] for r in _rows(curve)]
+    assert reasons[:2] == ["", ""] and all(is_stuck_only(r) for r in reasons[2:])
 
 
 def test_replay_rebuilds_state():
@@ -148,21 +150,22 @@ def test_logged_sweep_runs_below_half_of_pgd_at_are_flagged():
     assert not [r for r in runs if r["aa"] >= half[r["eps"]] and _replay(r).flagged_epochs]
 
 
-def test_margin_pgd_and_the_probe_keys():
+def test_the_probe_keys_and_its_margin_attack():
     from atas.trainer import probe
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
     x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
-    correct = model(x).argmax(1) == y
-    robust = margin_pgd_robust(model, x, y, 0.3, steps=5)
-    assert robust.dtype == torch.bool and not bool((robust & ~correct).any())  # robust implies correct at x
-    assert bool(torch.equal(margin_pgd_robust(model, x, y, 1e-7, steps=2), correct))  # nothing to move
+    correct = (model(x).argmax(1) == y).float().mean().item()
     state = torch.get_rng_state()
     out = probe(model, x, y, 0.1, steps=3)
     assert torch.equal(torch.get_rng_state(), state)  # the probe leaves the training's RNG alone
     assert out == probe(model, x, y, 0.1, steps=3)    # and attacks the same way every time
     assert out["probe_pgd_worst"] <= min(out["probe_pgd"], out["probe_pgd_margin"]) and out["probe_lin_err"] >= 0
+    assert out["probe_pgd_margin"] <= correct         # robust implies correct at x
+    assert probe(model, x, y, 1e-7, steps=2)["probe_pgd_margin"] == correct   # nothing to move
+    # more restarts can only find more points that fool the model
+    assert probe(model, x, y, 0.1, steps=3, restarts=3)["probe_pgd_margin"] <= out["probe_pgd_margin"]
 
 
 def test_report_plots_the_masking_signal_and_skips_runs_without_it(tmp_path):
@@ -184,11 +187,11 @@ def test_report_plots_the_masking_signal_and_skips_runs_without_it(tmp_path):
 
 def test_constant_prediction_is_flagged_as_stuck_not_co():
     """A run stuck at a constant prediction (clean = FGSM = PGD near chance) is flagged with a
-    'stuck' reason after the warm-up epochs; a healthy run never has clean = PGD."""
+    'stuck' reason at the end of its second epoch; a healthy run never has clean = PGD."""
     m = COMonitor()
     verdicts = [m.update({"epoch": e, "probe_clean": 0.12, "probe_fgsm": 0.12, "probe_pgd": 0.12,
                           "probe_pgd_worst": 0.12}) for e in range(1, 7)]
-    assert [v["co"] for v in verdicts] == [False] * 4 + [True] * 2
+    assert [v["co"] for v in verdicts] == [False] + [True] * 5
     assert verdicts[-1]["reason"].startswith("stuck:") and "not CO" in verdicts[-1]["reason"]
     from atas.report import co_column
 

@@ -19,7 +19,7 @@ from atas.trainer import CHECKPOINT, TrainingDiverged, train
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
 
-TINY = ["model.arch=wong_cnn", "data.subset=384", "train.batch_size=64", "train.probe_size=64",
+TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=384", "train.batch_size=64", "train.probe_size=64",
         "train.probe_steps=2", "train.progress=false", "eval.at_end=false", "optim.lr=0.02",
         "method.atas.warmup_epochs=1", "train.deterministic=true"]
 
