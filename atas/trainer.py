@@ -501,6 +501,7 @@ def _end_of_epoch(run: _Run, epoch: int, step: int, rows: list[dict], verdict: d
         rows.append(last_word)
     ckpt = _snapshot(run, epoch, step, rows)
     keep_best = cfg.train.co_action in ("keep_best", "recover") and ctx.is_main
+    rolling_back = last_word is not None and last_word[guard.EVENT] == "recovery"
     saved_epoch = epoch - 1
 
     def save():
@@ -508,6 +509,8 @@ def _end_of_epoch(run: _Run, epoch: int, step: int, rows: list[dict], verdict: d
         if verdict["best"] and keep_best:
             # Weights only (no store/optimizer): best.pt is for evaluation, not for resuming.
             save_checkpoint(run_dir / BEST, {k: ckpt[k] for k in ("model", "config", "epoch", "step")})
+        if rolling_back:  # the rollback writes the checkpoint; a kill before it redoes this epoch
+            return
         if ctx.is_main or ctx.enabled:  # every rank keeps its own file (its store shard, its RNG)
             save_checkpoint(run.ckpt_path, ckpt, keep_previous=True)
             saved_epoch = epoch

@@ -1,0 +1,183 @@
+"""The guard of train.co_action=recover (atas.guard): rollback to the last healthy epoch, the method's
+remedy, events in metrics.jsonl, exact resume after a kill during a recovery, its limits; and the
+eps schedule every method shares."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from atas import guard
+from atas.checkpoint import healthy_path, load_checkpoint
+from atas.cli import main as cli
+from atas.config import ConfigError, Frac, load_config
+from atas.methods import get_method, list_methods
+from atas.monitor import COMonitor
+from atas.trainer import CHECKPOINT, MetricsLog, train
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+needs_data = pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+
+TINY = ["model.arch=wong_cnn", "data.subset=256", "train.batch_size=64", "train.probe_size=32",
+        "train.probe_steps=1", "train.progress=false", "eval.at_end=false", "eval.attacks=clean",
+        "method.atas.warmup_epochs=1", "train.deterministic=true", "train.epochs=5"]
+
+
+def tiny(tmp_path, *extra):
+    return load_config("fmnist", TINY + [f"out_dir={tmp_path}"] + list(extra))
+
+
+class Scripted(COMonitor):
+    """A monitor that flags exactly the epochs it is told to (`script`: epoch -> reason) as long as
+    the run has had no recovery, and judges nothing else: the guard's mechanics, not the probe's."""
+    script: dict = {}
+
+    def update(self, row):
+        reason = self.script.get(row["epoch"], "") if not self.recovered else ""
+        if reason:
+            self.flagged_epochs.append(row["epoch"])
+        self.stuck_run = 0
+        return {"co": bool(reason), "best": False, "reason": reason}
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    def monitor_for(opt, rows):
+        m = Scripted()
+        m.recovered = bool(guard.events(rows))
+        m.replay(guard.epoch_rows(rows))
+        return m
+
+    monkeypatch.setattr(guard, "monitor_for", monitor_for)
+    return Scripted
+
+
+def logged(run_dir):
+    return MetricsLog(run_dir).read()
+
+
+@needs_data
+def test_co_rolls_back_to_the_last_healthy_epoch_and_applies_the_methods_remedy(tmp_path, scripted):
+    scripted.script = {4: "collapse: scripted"}
+    run = train(tiny(tmp_path), run_dir=tmp_path / "r")
+    rows = logged(tmp_path / "r")
+    event = next(r for r in rows if r.get("event") == "recovery")
+    assert event["epoch"] == 4 and event["rollback_to"] == 3 and event["replayed_epochs"] == 1
+    assert event["changes"] == {"step_scale": 0.75} and "the method's own" in event["remedy"]
+    assert [r["epoch"] for r in rows if r.get("discarded")] == [4]
+    assert [r["epoch"] for r in guard.epoch_rows(rows)] == [1, 2, 3, 4, 5] == [r["epoch"] for r in run.metrics]
+    assert run.method.opt.step_scale == 0.75 and run.events == [event]
+    # the run's own checkpoint carries the event, so a resume re-applies the remedy
+    assert load_checkpoint(tmp_path / "r" / CHECKPOINT)["metrics"][-1]["epoch"] == 5
+
+
+@needs_data
+def test_a_run_that_never_got_healthy_restarts_from_its_initial_weights_with_a_longer_ramp(tmp_path, scripted):
+    scripted.script = {1: "stuck: scripted", 2: "stuck: scripted"}
+    cfg = tiny(tmp_path, "train.eps_ramp_epochs=1")
+    run = train(cfg, run_dir=tmp_path / "r")
+    event = next(r for r in logged(tmp_path / "r") if r.get("event") == "recovery")
+    assert event["rollback_to"] == 0 and event["epoch"] == 1
+    assert event["changes"] == {"eps_ramp_epochs": 3, "eps_ramp_start": 1} and "initial weights" in event["remedy"]
+    assert run.method.eps_at(1) == pytest.approx(0.2 / 3) and run.method.eps_at(3) == 0.2
+
+
+@needs_data
+def test_a_method_without_a_remedy_gets_the_eps_ramp_restarted(tmp_path, scripted):
+    scripted.script = {3: "collapse: scripted"}
+    train(tiny(tmp_path, "method.name=pgd", "method.steps=1"), run_dir=tmp_path / "r")
+    event = next(r for r in logged(tmp_path / "r") if r.get("event") == "recovery")
+    assert event["changes"] == {"eps_ramp_epochs": 3, "eps_ramp_start": 3} and event["remedy"].startswith("generic")
+
+
+@needs_data
+def test_the_guard_gives_up_past_its_budget_with_one_clear_line(tmp_path, scripted, capsys):
+    scripted.script = {4: "collapse: scripted"}
+    assert cli(["train", "fmnist", *TINY, "train.recover_budget_epochs=0", "--run-dir", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "GUARD epoch 4: the guard gave up (rolling back to epoch 3 would replay 1 epochs, but only 0 of the " \
+           "budget of 0 are left (train.recover_budget_epochs))" in out
+    rows = logged(tmp_path / "r")
+    assert rows[-1]["event"] == "gave_up" and [r["epoch"] for r in guard.epoch_rows(rows)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("where", ["before the rollback is saved", "after the rollback is saved",
+                                   "in the replayed epoch"])
+@needs_data
+def test_a_kill_during_a_recovery_resumes_to_the_same_final_weights(tmp_path, scripted, monkeypatch, where):
+    import atas.trainer as trainer
+
+    scripted.script = {3: "collapse: scripted"}
+    whole = train(tiny(tmp_path), run_dir=tmp_path / "whole")
+    armed = [True]
+
+    def kill():
+        armed[0] = False
+        raise KeyboardInterrupt  # what SIGKILL leaves: the files as they are at that instant
+
+    with monkeypatch.context() as m:
+        if where == "before the rollback is saved":
+            real_roll_back = trainer._roll_back
+            m.setattr(trainer, "_roll_back", lambda *a: kill() if armed[0] else real_roll_back(*a))
+        elif where == "after the rollback is saved":  # _restore follows the rollback's save
+            real_restore = trainer._restore
+            m.setattr(trainer, "_restore", lambda run, state, rows: kill() if armed[0] and guard.events(rows)
+                      else real_restore(run, state, rows))
+        else:
+            real_epoch = trainer._train_epoch
+            m.setattr(trainer, "_train_epoch", lambda run, epoch, step: kill()
+                      if armed[0] and run.method.opt.step_scale == 0.75 else real_epoch(run, epoch, step))
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny(tmp_path), run_dir=tmp_path / "killed")
+    assert not armed[0]
+    resumed = train(tiny(tmp_path), run_dir=tmp_path / "killed", resume=True)
+    for name, w in whole.model.state_dict().items():
+        assert torch.equal(w, resumed.model.state_dict()[name]), name
+    assert torch.equal(whole.store.delta, resumed.store.delta)
+    assert guard.events(logged(tmp_path / "killed")) == guard.events(logged(tmp_path / "whole"))
+
+
+@needs_data
+def test_healthy_link_and_initial_snapshot_cost_no_copy(tmp_path):
+    cfg = tiny(tmp_path, "train.epochs=2")
+    train(cfg, run_dir=tmp_path / "r")
+    ckpt, healthy = tmp_path / "r" / CHECKPOINT, healthy_path(tmp_path / "r" / CHECKPOINT)
+    assert healthy.exists() and load_checkpoint(healthy)["epoch"] in (0, 1, 2)
+    rows = logged(tmp_path / "r")
+    if rows[-1].get("healthy"):
+        assert healthy.stat().st_ino == ckpt.stat().st_ino  # a hard link of the latest checkpoint
+
+
+def test_every_method_shares_the_eps_schedule_and_declares_a_remedy_or_none():
+    for name in list_methods():
+        cls = get_method(name)
+        m = cls(0.3, cls.Options(eps_ramp_epochs=3), num_samples=8)
+        assert [m.eps_at(e) for e in (1, 2, 3, 4)] == pytest.approx([0.1, 0.2, 0.3, 0.3])
+        m.set_options(eps_ramp_start=5)
+        assert m.eps_at(5) == pytest.approx(0.1) and m.eps_at(7) == pytest.approx(0.3)
+        remedy = m.remedy(1)
+        assert isinstance(remedy, dict)
+        if remedy:
+            m.set_options(**remedy)  # a remedy is a valid option change
+    with pytest.raises(ConfigError, match="eps_ramp_start"):
+        get_method("atas")(0.3).set_options(eps_ramp_start=0)
+
+
+def test_atas_follows_eps_t_and_is_the_official_step_without_a_ramp():
+    atas = get_method("atas")
+    official = atas(8 / 255)
+    assert official.step_rule(8 / 255) == (16 / 255, 4 / 255, 14 / 255)
+    relative = atas(0.3, atas.Options(step_numerator="2eps", alpha_unit="eps", alpha_min=Frac("0.5"),
+                                      alpha_max=Frac("1.75"), eps_ramp_epochs=3))
+    numerator, lo, hi = relative.step_rule(relative.eps_at(1))
+    assert numerator == pytest.approx(0.2) and lo == pytest.approx(0.05) and hi == pytest.approx(0.175)
+    relative.set_options(step_scale=0.5)
+    assert relative.step_rule(0.3) == pytest.approx((0.3, 0.075, 0.2625))
+
+
+def test_train_level_schedule_reaches_every_method_unless_overridden():
+    cfg = load_config("fmnist", ["train.eps_ramp_epochs=2"])
+    assert cfg.method.args["eps_ramp_epochs"] == 2
+    cfg = load_config("fmnist", ["train.eps_ramp_epochs=2", "method.atas.eps_ramp_epochs=0"])
+    assert cfg.method.args["eps_ramp_epochs"] == 0
+    with pytest.raises(ConfigError, match="train.co_action must be one of none, stop, keep_best, recover"):
+        load_config("fmnist", ["train.co_action=rescue"])
