@@ -203,3 +203,54 @@ def test_elle_classes_are_exported_like_the_others():
     assert {"ELLE", "ELLEA"} <= set(atas.__all__)
     text = DOCS.read_text()
     assert "`atas.ELLE`" in text and "`atas.ELLEA`" in text
+
+
+# -- 7. Lightning resume --------------------------------------------------------------------------
+def test_lightning_resume_gives_the_uninterrupted_weights_bit_for_bit(tmp_path):
+    """Interrupted after epoch 1 (the resumed epoch 2 re-draws ATAS's prior) or after epoch 2, then
+    resumed with fit(ckpt_path=...): the same final weights and store as one uninterrupted fit."""
+    L = pytest.importorskip("lightning")
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    import atas.lightning
+
+    x, y = batch(32, seed=5)
+
+    class Lit(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(tiny_net(), nn.Dropout(0.2))   # dropout: the generators matter in the step too
+            self.atk = atas.ATAS(eps=0.1, num_samples=32, epochs=3, relative=True, warmup_epochs=1, reset_every=2,
+                                 augment=atas.RandomCropFlip(pad=1))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, b, i):
+            xb, yb, idx = b
+            xb = self.atk.augment_batch(xb, idx)
+            return self.atk.loss(self, self.atk.perturb(self, xb, yb, idx), yb, xb)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    def fit(root, ckpt=None):
+        L.seed_everything(0, verbose=False)
+        model = Lit()
+        trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=root,
+                            callbacks=[atas.lightning.AdversarialTraining(), ModelCheckpoint(save_top_k=-1)])
+        loader = DataLoader(atas.IndexedDataset(TensorDataset(x, y)), batch_size=8, shuffle=True)
+        trainer.fit(model, loader, ckpt_path=ckpt)
+        return model
+
+    full = fit(tmp_path / "full")
+    ckpts = sorted((tmp_path / "full").rglob("*.ckpt"))
+    assert [c.name[:7] for c in ckpts] == ["epoch=0", "epoch=1", "epoch=2"]
+    for ckpt in ckpts[:2]:
+        resumed = fit(tmp_path / ckpt.stem, ckpt=str(ckpt))
+        assert resumed.atk.current_epoch == 3
+        for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+            assert torch.equal(a, b), (ckpt.name, k)
+        assert torch.equal(full.atk.store.delta, resumed.atk.store.delta)
+        assert torch.equal(full.atk.store.grad_sq_ema, resumed.atk.store.grad_sq_ema)
