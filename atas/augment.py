@@ -127,6 +127,12 @@ class PairedAugment:
 
     def __call__(self, x: torch.Tensor, cf: CropFlip) -> torch.Tensor:
         frames = pad_to_frame(x, self.pad)
+        if tuple(frames.shape[-2:]) != (self.frame, self.frame):
+            # Cropping it anyway would silently train on (and store priors for) other pixels.
+            raise ValueError(f"this batch's images are {x.shape[-2]}x{x.shape[-1]}, but {self!r} was bound to "
+                             f"{self.size}x{self.size} images (a {self.frame}x{self.frame} frame after padding) by "
+                             "the run's first batch: every batch of a run must have the image size it started "
+                             "with. Resize the images in the Dataset, or use a new method object per image size.")
         if not self.enabled and frames.shape[-1] == self.size:
             return frames
         return crop(frames, cf)

@@ -17,9 +17,22 @@
 
 The callback starts each method epoch with Lightning's (`trainer.current_epoch + 1`, 1-based) and
 keeps the method's state (epoch, per-sample store, carried tensors) in Lightning's own checkpoints,
-so `trainer.fit(model, ckpt_path=...)` resumes it exactly. Needs `pip install atas[lightning]`.
+so `trainer.fit(model, ckpt_path=...)` resumes it. Needs `pip install atas[lightning]`.
+
+What is exact: each epoch starts torch's generators (CPU and CUDA) from a seed made of the run's seed
+and the epoch number, so everything random in an epoch (the DataLoader's shuffle and worker seeds,
+atas's crops/flips, ATAS's prior re-draw, dropout) depends on (seed, epoch) alone, and resuming from a
+checkpoint saved after an epoch's last batch (ModelCheckpoint's default, with or without validation)
+gives the final weights of the uninterrupted run, bit for bit, on the same machine and software. The
+run's seed is torch.initial_seed() when the fit starts (L.seed_everything(s) makes it s), or
+AdversarialTraining(seed=...); it is saved in the checkpoint.
+What is not: a checkpoint saved mid-epoch (Lightning restarts that epoch's loader), Python's `random`
+and NumPy's generators (not re-seeded), and random numbers a LightningModule draws in its own
+`on_train_epoch_start` (in a resumed epoch they come after the loader's draw instead of before).
 """
 from __future__ import annotations
+
+import torch
 
 try:
     import lightning.pytorch as pl
@@ -33,12 +46,20 @@ class AdversarialTraining(pl.Callback):
     """Lightning callback for an atas method object held by the LightningModule.
 
     method: the object (default: the one Method attribute of the LightningModule, found at setup).
+    seed: the run's seed for the per-epoch generator seeds (default: torch.initial_seed() at setup).
     """
 
-    def __init__(self, method: Method | None = None):
+    def __init__(self, method: Method | None = None, seed: int | None = None):
         self.method = method
+        self.seed = seed
+        self._trainer = None
+        self._batches = 0        # training batches done in this epoch: a checkpoint knows if it is mid-epoch
+        self._pending: dict | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer
+        if self.seed is None:
+            self.seed = torch.initial_seed()   # a resume replaces it with the checkpoint's
         if self.method is None:
             found = [v for v in vars(pl_module).values() if isinstance(v, Method)]
             if len(found) != 1:
@@ -47,20 +68,54 @@ class AdversarialTraining(pl.Callback):
                                  "it: AdversarialTraining(method)")
             self.method = found[0]
 
+    def _start(self, epoch: int) -> None:
+        """Seed torch's generators for `epoch` (1-based) from (seed, epoch), then start the method's epoch."""
+        torch.manual_seed((int(self.seed) * 1_000_003 + epoch) % 2**63)
+        self.method.start_epoch(epoch)
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.method.start_epoch(trainer.current_epoch + 1)
+        self._batches = 0
+        if self.method.current_epoch != trainer.current_epoch + 1:  # not already started by the resume
+            self._start(trainer.current_epoch + 1)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._batches += 1
 
     def state_dict(self) -> dict:
-        return self.method.state_dict() if self.method is not None else {}
+        if self.method is None:
+            return {}
+        done = self._trainer is not None and self._batches >= self._trainer.num_training_batches
+        # The method's own keys (epoch, store, ...), the run's seed and whether the epoch's training is over.
+        return {**self.method.state_dict(), "seed": int(self.seed), "epoch_end": bool(done)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if self.method is None:
             self._pending = state_dict
             return
-        self.method.load_state_dict(state_dict)
+        self._resume(state_dict)
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        pending = getattr(self, "_pending", None)
-        if pending is not None:
-            self.method.load_state_dict(pending)
-            self._pending = None
+        if self._pending is not None:
+            self._pending, pending = None, self._pending
+            self._resume(pending)
+
+    def _resume(self, state: dict) -> None:
+        self.method.load_state_dict(state)
+        if "seed" in state:
+            self.seed = int(state["seed"])
+        # Mid-epoch (or an older checkpoint without the seed): the method's state only.
+        if not (state.get("epoch_end") and "seed" in state and self._trainer is not None):
+            return
+        nxt = self.method.current_epoch + 1
+        max_epochs = self._trainer.max_epochs
+        if max_epochs is not None and 0 <= max_epochs < nxt:
+            return   # nothing left to train
+        # Lightning creates a resumed epoch's loader iterator (a draw from torch's generator) before
+        # on_train_epoch_start; an uninterrupted epoch starts first. Start it now, on the built store,
+        # so that the loader and ATAS's prior re-draw take their random numbers in the same order.
+        m = self.method
+        if m.uses_store and m.store is None and m._pending_store_state is not None:
+            delta, meta = m._pending_store_state["delta"], m._pending_store_state["meta"]
+            m._build_store((delta.shape[1], int(meta[1]), int(meta[1])),
+                           m._store_options.get("device", self._trainer.strategy.root_device))
+        self._start(nxt)

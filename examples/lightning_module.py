@@ -5,7 +5,7 @@
 
 The callback starts each ATAS epoch with Lightning's and keeps the method's state (the per-sample
 prior and gradient-norm average) in Lightning's own checkpoints, so `trainer.fit(..., ckpt_path=...)`
-resumes it. Each epoch ends with a probe on 512 held-out test images (clean and PGD-10 accuracy),
+resumes it (exactly from an epoch-end checkpoint: the callback seeds each epoch from (seed, epoch)). Each epoch ends with a probe on 512 held-out test images (clean and PGD-10 accuracy),
 the same probe `atas train` logs.
 """
 from __future__ import annotations

@@ -42,6 +42,7 @@ Example:
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -74,9 +75,19 @@ class ATAS(Method):
         bn_mode: str = "eval"
         step_scale: float = 1.0
 
-    def __init__(self, eps, options=None, epochs=None, **kwargs):
+    # relative=True: the official step ratios at 8/255 (16/255 = 2 eps, 4/255 = 0.5 eps, 14/255 = 1.75 eps)
+    # for any eps, as the fmnist recipes spell out.
+    RELATIVE = {"step_numerator": "2eps", "alpha_unit": "eps", "alpha_min": 0.5, "alpha_max": 1.75}
+
+    def __init__(self, eps, options=None, epochs=None, *, relative: bool = False, **kwargs):
+        if relative:
+            if options is not None:
+                raise TypeError("ATAS(relative=True) sets step_numerator, alpha_unit, alpha_min and alpha_max: give "
+                                "the other options as keywords, not options=")
+            kwargs = {**self.RELATIVE, **kwargs}  # an option given by name still wins
         super().__init__(eps, options, epochs, **kwargs)
         self.check_options(self.opt)
+        self._warn_if_it_cannot_adapt()
 
     @staticmethod
     def check_options(o) -> None:
@@ -105,6 +116,38 @@ class ATAS(Method):
         numerator = OFFICIAL_NUMERATOR if o.step_numerator == "official" else 2 * eps_t
         scale = o.step_scale
         return numerator * scale, float(o.alpha_min) * unit * scale, float(o.alpha_max) * unit * scale
+
+    def _warn_if_it_cannot_adapt(self) -> None:
+        """The faithful defaults are the official CIFAR settings for eps 8/255 and a 30-epoch run; say so
+        when they leave nothing to adapt (kept, not changed: the shipped recipes reproduce the paper)."""
+        o = self.opt
+        if self.epochs is not None and o.warmup_epochs >= self.epochs:
+            warnings.warn(f"atas: warmup_epochs={o.warmup_epochs} covers the whole run (epochs={self.epochs}): every "
+                          "step is alpha = eps and the adaptive step size never starts. Set warmup_epochs below "
+                          "epochs (method.warmup_epochs=0 in a config), or train longer.", UserWarning, stacklevel=3)
+        # The largest step the rule can take (a zero gradient): the numerator, clamped to the bounds.
+        numerator, alpha_min, alpha_max = self.step_rule(self.eps)
+        largest = min(max(numerator, alpha_min), alpha_max)
+        if largest < self.eps * (1 - 1e-6):
+            warnings.warn(f"atas: the largest step this configuration can take is {largest * 255:.3g}/255 (alpha_max="
+                          f"{o.alpha_max}, alpha_unit={o.alpha_unit!r}, step_numerator={o.step_numerator!r}), below "
+                          f"eps = {self.eps * 255:.3g}/255, so no single step can reach the ball's edge. The defaults "
+                          "are the official code's constants for eps 8/255; for steps that scale with eps use "
+                          "atas.ATAS(eps, relative=True) (in a config: method.step_numerator=2eps "
+                          "method.alpha_unit=eps method.alpha_min=0.5 method.alpha_max=1.75).",
+                          UserWarning, stacklevel=3)
+
+    @property
+    def last_step_sizes(self) -> torch.Tensor | None:
+        """Per-sample step size alpha of the last perturb() batch, in pixels (eps during the warm-up):
+        a detached copy, None before the first batch."""
+        alpha = self.stats.get("alpha")
+        return None if alpha is None else alpha.detach().clone()
+
+    # The step rule at the full eps (read-only; under an eps ramp, step_rule(eps_at(epoch)) is the epoch's).
+    numerator = property(lambda self: self.step_rule(self.eps)[0])
+    alpha_min = property(lambda self: self.step_rule(self.eps)[1])
+    alpha_max = property(lambda self: self.step_rule(self.eps)[2])
 
     def on_epoch_start(self, epoch, store):
         every = self.opt.reset_every

@@ -202,6 +202,7 @@ class Method:
                           "x_adv, y, x), or the regulariser is silently dropped.", stacklevel=2)
         if self.current_epoch == 0:
             self.start_epoch(1)
+        _check_float32(self.name, model, x)  # before the store is built or anything is written
         store, prior, cf = None, None, None
         if self.uses_store:
             if idx is None:
@@ -229,11 +230,38 @@ class Method:
         self._loss_pending = False
         return loss
 
+    def store_summary(self) -> dict:
+        """A read-only look at the per-sample store (methods with `uses_store`), as Python numbers:
+        num_samples, updated (samples whose gradient-norm average has been written: the ones ATAS's
+        adaptive rule has seen since its warm-up), grad_norm_ema (mean/min/max over the updated samples
+        of sqrt(v_i), the gradient norm ATAS divides by: alpha = N / (1 + grad_norm_ema / c)) and
+        prior_abs (mean/max of |delta| over the whole store, in pixels). It reads the whole store: call
+        it once an epoch, not every step."""
+        if not self.uses_store:
+            raise TypeError(f"{self.name} keeps no per-sample state; store_summary() is for atas and fgsm_pgi")
+        if self.store is None:
+            raise RuntimeError(f"{self.name}: the per-sample store is built at the first batch; call "
+                               "store_summary() after perturb()")
+        v = self.store.grad_sq_ema
+        updated = v[v > 0].sqrt()
+        prior_sum, prior_max = 0.0, 0.0
+        for start, stop in self.store._row_chunks():  # int8/memmap stores: a chunk of rows at a time
+            chunk = self.store._decode(self.store.delta[start:stop]).abs()
+            prior_sum += float(chunk.sum(dtype=torch.float64))
+            prior_max = max(prior_max, float(chunk.max()))
+        norms = ({"mean": float(updated.mean()), "min": float(updated.min()), "max": float(updated.max())}
+                 if len(updated) else {"mean": None, "min": None, "max": None})
+        return {"epoch": self.current_epoch, "num_samples": len(v), "updated": len(updated),
+                "grad_norm_ema": norms,
+                "prior_abs": {"mean": prior_sum / max(1, self.store.delta.numel()), "max": prior_max}}
+
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: the epoch, the per-sample store and the
-        method's own carried tensors. Tensors and ints only (loads with weights_only=True)."""
+        method's own carried tensors, and the method's name. Tensors, ints and a string only (loads
+        with weights_only=True)."""
         state = {"epoch": self.current_epoch, "method": self.method_state()}
+        state["name"] = self.name  # load_state_dict refuses another method's state
         if self.num_samples is not None:
             state["num_samples"] = self.num_samples
         if self.store is not None:
@@ -243,6 +271,11 @@ class Method:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        saved_name = state.get("name", self.name)  # states saved before the name was recorded: accepted
+        if saved_name != self.name:
+            raise ValueError(f"cannot load a state saved by method {saved_name!r} into {self.name!r}: its store and "
+                             f"carried tensors mean something else to {self.name}. Load it into "
+                             f"atas.method({saved_name!r}, ...), or start {self.name} fresh.")
         saved_n = state.get("num_samples")
         if self.uses_store and saved_n is not None and int(saved_n) != self.num_samples:
             raise ValueError(f"cannot resume {self.name}: the saved per-sample state is for num_samples={int(saved_n)}, "
@@ -378,6 +411,22 @@ class Method:
         if self._reset_due:
             self.store.reset_delta()
             self._reset_due = False
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _check_float32(name: str, model: nn.Module, x: torch.Tensor) -> None:
+    """Half-precision weights or images fail deep inside the attack with torch's dtype error (or
+    round eps-sized steps away); say what works instead, before the store is allocated."""
+    half = next((p.dtype for p in model.parameters() if p.dtype in _HALF), None)
+    what = f"the model has {half} parameters" if half is not None else (
+        f"x is {x.dtype}" if x.dtype in _HALF else None)
+    if what is not None:
+        raise TypeError(f"{name}: perturb() needs float32 weights and images, but {what}. Keep the model and x in "
+                        "float32 and run under torch.autocast(device_type, dtype=torch.bfloat16) (float16: with a "
+                        "torch.amp.GradScaler), as `atas train train.amp=bf16` does; in Lightning use "
+                        "precision='bf16-mixed' or '16-mixed', not '*-true'.")
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:

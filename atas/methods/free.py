@@ -33,10 +33,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import warnings
+
 import torch
 
 from atas.config import ConfigError
-from atas.methods.base import Method, register
+from atas.methods.base import Method, _same_tensor, register
 
 
 @register
@@ -57,6 +59,9 @@ class Free(Method):
         self.replays = self.opt.m
         self.delta: torch.Tensor | None = None         # [rows >= B, C, H, W], carried across batches
         self._delta_leaf: torch.Tensor | None = None   # the leaf the last `loss` trained on
+        self._replay_x: torch.Tensor | None = None     # the minibatch being replayed (kept: its address stays ours)
+        self._replays_done = 0
+        self._warned_replays = False
 
     def _take_pending_step(self) -> None:
         """delta <- clip(delta + step * sign(grad), -eps, eps) with the grad of the last backward."""
@@ -90,7 +95,28 @@ class Free(Method):
         if "delta" in state:
             self.delta = state["delta"].float()
 
+    def _count_replay(self, x: torch.Tensor) -> None:
+        """Warn once when a new minibatch comes before the last one had its m replays: a loop that
+        ignores atk.replays trains one pass per minibatch, which is not Free-AT."""
+        if self._warned_replays:
+            return
+        prev = self._replay_x
+        new = prev is None or not _same_tensor(prev, x)
+        if new and prev is not None and self._replays_done < self.replays:
+            # Only here compare values (one sync): the same batch may come as a fresh copy per replay.
+            new = not (prev.shape == x.shape and prev.device == x.device and torch.equal(prev, x))
+            if new:
+                self._warned_replays, self._replay_x = True, None
+                warnings.warn(f"free: a new minibatch came after {self._replays_done} perturb() call(s) on the last "
+                              f"one, but Free-AT replays each minibatch m={self.replays} times. Put the per-batch "
+                              "lines in `for _ in range(atk.replays):`, or this trains one pass per minibatch "
+                              "(not Free-AT).", UserWarning, stacklevel=4)
+                return
+        self._replays_done = 1 if new else self._replays_done + 1
+        self._replay_x = x
+
     def attack(self, model, x, y, state):
+        self._count_replay(x)
         if self.delta is not None:
             self._take_pending_step()
         eps_t = self.eps_at(state.epoch)
