@@ -264,10 +264,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message tells the user what to fix: one line, exit 2, no traceback."""
     from atas.checkpoint import CheckpointError
     from atas.config import ConfigError
-    from atas.data import DataFormatError, DataNotFoundError
+    from atas.data import DataAccessError, DataFormatError, DataNotFoundError
     from atas.extras import MissingDependencyError
 
-    return ConfigError, CheckpointError, DataNotFoundError, DataFormatError, MissingDependencyError
+    return (ConfigError, CheckpointError, DataNotFoundError, DataFormatError, DataAccessError,
+            MissingDependencyError)
 
 
 def _fail(command: str, error: BaseException, status: int, debug: bool) -> int:
