@@ -275,23 +275,31 @@ def test_export_card_carries_only_the_evaluation_of_its_weights(run_copy, tmp_pa
 def test_out_onto_a_device_file_writes_into_it(run_copy, tmp_path, capsys):
     import stat
 
-    node = tmp_path / "null"
-    try:
-        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # a copy of /dev/null
-    except (PermissionError, OSError) as e:
-        pytest.skip(f"cannot make a device node here ({e})")
+    node = device_copy(tmp_path / "null", 3)
     assert run_cli(capsys, "eval", run_copy, *EVAL, "--out", node)[0] == 0
     assert stat.S_ISCHR(os.stat(node).st_mode)  # still the device, not a regular file renamed over it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["null", "run"]  # no .state beside it, no temp
 
 
+def device_copy(path: Path, minor: int) -> Path:
+    """A private copy of /dev/null (minor 3) or /dev/full (7): a bug that replaced the node must
+    never replace the machine's own."""
+    import stat
+
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, minor))
+    except OSError as e:
+        pytest.skip(f"cannot make a device node here ({e})")
+    return path
+
+
 @needs_data
-@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
-def test_disk_full_during_an_evaluation_is_one_line(run_copy, capsys):
-    status, _, err = run_cli(capsys, "eval", run_copy, *EVAL, "--out", "/dev/full")
+def test_disk_full_during_an_evaluation_is_one_line(run_copy, tmp_path, capsys):
+    full = device_copy(tmp_path / "full", 7)
+    status, _, err = run_cli(capsys, "eval", run_copy, *EVAL, "--out", full)
     assert status == 2
-    assert_one_line(err, "no space left on device while writing /dev/full", "choose another --out")
-    assert Path("/dev/full").is_char_device()
+    assert_one_line(err, f"no space left on device while writing {full}", "choose another --out")
+    assert full.is_char_device()
 
 
 def _full_for(fragment: str):
