@@ -78,8 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--data-dir", default=None)
     e.add_argument("--out", default=None,
-                   help="JSON result path (default: eval-<attacks>-n<N>.json beside the checkpoint; never "
-                        "the run's own eval.json unless given here)")
+                   help="JSON result path (default: eval-<attacks>-n<N>.json beside the checkpoint, or "
+                        "eval-<model>-<data>-<attacks>-n<N>-eps<eps>.json here with --model; never the run's own "
+                        "eval.json unless given here; a device or FIFO is written in place)")
     e.add_argument("--no-progress", action="store_true")
 
     x = sub.add_parser("export", help="write model.safetensors + card.json")
@@ -129,6 +130,7 @@ def cmd_train(args) -> int:
         cfg = load_config(args.recipe, args.overrides)
     _check_final_eval_extras(cfg)
     args.run_dir_hint = str(args.resume or args.run_dir or Path(cfg.out_dir) / cfg.name)
+    _say_data_source(cfg)
     _sigterm_interrupts()
     try:
         run = train(cfg, run_dir=args.resume or args.run_dir, resume=bool(args.resume), overwrite=args.overwrite)
@@ -157,6 +159,21 @@ def cmd_train(args) -> int:
         print(format_table(result))
         print(f"run folder: {run.run_dir}")
     return 0
+
+
+def _say_data_source(cfg) -> None:
+    """One line naming the copy of the data a run reads (the cache, the system's, data.data_dir):
+    without data.data_dir the first copy found is used, and which one it was must not be a guess."""
+    from atas import distributed
+    from atas.data import DataNotFoundError, data_source
+
+    if not distributed.is_main_process():
+        return
+    try:
+        folder = data_source(cfg.data.name, "train", cfg.data.data_dir)
+    except DataNotFoundError:
+        return  # training says what is missing, or downloads it (data.download=true)
+    print(f"data: {cfg.data.name} from {folder}", flush=True)
 
 
 def _eval_device(name: str):

@@ -167,6 +167,13 @@ def test_data_source_names_the_copy_used(tmp_path, monkeypatch):
         data_source("fmnist", "test", tmp_path / "nothing")
 
 
+def test_train_says_which_copy_of_the_data_it_reads(tmp_path, capsys, no_system_data):
+    fmnist_dir(tmp_path / "d")
+    status, out, _ = run_cli(capsys, "train", "fmnist", f"data.data_dir={tmp_path / 'd'}", *TINY, "data.subset=32",
+                             "train.probe_size=0", "train.epochs=1", "--run-dir", tmp_path / "run")
+    assert status == 0 and f"data: fmnist from {tmp_path / 'd'}" in out.splitlines()
+
+
 # ---------------------------------------------------------------- 19. smaller misleading messages
 def test_a_damaged_system_copy_says_reinstall_the_package(tmp_path, monkeypatch):
     from atas.data import DataFormatError, load_tensors
@@ -412,7 +419,7 @@ def test_an_evaluation_of_a_run_in_training_says_so(run_copy, capsys):
     assert run_cli(capsys, "eval", run_copy, *EVAL)[0] == 0
     result = json.loads((run_copy / "eval-clean-n16.json").read_text())
     assert result["checkpoint"]["epoch"] == 2 and result["checkpoint"]["file"] == "checkpoint.pt"
-    assert result["mid_run"] is False
+    assert result["mid_run"] is False and Path(result["data"]["folder"]).is_dir()  # which copy of the data
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_copy)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
