@@ -20,6 +20,7 @@ import errno
 import json
 import os
 import pickle
+import stat
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -70,6 +71,41 @@ def _is_disk_full(e: BaseException | None, recorded: OSError | None) -> bool:
     return any(isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT) for x in seen)
 
 
+class OutputPathError(CheckpointError):
+    """An output path cannot be written as asked (a file where a folder must be, a folder where
+    a file must be); the message says which path is in the way."""
+
+
+def check_output(path: str | Path, folder: bool = False, flag: str = "--out") -> Path:
+    """Refuse, before any work is done, an output path that cannot be written: a file standing
+    where a folder must be (`--out afile/x.json`, `atas export --out afile`) or a folder where
+    the file must be. Missing folders are fine: they are created when written."""
+    path = Path(path)
+    for parent in (path.parent, *path.parent.parents):
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise OutputPathError(f"{flag} {path}: {parent} is a file, not a folder, so nothing can be "
+                                      "written under it; choose another path")
+            break
+    if folder and path.exists() and not path.is_dir():
+        raise OutputPathError(f"{flag} {path} is a file, not a folder: give the folder to write into "
+                              "(created if missing)")
+    if not folder and path.is_dir():
+        raise OutputPathError(f"{flag} {path} is a folder: give the path of the file to write, "
+                              f"e.g. {path / 'result.json'}")
+    return path
+
+
+def is_special_file(path: str | Path) -> bool:
+    """An existing file that is neither regular nor a folder: a device (/dev/null, /dev/stdout),
+    a FIFO, a socket. Renaming a temporary file over it would replace the node itself."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def temporary_path(path: Path) -> Path:
     """Where `atomic_write` stages `path`: hidden, beside it, named by this process (see rundir)."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -79,6 +115,9 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
     """Write `path` through `write(file)` via temp file + fsync + rename; clean up on any failure.
     Out of space: DiskFullError (a CheckpointError) naming the file, the old file untouched."""
     path = Path(path)
+    if is_special_file(path):
+        _write_in_place(path, write, mode)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
     recorder = None
@@ -93,6 +132,22 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
         tmp.unlink(missing_ok=True)
         if _is_disk_full(e, recorder.error if recorder else None):
             raise DiskFullError(path) from e
+        raise
+
+
+def _write_in_place(path: Path, write: Callable[[Any], None], mode: str) -> None:
+    """A device or FIFO the user named (`--out /dev/stdout`) is written into, not replaced:
+    there is no old content to keep intact, and the node must stay what it is."""
+    recorder = None
+    try:
+        with open(path, mode) as f:
+            recorder = _Recorder(f)
+            write(recorder)
+            f.flush()
+    except BaseException as e:
+        if _is_disk_full(e, recorder.error if recorder else None):
+            raise DiskFullError(path, "it is not a regular file, so it was written in place and holds an "
+                                "incomplete result", "free space or choose another --out, and try again") from e
         raise
 
 
@@ -148,11 +203,34 @@ def save_checkpoint(path: str | Path, state: dict, keep_previous: bool = False) 
     atomic_write(path, lambda f: torch.save(state, f))
 
 
+def _is_whole(path: Path) -> bool:
+    """Whether a file the advice would send the user to is itself whole: a complete archive
+    whose members all pass their CRC-32 (one read of the file; only on this error path)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is None
+    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError, EOFError):
+        return False
+
+
 def _what_to_do(path: Path) -> str:
+    """The next step after `path` was refused; a file it names as the way out was checked first."""
+    if path.name == "best.pt":
+        ckpt = path.with_name("checkpoint.pt")
+        if ckpt.exists() and _is_whole(ckpt):
+            return (f"best.pt only holds the best-robust weights, for evaluation; the run's {ckpt} is intact: "
+                    f"evaluate, export or resume the run from it (`atas eval {path.parent}`, `atas train --resume "
+                    f"{path.parent}`), and delete the damaged file (`rm {path}`): resuming does not read it, "
+                    "and a resumed run writes a new best.pt at its next best epoch.")
     prev = previous_path(path)
     if prev.exists() and prev != path:
-        return (f"The checkpoint one epoch older is kept as {prev}: move it over the damaged one "
-                f"(`mv {prev} {path}`) and resume, or start the run again.")
+        if _is_whole(prev):
+            return (f"The checkpoint one epoch older is kept as {prev}: move it over the damaged one "
+                    f"(`mv {prev} {path}`) and resume, or start the run again.")
+        return (f"The checkpoint one epoch older, {prev}, is damaged too, so there is none to fall back to: "
+                "restore the run folder from a copy, or start the run again (`atas train ... --overwrite`).")
     return "Restore the file from a copy, or start the run again (`atas train ... --overwrite`)."
 
 

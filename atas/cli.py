@@ -78,8 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--data-dir", default=None)
     e.add_argument("--out", default=None,
-                   help="JSON result path (default: eval-<attacks>-n<N>.json beside the checkpoint; never "
-                        "the run's own eval.json unless given here)")
+                   help="JSON result path (default: eval-<attacks>-n<N>.json beside the checkpoint, or "
+                        "eval-<model>-<data>-<attacks>-n<N>-eps<eps>.json here with --model; never the run's own "
+                        "eval.json unless given here; a device or FIFO is written in place)")
     e.add_argument("--no-progress", action="store_true")
 
     x = sub.add_parser("export", help="write model.safetensors + card.json")
@@ -129,6 +130,7 @@ def cmd_train(args) -> int:
         cfg = load_config(args.recipe, args.overrides)
     _check_final_eval_extras(cfg)
     args.run_dir_hint = str(args.resume or args.run_dir or Path(cfg.out_dir) / cfg.name)
+    _say_data_source(cfg)
     _sigterm_interrupts()
     try:
         run = train(cfg, run_dir=args.resume or args.run_dir, resume=bool(args.resume), overwrite=args.overwrite)
@@ -138,22 +140,68 @@ def cmd_train(args) -> int:
         # ("terminate called without an active exception") and torchrun fails the job.
         distributed.cleanup()
     if cfg.eval.at_end and distributed.is_main_process():
+        from atas.checkpoint import DiskFullError
         from atas.evaluate import format_table
+        from atas.export import resolve_artifact
         from atas.runner import evaluate_run
 
-        result = evaluate_run(run.model, cfg, run.run_dir)
+        last = run.metrics[-1] if run.metrics else {}
+        checkpoint = resolve_artifact(run.run_dir)
+        weights = {"file": checkpoint.name, "path": str(checkpoint), "epoch": last.get("epoch"),
+                   "step": last.get("step"), "epochs_planned": cfg.train.epochs, "mid_run": False}
+        try:
+            result = evaluate_run(run.model, cfg, run.run_dir, checkpoint=weights)
+        except DiskFullError as e:  # the training is done and saved: say how to get its evaluation
+            out = Path(run.run_dir) / "eval.json"
+            raise DiskFullError(e.path, f"training finished and its checkpoint {checkpoint} is intact",
+                                f"free space and run the end-of-training evaluation with `atas eval {run.run_dir} "
+                                f"--out {out}` (it resumes from {out.with_suffix('.state')})") from None
         print(format_table(result))
         print(f"run folder: {run.run_dir}")
     return 0
 
 
+def _say_data_source(cfg) -> None:
+    """One line naming the copy of the data a run reads (the cache, the system's, data.data_dir):
+    without data.data_dir the first copy found is used, and which one it was must not be a guess."""
+    from atas import distributed
+    from atas.data import DataNotFoundError, data_source
+
+    if not distributed.is_main_process():
+        return
+    try:
+        folder = data_source(cfg.data.name, "train", cfg.data.data_dir)
+    except DataNotFoundError:
+        return  # training says what is missing, or downloads it (data.download=true)
+    print(f"data: {cfg.data.name} from {folder}", flush=True)
+
+
+def _eval_device(name: str):
+    """--device of `atas eval`, refused in its own words (the training's check names train.device)."""
+    import torch
+
+    from atas.config import ConfigError
+    from atas.trainer import resolve_device
+
+    try:
+        device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                              "cpu" if name == "auto" else name)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {name}: not a device ({e}); use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} but no CUDA GPU is visible; use --device cpu (or leave it out: "
+                          "auto picks the GPU when there is one)")
+    return resolve_device(str(device))
+
+
 def cmd_eval_external(args) -> int:
     """`atas eval --model MODULE:FUNCTION --weights FILE --data NAME --eps E`: any model, atas's evaluation."""
     from atas.benchmark import benchmark
+    from atas.checkpoint import check_output
     from atas.config import ConfigError, Frac, check_eps
     from atas.evaluate import format_table, save_result
     from atas.external import load_weights, model_from_factory
-    from atas.trainer import resolve_device
+    from atas.runner import model_eval_file_name
 
     missing = [flag for flag, value in (("--data", args.data), ("--eps", args.eps)) if value is None]
     if missing or args.checkpoint:
@@ -161,6 +209,12 @@ def cmd_eval_external(args) -> int:
                           if missing else f"give either a run folder ({args.checkpoint}) or --model, not both")
     eps = Frac(args.eps)
     check_eps(eps, "--eps")
+    attacks = (args.attacks or "clean,pgd,aa").split(",")
+    # Named, as `atas eval RUN` names its files, by what was evaluated and how: another model,
+    # other attacks, size or eps never replace an earlier result.
+    out = check_output(args.out or model_eval_file_name(args.model, args.data, ",".join(attacks), args.n_examples,
+                                                         eps, args.weights))
+    device = _eval_device(args.device)
     model = model_from_factory(args.model)
     if args.weights:
         load_weights(model, args.weights)
@@ -169,14 +223,12 @@ def cmd_eval_external(args) -> int:
     norm = None
     if args.mean is not None:
         norm = tuple(tuple(float(v) for v in text.split(",")) for text in (args.mean, args.std))
-    model = model.to(resolve_device(args.device))
-    attacks = (args.attacks or "clean,pgd,aa").split(",")
+    model = model.to(device)
     kwargs = {k: v for k, v in (("pgd_steps", args.pgd_steps), ("pgd_restarts", args.pgd_restarts)) if v}
     result = benchmark(model, args.data, eps.text, attacks, normalization=norm, n_examples=args.n_examples,
                        data_dir=args.data_dir, batch_size=args.batch_size or 256, seed=args.seed,
                        progress=not args.no_progress, **kwargs)
     result["model"] = {"factory": args.model, "weights": args.weights, "dataset": args.data}
-    out = Path(args.out or f"eval-{args.model.replace(':', '.')}-{args.data}.json")
     save_result(result, out)
     print(format_table(result))
     print(f"saved: {out}")
@@ -203,16 +255,18 @@ def cmd_eval(args) -> int:
         from atas.config import ConfigError
 
         raise ConfigError("give a run folder / checkpoint / export to evaluate, or --model MODULE:FUNCTION")
+    from atas.checkpoint import check_output
     from atas.compare import check_attacks
     from atas.config import Frac, check_eps, validate_eval
     from atas.evaluate import format_table
-    from atas.export import load_model, resolve_artifact
+    from atas.export import checkpoint_record, load_model, resolve_artifact
     from atas.runner import eval_file_name, evaluate_run
-    from atas.trainer import resolve_device
 
     attacks = None if args.attacks is None else ",".join(check_attacks(args.attacks))  # "" is an error
-    device = resolve_device(args.device)
-    model, cfg, _ = load_model(args.checkpoint, device)
+    device = _eval_device(args.device)
+    if args.out:
+        check_output(args.out)  # before the model is even loaded
+    model, cfg, extra = load_model(args.checkpoint, device)
     e = cfg.eval
     if attacks is not None: e.attacks = attacks
     if args.n_examples is not None: e.n_examples = args.n_examples
@@ -230,8 +284,11 @@ def cmd_eval(args) -> int:
         check_eps(eps, "--eps")
     source = resolve_artifact(args.checkpoint)
     out = Path(args.out) if args.out else source.with_name(eval_file_name(cfg, eps))
+    weights = checkpoint_record(args.checkpoint, cfg, extra)
+    if weights and weights["warning"]:  # an evaluation of a run still in training, before it starts
+        print(f"atas eval: WARNING: {weights['warning']}", file=sys.stderr)
     result = evaluate_run(model, cfg, out.parent, eps=eps, seed=args.seed, out=out,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, checkpoint=weights)
     print(format_table(result))
     print(f"saved: {out}")
     return 0
@@ -264,10 +321,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message tells the user what to fix: one line, exit 2, no traceback."""
     from atas.checkpoint import CheckpointError
     from atas.config import ConfigError
-    from atas.data import DataFormatError, DataNotFoundError
+    from atas.data import DataAccessError, DataFormatError, DataNotFoundError
     from atas.extras import MissingDependencyError
 
-    return ConfigError, CheckpointError, DataNotFoundError, DataFormatError, MissingDependencyError
+    return (ConfigError, CheckpointError, DataNotFoundError, DataFormatError, DataAccessError,
+            MissingDependencyError)
 
 
 def _fail(command: str, error: BaseException, status: int, debug: bool) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import fractions
+import math
 import re
 import types
 import typing
@@ -31,20 +32,36 @@ class ConfigError(ValueError):
 _FRACTION = re.compile(r"^\s*([+-]?\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*(?:/\s*(\d+(?:\.\d*)?))?\s*$")
 
 
+class NotFiniteError(ConfigError):
+    """A number that is inf, NaN or too large for a float (1e400): no setting means that."""
+
+
 def parse_fraction(text: str | float | int) -> float:
-    """'8/255' -> 8/255 exactly as a float; '0.3' -> 0.3; 0.3 -> 0.3. Never evaluates code."""
+    """'8/255' -> 8/255 exactly as a float; '0.3' -> 0.3; 0.3 -> 0.3. Never evaluates code.
+    Only finite numbers: 1e400 (an OverflowError deep inside the run otherwise), inf and NaN are
+    refused here."""
     if isinstance(text, bool):
         raise ConfigError(f"expected a number such as 0.3 or 8/255, got {text!r}")
     if isinstance(text, (int, float)):
-        return float(text)
-    m = _FRACTION.match(str(text))
-    if not m:
-        raise ConfigError(f"expected a number such as 0.3 or 8/255, got {text!r}")
-    num, den = m.group(1), m.group(2)
-    if den is not None and fractions.Fraction(den) == 0:
-        raise ConfigError(f"division by zero in {text!r}")
-    value = fractions.Fraction(num) / fractions.Fraction(den) if den else fractions.Fraction(num)
-    return float(value)
+        try:
+            value = float(text)
+        except OverflowError:  # a huge int
+            value = math.inf
+    else:
+        m = _FRACTION.match(str(text))
+        if not m:
+            raise ConfigError(f"expected a number such as 0.3 or 8/255, got {text!r}")
+        num, den = m.group(1), m.group(2)
+        if den is not None and fractions.Fraction(den) == 0:
+            raise ConfigError(f"division by zero in {text!r}")
+        exact = fractions.Fraction(num) / fractions.Fraction(den) if den else fractions.Fraction(num)
+        try:
+            value = float(exact)
+        except OverflowError:
+            value = math.inf
+    if not math.isfinite(value):
+        raise NotFiniteError(f"expected a finite number, got {text!r} (beyond the float range, about 1.8e308)")
+    return value
 
 
 class Frac(float):
@@ -260,6 +277,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
             return parse_fraction(value)
+        except NotFiniteError as e:
+            raise ConfigError(f"{key}: {e}") from None
         except ConfigError:
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if tp is str:

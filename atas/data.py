@@ -15,8 +15,10 @@ the stored ATAS prior (`atas.augment`). The crop window of side `image_size` is 
 `frame_size` image zero-padded by `train_pad` on each side, so `atas.augment`'s frame side is
 `frame_size + 2 * train_pad` (CIFAR: 32 + 2*4 = 40; ImageNet: 256 + 0 = 256).
 
-Files are looked for, in order, in `data_dir`, in the cache `default_data_dir()`, and in system
-folders (Debian's dataset-fashion-mnist); only with `download=True` does torchvision fetch them.
+Files are looked for in `data_dir` when it is given, and only there (an explicit folder that holds
+no data is an error, never a silent switch to another copy); without it, in the cache
+`default_data_dir()`, then in system folders (Debian's dataset-fashion-mnist). Only with
+`download=True` does torchvision fetch them. `data_source` says which folder a split is read from.
 """
 from __future__ import annotations
 
@@ -106,6 +108,10 @@ class DataNotFoundError(FileNotFoundError):
     """The dataset's files are not where we looked; the message says how to get them."""
 
 
+class DataAccessError(OSError):
+    """A dataset file exists but cannot be read (permissions, I/O error); the message names it."""
+
+
 class DataFormatError(ValueError):
     """A dataset file exists but is truncated, corrupt or not what its name says.
 
@@ -136,9 +142,19 @@ IDX_IMAGES_MAGIC = 2051  # 0x0803: unsigned bytes, 3 dims [N, rows, cols]
 IDX_LABELS_MAGIC = 2049  # 0x0801: unsigned bytes, 1 dim [N]
 
 
+def _refetch(path: Path, them: str = "it") -> str:
+    """How to replace a damaged dataset file: a file of the Debian package is reinstalled with the
+    package (deleting it by hand would only break the package), anything else is fetched again."""
+    try:
+        Path(path).resolve().relative_to(Path(DEBIAN_FASHION_MNIST_DIR).resolve())
+    except ValueError:
+        return f"delete {them} and fetch {them} again"
+    return ("the system package's files are damaged: reinstall the package "
+            "(`apt-get install --reinstall dataset-fashion-mnist`)")
+
+
 def _corrupt(path: Path, what: str) -> DataFormatError:
-    return DataFormatError(f"{path}: {what}. The file is truncated or corrupt: delete it and "
-                           f"fetch it again.")
+    return DataFormatError(f"{path}: {what}. The file is truncated or corrupt: {_refetch(path)}.")
 
 
 def read_idx(path: str | Path, magic: int) -> np.ndarray:
@@ -174,10 +190,11 @@ def _read_idx_pair(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
     y = read_idx(paths[1], IDX_LABELS_MAGIC)
     if x.ndim != 3 or y.ndim != 1:
         raise DataFormatError(f"{paths[0]} holds an array of shape {x.shape} and {paths[1]} one of shape "
-                              f"{y.shape}; expected images [N, rows, cols] and labels [N]. Fetch both again.")
+                              f"{y.shape}; expected images [N, rows, cols] and labels [N]: "
+                              f"{_refetch(paths[0], 'both')}.")
     if len(x) != len(y):
         raise DataFormatError(f"{paths[0]} holds {len(x)} images but {paths[1]} holds {len(y)} labels; the "
-                              f"two files do not belong together: fetch both again.")
+                              f"two files do not belong together: {_refetch(paths[0], 'both')}.")
     return torch.from_numpy(x).unsqueeze(1).contiguous(), torch.from_numpy(y).long()
 
 
@@ -327,46 +344,98 @@ def _find_files(name: str, split: str, folders: list[Path]) -> list[Path] | None
     return None
 
 
-def _how_to_get(name: str, split: str, folders: list[Path], target: Path) -> str:
+def _how_to_get(name: str, split: str, folders: list[Path], target: Path, explicit: bool = False) -> str:
     source = _SOURCES[name]
     files = ", ".join(f + ("[.gz]" if source.gz_ok else "") for f in source.files(split))
     where = target / source.subdirs[0] if source.subdirs[0] else target
     fixes = []
-    if name == "fmnist":
+    if name == "fmnist" and not explicit:
         fixes.append(f"apt-get install dataset-fashion-mnist (Debian/Ubuntu; installs "
                      f"{DEBIAN_FASHION_MNIST_DIR})")
     fixes += [f"put {files} in {where}",
               f"pass data.download=true (torchvision downloads under {target}, needs internet)"]
+    if explicit:  # the user chose this folder: no other copy is used behind their back
+        system = (f", or Debian's {DEBIAN_FASHION_MNIST_DIR} after apt-get install dataset-fashion-mnist"
+                  if name == "fmnist" else "")
+        fixes.append(f"leave data.data_dir unset to use the cache {default_data_dir()}{system}")
+        head = (f"{source.title} {split} split not found in data.data_dir={target}: it holds none of the "
+                f"layouts atas reads, and no other copy is used when data.data_dir is given. Searched:")
+    else:
+        head = f"{source.title} {split} split not found. Searched:"
     searched = "\n".join(f"  {f}" for f in folders)
-    return (f"{source.title} {split} split not found. Searched:\n{searched}\nTo fix, do one of:\n"
-            + "\n".join(f"  - {fix}" for fix in fixes))
+    return (f"{head}\n{searched}\nTo fix, do one of:\n" + "\n".join(f"  - {fix}" for fix in fixes))
+
+
+def _search_folders(name: str, data_dir: str | Path | None) -> tuple[Path, list[Path]]:
+    """(where a download goes, the folders searched in order). An explicit data_dir is the only
+    place looked in: a folder given on purpose that holds no data must not silently turn into
+    training on the cache's or the system's copy."""
+    if data_dir is not None:
+        target = Path(data_dir).expanduser()
+        return target, [target / sub for sub in _SOURCES[name].subdirs]
+    target = default_data_dir()
+    return target, _candidate_folders(name, [target])
+
+
+def data_source(name: str, split: str = "train", data_dir: str | Path | None = None) -> Path:
+    """The folder a split is (or would be) read from: the resolved copy, for logs and records.
+    DataNotFoundError as `load_tensors` / `image_folder` raise it when there is none."""
+    info = dataset_info(name)
+    _check_split(split)
+    if not info.resident:
+        return _folder_root(info.name, split, data_dir)
+    target, folders = _search_folders(info.name, data_dir)
+    paths = _find_files(info.name, split, folders)
+    if paths is None:
+        raise DataNotFoundError(_how_to_get(info.name, split, folders, target, explicit=data_dir is not None))
+    return paths[0].parent
+
+
+def _check_labels(y: torch.Tensor, num_classes: int, path: Path, title: str) -> None:
+    """Every label must name one of the classes: a stray 77 would otherwise surface mid-run as a
+    CUDA assert or `IndexError: Target 77 is out of bounds`, far from the file that holds it."""
+    if y.numel() == 0:
+        return
+    bad = ((y < 0) | (y >= num_classes)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise DataFormatError(f"{path}: label {int(y[i])} at position {i} is outside 0..{num_classes - 1} "
+                              f"({title} has {num_classes} classes; {len(bad)} such label(s)). The file is "
+                              f"corrupt or of another dataset: {_refetch(path)}.")
 
 
 def load_tensors(name: str, split: str, data_dir: str | Path | None = None,
                  download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """A resident dataset split: x uint8 [N, C, H, W] (contiguous), y int64 [N].
 
-    Looks in data_dir, then default_data_dir(), then system folders; with download=True and
-    nothing found, torchvision downloads into data_dir (or the cache when data_dir is None).
+    Looks in data_dir when given (only there), else in default_data_dir(), then system folders;
+    with download=True and nothing found, torchvision downloads into data_dir (or the cache when
+    data_dir is None).
     """
     info = dataset_info(name)
     _check_split(split)
     if not info.resident:
         raise ValueError(f"{info.name} is a folder dataset streamed from disk; use image_folder() "
                          f"or load_split()")
-    target = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    roots = [target] + ([default_data_dir()] if data_dir is not None else [])
-    folders = _candidate_folders(info.name, roots)
+    source = _SOURCES[info.name]
+    target, folders = _search_folders(info.name, data_dir)
     paths = _find_files(info.name, split, folders)
     if paths is None and download:
-        _SOURCES[info.name].download(target, split)
-        paths = _find_files(info.name, split, _candidate_folders(info.name, [target]))
+        source.download(target, split)
+        paths = _find_files(info.name, split, [target / sub for sub in source.subdirs])
     if paths is None:
-        raise DataNotFoundError(_how_to_get(info.name, split, folders, target))
-    x, y = _SOURCES[info.name].read(paths)
+        raise DataNotFoundError(_how_to_get(info.name, split, folders, target, explicit=data_dir is not None))
+    try:
+        x, y = source.read(paths)
+    except OSError as e:  # present but unreadable: permissions, an I/O error
+        file = e.filename or paths[0]
+        fix = (f"make it readable (`chmod a+r {file}`, or run as its owner)" if isinstance(e, PermissionError)
+               else "check the disk, or copy the data elsewhere and point data.data_dir at it")
+        raise DataAccessError(f"cannot read {file}: {e.strerror or e}; {fix}") from None
     if x.shape[1:] != (info.channels, info.image_size, info.image_size):
         raise DataFormatError(f"{paths[0]}: images {tuple(x.shape)}, expected "
                               f"[N, {info.channels}, {info.image_size}, {info.image_size}]")
+    _check_labels(y, info.num_classes, paths[-1] if info.name in ("fmnist", "mnist") else paths[0], source.title)
     return x, y
 
 
@@ -439,6 +508,22 @@ def _folder_layout(name: str) -> str:
                if name == "tiny_imagenet" else ""))
 
 
+def _folder_root(name: str, split: str, data_dir: str | Path | None) -> Path:
+    """The root whose train/ or val/ holds the split: data_dir or data_dir/<name> when data_dir is
+    given (only there: see `_search_folders`), else the cache's <name> folder."""
+    subdir = "train" if split == "train" else "val"
+    bases = [Path(data_dir).expanduser()] if data_dir is not None else [default_data_dir()]
+    roots = ([bases[0]] if data_dir is not None else []) + [
+        b / sub for b in bases for sub in _FOLDER_SUBDIRS[name]]
+    root = next((r for r in roots if (r / subdir).is_dir()), None)
+    if root is None:
+        raise DataNotFoundError(
+            f"{name} {split} split not found: no {subdir}/ folder in any of "
+            f"{', '.join(str(r) for r in roots)}. Expected layout under data.data_dir: "
+            f"{_folder_layout(name)}. This dataset is not downloaded automatically.")
+    return root
+
+
 def image_folder(name: str, split: str, data_dir: str | Path | None = None) -> IndexedImageFolder:
     """A folder dataset split read from `<root>/train` or `<root>/val`, items (x, y, idx).
 
@@ -455,15 +540,7 @@ def image_folder(name: str, split: str, data_dir: str | Path | None = None) -> I
     if info.resident:
         raise ValueError(f"{info.name} is a resident dataset; use load_tensors() or load_split()")
     subdir = "train" if split == "train" else "val"
-    bases = [Path(data_dir).expanduser()] if data_dir is not None else []
-    roots = bases + [b / sub for b in bases + [default_data_dir()] for sub in _FOLDER_SUBDIRS[info.name]]
-    root = next((r for r in roots if (r / subdir).is_dir()), None)
-    if root is None:
-        raise DataNotFoundError(
-            f"{info.name} {split} split not found: no {subdir}/ folder in any of "
-            f"{', '.join(str(r) for r in roots)}. Expected layout under data.data_dir: "
-            f"{_folder_layout(info.name)}. This dataset is not downloaded automatically.")
-
+    root = _folder_root(info.name, split, data_dir)
     folder, train_folder = root / subdir, root / "train"
     annotations = folder / "val_annotations.txt"
     tiny_val = split == "test" and annotations.is_file() and (folder / "images").is_dir()

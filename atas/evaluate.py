@@ -18,7 +18,6 @@ numbers an uninterrupted run gives.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -26,7 +25,6 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import time
 import warnings
 import zlib
@@ -38,6 +36,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from .checkpoint import DiskFullError, atomic_write_text
 from .threat import LinfBall, bn_mode, input_grad, signed_step
 
 __all__ = [
@@ -717,8 +716,14 @@ class _State:
             return
         self.attacks[name] = {"settings": _jsonable(attack_settings),
                               "correct": "".join("1" if f else "0" for f in flags)}
-        _atomic_write_text(self.path, json.dumps(
-            {"format": _STATE_FORMAT, "settings": self.settings, "attacks": self.attacks}))
+        try:
+            _atomic_write_text(self.path, json.dumps(
+                {"format": _STATE_FORMAT, "settings": self.settings, "attacks": self.attacks}))
+        except DiskFullError as e:
+            intact = ("the progress saved after the previous batch is intact" if self.path.exists()
+                      else "no progress was saved yet")
+            raise DiskFullError(e.path, intact, "free space and run the same evaluation again: it resumes "
+                                "from there") from None
 
 
 def _sanity_across_attacks(results: dict, warn) -> None:
@@ -846,21 +851,12 @@ def format_table(result: dict) -> str:
 
 
 def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temporary file in the same folder + os.replace: readers (and a resumed run
-    after a kill) see the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write via a temporary file in the same folder + fsync + os.replace: readers (and a resumed
+    run after a kill) see the old file or the new one, never half of one. The writer of
+    checkpoints, so one temporary naming (`.NAME.tmp-PID`) covers every file of a run folder and
+    the folder's cleanup (atas.rundir) removes what a killed write left; a full disk is a
+    DiskFullError naming the file."""
+    atomic_write_text(path, text)
 
 
 def save_result(result: dict, path: str | os.PathLike) -> None:

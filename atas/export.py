@@ -1,7 +1,14 @@
 """Model export (safetensors + JSON card) and loading a model from any artefact a run leaves.
 
 An exported model is the normalising wrapper's state dict with no `module.`/`_orig_mod.` prefixes,
-so `atas.models.build_model(**card["model"])` plus `load_state_dict` rebuilds it anywhere.
+so it rebuilds anywhere from the card's "model" entry (the arguments of `build_model`):
+
+    card = json.load(open("exported/card.json"))
+    model = atas.models.build_model(**card["model"])
+    model.load_state_dict(safetensors.torch.load_file("exported/model.safetensors"))
+
+The card's "evaluation" is the run's evaluation of these very weights (matched by their sha256),
+or null with "evaluation_note" saying why: a card never carries another checkpoint's scores.
 Nothing here unpickles: training checkpoints go through `load_checkpoint` (weights_only) and
 exports through safetensors.
 """
@@ -16,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from atas import __version__
-from atas.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_json
+from atas.checkpoint import CheckpointError, atomic_write, check_output, load_checkpoint, save_json
 from atas.config import Config, config_from_dict
 from atas.data import dataset_info
 from atas.models import build_model, clean_state_dict, unwrap
@@ -24,10 +31,15 @@ from atas.models import build_model, clean_state_dict, unwrap
 MODEL_FILE, CARD_FILE = "model.safetensors", "card.json"
 
 
-def _build(cfg: Config) -> nn.Module:
+def model_arguments(cfg: Config) -> dict:
+    """The keyword arguments of `build_model` that rebuild cfg's model (the card's "model")."""
     info = dataset_info(cfg.data.name)
-    return build_model(cfg.model.arch, num_classes=info.num_classes, in_channels=info.channels,
-                       mean=info.mean, std=info.std)
+    return {"name": cfg.model.arch, "num_classes": info.num_classes, "in_channels": info.channels,
+            "mean": list(info.mean), "std": list(info.std)}
+
+
+def _build(cfg: Config) -> nn.Module:
+    return build_model(**model_arguments(cfg))
 
 
 def _load_weights(model: nn.Module, state: dict, source: str) -> nn.Module:
@@ -90,6 +102,27 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     return model.to(device), cfg, {"epoch": int(state["epoch"]), "step": int(state["step"])}
 
 
+def _is_previous(path: Path) -> bool:
+    return ".prev." in path.name
+
+
+def _run_finished(run_dir: Path, cfg: Config) -> bool | None:
+    """Whether the run in run_dir got to its end, from its metrics (cheap: no checkpoint is
+    loaded); None when there is no metrics log to tell."""
+    from atas.trainer import MetricsLog
+
+    try:
+        rows = MetricsLog(run_dir).read()
+    except (OSError, ValueError):
+        return None
+    if not rows:
+        return None
+    last = rows[-1]
+    return (last.get("epoch", 0) >= cfg.train.epochs
+            or (cfg.train.max_steps is not None and last.get("step", 0) >= cfg.train.max_steps)
+            or (cfg.train.co_action == "stop" and bool(last.get("co"))))
+
+
 def training_state(source: str | Path, cfg: Config, extra: dict) -> dict | None:
     """How far the exported checkpoint's run had trained: {"epoch", "epochs_planned", "finished",
     "checkpoint", "note"}; None for an export folder (no epoch to tell). A run counts as finished
@@ -110,37 +143,116 @@ def training_state(source: str | Path, cfg: Config, extra: dict) -> dict | None:
     if path.name == "best.pt":
         note = (f"{path} is the best-robust checkpoint (epoch {epoch} of {planned}, chosen by the CO monitor), "
                 "not the final model")
+    elif _is_previous(path):  # one save older than the run's latest checkpoint, whatever the run's state
+        latest = path.with_name(path.name.replace(".prev.", "."))
+        run_done = _run_finished(path.parent, cfg)
+        whose = "a finished run" if run_done else "an unfinished run" if run_done is False else "its run"
+        note = (f"{path} is an older checkpoint of {whose} (epoch {epoch} of {planned}), kept as the fallback "
+                f"for a damaged {latest.name}; it is not the run's latest model ({latest})")
     elif not finished:
         note = (f"{path} is from an unfinished run: epoch {epoch} of {planned}; finish it with "
                 f"`atas train --resume {path.parent}` before publishing, or publish it knowing that")
     return {"epoch": epoch, "epochs_planned": planned, "finished": finished, "checkpoint": path.name, "note": note}
 
 
+def checkpoint_record(source: str | Path, cfg: Config, extra: dict) -> dict | None:
+    """What an evaluation of `source` measures, for its result: {"file", "epoch", "step",
+    "epochs_planned", "mid_run", "warning"}. mid_run: the run is being trained right now (a live
+    process holds its lock) or has not finished, so these weights are not its final model (the
+    best.pt or older checkpoint of a finished run is not mid-run: it is what its name says).
+    None for an export folder, whose card says what it is."""
+    from atas.rundir import live_writer
+
+    state = training_state(source, cfg, extra)
+    if state is None:
+        return None
+    path = resolve_artifact(source)
+    run_dir = path.parent
+    writer = live_writer(run_dir)
+    finished = state["finished"] if path.name.startswith("checkpoint") and not _is_previous(path) \
+        else _run_finished(run_dir, cfg)
+    record = {"file": path.name, "path": str(path), "epoch": state["epoch"], "step": extra.get("step"),
+              "epochs_planned": state["epochs_planned"], "mid_run": writer is not None or finished is False,
+              "warning": None}
+    what = f"this evaluates {path.name} as it is on disk, epoch {state['epoch']} of {state['epochs_planned']}, " \
+           "not the run's final model; the result records it (mid_run: true, with the epoch)"
+    if writer is not None:
+        record["warning"] = f"{run_dir} is being trained right now (PID {writer} holds its lock): {what}"
+    elif finished is False:
+        record["warning"] = (f"{run_dir} is an unfinished run (finish it with `atas train --resume {run_dir}`): "
+                             f"{what}")
+    return record
+
+
+def run_evaluation(source: str | Path, model: nn.Module) -> tuple[dict | None, str | None]:
+    """(the run's evaluation of exactly these weights, None) or (None, why there is none).
+
+    eval.json is computed from the run's final model; `source` may be best.pt or an older
+    checkpoint with other weights. An evaluation counts only if the sha256 of the weights it
+    measured (recorded by atas.runner.evaluate_run) is that of `model`: eval.json first, then
+    the `atas eval` results beside the checkpoint (eval-*.json), newest first."""
+    from atas.evaluate import _fingerprint_model
+
+    path = resolve_artifact(source)
+    if path.suffix == ".safetensors":
+        return None, None
+    files = [path.with_name("eval.json")] + sorted(path.parent.glob("eval-*.json"),
+                                                   key=lambda f: f.stat().st_mtime, reverse=True)
+    files = [f for f in files if f.is_file()]
+    if not files:
+        return None, None
+    mine = _fingerprint_model(model)
+    unverifiable = []
+    for file in files:
+        try:
+            result = json.loads(file.read_text())
+            sha = result.get("model", {}).get("sha256")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if sha == mine:
+            result["file"] = file.name
+            return result, None
+        if sha is None:
+            unverifiable.append(file.name)
+    why = (f"{', '.join(f.name for f in files)} in {path.parent} evaluate other weights than {path.name}"
+           + (f" ({', '.join(unverifiable)} records no weights sha256: written by an older atas)" if unverifiable else "")
+           + f"; evaluate these weights with `atas eval {path}` and export again to include it")
+    return None, why
+
+
 def export_model(source: str | Path, out_dir: str | Path, evaluation: dict | None = None) -> Path:
     """Write out_dir/model.safetensors and out_dir/card.json; returns out_dir. Exporting an
-    unfinished run (or best.pt) warns, and the card's "training" says at which epoch it stopped."""
+    unfinished run (or best.pt) warns, and the card's "training" says at which epoch it stopped.
+    The card's "evaluation" is `evaluation` if given, else the run's evaluation of these very
+    weights (see `run_evaluation`); when there is none that matches, it is left out, with a
+    warning and the card's "evaluation_note" saying why."""
+    import warnings
+
+    out_dir = check_output(out_dir, folder=True)
     model, cfg, extra = load_model(source)
     state = training_state(source, cfg, extra)
     if state and state["note"]:
-        import warnings
-
         warnings.warn(state["note"], stacklevel=2)
-    out_dir = Path(out_dir)
+    note = None
+    if evaluation is None:
+        evaluation, note = run_evaluation(source, model)
+        if note:
+            warnings.warn(f"the card carries no evaluation: {note}", stacklevel=2)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in clean_state_dict(unwrap(model).state_dict()).items()}
     atomic_write(out_dir / MODEL_FILE, lambda f: f.write(_safetensors_bytes(tensors)))
-    if evaluation is None:
-        run_eval = Path(source) / "eval.json" if Path(source).is_dir() else Path(source).with_name("eval.json")
-        evaluation = json.loads(run_eval.read_text()) if run_eval.exists() else None
     info = dataset_info(cfg.data.name)
     card = {
         "library": "atas", "version": __version__,
         "architecture": cfg.model.arch, "dataset": cfg.data.name, "num_classes": info.num_classes,
         "normalization": {"mean": list(info.mean), "std": list(info.std), "inside_model": True},
         "input": "images in [0, 1], shape [B, C, H, W]",
+        "model": model_arguments(cfg),  # atas.models.build_model(**card["model"]) rebuilds it
         "method": cfg.method.name, "eps": cfg.method.eps.text, "eps_value": float(cfg.method.eps),
         "epoch": extra.get("epoch"), "training": state, "config": cfg.to_dict(), "evaluation": evaluation,
     }
+    if note:
+        card["evaluation_note"] = note
     save_json(out_dir / CARD_FILE, card)
     return out_dir
 
@@ -151,4 +263,4 @@ def _safetensors_bytes(tensors: dict) -> bytes:
     return save(tensors, metadata={"format": "pt", "library": "atas"})
 
 
-__all__ = ["export_model", "load_model", "resolve_artifact"]
+__all__ = ["checkpoint_record", "export_model", "load_model", "model_arguments", "resolve_artifact", "run_evaluation"]

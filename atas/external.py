@@ -9,7 +9,9 @@ torch.load(weights_only=True), which refuses a file holding arbitrary Python obj
 from __future__ import annotations
 
 import importlib
+import os
 import pickle
+import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -21,10 +23,22 @@ from atas.config import ConfigError
 ENTRY_POINT_GROUP = "atas.models"   # packages may register models here: [project.entry-points."atas.models"]
 
 
+def _importable_from_here() -> None:
+    """Let `--model my_models:make` and `--import my_models` find a module in the current folder,
+    as `python -m` and pytest do: the `atas` console script's sys.path[0] is its own bin folder,
+    not the folder it was started from. Appended, so an installed package of the same name wins."""
+    here = os.getcwd()
+    if not any(os.path.abspath(p or os.curdir) == here for p in sys.path):
+        sys.path.append(here)
+        importlib.invalidate_caches()
+
+
 def import_plugins(modules: list[str] | None = None) -> list[str]:
     """Import the user's modules (their `atas.register_model(...)` decorators fill the model
     registry) and every installed entry point of the group "atas.models"; returns what was loaded."""
     loaded = []
+    if modules:
+        _importable_from_here()
     for name in modules or []:
         try:
             importlib.import_module(name)
@@ -47,11 +61,12 @@ def model_from_factory(spec: str) -> nn.Module:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"--model {spec!r}: expected MODULE:FUNCTION, e.g. my_pkg.models:make_net")
+    _importable_from_here()
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ConfigError(f"--model {spec}: cannot import {module_name!r} ({type(e).__name__}: {e}); is it "
-                          "installed or on PYTHONPATH?") from e
+                          "installed, in the current folder or on PYTHONPATH?") from e
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ConfigError(f"--model {spec}: {module_name} has no callable {attr!r}")

@@ -70,16 +70,44 @@ def _is_result(path: Path) -> bool:
     return path.name in RESULTS or bool(_CHECKPOINT_FILE.fullmatch(path.name))
 
 
-def clean_staged_files(run_dir: Path) -> list[Path]:
+def clean_staged_files(run_dir: Path, names: tuple[str, ...] | None = None) -> list[Path]:
     """Remove `.NAME.tmp-PID` files of processes that are gone (or of this one: a process that
-    just took the folder has no save in flight). Returns what was removed."""
+    just took the folder has no save in flight). names: only those staged for these file names
+    (an evaluation cleaning up after itself in a folder that is not its own). Returns what was removed."""
     removed = []
-    for p in run_dir.iterdir() if run_dir.is_dir() else ():
+    for p in Path(run_dir).iterdir() if Path(run_dir).is_dir() else ():
         m = _STAGED.fullmatch(p.name)
+        if names is not None and (not m or p.name[1:p.name.rindex(".tmp-")] not in names):
+            continue
         if m and p.is_file() and (int(m.group(1)) == os.getpid() or not pid_alive(int(m.group(1)))):
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+def live_writer(run_dir: str | Path) -> int | None:
+    """The PID of a live process that holds run_dir's lock (training it right now), else None.
+    Only looks: the lock is not taken (a PID in a stale lock file that now belongs to another
+    process is told apart by probing the flock, which the kernel dropped when the writer died)."""
+    lock = RunLock(run_dir)
+    pid = lock.holder()
+    if pid is None or pid == os.getpid() or not pid_alive(pid):
+        return None
+    if fcntl is None:
+        return pid
+    try:
+        fd = os.open(lock.path, os.O_RDONLY)
+    except OSError:
+        return None  # released between the two looks
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        return pid if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 class RunLock:
@@ -172,12 +200,16 @@ class RunFolder:
             raise RunDirError("--overwrite replaces a run and --resume continues it: give one of them")
         self.run_dir, self.resume, self.overwrite, self.enabled = Path(run_dir), resume, overwrite, enabled
         self.lock = RunLock(run_dir)
-        self._created = False
+        self._created: list[Path] = []  # folders this run made (run_dir, then missing parents such as runs/)
 
     def __enter__(self) -> "RunFolder":
         if not self.enabled:
             return self
-        self._created = not self.run_dir.exists()
+        self._created = []
+        for folder in (self.run_dir, *self.run_dir.parents):
+            if folder.exists():
+                break
+            self._created.append(folder)
         self.lock.acquire()
         try:
             clean_staged_files(self.run_dir)
@@ -194,11 +226,13 @@ class RunFolder:
 
     def _leave(self) -> None:
         self.lock.release()
-        if self._created:  # a run refused before it wrote anything leaves no empty folder behind
+        # A run refused before it wrote anything leaves no empty folder behind: neither its own
+        # nor a parent it created on the way (`runs/` of the default out_dir).
+        for folder in self._created:
             try:
-                self.run_dir.rmdir()
+                folder.rmdir()
             except OSError:
-                pass
+                break
 
     def check_fresh(self) -> None:
         """A fresh run may not silently replace another run's results."""
@@ -218,4 +252,4 @@ class RunFolder:
             for p in run_outputs(self.run_dir):
                 p.unlink(missing_ok=True)
         atomic_write_text(self.run_dir / "config.yaml", config_yaml)
-        self._created = False  # the folder holds a run now
+        self._created = []  # the folder holds a run now

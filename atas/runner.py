@@ -6,9 +6,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from atas.checkpoint import DiskFullError, check_output, is_special_file
 from atas.config import Config, ConfigError
-from atas.data import dataset_info, image_folder, load_tensors
+from atas.data import data_source, dataset_info, image_folder, load_tensors
 from atas.evaluate import evaluate, save_result
+from atas.rundir import clean_staged_files
 
 
 def load_test_set(cfg: Config, n_examples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,19 +39,37 @@ def load_test_set(cfg: Config, n_examples: int | None = None) -> tuple[torch.Ten
     return x, torch.tensor([int(it[1]) for it in items])
 
 
+def _settings_name(attacks: str, n_examples: int | None, eps: float | None) -> str:
+    attacks = "+".join(a.strip().lower() for a in attacks.split(",") if a.strip())
+    n = n_examples if n_examples is not None else "all"
+    suffix = "" if eps is None else "-eps" + getattr(eps, "text", str(eps)).replace("/", "-")
+    return f"{attacks}-n{n}{suffix}"
+
+
 def eval_file_name(cfg: Config, eps: float | None = None) -> str:
     """Where `atas eval` writes by default: a name of its own per attacks / size / eps, so that the
     run's eval.json (end of training) is never overwritten and a killed evaluation resumes."""
-    attacks = "+".join(a.strip().lower() for a in cfg.eval.attacks.split(",") if a.strip())
-    n = cfg.eval.n_examples if cfg.eval.n_examples is not None else "all"
-    suffix = "" if eps is None else "-eps" + getattr(eps, "text", str(eps)).replace("/", "-")
-    return f"eval-{attacks}-n{n}{suffix}.json"
+    return f"eval-{_settings_name(cfg.eval.attacks, cfg.eval.n_examples, eps)}.json"
+
+
+def model_eval_file_name(spec: str, data: str, attacks: str, n_examples: int | None, eps: float,
+                         weights: str | Path | None = None) -> str:
+    """Where `atas eval --model` writes by default: named by the model (factory and weights), the
+    data and, as for a run, the attacks, size and eps, so that evaluating with other settings never
+    replaces an earlier result; only the same evaluation again rewrites its own file."""
+    model = spec.replace(":", ".") + (f"-{Path(weights).stem}" if weights else "")
+    return f"eval-{model}-{data}-{_settings_name(attacks, n_examples, eps)}.json"
 
 
 def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: float | None = None, seed: int = 0,
-                 out: str | Path | None = None, progress: bool | None = None) -> dict:
-    """Evaluate `model` with cfg.eval's attacks on the unpadded test set; save JSON; return the result."""
-    from atas.evaluate import pgd_step
+                 out: str | Path | None = None, progress: bool | None = None,
+                 checkpoint: dict | None = None) -> dict:
+    """Evaluate `model` with cfg.eval's attacks on the unpadded test set; save JSON; return the result.
+
+    The result says which weights it measured: "model" carries their sha256 (an export checks it
+    before putting the result on a card), "checkpoint" what the caller knows of them (file, epoch,
+    step, ...) and "mid_run" whether the run was still unfinished or training."""
+    from atas.evaluate import _fingerprint_model, pgd_step
 
     e = cfg.eval
     eps = cfg.method.eps if eps is None else eps
@@ -57,16 +77,20 @@ def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: flo
         pgd_step(eps, e.pgd_alpha, e.pgd_schedule, e.pgd_loss)
     except ValueError as err:
         raise ConfigError(f"PGD step at eps {getattr(eps, 'text', eps)}: {err}") from None
+    out = check_output(Path(out) if out else Path(run_dir) / "eval.json")
+    # A device or FIFO (--out /dev/stdout) is written in place, and gets no progress file beside it.
+    state_path = None if is_special_file(out) else out.with_suffix(".state")
+    if state_path is not None:  # what a killed write of this evaluation left behind
+        clean_staged_files(out.parent, names=(out.name, state_path.name))
     x, y = load_test_set(cfg, e.n_examples)
     device = next(model.parameters()).device
     model.eval()  # evaluation is always in eval mode; say so up front rather than be warned
-    out = Path(out) if out else Path(run_dir) / "eval.json"
     result = evaluate(model, x, y, float(eps), attacks=[a.strip() for a in e.attacks.split(",") if a.strip()],
                       pgd_steps=e.pgd_steps, pgd_restarts=e.pgd_restarts,
                       pgd_alpha=e.pgd_alpha, pgd_schedule=e.pgd_schedule, pgd_loss=e.pgd_loss,
                       batch_size=e.batch_size,
                       seed=seed, device=device, progress=cfg.train.progress if progress is None else progress,
-                      state_path=out.with_suffix(".state"), eps_label=getattr(eps, "text", str(eps)))
+                      state_path=state_path, eps_label=getattr(eps, "text", str(eps)))
     if float(eps) != float(cfg.method.eps):
         import warnings
 
@@ -75,6 +99,20 @@ def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: flo
         warnings.warn(msg)
         result.setdefault("warnings", []).append(msg)
     result["model"] = {"arch": cfg.model.arch, "dataset": cfg.data.name, "method": cfg.method.name,
-                       "train_eps": cfg.method.eps.text}
-    save_result(result, out)
+                       "train_eps": cfg.method.eps.text, "sha256": _fingerprint_model(model)}
+    result["data"] = {"name": cfg.data.name, "folder": str(data_source(cfg.data.name, "test", cfg.data.data_dir))}
+    if checkpoint is not None:
+        result["checkpoint"] = {k: v for k, v in checkpoint.items() if k not in ("mid_run", "warning")}
+        result["mid_run"] = bool(checkpoint.get("mid_run"))
+        if checkpoint.get("warning"):
+            result.setdefault("warnings", []).append(checkpoint["warning"])
+    try:
+        save_result(result, out)
+    except DiskFullError as err:
+        if state_path is None:  # written in place: its own message says so
+            raise
+        kept = (f"the per-sample verdicts are kept in {state_path}" if state_path.exists()
+                else "nothing was written")
+        raise DiskFullError(err.path, kept, "free space and run the same evaluation again: it resumes from "
+                            "there without attacking again") from None
     return result

@@ -152,8 +152,10 @@ def test_fmnist_search_order(tmp_path, monkeypatch):
 
     assert torch.equal(load_tensors("fmnist", "test", data_dir=given)[0][:, 0], torch.from_numpy(x_given))
     assert torch.equal(load_tensors("fmnist", "test")[0][:, 0], torch.from_numpy(x_cache))
-    # data_dir without the files falls through to the cache, then to the Debian folder.
-    assert len(load_tensors("fmnist", "test", data_dir=tmp_path / "empty")[0]) == 3
+    # An explicit data_dir is the only place looked in: without the files it is an error, never a
+    # silent switch to the cache's or the system's copy (that fallback is for data_dir unset).
+    with pytest.raises(DataNotFoundError, match=rf"not found in data.data_dir={tmp_path / 'empty'}"):
+        load_tensors("fmnist", "test", data_dir=tmp_path / "empty")
     for f in (cache / "FashionMNIST/raw").iterdir():
         f.unlink()
     assert torch.equal(load_tensors("fashion_mnist", "test")[0][:, 0], torch.from_numpy(x_debian))
