@@ -222,8 +222,8 @@ def _what_to_do(path: Path) -> str:
         if ckpt.exists() and _is_whole(ckpt):
             return (f"best.pt only holds the best-robust weights, for evaluation; the run's {ckpt} is intact: "
                     f"evaluate, export or resume the run from it (`atas eval {path.parent}`, `atas train --resume "
-                    f"{path.parent}`), and delete the damaged file (`rm {path}`): resuming does not read it, "
-                    "and a resumed run writes a new best.pt at its next best epoch.")
+                    f"{path.parent}`), and delete the damaged file (`rm {path}`): a resumed run rewrites best.pt "
+                    "when its checkpoint is the best epoch, and at its next best epoch otherwise.")
     prev = previous_path(path)
     if prev.exists() and prev != path:
         if _is_whole(prev):

@@ -389,7 +389,7 @@ def summarize_run(spec: RunSpec, out: Path) -> dict:
     """What summary.json keeps of one finished run (accuracies as fractions)."""
     from atas.data import dataset_info
 
-    from atas.guard import events
+    from atas.guard import all_epochs, events
 
     metrics = _read_metrics(spec.run_dir)
     result = json.loads((spec.run_dir / "eval.json").read_text())
@@ -408,7 +408,8 @@ def summarize_run(spec: RunSpec, out: Path) -> dict:
         "pgd_label": result["results"].get("pgd", {}).get("label"),
         "n_examples": result["n_examples"], "chance": 1.0 / dataset_info(spec.cfg.data.name).num_classes,
         # Training only: the per-epoch probe and the final evaluation are not in epoch_time_s.
-        "train_time_s": sum(float(r.get("epoch_time_s", 0.0)) for r in metrics),
+        # ... of every epoch trained, the ones the guard replayed included: that is what the run cost.
+        "train_time_s": sum(float(r.get("epoch_time_s", 0.0)) for r in all_epochs(_read_log(spec.run_dir))),
         "epochs": len(metrics), "epochs_planned": spec.cfg.train.epochs,
         "co_detected": co, "co_epochs": co_epochs, "co_final_signature": signature,
         "eval_warnings": result.get("warnings", []),

@@ -90,7 +90,19 @@ def co_column(runs: list[dict]) -> str:
     runs = _ok(runs)
     stuck = sum(bool(r.get("co_detected")) and is_stuck_only(r) for r in runs)
     k = sum(bool(r.get("co_detected")) for r in runs) - stuck
-    return f"{'yes' if k else 'no'} ({k}/{len(runs)})" + (f", {stuck} stuck" if stuck else "")
+    recovered = sum(bool(_recoveries(r)) and not _gave_up(r) for r in runs)
+    gave_up = sum(_gave_up(r) for r in runs)
+    return (f"{'yes' if k else 'no'} ({k}/{len(runs)})" + (f", {stuck} stuck" if stuck else "")
+            + (f", {recovered} recovered by the guard" if recovered else "")
+            + (f", guard gave up on {gave_up}" if gave_up else ""))
+
+
+def _recoveries(run: dict) -> list[dict]:
+    return [e for e in run.get("guard_events") or [] if e.get("event") == "recovery"]
+
+
+def _gave_up(run: dict) -> bool:
+    return any(e.get("event") == "gave_up" for e in run.get("guard_events") or [])
 
 
 def _pgd_label(rows: list[dict]) -> str:
@@ -216,8 +228,8 @@ def findings(rows: list[dict]) -> dict[str, list[str]]:
 def run_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Every run on its own line: what the means above are made of."""
     pgd_label = _pgd_label(rows)
-    header = ["method", "eps", "seed", "clean", "FGSM", pgd_label, "AA", "time (s)", "CO epochs (probe)",
-              "final FGSM > clean", "run folder"]
+    header = ["method", "eps", "seed", "clean", "FGSM", pgd_label, "AA", "time (s)", "eps ramp", "CO epochs (probe)",
+              "final FGSM > clean", "guard", "run folder"]
 
     def pct(v):
         return "—" if v is None else f"{100 * v:.1f}"
@@ -226,14 +238,47 @@ def run_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     for r in rows:
         if r.get("failed") or r.get("missing"):
             what = "failed: " + r["failed"] if r.get("failed") else "not finished: " + r["missing"]
-            body.append([method_label(r["method"]), r["eps"], str(r["seed"]), what, *["—"] * 6, r.get("run_dir", "")])
+            body.append([method_label(r["method"]), r["eps"], str(r["seed"]), what, *["—"] * 8, r.get("run_dir", "")])
             continue
         sig = r.get("co_final_signature")
         body.append([method_label(r["method"]), r["eps"], str(r["seed"]), pct(r.get("clean")), pct(r.get("fgsm")),
                      pct(r.get("pgd")), pct(r.get("aa")), f"{r.get('train_time_s', 0.0):.1f}",
-                     ", ".join(map(str, r.get("co_epochs") or [])) or "none",
-                     "not evaluated" if sig is None else ("yes" if sig else "no"), r.get("run_dir", "")])
+                     _ramp(r), ", ".join(map(str, r.get("co_epochs") or [])) or "none",
+                     "not evaluated" if sig is None else ("yes" if sig else "no"), _guard_cell(r), r.get("run_dir", "")])
     return header, body
+
+
+def _ramp(run: dict) -> str:
+    n = run.get("eps_ramp_epochs", (run.get("method_args") or {}).get("eps_ramp_epochs", 0)) or 0
+    return f"{n} epochs" if n else "none"
+
+
+def _guard_cell(run: dict) -> str:
+    """'none', or each recovery as 'epoch -> rollback target' (and 'gave up')."""
+    cells = [f"e{e['epoch']}->e{e['rollback_to']}" for e in _recoveries(run)]
+    if _gave_up(run):
+        cells.append("gave up")
+    return ", ".join(cells) or "none"
+
+
+def schedule_note(rows: list[dict]) -> str:
+    """The training-eps schedule of every run, one line: the comparison is fair only if it is the same."""
+    ramps: dict[str, set] = {}
+    for r in _ok(rows):
+        ramps.setdefault(_ramp(r), set()).add(method_label(r["method"]))
+    if len(ramps) == 1:
+        (ramp, _), = ramps.items()
+        return f"Training-eps schedule: the same for every run (eps ramp: {ramp})."
+    return "Training-eps schedule DIFFERS between runs: " + "; ".join(
+        f"eps ramp {ramp}: {', '.join(sorted(methods))}" for ramp, methods in ramps.items()) + "."
+
+
+def guard_lines(rows: list[dict]) -> list[str]:
+    """Every decision of the guard (train.co_action=recover), one line each."""
+    from atas.guard import describe
+
+    return [f"{method_label(r['method'])} eps {r['eps']} seed {r['seed']}: {describe(e)}"
+            for r in _ok(rows) for e in r.get("guard_events") or []]
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,6 +491,12 @@ def _blocks(rows: list[dict], command: str | dict, machine: dict, images: dict[s
              "CO: seeds with catastrophic overfitting, flagged by the per-epoch probe monitor (probe PGD accuracy "
              "collapsing while FGSM accuracy rises) or by the final evaluation (FGSM accuracy above clean).",
              "AA is standard AutoAttack (fra31, via pyautoattack); '—' where it was not evaluated."]
+    if ok:
+        notes.append(schedule_note(rows))
+        n_guard = len(guard_lines(rows))
+        notes.append(f"The guard (train.co_action=recover) acted {n_guard} time(s): see 'Guard' below; train time "
+                     "includes the epochs it replayed." if n_guard else
+                     "The guard (train.co_action=recover, where on) never had to act.")
     if ok and not any(r.get("aa") is not None for r in ok):
         notes.insert(0, AA_NOT_RUN)
     weak = [r for r in ok if any(w.startswith("WEAK ATTACK") for w in r.get("eval_warnings") or [])]
@@ -484,6 +535,10 @@ def _blocks(rows: list[dict], command: str | dict, machine: dict, images: dict[s
     if missing:
         blocks.append(("p", "Not drawn (no data for them): " + ", ".join(missing)
                        + (" (no ATAS run)" if ALPHA_PLOT in missing else "") + "."))
+    if guard_lines(rows):
+        blocks.append(("h2", "Guard"))
+        blocks.append(("p", "Each recovery: the flagged epoch, the epoch rolled back to, the remedy, the verdict."))
+        blocks.append(("list", guard_lines(rows)))
     header, body = run_table(rows)
     blocks.append(("h2", "Runs"))
     blocks.append(("table", header, body))

@@ -571,7 +571,8 @@ def _repair_best(run: _Run, rows: list[dict], run_dir: Path) -> None:
     if held != best["epoch"] and best is scored[-1] and not best.get("discarded"):
         ckpt = _snapshot(run, best["epoch"], best["step"], rows)
         save_checkpoint(path, {k: ckpt[k] for k in ("model", "config", "epoch", "step")})
-        tqdm.write(f"best.pt held epoch {held}, the metrics name epoch {best['epoch']}: rewritten from the checkpoint")
+        tqdm.write(f"best.pt held {'no epoch' if held is None else f'epoch {held}'}, the metrics name epoch "
+                   f"{best['epoch']}: rewritten from the checkpoint")
 
 
 def _save_or_explain(save, ckpt_path: Path, saved_epoch, run_dir: Path) -> None:

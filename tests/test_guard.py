@@ -181,3 +181,64 @@ def test_train_level_schedule_reaches_every_method_unless_overridden():
     assert cfg.method.args["eps_ramp_epochs"] == 0
     with pytest.raises(ConfigError, match="train.co_action must be one of none, stop, keep_best, recover"):
         load_config("fmnist", ["train.co_action=rescue"])
+
+
+def _best_epoch(run_dir):
+    scored = [r for r in guard.all_epochs(logged(run_dir)) if "probe_pgd" in r]
+    return max(scored, key=lambda r: r["probe_pgd"])["epoch"]
+
+
+@pytest.mark.parametrize("where", ["during the best.pt save", "between best.pt and the checkpoint",
+                                   "between the checkpoint and the metrics"])
+@needs_data
+def test_best_pt_is_the_best_epoch_the_metrics_name_after_a_kill(tmp_path, monkeypatch, where):
+    import atas.trainer as trainer
+
+    cfg = tiny(tmp_path, "train.co_action=keep_best")
+    whole = tmp_path / "whole"
+    train(cfg, run_dir=whole)
+    target = next(e for e in range(2, 6) if _best_epoch_upto(whole, e) == e)  # an epoch that set a new best
+    real_save, real_log = trainer.save_checkpoint, trainer.MetricsLog.write_all
+
+    def save(path, ckpt, **kw):
+        if ckpt.get("epoch") == target and armed:
+            if Path(path).name == "best.pt" and where == "during the best.pt save":
+                raise KeyboardInterrupt  # before the rename: the old best.pt stays
+            if Path(path).name == CHECKPOINT and where == "between best.pt and the checkpoint":
+                raise KeyboardInterrupt
+        real_save(path, ckpt, **kw)
+
+    def write_all(self, rows):
+        if armed and rows and rows[-1].get("epoch") == target and where == "between the checkpoint and the metrics":
+            raise KeyboardInterrupt
+        real_log(self, rows)
+
+    armed = True
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "save_checkpoint", save)
+        m.setattr(trainer.MetricsLog, "write_all", write_all)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, run_dir=tmp_path / "killed")
+    armed = False
+    train(cfg, run_dir=tmp_path / "killed", resume=True)
+    best = load_checkpoint(tmp_path / "killed" / "best.pt")
+    assert best["epoch"] == _best_epoch(tmp_path / "killed") == _best_epoch(whole)
+    for name, w in load_checkpoint(whole / "best.pt")["model"].items():
+        assert torch.equal(w, best["model"][name]), name
+
+
+def _best_epoch_upto(run_dir, epoch):
+    scored = [r for r in guard.all_epochs(logged(run_dir)) if "probe_pgd" in r and r["epoch"] <= epoch]
+    return max(scored, key=lambda r: r["probe_pgd"])["epoch"]
+
+
+@needs_data
+def test_a_best_pt_lost_by_the_older_save_order_is_rewritten_on_resume(tmp_path, capsys):
+    # Older versions saved best.pt after the checkpoint: a kill between the two left the checkpoint
+    # of the best epoch without its best.pt. One epoch: epoch 1 is the best the metrics name.
+    run_dir = tmp_path / "r"
+    train(tiny(tmp_path, "train.co_action=keep_best", "train.epochs=1"), run_dir=run_dir)
+    (run_dir / "best.pt").unlink()
+    train(tiny(tmp_path, "train.co_action=keep_best", "train.epochs=2"), run_dir=run_dir, resume=True)
+    assert "best.pt held no epoch, the metrics name epoch 1: rewritten from the checkpoint" in capsys.readouterr().out
+    assert load_checkpoint(run_dir / "best.pt")["epoch"] == _best_epoch(run_dir)

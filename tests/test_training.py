@@ -35,7 +35,8 @@ def test_short_run_writes_metrics_checkpoint_and_config(tmp_path):
     for r in rows:
         assert 0 <= r["probe_pgd"] <= 1 and 0 <= r["probe_clean"] <= 1 and r["train_loss"] == r["train_loss"]
         assert r["alpha_min"] - 1e-6 <= r["alpha_mean"] <= r["alpha_max"] + 1e-6
-    assert rows[0]["alpha_mean"] == pytest.approx(0.2)  # warm-up epoch: alpha = eps
+    assert rows[0]["train_eps"] == pytest.approx(0.2 / 3)  # the recipe ramps eps over 3 epochs
+    assert rows[0]["alpha_mean"] == pytest.approx(rows[0]["train_eps"])  # warm-up epoch: alpha = eps_t
     assert (tmp_path / "r" / "metrics.csv").read_text().startswith("epoch,")
     assert (tmp_path / "r" / "config.yaml").exists()
     state = load_checkpoint(tmp_path / "r" / CHECKPOINT)
