@@ -47,8 +47,9 @@ def test_short_run_writes_metrics_checkpoint_and_config(tmp_path):
     best_model, _, info = load_model(tmp_path / "r" / "best.pt")  # co_action=keep_best: weights only
     best_epoch = max(rows, key=lambda r: r["probe_pgd"])["epoch"]
     assert info["epoch"] == min(e["epoch"] for e in rows if e["probe_pgd"] == rows[best_epoch - 1]["probe_pgd"])
-    # the store really moved away from its U(-eps, eps) start: entries hit +-eps after the steps
-    assert (run.store.delta.abs() > 0.2 - 1e-6).float().mean() > 0.05
+    # the store really moved away from its U(-eps, eps) start: entries hit +-eps_t after the steps
+    eps_t = run.method.eps_at(2)  # the recipe's 3-epoch ramp: 2/3 of eps in epoch 2
+    assert eps_t == pytest.approx(0.2 * 2 / 3) and (run.store.delta.abs() > eps_t - 1e-6).float().mean() > 0.05
 
 
 @pytest.mark.parametrize("method", ["atas", "free", "fgsm_pgi"])
