@@ -157,6 +157,13 @@ def cmd_train(args) -> int:
                                 f"free space and run the end-of-training evaluation with `atas eval {run.run_dir} "
                                 f"--out {out}` (it resumes from {out.with_suffix('.state')})") from None
         print(format_table(result))
+        if cfg.data.val_size:  # the held-out training images: what a hyper-parameter is chosen on
+            from atas.runner import VAL_FILE, evaluate_validation
+
+            val = evaluate_validation(run.model, cfg, run.run_dir)["results"]
+            print(f"validation ({val['clean']['n']} of the {cfg.data.val_size} held-out training images): "
+                  + ", ".join(f"{v['label']} {100 * v['accuracy']:.1f}%" for v in val.values())
+                  + f" -> {Path(run.run_dir) / VAL_FILE}")
         print(f"run folder: {run.run_dir}")
     return 0
 

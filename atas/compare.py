@@ -14,7 +14,6 @@ This module is the orchestration only; the tables, findings and plots are in ata
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import datetime
 import functools
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from atas.config import Config, ConfigError, Frac, MethodConfig, load_config, parse_fraction
+from atas.tune import DEFAULT_VAL_SIZE
 
 SUMMARY_FORMAT = "atas.compare.summary/1"
 # Per-epoch metrics copied into summary.json for the plots (and anyone re-plotting).
@@ -54,6 +54,14 @@ re-running the same command trains nothing that has finished: runs whose eval.js
 requested attacks / n-examples / PGD settings are read back; unfinished runs resume from their
 checkpoint; a killed evaluation resumes from eval.state.
 
+--tune: a method whose published hyper-parameter was tuned elsewhere (Method.search: ELLE's lam and
+ELLE-A's lam_max over 10,100,1000; GradAlign's lam over 0.5,2,8) is first trained once per grid
+value (the base seed, without the last --tune-val-size training images) in OUT/tune/, each run is
+validated on the held-out images (clean + PGD-10), and the seeds run at the value with the best
+validation PGD accuracy (ties: clean). An explicit value (elle.lam=100) skips that method's search.
+The grid, each value's validation accuracy and the choice are in summary.json ("search") and in the
+report's "Hyper-parameter search" section. Finished search runs are read back on a re-run.
+
 output: OUT/summary.json (every run), OUT/report.md and OUT/report.html (mean +- std over seeds
 per eps, CO counts, findings, plots OUT/*.png), and the summary table on stdout.
 """
@@ -75,6 +83,15 @@ def add_compare_parser(sub) -> None:
                    help="evaluate on the first N test images (default: the recipe's eval.n_examples)")
     c.add_argument("--out", default=None,
                    help="report folder (default: reports/<recipe>; an out_dir=DIR override means DIR/<recipe>)")
+    c.add_argument("--tune", action="store_true",
+                   help="before the seeds, search the hyper-parameter each compared method declares as not "
+                        "transferring (ELLE lam, ELLE-A lam_max, GradAlign lam) on a validation split, one run "
+                        "per grid value per eps, and run the seeds at the best value (see below)")
+    c.add_argument("--tune-val-size", type=int, default=None,
+                   help="with --tune: training images held out (the last N) to choose on (default: "
+                        f"{DEFAULT_VAL_SIZE})")
+    c.add_argument("--tune-n-examples", type=int, default=None,
+                   help="with --tune: validate each value on the first N held-out images (default: up to 1000)")
     c.add_argument("--report-only", action="store_true",
                    help="train and evaluate nothing: write the report from the runs that have finished, "
                         "listing the others as not finished (look at a sweep while it runs)")
@@ -205,22 +222,31 @@ class RunSpec:
     run_dir: Path
 
 
+def method_tree(base: Config, method: str) -> dict:
+    """The config tree of `base` running `method` (before the run's own overrides)."""
+    tree = base.to_dict()
+    if method != base.method.name:
+        tree["method"]["args"] = {}  # the recipe's options were written for its own method
+    tree["method"]["name"] = method
+    return tree
+
+
 def plan_runs(recipe: str, methods: list[str], eps_list: list[str] | None, n_seeds: int,
-              routed: RoutedOverrides, out: Path) -> list[RunSpec]:
-    """Build and validate every run's Config (eps outer, then method, then seed)."""
+              routed: RoutedOverrides, out: Path, chosen: dict[tuple[str, str], list[str]] | None = None
+              ) -> list[RunSpec]:
+    """Build and validate every run's Config (eps outer, then method, then seed). `chosen` adds
+    overrides per (method, eps): the values a hyper-parameter search picked (atas.tune)."""
     base = load_config(recipe, routed.common)
     eps_list = eps_list or [base.method.eps.text]
-    base_tree = base.to_dict()
     specs = []
     for eps in eps_list:
         for method in methods:
-            tree = copy.deepcopy(base_tree)
-            if method != base.method.name:
-                tree["method"]["args"] = {}  # the recipe's options were written for its own method
-            tree["method"]["name"] = method
+            tree = method_tree(base, method)
+            extra = (chosen or {}).get((method, eps), [])
             for i in range(n_seeds):
                 seed = base.train.seed + i
-                cfg = load_config(tree, routed.per_method[method] + [f"method.eps={eps}", f"train.seed={seed}"])
+                cfg = load_config(tree, routed.per_method[method] + extra
+                                  + [f"method.eps={eps}", f"train.seed={seed}"])
                 specs.append(RunSpec(method, eps, seed, cfg, out / "runs" / run_name(method, eps, seed)))
     return specs
 
@@ -337,23 +363,32 @@ def eval_is_current(run_dir: Path, cfg: Config) -> bool:
 # --------------------------------------------------------------------------------------------
 # One run, and what the report keeps of it
 # --------------------------------------------------------------------------------------------
+def train_as_needed(spec: RunSpec, stale: tuple[str, ...] = ("eval.json", "eval.state")):
+    """Train a fresh run, resume an unfinished one, leave a finished one: (the trained model or None
+    when nothing trained, what was done). `stale`: the run's files that belong to the model before
+    this training, deleted before it starts."""
+    from atas.trainer import train
+
+    status = training_status(spec.run_dir, spec.cfg)
+    if status == "done":
+        return None, []
+    cfg = spec.cfg
+    if status == "resume":  # the trainer compares every key; keep the run's own labels
+        saved = _saved_config(spec.run_dir) or {}
+        cfg = dataclasses.replace(cfg, **{k: saved[k] for k in COSMETIC_KEYS if k in saved})
+    for name in stale:
+        (spec.run_dir / name).unlink(missing_ok=True)
+    model = train(cfg, run_dir=spec.run_dir, resume=status == "resume").model
+    return model, ["trained" if status == "fresh" else "resumed training"]
+
+
 def run_one(spec: RunSpec) -> str:
     """Train (or resume) and evaluate as needed; returns what was done, for the log line."""
     from atas.export import load_model
     from atas.runner import evaluate_run
-    from atas.trainer import resolve_device, train
+    from atas.trainer import resolve_device
 
-    status = training_status(spec.run_dir, spec.cfg)
-    model, done = None, []
-    if status != "done":
-        cfg = spec.cfg
-        if status == "resume":  # the trainer compares every key; keep the run's own labels
-            saved = _saved_config(spec.run_dir) or {}
-            cfg = dataclasses.replace(cfg, **{k: saved[k] for k in COSMETIC_KEYS if k in saved})
-        for stale in ("eval.json", "eval.state"):  # they belong to the model before this training
-            (spec.run_dir / stale).unlink(missing_ok=True)
-        model = train(cfg, run_dir=spec.run_dir, resume=status == "resume").model
-        done.append("trained" if status == "fresh" else "resumed training")
+    model, done = train_as_needed(spec)
     if model is not None or not eval_is_current(spec.run_dir, spec.cfg):
         if model is None:  # finished training, evaluation missing, stale or killed: the checkpoint's model
             model, _, _ = load_model(spec.run_dir, resolve_device(spec.cfg.train.device))
@@ -497,6 +532,20 @@ def cmd_compare(args) -> int:
         raise ConfigError("give the report folder either with --out or as out_dir=..., not both")
     out = Path(args.out or Path(out_dirs[-1] if out_dirs else "reports") / Path(args.recipe).stem)
     specs = plan_runs(args.recipe, methods, eps_list, args.seeds, routed, out)
+    searches, tune_n = [], None
+    if args.tune:
+        from atas.tune import check_tune_sizes, plan_searches
+
+        val_size = DEFAULT_VAL_SIZE if args.tune_val_size is None else args.tune_val_size
+        tune_n = check_tune_sizes(load_config(args.recipe, routed.common), val_size, args.tune_n_examples)
+        searches = plan_searches(args.recipe, methods, eps_list, routed, out, val_size, routed.notes)
+        if not searches:
+            routed.notes.append(f"--tune: none of {', '.join(methods)} declares a hyper-parameter search; "
+                                "nothing to tune")
+    elif args.tune_val_size is not None or args.tune_n_examples is not None:
+        raise ConfigError("--tune-val-size / --tune-n-examples set the hyper-parameter search: add --tune")
+    # The seeds of a (method, eps) with a search are planned again once it has chosen.
+    searched = {(s.method, s.eps) for s in searches if not s.skipped}
     attacks = check_attacks(specs[0].cfg.eval.attacks)
     n_wanted, d = specs[0].cfg.eval.n_examples, specs[0].cfg.data
     if n_wanted is not None and not args.report_only:  # an impossible size fails now, not after training
@@ -504,15 +553,37 @@ def cmd_compare(args) -> int:
         if n_wanted > size:
             raise ConfigError(f"--n-examples / eval.n_examples is {n_wanted} but the {d.name} test set has {size} "
                               f"images; give at most {size}")
-    statuses = [training_status(s.run_dir, s.cfg) for s in specs]  # folder conflicts fail here too
+    # Folder conflicts fail here too (a seed of a search is checked once its value is chosen).
+    statuses = [None if (s.method, s.eps) in searched else training_status(s.run_dir, s.cfg) for s in specs]
+    search_specs = [sp for search in searches for sp in search.specs]
+    search_todo = sum(training_status(sp.run_dir, sp.cfg) != "done" for sp in search_specs)
     for note in routed.notes:
         print(f"note: {note}")
-    print(f"atas compare: {len(specs)} runs ({sum(st != 'done' for st in statuses)} to train or resume) "
-          f"-> {out}", flush=True)
+    after = sum(st is None for st in statuses)
+    print(f"atas compare: {len(specs)} runs ({sum(st not in ('done', None) for st in statuses)} to train or resume"
+          + (f", {after} more after the hyper-parameter search" if after else "") + ")"
+          + (f", a search of {len(search_specs)} runs first ({search_todo} to train or resume)" if search_specs
+             else "") + f" -> {out}", flush=True)
 
     rows, load_at_start = [], load_average()
+    if searches:
+        from atas.tune import run_search
+
+        for search in searches:
+            run_search(search, tune_n, args.report_only, out, routed.notes)
+        chosen = {(s.method, s.eps): s.override() for s in searches if s.chosen is not None}
+        specs = plan_runs(args.recipe, methods, eps_list, args.seeds, routed, out, chosen)
+        pending = {(s.method, s.eps) for s in searches if not s.skipped and not s.finished}
+        statuses = [st if st is not None or (sp.method, sp.eps) in pending else training_status(sp.run_dir, sp.cfg)
+                    for sp, st in zip(specs, statuses)]
     for i, spec, status in zip(range(1, len(specs) + 1), specs, statuses):
         head = f"[{i}/{len(specs)}] {spec.method} eps={spec.eps} seed={spec.seed}"
+        if status is None:  # --report-only, and the search that picks this run's value has not finished
+            missing = "hyper-parameter search not finished"
+            print(f"{head}: {missing} (--report-only)", flush=True)
+            rows.append({"method": spec.method, "eps": spec.eps, "eps_value": float(spec.cfg.method.eps),
+                         "seed": spec.seed, "missing": missing, "run_dir": os.path.relpath(spec.run_dir, out)})
+            continue
         if args.report_only and (status != "done" or not eval_is_current(spec.run_dir, spec.cfg)):
             missing = {"fresh": "not started", "resume": "training unfinished"}.get(status, "not evaluated")
             print(f"{head}: {missing} (--report-only)", flush=True)
@@ -536,6 +607,8 @@ def cmd_compare(args) -> int:
                   "--eps", ",".join(dict.fromkeys(s.eps for s in specs)), "--attacks", ",".join(attacks)]
     if args.n_examples is not None:
         equivalent += ["--n-examples", str(args.n_examples)]
+    if args.tune:
+        equivalent += ["--tune", "--tune-val-size", str(val_size), "--tune-n-examples", str(tune_n)]
     command = {"command": shlex.join(sys.argv), "equivalent": shlex.join(equivalent + ["--out", str(out)]
                                                                          + list(args.overrides))}
     machine = machine_info(str(resolve_device(specs[0].cfg.train.device)), load_at_start)
@@ -544,9 +617,11 @@ def cmd_compare(args) -> int:
                **command, "machine": machine, "recipe": args.recipe, "methods": methods,
                "eps": list(dict.fromkeys(s.eps for s in specs)), "seeds": sorted({s.seed for s in specs}),
                "attacks": attacks, "n_examples": args.n_examples, "notes": routed.notes, "runs": rows}
+    if args.tune:  # per (method, eps): the grid, each value's validation accuracy, the value chosen
+        summary["search"] = [s.summary(val_size, tune_n, specs[0].seed) for s in searches]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    report = build_report(rows, out, command, machine)
+    report = build_report(rows, out, command, machine, search=summary.get("search"))
 
     print()
     print(format_summary_table(rows))

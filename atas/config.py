@@ -106,6 +106,10 @@ class DataConfig:
     flip: bool | None = None         # None: the dataset's default
     subset: int | None = None        # keep only the first n training images (quick runs, tests)
     test_subset: int | None = None   # keep only the first n test images
+    # Hold out the LAST n images of the training split (after data.subset) as a validation split:
+    # never trained on (the run trains on the first len-n, with per-sample indices 0..len-n-1) and
+    # evaluated by `atas train` at the end (val.json) and by `atas compare --tune`. 0: none.
+    val_size: int = 0
     num_workers: int = 4             # DataLoader workers, folder datasets only
 
 
@@ -433,6 +437,12 @@ def validate(cfg: Config) -> None:
         if n is not None and n < 1:  # x[:0] would keep nothing and x[:-5] all but 5: never what was meant
             raise ConfigError(f"{key} must be >= 1 (keep the first N images), got {n}; "
                               f"leave it out (or {key}=null) to use the whole split")
+    if cfg.data.val_size < 0:
+        raise ConfigError(f"data.val_size must be >= 0 (the number of training images held out for validation; "
+                          f"0: none), got {cfg.data.val_size}")
+    if cfg.data.subset is not None and cfg.data.val_size >= cfg.data.subset:
+        raise ConfigError(f"data.val_size={cfg.data.val_size} holds out all of the data.subset={cfg.data.subset} "
+                          f"training images; give data.val_size < {cfg.data.subset} (something must be trained on)")
     if cfg.train.epochs < 1:
         raise ConfigError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
     if cfg.train.batch_size < 1:

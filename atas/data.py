@@ -456,6 +456,20 @@ def check_subset(subset: int | None, available: int, key: str = "data.subset",
     return subset
 
 
+def check_val_size(val_size: int, available: int) -> int:
+    """How many training images remain after holding out the last `val_size` of `available` for
+    validation (data.val_size); ConfigError unless 0 <= val_size < available."""
+    from atas.config import ConfigError
+
+    if val_size < 0:
+        raise ConfigError(f"data.val_size must be >= 0 (0: no validation split), got {val_size}")
+    if val_size >= available:
+        raise ConfigError(f"data.val_size={val_size} but the training split has only {available} images"
+                          f" (data.subset applied, if given); give data.val_size < {available} "
+                          "so that something is left to train on")
+    return available - val_size
+
+
 class IndexedTensorDataset(Dataset):
     """(x uint8 [N, C, H, W], y [N]) -> items (x float in [0, 1], y, idx).
 

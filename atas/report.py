@@ -273,6 +273,53 @@ def schedule_note(rows: list[dict]) -> str:
         f"eps ramp {ramp}: {', '.join(sorted(methods))}" for ramp, methods in ramps.items()) + "."
 
 
+def _value(v) -> str:
+    return f"{v:g}" if isinstance(v, (int, float)) else str(v)
+
+
+def search_blocks(search: list[dict]) -> list[tuple]:
+    """The 'Hyper-parameter search' section of `atas compare --tune`: how the values were chosen and,
+    per (method, eps), every grid value's validation accuracy with the one chosen marked."""
+    if not search:
+        return []
+    first = search[0]
+    blocks: list[tuple] = [("h2", "Hyper-parameter search")]
+    blocks.append(("p", "A hyper-parameter tuned in another setting (Method.search) was chosen per method and eps "
+                        f"on a validation split: one run per grid value (seed {first.get('seed')}), trained without "
+                        f"the last {first.get('val_size')} training images and validated on the first "
+                        f"{first.get('n_examples')} of them; the value with the best validation PGD accuracy was "
+                        "chosen (ties: clean accuracy, then the first in the grid), and the seeds above ran with it "
+                        "on the full training set. The test set played no part in the choice."))
+    labels = {r.get("pgd_label") for s in search for r in s.get("results") or [] if r.get("pgd_label")}
+    pgd = labels.pop() if len(labels) == 1 else "PGD"
+    header = ["method", "eps", "option", "grid", "value", "val clean (%)", f"val {pgd} (%)", "chosen", "run folder"]
+    body = []
+    for s in search:
+        grid = ", ".join(_value(v) for v in s.get("grid") or [])
+        common = [method_label(s["method"]), s["eps"], s["option"], grid]
+        if s.get("skipped"):
+            body.append(common + ["—", "—", "—", f"not searched: {s['skipped']}", ""])
+            continue
+        if s.get("results") and s.get("chosen") is None and all(r.get("missing") is None for r in s["results"]):
+            verdict = "every value failed: the method's default"
+        else:
+            verdict = ""
+        for r in s.get("results") or []:
+            if r.get("failed") or r.get("missing"):
+                what = "failed: " + r["failed"] if r.get("failed") else "not finished: " + r["missing"]
+                cells = [what, "—"]
+            else:
+                cells = [f"{100 * r['clean']:.1f}", f"{100 * r['pgd']:.1f}"]
+            changed = r.get("guard_changes") or {}
+            mark = "yes" if s.get("chosen") is not None and r["value"] == s["chosen"] else verdict
+            if changed:  # the guard raised the value during that run (train.co_action=recover)
+                mark = (mark + "; " if mark else "") + "guard changed " + ", ".join(
+                    f"{k} to {_value(v)}" for k, v in changed.items())
+            body.append(common + [_value(r["value"])] + cells + [mark, r.get("run_dir", "")])
+    blocks.append(("table", header, body))
+    return blocks
+
+
 def guard_lines(rows: list[dict]) -> list[str]:
     """Every decision of the guard (train.co_action=recover), one line each."""
     from atas.guard import describe
@@ -469,7 +516,7 @@ def plot_time_vs_robust(rows: list[dict], path: str | Path) -> Path | None:
 # The document: one list of blocks rendered twice (Markdown and HTML), so both say the same
 # --------------------------------------------------------------------------------------------
 def _blocks(rows: list[dict], command: str | dict, machine: dict, images: dict[str, Path | None],
-            date: str) -> list[tuple]:
+            date: str, search: list[dict] | None = None) -> list[tuple]:
     ok = _ok(rows)
     cmd = command if isinstance(command, dict) else {"command": command}
     n_examples = sorted({r.get("n_examples") for r in ok if r.get("n_examples")})
@@ -497,6 +544,13 @@ def _blocks(rows: list[dict], command: str | dict, machine: dict, images: dict[s
         notes.append(f"The guard (train.co_action=recover) acted {n_guard} time(s): see 'Guard' below; train time "
                      "includes the epochs it replayed." if n_guard else
                      "The guard (train.co_action=recover, where on) never had to act.")
+    for item in search or []:
+        if item.get("chosen") is not None:
+            notes.append(f"{method_label(item['method'])} at eps {item['eps']} ran with {item['option']} = "
+                         f"{_value(item['chosen'])}, chosen on a validation split (see 'Hyper-parameter search').")
+        elif item.get("skipped"):
+            notes.append(f"{method_label(item['method'])} at eps {item['eps']}: {item['option']} not searched "
+                         f"({item['skipped']}).")
     if ok and not any(r.get("aa") is not None for r in ok):
         notes.insert(0, AA_NOT_RUN)
     weak = [r for r in ok if any(w.startswith("WEAK ATTACK") for w in r.get("eval_warnings") or [])]
@@ -525,6 +579,7 @@ def _blocks(rows: list[dict], command: str | dict, machine: dict, images: dict[s
                 ALPHA_PLOT: "ATAS step size per epoch (mean; band: min..max over samples and seeds; dashed: eps; "
                             "dotted: the alpha_min/alpha_max clamp).",
                 TIME_PLOT: "Final robust accuracy vs training time, one point per run."}
+    blocks += search_blocks(search or [])
     drawn = [(name, p) for name, p in images.items() if p is not None]
     if drawn:
         blocks.append(("h2", "Plots"))
@@ -597,11 +652,13 @@ def _render_html(blocks: list[tuple]) -> str:
     return "\n".join(out) + "\n"
 
 
-def build_report(rows: list[dict], out_dir: str | Path, command: str | dict, machine: dict) -> Path:
+def build_report(rows: list[dict], out_dir: str | Path, command: str | dict, machine: dict,
+                 search: list[dict] | None = None) -> Path:
     """Write report.md, report.html and the PNG plots into out_dir; returns the report.md path.
 
     rows: summary.json's runs. command: the command line (or {"command", "equivalent"}).
-    machine: what ran it (cpu, cores, torch, gpu, ...), listed as given."""
+    machine: what ran it (cpu, cores, torch, gpu, ...), listed as given. search: summary.json's
+    "search" (`atas compare --tune`), shown as the 'Hyper-parameter search' section."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     from atas.extras import INSTALL, available
@@ -618,7 +675,7 @@ def build_report(rows: list[dict], out_dir: str | Path, command: str | dict, mac
         if p is None and (out_dir / name).exists():
             (out_dir / name).unlink()
     date = datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds")
-    blocks = _blocks(rows, command, machine, images, date)
+    blocks = _blocks(rows, command, machine, images, date, search)
     md = out_dir / "report.md"
     md.write_text(_render_md(blocks))
     (out_dir / "report.html").write_text(_render_html(blocks))

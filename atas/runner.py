@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from atas.checkpoint import DiskFullError, check_output, is_special_file
 from atas.config import Config, ConfigError
-from atas.data import data_source, dataset_info, image_folder, load_tensors
+from atas.data import check_subset, check_val_size, data_source, dataset_info, image_folder, load_tensors
 from atas.evaluate import evaluate, save_result
 from atas.rundir import clean_staged_files
 
@@ -37,6 +37,67 @@ def load_test_set(cfg: Config, n_examples: int | None = None) -> tuple[torch.Ten
     items = [test_set[i] for i in range(n)]
     x = torch.stack([it[0] for it in items]).mul(255).round().to(torch.uint8)
     return x, torch.tensor([int(it[1]) for it in items])
+
+
+def load_val_set(cfg: Config, n_examples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation split of data.val_size=V: the last V images of the (data.subset of the)
+    training split, the ones `make_data` holds out of training, unaugmented and unpadded (uint8),
+    with their labels; the first n_examples of them if given. A folder dataset's images are
+    centre-cropped from their frame to the model's input size, as its test images are."""
+    info, d = dataset_info(cfg.data.name), cfg.data
+    if d.val_size < 1:
+        raise ConfigError("this run has no validation split (data.val_size=0); set data.val_size=N to hold out "
+                          "the last N training images")
+    if n_examples is not None and not 1 <= n_examples <= d.val_size:
+        raise ConfigError(f"validation on {n_examples} images, but data.val_size={d.val_size} holds out only "
+                          f"{d.val_size}; give 1..{d.val_size}")
+    n = d.val_size if n_examples is None else n_examples
+    if info.resident:
+        x, y = load_tensors(info.name, "train", d.data_dir, d.download)
+        start = check_val_size(d.val_size, check_subset(d.subset, len(x)))
+        return x[start:start + n], y[start:start + n]
+    train_set = image_folder(info.name, "train", d.data_dir)
+    start = check_val_size(d.val_size, check_subset(d.subset, len(train_set)))
+    items = [train_set[i] for i in range(start, start + n)]
+    offset = (info.frame_size - info.image_size) // 2
+    x = torch.stack([it[0] for it in items])[..., offset:offset + info.image_size, offset:offset + info.image_size]
+    return x.mul(255).round().to(torch.uint8), torch.tensor([int(it[1]) for it in items])
+
+
+# The validation attack of `atas train` (val.json) and `atas compare --tune`: cheap next to the final
+# evaluation (it runs once per searched value), with the threat model's measured step.
+VAL_ATTACKS = ("clean", "pgd")
+VAL_PGD_STEPS, VAL_PGD_RESTARTS, VAL_N_EXAMPLES = 10, 1, 1000
+VAL_FILE = "val.json"
+
+
+def validation_request(cfg: Config, n_examples: int | None = None) -> dict:
+    """What a validation evaluation of this run measures: a val.json with other settings is stale."""
+    e = cfg.eval
+    return {"val_size": cfg.data.val_size, "n_examples": min(VAL_N_EXAMPLES, cfg.data.val_size)
+            if n_examples is None else n_examples, "attacks": list(VAL_ATTACKS), "pgd_steps": VAL_PGD_STEPS,
+            "pgd_restarts": VAL_PGD_RESTARTS, "pgd_alpha": e.pgd_alpha, "pgd_schedule": e.pgd_schedule,
+            "pgd_loss": e.pgd_loss, "eps": cfg.method.eps.text}
+
+
+def evaluate_validation(model: nn.Module, cfg: Config, run_dir: str | Path, n_examples: int | None = None,
+                        progress: bool = False) -> dict:
+    """Clean and PGD-10 accuracy (one restart, the eval section's step, or the threat model's measured
+    default) of `model` on the first n_examples (default: up to 1000) held-out validation images of
+    data.val_size; written to RUN/val.json with the request that made it, and returned."""
+    request = validation_request(cfg, n_examples)
+    x, y = load_val_set(cfg, request["n_examples"])
+    model.eval()
+    e = cfg.eval
+    result = evaluate(model, x, y, float(cfg.method.eps), attacks=VAL_ATTACKS, pgd_steps=VAL_PGD_STEPS,
+                      pgd_restarts=VAL_PGD_RESTARTS, pgd_alpha=e.pgd_alpha, pgd_schedule=e.pgd_schedule,
+                      pgd_loss=e.pgd_loss, batch_size=e.batch_size, device=next(model.parameters()).device,
+                      progress=progress, eps_label=cfg.method.eps.text)
+    result.pop("per_sample", None)  # a choice between values needs the accuracies, not 1000 verdicts
+    result["split"] = "validation (the last data.val_size training images, never trained on)"
+    result["request"] = request
+    save_result(result, Path(run_dir) / VAL_FILE)
+    return result
 
 
 def _settings_name(attacks: str, n_examples: int | None, eps: float | None) -> str:

@@ -26,7 +26,7 @@ from atas import guard
 from atas.checkpoint import (CheckpointError, DiskFullError, atomic_write, atomic_write_text, healthy_path,
                              link_as, load_checkpoint, save_checkpoint)
 from atas.config import Config, ConfigError, config_from_dict, method_options
-from atas.data import check_subset, dataset_info, image_folder, load_tensors
+from atas.data import check_subset, check_val_size, dataset_info, image_folder, load_tensors
 from atas.evaluate import FGSM, PGD
 from atas.loaders import FolderLoader, ResidentLoader
 from atas.methods import get_method
@@ -104,14 +104,18 @@ class TrainData:
 
 
 def make_data(cfg: Config, device: torch.device, shard=None) -> TrainData:
-    """Train loader + test tensors. `shard(num_train) -> indices` restricts training to one rank's part."""
+    """Train loader + test tensors. `shard(num_train) -> indices` restricts training to one rank's part.
+
+    data.val_size=V keeps the last V images of the (subset of the) training split out of training:
+    the loader, the per-sample store and the DDP shards see only the first len-V, indexed 0..len-V-1
+    (atas.runner.load_val_set reads the held-out ones). V = 0 slices nothing off."""
     info = dataset_info(cfg.data.name)
     d, t = cfg.data, cfg.train
     pad = info.train_pad if d.train_pad is None else d.train_pad
     flip = info.flip if d.flip is None else d.flip
     if info.resident:
         x, y = load_tensors(info.name, "train", d.data_dir, d.download)
-        n = check_subset(d.subset, len(x))
+        n = check_val_size(d.val_size, check_subset(d.subset, len(x)))
         x, y = x[:n], y[:n]
         x_test, y_test = load_tensors(info.name, "test", d.data_dir, d.download)
         indices = shard(len(x)) if shard else None
@@ -121,7 +125,7 @@ def make_data(cfg: Config, device: torch.device, shard=None) -> TrainData:
         num_train = len(x)
     else:
         train_set = image_folder(info.name, "train", d.data_dir)
-        n = check_subset(d.subset, len(train_set))
+        n = check_val_size(d.val_size, check_subset(d.subset, len(train_set)))
         if n < len(train_set):
             train_set = torch.utils.data.Subset(train_set, range(n))
         test_set = image_folder(info.name, "test", d.data_dir)
@@ -236,6 +240,8 @@ def check_resumable(saved: dict, cfg: Config) -> None:
     for label in ("name", "description", "out_dir"):  # labels, not training settings
         mine.pop(label, None)
         theirs.pop(label, None)
+    if isinstance(theirs.get("data"), dict):  # saved before data.val_size existed: it held nothing out
+        theirs["data"] = {"val_size": 0, **theirs["data"]}
     for tree in (mine, theirs):  # other methods' options do not matter; method.args holds this one's
         if isinstance(tree.get("method"), dict):
             tree["method"] = {k: v for k, v in tree["method"].items() if k != "per_method"}

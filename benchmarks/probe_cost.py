@@ -27,13 +27,15 @@ def main(argv: list[str] | None = None) -> float:
     x, y = load_test_set(cfg)
     n = cfg.train.probe_size
     x_probe, y_probe, eps = x[-n:].float().div(255), y[-n:], float(cfg.method.eps)
-    probe(model, x_probe, y_probe, eps, cfg.train.probe_steps)  # warm-up
+    args_probe = (model, x_probe, y_probe, eps, cfg.train.probe_steps, cfg.train.probe_restarts)
+    probe(*args_probe)  # warm-up
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        probe(model, x_probe, y_probe, eps, cfg.train.probe_steps)
+        probe(*args_probe)
         times.append(time.perf_counter() - t0)
     rows = [json.loads(line) for line in (Path(args.run) / "metrics.jsonl").read_text().splitlines() if line]
+    rows = [r for r in rows if "epoch_time_s" in r]  # the guard's event rows have none
     epoch = sum(r["epoch_time_s"] for r in rows) / len(rows)
     print(f"probe {min(times):.2f} s (min of {args.repeats}), mean training epoch {epoch:.2f} s: "
           f"{100 * min(times) / epoch:.1f}% ({torch.get_num_threads()} threads)")

@@ -94,6 +94,11 @@ class Method:
     has_regularizer: ClassVar[bool] = False
     # Optimizer steps per minibatch (Free-AT replays each minibatch m times; everyone else 1).
     replays: int = 1
+    # The option whose published value does not transfer beyond the setting it was tuned in (one
+    # dataset, one eps range), with the grid to search: {"lam": (10.0, 100.0, 1000.0)}. `atas compare
+    # --tune` trains one run per value on a validation split and compares the method at the best
+    # value. At most one option (each extra one multiplies the runs); empty: nothing to search.
+    search: ClassVar[dict[str, tuple[float, ...]]] = {}
 
     @dataclass
     class Options:
