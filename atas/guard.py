@@ -68,6 +68,14 @@ def monitor_for(opt, rows: list[dict]) -> COMonitor:
     return monitor
 
 
+def is_healthy(verdict: dict, monitor: COMonitor, row: dict, num_classes: int) -> bool:
+    """An epoch the guard may roll back to: not flagged, no rule counting towards a flag, and a
+    model that learned something (probe clean accuracy at least twice chance: a run that sits at a
+    constant prediction is not healthy even before the stuck rule has seen it twice)."""
+    return (not verdict["co"] and not monitor.pending
+            and row.get("probe_clean", 1.0) >= 2.0 / max(num_classes, 2))
+
+
 def is_stuck_only(reason: str) -> bool:
     return all(part.startswith("stuck") for part in reason.split("; "))
 

@@ -295,6 +295,7 @@ class _Run:
     ckpt_path: Path
     memory_format: torch.memory_format
     autocast: object
+    num_classes: int = 10
     x_probe: torch.Tensor | None = None
     y_probe: torch.Tensor | None = None
 
@@ -323,6 +324,7 @@ def _build(cfg: Config, ctx, run_dir: Path, ckpt_path: Path) -> _Run:
                torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16"), None, store_options,
                ckpt_path, memory_format, autocast)
     run.method = _make_method(run, {})
+    run.num_classes = dataset_info(cfg.data.name).num_classes
     steps_per_epoch = len(data.loader) * run.method.replays
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
     n_probe = min(cfg.train.probe_size, len(data.x_test))
@@ -420,7 +422,7 @@ def _train(cfg: Config, ctx, folder: RunFolder, resume: bool) -> RunResult:
             event = ctx.broadcast_object(sentinel.plan(rows, epoch, verdict["reason"], _last_healthy(rows),
                                                        run.method) if ctx.is_main else None)
         _end_of_epoch(run, epoch, step, rows, verdict, monitor, run_dir, log,
-                      healthy=recover and ctx.broadcast_flag(not verdict["co"] and not monitor.pending),
+                      healthy=recover and ctx.broadcast_flag(guard.is_healthy(verdict, monitor, row, run.num_classes)),
                       last_word=event)
         if event is not None and event[guard.EVENT] == "recovery":
             epoch, step, monitor = _roll_back(run, event, rows, run_dir, log)

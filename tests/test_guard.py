@@ -48,6 +48,9 @@ def scripted(monkeypatch):
         return m
 
     monkeypatch.setattr(guard, "monitor_for", monitor_for)
+    # tiny runs learn little: every unflagged epoch counts as healthy here (the clean-accuracy
+    # floor of guard.is_healthy has its own test below)
+    monkeypatch.setattr(guard, "is_healthy", lambda verdict, monitor, row, n: not verdict["co"] and not monitor.pending)
     return Scripted
 
 
@@ -242,3 +245,22 @@ def test_a_best_pt_lost_by_the_older_save_order_is_rewritten_on_resume(tmp_path,
     train(tiny(tmp_path, "train.co_action=keep_best", "train.epochs=2"), run_dir=run_dir, resume=True)
     assert "best.pt held no epoch, the metrics name epoch 1: rewritten from the checkpoint" in capsys.readouterr().out
     assert load_checkpoint(run_dir / "best.pt")["epoch"] == _best_epoch(run_dir)
+
+
+def test_n_fgsm_raises_its_noise_only_while_the_image_survives_it():
+    n_fgsm = get_method("n_fgsm")
+    assert n_fgsm(8 / 255).remedy(1) == {"noise_factor": 3.0}              # 3 eps = 0.09: more noise
+    assert n_fgsm(0.3).remedy(1) == {"step_factor": 0.8}                   # 3 eps = 0.9: a smaller step
+    m = n_fgsm(0.1)
+    m.set_options(**m.remedy(1))
+    assert m.opt.noise_factor == 3.0 and m.remedy(2) == {"noise_factor": 4.5}   # 4.5 eps = 0.45: still below 0.5
+    m.set_options(**m.remedy(2))
+    assert m.remedy(3) == {"step_factor": 0.8}                                  # 6.75 eps = 0.675: too much
+
+
+def test_an_epoch_at_chance_is_not_a_rollback_target():
+    quiet = {"co": False}
+    row = {"probe_clean": 0.08}
+    assert not guard.is_healthy(quiet, COMonitor(), row, num_classes=10)
+    assert guard.is_healthy(quiet, COMonitor(), {"probe_clean": 0.6}, num_classes=10)
+    assert not guard.is_healthy({"co": True}, COMonitor(), {"probe_clean": 0.6}, num_classes=10)
