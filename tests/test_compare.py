@@ -4,7 +4,6 @@ writes summary.json, report.md/html and valid PNGs, then re-runs without trainin
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from atas.config import ConfigError
 from atas.report import (ALPHA_PLOT, PROBE_PLOT, TIME_PLOT, build_report, co_column, findings,
                          format_summary_table, method_label)
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
+from conftest import FMNIST, needs_fmnist  # noqa: E402
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -205,16 +204,7 @@ RUN_KEYS = {"method", "eps", "seed", "clean", "pgd", "aa", "train_time_s", "co_d
             "co_final_signature", "curves", "run_dir"}
 
 
-@pytest.fixture
-def one_thread():
-    """On a shared CPU, torch's intra-op threads spin against each other (8x slower here): one is enough."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+@needs_fmnist
 def test_compare_end_to_end_then_rerun_trains_nothing(tmp_path, monkeypatch, capsys, one_thread):
     argv = ["compare", "fmnist", "--methods", "atas,fgsm_rs", "--seeds", "2", "--eps", "0.1,0.2",
             "--attacks", "clean,pgd", "--n-examples", "32", "--out", str(tmp_path), *TINY]
@@ -265,7 +255,7 @@ def test_compare_end_to_end_then_rerun_trains_nothing(tmp_path, monkeypatch, cap
     assert json.loads((tmp_path / "summary.json").read_text())["runs"] == runs
 
 
-@pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+@needs_fmnist
 def test_unfinished_run_resumes_and_its_time_adds_up(tmp_path, capsys, monkeypatch, one_thread):
     argv = ["compare", "fmnist", "--methods", "atas", "--eps", "0.1", "--attacks", "clean", "--n-examples", "16",
             "--out", str(tmp_path), *TINY]
