@@ -444,7 +444,7 @@ def check_subset(subset: int | None, available: int, key: str = "data.subset",
     """How many images `key`=subset keeps from a split of `available`: all of them when subset is
     None; ConfigError when subset is < 1 or larger than the split (asking for more images than
     there are must not silently train on fewer)."""
-    from atas.config import ConfigError
+    from atas.values import ConfigError
 
     if subset is None:
         return available

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from atas.config import ConfigError
+from atas.values import ConfigError
 
 ENTRY_POINT_GROUP = "atas.models"   # packages may register models here: [project.entry-points."atas.models"]
 

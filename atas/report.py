@@ -397,7 +397,7 @@ def plot_probe_masking(rows: list[dict], path: str | Path) -> Path | None:
 def plot_alpha(rows: list[dict], path: str | Path) -> Path | None:
     """ATAS step size per epoch, one panel per eps: mean over seeds of the epoch's mean alpha, band =
     smallest .. largest per-sample alpha over seeds; dashed: eps; dotted: the configured clamp."""
-    from atas.config import parse_fraction
+    from atas.values import parse_fraction
 
     rows = [r for r in _ok(rows) if r["method"] == "atas" and (r.get("curves") or {}).get("alpha_mean")]
     if not rows:

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from atas.config import ConfigError, Frac
+from atas.values import ConfigError, Frac
 from atas.methods.base import Method, register
 from atas.threat import bn_mode, input_grad, signed_step
 

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from atas.augment import CropFlip, PairedAugment
-from atas.config import ConfigError, build_dataclass, parse_fraction
+from atas.values import ConfigError, build_dataclass, parse_fraction
 from atas.store import PerSampleStore
 from atas.threat import LinfBall
 

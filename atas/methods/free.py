@@ -37,7 +37,7 @@ import warnings
 
 import torch
 
-from atas.config import ConfigError
+from atas.values import ConfigError
 from atas.methods.base import Method, _same_tensor, register
 
 

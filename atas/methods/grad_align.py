@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from atas.config import ConfigError
+from atas.values import ConfigError
 from atas.methods.base import Method, register
 from atas.threat import bn_mode, input_grad, signed_step
 
