@@ -27,26 +27,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from atas.augment import CropFlip, PairedAugment
+from atas.registry import Registry
 from atas.values import ConfigError, build_dataclass, parse_fraction
 from atas.store import PerSampleStore
 from atas.threat import LinfBall
 
-METHODS: dict[str, type["Method"]] = {}
-
-
-def register(cls: type["Method"]) -> type["Method"]:
-    METHODS[cls.name] = cls
-    return cls
+# name -> Method subclass; `@register` on a class adds it under its `name`. Packages add theirs
+# through the entry-point group "atas.methods" (atas.registry).
+METHODS = Registry("method", group="atas.methods")
+register = METHODS.register
 
 
 def list_methods() -> list[str]:
-    return sorted(METHODS)
+    return METHODS.names()
 
 
 def get_method(name: str) -> type["Method"]:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; valid: {', '.join(list_methods())}")
-    return METHODS[name]
+    return METHODS.get(name)
 
 
 def method(name: str, eps, **kwargs) -> "Method":
