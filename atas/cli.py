@@ -87,14 +87,16 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("source", help="run folder or checkpoint")
     x.add_argument("--out", required=True, help="export folder")
 
-    sub.add_parser("recipes", help="list the shipped recipes")
+    r = sub.add_parser("recipes", help="list the shipped recipes and the registered methods, models, datasets "
+                                       "and attacks")
 
     from atas.compare import add_compare_parser
 
-    add_compare_parser(sub)
-    for command in (t, e, x):
+    c = add_compare_parser(sub)
+    for command in (t, e, x, r, c):
         command.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                             help="import MODULE first (its atas.register_model(...) models become usable); repeatable")
+                             help="import MODULE first (the methods, models, datasets or attacks it registers "
+                                  "become usable); repeatable")
     return p
 
 
@@ -314,7 +316,24 @@ def cmd_recipes(args) -> int:
     for path in sorted(RECIPE_DIR.glob("*.yaml")):
         desc = (yaml.safe_load(path.read_text()) or {}).get("description", "")
         print(f"{path.stem:28s} {desc}")
+    _print_registries()
     return 0
+
+
+def _print_registries() -> None:
+    """What a recipe, `--methods` or `--attacks` may name: every registry, plugins included."""
+    from atas.data import DATASETS
+    from atas.evaluate import ATTACKS
+    from atas.methods import METHODS
+    from atas.models import MODELS
+
+    print("\nmethods (method.name, --methods):")
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        print(f"  {name:14s} {cls.display_label():12s} {cls.cost}")
+    for title, registry in (("models (model.arch)", MODELS), ("datasets (data.name)", DATASETS),
+                            ("attacks (eval.attacks, --attacks)", ATTACKS)):
+        print(f"{title}: {', '.join(registry.names())}")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -59,7 +59,7 @@ per eps, CO counts, findings, plots OUT/*.png), and the summary table on stdout.
 """
 
 
-def add_compare_parser(sub) -> None:
+def add_compare_parser(sub) -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="train and evaluate several methods/seeds/eps on one recipe; write a report",
                        description=__doc__.split("\n\n")[0], epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,6 +78,7 @@ def add_compare_parser(sub) -> None:
     c.add_argument("--report-only", action="store_true",
                    help="train and evaluate nothing: write the report from the runs that have finished, "
                         "listing the others as not finished (look at a sweep while it runs)")
+    return c
 
 
 # --------------------------------------------------------------------------------------------

@@ -263,7 +263,11 @@ def validate(cfg: Config) -> None:
     chosen = _merge(cfg.method.per_method.get(cfg.method.name, {}), cfg.method.args)
     chosen.setdefault("eps_ramp_epochs", cfg.train.eps_ramp_epochs)  # the run's schedule, unless set per method
     options = build_dataclass(method_cls.Options, chosen, "method.")
+    method_cls.check_options(options)  # the method's own range checks, before anything trains
     cfg.method.args = _to_plain(options)
+    if cfg.train.compile and method_cls.no_compile:
+        raise ConfigError(f"train.compile=true cannot run {cfg.method.name}: {method_cls.no_compile}. "
+                          "Set train.compile=false.")
     for key, n in (("data.subset", cfg.data.subset), ("data.test_subset", cfg.data.test_subset)):
         if n is not None and n < 1:  # x[:0] would keep nothing and x[:-5] all but 5: never what was meant
             raise ConfigError(f"{key} must be >= 1 (keep the first N images), got {n}; "

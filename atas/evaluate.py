@@ -37,6 +37,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .checkpoint import DiskFullError, atomic_write_text
+from .registry import Registry
 from .threat import LinfBall, bn_mode, input_grad, signed_step
 
 __all__ = [
@@ -45,14 +46,15 @@ __all__ = [
 ]
 
 # name -> (label shown in tables, is it standard AutoAttack?). The registry of what `evaluate` runs.
-ATTACKS: dict[str, tuple[str, bool]] = {
+ATTACKS = Registry("attack", group="atas.attacks", ordered="registration")
+ATTACKS.update({
     "clean": ("clean", False),
     "fgsm": ("FGSM", False),
     "pgd": ("PGD", False),  # label completed with steps/restarts, e.g. PGD-50-10
     "aa": ("AutoAttack (standard)", True),
     "apgd-ce": ("APGD-CE only (NOT AutoAttack)", False),
     "apgd-t": ("APGD-T only (NOT AutoAttack)", False),
-}
+})
 
 PGD_SCHEDULES = ("constant", "cosine")
 PGD_LOSSES = ("ce", "margin")

@@ -20,9 +20,6 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-# Names as the papers write them; registry names not listed here are shown as they are.
-METHOD_LABELS = {"atas": "ATAS", "fgsm_rs": "FGSM-RS", "n_fgsm": "N-FGSM", "grad_align": "GradAlign",
-                 "pgd": "PGD-AT", "free": "Free-AT", "fgsm_pgi": "FGSM-PGI", "none": "standard"}
 # "ATAS AA within GAP_POINTS points of PGD-AT" is the claim the report checks (ATAS paper, Tables).
 GAP_POINTS = 3.0
 
@@ -38,8 +35,45 @@ PROBE_PLOT, ALPHA_PLOT, TIME_PLOT = "probe_pgd.png", "atas_alpha.png", "time_vs_
 MASK_PLOT = "probe_masking.png"
 
 
+# --------------------------------------------------------------------------------------------
+# What the methods say about themselves (class attributes of atas.methods.base.Method)
+# --------------------------------------------------------------------------------------------
+def _method_class(name: str):
+    """The registered class of `name`; None for a method this process does not know (a report
+    rebuilt from summary.json without the plugin that trained it): shown by its name, no claims."""
+    from atas.methods import METHODS
+
+    try:
+        return METHODS.get(name)
+    except ValueError:
+        return None
+
+
 def method_label(name: str) -> str:
-    return METHOD_LABELS.get(name, name)
+    """The method's name as its paper writes it (its `label`), else its registry name."""
+    cls = _method_class(name)
+    return cls.display_label() if cls is not None else name
+
+
+def _is(name: str, flag: str) -> bool:
+    cls = _method_class(name)
+    return bool(cls is not None and getattr(cls, flag))
+
+
+def _reference(by_method: dict) -> str | None:
+    """The robust reference in this comparison (PGD-AT: `reference = True`), if there is one."""
+    return next((m for m in by_method if _is(m, "reference")), None)
+
+
+def _logged(name: str) -> dict:
+    cls = _method_class(name)
+    return cls.logged_stats if cls is not None else {}
+
+
+def _reference_label() -> str:
+    from atas.methods import METHODS
+
+    return next((cls.display_label() for cls in METHODS.values() if cls.reference), "the reference")
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,9 +160,11 @@ def summary_tables(rows: list[dict]) -> list[tuple[str, list[str], list[list[str
     with_aa = any(r.get("aa") is not None for r in _ok(rows))
     tables = []
     for eps, by_method in group_runs(rows).items():
-        pgd_time = _mean(by_method.get("pgd", []), "train_time_s")
+        reference = _reference(by_method)
+        pgd_time = _mean(by_method.get(reference, []), "train_time_s")
         header = ["method", "seeds", "clean (%)"] + (["FGSM (%)"] if with_fgsm else []) + [f"{pgd_label} (%)"] \
-            + (["AA (%)"] if with_aa else []) + ["train time (s)"] + (["time vs PGD-AT"] if pgd_time else []) + ["CO"]
+            + (["AA (%)"] if with_aa else []) + ["train time (s)"] \
+            + ([f"time vs {method_label(reference)}"] if pgd_time else []) + ["CO"]
         body = []
         for method, runs in by_method.items():
             ok = _ok(runs)
@@ -172,57 +208,77 @@ def findings(rows: list[dict]) -> dict[str, list[str]]:
     A miss is reported as a miss: 'no' with the numbers that make it one."""
     out: dict[str, list[str]] = {}
     for eps, by_method in group_runs(rows).items():
-        facts = []
-        for method in ("atas", "fgsm_rs"):
-            if method not in by_method:
-                continue
-            runs = _ok(by_method[method])
-            flagged = [r for r in runs if r.get("co_detected") and not is_stuck_only(r)]
-            name = method_label(method)
-            if not runs:
-                why = "all failed" if all(r.get("failed") for r in by_method[method]) else "not finished yet"
-                facts.append(f"{name}: no run finished ({why}), so nothing can be said about its CO.")
-            elif flagged:
-                facts.append(f"{name} shows catastrophic overfitting: yes, {len(flagged)}/{len(runs)} seeds "
-                             f"flagged (seed {_seed_list(flagged)}).")
-            else:
-                facts.append(f"{name} shows catastrophic overfitting: no (0/{len(runs)} seeds flagged).")
-        atas, pgd = _ok(by_method.get("atas", [])), _ok(by_method.get("pgd", []))
-        if atas and pgd:
-            use_aa = all(r.get("aa") is not None for r in atas + pgd)
-            key = "aa" if use_aa else "pgd"
-            metric = "AA" if use_aa else _pgd_label(atas + pgd)
-            a, p = _mean(atas, key), _mean(pgd, key)
-            ta, tp = _mean(atas, "train_time_s"), _mean(pgd, "train_time_s")
-            ratio = f"{ta / tp:.2f}" if tp else "n/a"
-            if a is None or p is None:
-                facts.append(f"ATAS vs PGD-AT: no {metric} accuracy to compare.")
-            else:
-                gap = 100 * (p - a)  # points ATAS is below PGD-AT (negative: above)
-                within = gap <= GAP_POINTS
-                side = f"{abs(gap):.1f} points {'below' if gap >= 0 else 'above'} PGD-AT"
-                facts.append(f"ATAS {metric} within {GAP_POINTS:g} points of PGD-AT: {'yes' if within else 'no'} "
-                             f"(ATAS {100 * a:.1f}% vs PGD-AT {100 * p:.1f}%, {side}), time ratio {ratio} "
-                             f"(ATAS {ta:.1f} s vs PGD-AT {tp:.1f} s).")
-            if not use_aa:
-                facts.append("AutoAttack was not evaluated for every ATAS and PGD-AT run (add aa to --attacks); "
-                             f"the gap above is on {metric}, a weaker attack.")
-        elif "atas" in by_method and "pgd" not in by_method:
-            facts.append("PGD-AT is not in this comparison: no ATAS-vs-PGD-AT gap or time ratio.")
-        for method, runs in by_method.items():  # a model that learnt nothing makes every claim vacuous
-            runs = _ok(runs)
-            clean, chance = _mean(runs, "clean"), runs[0].get("chance") if runs else None
-            if clean is not None and chance is not None and clean <= chance + NEAR_CHANCE:
-                facts.append(f"{method_label(method)} clean accuracy {100 * clean:.1f}% is near chance "
-                             f"({100 * chance:.0f}%): these runs did not learn, so the statements above say nothing.")
-                continue
-            dead = [r for r in runs if r.get("clean") is not None and r.get("chance") is not None
-                    and r["clean"] <= r["chance"] + NEAR_CHANCE]
-            if dead:  # one seed stuck at a constant prediction drags the mean: say which
-                facts.append(f"{method_label(method)}: {len(dead)}/{len(runs)} seeds did not learn (clean accuracy "
-                             f"near chance, seed {_seed_list(dead)}); its means above include them.")
+        facts = [_co_fact(method, runs) for method, runs in by_method.items() if _is(method, "prone_to_co")]
+        reference = _reference(by_method)
+        for method in by_method:
+            if _is(method, "claims_reference_robustness"):
+                facts += _gap_facts(method, by_method[method], reference, by_method.get(reference, []))
+        facts += _learning_facts(by_method)
         out[eps] = facts
     return out
+
+
+def _co_fact(method: str, all_runs: list[dict]) -> str:
+    """Whether a method prone to catastrophic overfitting showed it: yes (which seeds) or no."""
+    runs = _ok(all_runs)
+    flagged = [r for r in runs if r.get("co_detected") and not is_stuck_only(r)]
+    name = method_label(method)
+    if not runs:
+        why = "all failed" if all(r.get("failed") for r in all_runs) else "not finished yet"
+        return f"{name}: no run finished ({why}), so nothing can be said about its CO."
+    if flagged:
+        return (f"{name} shows catastrophic overfitting: yes, {len(flagged)}/{len(runs)} seeds "
+                f"flagged (seed {_seed_list(flagged)}).")
+    return f"{name} shows catastrophic overfitting: no (0/{len(runs)} seeds flagged)."
+
+
+def _gap_facts(method: str, runs: list[dict], reference: str | None, reference_runs: list[dict]) -> list[str]:
+    """A method claiming the reference's robustness at less cost (ATAS vs PGD-AT): is it within
+    GAP_POINTS points, and at what time ratio."""
+    name = method_label(method)
+    if reference is None:
+        ref = _reference_label()
+        return [f"{ref} is not in this comparison: no {name}-vs-{ref} gap or time ratio."]
+    ref = method_label(reference)
+    mine, theirs = _ok(runs), _ok(reference_runs)
+    if not (mine and theirs):
+        return []
+    use_aa = all(r.get("aa") is not None for r in mine + theirs)
+    key = "aa" if use_aa else "pgd"
+    metric = "AA" if use_aa else _pgd_label(mine + theirs)
+    a, p = _mean(mine, key), _mean(theirs, key)
+    ta, tp = _mean(mine, "train_time_s"), _mean(theirs, "train_time_s")
+    ratio = f"{ta / tp:.2f}" if tp else "n/a"
+    if a is None or p is None:
+        facts = [f"{name} vs {ref}: no {metric} accuracy to compare."]
+    else:
+        gap = 100 * (p - a)  # points the method is below the reference (negative: above)
+        side = f"{abs(gap):.1f} points {'below' if gap >= 0 else 'above'} {ref}"
+        facts = [f"{name} {metric} within {GAP_POINTS:g} points of {ref}: {'yes' if gap <= GAP_POINTS else 'no'} "
+                 f"({name} {100 * a:.1f}% vs {ref} {100 * p:.1f}%, {side}), time ratio {ratio} "
+                 f"({name} {ta:.1f} s vs {ref} {tp:.1f} s)."]
+    if not use_aa:
+        facts.append(f"AutoAttack was not evaluated for every {name} and {ref} run (add aa to --attacks); "
+                     f"the gap above is on {metric}, a weaker attack.")
+    return facts
+
+
+def _learning_facts(by_method: dict) -> list[str]:
+    """A model that learnt nothing makes every claim vacuous: say which runs did not learn."""
+    facts = []
+    for method, runs in by_method.items():
+        runs = _ok(runs)
+        clean, chance = _mean(runs, "clean"), runs[0].get("chance") if runs else None
+        if clean is not None and chance is not None and clean <= chance + NEAR_CHANCE:
+            facts.append(f"{method_label(method)} clean accuracy {100 * clean:.1f}% is near chance "
+                         f"({100 * chance:.0f}%): these runs did not learn, so the statements above say nothing.")
+            continue
+        dead = [r for r in runs if r.get("clean") is not None and r.get("chance") is not None
+                and r["clean"] <= r["chance"] + NEAR_CHANCE]
+        if dead:  # one seed stuck at a constant prediction drags the mean: say which
+            facts.append(f"{method_label(method)}: {len(dead)}/{len(runs)} seeds did not learn (clean accuracy "
+                         f"near chance, seed {_seed_list(dead)}); its means above include them.")
+    return facts
 
 
 def run_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -399,13 +455,17 @@ def plot_alpha(rows: list[dict], path: str | Path) -> Path | None:
     smallest .. largest per-sample alpha over seeds; dashed: eps; dotted: the configured clamp."""
     from atas.values import parse_fraction
 
-    rows = [r for r in _ok(rows) if r["method"] == "atas" and (r.get("curves") or {}).get("alpha_mean")]
+    # The method that logs a per-sample step size alpha (ATAS: Method.logged_stats).
+    rows = [r for r in _ok(rows) if "alpha" in _logged(r["method"]) and (r.get("curves") or {}).get("alpha_mean")]
     if not rows:
         return None
+    method = rows[0]["method"]
+    rows = [r for r in rows if r["method"] == method]
+    label = method_label(method)
     groups = group_runs(rows)
     fig, axes = _figure(len(groups))
     for ax, (eps, by_method) in zip(axes, groups.items()):
-        runs = by_method["atas"]
+        runs = by_method[method]
         epochs, mean = _mean_curve(runs, "alpha_mean")
         lo: dict[int, float] = {}
         hi: dict[int, float] = {}
@@ -429,9 +489,9 @@ def plot_alpha(rows: list[dict], path: str | Path) -> Path | None:
         ax.set_title(f"eps = {eps}")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("ATAS step size alpha (pixel units)")
+    axes[0].set_ylabel(f"{label} step size alpha (pixel units)")
     axes[0].legend(fontsize=8)
-    fig.suptitle("ATAS adaptive step size during training")
+    fig.suptitle(f"{label} adaptive step size during training")
     fig.savefig(path, dpi=110)
     return Path(path)
 

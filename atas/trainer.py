@@ -309,9 +309,6 @@ def _build(cfg: Config, ctx, run_dir: Path, ckpt_path: Path) -> _Run:
     store_options = {"storage_size": cfg.train.store_size, "indices": data.indices,
                      "device": "cpu" if cfg.train.store_memmap else device,
                      "memmap_path": ctx.checkpoint_path(run_dir, cfg.train.store_memmap) if cfg.train.store_memmap else None}
-    if cfg.train.compile and cfg.method.name == "grad_align":
-        raise ConfigError("train.compile=true cannot run grad_align: its double backprop does not go through "
-                          "torch.compile. Set train.compile=false.")
     optimizer = make_optimizer(cfg, model)
     run = _Run(cfg, ctx, device, data, model, attack_model, ctx.wrap(attack_model), optimizer, None,
                torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16"), None, store_options,
@@ -433,60 +430,105 @@ def _train(cfg: Config, ctx, folder: RunFolder, resume: bool) -> RunResult:
 
 def _train_epoch(run: _Run, epoch: int, step: int) -> tuple[dict, int]:
     """One epoch of the loop; returns its metrics row and the step count."""
-    cfg, method, device = run.cfg, run.method, run.device
+    cfg, method = run.cfg, run.method
     run.model.train()
-    sums = torch.zeros(6, device=device)  # loss, correct, n, alpha_sum, alpha_min, alpha_max
-    sums[4], sums[5] = float("inf"), float("-inf")
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    tally = _Tally(method, run.device)
     t0 = time.time()
     batches = method.batches(run.data.loader)  # starts the epoch; paired crop/flip of every batch
     n_batches = len(run.data.loader)
     bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch}/{cfg.train.epochs} {method.name}",
                leave=False, disable=not (cfg.train.progress and run.ctx.is_main), dynamic_ncols=True)
     for i, (x, y, idx) in enumerate(bar):
-        x = x.contiguous(memory_format=run.memory_format)
-        for _ in range(method.replays):
-            with run.autocast():
-                x_adv = method.perturb(run.attack_model, x, y, idx)               # gather, attack, scatter
-            run.model.train()
-            with run.autocast():
-                loss = method.loss(run.train_model, x_adv, y, x)                  # loss
-            run.optimizer.zero_grad(set_to_none=True)
-            run.scaler.scale(loss).backward()                                     # DDP syncs here
-            run.scaler.step(run.optimizer)
-            run.scaler.update()
-            run.scheduler.step()
+        loss = _train_step(run, x.contiguous(memory_format=run.memory_format), y, idx)
         step += 1
-        with torch.no_grad():                                                     # log (no sync)
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
-            sums[0] += loss.detach() * len(y)
-            sums[1] += (method.logits.argmax(1) == y).sum()
-            sums[2] += len(y)
-            if "alpha" in method.stats:
-                a = method.stats["alpha"]
-                sums[3] += a.sum()
-                sums[4] = torch.minimum(sums[4], a.min())
-                sums[5] = torch.maximum(sums[5], a.max())
+        tally.add(loss, y, step)                                                  # log (no sync)
         if i % 20 == 0 or i == n_batches - 1:
-            _check_finite(bad_step, epoch, run.ckpt_path)                         # sync point
-            s = sums.tolist()
-            post = {"loss": f"{s[0] / s[2]:.3f}", "acc": f"{s[1] / s[2]:.3f}"}
-            if s[3]:
-                post["alpha"] = f"{s[3] / s[2] * 255:.2f}/255 [{s[4] * 255:.1f},{s[5] * 255:.1f}]"
-            bar.set_postfix(post)
+            _check_finite(tally.bad_step, epoch, run.ckpt_path)                   # sync point
+            bar.set_postfix(tally.postfix())
         if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
             break
     bar.close()
-    _check_finite(bad_step, epoch, run.ckpt_path)
-    s = run.ctx.reduce_sums(sums).tolist()
-    row = {"epoch": epoch, "step": step, "lr": run.optimizer.param_groups[0]["lr"], "train_loss": s[0] / s[2],
-           "train_adv_acc": s[1] / s[2], "epoch_time_s": time.time() - t0}
+    _check_finite(tally.bad_step, epoch, run.ckpt_path)
+    row = {"epoch": epoch, "step": step, "lr": run.optimizer.param_groups[0]["lr"]}
+    row.update(tally.totals(run.ctx))
+    row["epoch_time_s"] = time.time() - t0
     eps_t = method.eps_at(epoch)
     if eps_t != method.eps:
         row["train_eps"] = eps_t
-    if s[3]:
-        row.update(alpha_mean=s[3] / s[2], alpha_min=s[4], alpha_max=s[5])
+    row.update(tally.stat_totals())
     return row, step
+
+
+def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """One minibatch (replayed `method.replays` times, Free-AT): attack -> loss -> step."""
+    method = run.method
+    for _ in range(method.replays):
+        with run.autocast():
+            x_adv = method.perturb(run.attack_model, x, y, idx)                   # gather, attack, scatter
+        run.model.train()
+        with run.autocast():
+            loss = method.loss(run.train_model, x_adv, y, x)                      # loss
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()                                         # DDP syncs here
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.scheduler.step()
+    return loss
+
+
+class _Tally:
+    """The epoch's running numbers, kept on the device so that logging never waits for it: loss,
+    accuracy, the first non-finite step, and mean/min/max of each stat the method logs
+    (`Method.logged_stats`, e.g. ATAS's per-sample step size alpha). One tensor, laid out
+    [loss*n, correct, n, k stat sums, k stat mins, k stat maxs], reduced over ranks in one go."""
+
+    def __init__(self, method, device: torch.device):
+        self.method, self.keys = method, list(method.logged_stats)
+        k = len(self.keys)
+        self.sums = torch.zeros(3 + 3 * k, device=device)
+        self.sums[3 + k:3 + 2 * k], self.sums[3 + 2 * k:] = float("inf"), float("-inf")
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self._reduced: list[float] | None = None
+
+    @torch.no_grad()
+    def add(self, loss: torch.Tensor, y: torch.Tensor, step: int) -> None:
+        s, k = self.sums, len(self.keys)
+        self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(loss), step, self.bad_step)
+        s[0] += loss.detach() * len(y)
+        s[1] += (self.method.logits.argmax(1) == y).sum()
+        s[2] += len(y)
+        for i, key in enumerate(self.keys):
+            value = self.method.stats.get(key)
+            if value is not None:
+                s[3 + i] += value.sum()
+                s[3 + k + i] = torch.minimum(s[3 + k + i], value.min())
+                s[3 + 2 * k + i] = torch.maximum(s[3 + 2 * k + i], value.max())
+
+    def _stats(self, s: list[float]):
+        """(key, unit, mean, min, max) of every logged stat that was seen this epoch."""
+        k = len(self.keys)
+        return [(key, self.method.logged_stats[key], s[3 + i] / s[2], s[3 + k + i], s[3 + 2 * k + i])
+                for i, key in enumerate(self.keys) if s[3 + i]]
+
+    def postfix(self) -> dict:
+        """The progress bar's numbers (reads the device: call it at a sync point)."""
+        s = self.sums.tolist()
+        post = {"loss": f"{s[0] / s[2]:.3f}", "acc": f"{s[1] / s[2]:.3f}"}
+        for key, unit, mean, lo, hi in self._stats(s):
+            post[key] = (f"{mean * 255:.2f}/255 [{lo * 255:.1f},{hi * 255:.1f}]" if unit == "pixels"
+                         else f"{mean:.4g} [{lo:.4g},{hi:.4g}]")
+        return post
+
+    def totals(self, ctx) -> dict:
+        """The epoch's loss and accuracy over every rank (the stats are kept for `stat_totals`)."""
+        self._reduced = s = ctx.reduce_sums(self.sums, len(self.keys)).tolist()
+        return {"train_loss": s[0] / s[2], "train_adv_acc": s[1] / s[2]}
+
+    def stat_totals(self) -> dict:
+        row = {}
+        for key, _, mean, lo, hi in self._stats(self._reduced):
+            row.update({f"{key}_mean": mean, f"{key}_min": lo, f"{key}_max": hi})
+        return row
 
 
 def _end_of_epoch(run: _Run, epoch: int, step: int, rows: list[dict], verdict: dict, monitor, run_dir: Path,

@@ -42,6 +42,7 @@ from atas.threat import LinfBall, bn_mode, input_grad, signed_step
 @register
 class NFGSM(Method):
     name = "n_fgsm"
+    label = "N-FGSM"
     cost = "2 fwd + 2 bwd"
 
     @dataclass
@@ -51,9 +52,9 @@ class NFGSM(Method):
         clip_delta: float | None = None
         bn_mode: str = "train"
 
-    def __init__(self, eps, options=None, epochs=None, **kwargs):
-        super().__init__(eps, options, epochs, **kwargs)
-        o = self.opt
+    @classmethod
+    def check_options(cls, o) -> None:
+        super().check_options(o)
         if o.noise_factor < 0 or o.step_factor <= 0:
             raise ConfigError(f"need method.noise_factor >= 0 and method.step_factor > 0, "
                               f"got {o.noise_factor} and {o.step_factor}")
