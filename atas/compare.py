@@ -266,14 +266,16 @@ def _saved_config(run_dir: Path) -> dict | None:
 
 
 def training_status(run_dir: Path, cfg: Config) -> str:
-    """'fresh' (no checkpoint), 'resume' (checkpoint of an unfinished run) or 'done'.
+    """'fresh' (no checkpoint), 'resume' (checkpoint of an unfinished run), 'diverged' (its loss
+    became NaN/inf: run again, it resumes or starts over) or 'done'.
 
     A folder holding a run of another config (more epochs excepted, as for `atas train --resume`)
     is an error: resuming it would mix two experiments, overwriting it would lose one."""
     from atas.checkpoint import CheckpointError
-    from atas.trainer import CHECKPOINT, check_resumable
+    from atas.trainer import CHECKPOINT, check_resumable, read_divergence
 
-    if not (run_dir / CHECKPOINT).exists():
+    diverged = read_divergence(run_dir) is not None
+    if not (run_dir / CHECKPOINT).exists() and not diverged:
         return "fresh"
     saved = _saved_config(run_dir)
     if saved is not None:
@@ -289,6 +291,8 @@ def training_status(run_dir: Path, cfg: Config) -> str:
                           f"train.epochs={cfg.train.epochs} asked for. Delete that folder or pick another --out.")
     from atas.guard import gave_up
 
+    if diverged:
+        return "diverged"
     return "done" if _training_finished(rows, cfg, gave_up(_read_log(run_dir))) else "resume"
 
 
@@ -344,7 +348,11 @@ def run_one(spec: RunSpec) -> str:
     from atas.runner import evaluate_run
     from atas.trainer import resolve_device, train
 
+    from atas.trainer import CHECKPOINT
+
     status = training_status(spec.run_dir, spec.cfg)
+    if status == "diverged":  # tried again: from its last checkpoint, or from the start
+        status = "resume" if (spec.run_dir / CHECKPOINT).exists() else "fresh"
     model, done = None, []
     if status != "done":
         cfg = spec.cfg
@@ -361,6 +369,12 @@ def run_one(spec: RunSpec) -> str:
         evaluate_run(model, spec.cfg, spec.run_dir)
         done.append("evaluated")
     return ", ".join(done) or "finished before: read back"
+
+
+def _failed_row(spec: RunSpec, out: Path, why: str, diverged: dict) -> dict:
+    """summary.json's row of a run whose loss became NaN/inf: where (diverged), no accuracies."""
+    return {"method": spec.method, "eps": spec.eps, "eps_value": float(spec.cfg.method.eps), "seed": spec.seed,
+            "failed": why, "diverged": diverged, "run_dir": os.path.relpath(spec.run_dir, out)}
 
 
 def co_verdict(metrics: list[dict], accuracy: dict[str, float]) -> tuple[bool, list[int], bool | None]:
@@ -477,7 +491,7 @@ def machine_info(train_device: str, load_at_start: float | None = None) -> dict:
 def cmd_compare(args) -> int:
     from atas.checkpoint import atomic_write_text
     from atas.report import AA_NOT_RUN, build_report, findings, format_summary_table
-    from atas.trainer import TrainingDiverged, resolve_device
+    from atas.trainer import TrainingDiverged, read_divergence, resolve_device
 
     # Everything a user can get wrong is checked here, before the first run trains.
     methods = check_methods(_split(args.methods))
@@ -514,6 +528,12 @@ def cmd_compare(args) -> int:
     rows, load_at_start = [], load_average()
     for i, spec, status in zip(range(1, len(specs) + 1), specs, statuses):
         head = f"[{i}/{len(specs)}] {spec.method} eps={spec.eps} seed={spec.seed}"
+        if args.report_only and status == "diverged":
+            info = read_divergence(spec.run_dir)
+            print(f"{head}: diverged at epoch {info['epoch']} (loss {info['loss']}) (--report-only)", flush=True)
+            rows.append(_failed_row(spec, out, f"diverged at epoch {info['epoch']}, step {info['step']} "
+                                               f"(loss {info['loss']})", info))
+            continue
         if args.report_only and (status != "done" or not eval_is_current(spec.run_dir, spec.cfg)):
             missing = {"fresh": "not started", "resume": "training unfinished"}.get(status, "not evaluated")
             print(f"{head}: {missing} (--report-only)", flush=True)
@@ -524,8 +544,7 @@ def cmd_compare(args) -> int:
             action = run_one(spec)
         except TrainingDiverged as e:  # one diverged run must not cost the rest of the sweep
             print(f"{head}: FAILED: {e}", flush=True)
-            rows.append({"method": spec.method, "eps": spec.eps, "eps_value": float(spec.cfg.method.eps),
-                         "seed": spec.seed, "failed": str(e), "run_dir": os.path.relpath(spec.run_dir, out)})
+            rows.append(_failed_row(spec, out, str(e), e.record()))
             continue
         row = summarize_run(spec, out)
         rows.append(row)

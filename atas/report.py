@@ -80,7 +80,7 @@ def _reference_label() -> str:
 # Grouping and statistics
 # --------------------------------------------------------------------------------------------
 def _ok(rows: Iterable[dict]) -> list[dict]:
-    """Runs that produced results (a diverged run has `failed` set, one that has not finished yet
+    """Runs that produced results (a diverged run has `failed` (and `diverged`) set, one that has not finished yet
     under `--report-only` has `missing` set; neither has accuracies)."""
     return [r for r in rows if not r.get("failed") and not r.get("missing")]
 
@@ -168,8 +168,11 @@ def summary_tables(rows: list[dict]) -> list[tuple[str, list[str], list[list[str
         body = []
         for method, runs in by_method.items():
             ok = _ok(runs)
-            n_failed, n_missing = sum(bool(r.get("failed")) for r in runs), sum(bool(r.get("missing")) for r in runs)
+            n_diverged = sum(bool(r.get("failed") and r.get("diverged")) for r in runs)
+            n_failed = sum(bool(r.get("failed")) for r in runs) - n_diverged
+            n_missing = sum(bool(r.get("missing")) for r in runs)
             why = ", ".join(t for t in (f"{n_failed} failed" if n_failed else "",
+                                        f"{n_diverged} diverged" if n_diverged else "",
                                         f"{n_missing} not finished" if n_missing else "") if t)
             seeds = f"{len(ok)}" if len(ok) == len(runs) else f"{len(ok)} of {len(runs)} ({why})"
             time_mean = _mean(ok, "train_time_s")
@@ -293,7 +296,8 @@ def run_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     body = []
     for r in rows:
         if r.get("failed") or r.get("missing"):
-            what = "failed: " + r["failed"] if r.get("failed") else "not finished: " + r["missing"]
+            what = ("failed: " + r["failed"] if r.get("failed") and not r.get("diverged")
+                    else _diverged_cell(r["diverged"]) if r.get("failed") else "not finished: " + r["missing"])
             body.append([method_label(r["method"]), r["eps"], str(r["seed"]), what, *["—"] * 8, r.get("run_dir", "")])
             continue
         sig = r.get("co_final_signature")
@@ -302,6 +306,10 @@ def run_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
                      _ramp(r), ", ".join(map(str, r.get("co_epochs") or [])) or "none",
                      "not evaluated" if sig is None else ("yes" if sig else "no"), _guard_cell(r), r.get("run_dir", "")])
     return header, body
+
+
+def _diverged_cell(info: dict) -> str:
+    return f"diverged at epoch {info.get('epoch')} (loss {info.get('loss')})"
 
 
 def _ramp(run: dict) -> str:

@@ -33,13 +33,31 @@ from atas.methods import get_method
 from atas.models import build_model
 from atas.monitor import COMonitor
 from atas.rundir import CHECKPOINT, RunFolder
+from atas.store import PerSampleStore
 
 BEST = "best.pt"
-from atas.store import PerSampleStore
+DIVERGED = "diverged.json"   # written when the loss became NaN/inf: a report says "diverged", not "not started"
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the last good checkpoint is kept."""
+    """The loss became NaN/inf; the last good checkpoint is kept. epoch, step and loss say where."""
+
+    def __init__(self, message: str, epoch: int | None = None, step: int | None = None, loss: float | None = None):
+        super().__init__(message)
+        self.epoch, self.step, self.loss = epoch, step, loss
+
+    def record(self) -> dict:
+        """What the run folder keeps of it (DIVERGED)."""
+        return {"epoch": self.epoch, "step": self.step, "loss": None if self.loss is None else str(self.loss)}
+
+
+def read_divergence(run_dir: str | Path) -> dict | None:
+    """{epoch, step, loss} of a run that diverged (its DIVERGED file), else None."""
+    path = Path(run_dir) / DIVERGED
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,7 +286,12 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False,
     ctx = dist.setup(cfg)
     run_dir = Path(run_dir or Path(cfg.out_dir) / cfg.name)
     with RunFolder(run_dir, resume=resume, overwrite=overwrite, enabled=ctx.is_main) as folder:
-        return _train(cfg, ctx, folder, resume)
+        try:
+            return _train(cfg, ctx, folder, resume)
+        except TrainingDiverged as e:
+            if ctx.is_main:  # the run's outcome, for `atas compare` and its report
+                atomic_write_text(run_dir / DIVERGED, json.dumps(e.record()) + "\n")
+            raise
 
 
 @dataclass
@@ -443,12 +466,12 @@ def _train_epoch(run: _Run, epoch: int, step: int) -> tuple[dict, int]:
         step += 1
         tally.add(loss, y, step)                                                  # log (no sync)
         if i % 20 == 0 or i == n_batches - 1:
-            _check_finite(tally.bad_step, epoch, run.ckpt_path)                   # sync point
+            _check_finite(tally, epoch, run.ckpt_path)                            # sync point
             bar.set_postfix(tally.postfix())
         if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
             break
     bar.close()
-    _check_finite(tally.bad_step, epoch, run.ckpt_path)
+    _check_finite(tally, epoch, run.ckpt_path)
     row = {"epoch": epoch, "step": step, "lr": run.optimizer.param_groups[0]["lr"]}
     row.update(tally.totals(run.ctx))
     row["epoch_time_s"] = time.time() - t0
@@ -487,13 +510,16 @@ class _Tally:
         k = len(self.keys)
         self.sums = torch.zeros(3 + 3 * k, device=device)
         self.sums[3 + k:3 + 2 * k], self.sums[3 + 2 * k:] = float("inf"), float("-inf")
-        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)   # the first non-finite step
+        self.bad_loss = torch.zeros((), device=device)                          # and its loss
         self._reduced: list[float] | None = None
 
     @torch.no_grad()
     def add(self, loss: torch.Tensor, y: torch.Tensor, step: int) -> None:
         s, k = self.sums, len(self.keys)
-        self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(loss), step, self.bad_step)
+        first = (self.bad_step < 0) & ~torch.isfinite(loss)
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_loss = torch.where(first, loss.detach().float(), self.bad_loss)
         s[0] += loss.detach() * len(y)
         s[1] += (self.method.logits.argmax(1) == y).sum()
         s[2] += len(y)
@@ -633,14 +659,15 @@ def _disk_full(e: DiskFullError, ckpt_path: Path, saved_epoch: int, run_dir: Pat
     return DiskFullError(e.path, "no checkpoint was written yet", "free space and start the run again")
 
 
-def _check_finite(bad_step: torch.Tensor, epoch: int, ckpt_path: Path) -> None:
-    bad = int(bad_step)
+def _check_finite(tally: _Tally, epoch: int, ckpt_path: Path) -> None:
+    bad = int(tally.bad_step)  # sync point
     if bad >= 0:
         kept = (f"the last good checkpoint {ckpt_path} (end of epoch {epoch - 1}) is kept"
                 if ckpt_path.exists() else "no checkpoint had been written yet")
         raise TrainingDiverged(
             f"the training loss became NaN/inf at epoch {epoch}, step {bad}; {kept}. Lower optim.lr, "
-            "check the data range (pixels must be in [0, 1]), or resume with `atas train --resume RUN_DIR`.")
+            "check the data range (pixels must be in [0, 1]), or resume with `atas train --resume RUN_DIR`.",
+            epoch, bad, float(tally.bad_loss))
 
 
 def load_run_config(run_dir: str | Path) -> Config:

@@ -281,3 +281,32 @@ def test_unfinished_run_resumes_and_its_time_adds_up(tmp_path, capsys, monkeypat
     # asking for fewer epochs than the folder holds is refused, not silently reported
     assert cli([*argv, "train.epochs=1"]) == 2
     assert "more than the train.epochs=1" in capsys.readouterr().err
+
+
+@needs_fmnist
+def test_a_diverged_run_is_reported_as_diverged(tmp_path, capsys, monkeypatch, one_thread):
+    from atas.methods.atas import ATAS
+
+    original = ATAS.training_loss
+
+    def poisoned(self, model, x_adv, y, x, state):
+        loss, logits = original(self, model, x_adv, y, x, state)
+        return (loss * float("nan"), logits) if state.epoch == 2 else (loss, logits)
+
+    argv = ["compare", "fmnist", "--methods", "atas", "--eps", "0.1", "--attacks", "clean", "--n-examples", "16",
+            "--out", str(tmp_path), *TINY]
+    with monkeypatch.context() as m:
+        m.setattr(ATAS, "training_loss", poisoned)
+        assert cli(argv) == 0  # one diverged run does not end the sweep
+    (row,) = json.loads((tmp_path / "summary.json").read_text())["runs"]
+    assert row["diverged"]["epoch"] == 2 and row["diverged"]["loss"] == "nan"
+    capsys.readouterr()
+
+    with monkeypatch.context() as m:
+        _forbid_training(m)
+        assert cli([*argv, "--report-only"]) == 0
+    assert "diverged at epoch 2 (loss nan)" in capsys.readouterr().out
+    (row,) = json.loads((tmp_path / "summary.json").read_text())["runs"]
+    assert row["diverged"]["epoch"] == 2 and "missing" not in row
+    md = (tmp_path / "report.md").read_text()
+    assert "diverged at epoch 2 (loss nan)" in md and "not started" not in md and "(1 diverged)" in md
