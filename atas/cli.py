@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
 
     import torch
 
-    from atas import __version__
+    from atas.provenance import __version__
 
     p = argparse.ArgumentParser(prog="atas", description="Fast adversarial training with adaptive step size.")
     p.add_argument("--version", action="version",
@@ -143,9 +143,9 @@ def cmd_train(args) -> int:
         distributed.cleanup()
     if cfg.eval.at_end and distributed.is_main_process():
         from atas.checkpoint import DiskFullError
-        from atas.evaluate import format_table
+        from atas.evaluation import format_table
         from atas.export import resolve_artifact
-        from atas.runner import evaluate_run
+        from atas.evaluation.run import evaluate_run
 
         last = run.metrics[-1] if run.metrics else {}
         checkpoint = resolve_artifact(run.run_dir)
@@ -201,9 +201,9 @@ def cmd_eval_external(args) -> int:
     from atas.benchmark import benchmark
     from atas.checkpoint import check_output
     from atas.config import ConfigError, Frac, check_eps
-    from atas.evaluate import format_table, save_result
+    from atas.evaluation import format_table, save_result
     from atas.external import load_weights, model_from_factory
-    from atas.runner import model_eval_file_name
+    from atas.evaluation.run import model_eval_file_name
 
     missing = [flag for flag, value in (("--data", args.data), ("--eps", args.eps)) if value is None]
     if missing or args.checkpoint:
@@ -260,9 +260,9 @@ def cmd_eval(args) -> int:
     from atas.checkpoint import check_output
     from atas.compare import check_attacks
     from atas.config import Frac, check_eps, validate_eval
-    from atas.evaluate import format_table
+    from atas.evaluation import format_table
     from atas.export import checkpoint_record, load_model, resolve_artifact
-    from atas.runner import eval_file_name, evaluate_run
+    from atas.evaluation.run import eval_file_name, evaluate_run
 
     attacks = None if args.attacks is None else ",".join(check_attacks(args.attacks))  # "" is an error
     device = _eval_device(args.device)
@@ -323,7 +323,7 @@ def cmd_recipes(args) -> int:
 def _print_registries() -> None:
     """What a recipe, `--methods` or `--attacks` may name: every registry, plugins included."""
     from atas.data import DATASETS
-    from atas.evaluate import ATTACKS
+    from atas.evaluation import ATTACKS
     from atas.methods import METHODS
     from atas.models import MODELS
 

@@ -20,14 +20,13 @@ import datetime
 import functools
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from atas.config import Config, ConfigError, Frac, MethodConfig, load_config, parse_fraction
+from atas.provenance import load_average, machine_info
 
 SUMMARY_FORMAT = "atas.compare.summary/1"
 # Per-epoch metrics copied into summary.json for the plots (and anyone re-plotting).
@@ -100,7 +99,7 @@ def check_methods(names: list[str]) -> list[str]:
 
 
 def check_attacks(text: str) -> list[str]:
-    from atas.evaluate import ATTACKS
+    from atas.evaluation import ATTACKS
 
     names = _split(text.lower())
     unknown = [a for a in names if a not in ATTACKS]
@@ -298,11 +297,9 @@ def training_status(run_dir: Path, cfg: Config) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _test_set_size(name: str, data_dir: str | None, download: bool, test_subset: int | None) -> int:
-    from atas.data import dataset_info, image_folder, load_tensors
+    from atas.data import TestSplit
 
-    info = dataset_info(name)
-    n = len(load_tensors(name, "test", data_dir, download)[1]) if info.resident else len(
-        image_folder(name, "test", data_dir))
+    n = len(TestSplit(name, data_dir, download))
     return min(n, test_subset) if test_subset else n
 
 
@@ -327,7 +324,7 @@ def eval_is_current(run_dir: Path, cfg: Config) -> bool:
     if n != wanted_n:
         return False
     if "pgd" in results:
-        from atas.evaluate import pgd_step
+        from atas.evaluation import pgd_step
 
         s = results["pgd"].get("settings", {})
         alpha, schedule, loss, _ = pgd_step(eps, e.pgd_alpha, e.pgd_schedule, e.pgd_loss)
@@ -345,7 +342,7 @@ def eval_is_current(run_dir: Path, cfg: Config) -> bool:
 def run_one(spec: RunSpec) -> str:
     """Train (or resume) and evaluate as needed; returns what was done, for the log line."""
     from atas.export import load_model
-    from atas.runner import evaluate_run
+    from atas.evaluation.run import evaluate_run
     from atas.trainer import resolve_device, train
 
     from atas.trainer import CHECKPOINT
@@ -435,54 +432,6 @@ def summarize_run(spec: RunSpec, out: Path) -> dict:
         "run_dir": os.path.relpath(spec.run_dir, out),
         "curves": curves,
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Provenance
-# --------------------------------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> str | None:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return head.stdout.strip() + (" (uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def load_average() -> float | None:
-    """1-minute load average: train times from a busy shared machine are not comparable."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError):
-        return None
-
-
-def machine_info(train_device: str, load_at_start: float | None = None) -> dict:
-    import torch
-
-    gpu = None
-    if torch.cuda.is_available():
-        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        gpu = ", ".join(f"{names.count(n)}x {n}" for n in dict.fromkeys(names))
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "gpu": gpu or "none", "training device": train_device,
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "atas commit": _git_commit(),
-            "load average (1 min) at start / end": f"{load_at_start} / {load_average()}"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -303,7 +303,7 @@ def validate(cfg: Config) -> None:
 
 def validate_eval(cfg: Config) -> None:
     """The eval section: attack names, sizes and the PGD step, each with a message saying what to write."""
-    from atas.evaluate import ATTACKS, pgd_step
+    from atas.evaluation import ATTACKS, pgd_step
 
     e = cfg.eval
     names = [a.strip().lower() for a in str(e.attacks).split(",") if a.strip()]

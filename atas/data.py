@@ -599,6 +599,32 @@ def _tiny_imagenet_val(folder: Path, annotations: Path,
     return samples
 
 
+class TestSplit:
+    """A dataset's test split, opened once: `len(split)` without decoding a folder dataset's
+    images, `split.take(n)` -> the first n unpadded images (uint8 [n, C, H, W]) and labels. The
+    one test-set loader of the package: the evaluation, the trainer's probe and `atas compare`'s
+    size check all read the test set through it."""
+
+    def __init__(self, name: str, data_dir: str | Path | None = None, download: bool = False):
+        self.info = dataset_info(name)
+        if self.info.resident:
+            self._x, self._y = load_tensors(self.info.name, "test", data_dir, download)
+            self._folder = None
+        else:
+            self._folder = image_folder(self.info.name, "test", data_dir)
+
+    def __len__(self) -> int:
+        return len(self._y) if self._folder is None else len(self._folder)
+
+    def take(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(self) if n is None else min(n, len(self))
+        if self._folder is None:
+            return self._x[:n], self._y[:n]
+        items = [self._folder[i] for i in range(n)]  # decodes only the n images asked for
+        x = torch.stack([it[0] for it in items]).mul(255).round().to(torch.uint8)
+        return x, torch.tensor([int(it[1]) for it in items])
+
+
 def load_split(name: str, split: str, data_dir: str | Path | None = None,
                download: bool = False) -> Dataset:
     """Any dataset split as a Dataset of (x float in [0, 1], y, idx)."""

@@ -26,12 +26,11 @@ from atas import guard
 from atas.checkpoint import (CheckpointError, DiskFullError, atomic_write, atomic_write_text, healthy_path,
                              link_as, load_checkpoint, save_checkpoint)
 from atas.config import Config, ConfigError, config_from_dict, method_options
-from atas.data import check_subset, dataset_info, image_folder, load_tensors
-from atas.evaluate import FGSM, PGD
+from atas.data import TestSplit, check_subset, dataset_info, image_folder, load_tensors
+from atas.evaluation.attacks import FGSM, PGD, pgd_step
 from atas.loaders import FolderLoader, ResidentLoader
 from atas.methods import get_method
 from atas.models import build_model
-from atas.monitor import COMonitor
 from atas.rundir import CHECKPOINT, RunFolder
 from atas.store import PerSampleStore
 
@@ -131,7 +130,7 @@ def make_data(cfg: Config, device: torch.device, shard=None) -> TrainData:
         x, y = load_tensors(info.name, "train", d.data_dir, d.download)
         n = check_subset(d.subset, len(x))
         x, y = x[:n], y[:n]
-        x_test, y_test = load_tensors(info.name, "test", d.data_dir, d.download)
+        x_test, y_test = TestSplit(info.name, d.data_dir, d.download).take()
         indices = shard(len(x)) if shard else None
         loader = ResidentLoader(x.to(device), y.to(device), t.batch_size, indices=indices, seed=t.seed,
                                 drop_last=t.drop_last)
@@ -142,10 +141,8 @@ def make_data(cfg: Config, device: torch.device, shard=None) -> TrainData:
         n = check_subset(d.subset, len(train_set))
         if n < len(train_set):
             train_set = torch.utils.data.Subset(train_set, range(n))
-        test_set = image_folder(info.name, "test", d.data_dir)
-        n_test = min(len(test_set), d.test_subset or cfg.eval.n_examples or len(test_set))
-        batch = torch.utils.data.default_collate([test_set[i] for i in range(n_test)])
-        x_test, y_test = (batch[0] * 255).round().to(torch.uint8), batch[1]
+        # Only the images the probe or the evaluation can use are decoded.
+        x_test, y_test = TestSplit(info.name, d.data_dir).take(d.test_subset or cfg.eval.n_examples)
         indices = shard(len(train_set)) if shard else None
         loader = FolderLoader(train_set, t.batch_size, device, indices=indices, seed=t.seed,
                               drop_last=t.drop_last, num_workers=d.num_workers)
@@ -164,7 +161,6 @@ def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps:
     plain probe do not fool both), and the local-linearity error of the loss on the batch; see
     atas.monitor. The probe runs on its own fixed-seed RNG: it never shifts the training's random
     stream, and it attacks the same way every epoch, so its curves move only with the model."""
-    from atas.evaluate import pgd_step
     from atas.methods.elle import local_linearity_error
     from atas.threat import LinfBall
 

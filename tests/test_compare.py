@@ -8,16 +8,16 @@ import json
 import pytest
 import torch
 
-import atas.runner
+import atas.evaluation.run
 import atas.trainer
-from atas.runner import evaluate_run
+from atas.evaluation.run import evaluate_run
 from atas.cli import main as cli
 from atas.compare import co_verdict, plan_runs, route_overrides, run_name
 from atas.config import ConfigError
 from atas.report import (ALPHA_PLOT, PROBE_PLOT, TIME_PLOT, build_report, co_column, findings,
                          format_summary_table, method_label)
 
-from conftest import FMNIST, needs_fmnist  # noqa: E402
+from conftest import needs_fmnist  # noqa: E402
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -26,7 +26,7 @@ def _forbid_training(monkeypatch):
         raise AssertionError("nothing may train or evaluate here")
 
     monkeypatch.setattr(atas.trainer, "train", boom)
-    monkeypatch.setattr(atas.runner, "evaluate_run", boom)
+    monkeypatch.setattr(atas.evaluation.run, "evaluate_run", boom)
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def test_compare_end_to_end_then_rerun_trains_nothing(tmp_path, monkeypatch, cap
     assert capsys.readouterr().out.count("finished before: read back") == 8
 
     # A lost eval.json is redone from the evaluation's state file, still without training.
-    monkeypatch.setattr(atas.runner, "evaluate_run", evaluate_run)
+    monkeypatch.setattr(atas.evaluation.run, "evaluate_run", evaluate_run)
     (tmp_path / runs[0]["run_dir"] / "eval.json").unlink()
     assert cli(argv) == 0
     assert capsys.readouterr().out.count(": evaluated;") == 1

@@ -13,7 +13,7 @@ from atas.threat import LinfBall
 
 EPS = 0.1
 B = 32
-from conftest import FMNIST, needs_fmnist  # noqa: E402
+from conftest import needs_fmnist  # noqa: E402
 
 
 def batch(n=B, seed=1):

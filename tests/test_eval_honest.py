@@ -180,7 +180,7 @@ def run_dir(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         cfg = load_config("fmnist", TINY + ["train.epochs=1", "eval.attacks=clean,fgsm", "eval.n_examples=16"])
-        from atas.runner import evaluate_run
+        from atas.evaluation.run import evaluate_run
 
         run = train(cfg, run_dir=tmp / "r")
         evaluate_run(run.model, cfg, run.run_dir, progress=False)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import atas
 from atas.cli import main as cli
 
-from conftest import FMNIST, needs_fmnist  # noqa: E402
+from conftest import needs_fmnist  # noqa: E402
 
 USER_MODULE = textwrap.dedent('''
     import torch.nn as nn

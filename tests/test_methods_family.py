@@ -342,7 +342,7 @@ def test_free_ignores_non_finite_gradient():
 
 
 # ---------------------------------------------------------------- end to end
-from conftest import FMNIST, needs_fmnist  # noqa: E402
+from conftest import needs_fmnist  # noqa: E402
 
 
 @needs_fmnist

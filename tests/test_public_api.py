@@ -15,7 +15,7 @@ from atas.data import load_tensors
 from atas.loaders import ResidentLoader
 from atas.trainer import lr_factor, make_model, make_optimizer, seed_everything, train
 
-from conftest import FMNIST, needs_fmnist  # noqa: E402
+from conftest import needs_fmnist  # noqa: E402
 
 
 @needs_fmnist

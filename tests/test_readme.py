@@ -10,7 +10,7 @@ import torch
 import atas
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-from conftest import FMNIST, needs_fmnist  # noqa: E402
+from conftest import needs_fmnist  # noqa: E402
 
 
 def python_blocks() -> list[str]:

@@ -15,7 +15,7 @@ from atas.config import load_config
 from atas.export import export_model, load_model
 from atas.trainer import CHECKPOINT, TrainingDiverged, train
 
-from conftest import FMNIST, needs_fmnist  # noqa: E402
+from conftest import needs_fmnist  # noqa: E402
 pytestmark = needs_fmnist
 
 TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=384", "train.batch_size=64", "train.probe_size=64",
