@@ -106,11 +106,11 @@ def _check_final_eval_extras(cfg) -> None:
     from atas.config import ConfigError
     from atas.extras import INSTALL, available
 
-    attacks = [a.strip() for a in cfg.eval.attacks.lower().split(",")]
+    attacks = cfg.eval.attacks
     needs_aa = [a for a in attacks if a in ("aa", "apgd-ce", "apgd-t")]
     if cfg.eval.at_end and needs_aa and not available("pyautoattack"):
         kept = ",".join(a for a in attacks if a not in needs_aa) or "clean,pgd"
-        raise ConfigError(f"eval.attacks={cfg.eval.attacks} runs AutoAttack ({', '.join(needs_aa)}) at the end "
+        raise ConfigError(f"eval.attacks={','.join(attacks)} runs AutoAttack ({', '.join(needs_aa)}) at the end "
                           f"of training, and the pyautoattack package is not installed: "
                           f"{INSTALL['pyautoattack']}; or evaluate without it: eval.attacks={kept}")
 
@@ -264,7 +264,7 @@ def cmd_eval(args) -> int:
     from atas.export import checkpoint_record, load_model, resolve_artifact
     from atas.evaluation.run import eval_file_name, evaluate_run
 
-    attacks = None if args.attacks is None else ",".join(check_attacks(args.attacks))  # "" is an error
+    attacks = None if args.attacks is None else check_attacks(args.attacks)  # "" is an error
     device = _eval_device(args.device)
     if args.out:
         check_output(args.out)  # before the model is even loaded

@@ -25,7 +25,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from atas.config import Config, ConfigError, Frac, MethodConfig, load_config, parse_fraction
+from atas.config import Config, ConfigError, Frac, load_config, method_override, parse_fraction, split_override
+from atas.methods import get_method
 from atas.provenance import load_average, machine_info
 
 SUMMARY_FORMAT = "atas.compare.summary/1"
@@ -98,13 +99,11 @@ def check_methods(names: list[str]) -> list[str]:
     return names
 
 
-def check_attacks(text: str) -> list[str]:
-    from atas.evaluation import ATTACKS
+def check_attacks(attacks: "list[str] | str") -> list[str]:
+    """--attacks: registered names; AutoAttack's package must be there before anything trains."""
+    from atas.config import check_attacks as registered
 
-    names = _split(text.lower())
-    unknown = [a for a in names if a not in ATTACKS]
-    if unknown or not names:
-        raise ConfigError(f"unknown attack(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(ATTACKS)}")
+    names = registered(attacks)
     if "aa" in names:
         from atas.extras import require
 
@@ -112,10 +111,12 @@ def check_attacks(text: str) -> list[str]:
     return names
 
 
-def eps_text(text: str) -> str:
-    """How an eps is named in folders and tables: '8/255' stays '8/255', '0.10' becomes '0.1'."""
-    value = Frac(text) if "/" in text else Frac(parse_fraction(text))
-    return value.text
+def parse_eps(text: "str | Frac") -> Frac:
+    """An eps from the command line, parsed once: '8/255' stays '8/255', '0.10' becomes '0.1' (the
+    name of its folders and table rows). The Frac is the one the runs' configs hold."""
+    if isinstance(text, Frac):
+        return text
+    return Frac(text) if "/" in text else Frac(parse_fraction(text))
 
 
 @dataclass
@@ -126,70 +127,53 @@ class RoutedOverrides:
 
 
 def route_overrides(overrides: list[str], methods: list[str]) -> RoutedOverrides:
-    """Split the command line's key=value overrides by the runs they reach.
+    """Split the command line's key=value overrides by the runs they reach (the grammar:
+    atas.config.method_override).
 
     method.<opt>=v goes to every method whose Options has <opt> (an option none has is a typo:
     error); <method>.<opt>=v and method.<method>.<opt>=v go to that method only, as method.<opt>=v,
     after the generic ones so they win; a prefix naming a method not compared is ignored with a
     note. Anything else is common to all runs."""
-    from atas.methods import get_method, list_methods
+    from atas.methods import list_methods
 
-    known = set(list_methods())
-    sections = {f.name for f in dataclasses.fields(Config)}
-    own = {f.name for f in dataclasses.fields(MethodConfig)}
     options = {m: [f.name for f in dataclasses.fields(get_method(m).Options)] for m in methods}
-    common: list[str] = []
-    generic: dict[str, list[str]] = {m: [] for m in methods}
+    routed = RoutedOverrides([], {m: [] for m in methods})
     targeted: dict[str, list[str]] = {m: [] for m in methods}
-    notes: list[str] = []
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=5)")
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        target = opt = None
-        if parts[0] == "method" and len(parts) >= 2:
-            if parts[1] == "name":
-                raise ConfigError("method.name: `atas compare` sets it per run; give the methods with --methods")
-            if parts[1] == "args" and len(parts) == 3:
-                parts = ["method", parts[2]]
-            if len(parts) == 3 and parts[1] in known and parts[1] not in own:
-                target, opt = parts[1], parts[2]
-            elif len(parts) == 4 and parts[1] == "per_method":
-                target, opt = parts[2], parts[3]
-            elif parts[1] in own:
-                common.append(item)
-                continue
-            elif len(parts) == 2:
-                opt = parts[1]
-                takers = [m for m in methods if opt in options[m]]
-                if not takers:
-                    have = "; ".join(f"{m}: {', '.join(options[m]) or '(none)'}" for m in methods)
-                    raise ConfigError(f"method.{opt}: none of the compared methods has this option ({have})")
-                for m in takers:
-                    generic[m].append(f"method.{opt}={value}")
-                skipped = [m for m in methods if m not in takers]
-                if skipped:
-                    notes.append(f"method.{opt} applies to {', '.join(takers)}; not to {', '.join(skipped)} "
-                                 "(no such option)")
-                continue
-            else:
-                raise ConfigError(f"{key}: write method.<option>=value or <method>.<option>=value")
-        elif len(parts) == 2 and parts[0] in known and parts[0] not in sections:
-            target, opt = parts
+        key, value = split_override(item)
+        if key == "method.name":
+            raise ConfigError("method.name: `atas compare` sets it per run; give the methods with --methods")
+        target = method_override(key, list_methods())
+        if target is None:
+            routed.common.append(item)
+        elif target[0] is None:
+            _route_generic(target[1], value, methods, options, routed)
+        elif target[0] not in list_methods():
+            raise ConfigError(f"{key}: {target[0]!r} is not a method; valid: {', '.join(list_methods())}")
+        elif target[0] not in methods:
+            routed.notes.append(f"{key}: {target[0]} is not in --methods; ignored")
+        elif target[1] not in options[target[0]]:
+            raise ConfigError(f"{key}: method {target[0]} has no option {target[1]!r}; its options: "
+                              f"{', '.join(options[target[0]]) or '(none)'}")
         else:
-            common.append(item)
-            continue
-        if target not in known:
-            raise ConfigError(f"{key}: {target!r} is not a method; valid: {', '.join(sorted(known))}")
-        if target not in methods:
-            notes.append(f"{key}: {target} is not in --methods; ignored")
-            continue
-        if opt not in options[target]:
-            raise ConfigError(f"{key}: method {target} has no option {opt!r}; its options: "
-                              f"{', '.join(options[target]) or '(none)'}")
-        targeted[target].append(f"method.{opt}={value}")
-    return RoutedOverrides(common, {m: generic[m] + targeted[m] for m in methods}, notes)
+            targeted[target[0]].append(f"method.{target[1]}={value}")
+    for m in methods:  # the targeted ones last: they win
+        routed.per_method[m] += targeted[m]
+    return routed
+
+
+def _route_generic(opt: str, value: str, methods: list[str], options: dict, routed: RoutedOverrides) -> None:
+    """method.<opt>=v: to every compared method that has the option; none having it is a typo."""
+    takers = [m for m in methods if opt in options[m]]
+    if not takers:
+        have = "; ".join(f"{m}: {', '.join(options[m]) or '(none)'}" for m in methods)
+        raise ConfigError(f"method.{opt}: none of the compared methods has this option ({have})")
+    for m in takers:
+        routed.per_method[m].append(f"method.{opt}={value}")
+    skipped = [m for m in methods if m not in takers]
+    if skipped:
+        routed.notes.append(f"method.{opt} applies to {', '.join(takers)}; not to {', '.join(skipped)} "
+                            "(no such option)")
 
 
 def run_name(method: str, eps: str, seed: int) -> str:
@@ -205,23 +189,24 @@ class RunSpec:
     run_dir: Path
 
 
-def plan_runs(recipe: str, methods: list[str], eps_list: list[str] | None, n_seeds: int,
+def plan_runs(recipe: str, methods: list[str], eps_list: "list[Frac | str] | None", n_seeds: int,
               routed: RoutedOverrides, out: Path) -> list[RunSpec]:
-    """Build and validate every run's Config (eps outer, then method, then seed)."""
+    """Build and validate every run's Config (eps outer, then method, then seed): every run is
+    checked, the method's own option checks included, before the first one trains."""
     base = load_config(recipe, routed.common)
-    eps_list = eps_list or [base.method.eps.text]
+    eps_values = [parse_eps(e) for e in eps_list] if eps_list else [base.method.eps]
     base_tree = base.to_dict()
     specs = []
-    for eps in eps_list:
+    for eps in eps_values:
         for method in methods:
             tree = copy.deepcopy(base_tree)
             if method != base.method.name:
                 tree["method"]["args"] = {}  # the recipe's options were written for its own method
-            tree["method"]["name"] = method
+            tree["method"]["name"], tree["method"]["eps"] = method, eps  # the Frac itself, not its text again
             for i in range(n_seeds):
                 seed = base.train.seed + i
-                cfg = load_config(tree, routed.per_method[method] + [f"method.eps={eps}", f"train.seed={seed}"])
-                specs.append(RunSpec(method, eps, seed, cfg, out / "runs" / run_name(method, eps, seed)))
+                cfg = load_config(tree, routed.per_method[method] + [f"train.seed={seed}"])
+                specs.append(RunSpec(method, eps.text, seed, cfg, out / "runs" / run_name(method, eps.text, seed)))
     return specs
 
 
@@ -317,7 +302,7 @@ def eval_is_current(run_dir: Path, cfg: Config) -> bool:
     except (ValueError, KeyError, TypeError):
         return False
     e, eps = cfg.eval, float(cfg.method.eps)
-    if set(results) != set(_split(e.attacks.lower())) or abs(float(result.get("eps", -1)) - eps) > 1e-12:
+    if set(results) != set(e.attacks) or abs(float(result.get("eps", -1)) - eps) > 1e-12:
         return False
     wanted_n = e.n_examples if e.n_examples is not None else _test_set_size(
         cfg.data.name, cfg.data.data_dir, cfg.data.download, cfg.data.test_subset)
@@ -451,7 +436,7 @@ def cmd_compare(args) -> int:
     routed = route_overrides(args.overrides, methods)
     if args.eps and any(o.split("=", 1)[0].strip() == "method.eps" for o in routed.common):
         raise ConfigError("give eps either with --eps or as method.eps=..., not both")
-    eps_list = list(dict.fromkeys(eps_text(e) for e in _split(args.eps))) if args.eps else None
+    eps_list = list({e.text: e for e in map(parse_eps, _split(args.eps))}.values()) if args.eps else None
     if args.attacks is not None:
         routed.common.append(f"eval.attacks={','.join(check_attacks(args.attacks))}")
     if args.n_examples is not None:

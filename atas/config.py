@@ -114,7 +114,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    attacks: str = "clean,fgsm,pgd"  # comma list of atas.evaluate.ATTACKS names
+    # Names from atas.evaluation.ATTACKS; on the command line a comma list: eval.attacks=clean,pgd,aa
+    attacks: list[str] = field(default_factory=lambda: ["clean", "fgsm", "pgd"])
     pgd_steps: int = 50
     pgd_restarts: int = 10
     # PGD step: None = the threat model's measured default (atas.evaluate.PGD_DEFAULTS); a number
@@ -159,6 +160,48 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+# --------------------------------------------------------------------------------------------
+# The override grammar: `key=value`, where a key is one of
+#   section.key                      train.epochs=5 (any field of the Config tree)
+#   method.<option>                  an option of the method run (method.args.<option> too)
+#   method.<name>.<option>           an option of method <name> only (method.per_method.<name>.<option>)
+#   <name>.<option>                  the same, short (`atas compare`: pgd.steps=10)
+# --------------------------------------------------------------------------------------------
+def split_override(item: str) -> tuple[str, str]:
+    """'train.epochs=5' -> ('train.epochs', '5'): the one place an override is split."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=5)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has no key")
+    return key, raw
+
+
+def method_override(key: str, methods: list[str]) -> tuple[str | None, str] | None:
+    """What a key says about method options: (method name, option) for an option of that method
+    only, (None, option) for an option of whichever method runs, None for any other key (a
+    config field, method.eps and method.name included). `methods`: the registered names."""
+    parts = key.split(".")
+    own = {f.name for f in dataclasses.fields(MethodConfig)}
+    sections = {f.name for f in dataclasses.fields(Config)}
+    if parts[0] == "method" and len(parts) >= 2:
+        if parts[1] == "args" and len(parts) == 3:
+            parts = ["method", parts[2]]
+        if len(parts) == 3 and parts[1] in methods and parts[1] not in own:
+            return parts[1], parts[2]
+        if len(parts) == 4 and parts[1] == "per_method":
+            return parts[2], parts[3]
+        if parts[1] in own:
+            return None
+        if len(parts) == 2:
+            return None, parts[1]
+        raise ConfigError(f"{key}: write method.<option>=value or <method>.<option>=value")
+    if len(parts) == 2 and parts[0] in methods and parts[0] not in sections:
+        return parts[0], parts[1]
+    return None
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """['method.eps=8/255', 'train.epochs=5'] -> nested dict of raw values.
 
@@ -166,12 +209,7 @@ def parse_overrides(overrides: list[str]) -> dict:
     with a '/' stays a string for the fraction parser."""
     tree: dict = {}
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=5)")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        if not key:
-            raise ConfigError(f"override {item!r} has no key")
+        key, raw = split_override(item)
         value: Any = raw if "/" in raw else yaml.safe_load(raw) if raw.strip() else ""
         if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
             value = raw.strip()  # YAML 1.1 reads `off`/`yes` as booleans; keep the word (train.amp=off)
@@ -303,14 +341,10 @@ def validate(cfg: Config) -> None:
 
 def validate_eval(cfg: Config) -> None:
     """The eval section: attack names, sizes and the PGD step, each with a message saying what to write."""
-    from atas.evaluation import ATTACKS, pgd_step
+    from atas.evaluation import pgd_step
 
     e = cfg.eval
-    names = [a.strip().lower() for a in str(e.attacks).split(",") if a.strip()]
-    unknown = [a for a in names if a not in ATTACKS]
-    if unknown or not names:
-        raise ConfigError(f"eval.attacks: unknown attack(s) {', '.join(unknown) or '(none given)'}; "
-                          f"valid: {', '.join(ATTACKS)}")
+    e.attacks = check_attacks(e.attacks, "eval.attacks: ")
     for key in ("pgd_steps", "pgd_restarts", "batch_size"):
         if getattr(e, key) < 1:
             raise ConfigError(f"eval.{key} must be >= 1, got {getattr(e, key)}")
@@ -320,6 +354,20 @@ def validate_eval(cfg: Config) -> None:
         pgd_step(cfg.method.eps, e.pgd_alpha, e.pgd_schedule, e.pgd_loss)
     except ValueError as err:
         raise ConfigError(f"eval.pgd_alpha / pgd_schedule / pgd_loss: {err}") from None
+
+
+def check_attacks(attacks: "list[str] | str", key: str = "") -> list[str]:
+    """Attack names (a list, or a comma list as typed), lower-cased, each once, all registered."""
+    from atas.evaluation import ATTACKS
+
+    if isinstance(attacks, str):
+        attacks = attacks.split(",")
+    names = list(dict.fromkeys(a.strip().lower() for a in attacks if a.strip()))
+    unknown = [a for a in names if a not in ATTACKS.names()]
+    if unknown or not names:
+        raise ConfigError(f"{key}unknown attack(s) {', '.join(unknown) or '(none given)'}; "
+                          f"valid: {', '.join(ATTACKS.names())}")
+    return names
 
 
 def method_options(cfg: Config) -> Any:
