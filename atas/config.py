@@ -375,10 +375,3 @@ def method_options(cfg: Config) -> Any:
     from atas.methods import get_method
 
     return build_dataclass(get_method(cfg.method.name).Options, cfg.method.args, "method.")
-
-
-def switch_method(cfg: Config, name: str) -> Config:
-    """A copy of cfg running method `name`: its args come from method.per_method[name] (or defaults)."""
-    tree = cfg.to_dict()
-    tree["method"]["name"], tree["method"]["args"] = name, {}
-    return config_from_dict(tree)

@@ -12,7 +12,8 @@ import atas.evaluation.run
 import atas.trainer
 from atas.evaluation.run import evaluate_run
 from atas.cli import main as cli
-from atas.compare import co_verdict, plan_runs, route_overrides, run_name
+from atas.monitor import co_verdict
+from atas.sweep import plan_runs, route_overrides, run_name
 from atas.config import ConfigError
 from atas.report import (ALPHA_PLOT, PROBE_PLOT, TIME_PLOT, build_report, co_column, findings,
                          format_summary_table, method_label)
