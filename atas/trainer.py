@@ -382,48 +382,57 @@ def _snapshot(run: _Run, epoch: int, step: int, rows: list[dict]) -> dict:
 def _train(cfg: Config, ctx, folder: RunFolder, resume: bool) -> RunResult:
     run_dir = folder.run_dir
     ckpt_path = ctx.resume_path(run_dir, CHECKPOINT) if resume else ctx.checkpoint_path(run_dir, CHECKPOINT)
+    state = None
     if resume:  # checked before anything is written: a refused resume leaves the folder as it was
         state = load_checkpoint(ckpt_path, map_location="cpu")  # RNG states must stay CPU tensors
         check_resumable(state["config"], cfg)
     seed_everything(cfg.train.seed + ctx.rank, cfg.train.deterministic)
     run = _build(cfg, ctx, run_dir, ckpt_path)
-    recover = cfg.train.co_action == "recover"
     log = MetricsLog(run_dir, enabled=ctx.is_main)
+    rows, start_epoch, step = _start(run, folder, log, state)
+    state = None  # the checkpoint's tensors are in the run now: free the copy
+    _epochs(run, rows, start_epoch, step, log, run_dir)
+    ctx.barrier()
+    run.model.eval()  # what a caller does with a trained model is evaluate or deploy it
+    return RunResult(run_dir, run.model, guard.epoch_rows(rows), store=run.method.store, method=run.method,
+                     events=guard.events(rows))
+
+
+def _start(run: _Run, folder: RunFolder, log: MetricsLog, state: dict | None) -> tuple[list[dict], int, int]:
+    """Restore a resumed run (state: its checkpoint), write the folder, and link epoch 0 as the
+    guard's first rollback target. Returns (metrics rows, first epoch to train, step count)."""
+    cfg, ctx, run_dir = run.cfg, run.ctx, folder.run_dir
     rows, start_epoch, step = [], 1, 0
-    if resume:
+    if state is not None:
         # Every rank reads the checkpoint's rows: the guard's option changes are in them.
         rows = state.get("metrics") or ([r for r in log.read() if r["epoch"] < int(state["epoch"]) + 1]
                                         if ctx.is_main else [])
         step = _restore(run, state, rows)
         start_epoch = int(state["epoch"]) + 1
-        del state
     if ctx.is_main:  # all checked: only now is the folder written (stale outputs go on a fresh start)
         folder.start(cfg.to_yaml())
-        if resume:
+        if state is not None:
             log.write_all(rows)  # rebuilt from the checkpoint: an epoch saved but not yet logged is not lost
             _repair_best(run, rows, run_dir)
-    if recover and not resume:  # epoch 0 is the rollback target of a run that never gets healthy
-        link = healthy_path(ckpt_path)
-        _save_or_explain(lambda: save_checkpoint(link, _snapshot(run, 0, 0, rows)), ckpt_path, 0, run_dir)
+    if cfg.train.co_action == "recover" and state is None:  # epoch 0: the target of a run never healthy
+        link = healthy_path(run.ckpt_path)
+        _save_or_explain(lambda: save_checkpoint(link, _snapshot(run, 0, 0, rows)), run.ckpt_path, 0, run_dir)
+    return rows, start_epoch, step
+
+
+def _epochs(run: _Run, rows: list[dict], epoch: int, step: int, log: MetricsLog, run_dir: Path) -> None:
+    """The epochs, each judged by the probe and, under co_action=recover, by the guard (which may
+    roll the run back and go on from an earlier epoch, or give up)."""
+    cfg, ctx = run.cfg, run.ctx
+    recover = cfg.train.co_action == "recover"
     monitor = guard.monitor_for(run.method.opt, rows)
     sentinel = guard.Guard(cfg.train.max_recoveries, cfg.train.recover_budget_epochs
                            if cfg.train.recover_budget_epochs is not None else cfg.train.epochs)
-
-    epoch = start_epoch
     while epoch <= cfg.train.epochs:
         if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
             break
         row, step = _train_epoch(run, epoch, step)
-        verdict = {"co": False, "best": False, "reason": ""}
-        if run.x_probe is not None and ctx.is_main:
-            row.update(probe(run.model, run.x_probe, run.y_probe, cfg.method.eps, cfg.train.probe_steps,
-                             cfg.train.probe_restarts))
-            verdict = monitor.update(row)
-            verdict["best"] = row["probe_pgd"] > max((r.get("probe_pgd", -1.0) for r in guard.all_epochs(rows)),
-                                                     default=-1.0)
-            row["co"] = verdict["co"]
-            if verdict["reason"]:
-                row["co_reason"] = verdict["reason"]
+        verdict = _judge(run, row, rows, monitor)
         rows.append(row)
         event = None
         if recover and ctx.broadcast_flag(verdict["co"]):
@@ -441,10 +450,24 @@ def _train(cfg: Config, ctx, folder: RunFolder, resume: bool) -> RunResult:
                 tqdm.write("the guard gave up: ending the run." if event else "train.co_action=stop: ending the run.")
             break
         epoch += 1
-    ctx.barrier()
-    run.model.eval()  # what a caller does with a trained model is evaluate or deploy it
-    return RunResult(run_dir, run.model, guard.epoch_rows(rows), store=run.method.store, method=run.method,
-                     events=guard.events(rows))
+
+
+def _judge(run: _Run, row: dict, rows: list[dict], monitor) -> dict:
+    """The epoch's probe (rank 0) and the monitor's verdict on it: {co, best, reason}; the row
+    gets the probe's numbers and the verdict."""
+    cfg = run.cfg
+    verdict = {"co": False, "best": False, "reason": ""}
+    if run.x_probe is None or not run.ctx.is_main:
+        return verdict
+    row.update(probe(run.model, run.x_probe, run.y_probe, cfg.method.eps, cfg.train.probe_steps,
+                     cfg.train.probe_restarts))
+    verdict = monitor.update(row)
+    verdict["best"] = row["probe_pgd"] > max((r.get("probe_pgd", -1.0) for r in guard.all_epochs(rows)),
+                                             default=-1.0)
+    row["co"] = verdict["co"]
+    if verdict["reason"]:
+        row["co_reason"] = verdict["reason"]
+    return verdict
 
 
 def _train_epoch(run: _Run, epoch: int, step: int) -> tuple[dict, int]:

@@ -113,28 +113,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     if state_path is not None:  # only needed to refuse resuming with another model or data set
         settings["model_sha256"] = fingerprint_model(model)
         settings["data_sha256"] = _fingerprint_data(x, y)
-    cuda = dev.type == "cuda"
-    per_sample: dict[str, list[bool]] = {}
-    results: dict[str, dict] = {}
-    timing: dict[str, float] = {}
     try:
-        rng_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if cuda else []
+        rng_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices):  # the caller's RNG streams are untouched
             n_classes = _preflight(model, x[:batch_size], dev, warn)
-            state = _State(state_path, settings, warn)
             setup = AttackSetup(model, eps, seed, batch_size, n_classes, dev, warn, pgd_steps, pgd_restarts, pgd_spec)
-            for name in names:
-                attack = ATTACKS.get(name)
-                attack_settings, run_batch = attack.build(name, setup)
-                t0 = time.perf_counter()
-                flags = _run_attack(name, attack_settings, run_batch, model, x, y, eps, seed,
-                                    batch_size, dev, state, progress)
-                timing[name] = round(time.perf_counter() - t0, 3)
-                per_sample[name] = flags
-                n_correct = int(sum(flags))
-                results[name] = {"label": attack.title(attack_settings), "accuracy": n_correct / n,
-                                 "n_correct": n_correct, "n": n, "settings": attack_settings,
-                                 "is_autoattack": attack.is_autoattack}
+            results, per_sample, timing = _run_attacks(names, setup, x, y, _State(state_path, settings, warn),
+                                                       progress)
     finally:
         for m, training in modes:
             m.train(training)
@@ -145,6 +130,28 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
             "n_examples": n, "seed": int(seed), "batch_size": int(batch_size), "results": results,
             "per_sample": per_sample, "versions": versions(), "device": device_name(dev),
             "timing": timing, "warnings": messages}
+
+
+def _run_attacks(names: list[str], setup: AttackSetup, x: torch.Tensor, y: torch.Tensor, state: "_State",
+                 progress: bool) -> tuple[dict, dict, dict]:
+    """Each attack over the whole set, one after the other: (results, per-sample verdicts, seconds)."""
+    n = x.shape[0]
+    results: dict[str, dict] = {}
+    per_sample: dict[str, list[bool]] = {}
+    timing: dict[str, float] = {}
+    for name in names:
+        attack = ATTACKS.get(name)
+        attack_settings, run_batch = attack.build(name, setup)
+        t0 = time.perf_counter()
+        flags = _run_attack(name, attack_settings, run_batch, setup.model, x, y, setup.eps, setup.seed,
+                            setup.batch_size, setup.device, state, progress)
+        timing[name] = round(time.perf_counter() - t0, 3)
+        per_sample[name] = flags
+        n_correct = int(sum(flags))
+        results[name] = {"label": attack.title(attack_settings), "accuracy": n_correct / n,
+                         "n_correct": n_correct, "n": n, "settings": attack_settings,
+                         "is_autoattack": attack.is_autoattack}
+    return results, per_sample, timing
 
 
 def attack_names(attacks: Sequence[str] | str) -> list[str]:
