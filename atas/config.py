@@ -13,6 +13,10 @@ from typing import Any
 
 import yaml
 
+from atas.data import dataset_info
+from atas.evaluation import ATTACKS, pgd_step
+from atas.methods import METHODS, get_method, list_methods
+from atas.models import list_models
 # The typed values live in their own leaf module; re-exported here, where they were first defined.
 from atas.values import (ConfigError, Frac, NotFiniteError, build_dataclass, coerce, parse_fraction,  # noqa: F401
                          to_plain as _to_plain)
@@ -226,8 +230,6 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def _route_method_args(tree: dict) -> dict:
     """`method.c=0.02`: keys under `method` that MethodConfig does not have go to method.args."""
-    from atas.methods import METHODS
-
     method = tree.get("method")
     if isinstance(method, str):  # `method: atas` shorthand in a recipe
         tree["method"] = method = {"name": method}
@@ -282,10 +284,6 @@ def config_from_dict(tree: dict) -> Config:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks; fills method.args with the method's defaults so the saved config is whole."""
-    from atas.data import dataset_info
-    from atas.methods import get_method, list_methods
-    from atas.models import list_models
-
     check_eps(cfg.method.eps)
     if cfg.model.arch not in list_models():
         raise ConfigError(f"unknown model {cfg.model.arch!r}; valid: {', '.join(list_models())}")
@@ -341,8 +339,6 @@ def validate(cfg: Config) -> None:
 
 def validate_eval(cfg: Config) -> None:
     """The eval section: attack names, sizes and the PGD step, each with a message saying what to write."""
-    from atas.evaluation import pgd_step
-
     e = cfg.eval
     e.attacks = check_attacks(e.attacks, "eval.attacks: ")
     for key in ("pgd_steps", "pgd_restarts", "batch_size"):
@@ -358,8 +354,6 @@ def validate_eval(cfg: Config) -> None:
 
 def check_attacks(attacks: "list[str] | str", key: str = "") -> list[str]:
     """Attack names (a list, or a comma list as typed), lower-cased, each once, all registered."""
-    from atas.evaluation import ATTACKS
-
     if isinstance(attacks, str):
         attacks = attacks.split(",")
     names = list(dict.fromkeys(a.strip().lower() for a in attacks if a.strip()))
@@ -372,6 +366,4 @@ def check_attacks(attacks: "list[str] | str", key: str = "") -> list[str]:
 
 def method_options(cfg: Config) -> Any:
     """The method's typed Options dataclass for this (validated) config."""
-    from atas.methods import get_method
-
     return build_dataclass(get_method(cfg.method.name).Options, cfg.method.args, "method.")

@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from atas.registry import Registry
+from atas.values import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -463,7 +464,6 @@ def check_subset(subset: int | None, available: int, key: str = "data.subset",
     """How many images `key`=subset keeps from a split of `available`: all of them when subset is
     None; ConfigError when subset is < 1 or larger than the split (asking for more images than
     there are must not silently train on fewer)."""
-    from atas.values import ConfigError
 
     if subset is None:
         return available

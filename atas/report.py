@@ -20,6 +20,12 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
+from atas.extras import INSTALL, available
+from atas.guard import describe
+from atas.methods import METHODS
+from atas.monitor import COMonitor
+from atas.values import parse_fraction
+
 # "ATAS AA within GAP_POINTS points of PGD-AT" is the claim the report checks (ATAS paper, Tables).
 GAP_POINTS = 3.0
 
@@ -41,8 +47,6 @@ MASK_PLOT = "probe_masking.png"
 def _method_class(name: str):
     """The registered class of `name`; None for a method this process does not know (a report
     rebuilt from summary.json without the plugin that trained it): shown by its name, no claims."""
-    from atas.methods import METHODS
-
     try:
         return METHODS.get(name)
     except ValueError:
@@ -71,8 +75,6 @@ def _logged(name: str) -> dict:
 
 
 def _reference_label() -> str:
-    from atas.methods import METHODS
-
     return next((cls.display_label() for cls in METHODS.values() if cls.reference), "the reference")
 
 
@@ -339,8 +341,6 @@ def schedule_note(rows: list[dict]) -> str:
 
 def guard_lines(rows: list[dict]) -> list[str]:
     """Every decision of the guard (train.co_action=recover), one line each."""
-    from atas.guard import describe
-
     return [f"{method_label(r['method'])} eps {r['eps']} seed {r['seed']}: {describe(e)}"
             for r in _ok(rows) for e in r.get("guard_events") or []]
 
@@ -428,7 +428,6 @@ def plot_probe_masking(rows: list[dict], path: str | Path) -> Path | None:
     accuracy (cross-entropy and margin PGD) over FGSM probe accuracy; thick = mean over seeds,
     thin = each seed, dotted = the monitor's threshold, 'x' = an epoch the monitor flagged. A
     healthy run sits near 1; a run whose robustness is an artefact of masked gradients sinks."""
-    from atas.monitor import COMonitor
 
     def with_ratio(r):
         c = r["curves"]
@@ -461,8 +460,6 @@ def plot_probe_masking(rows: list[dict], path: str | Path) -> Path | None:
 def plot_alpha(rows: list[dict], path: str | Path) -> Path | None:
     """ATAS step size per epoch, one panel per eps: mean over seeds of the epoch's mean alpha, band =
     smallest .. largest per-sample alpha over seeds; dashed: eps; dotted: the configured clamp."""
-    from atas.values import parse_fraction
-
     # The method that logs a per-sample step size alpha (ATAS: Method.logged_stats).
     rows = [r for r in _ok(rows) if "alpha" in _logged(r["method"]) and (r.get("curves") or {}).get("alpha_mean")]
     if not rows:
@@ -672,7 +669,6 @@ def build_report(rows: list[dict], out_dir: str | Path, command: str | dict, mac
     machine: what ran it (cpu, cores, torch, gpu, ...), listed as given."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from atas.extras import INSTALL, available
 
     if available("matplotlib"):  # an optional dependency (`atas[plots]`)
         images = {PROBE_PLOT: plot_probe_curves(rows, out_dir / PROBE_PLOT),

@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from atas import distributed as dist, guard
 from atas.augment import PairedAugment
-from atas import guard
 from atas.checkpoint import (CheckpointError, DiskFullError, atomic_write, atomic_write_text, healthy_path,
                              link_as, load_checkpoint, save_checkpoint)
 from atas.config import Config, ConfigError, config_from_dict, method_options
@@ -30,9 +30,11 @@ from atas.data import TestSplit, check_subset, dataset_info, image_folder, load_
 from atas.evaluation.attacks import FGSM, PGD, pgd_step
 from atas.loaders import FolderLoader, ResidentLoader
 from atas.methods import get_method
+from atas.methods.elle import local_linearity_error
 from atas.models import build_model
 from atas.rundir import CHECKPOINT, RunFolder
 from atas.store import PerSampleStore
+from atas.threat import LinfBall
 
 BEST = "best.pt"
 DIVERGED = "diverged.json"   # written when the loss became NaN/inf: a report says "diverged", not "not started"
@@ -161,9 +163,6 @@ def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps:
     plain probe do not fool both), and the local-linearity error of the loss on the batch; see
     atas.monitor. The probe runs on its own fixed-seed RNG: it never shifts the training's random
     stream, and it attacks the same way every epoch, so its curves move only with the model."""
-    from atas.methods.elle import local_linearity_error
-    from atas.threat import LinfBall
-
     was_training = model.training
     model.eval()
     out = {}
@@ -277,8 +276,6 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False,
 
     The folder is locked for the run (one writer); a fresh run refuses a folder holding another
     run unless `overwrite=True`, which deletes that run's checkpoints, metrics and evaluation."""
-    from atas import distributed as dist
-
     ctx = dist.setup(cfg)
     run_dir = Path(run_dir or Path(cfg.out_dir) / cfg.name)
     with RunFolder(run_dir, resume=resume, overwrite=overwrite, enabled=ctx.is_main) as folder:
