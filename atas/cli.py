@@ -211,10 +211,10 @@ def cmd_eval_external(args) -> int:
                           if missing else f"give either a run folder ({args.checkpoint}) or --model, not both")
     eps = Frac(args.eps)
     check_eps(eps, "--eps")
-    attacks = (args.attacks or "clean,pgd,aa").split(",")
+    attacks = args.attacks or "clean,pgd,aa"
     # Named, as `atas eval RUN` names its files, by what was evaluated and how: another model,
     # other attacks, size or eps never replace an earlier result.
-    out = check_output(args.out or model_eval_file_name(args.model, args.data, ",".join(attacks), args.n_examples,
+    out = check_output(args.out or model_eval_file_name(args.model, args.data, attacks, args.n_examples,
                                                          eps, args.weights))
     device = _eval_device(args.device)
     model = model_from_factory(args.model)

@@ -354,8 +354,7 @@ def validate_eval(cfg: Config) -> None:
 
 def check_attacks(attacks: "list[str] | str", key: str = "") -> list[str]:
     """Attack names (a list, or a comma list as typed), lower-cased, each once, all registered."""
-    if isinstance(attacks, str):
-        attacks = attacks.split(",")
+    attacks = coerce(attacks, list[str], key.rstrip(": ") or "attacks")  # a comma list as typed, or a list
     names = list(dict.fromkeys(a.strip().lower() for a in attacks if a.strip()))
     unknown = [a for a in names if a not in ATTACKS.names()]
     if unknown or not names:

@@ -37,6 +37,7 @@ from atas.checkpoint import DiskFullError, atomic_write_text
 from atas.evaluation.attacks import ATTACKS, AttackSetup, EvaluationWarning, check_adversarial, pgd_step
 from atas.provenance import device_name, versions
 from atas.threat import LinfBall
+from atas.values import coerce
 
 __all__ = ["WEAK_PGD_POINTS", "attack_names", "evaluate", "format_table", "save_result"]
 
@@ -158,7 +159,7 @@ def attack_names(attacks: Sequence[str] | str) -> list[str]:
     """Attack names, lower-cased, each once, in the given order; a comma-separated string is split
     here (the one place the attack list is parsed). ValueError for an unknown name or none."""
     if isinstance(attacks, str):
-        attacks = attacks.split(",")
+        attacks = coerce(attacks, list[str], "attacks")  # the one comma-list parser (atas.values)
     names: list[str] = []
     for a in attacks:
         name = str(a).strip().lower()
