@@ -533,20 +533,10 @@ def plot_time_vs_robust(rows: list[dict], path: str | Path) -> Path | None:
 # --------------------------------------------------------------------------------------------
 # The document: one list of blocks rendered twice (Markdown and HTML), so both say the same
 # --------------------------------------------------------------------------------------------
-def _blocks(rows: list[dict], command: str | dict, machine: dict, images: dict[str, Path | None],
-            date: str) -> list[tuple]:
-    ok = _ok(rows)
-    cmd = command if isinstance(command, dict) else {"command": command}
+def _notes(rows: list[dict], ok: list[dict]) -> list[str]:
+    """What the numbers are and how far to trust them; the loud warnings first."""
     n_examples = sorted({r.get("n_examples") for r in ok if r.get("n_examples")})
     epochs = sorted({r.get("epochs_planned") or r.get("epochs") for r in ok} - {None, 0})
-    blocks: list[tuple] = [("h1", "atas compare report")]
-    blocks.append(("p", "Command line:"))
-    blocks.append(("code", cmd["command"]))
-    if cmd.get("equivalent") and cmd["equivalent"] != cmd["command"]:
-        blocks.append(("p", "The same comparison as an `atas` command:"))
-        blocks.append(("code", cmd["equivalent"]))
-    items = [f"date: {date}"] + [f"{k}: {v}" for k, v in machine.items() if v not in (None, "")]
-    blocks.append(("list", items))
     notes = ["Accuracies in % on the first "
              + (" / ".join(str(n) for n in n_examples) or "?") + " test images"
              + (f" (one image = {100 / n_examples[0]:.2f} points)" if len(n_examples) == 1 else "")
@@ -576,14 +566,11 @@ def _blocks(rows: list[dict], command: str | dict, machine: dict, images: dict[s
     if missing:
         notes.insert(0, f"PARTIAL: {len(missing)} of {len(rows)} planned runs have not finished (marked 'not "
                         "finished' in the table of every run); means and verdicts are over the seeds that have.")
-    blocks.append(("h2", "Results"))
-    blocks.append(("list", notes))
-    facts = findings(rows)
-    for eps, header, body in summary_tables(rows):
-        blocks.append(("h3", f"eps = {eps}"))
-        blocks.append(("table", header, body))
-        if facts.get(eps):
-            blocks.append(("list", facts[eps]))
+    return notes
+
+
+def _plot_blocks(images: dict[str, Path | None]) -> list[tuple]:
+    blocks: list[tuple] = []
     captions = {PROBE_PLOT: "Probe PGD accuracy per epoch (thick: mean over seeds; thin: each seed; x: CO flagged).",
                 MASK_PLOT: "The CO monitor's masked-gradient signal per epoch: worst-case (cross-entropy and margin) "
                            "PGD probe accuracy over FGSM probe accuracy; dotted: its threshold (x: CO flagged).",
@@ -600,6 +587,30 @@ def _blocks(rows: list[dict], command: str | dict, machine: dict, images: dict[s
     if missing:
         blocks.append(("p", "Not drawn (no data for them): " + ", ".join(missing)
                        + (" (no ATAS run)" if ALPHA_PLOT in missing else "") + "."))
+    return blocks
+
+
+def _blocks(rows: list[dict], command: str | dict, machine: dict, images: dict[str, Path | None],
+            date: str) -> list[tuple]:
+    ok = _ok(rows)
+    cmd = command if isinstance(command, dict) else {"command": command}
+    blocks: list[tuple] = [("h1", "atas compare report")]
+    blocks.append(("p", "Command line:"))
+    blocks.append(("code", cmd["command"]))
+    if cmd.get("equivalent") and cmd["equivalent"] != cmd["command"]:
+        blocks.append(("p", "The same comparison as an `atas` command:"))
+        blocks.append(("code", cmd["equivalent"]))
+    items = [f"date: {date}"] + [f"{k}: {v}" for k, v in machine.items() if v not in (None, "")]
+    blocks.append(("list", items))
+    blocks.append(("h2", "Results"))
+    blocks.append(("list", _notes(rows, ok)))
+    facts = findings(rows)
+    for eps, header, body in summary_tables(rows):
+        blocks.append(("h3", f"eps = {eps}"))
+        blocks.append(("table", header, body))
+        if facts.get(eps):
+            blocks.append(("list", facts[eps]))
+    blocks += _plot_blocks(images)
     if guard_lines(rows):
         blocks.append(("h2", "Guard"))
         blocks.append(("p", "Each recovery: the flagged epoch, the epoch rolled back to, the remedy, the verdict."))
