@@ -17,12 +17,11 @@ Any model, trained here or not:
 
     result = atas.benchmark(model, "fmnist", eps=0.2, attacks=["clean", "pgd", "aa"])
 """
-__version__ = "0.1.0"
-
+from atas.provenance import __version__  # noqa: E402
 from atas.augment import RandomCropFlip  # noqa: E402
 from atas.benchmark import benchmark, load_test_set  # noqa: E402
 from atas.config import Config, ConfigError, load_config, parse_fraction  # noqa: E402
-from atas.evaluate import evaluate, format_table  # noqa: E402
+from atas.evaluate import evaluate, format_table  # noqa: E402  (binds atas.evaluate to the function, after the module)
 from atas.export import export_model, load_model  # noqa: E402
 from atas.indexed import IndexedDataset  # noqa: E402
 from atas.methods import Method, get_method, list_methods, method  # noqa: E402

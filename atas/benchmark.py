@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from atas.config import Config, parse_fraction
-from atas.evaluate import evaluate
+from atas.evaluation.protocol import evaluate
 
 
 class InputAdapter(nn.Module):
@@ -60,7 +60,7 @@ def load_test_set(dataset: "str | Config", n_examples: int | None = None, data_d
     """The unpadded test images (uint8 [N, C, H, W]) and labels of a dataset name ("fmnist",
     "cifar10", ...) or of a run's Config; the first n_examples if given."""
     from atas.data import dataset_info
-    from atas.runner import load_test_set as _from_config
+    from atas.evaluation.run import load_test_set as _from_config
 
     if isinstance(dataset, Config):
         return _from_config(dataset, n_examples)

@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
 
     import torch
 
-    from atas import __version__
+    from atas.provenance import __version__
 
     p = argparse.ArgumentParser(prog="atas", description="Fast adversarial training with adaptive step size.")
     p.add_argument("--version", action="version",
@@ -87,14 +87,16 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("source", help="run folder or checkpoint")
     x.add_argument("--out", required=True, help="export folder")
 
-    sub.add_parser("recipes", help="list the shipped recipes")
+    r = sub.add_parser("recipes", help="list the shipped recipes and the registered methods, models, datasets "
+                                       "and attacks")
 
     from atas.compare import add_compare_parser
 
-    add_compare_parser(sub)
-    for command in (t, e, x):
+    c = add_compare_parser(sub)
+    for command in (t, e, x, r, c):
         command.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                             help="import MODULE first (its atas.register_model(...) models become usable); repeatable")
+                             help="import MODULE first (the methods, models, datasets or attacks it registers "
+                                  "become usable); repeatable")
     return p
 
 
@@ -104,11 +106,11 @@ def _check_final_eval_extras(cfg) -> None:
     from atas.config import ConfigError
     from atas.extras import INSTALL, available
 
-    attacks = [a.strip() for a in cfg.eval.attacks.lower().split(",")]
+    attacks = cfg.eval.attacks
     needs_aa = [a for a in attacks if a in ("aa", "apgd-ce", "apgd-t")]
     if cfg.eval.at_end and needs_aa and not available("pyautoattack"):
         kept = ",".join(a for a in attacks if a not in needs_aa) or "clean,pgd"
-        raise ConfigError(f"eval.attacks={cfg.eval.attacks} runs AutoAttack ({', '.join(needs_aa)}) at the end "
+        raise ConfigError(f"eval.attacks={','.join(attacks)} runs AutoAttack ({', '.join(needs_aa)}) at the end "
                           f"of training, and the pyautoattack package is not installed: "
                           f"{INSTALL['pyautoattack']}; or evaluate without it: eval.attacks={kept}")
 
@@ -141,9 +143,9 @@ def cmd_train(args) -> int:
         distributed.cleanup()
     if cfg.eval.at_end and distributed.is_main_process():
         from atas.checkpoint import DiskFullError
-        from atas.evaluate import format_table
+        from atas.evaluation import format_table
         from atas.export import resolve_artifact
-        from atas.runner import evaluate_run
+        from atas.evaluation.run import evaluate_run
 
         last = run.metrics[-1] if run.metrics else {}
         checkpoint = resolve_artifact(run.run_dir)
@@ -158,7 +160,7 @@ def cmd_train(args) -> int:
                                 f"--out {out}` (it resumes from {out.with_suffix('.state')})") from None
         print(format_table(result))
         if cfg.data.val_size:  # the held-out training images: what a hyper-parameter is chosen on
-            from atas.runner import VAL_FILE, evaluate_validation
+            from atas.evaluation.run import VAL_FILE, evaluate_validation
 
             val = evaluate_validation(run.model, cfg, run.run_dir)["results"]
             print(f"validation ({val['clean']['n']} of the {cfg.data.val_size} held-out training images): "
@@ -206,9 +208,9 @@ def cmd_eval_external(args) -> int:
     from atas.benchmark import benchmark
     from atas.checkpoint import check_output
     from atas.config import ConfigError, Frac, check_eps
-    from atas.evaluate import format_table, save_result
+    from atas.evaluation import format_table, save_result
     from atas.external import load_weights, model_from_factory
-    from atas.runner import model_eval_file_name
+    from atas.evaluation.run import model_eval_file_name
 
     missing = [flag for flag, value in (("--data", args.data), ("--eps", args.eps)) if value is None]
     if missing or args.checkpoint:
@@ -216,10 +218,10 @@ def cmd_eval_external(args) -> int:
                           if missing else f"give either a run folder ({args.checkpoint}) or --model, not both")
     eps = Frac(args.eps)
     check_eps(eps, "--eps")
-    attacks = (args.attacks or "clean,pgd,aa").split(",")
+    attacks = args.attacks or "clean,pgd,aa"
     # Named, as `atas eval RUN` names its files, by what was evaluated and how: another model,
     # other attacks, size or eps never replace an earlier result.
-    out = check_output(args.out or model_eval_file_name(args.model, args.data, ",".join(attacks), args.n_examples,
+    out = check_output(args.out or model_eval_file_name(args.model, args.data, attacks, args.n_examples,
                                                          eps, args.weights))
     device = _eval_device(args.device)
     model = model_from_factory(args.model)
@@ -265,11 +267,11 @@ def cmd_eval(args) -> int:
     from atas.checkpoint import check_output
     from atas.compare import check_attacks
     from atas.config import Frac, check_eps, validate_eval
-    from atas.evaluate import format_table
+    from atas.evaluation import format_table
     from atas.export import checkpoint_record, load_model, resolve_artifact
-    from atas.runner import eval_file_name, evaluate_run
+    from atas.evaluation.run import eval_file_name, evaluate_run
 
-    attacks = None if args.attacks is None else ",".join(check_attacks(args.attacks))  # "" is an error
+    attacks = None if args.attacks is None else check_attacks(args.attacks)  # "" is an error
     device = _eval_device(args.device)
     if args.out:
         check_output(args.out)  # before the model is even loaded
@@ -321,7 +323,24 @@ def cmd_recipes(args) -> int:
     for path in sorted(RECIPE_DIR.glob("*.yaml")):
         desc = (yaml.safe_load(path.read_text()) or {}).get("description", "")
         print(f"{path.stem:28s} {desc}")
+    _print_registries()
     return 0
+
+
+def _print_registries() -> None:
+    """What a recipe, `--methods` or `--attacks` may name: every registry, plugins included."""
+    from atas.data import DATASETS
+    from atas.evaluation import ATTACKS
+    from atas.methods import METHODS
+    from atas.models import MODELS
+
+    print("\nmethods (method.name, --methods):")
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        print(f"  {name:14s} {cls.display_label():12s} {cls.cost}")
+    for title, registry in (("models (model.arch)", MODELS), ("datasets (data.name)", DATASETS),
+                            ("attacks (eval.attacks, --attacks)", ATTACKS)):
+        print(f"{title}: {', '.join(registry.names())}")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -9,30 +9,27 @@ requested evaluation is only read; an unfinished run resumes from its checkpoint
 that was killed resumes from its state file (eval.state). Every config is built and checked before
 anything trains, so a typo fails in a second, not after the first run.
 
-This module is the orchestration only; the tables, findings and plots are in atas.report.
+This module is the command (its parser, its checks, its output); the runs are planned, run and
+summarised by atas.sweep, and the tables, findings and plots are in atas.report.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
-import functools
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from atas.config import Config, ConfigError, Frac, MethodConfig, load_config, parse_fraction
+from atas.config import ConfigError, load_config
 from atas.tune import DEFAULT_VAL_SIZE
+from atas.provenance import load_average, machine_info
+from atas.sweep import (RoutedOverrides, RunSpec, _failed_row, _test_set_size, eval_is_current, parse_eps, plan_runs,
+                        route_overrides, run_one, summarize_run, training_status)
 
 SUMMARY_FORMAT = "atas.compare.summary/1"
-# Per-epoch metrics copied into summary.json for the plots (and anyone re-plotting).
-CURVE_KEYS = ("probe_clean", "probe_fgsm", "probe_pgd", "probe_pgd_margin", "probe_pgd_worst", "probe_lin_err", "co",
-              "alpha_mean", "alpha_min", "alpha_max", "train_loss", "train_adv_acc", "epoch_time_s")
 
 EPILOG = """\
 overrides (key=value, before or after the options):
@@ -67,7 +64,7 @@ per eps, CO counts, findings, plots OUT/*.png), and the summary table on stdout.
 """
 
 
-def add_compare_parser(sub) -> None:
+def add_compare_parser(sub) -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="train and evaluate several methods/seeds/eps on one recipe; write a report",
                        description=__doc__.split("\n\n")[0], epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,10 +92,11 @@ def add_compare_parser(sub) -> None:
     c.add_argument("--report-only", action="store_true",
                    help="train and evaluate nothing: write the report from the runs that have finished, "
                         "listing the others as not finished (look at a sweep while it runs)")
+    return c
 
 
 # --------------------------------------------------------------------------------------------
-# Input: names, eps, overrides -> one checked Config per run
+# The command line's names, checked before anything trains
 # --------------------------------------------------------------------------------------------
 def _split(text: str) -> list[str]:
     return list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
@@ -115,13 +113,11 @@ def check_methods(names: list[str]) -> list[str]:
     return names
 
 
-def check_attacks(text: str) -> list[str]:
-    from atas.evaluate import ATTACKS
+def check_attacks(attacks: "list[str] | str") -> list[str]:
+    """--attacks: registered names; AutoAttack's package must be there before anything trains."""
+    from atas.config import check_attacks as registered
 
-    names = _split(text.lower())
-    unknown = [a for a in names if a not in ATTACKS]
-    if unknown or not names:
-        raise ConfigError(f"unknown attack(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(ATTACKS)}")
+    names = registered(attacks)
     if "aa" in names:
         from atas.extras import require
 
@@ -129,391 +125,86 @@ def check_attacks(text: str) -> list[str]:
     return names
 
 
-def eps_text(text: str) -> str:
-    """How an eps is named in folders and tables: '8/255' stays '8/255', '0.10' becomes '0.1'."""
-    value = Frac(text) if "/" in text else Frac(parse_fraction(text))
-    return value.text
-
-
-@dataclass
-class RoutedOverrides:
-    common: list[str]                       # for every run
-    per_method: dict[str, list[str]]        # method -> its `method.<opt>=v` overrides
-    notes: list[str] = field(default_factory=list)
-
-
-def route_overrides(overrides: list[str], methods: list[str]) -> RoutedOverrides:
-    """Split the command line's key=value overrides by the runs they reach.
-
-    method.<opt>=v goes to every method whose Options has <opt> (an option none has is a typo:
-    error); <method>.<opt>=v and method.<method>.<opt>=v go to that method only, as method.<opt>=v,
-    after the generic ones so they win; a prefix naming a method not compared is ignored with a
-    note. Anything else is common to all runs."""
-    from atas.methods import get_method, list_methods
-
-    known = set(list_methods())
-    sections = {f.name for f in dataclasses.fields(Config)}
-    own = {f.name for f in dataclasses.fields(MethodConfig)}
-    options = {m: [f.name for f in dataclasses.fields(get_method(m).Options)] for m in methods}
-    common: list[str] = []
-    generic: dict[str, list[str]] = {m: [] for m in methods}
-    targeted: dict[str, list[str]] = {m: [] for m in methods}
-    notes: list[str] = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=5)")
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        target = opt = None
-        if parts[0] == "method" and len(parts) >= 2:
-            if parts[1] == "name":
-                raise ConfigError("method.name: `atas compare` sets it per run; give the methods with --methods")
-            if parts[1] == "args" and len(parts) == 3:
-                parts = ["method", parts[2]]
-            if len(parts) == 3 and parts[1] in known and parts[1] not in own:
-                target, opt = parts[1], parts[2]
-            elif len(parts) == 4 and parts[1] == "per_method":
-                target, opt = parts[2], parts[3]
-            elif parts[1] in own:
-                common.append(item)
-                continue
-            elif len(parts) == 2:
-                opt = parts[1]
-                takers = [m for m in methods if opt in options[m]]
-                if not takers:
-                    have = "; ".join(f"{m}: {', '.join(options[m]) or '(none)'}" for m in methods)
-                    raise ConfigError(f"method.{opt}: none of the compared methods has this option ({have})")
-                for m in takers:
-                    generic[m].append(f"method.{opt}={value}")
-                skipped = [m for m in methods if m not in takers]
-                if skipped:
-                    notes.append(f"method.{opt} applies to {', '.join(takers)}; not to {', '.join(skipped)} "
-                                 "(no such option)")
-                continue
-            else:
-                raise ConfigError(f"{key}: write method.<option>=value or <method>.<option>=value")
-        elif len(parts) == 2 and parts[0] in known and parts[0] not in sections:
-            target, opt = parts
-        else:
-            common.append(item)
-            continue
-        if target not in known:
-            raise ConfigError(f"{key}: {target!r} is not a method; valid: {', '.join(sorted(known))}")
-        if target not in methods:
-            notes.append(f"{key}: {target} is not in --methods; ignored")
-            continue
-        if opt not in options[target]:
-            raise ConfigError(f"{key}: method {target} has no option {opt!r}; its options: "
-                              f"{', '.join(options[target]) or '(none)'}")
-        targeted[target].append(f"method.{opt}={value}")
-    return RoutedOverrides(common, {m: generic[m] + targeted[m] for m in methods}, notes)
-
-
-def run_name(method: str, eps: str, seed: int) -> str:
-    return f"{method}_eps{eps.replace('/', '-')}_seed{seed}"
-
-
-@dataclass
-class RunSpec:
-    method: str
-    eps: str
-    seed: int
-    cfg: Config
-    run_dir: Path
-
-
-def method_tree(base: Config, method: str) -> dict:
-    """The config tree of `base` running `method` (before the run's own overrides)."""
-    tree = base.to_dict()
-    if method != base.method.name:
-        tree["method"]["args"] = {}  # the recipe's options were written for its own method
-    tree["method"]["name"] = method
-    return tree
-
-
-def plan_runs(recipe: str, methods: list[str], eps_list: list[str] | None, n_seeds: int,
-              routed: RoutedOverrides, out: Path, chosen: dict[tuple[str, str], list[str]] | None = None
-              ) -> list[RunSpec]:
-    """Build and validate every run's Config (eps outer, then method, then seed). `chosen` adds
-    overrides per (method, eps): the values a hyper-parameter search picked (atas.tune)."""
-    base = load_config(recipe, routed.common)
-    eps_list = eps_list or [base.method.eps.text]
-    specs = []
-    for eps in eps_list:
-        for method in methods:
-            tree = method_tree(base, method)
-            extra = (chosen or {}).get((method, eps), [])
-            for i in range(n_seeds):
-                seed = base.train.seed + i
-                cfg = load_config(tree, routed.per_method[method] + extra
-                                  + [f"method.eps={eps}", f"train.seed={seed}"])
-                specs.append(RunSpec(method, eps, seed, cfg, out / "runs" / run_name(method, eps, seed)))
-    return specs
-
-
-# --------------------------------------------------------------------------------------------
-# What a run folder already holds
-# --------------------------------------------------------------------------------------------
-def _read_metrics(run_dir: Path) -> list[dict]:
-    """The epochs the run's final weights descend from (the guard's events and undone epochs aside)."""
-    from atas.guard import epoch_rows
-
-    return epoch_rows(_read_log(run_dir))
-
-
-def _read_log(run_dir: Path) -> list[dict]:
-    from atas.trainer import MetricsLog
-
-    return MetricsLog(run_dir).read()
-
-
-def _training_finished(rows: list[dict], cfg: Config, gave_up: bool = False) -> bool:
-    if not rows:
-        return False
-    if gave_up:
-        return True
-    last = rows[-1]
-    return (last["epoch"] >= cfg.train.epochs
-            or (cfg.train.co_action == "stop" and bool(last.get("co")))
-            or (cfg.train.max_steps is not None and last["step"] >= cfg.train.max_steps))
-
-
-# Top-level config keys that only label a run: an edited recipe description must not make a
-# finished run look like another experiment.
-COSMETIC_KEYS = ("name", "description", "out_dir")
-
-
-def _saved_config(run_dir: Path) -> dict | None:
-    import yaml
-
-    path = run_dir / "config.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else None
-
-
-def training_status(run_dir: Path, cfg: Config) -> str:
-    """'fresh' (no checkpoint), 'resume' (checkpoint of an unfinished run) or 'done'.
-
-    A folder holding a run of another config (more epochs excepted, as for `atas train --resume`)
-    is an error: resuming it would mix two experiments, overwriting it would lose one."""
-    from atas.checkpoint import CheckpointError
-    from atas.trainer import CHECKPOINT, check_resumable
-
-    if not (run_dir / CHECKPOINT).exists():
-        return "fresh"
-    saved = _saved_config(run_dir)
-    if saved is not None:
-        saved.update({k: getattr(cfg, k) for k in COSMETIC_KEYS})
-        try:
-            check_resumable(saved, cfg)
-        except CheckpointError as e:
-            raise ConfigError(f"{run_dir} holds a run with another config: {e} Delete that folder or pick "
-                              "another --out.") from None
-    rows = _read_metrics(run_dir)
-    if rows and rows[-1]["epoch"] > cfg.train.epochs:
-        raise ConfigError(f"{run_dir} holds a run trained for {rows[-1]['epoch']} epochs, more than the "
-                          f"train.epochs={cfg.train.epochs} asked for. Delete that folder or pick another --out.")
-    from atas.guard import gave_up
-
-    return "done" if _training_finished(rows, cfg, gave_up(_read_log(run_dir))) else "resume"
-
-
-@functools.lru_cache(maxsize=None)
-def _test_set_size(name: str, data_dir: str | None, download: bool, test_subset: int | None) -> int:
-    from atas.data import dataset_info, image_folder, load_tensors
-
-    info = dataset_info(name)
-    n = len(load_tensors(name, "test", data_dir, download)[1]) if info.resident else len(
-        image_folder(name, "test", data_dir))
-    return min(n, test_subset) if test_subset else n
-
-
-def eval_is_current(run_dir: Path, cfg: Config) -> bool:
-    """eval.json exists, is newer than the checkpoint, and used the requested attacks, number of
-    examples, eps and PGD settings."""
-    from atas.trainer import CHECKPOINT
-
-    path, ckpt = run_dir / "eval.json", run_dir / CHECKPOINT
-    if not path.exists() or (ckpt.exists() and path.stat().st_mtime_ns < ckpt.stat().st_mtime_ns):
-        return False
-    try:
-        result = json.loads(path.read_text())
-        results, n = result["results"], result["n_examples"]
-    except (ValueError, KeyError, TypeError):
-        return False
-    e, eps = cfg.eval, float(cfg.method.eps)
-    if set(results) != set(_split(e.attacks.lower())) or abs(float(result.get("eps", -1)) - eps) > 1e-12:
-        return False
-    wanted_n = e.n_examples if e.n_examples is not None else _test_set_size(
-        cfg.data.name, cfg.data.data_dir, cfg.data.download, cfg.data.test_subset)
-    if n != wanted_n:
-        return False
-    if "pgd" in results:
-        from atas.evaluate import pgd_step
-
-        s = results["pgd"].get("settings", {})
-        alpha, schedule, loss, _ = pgd_step(eps, e.pgd_alpha, e.pgd_schedule, e.pgd_loss)
-        same_alpha = abs(s.get("alpha", -1) - alpha) <= 1e-12
-        # files from before schedules and losses: constant, ce
-        same_schedule = (s.get("schedule", "constant"), s.get("loss", "ce")) == (schedule, loss)
-        if (s.get("steps"), s.get("restarts")) != (e.pgd_steps, e.pgd_restarts) or not (same_alpha and same_schedule):
-            return False
-    return True
-
-
-# --------------------------------------------------------------------------------------------
-# One run, and what the report keeps of it
-# --------------------------------------------------------------------------------------------
-def train_as_needed(spec: RunSpec, stale: tuple[str, ...] = ("eval.json", "eval.state")):
-    """Train a fresh run, resume an unfinished one, leave a finished one: (the trained model or None
-    when nothing trained, what was done). `stale`: the run's files that belong to the model before
-    this training, deleted before it starts."""
-    from atas.trainer import train
-
-    status = training_status(spec.run_dir, spec.cfg)
-    if status == "done":
-        return None, []
-    cfg = spec.cfg
-    if status == "resume":  # the trainer compares every key; keep the run's own labels
-        saved = _saved_config(spec.run_dir) or {}
-        cfg = dataclasses.replace(cfg, **{k: saved[k] for k in COSMETIC_KEYS if k in saved})
-    for name in stale:
-        (spec.run_dir / name).unlink(missing_ok=True)
-    model = train(cfg, run_dir=spec.run_dir, resume=status == "resume").model
-    return model, ["trained" if status == "fresh" else "resumed training"]
-
-
-def run_one(spec: RunSpec) -> str:
-    """Train (or resume) and evaluate as needed; returns what was done, for the log line."""
-    from atas.export import load_model
-    from atas.runner import evaluate_run
-    from atas.trainer import resolve_device
-
-    model, done = train_as_needed(spec)
-    if model is not None or not eval_is_current(spec.run_dir, spec.cfg):
-        if model is None:  # finished training, evaluation missing, stale or killed: the checkpoint's model
-            model, _, _ = load_model(spec.run_dir, resolve_device(spec.cfg.train.device))
-        evaluate_run(model, spec.cfg, spec.run_dir)
-        done.append("evaluated")
-    return ", ".join(done) or "finished before: read back"
-
-
-def co_verdict(metrics: list[dict], accuracy: dict[str, float]) -> tuple[bool, list[int], bool | None]:
-    """(CO detected, epochs the probe monitor flagged, final-evaluation signature FGSM > clean or
-    None when FGSM or clean was not evaluated). Either sign counts as CO.
-
-    The monitor is replayed on the logged probe curve rather than read from the `co` column, so
-    every run of a report is judged by the same (current) rule, whichever version trained it."""
-    from atas.monitor import COMonitor
-
-    monitor = COMonitor()
-    monitor.replay(metrics)
-    epochs = list(monitor.flagged_epochs)
-    signature = accuracy["fgsm"] > accuracy["clean"] if "fgsm" in accuracy and "clean" in accuracy else None
-    return bool(epochs) or bool(signature), epochs, signature
-
-
-def co_reasons(metrics: list[dict]) -> list[str]:
-    """The monitor's reason per epoch ('' where it did not flag), replayed like `co_verdict`."""
-    from atas.monitor import COMonitor
-
-    monitor = COMonitor()
-    return [monitor.update(r)["reason"] for r in metrics]
-
-
-def summarize_run(spec: RunSpec, out: Path) -> dict:
-    """What summary.json keeps of one finished run (accuracies as fractions)."""
-    from atas.data import dataset_info
-
-    from atas.guard import all_epochs, events
-
-    metrics = _read_metrics(spec.run_dir)
-    result = json.loads((spec.run_dir / "eval.json").read_text())
-    accuracy = {k: v["accuracy"] for k, v in result["results"].items()}
-    co, co_epochs, signature = co_verdict(metrics, accuracy)
-
-    curves = {"epoch": [r["epoch"] for r in metrics]}
-    curves.update({k: [r.get(k) for r in metrics] for k in CURVE_KEYS if any(k in r for r in metrics)})
-    if "co" in curves:  # the plot marks the epochs of the verdict above, and says why
-        curves["co"] = [e in co_epochs for e in curves["epoch"]]
-        curves["co_reason"] = co_reasons(metrics)
-    return {
-        "method": spec.method, "eps": spec.eps, "eps_value": float(spec.cfg.method.eps), "seed": spec.seed,
-        "clean": accuracy.get("clean"), "fgsm": accuracy.get("fgsm"), "pgd": accuracy.get("pgd"),
-        "aa": accuracy.get("aa"),
-        "pgd_label": result["results"].get("pgd", {}).get("label"),
-        "n_examples": result["n_examples"], "chance": 1.0 / dataset_info(spec.cfg.data.name).num_classes,
-        # Training only: the per-epoch probe and the final evaluation are not in epoch_time_s.
-        # ... of every epoch trained, the ones the guard replayed included: that is what the run cost.
-        "train_time_s": sum(float(r.get("epoch_time_s", 0.0)) for r in all_epochs(_read_log(spec.run_dir))),
-        "epochs": len(metrics), "epochs_planned": spec.cfg.train.epochs,
-        "co_detected": co, "co_epochs": co_epochs, "co_final_signature": signature,
-        "eval_warnings": result.get("warnings", []),
-        "method_args": spec.cfg.method.args,
-        # The training-eps schedule the run started with, and the guard's events (atas.guard).
-        "eps_ramp_epochs": spec.cfg.method.args.get("eps_ramp_epochs", 0),
-        "guard_events": events(_read_log(spec.run_dir)),
-        "run_dir": os.path.relpath(spec.run_dir, out),
-        "curves": curves,
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# Provenance
-# --------------------------------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> str | None:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return head.stdout.strip() + (" (uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def load_average() -> float | None:
-    """1-minute load average: train times from a busy shared machine are not comparable."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError):
-        return None
-
-
-def machine_info(train_device: str, load_at_start: float | None = None) -> dict:
-    import torch
-
-    gpu = None
-    if torch.cuda.is_available():
-        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        gpu = ", ".join(f"{names.count(n)}x {n}" for n in dict.fromkeys(names))
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "gpu": gpu or "none", "training device": train_device,
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "atas commit": _git_commit(),
-            "load average (1 min) at start / end": f"{load_at_start} / {load_average()}"}
-
-
 # --------------------------------------------------------------------------------------------
 # The command
 # --------------------------------------------------------------------------------------------
 def cmd_compare(args) -> int:
-    from atas.checkpoint import atomic_write_text
-    from atas.report import AA_NOT_RUN, build_report, findings, format_summary_table
-    from atas.trainer import TrainingDiverged, resolve_device
-
     # Everything a user can get wrong is checked here, before the first run trains.
+    methods, routed, eps_list, out = _checked_request(args)
+    specs = plan_runs(args.recipe, methods, eps_list, args.seeds, routed, out)
+    tuning = _plan_tuning(args, methods, eps_list, routed, out)
+    attacks = check_attacks(specs[0].cfg.eval.attacks)
+    if not args.report_only:  # an impossible size fails now, not after training
+        _check_test_set_size(specs[0])
+    # Folder conflicts fail here too (a seed of a search is checked once its value is chosen).
+    statuses = [None if (s.method, s.eps) in tuning.searched else training_status(s.run_dir, s.cfg) for s in specs]
+    for note in routed.notes:
+        print(f"note: {note}")
+    _announce(specs, statuses, tuning, out)
+    load_at_start = load_average()
+    if tuning.searches:
+        specs, statuses = _run_tuning(args, tuning, methods, eps_list, routed, out, statuses)
+    rows = [_run_or_read(args, i, len(specs), spec, status, out)
+            for i, (spec, status) in enumerate(zip(specs, statuses), start=1)]
+    _write_outputs(args, methods, specs, attacks, routed, rows, out, load_at_start, tuning)
+    return 0
+
+
+@dataclass
+class _Tuning:
+    """`--tune`: the searches (atas.tune), their validation size and how many images they score on."""
+    searches: list = field(default_factory=list)
+    val_size: int | None = None
+    n_examples: int | None = None
+
+    @property
+    def searched(self) -> set[tuple[str, str]]:
+        return {(s.method, s.eps) for s in self.searches if not s.skipped}
+
+
+def _plan_tuning(args, methods: list[str], eps_list, routed: RoutedOverrides, out: Path) -> _Tuning:
+    if not args.tune:
+        if args.tune_val_size is not None or args.tune_n_examples is not None:
+            raise ConfigError("--tune-val-size / --tune-n-examples set the hyper-parameter search: add --tune")
+        return _Tuning()
+    from atas.tune import check_tune_sizes, plan_searches
+
+    val_size = DEFAULT_VAL_SIZE if args.tune_val_size is None else args.tune_val_size
+    n = check_tune_sizes(load_config(args.recipe, routed.common), val_size, args.tune_n_examples)
+    eps_texts = [e.text for e in eps_list] if eps_list else None
+    searches = plan_searches(args.recipe, methods, eps_texts, routed, out, val_size, routed.notes)
+    if not searches:
+        routed.notes.append(f"--tune: none of {', '.join(methods)} declares a hyper-parameter search; nothing to tune")
+    return _Tuning(searches, val_size, n)
+
+
+def _announce(specs: list[RunSpec], statuses: list, tuning: _Tuning, out: Path) -> None:
+    after = sum(st is None for st in statuses)
+    search_specs = [sp for search in tuning.searches for sp in search.specs]
+    search_todo = sum(training_status(sp.run_dir, sp.cfg) != "done" for sp in search_specs)
+    print(f"atas compare: {len(specs)} runs ({sum(st not in ('done', None) for st in statuses)} to train or resume"
+          + (f", {after} more after the hyper-parameter search" if after else "") + ")"
+          + (f", a search of {len(search_specs)} runs first ({search_todo} to train or resume)" if search_specs
+             else "") + f" -> {out}", flush=True)
+
+
+def _run_tuning(args, tuning: _Tuning, methods: list[str], eps_list, routed: RoutedOverrides, out: Path,
+                statuses: list) -> tuple[list[RunSpec], list]:
+    """Run the searches, then plan the seeds again with the values they chose."""
+    from atas.tune import run_search
+
+    for search in tuning.searches:
+        run_search(search, tuning.n_examples, args.report_only, out, routed.notes)
+    chosen = {(s.method, s.eps): s.override() for s in tuning.searches if s.chosen is not None}
+    specs = plan_runs(args.recipe, methods, eps_list, args.seeds, routed, out, chosen)
+    pending = {(s.method, s.eps) for s in tuning.searches if not s.skipped and not s.finished}
+    statuses = [st if st is not None or (sp.method, sp.eps) in pending else training_status(sp.run_dir, sp.cfg)
+                for sp, st in zip(specs, statuses)]
+    return specs, statuses
+
+
+def _checked_request(args) -> tuple[list[str], RoutedOverrides, list | None, Path]:
+    """The command line, checked: methods, overrides routed to their runs, eps values, the folder."""
     methods = check_methods(_split(args.methods))
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
@@ -522,7 +213,8 @@ def cmd_compare(args) -> int:
     routed = route_overrides(args.overrides, methods)
     if args.eps and any(o.split("=", 1)[0].strip() == "method.eps" for o in routed.common):
         raise ConfigError("give eps either with --eps or as method.eps=..., not both")
-    eps_list = list(dict.fromkeys(eps_text(e) for e in _split(args.eps))) if args.eps else None
+    # Parsed once: the Frac of each eps is the one its runs' configs hold.
+    eps_list = list({e.text: e for e in map(parse_eps, _split(args.eps))}.values()) if args.eps else None
     if args.attacks is not None:
         routed.common.append(f"eval.attacks={','.join(check_attacks(args.attacks))}")
     if args.n_examples is not None:
@@ -531,94 +223,76 @@ def cmd_compare(args) -> int:
     if out_dirs and args.out:
         raise ConfigError("give the report folder either with --out or as out_dir=..., not both")
     out = Path(args.out or Path(out_dirs[-1] if out_dirs else "reports") / Path(args.recipe).stem)
-    specs = plan_runs(args.recipe, methods, eps_list, args.seeds, routed, out)
-    searches, tune_n = [], None
-    if args.tune:
-        from atas.tune import check_tune_sizes, plan_searches
+    return methods, routed, eps_list, out
 
-        val_size = DEFAULT_VAL_SIZE if args.tune_val_size is None else args.tune_val_size
-        tune_n = check_tune_sizes(load_config(args.recipe, routed.common), val_size, args.tune_n_examples)
-        searches = plan_searches(args.recipe, methods, eps_list, routed, out, val_size, routed.notes)
-        if not searches:
-            routed.notes.append(f"--tune: none of {', '.join(methods)} declares a hyper-parameter search; "
-                                "nothing to tune")
-    elif args.tune_val_size is not None or args.tune_n_examples is not None:
-        raise ConfigError("--tune-val-size / --tune-n-examples set the hyper-parameter search: add --tune")
-    # The seeds of a (method, eps) with a search are planned again once it has chosen.
-    searched = {(s.method, s.eps) for s in searches if not s.skipped}
-    attacks = check_attacks(specs[0].cfg.eval.attacks)
-    n_wanted, d = specs[0].cfg.eval.n_examples, specs[0].cfg.data
-    if n_wanted is not None and not args.report_only:  # an impossible size fails now, not after training
-        size = _test_set_size(d.name, d.data_dir, d.download, d.test_subset)
-        if n_wanted > size:
-            raise ConfigError(f"--n-examples / eval.n_examples is {n_wanted} but the {d.name} test set has {size} "
-                              f"images; give at most {size}")
-    # Folder conflicts fail here too (a seed of a search is checked once its value is chosen).
-    statuses = [None if (s.method, s.eps) in searched else training_status(s.run_dir, s.cfg) for s in specs]
-    search_specs = [sp for search in searches for sp in search.specs]
-    search_todo = sum(training_status(sp.run_dir, sp.cfg) != "done" for sp in search_specs)
-    for note in routed.notes:
-        print(f"note: {note}")
-    after = sum(st is None for st in statuses)
-    print(f"atas compare: {len(specs)} runs ({sum(st not in ('done', None) for st in statuses)} to train or resume"
-          + (f", {after} more after the hyper-parameter search" if after else "") + ")"
-          + (f", a search of {len(search_specs)} runs first ({search_todo} to train or resume)" if search_specs
-             else "") + f" -> {out}", flush=True)
 
-    rows, load_at_start = [], load_average()
-    if searches:
-        from atas.tune import run_search
+def _check_test_set_size(spec: RunSpec) -> None:
+    n_wanted, d = spec.cfg.eval.n_examples, spec.cfg.data
+    if n_wanted is None:
+        return
+    size = _test_set_size(d.name, d.data_dir, d.download, d.test_subset)
+    if n_wanted > size:
+        raise ConfigError(f"--n-examples / eval.n_examples is {n_wanted} but the {d.name} test set has {size} "
+                          f"images; give at most {size}")
 
-        for search in searches:
-            run_search(search, tune_n, args.report_only, out, routed.notes)
-        chosen = {(s.method, s.eps): s.override() for s in searches if s.chosen is not None}
-        specs = plan_runs(args.recipe, methods, eps_list, args.seeds, routed, out, chosen)
-        pending = {(s.method, s.eps) for s in searches if not s.skipped and not s.finished}
-        statuses = [st if st is not None or (sp.method, sp.eps) in pending else training_status(sp.run_dir, sp.cfg)
-                    for sp, st in zip(specs, statuses)]
-    for i, spec, status in zip(range(1, len(specs) + 1), specs, statuses):
-        head = f"[{i}/{len(specs)}] {spec.method} eps={spec.eps} seed={spec.seed}"
-        if status is None:  # --report-only, and the search that picks this run's value has not finished
-            missing = "hyper-parameter search not finished"
-            print(f"{head}: {missing} (--report-only)", flush=True)
-            rows.append({"method": spec.method, "eps": spec.eps, "eps_value": float(spec.cfg.method.eps),
-                         "seed": spec.seed, "missing": missing, "run_dir": os.path.relpath(spec.run_dir, out)})
-            continue
-        if args.report_only and (status != "done" or not eval_is_current(spec.run_dir, spec.cfg)):
-            missing = {"fresh": "not started", "resume": "training unfinished"}.get(status, "not evaluated")
-            print(f"{head}: {missing} (--report-only)", flush=True)
-            rows.append({"method": spec.method, "eps": spec.eps, "eps_value": float(spec.cfg.method.eps),
-                         "seed": spec.seed, "missing": missing, "run_dir": os.path.relpath(spec.run_dir, out)})
-            continue
-        try:
-            action = run_one(spec)
-        except TrainingDiverged as e:  # one diverged run must not cost the rest of the sweep
-            print(f"{head}: FAILED: {e}", flush=True)
-            rows.append({"method": spec.method, "eps": spec.eps, "eps_value": float(spec.cfg.method.eps),
-                         "seed": spec.seed, "failed": str(e), "run_dir": os.path.relpath(spec.run_dir, out)})
-            continue
-        row = summarize_run(spec, out)
-        rows.append(row)
-        accs = " ".join(f"{k} {100 * row[k]:.1f}%" for k in ("clean", "fgsm", "pgd", "aa") if row[k] is not None)
-        print(f"{head}: {action}; {accs}; train {row['train_time_s']:.1f} s; "
-              f"CO {'yes' if row['co_detected'] else 'no'}", flush=True)
 
+def _run_or_read(args, i: int, n: int, spec: RunSpec, status: str, out: Path) -> dict:
+    """One run's row of summary.json: trained / resumed / evaluated as needed, or (--report-only)
+    read back, or marked diverged or not finished."""
+    from atas.trainer import TrainingDiverged, read_divergence
+
+    head = f"[{i}/{n}] {spec.method} eps={spec.eps} seed={spec.seed}"
+    if status is None:  # --report-only, and the search that picks this run's value has not finished
+        print(f"{head}: hyper-parameter search not finished (--report-only)", flush=True)
+        return {"method": spec.method, "eps": spec.eps, "eps_value": float(spec.cfg.method.eps),
+                "seed": spec.seed, "missing": "hyper-parameter search not finished",
+                "run_dir": os.path.relpath(spec.run_dir, out)}
+    if args.report_only and status == "diverged":
+        info = read_divergence(spec.run_dir)
+        print(f"{head}: diverged at epoch {info['epoch']} (loss {info['loss']}) (--report-only)", flush=True)
+        return _failed_row(spec, out, f"diverged at epoch {info['epoch']}, step {info['step']} "
+                                      f"(loss {info['loss']})", info)
+    if args.report_only and (status != "done" or not eval_is_current(spec.run_dir, spec.cfg)):
+        missing = {"fresh": "not started", "resume": "training unfinished"}.get(status, "not evaluated")
+        print(f"{head}: {missing} (--report-only)", flush=True)
+        return {"method": spec.method, "eps": spec.eps, "eps_value": float(spec.cfg.method.eps),
+                "seed": spec.seed, "missing": missing, "run_dir": os.path.relpath(spec.run_dir, out)}
+    try:
+        action = run_one(spec)
+    except TrainingDiverged as e:  # one diverged run must not cost the rest of the sweep
+        print(f"{head}: FAILED: {e}", flush=True)
+        return _failed_row(spec, out, str(e), e.record())
+    row = summarize_run(spec, out)
+    accs = " ".join(f"{k} {100 * row[k]:.1f}%" for k in ("clean", "fgsm", "pgd", "aa") if row[k] is not None)
+    print(f"{head}: {action}; {accs}; train {row['train_time_s']:.1f} s; "
+          f"CO {'yes' if row['co_detected'] else 'no'}", flush=True)
+    return row
+
+
+def _write_outputs(args, methods: list[str], specs: list[RunSpec], attacks: list[str], routed: RoutedOverrides,
+                   rows: list[dict], out: Path, load_at_start: float | None, tuning: _Tuning) -> None:
+    """summary.json (with the command, its equivalent and the machine), the report, the table."""
+    from atas.checkpoint import atomic_write_text
+    from atas.report import AA_NOT_RUN, build_report, findings, format_summary_table
+    from atas.trainer import resolve_device
+
+    eps = list(dict.fromkeys(s.eps for s in specs))
     equivalent = ["atas", "compare", args.recipe, "--methods", ",".join(methods), "--seeds", str(args.seeds),
-                  "--eps", ",".join(dict.fromkeys(s.eps for s in specs)), "--attacks", ",".join(attacks)]
+                  "--eps", ",".join(eps), "--attacks", ",".join(attacks)]
     if args.n_examples is not None:
         equivalent += ["--n-examples", str(args.n_examples)]
     if args.tune:
-        equivalent += ["--tune", "--tune-val-size", str(val_size), "--tune-n-examples", str(tune_n)]
+        equivalent += ["--tune", "--tune-val-size", str(tuning.val_size), "--tune-n-examples", str(tuning.n_examples)]
     command = {"command": shlex.join(sys.argv), "equivalent": shlex.join(equivalent + ["--out", str(out)]
                                                                          + list(args.overrides))}
     machine = machine_info(str(resolve_device(specs[0].cfg.train.device)), load_at_start)
     summary = {"format": SUMMARY_FORMAT,
                "date": datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds"),
                **command, "machine": machine, "recipe": args.recipe, "methods": methods,
-               "eps": list(dict.fromkeys(s.eps for s in specs)), "seeds": sorted({s.seed for s in specs}),
+               "eps": eps, "seeds": sorted({s.seed for s in specs}),
                "attacks": attacks, "n_examples": args.n_examples, "notes": routed.notes, "runs": rows}
     if args.tune:  # per (method, eps): the grid, each value's validation accuracy, the value chosen
-        summary["search"] = [s.summary(val_size, tune_n, specs[0].seed) for s in searches]
+        summary["search"] = [s.summary(tuning.val_size, tuning.n_examples, specs[0].seed) for s in tuning.searches]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     report = build_report(rows, out, command, machine, search=summary.get("search"))
@@ -627,8 +301,7 @@ def cmd_compare(args) -> int:
     print(format_summary_table(rows))
     if "aa" not in attacks:
         print(f"\n{AA_NOT_RUN}")
-    for eps, facts in findings(rows).items():
+    for eps_text, facts in findings(rows).items():
         for fact in facts:
-            print(f"eps {eps}: {fact}")
+            print(f"eps {eps_text}: {fact}")
     print(f"\nreport: {report} (and {report.with_suffix('.html')}); runs: {out / 'runs'}")
-    return 0

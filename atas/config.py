@@ -7,82 +7,22 @@ The resolved config is saved in the run folder and in every checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import fractions
-import math
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from atas.data import dataset_info
+from atas.evaluation import ATTACKS, pgd_step
+from atas.methods import METHODS, get_method, list_methods
+from atas.models import list_models
+# The typed values live in their own leaf module; re-exported here, where they were first defined.
+from atas.values import (ConfigError, Frac, NotFiniteError, build_dataclass, coerce, parse_fraction,  # noqa: F401
+                         to_plain as _to_plain)
+
 RECIPE_DIR = Path(__file__).parent / "recipes"
 CO_ACTIONS = ("none", "stop", "keep_best", "recover")
-
-
-class ConfigError(ValueError):
-    """A config value is wrong; the message says which key and what to write instead."""
-
-
-# --------------------------------------------------------------------------------------------
-# Exact fractions such as 8/255
-# --------------------------------------------------------------------------------------------
-_FRACTION = re.compile(r"^\s*([+-]?\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*(?:/\s*(\d+(?:\.\d*)?))?\s*$")
-
-
-class NotFiniteError(ConfigError):
-    """A number that is inf, NaN or too large for a float (1e400): no setting means that."""
-
-
-def parse_fraction(text: str | float | int) -> float:
-    """'8/255' -> 8/255 exactly as a float; '0.3' -> 0.3; 0.3 -> 0.3. Never evaluates code.
-    Only finite numbers: 1e400 (an OverflowError deep inside the run otherwise), inf and NaN are
-    refused here."""
-    if isinstance(text, bool):
-        raise ConfigError(f"expected a number such as 0.3 or 8/255, got {text!r}")
-    if isinstance(text, (int, float)):
-        try:
-            value = float(text)
-        except OverflowError:  # a huge int
-            value = math.inf
-    else:
-        m = _FRACTION.match(str(text))
-        if not m:
-            raise ConfigError(f"expected a number such as 0.3 or 8/255, got {text!r}")
-        num, den = m.group(1), m.group(2)
-        if den is not None and fractions.Fraction(den) == 0:
-            raise ConfigError(f"division by zero in {text!r}")
-        exact = fractions.Fraction(num) / fractions.Fraction(den) if den else fractions.Fraction(num)
-        try:
-            value = float(exact)
-        except OverflowError:
-            value = math.inf
-    if not math.isfinite(value):
-        raise NotFiniteError(f"expected a finite number, got {text!r} (beyond the float range, about 1.8e308)")
-    return value
-
-
-class Frac(float):
-    """A float that remembers how it was written ('8/255'), for honest reports."""
-
-    text: str
-
-    def __new__(cls, value: "str | float | int | Frac") -> "Frac":
-        if isinstance(value, Frac):
-            return value
-        obj = super().__new__(cls, parse_fraction(value))
-        obj.text = str(value).replace(" ", "") if isinstance(value, str) else repr(float(value))
-        return obj
-
-    def __repr__(self) -> str:
-        return self.text
-
-    __str__ = __repr__
-
-    def __reduce__(self):  # copy/deepcopy keep the text
-        return (Frac, (self.text,))
 
 
 def check_eps(eps: float, key: str = "method.eps") -> None:
@@ -182,7 +122,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    attacks: str = "clean,fgsm,pgd"  # comma list of atas.evaluate.ATTACKS names
+    # Names from atas.evaluation.ATTACKS; on the command line a comma list: eval.attacks=clean,pgd,aa
+    attacks: list[str] = field(default_factory=lambda: ["clean", "fgsm", "pgd"])
     pgd_steps: int = 50
     pgd_restarts: int = 10
     # PGD step: None = the threat model's measured default (atas.evaluate.PGD_DEFAULTS); a number
@@ -215,109 +156,8 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------
-# Building: dicts and overrides -> typed dataclasses, with errors that name the key
+# Building: recipe and overrides -> one tree -> a checked Config
 # --------------------------------------------------------------------------------------------
-def _to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Frac):
-        return obj.text
-    if isinstance(obj, dict):
-        return {k: _to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_plain(v) for v in obj]
-    return obj
-
-
-def coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check/convert `value` to the annotated type `tp`; raise ConfigError naming `key`."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in options:
-                return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return coerce(value, option, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str):
-            value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list such as 24,28, got {value!r}")
-        return [coerce(v, item_tp, key) for v in value]
-    if tp is Frac:
-        try:
-            return Frac(value)
-        except ConfigError as e:
-            raise ConfigError(f"{key}: {e}") from None
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
-            return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            return parse_fraction(value)
-        except NotFiniteError as e:
-            raise ConfigError(f"{key}: {e}") from None
-        except ConfigError:
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-    if tp is str:
-        if isinstance(value, bool):  # `amp: off` in a YAML recipe arrives as False
-            return "on" if value else "off"
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    return value
-
-
-def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
-    """Instantiate dataclass `cls` from a (possibly partial) dict, type-checking every key."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in sorted(unknown))}; "
-                          f"valid keys under '{prefix or 'top level'}': {', '.join(sorted(names))}")
-    kwargs = {}
-    for name, value in values.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{prefix}{name}: expected a mapping")
-            kwargs[name] = build_dataclass(tp, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = coerce(value, tp, prefix + name)
-    return cls(**kwargs)
-
-
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -328,6 +168,48 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+# --------------------------------------------------------------------------------------------
+# The override grammar: `key=value`, where a key is one of
+#   section.key                      train.epochs=5 (any field of the Config tree)
+#   method.<option>                  an option of the method run (method.args.<option> too)
+#   method.<name>.<option>           an option of method <name> only (method.per_method.<name>.<option>)
+#   <name>.<option>                  the same, short (`atas compare`: pgd.steps=10)
+# --------------------------------------------------------------------------------------------
+def split_override(item: str) -> tuple[str, str]:
+    """'train.epochs=5' -> ('train.epochs', '5'): the one place an override is split."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=5)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has no key")
+    return key, raw
+
+
+def method_override(key: str, methods: list[str]) -> tuple[str | None, str] | None:
+    """What a key says about method options: (method name, option) for an option of that method
+    only, (None, option) for an option of whichever method runs, None for any other key (a
+    config field, method.eps and method.name included). `methods`: the registered names."""
+    parts = key.split(".")
+    own = {f.name for f in dataclasses.fields(MethodConfig)}
+    sections = {f.name for f in dataclasses.fields(Config)}
+    if parts[0] == "method" and len(parts) >= 2:
+        if parts[1] == "args" and len(parts) == 3:
+            parts = ["method", parts[2]]
+        if len(parts) == 3 and parts[1] in methods and parts[1] not in own:
+            return parts[1], parts[2]
+        if len(parts) == 4 and parts[1] == "per_method":
+            return parts[2], parts[3]
+        if parts[1] in own:
+            return None
+        if len(parts) == 2:
+            return None, parts[1]
+        raise ConfigError(f"{key}: write method.<option>=value or <method>.<option>=value")
+    if len(parts) == 2 and parts[0] in methods and parts[0] not in sections:
+        return parts[0], parts[1]
+    return None
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """['method.eps=8/255', 'train.epochs=5'] -> nested dict of raw values.
 
@@ -335,12 +217,7 @@ def parse_overrides(overrides: list[str]) -> dict:
     with a '/' stays a string for the fraction parser."""
     tree: dict = {}
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=5)")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        if not key:
-            raise ConfigError(f"override {item!r} has no key")
+        key, raw = split_override(item)
         value: Any = raw if "/" in raw else yaml.safe_load(raw) if raw.strip() else ""
         if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
             value = raw.strip()  # YAML 1.1 reads `off`/`yes` as booleans; keep the word (train.amp=off)
@@ -357,8 +234,6 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def _route_method_args(tree: dict) -> dict:
     """`method.c=0.02`: keys under `method` that MethodConfig does not have go to method.args."""
-    from atas.methods import METHODS
-
     method = tree.get("method")
     if isinstance(method, str):  # `method: atas` shorthand in a recipe
         tree["method"] = method = {"name": method}
@@ -413,10 +288,6 @@ def config_from_dict(tree: dict) -> Config:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks; fills method.args with the method's defaults so the saved config is whole."""
-    from atas.data import dataset_info
-    from atas.methods import get_method, list_methods
-    from atas.models import list_models
-
     check_eps(cfg.method.eps)
     if cfg.model.arch not in list_models():
         raise ConfigError(f"unknown model {cfg.model.arch!r}; valid: {', '.join(list_models())}")
@@ -432,7 +303,11 @@ def validate(cfg: Config) -> None:
     chosen = _merge(cfg.method.per_method.get(cfg.method.name, {}), cfg.method.args)
     chosen.setdefault("eps_ramp_epochs", cfg.train.eps_ramp_epochs)  # the run's schedule, unless set per method
     options = build_dataclass(method_cls.Options, chosen, "method.")
+    method_cls.check_options(options)  # the method's own range checks, before anything trains
     cfg.method.args = _to_plain(options)
+    if cfg.train.compile and method_cls.no_compile:
+        raise ConfigError(f"train.compile=true cannot run {cfg.method.name}: {method_cls.no_compile}. "
+                          "Set train.compile=false.")
     for key, n in (("data.subset", cfg.data.subset), ("data.test_subset", cfg.data.test_subset)):
         if n is not None and n < 1:  # x[:0] would keep nothing and x[:-5] all but 5: never what was meant
             raise ConfigError(f"{key} must be >= 1 (keep the first N images), got {n}; "
@@ -474,14 +349,8 @@ def validate(cfg: Config) -> None:
 
 def validate_eval(cfg: Config) -> None:
     """The eval section: attack names, sizes and the PGD step, each with a message saying what to write."""
-    from atas.evaluate import ATTACKS, pgd_step
-
     e = cfg.eval
-    names = [a.strip().lower() for a in str(e.attacks).split(",") if a.strip()]
-    unknown = [a for a in names if a not in ATTACKS]
-    if unknown or not names:
-        raise ConfigError(f"eval.attacks: unknown attack(s) {', '.join(unknown) or '(none given)'}; "
-                          f"valid: {', '.join(ATTACKS)}")
+    e.attacks = check_attacks(e.attacks, "eval.attacks: ")
     for key in ("pgd_steps", "pgd_restarts", "batch_size"):
         if getattr(e, key) < 1:
             raise ConfigError(f"eval.{key} must be >= 1, got {getattr(e, key)}")
@@ -493,15 +362,17 @@ def validate_eval(cfg: Config) -> None:
         raise ConfigError(f"eval.pgd_alpha / pgd_schedule / pgd_loss: {err}") from None
 
 
+def check_attacks(attacks: "list[str] | str", key: str = "") -> list[str]:
+    """Attack names (a list, or a comma list as typed), lower-cased, each once, all registered."""
+    attacks = coerce(attacks, list[str], key.rstrip(": ") or "attacks")  # a comma list as typed, or a list
+    names = list(dict.fromkeys(a.strip().lower() for a in attacks if a.strip()))
+    unknown = [a for a in names if a not in ATTACKS.names()]
+    if unknown or not names:
+        raise ConfigError(f"{key}unknown attack(s) {', '.join(unknown) or '(none given)'}; "
+                          f"valid: {', '.join(ATTACKS.names())}")
+    return names
+
+
 def method_options(cfg: Config) -> Any:
     """The method's typed Options dataclass for this (validated) config."""
-    from atas.methods import get_method
-
     return build_dataclass(get_method(cfg.method.name).Options, cfg.method.args, "method.")
-
-
-def switch_method(cfg: Config, name: str) -> Config:
-    """A copy of cfg running method `name`: its args come from method.per_method[name] (or defaults)."""
-    tree = cfg.to_dict()
-    tree["method"]["name"], tree["method"]["args"] = name, {}
-    return config_from_dict(tree)

@@ -34,6 +34,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from atas.registry import Registry
+from atas.values import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -61,41 +64,49 @@ class DatasetInfo:
     std: tuple[float, ...]
     resident: bool            # True: one uint8 tensor (load_tensors); False: streamed folder
     frame_size: int           # side of the stored training image the crop is taken from
+    # A dataset of your own (resident): load(split, data_dir, download) -> (x uint8 [N, C, H, W],
+    # y int64 [N]); the shipped ones are read by the readers below (None).
+    load: Callable[[str, Path | None, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 _MNIST_LIKE = dict(num_classes=10, channels=1, image_size=28, train_pad=2, resident=True, frame_size=28)
 _CIFAR_LIKE = dict(channels=3, image_size=32, train_pad=4, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                    resident=True, frame_size=32)
 
+# name -> DatasetInfo. Packages add theirs through the entry-point group "atas.datasets"
+# (atas.registry): `register_dataset(DatasetInfo("my_set", ..., load=my_loader))`.
+DATASETS = Registry("dataset", group="atas.datasets", ordered="registration",
+                    aliases={"fashion_mnist": "fmnist", "fashion-mnist": "fmnist", "tiny-imagenet": "tiny_imagenet"})
+
+
+def register_dataset(info: DatasetInfo) -> DatasetInfo:
+    """Add a dataset under `info.name` (a resident one of your own gives `load`)."""
+    return DATASETS.register(info.name, info)
+
+
 # CIFAR, SVHN and ImageNet use the ImageNet statistics, as the official ATAS code does.
-DATASETS: dict[str, DatasetInfo] = {
-    "fmnist": DatasetInfo("fmnist", flip=True, mean=(0.2860,), std=(0.3530,), **_MNIST_LIKE),
-    "mnist": DatasetInfo("mnist", flip=False, mean=(0.1307,), std=(0.3081,), **_MNIST_LIKE),
-    "cifar10": DatasetInfo("cifar10", num_classes=10, flip=True, **_CIFAR_LIKE),
-    "cifar100": DatasetInfo("cifar100", num_classes=100, flip=True, **_CIFAR_LIKE),
+for _info in (
+    DatasetInfo("fmnist", flip=True, mean=(0.2860,), std=(0.3530,), **_MNIST_LIKE),
+    DatasetInfo("mnist", flip=False, mean=(0.1307,), std=(0.3081,), **_MNIST_LIKE),
+    DatasetInfo("cifar10", num_classes=10, flip=True, **_CIFAR_LIKE),
+    DatasetInfo("cifar100", num_classes=100, flip=True, **_CIFAR_LIKE),
     # No flip for digits: a mirrored 2 or 5 is not a 2 or 5.
-    "svhn": DatasetInfo("svhn", num_classes=10, flip=False, **_CIFAR_LIKE),
+    DatasetInfo("svhn", num_classes=10, flip=False, **_CIFAR_LIKE),
     # Official code: train Resize((256, 256)) + RandomCrop(224) + flip; test Resize((256, 256))
     # + CenterCrop(224). The resize happens here, the crop on the device.
-    "imagenet": DatasetInfo("imagenet", num_classes=1000, channels=3, image_size=224, train_pad=0,
-                            flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, resident=False,
-                            frame_size=256),
+    DatasetInfo("imagenet", num_classes=1000, channels=3, image_size=224, train_pad=0,
+                flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, resident=False, frame_size=256),
     # Our choice (no official recipe): the images are already 64x64, so they are not resized and
     # are cropped as CIFAR is, RandomCrop(64, padding=4) + flip; the test image is the image itself.
-    "tiny_imagenet": DatasetInfo("tiny_imagenet", num_classes=200, channels=3, image_size=64,
-                                 train_pad=4, flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                                 resident=False, frame_size=64),
-}
-_ALIASES = {"fashion_mnist": "fmnist", "fashion-mnist": "fmnist", "tiny-imagenet": "tiny_imagenet"}
+    DatasetInfo("tiny_imagenet", num_classes=200, channels=3, image_size=64,
+                train_pad=4, flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, resident=False, frame_size=64),
+):
+    register_dataset(_info)
 
 
 def dataset_info(name: str) -> DatasetInfo:
     """The registry entry for `name` (aliases: fashion_mnist -> fmnist); ValueError if unknown."""
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)} "
-                         f"(aliases: {', '.join(_ALIASES)})")
-    return DATASETS[key]
+    return DATASETS.get(name.lower())
 
 
 def default_data_dir() -> Path:
@@ -417,6 +428,9 @@ def load_tensors(name: str, split: str, data_dir: str | Path | None = None,
     if not info.resident:
         raise ValueError(f"{info.name} is a folder dataset streamed from disk; use image_folder() "
                          f"or load_split()")
+    if info.load is not None:  # a dataset of your own: its loader, checked like the shipped ones
+        x, y = info.load(split, None if data_dir is None else Path(data_dir).expanduser(), download)
+        return _checked(x, y, info, Path(str(data_dir or info.name)), info.name)
     source = _SOURCES[info.name]
     target, folders = _search_folders(info.name, data_dir)
     paths = _find_files(info.name, split, folders)
@@ -432,10 +446,16 @@ def load_tensors(name: str, split: str, data_dir: str | Path | None = None,
         fix = (f"make it readable (`chmod a+r {file}`, or run as its owner)" if isinstance(e, PermissionError)
                else "check the disk, or copy the data elsewhere and point data.data_dir at it")
         raise DataAccessError(f"cannot read {file}: {e.strerror or e}; {fix}") from None
+    return _checked(x, y, info, paths[-1] if info.name in ("fmnist", "mnist") else paths[0], source.title, paths[0])
+
+
+def _checked(x: torch.Tensor, y: torch.Tensor, info: DatasetInfo, label_path: Path, title: str,
+             image_path: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split as the dataset's facts say it must be: image shape and labels in range."""
     if x.shape[1:] != (info.channels, info.image_size, info.image_size):
-        raise DataFormatError(f"{paths[0]}: images {tuple(x.shape)}, expected "
+        raise DataFormatError(f"{image_path or label_path}: images {tuple(x.shape)}, expected "
                               f"[N, {info.channels}, {info.image_size}, {info.image_size}]")
-    _check_labels(y, info.num_classes, paths[-1] if info.name in ("fmnist", "mnist") else paths[0], source.title)
+    _check_labels(y, info.num_classes, label_path, title)
     return x, y
 
 
@@ -444,7 +464,6 @@ def check_subset(subset: int | None, available: int, key: str = "data.subset",
     """How many images `key`=subset keeps from a split of `available`: all of them when subset is
     None; ConfigError when subset is < 1 or larger than the split (asking for more images than
     there are must not silently train on fewer)."""
-    from atas.config import ConfigError
 
     if subset is None:
         return available
@@ -592,6 +611,32 @@ def _tiny_imagenet_val(folder: Path, annotations: Path,
                                   f"class folder")
         samples.append((str(folder / "images" / file), class_to_idx[wnid]))
     return samples
+
+
+class TestSplit:
+    """A dataset's test split, opened once: `len(split)` without decoding a folder dataset's
+    images, `split.take(n)` -> the first n unpadded images (uint8 [n, C, H, W]) and labels. The
+    one test-set loader of the package: the evaluation, the trainer's probe and `atas compare`'s
+    size check all read the test set through it."""
+
+    def __init__(self, name: str, data_dir: str | Path | None = None, download: bool = False):
+        self.info = dataset_info(name)
+        if self.info.resident:
+            self._x, self._y = load_tensors(self.info.name, "test", data_dir, download)
+            self._folder = None
+        else:
+            self._folder = image_folder(self.info.name, "test", data_dir)
+
+    def __len__(self) -> int:
+        return len(self._y) if self._folder is None else len(self._folder)
+
+    def take(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(self) if n is None else min(n, len(self))
+        if self._folder is None:
+            return self._x[:n], self._y[:n]
+        items = [self._folder[i] for i in range(n)]  # decodes only the n images asked for
+        x = torch.stack([it[0] for it in items]).mul(255).round().to(torch.uint8)
+        return x, torch.tensor([int(it[1]) for it in items])
 
 
 def load_split(name: str, split: str, data_dir: str | Path | None = None,

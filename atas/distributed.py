@@ -108,11 +108,13 @@ class DistContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def reduce_sums(self, sums: torch.Tensor) -> torch.Tensor:
-        """[loss*n, correct, n, alpha_sum, alpha_min, alpha_max] summed / min'ed / max'ed over ranks."""
+    def reduce_sums(self, sums: torch.Tensor, n_stats: int = 1) -> torch.Tensor:
+        """The epoch's tally over ranks: [loss*n, correct, n, k stat sums, k stat mins, k stat maxs]
+        (k = n_stats: the stats the method logs), the sums summed, the mins min'ed, the maxs max'ed."""
         if not self.enabled:
             return sums
-        head, lo, hi = sums[:4].clone(), sums[4:5].clone(), sums[5:6].clone()
+        k = 3 + n_stats
+        head, lo, hi = sums[:k].clone(), sums[k:k + n_stats].clone(), sums[k + n_stats:].clone()
         dist.all_reduce(head, op=dist.ReduceOp.SUM)
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)

@@ -22,7 +22,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from atas import __version__
+from atas.provenance import __version__
 from atas.checkpoint import CheckpointError, atomic_write, check_output, load_checkpoint, save_json
 from atas.config import Config, config_from_dict
 from atas.data import dataset_info
@@ -189,9 +189,9 @@ def run_evaluation(source: str | Path, model: nn.Module) -> tuple[dict | None, s
 
     eval.json is computed from the run's final model; `source` may be best.pt or an older
     checkpoint with other weights. An evaluation counts only if the sha256 of the weights it
-    measured (recorded by atas.runner.evaluate_run) is that of `model`: eval.json first, then
+    measured (recorded by atas.evaluation.run.evaluate_run) is that of `model`: eval.json first, then
     the `atas eval` results beside the checkpoint (eval-*.json), newest first."""
-    from atas.evaluate import _fingerprint_model
+    from atas.evaluation.protocol import fingerprint_model
 
     path = resolve_artifact(source)
     if path.suffix == ".safetensors":
@@ -201,7 +201,7 @@ def run_evaluation(source: str | Path, model: nn.Module) -> tuple[dict | None, s
     files = [f for f in files if f.is_file()]
     if not files:
         return None, None
-    mine = _fingerprint_model(model)
+    mine = fingerprint_model(model)
     unverifiable = []
     for file in files:
         try:

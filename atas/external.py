@@ -12,15 +12,13 @@ import importlib
 import os
 import pickle
 import sys
-from importlib.metadata import entry_points
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from atas.config import ConfigError
-
-ENTRY_POINT_GROUP = "atas.models"   # packages may register models here: [project.entry-points."atas.models"]
+from atas.registry import GROUPS, load_entry_points
+from atas.values import ConfigError
 
 
 def _importable_from_here() -> None:
@@ -34,8 +32,9 @@ def _importable_from_here() -> None:
 
 
 def import_plugins(modules: list[str] | None = None) -> list[str]:
-    """Import the user's modules (their `atas.register_model(...)` decorators fill the model
-    registry) and every installed entry point of the group "atas.models"; returns what was loaded."""
+    """Import the user's modules (their `atas.register_model(...)`, `@register` ... fill the
+    registries) and every installed entry point of the groups in atas.registry.GROUPS; returns what
+    was loaded."""
     loaded = []
     if modules:
         _importable_from_here()
@@ -46,13 +45,8 @@ def import_plugins(modules: list[str] | None = None) -> list[str]:
             raise ConfigError(f"--import {name}: cannot import it ({type(e).__name__}: {e}); is it installed or "
                               "on PYTHONPATH?") from e
         loaded.append(name)
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            ep.load()
-        except Exception as e:  # a broken plugin must say which one it is
-            raise ConfigError(f"the installed plugin {ep.name!r} ({ep.value}, entry point group {ENTRY_POINT_GROUP!r}) "
-                              f"failed to load: {type(e).__name__}: {e}") from e
-        loaded.append(ep.value)
+    for group in GROUPS:  # methods, models, datasets and attacks of installed packages
+        loaded += load_entry_points(group)
     return loaded
 
 

@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from atas.registry import Registry
+
 __all__ = [
     "MODELS", "NormalizedModel", "register", "build_model", "list_models",
     "unwrap", "clean_state_dict", "count_parameters",
@@ -77,22 +79,20 @@ class NormalizedModel(nn.Module):
 # Registry
 # ---------------------------------------------------------------------------------------------
 
-# name -> factory(num_classes, in_channels=3, **kwargs) -> bare nn.Module (no normalisation)
-MODELS: dict[str, Callable[..., nn.Module]] = {}
+# name -> factory(num_classes, in_channels=3, **kwargs) -> bare nn.Module (no normalisation).
+# Packages add theirs through the entry-point group "atas.models" (atas.registry).
+MODELS = Registry("model", group="atas.models",
+                  hint=" (a model registered by your own code with atas.register_model needs `--import your.module` "
+                       "on the command line)")
 
 
 def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator: `@register("wrn28_10")` adds a factory to MODELS under that name."""
-    def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in MODELS:
-            raise ValueError(f"model {name!r} is already registered")
-        MODELS[name] = factory
-        return factory
-    return decorator
+    return MODELS.register(name)
 
 
 def list_models() -> list[str]:
-    return sorted(MODELS)
+    return MODELS.names()
 
 
 def _per_channel(values: float | Iterable[float] | None, default: float, channels: int,
@@ -119,10 +119,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3,
     (mean 0, std 1); the dataset module supplies the real statistics. Extra keyword arguments go
     to the architecture's factory and are recorded in `model.spec`.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())} (a model registered "
-                         "by your own code with atas.register_model needs `--import your.module` on the command line)")
-    net = MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+    net = MODELS.get(name)(num_classes=num_classes, in_channels=in_channels, **kwargs)
     return NormalizedModel(
         net,
         mean=_per_channel(mean, 0.0, in_channels, "mean"),

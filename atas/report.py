@@ -20,9 +20,12 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-# Names as the papers write them; registry names not listed here are shown as they are.
-METHOD_LABELS = {"atas": "ATAS", "fgsm_rs": "FGSM-RS", "n_fgsm": "N-FGSM", "grad_align": "GradAlign",
-                 "pgd": "PGD-AT", "free": "Free-AT", "fgsm_pgi": "FGSM-PGI", "none": "standard"}
+from atas.extras import INSTALL, available
+from atas.guard import describe
+from atas.methods import METHODS
+from atas.monitor import COMonitor
+from atas.values import parse_fraction
+
 # "ATAS AA within GAP_POINTS points of PGD-AT" is the claim the report checks (ATAS paper, Tables).
 GAP_POINTS = 3.0
 
@@ -38,15 +41,48 @@ PROBE_PLOT, ALPHA_PLOT, TIME_PLOT = "probe_pgd.png", "atas_alpha.png", "time_vs_
 MASK_PLOT = "probe_masking.png"
 
 
+# --------------------------------------------------------------------------------------------
+# What the methods say about themselves (class attributes of atas.methods.base.Method)
+# --------------------------------------------------------------------------------------------
+def _method_class(name: str):
+    """The registered class of `name`; None for a method this process does not know (a report
+    rebuilt from summary.json without the plugin that trained it): shown by its name, no claims."""
+    try:
+        return METHODS.get(name)
+    except ValueError:
+        return None
+
+
 def method_label(name: str) -> str:
-    return METHOD_LABELS.get(name, name)
+    """The method's name as its paper writes it (its `label`), else its registry name."""
+    cls = _method_class(name)
+    return cls.display_label() if cls is not None else name
+
+
+def _is(name: str, flag: str) -> bool:
+    cls = _method_class(name)
+    return bool(cls is not None and getattr(cls, flag))
+
+
+def _reference(by_method: dict) -> str | None:
+    """The robust reference in this comparison (PGD-AT: `reference = True`), if there is one."""
+    return next((m for m in by_method if _is(m, "reference")), None)
+
+
+def _logged(name: str) -> dict:
+    cls = _method_class(name)
+    return cls.logged_stats if cls is not None else {}
+
+
+def _reference_label() -> str:
+    return next((cls.display_label() for cls in METHODS.values() if cls.reference), "the reference")
 
 
 # --------------------------------------------------------------------------------------------
 # Grouping and statistics
 # --------------------------------------------------------------------------------------------
 def _ok(rows: Iterable[dict]) -> list[dict]:
-    """Runs that produced results (a diverged run has `failed` set, one that has not finished yet
+    """Runs that produced results (a diverged run has `failed` (and `diverged`) set, one that has not finished yet
     under `--report-only` has `missing` set; neither has accuracies)."""
     return [r for r in rows if not r.get("failed") and not r.get("missing")]
 
@@ -126,14 +162,19 @@ def summary_tables(rows: list[dict]) -> list[tuple[str, list[str], list[list[str
     with_aa = any(r.get("aa") is not None for r in _ok(rows))
     tables = []
     for eps, by_method in group_runs(rows).items():
-        pgd_time = _mean(by_method.get("pgd", []), "train_time_s")
+        reference = _reference(by_method)
+        pgd_time = _mean(by_method.get(reference, []), "train_time_s")
         header = ["method", "seeds", "clean (%)"] + (["FGSM (%)"] if with_fgsm else []) + [f"{pgd_label} (%)"] \
-            + (["AA (%)"] if with_aa else []) + ["train time (s)"] + (["time vs PGD-AT"] if pgd_time else []) + ["CO"]
+            + (["AA (%)"] if with_aa else []) + ["train time (s)"] \
+            + ([f"time vs {method_label(reference)}"] if pgd_time else []) + ["CO"]
         body = []
         for method, runs in by_method.items():
             ok = _ok(runs)
-            n_failed, n_missing = sum(bool(r.get("failed")) for r in runs), sum(bool(r.get("missing")) for r in runs)
+            n_diverged = sum(bool(r.get("failed") and r.get("diverged")) for r in runs)
+            n_failed = sum(bool(r.get("failed")) for r in runs) - n_diverged
+            n_missing = sum(bool(r.get("missing")) for r in runs)
             why = ", ".join(t for t in (f"{n_failed} failed" if n_failed else "",
+                                        f"{n_diverged} diverged" if n_diverged else "",
                                         f"{n_missing} not finished" if n_missing else "") if t)
             seeds = f"{len(ok)}" if len(ok) == len(runs) else f"{len(ok)} of {len(runs)} ({why})"
             time_mean = _mean(ok, "train_time_s")
@@ -172,57 +213,77 @@ def findings(rows: list[dict]) -> dict[str, list[str]]:
     A miss is reported as a miss: 'no' with the numbers that make it one."""
     out: dict[str, list[str]] = {}
     for eps, by_method in group_runs(rows).items():
-        facts = []
-        for method in ("atas", "fgsm_rs"):
-            if method not in by_method:
-                continue
-            runs = _ok(by_method[method])
-            flagged = [r for r in runs if r.get("co_detected") and not is_stuck_only(r)]
-            name = method_label(method)
-            if not runs:
-                why = "all failed" if all(r.get("failed") for r in by_method[method]) else "not finished yet"
-                facts.append(f"{name}: no run finished ({why}), so nothing can be said about its CO.")
-            elif flagged:
-                facts.append(f"{name} shows catastrophic overfitting: yes, {len(flagged)}/{len(runs)} seeds "
-                             f"flagged (seed {_seed_list(flagged)}).")
-            else:
-                facts.append(f"{name} shows catastrophic overfitting: no (0/{len(runs)} seeds flagged).")
-        atas, pgd = _ok(by_method.get("atas", [])), _ok(by_method.get("pgd", []))
-        if atas and pgd:
-            use_aa = all(r.get("aa") is not None for r in atas + pgd)
-            key = "aa" if use_aa else "pgd"
-            metric = "AA" if use_aa else _pgd_label(atas + pgd)
-            a, p = _mean(atas, key), _mean(pgd, key)
-            ta, tp = _mean(atas, "train_time_s"), _mean(pgd, "train_time_s")
-            ratio = f"{ta / tp:.2f}" if tp else "n/a"
-            if a is None or p is None:
-                facts.append(f"ATAS vs PGD-AT: no {metric} accuracy to compare.")
-            else:
-                gap = 100 * (p - a)  # points ATAS is below PGD-AT (negative: above)
-                within = gap <= GAP_POINTS
-                side = f"{abs(gap):.1f} points {'below' if gap >= 0 else 'above'} PGD-AT"
-                facts.append(f"ATAS {metric} within {GAP_POINTS:g} points of PGD-AT: {'yes' if within else 'no'} "
-                             f"(ATAS {100 * a:.1f}% vs PGD-AT {100 * p:.1f}%, {side}), time ratio {ratio} "
-                             f"(ATAS {ta:.1f} s vs PGD-AT {tp:.1f} s).")
-            if not use_aa:
-                facts.append("AutoAttack was not evaluated for every ATAS and PGD-AT run (add aa to --attacks); "
-                             f"the gap above is on {metric}, a weaker attack.")
-        elif "atas" in by_method and "pgd" not in by_method:
-            facts.append("PGD-AT is not in this comparison: no ATAS-vs-PGD-AT gap or time ratio.")
-        for method, runs in by_method.items():  # a model that learnt nothing makes every claim vacuous
-            runs = _ok(runs)
-            clean, chance = _mean(runs, "clean"), runs[0].get("chance") if runs else None
-            if clean is not None and chance is not None and clean <= chance + NEAR_CHANCE:
-                facts.append(f"{method_label(method)} clean accuracy {100 * clean:.1f}% is near chance "
-                             f"({100 * chance:.0f}%): these runs did not learn, so the statements above say nothing.")
-                continue
-            dead = [r for r in runs if r.get("clean") is not None and r.get("chance") is not None
-                    and r["clean"] <= r["chance"] + NEAR_CHANCE]
-            if dead:  # one seed stuck at a constant prediction drags the mean: say which
-                facts.append(f"{method_label(method)}: {len(dead)}/{len(runs)} seeds did not learn (clean accuracy "
-                             f"near chance, seed {_seed_list(dead)}); its means above include them.")
+        facts = [_co_fact(method, runs) for method, runs in by_method.items() if _is(method, "prone_to_co")]
+        reference = _reference(by_method)
+        for method in by_method:
+            if _is(method, "claims_reference_robustness"):
+                facts += _gap_facts(method, by_method[method], reference, by_method.get(reference, []))
+        facts += _learning_facts(by_method)
         out[eps] = facts
     return out
+
+
+def _co_fact(method: str, all_runs: list[dict]) -> str:
+    """Whether a method prone to catastrophic overfitting showed it: yes (which seeds) or no."""
+    runs = _ok(all_runs)
+    flagged = [r for r in runs if r.get("co_detected") and not is_stuck_only(r)]
+    name = method_label(method)
+    if not runs:
+        why = "all failed" if all(r.get("failed") for r in all_runs) else "not finished yet"
+        return f"{name}: no run finished ({why}), so nothing can be said about its CO."
+    if flagged:
+        return (f"{name} shows catastrophic overfitting: yes, {len(flagged)}/{len(runs)} seeds "
+                f"flagged (seed {_seed_list(flagged)}).")
+    return f"{name} shows catastrophic overfitting: no (0/{len(runs)} seeds flagged)."
+
+
+def _gap_facts(method: str, runs: list[dict], reference: str | None, reference_runs: list[dict]) -> list[str]:
+    """A method claiming the reference's robustness at less cost (ATAS vs PGD-AT): is it within
+    GAP_POINTS points, and at what time ratio."""
+    name = method_label(method)
+    if reference is None:
+        ref = _reference_label()
+        return [f"{ref} is not in this comparison: no {name}-vs-{ref} gap or time ratio."]
+    ref = method_label(reference)
+    mine, theirs = _ok(runs), _ok(reference_runs)
+    if not (mine and theirs):
+        return []
+    use_aa = all(r.get("aa") is not None for r in mine + theirs)
+    key = "aa" if use_aa else "pgd"
+    metric = "AA" if use_aa else _pgd_label(mine + theirs)
+    a, p = _mean(mine, key), _mean(theirs, key)
+    ta, tp = _mean(mine, "train_time_s"), _mean(theirs, "train_time_s")
+    ratio = f"{ta / tp:.2f}" if tp else "n/a"
+    if a is None or p is None:
+        facts = [f"{name} vs {ref}: no {metric} accuracy to compare."]
+    else:
+        gap = 100 * (p - a)  # points the method is below the reference (negative: above)
+        side = f"{abs(gap):.1f} points {'below' if gap >= 0 else 'above'} {ref}"
+        facts = [f"{name} {metric} within {GAP_POINTS:g} points of {ref}: {'yes' if gap <= GAP_POINTS else 'no'} "
+                 f"({name} {100 * a:.1f}% vs {ref} {100 * p:.1f}%, {side}), time ratio {ratio} "
+                 f"({name} {ta:.1f} s vs {ref} {tp:.1f} s)."]
+    if not use_aa:
+        facts.append(f"AutoAttack was not evaluated for every {name} and {ref} run (add aa to --attacks); "
+                     f"the gap above is on {metric}, a weaker attack.")
+    return facts
+
+
+def _learning_facts(by_method: dict) -> list[str]:
+    """A model that learnt nothing makes every claim vacuous: say which runs did not learn."""
+    facts = []
+    for method, runs in by_method.items():
+        runs = _ok(runs)
+        clean, chance = _mean(runs, "clean"), runs[0].get("chance") if runs else None
+        if clean is not None and chance is not None and clean <= chance + NEAR_CHANCE:
+            facts.append(f"{method_label(method)} clean accuracy {100 * clean:.1f}% is near chance "
+                         f"({100 * chance:.0f}%): these runs did not learn, so the statements above say nothing.")
+            continue
+        dead = [r for r in runs if r.get("clean") is not None and r.get("chance") is not None
+                and r["clean"] <= r["chance"] + NEAR_CHANCE]
+        if dead:  # one seed stuck at a constant prediction drags the mean: say which
+            facts.append(f"{method_label(method)}: {len(dead)}/{len(runs)} seeds did not learn (clean accuracy "
+                         f"near chance, seed {_seed_list(dead)}); its means above include them.")
+    return facts
 
 
 def run_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -237,7 +298,8 @@ def run_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     body = []
     for r in rows:
         if r.get("failed") or r.get("missing"):
-            what = "failed: " + r["failed"] if r.get("failed") else "not finished: " + r["missing"]
+            what = ("failed: " + r["failed"] if r.get("failed") and not r.get("diverged")
+                    else _diverged_cell(r["diverged"]) if r.get("failed") else "not finished: " + r["missing"])
             body.append([method_label(r["method"]), r["eps"], str(r["seed"]), what, *["—"] * 8, r.get("run_dir", "")])
             continue
         sig = r.get("co_final_signature")
@@ -246,6 +308,10 @@ def run_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
                      _ramp(r), ", ".join(map(str, r.get("co_epochs") or [])) or "none",
                      "not evaluated" if sig is None else ("yes" if sig else "no"), _guard_cell(r), r.get("run_dir", "")])
     return header, body
+
+
+def _diverged_cell(info: dict) -> str:
+    return f"diverged at epoch {info.get('epoch')} (loss {info.get('loss')})"
 
 
 def _ramp(run: dict) -> str:
@@ -322,8 +388,6 @@ def search_blocks(search: list[dict]) -> list[tuple]:
 
 def guard_lines(rows: list[dict]) -> list[str]:
     """Every decision of the guard (train.co_action=recover), one line each."""
-    from atas.guard import describe
-
     return [f"{method_label(r['method'])} eps {r['eps']} seed {r['seed']}: {describe(e)}"
             for r in _ok(rows) for e in r.get("guard_events") or []]
 
@@ -411,7 +475,6 @@ def plot_probe_masking(rows: list[dict], path: str | Path) -> Path | None:
     accuracy (cross-entropy and margin PGD) over FGSM probe accuracy; thick = mean over seeds,
     thin = each seed, dotted = the monitor's threshold, 'x' = an epoch the monitor flagged. A
     healthy run sits near 1; a run whose robustness is an artefact of masked gradients sinks."""
-    from atas.monitor import COMonitor
 
     def with_ratio(r):
         c = r["curves"]
@@ -444,15 +507,17 @@ def plot_probe_masking(rows: list[dict], path: str | Path) -> Path | None:
 def plot_alpha(rows: list[dict], path: str | Path) -> Path | None:
     """ATAS step size per epoch, one panel per eps: mean over seeds of the epoch's mean alpha, band =
     smallest .. largest per-sample alpha over seeds; dashed: eps; dotted: the configured clamp."""
-    from atas.config import parse_fraction
-
-    rows = [r for r in _ok(rows) if r["method"] == "atas" and (r.get("curves") or {}).get("alpha_mean")]
+    # The method that logs a per-sample step size alpha (ATAS: Method.logged_stats).
+    rows = [r for r in _ok(rows) if "alpha" in _logged(r["method"]) and (r.get("curves") or {}).get("alpha_mean")]
     if not rows:
         return None
+    method = rows[0]["method"]
+    rows = [r for r in rows if r["method"] == method]
+    label = method_label(method)
     groups = group_runs(rows)
     fig, axes = _figure(len(groups))
     for ax, (eps, by_method) in zip(axes, groups.items()):
-        runs = by_method["atas"]
+        runs = by_method[method]
         epochs, mean = _mean_curve(runs, "alpha_mean")
         lo: dict[int, float] = {}
         hi: dict[int, float] = {}
@@ -476,9 +541,9 @@ def plot_alpha(rows: list[dict], path: str | Path) -> Path | None:
         ax.set_title(f"eps = {eps}")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("ATAS step size alpha (pixel units)")
+    axes[0].set_ylabel(f"{label} step size alpha (pixel units)")
     axes[0].legend(fontsize=8)
-    fig.suptitle("ATAS adaptive step size during training")
+    fig.suptitle(f"{label} adaptive step size during training")
     fig.savefig(path, dpi=110)
     return Path(path)
 
@@ -515,20 +580,10 @@ def plot_time_vs_robust(rows: list[dict], path: str | Path) -> Path | None:
 # --------------------------------------------------------------------------------------------
 # The document: one list of blocks rendered twice (Markdown and HTML), so both say the same
 # --------------------------------------------------------------------------------------------
-def _blocks(rows: list[dict], command: str | dict, machine: dict, images: dict[str, Path | None],
-            date: str, search: list[dict] | None = None) -> list[tuple]:
-    ok = _ok(rows)
-    cmd = command if isinstance(command, dict) else {"command": command}
+def _notes(rows: list[dict], ok: list[dict], search: list[dict] | None = None) -> list[str]:
+    """What the numbers are and how far to trust them; the loud warnings first."""
     n_examples = sorted({r.get("n_examples") for r in ok if r.get("n_examples")})
     epochs = sorted({r.get("epochs_planned") or r.get("epochs") for r in ok} - {None, 0})
-    blocks: list[tuple] = [("h1", "atas compare report")]
-    blocks.append(("p", "Command line:"))
-    blocks.append(("code", cmd["command"]))
-    if cmd.get("equivalent") and cmd["equivalent"] != cmd["command"]:
-        blocks.append(("p", "The same comparison as an `atas` command:"))
-        blocks.append(("code", cmd["equivalent"]))
-    items = [f"date: {date}"] + [f"{k}: {v}" for k, v in machine.items() if v not in (None, "")]
-    blocks.append(("list", items))
     notes = ["Accuracies in % on the first "
              + (" / ".join(str(n) for n in n_examples) or "?") + " test images"
              + (f" (one image = {100 / n_examples[0]:.2f} points)" if len(n_examples) == 1 else "")
@@ -565,21 +620,17 @@ def _blocks(rows: list[dict], command: str | dict, machine: dict, images: dict[s
     if missing:
         notes.insert(0, f"PARTIAL: {len(missing)} of {len(rows)} planned runs have not finished (marked 'not "
                         "finished' in the table of every run); means and verdicts are over the seeds that have.")
-    blocks.append(("h2", "Results"))
-    blocks.append(("list", notes))
-    facts = findings(rows)
-    for eps, header, body in summary_tables(rows):
-        blocks.append(("h3", f"eps = {eps}"))
-        blocks.append(("table", header, body))
-        if facts.get(eps):
-            blocks.append(("list", facts[eps]))
+    return notes
+
+
+def _plot_blocks(images: dict[str, Path | None]) -> list[tuple]:
+    blocks: list[tuple] = []
     captions = {PROBE_PLOT: "Probe PGD accuracy per epoch (thick: mean over seeds; thin: each seed; x: CO flagged).",
                 MASK_PLOT: "The CO monitor's masked-gradient signal per epoch: worst-case (cross-entropy and margin) "
                            "PGD probe accuracy over FGSM probe accuracy; dotted: its threshold (x: CO flagged).",
                 ALPHA_PLOT: "ATAS step size per epoch (mean; band: min..max over samples and seeds; dashed: eps; "
                             "dotted: the alpha_min/alpha_max clamp).",
                 TIME_PLOT: "Final robust accuracy vs training time, one point per run."}
-    blocks += search_blocks(search or [])
     drawn = [(name, p) for name, p in images.items() if p is not None]
     if drawn:
         blocks.append(("h2", "Plots"))
@@ -590,6 +641,31 @@ def _blocks(rows: list[dict], command: str | dict, machine: dict, images: dict[s
     if missing:
         blocks.append(("p", "Not drawn (no data for them): " + ", ".join(missing)
                        + (" (no ATAS run)" if ALPHA_PLOT in missing else "") + "."))
+    return blocks
+
+
+def _blocks(rows: list[dict], command: str | dict, machine: dict, images: dict[str, Path | None],
+            date: str, search: list[dict] | None = None) -> list[tuple]:
+    ok = _ok(rows)
+    cmd = command if isinstance(command, dict) else {"command": command}
+    blocks: list[tuple] = [("h1", "atas compare report")]
+    blocks.append(("p", "Command line:"))
+    blocks.append(("code", cmd["command"]))
+    if cmd.get("equivalent") and cmd["equivalent"] != cmd["command"]:
+        blocks.append(("p", "The same comparison as an `atas` command:"))
+        blocks.append(("code", cmd["equivalent"]))
+    items = [f"date: {date}"] + [f"{k}: {v}" for k, v in machine.items() if v not in (None, "")]
+    blocks.append(("list", items))
+    blocks.append(("h2", "Results"))
+    blocks.append(("list", _notes(rows, ok, search)))
+    facts = findings(rows)
+    for eps, header, body in summary_tables(rows):
+        blocks.append(("h3", f"eps = {eps}"))
+        blocks.append(("table", header, body))
+        if facts.get(eps):
+            blocks.append(("list", facts[eps]))
+    blocks += search_blocks(search or [])
+    blocks += _plot_blocks(images)
     if guard_lines(rows):
         blocks.append(("h2", "Guard"))
         blocks.append(("p", "Each recovery: the flagged epoch, the epoch rolled back to, the remedy, the verdict."))
@@ -661,7 +737,6 @@ def build_report(rows: list[dict], out_dir: str | Path, command: str | dict, mac
     "search" (`atas compare --tune`), shown as the 'Hyper-parameter search' section."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from atas.extras import INSTALL, available
 
     if available("matplotlib"):  # an optional dependency (`atas[plots]`)
         images = {PROBE_PLOT: plot_probe_curves(rows, out_dir / PROBE_PLOT),

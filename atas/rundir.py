@@ -35,7 +35,7 @@ LOCK = ".lock"
 # What a run writes into its folder. Results (a fresh run refuses to replace them without
 # overwrite) and by-products (config, metrics views, evaluation progress) that go with them.
 RESULTS = ("best.pt", "eval.json", "metrics.jsonl")
-BY_PRODUCTS = ("config.yaml", "metrics.csv", "eval.state")
+BY_PRODUCTS = ("config.yaml", "metrics.csv", "eval.state", "diverged.json")
 _CHECKPOINT_FILE = re.compile(r"checkpoint(-rank\d+-of\d+)?(\.prev|\.healthy)?\.pt")
 _STAGED = re.compile(r"\..+\.tmp-(\d+)")
 
@@ -251,5 +251,6 @@ class RunFolder:
         if not self.resume:
             for p in run_outputs(self.run_dir):
                 p.unlink(missing_ok=True)
+        (self.run_dir / "diverged.json").unlink(missing_ok=True)  # a resumed run tries again
         atomic_write_text(self.run_dir / "config.yaml", config_yaml)
         self._created = []  # the folder holds a run now

@@ -21,25 +21,44 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from atas import distributed as dist, guard
 from atas.augment import PairedAugment
-from atas import guard
 from atas.checkpoint import (CheckpointError, DiskFullError, atomic_write, atomic_write_text, healthy_path,
                              link_as, load_checkpoint, save_checkpoint)
 from atas.config import Config, ConfigError, config_from_dict, method_options
-from atas.data import check_subset, check_val_size, dataset_info, image_folder, load_tensors
-from atas.evaluate import FGSM, PGD
+from atas.data import TestSplit, check_subset, check_val_size, dataset_info, image_folder, load_tensors
+from atas.evaluation.attacks import FGSM, PGD, pgd_step
 from atas.loaders import FolderLoader, ResidentLoader
 from atas.methods import get_method
+from atas.methods.elle import local_linearity_error
 from atas.models import build_model
-from atas.monitor import COMonitor
 from atas.rundir import CHECKPOINT, RunFolder
+from atas.store import PerSampleStore
+from atas.threat import LinfBall
 
 BEST = "best.pt"
-from atas.store import PerSampleStore
+DIVERGED = "diverged.json"   # written when the loss became NaN/inf: a report says "diverged", not "not started"
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the last good checkpoint is kept."""
+    """The loss became NaN/inf; the last good checkpoint is kept. epoch, step and loss say where."""
+
+    def __init__(self, message: str, epoch: int | None = None, step: int | None = None, loss: float | None = None):
+        super().__init__(message)
+        self.epoch, self.step, self.loss = epoch, step, loss
+
+    def record(self) -> dict:
+        """What the run folder keeps of it (DIVERGED)."""
+        return {"epoch": self.epoch, "step": self.step, "loss": None if self.loss is None else str(self.loss)}
+
+
+def read_divergence(run_dir: str | Path) -> dict | None:
+    """{epoch, step, loss} of a run that diverged (its DIVERGED file), else None."""
+    path = Path(run_dir) / DIVERGED
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,7 +127,7 @@ def make_data(cfg: Config, device: torch.device, shard=None) -> TrainData:
 
     data.val_size=V keeps the last V images of the (subset of the) training split out of training:
     the loader, the per-sample store and the DDP shards see only the first len-V, indexed 0..len-V-1
-    (atas.runner.load_val_set reads the held-out ones). V = 0 slices nothing off."""
+    (atas.evaluation.run.load_val_set reads the held-out ones). V = 0 slices nothing off."""
     info = dataset_info(cfg.data.name)
     d, t = cfg.data, cfg.train
     pad = info.train_pad if d.train_pad is None else d.train_pad
@@ -117,7 +136,7 @@ def make_data(cfg: Config, device: torch.device, shard=None) -> TrainData:
         x, y = load_tensors(info.name, "train", d.data_dir, d.download)
         n = check_val_size(d.val_size, check_subset(d.subset, len(x)))
         x, y = x[:n], y[:n]
-        x_test, y_test = load_tensors(info.name, "test", d.data_dir, d.download)
+        x_test, y_test = TestSplit(info.name, d.data_dir, d.download).take()
         indices = shard(len(x)) if shard else None
         loader = ResidentLoader(x.to(device), y.to(device), t.batch_size, indices=indices, seed=t.seed,
                                 drop_last=t.drop_last)
@@ -128,10 +147,8 @@ def make_data(cfg: Config, device: torch.device, shard=None) -> TrainData:
         n = check_val_size(d.val_size, check_subset(d.subset, len(train_set)))
         if n < len(train_set):
             train_set = torch.utils.data.Subset(train_set, range(n))
-        test_set = image_folder(info.name, "test", d.data_dir)
-        n_test = min(len(test_set), d.test_subset or cfg.eval.n_examples or len(test_set))
-        batch = torch.utils.data.default_collate([test_set[i] for i in range(n_test)])
-        x_test, y_test = (batch[0] * 255).round().to(torch.uint8), batch[1]
+        # Only the images the probe or the evaluation can use are decoded.
+        x_test, y_test = TestSplit(info.name, d.data_dir).take(d.test_subset or cfg.eval.n_examples)
         indices = shard(len(train_set)) if shard else None
         loader = FolderLoader(train_set, t.batch_size, device, indices=indices, seed=t.seed,
                               drop_last=t.drop_last, num_workers=d.num_workers)
@@ -150,10 +167,6 @@ def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps:
     plain probe do not fool both), and the local-linearity error of the loss on the batch; see
     atas.monitor. The probe runs on its own fixed-seed RNG: it never shifts the training's random
     stream, and it attacks the same way every epoch, so its curves move only with the model."""
-    from atas.evaluate import pgd_step
-    from atas.methods.elle import local_linearity_error
-    from atas.threat import LinfBall
-
     was_training = model.training
     model.eval()
     out = {}
@@ -269,12 +282,15 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False,
 
     The folder is locked for the run (one writer); a fresh run refuses a folder holding another
     run unless `overwrite=True`, which deletes that run's checkpoints, metrics and evaluation."""
-    from atas import distributed as dist
-
     ctx = dist.setup(cfg)
     run_dir = Path(run_dir or Path(cfg.out_dir) / cfg.name)
     with RunFolder(run_dir, resume=resume, overwrite=overwrite, enabled=ctx.is_main) as folder:
-        return _train(cfg, ctx, folder, resume)
+        try:
+            return _train(cfg, ctx, folder, resume)
+        except TrainingDiverged as e:
+            if ctx.is_main:  # the run's outcome, for `atas compare` and its report
+                atomic_write_text(run_dir / DIVERGED, json.dumps(e.record()) + "\n")
+            raise
 
 
 @dataclass
@@ -316,9 +332,6 @@ def _build(cfg: Config, ctx, run_dir: Path, ckpt_path: Path) -> _Run:
     store_options = {"storage_size": cfg.train.store_size, "indices": data.indices,
                      "device": "cpu" if cfg.train.store_memmap else device,
                      "memmap_path": ctx.checkpoint_path(run_dir, cfg.train.store_memmap) if cfg.train.store_memmap else None}
-    if cfg.train.compile and cfg.method.name == "grad_align":
-        raise ConfigError("train.compile=true cannot run grad_align: its double backprop does not go through "
-                          "torch.compile. Set train.compile=false.")
     optimizer = make_optimizer(cfg, model)
     run = _Run(cfg, ctx, device, data, model, attack_model, ctx.wrap(attack_model), optimizer, None,
                torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16"), None, store_options,
@@ -374,48 +387,57 @@ def _snapshot(run: _Run, epoch: int, step: int, rows: list[dict]) -> dict:
 def _train(cfg: Config, ctx, folder: RunFolder, resume: bool) -> RunResult:
     run_dir = folder.run_dir
     ckpt_path = ctx.resume_path(run_dir, CHECKPOINT) if resume else ctx.checkpoint_path(run_dir, CHECKPOINT)
+    state = None
     if resume:  # checked before anything is written: a refused resume leaves the folder as it was
         state = load_checkpoint(ckpt_path, map_location="cpu")  # RNG states must stay CPU tensors
         check_resumable(state["config"], cfg)
     seed_everything(cfg.train.seed + ctx.rank, cfg.train.deterministic)
     run = _build(cfg, ctx, run_dir, ckpt_path)
-    recover = cfg.train.co_action == "recover"
     log = MetricsLog(run_dir, enabled=ctx.is_main)
+    rows, start_epoch, step = _start(run, folder, log, state)
+    state = None  # the checkpoint's tensors are in the run now: free the copy
+    _epochs(run, rows, start_epoch, step, log, run_dir)
+    ctx.barrier()
+    run.model.eval()  # what a caller does with a trained model is evaluate or deploy it
+    return RunResult(run_dir, run.model, guard.epoch_rows(rows), store=run.method.store, method=run.method,
+                     events=guard.events(rows))
+
+
+def _start(run: _Run, folder: RunFolder, log: MetricsLog, state: dict | None) -> tuple[list[dict], int, int]:
+    """Restore a resumed run (state: its checkpoint), write the folder, and link epoch 0 as the
+    guard's first rollback target. Returns (metrics rows, first epoch to train, step count)."""
+    cfg, ctx, run_dir = run.cfg, run.ctx, folder.run_dir
     rows, start_epoch, step = [], 1, 0
-    if resume:
+    if state is not None:
         # Every rank reads the checkpoint's rows: the guard's option changes are in them.
         rows = state.get("metrics") or ([r for r in log.read() if r["epoch"] < int(state["epoch"]) + 1]
                                         if ctx.is_main else [])
         step = _restore(run, state, rows)
         start_epoch = int(state["epoch"]) + 1
-        del state
     if ctx.is_main:  # all checked: only now is the folder written (stale outputs go on a fresh start)
         folder.start(cfg.to_yaml())
-        if resume:
+        if state is not None:
             log.write_all(rows)  # rebuilt from the checkpoint: an epoch saved but not yet logged is not lost
             _repair_best(run, rows, run_dir)
-    if recover and not resume:  # epoch 0 is the rollback target of a run that never gets healthy
-        link = healthy_path(ckpt_path)
-        _save_or_explain(lambda: save_checkpoint(link, _snapshot(run, 0, 0, rows)), ckpt_path, 0, run_dir)
+    if cfg.train.co_action == "recover" and state is None:  # epoch 0: the target of a run never healthy
+        link = healthy_path(run.ckpt_path)
+        _save_or_explain(lambda: save_checkpoint(link, _snapshot(run, 0, 0, rows)), run.ckpt_path, 0, run_dir)
+    return rows, start_epoch, step
+
+
+def _epochs(run: _Run, rows: list[dict], epoch: int, step: int, log: MetricsLog, run_dir: Path) -> None:
+    """The epochs, each judged by the probe and, under co_action=recover, by the guard (which may
+    roll the run back and go on from an earlier epoch, or give up)."""
+    cfg, ctx = run.cfg, run.ctx
+    recover = cfg.train.co_action == "recover"
     monitor = guard.monitor_for(run.method.opt, rows)
     sentinel = guard.Guard(cfg.train.max_recoveries, cfg.train.recover_budget_epochs
                            if cfg.train.recover_budget_epochs is not None else cfg.train.epochs)
-
-    epoch = start_epoch
     while epoch <= cfg.train.epochs:
         if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
             break
         row, step = _train_epoch(run, epoch, step)
-        verdict = {"co": False, "best": False, "reason": ""}
-        if run.x_probe is not None and ctx.is_main:
-            row.update(probe(run.model, run.x_probe, run.y_probe, cfg.method.eps, cfg.train.probe_steps,
-                             cfg.train.probe_restarts))
-            verdict = monitor.update(row)
-            verdict["best"] = row["probe_pgd"] > max((r.get("probe_pgd", -1.0) for r in guard.all_epochs(rows)),
-                                                     default=-1.0)
-            row["co"] = verdict["co"]
-            if verdict["reason"]:
-                row["co_reason"] = verdict["reason"]
+        verdict = _judge(run, row, rows, monitor)
         rows.append(row)
         event = None
         if recover and ctx.broadcast_flag(verdict["co"]):
@@ -433,68 +455,130 @@ def _train(cfg: Config, ctx, folder: RunFolder, resume: bool) -> RunResult:
                 tqdm.write("the guard gave up: ending the run." if event else "train.co_action=stop: ending the run.")
             break
         epoch += 1
-    ctx.barrier()
-    run.model.eval()  # what a caller does with a trained model is evaluate or deploy it
-    return RunResult(run_dir, run.model, guard.epoch_rows(rows), store=run.method.store, method=run.method,
-                     events=guard.events(rows))
+
+
+def _judge(run: _Run, row: dict, rows: list[dict], monitor) -> dict:
+    """The epoch's probe (rank 0) and the monitor's verdict on it: {co, best, reason}; the row
+    gets the probe's numbers and the verdict."""
+    cfg = run.cfg
+    verdict = {"co": False, "best": False, "reason": ""}
+    if run.x_probe is None or not run.ctx.is_main:
+        return verdict
+    row.update(probe(run.model, run.x_probe, run.y_probe, cfg.method.eps, cfg.train.probe_steps,
+                     cfg.train.probe_restarts))
+    verdict = monitor.update(row)
+    verdict["best"] = row["probe_pgd"] > max((r.get("probe_pgd", -1.0) for r in guard.all_epochs(rows)),
+                                             default=-1.0)
+    row["co"] = verdict["co"]
+    if verdict["reason"]:
+        row["co_reason"] = verdict["reason"]
+    return verdict
 
 
 def _train_epoch(run: _Run, epoch: int, step: int) -> tuple[dict, int]:
     """One epoch of the loop; returns its metrics row and the step count."""
-    cfg, method, device = run.cfg, run.method, run.device
+    cfg, method = run.cfg, run.method
     run.model.train()
-    sums = torch.zeros(6, device=device)  # loss, correct, n, alpha_sum, alpha_min, alpha_max
-    sums[4], sums[5] = float("inf"), float("-inf")
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    tally = _Tally(method, run.device)
     t0 = time.time()
     batches = method.batches(run.data.loader)  # starts the epoch; paired crop/flip of every batch
     n_batches = len(run.data.loader)
     bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch}/{cfg.train.epochs} {method.name}",
                leave=False, disable=not (cfg.train.progress and run.ctx.is_main), dynamic_ncols=True)
     for i, (x, y, idx) in enumerate(bar):
-        x = x.contiguous(memory_format=run.memory_format)
-        for _ in range(method.replays):
-            with run.autocast():
-                x_adv = method.perturb(run.attack_model, x, y, idx)               # gather, attack, scatter
-            run.model.train()
-            with run.autocast():
-                loss = method.loss(run.train_model, x_adv, y, x)                  # loss
-            run.optimizer.zero_grad(set_to_none=True)
-            run.scaler.scale(loss).backward()                                     # DDP syncs here
-            run.scaler.step(run.optimizer)
-            run.scaler.update()
-            run.scheduler.step()
+        loss = _train_step(run, x.contiguous(memory_format=run.memory_format), y, idx)
         step += 1
-        with torch.no_grad():                                                     # log (no sync)
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
-            sums[0] += loss.detach() * len(y)
-            sums[1] += (method.logits.argmax(1) == y).sum()
-            sums[2] += len(y)
-            if "alpha" in method.stats:
-                a = method.stats["alpha"]
-                sums[3] += a.sum()
-                sums[4] = torch.minimum(sums[4], a.min())
-                sums[5] = torch.maximum(sums[5], a.max())
+        tally.add(loss, y, step)                                                  # log (no sync)
         if i % 20 == 0 or i == n_batches - 1:
-            _check_finite(bad_step, epoch, run.ckpt_path)                         # sync point
-            s = sums.tolist()
-            post = {"loss": f"{s[0] / s[2]:.3f}", "acc": f"{s[1] / s[2]:.3f}"}
-            if s[3]:
-                post["alpha"] = f"{s[3] / s[2] * 255:.2f}/255 [{s[4] * 255:.1f},{s[5] * 255:.1f}]"
-            bar.set_postfix(post)
+            _check_finite(tally, epoch, run.ckpt_path)                            # sync point
+            bar.set_postfix(tally.postfix())
         if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
             break
     bar.close()
-    _check_finite(bad_step, epoch, run.ckpt_path)
-    s = run.ctx.reduce_sums(sums).tolist()
-    row = {"epoch": epoch, "step": step, "lr": run.optimizer.param_groups[0]["lr"], "train_loss": s[0] / s[2],
-           "train_adv_acc": s[1] / s[2], "epoch_time_s": time.time() - t0}
+    _check_finite(tally, epoch, run.ckpt_path)
+    row = {"epoch": epoch, "step": step, "lr": run.optimizer.param_groups[0]["lr"]}
+    row.update(tally.totals(run.ctx))
+    row["epoch_time_s"] = time.time() - t0
     eps_t = method.eps_at(epoch)
     if eps_t != method.eps:
         row["train_eps"] = eps_t
-    if s[3]:
-        row.update(alpha_mean=s[3] / s[2], alpha_min=s[4], alpha_max=s[5])
+    row.update(tally.stat_totals())
     return row, step
+
+
+def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """One minibatch (replayed `method.replays` times, Free-AT): attack -> loss -> step."""
+    method = run.method
+    for _ in range(method.replays):
+        with run.autocast():
+            x_adv = method.perturb(run.attack_model, x, y, idx)                   # gather, attack, scatter
+        run.model.train()
+        with run.autocast():
+            loss = method.loss(run.train_model, x_adv, y, x)                      # loss
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()                                         # DDP syncs here
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.scheduler.step()
+    return loss
+
+
+class _Tally:
+    """The epoch's running numbers, kept on the device so that logging never waits for it: loss,
+    accuracy, the first non-finite step, and mean/min/max of each stat the method logs
+    (`Method.logged_stats`, e.g. ATAS's per-sample step size alpha). One tensor, laid out
+    [loss*n, correct, n, k stat sums, k stat mins, k stat maxs], reduced over ranks in one go."""
+
+    def __init__(self, method, device: torch.device):
+        self.method, self.keys = method, list(method.logged_stats)
+        k = len(self.keys)
+        self.sums = torch.zeros(3 + 3 * k, device=device)
+        self.sums[3 + k:3 + 2 * k], self.sums[3 + 2 * k:] = float("inf"), float("-inf")
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)   # the first non-finite step
+        self.bad_loss = torch.zeros((), device=device)                          # and its loss
+        self._reduced: list[float] | None = None
+
+    @torch.no_grad()
+    def add(self, loss: torch.Tensor, y: torch.Tensor, step: int) -> None:
+        s, k = self.sums, len(self.keys)
+        first = (self.bad_step < 0) & ~torch.isfinite(loss)
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_loss = torch.where(first, loss.detach().float(), self.bad_loss)
+        s[0] += loss.detach() * len(y)
+        s[1] += (self.method.logits.argmax(1) == y).sum()
+        s[2] += len(y)
+        for i, key in enumerate(self.keys):
+            value = self.method.stats.get(key)
+            if value is not None:
+                s[3 + i] += value.sum()
+                s[3 + k + i] = torch.minimum(s[3 + k + i], value.min())
+                s[3 + 2 * k + i] = torch.maximum(s[3 + 2 * k + i], value.max())
+
+    def _stats(self, s: list[float]):
+        """(key, unit, mean, min, max) of every logged stat that was seen this epoch."""
+        k = len(self.keys)
+        return [(key, self.method.logged_stats[key], s[3 + i] / s[2], s[3 + k + i], s[3 + 2 * k + i])
+                for i, key in enumerate(self.keys) if s[3 + i]]
+
+    def postfix(self) -> dict:
+        """The progress bar's numbers (reads the device: call it at a sync point)."""
+        s = self.sums.tolist()
+        post = {"loss": f"{s[0] / s[2]:.3f}", "acc": f"{s[1] / s[2]:.3f}"}
+        for key, unit, mean, lo, hi in self._stats(s):
+            post[key] = (f"{mean * 255:.2f}/255 [{lo * 255:.1f},{hi * 255:.1f}]" if unit == "pixels"
+                         else f"{mean:.4g} [{lo:.4g},{hi:.4g}]")
+        return post
+
+    def totals(self, ctx) -> dict:
+        """The epoch's loss and accuracy over every rank (the stats are kept for `stat_totals`)."""
+        self._reduced = s = ctx.reduce_sums(self.sums, len(self.keys)).tolist()
+        return {"train_loss": s[0] / s[2], "train_adv_acc": s[1] / s[2]}
+
+    def stat_totals(self) -> dict:
+        row = {}
+        for key, _, mean, lo, hi in self._stats(self._reduced):
+            row.update({f"{key}_mean": mean, f"{key}_min": lo, f"{key}_max": hi})
+        return row
 
 
 def _end_of_epoch(run: _Run, epoch: int, step: int, rows: list[dict], verdict: dict, monitor, run_dir: Path,
@@ -599,14 +683,15 @@ def _disk_full(e: DiskFullError, ckpt_path: Path, saved_epoch: int, run_dir: Pat
     return DiskFullError(e.path, "no checkpoint was written yet", "free space and start the run again")
 
 
-def _check_finite(bad_step: torch.Tensor, epoch: int, ckpt_path: Path) -> None:
-    bad = int(bad_step)
+def _check_finite(tally: _Tally, epoch: int, ckpt_path: Path) -> None:
+    bad = int(tally.bad_step)  # sync point
     if bad >= 0:
         kept = (f"the last good checkpoint {ckpt_path} (end of epoch {epoch - 1}) is kept"
                 if ckpt_path.exists() else "no checkpoint had been written yet")
         raise TrainingDiverged(
             f"the training loss became NaN/inf at epoch {epoch}, step {bad}; {kept}. Lower optim.lr, "
-            "check the data range (pixels must be in [0, 1]), or resume with `atas train --resume RUN_DIR`.")
+            "check the data range (pixels must be in [0, 1]), or resume with `atas train --resume RUN_DIR`.",
+            epoch, bad, float(tally.bad_loss))
 
 
 def load_run_config(run_dir: str | Path) -> Config:

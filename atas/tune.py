@@ -47,7 +47,7 @@ class Search:
     eps: str
     option: str
     grid: tuple[float, ...]
-    specs: list = field(default_factory=list)   # atas.compare.RunSpec, one per grid value
+    specs: list = field(default_factory=list)   # atas.sweep.RunSpec, one per grid value
     skipped: str | None = None                  # why no search runs (an explicit value was given)
     results: list[dict] = field(default_factory=list)
     chosen: float | None = None
@@ -109,7 +109,7 @@ def check_tune_sizes(base: Config, val_size: int, n_examples: int | None) -> int
     """Check --tune-val-size and --tune-n-examples against the training split (before anything
     trains); returns the number of validation images each value is evaluated on."""
     from atas.data import check_subset, check_val_size
-    from atas.runner import VAL_N_EXAMPLES
+    from atas.evaluation.run import VAL_N_EXAMPLES
 
     if val_size < 1:
         raise ConfigError(f"--tune-val-size must be >= 1 (training images held out to choose on), got {val_size}")
@@ -133,7 +133,7 @@ def plan_searches(recipe: str, methods: list[str], eps_list: list[str] | None, r
                   val_size: int, notes: list[str]) -> list[Search]:
     """Every search's checked run configs (eps outer, then method, then grid value); searches skipped
     for an explicit value are kept (so summary and report say so) and noted in `notes`."""
-    from atas.compare import RunSpec, method_tree
+    from atas.sweep import RunSpec, method_tree
 
     base = load_config(recipe, routed.common)
     searches = []
@@ -165,7 +165,7 @@ def plan_searches(recipe: str, methods: list[str], eps_list: list[str] | None, r
 
 def val_is_current(run_dir: Path, cfg: Config, n_examples: int) -> bool:
     """RUN/val.json exists, is newer than the checkpoint and measured what is asked now."""
-    from atas.runner import VAL_FILE, validation_request
+    from atas.evaluation.run import VAL_FILE, validation_request
     from atas.trainer import CHECKPOINT
 
     path, ckpt = run_dir / VAL_FILE, run_dir / CHECKPOINT
@@ -179,11 +179,11 @@ def val_is_current(run_dir: Path, cfg: Config, n_examples: int) -> bool:
 
 def run_value(spec, option: str, n_examples: int, report_only: bool, out: Path) -> tuple[dict, str]:
     """Train (as needed) and validate one grid value's run: (its result row, what was done)."""
-    import atas.runner
-    from atas.compare import _read_log, train_as_needed, training_status
+    import atas.evaluation.run
+    from atas.sweep import _read_log, train_as_needed, training_status
     from atas.export import load_model
     from atas.guard import option_changes
-    from atas.runner import VAL_FILE
+    from atas.evaluation.run import VAL_FILE
     from atas.trainer import TrainingDiverged, resolve_device
 
     value = float(spec.cfg.method.args[option])
@@ -202,7 +202,7 @@ def run_value(spec, option: str, n_examples: int, report_only: bool, out: Path) 
         if model is not None or not val_is_current(spec.run_dir, spec.cfg, n_examples):
             if model is None:
                 model, _, _ = load_model(spec.run_dir, resolve_device(spec.cfg.train.device))
-            atas.runner.evaluate_validation(model, spec.cfg, spec.run_dir, n_examples)
+            atas.evaluation.run.evaluate_validation(model, spec.cfg, spec.run_dir, n_examples)
             done.append("validated")
     result = json.loads((spec.run_dir / VAL_FILE).read_text())["results"]
     row.update(clean=result["clean"]["accuracy"], pgd=result["pgd"]["accuracy"], pgd_label=result["pgd"]["label"],

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from atas.evaluate import MNIST_SCALE_EPS, _atomic_write_text, evaluate  # noqa: E402
 from atas.export import load_model, resolve_artifact  # noqa: E402
-from atas.runner import load_test_set  # noqa: E402
+from atas.evaluation.run import load_test_set  # noqa: E402
 from atas.trainer import resolve_device  # noqa: E402
 
 

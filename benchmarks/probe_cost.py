@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from atas.export import load_model
-from atas.runner import load_test_set
+from atas.evaluation.run import load_test_set
 from atas.trainer import probe
 
 

@@ -1,12 +1,12 @@
 """Mixed precision and memory layout: the ATAS step under bf16 autocast matches fp32 on the same batch."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import needs_fmnist
 
 from atas.augment import sample_crop_flip
 from atas.methods import BatchState
@@ -59,7 +59,7 @@ def test_channels_last_gives_the_same_step():
     assert torch.allclose(alpha, alpha_cl, rtol=1e-4) and torch.allclose(adv, adv_cl, atol=1e-6)
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(), reason="needs Fashion-MNIST")
+@needs_fmnist
 def test_training_runs_under_bf16_and_channels_last(tmp_path):
     from atas.config import load_config
     from atas.trainer import train

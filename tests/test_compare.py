@@ -4,21 +4,21 @@ writes summary.json, report.md/html and valid PNGs, then re-runs without trainin
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-import atas.runner
+import atas.evaluation.run
 import atas.trainer
-from atas.runner import evaluate_run
+from atas.evaluation.run import evaluate_run
 from atas.cli import main as cli
-from atas.compare import co_verdict, plan_runs, route_overrides, run_name
+from atas.monitor import co_verdict
+from atas.sweep import plan_runs, route_overrides, run_name
 from atas.config import ConfigError
 from atas.report import (ALPHA_PLOT, PROBE_PLOT, TIME_PLOT, build_report, co_column, findings,
                          format_summary_table, method_label)
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
+from conftest import needs_fmnist  # noqa: E402
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -27,7 +27,7 @@ def _forbid_training(monkeypatch):
         raise AssertionError("nothing may train or evaluate here")
 
     monkeypatch.setattr(atas.trainer, "train", boom)
-    monkeypatch.setattr(atas.runner, "evaluate_run", boom)
+    monkeypatch.setattr(atas.evaluation.run, "evaluate_run", boom)
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,16 +205,7 @@ RUN_KEYS = {"method", "eps", "seed", "clean", "pgd", "aa", "train_time_s", "co_d
             "co_final_signature", "curves", "run_dir"}
 
 
-@pytest.fixture
-def one_thread():
-    """On a shared CPU, torch's intra-op threads spin against each other (8x slower here): one is enough."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+@needs_fmnist
 def test_compare_end_to_end_then_rerun_trains_nothing(tmp_path, monkeypatch, capsys, one_thread):
     argv = ["compare", "fmnist", "--methods", "atas,fgsm_rs", "--seeds", "2", "--eps", "0.1,0.2",
             "--attacks", "clean,pgd", "--n-examples", "32", "--out", str(tmp_path), *TINY]
@@ -258,14 +249,14 @@ def test_compare_end_to_end_then_rerun_trains_nothing(tmp_path, monkeypatch, cap
     assert capsys.readouterr().out.count("finished before: read back") == 8
 
     # A lost eval.json is redone from the evaluation's state file, still without training.
-    monkeypatch.setattr(atas.runner, "evaluate_run", evaluate_run)
+    monkeypatch.setattr(atas.evaluation.run, "evaluate_run", evaluate_run)
     (tmp_path / runs[0]["run_dir"] / "eval.json").unlink()
     assert cli(argv) == 0
     assert capsys.readouterr().out.count(": evaluated;") == 1
     assert json.loads((tmp_path / "summary.json").read_text())["runs"] == runs
 
 
-@pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+@needs_fmnist
 def test_unfinished_run_resumes_and_its_time_adds_up(tmp_path, capsys, monkeypatch, one_thread):
     argv = ["compare", "fmnist", "--methods", "atas", "--eps", "0.1", "--attacks", "clean", "--n-examples", "16",
             "--out", str(tmp_path), *TINY]
@@ -291,3 +282,32 @@ def test_unfinished_run_resumes_and_its_time_adds_up(tmp_path, capsys, monkeypat
     # asking for fewer epochs than the folder holds is refused, not silently reported
     assert cli([*argv, "train.epochs=1"]) == 2
     assert "more than the train.epochs=1" in capsys.readouterr().err
+
+
+@needs_fmnist
+def test_a_diverged_run_is_reported_as_diverged(tmp_path, capsys, monkeypatch, one_thread):
+    from atas.methods.atas import ATAS
+
+    original = ATAS.training_loss
+
+    def poisoned(self, model, x_adv, y, x, state):
+        loss, logits = original(self, model, x_adv, y, x, state)
+        return (loss * float("nan"), logits) if state.epoch == 2 else (loss, logits)
+
+    argv = ["compare", "fmnist", "--methods", "atas", "--eps", "0.1", "--attacks", "clean", "--n-examples", "16",
+            "--out", str(tmp_path), *TINY]
+    with monkeypatch.context() as m:
+        m.setattr(ATAS, "training_loss", poisoned)
+        assert cli(argv) == 0  # one diverged run does not end the sweep
+    (row,) = json.loads((tmp_path / "summary.json").read_text())["runs"]
+    assert row["diverged"]["epoch"] == 2 and row["diverged"]["loss"] == "nan"
+    capsys.readouterr()
+
+    with monkeypatch.context() as m:
+        _forbid_training(m)
+        assert cli([*argv, "--report-only"]) == 0
+    assert "diverged at epoch 2 (loss nan)" in capsys.readouterr().out
+    (row,) = json.loads((tmp_path / "summary.json").read_text())["runs"]
+    assert row["diverged"]["epoch"] == 2 and "missing" not in row
+    md = (tmp_path / "report.md").read_text()
+    assert "diverged at epoch 2 (loss nan)" in md and "not started" not in md and "(1 diverged)" in md

@@ -26,7 +26,7 @@ from atas.config import load_config
 from atas.distributed import DistContext, saved_world_sizes
 
 REPO = Path(__file__).resolve().parents[1]
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
+from conftest import FMNIST  # noqa: E402
 N, WORLD = 512, 2
 OVERRIDES = ["model.arch=wong_cnn", f"data.subset={N}", f"data.data_dir={FMNIST}", "train.device=cpu",
              "train.batch_size=64", "train.epochs=1", "train.progress=false", "train.probe_size=64", "train.co_action=keep_best",

@@ -1,7 +1,6 @@
 """ELLE and ELLE-A: the local-linearity penalty, ELLE-A's switch, short training runs, resume."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from atas.threat import LinfBall
 
 EPS = 0.1
 B = 32
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
+from conftest import needs_fmnist  # noqa: E402
 
 
 def batch(n=B, seed=1):
@@ -150,7 +149,7 @@ def test_elle_a_state_dict_round_trip_continues_exactly():
         b.load_method_state({})
 
 
-@pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+@needs_fmnist
 @pytest.mark.parametrize("name", ["elle", "elle_a"])
 def test_short_training_run_is_finite_and_resumes_exactly(tmp_path, name):
     from atas.trainer import train

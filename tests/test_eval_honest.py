@@ -25,21 +25,12 @@ from atas.config import ConfigError, load_config
 from atas.report import AA_NOT_RUN, build_report, format_summary_table
 from atas.trainer import CHECKPOINT, train
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+from conftest import FMNIST, needs_fmnist  # noqa: E402
 ev = importlib.import_module("atas.evaluate")  # the module (atas/__init__ re-exports the function)
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=256", "train.batch_size=64", "train.probe_size=32",
         "train.probe_steps=2", "train.progress=false", "optim.lr=0.02", "method.atas.warmup_epochs=1",
         f"data.data_dir={FMNIST}"]
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,7 +180,7 @@ def run_dir(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         cfg = load_config("fmnist", TINY + ["train.epochs=1", "eval.attacks=clean,fgsm", "eval.n_examples=16"])
-        from atas.runner import evaluate_run
+        from atas.evaluation.run import evaluate_run
 
         run = train(cfg, run_dir=tmp / "r")
         evaluate_run(run.model, cfg, run.run_dir, progress=False)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
+from conftest import FMNIST, needs_fmnist  # noqa: E402
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-pytestmark = pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+pytestmark = needs_fmnist
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import pickle
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import atas
 from atas.cli import main as cli
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+from conftest import needs_fmnist  # noqa: E402
 
 USER_MODULE = textwrap.dedent('''
     import torch.nn as nn

@@ -14,8 +14,7 @@ from atas.methods import get_method, list_methods
 from atas.monitor import COMonitor
 from atas.trainer import CHECKPOINT, MetricsLog, train
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_data = pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+from conftest import needs_fmnist as needs_data  # noqa: E402
 
 TINY = ["model.arch=wong_cnn", "data.subset=256", "train.batch_size=64", "train.probe_size=32",
         "train.probe_steps=1", "train.progress=false", "eval.at_end=false", "eval.attacks=clean",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -343,10 +342,10 @@ def test_free_ignores_non_finite_gradient():
 
 
 # ---------------------------------------------------------------- end to end
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
+from conftest import needs_fmnist  # noqa: E402
 
 
-@pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+@needs_fmnist
 @pytest.mark.parametrize("name, extra", [("n_fgsm", []), ("grad_align", ["method.lam=0.5"]),
                                          ("fgsm_pgi", []), ("free", ["method.m=2"])])
 def test_short_training_run(tmp_path, name, extra):

@@ -21,8 +21,7 @@ from atas import data
 from atas.cli import main as cli
 from atas.config import ConfigError, load_config
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_data = pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+from conftest import FMNIST, needs_fmnist as needs_data  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = ["model.arch=wong_cnn", "data.subset=256", "train.batch_size=64", "train.probe_size=32",

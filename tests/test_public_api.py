@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +15,7 @@ from atas.data import load_tensors
 from atas.loaders import ResidentLoader
 from atas.trainer import lr_factor, make_model, make_optimizer, seed_everything, train
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+from conftest import needs_fmnist  # noqa: E402
 
 
 @needs_fmnist

@@ -10,7 +10,7 @@ import torch
 import atas
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
+from conftest import needs_fmnist  # noqa: E402
 
 
 def python_blocks() -> list[str]:
@@ -18,7 +18,7 @@ def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
-@pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+@needs_fmnist
 def test_readme_python_examples_run(tmp_path, monkeypatch):
     blocks = python_blocks()
     assert len(blocks) == 3

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +15,8 @@ from atas.config import load_config
 from atas.export import export_model, load_model
 from atas.trainer import CHECKPOINT, TrainingDiverged, train
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-pytestmark = pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+from conftest import needs_fmnist  # noqa: E402
+pytestmark = needs_fmnist
 
 TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=384", "train.batch_size=64", "train.probe_size=64",
         "train.probe_steps=2", "train.progress=false", "eval.at_end=false", "optim.lr=0.02",

@@ -12,13 +12,13 @@ import pytest
 import torch
 import yaml
 
-import atas.runner
+import atas.evaluation.run
 import atas.trainer
 from atas.cli import main as cli
 from atas.config import ConfigError, load_config
 from atas.data import load_tensors
 from atas.methods import get_method
-from atas.runner import VAL_FILE, load_val_set, validation_request
+from atas.evaluation.run import VAL_FILE, load_val_set, validation_request
 from atas.trainer import check_resumable, make_data
 from atas.tune import choose
 
@@ -43,7 +43,7 @@ def _forbid(monkeypatch, *names):
 
     for name in names:
         module, attr = name.rsplit(".", 1)
-        monkeypatch.setattr({"atas.trainer": atas.trainer, "atas.runner": atas.runner}[module], attr, boom)
+        monkeypatch.setattr({"atas.trainer": atas.trainer, "atas.evaluation.run": atas.evaluation.run}[module], attr, boom)
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def _fake_validation(calls):
 @needs_fmnist
 def test_tune_picks_the_best_value_runs_the_seeds_with_it_and_records_it(tmp_path, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(atas.runner, "evaluate_validation", _fake_validation(calls))
+    monkeypatch.setattr(atas.evaluation.run, "evaluate_validation", _fake_validation(calls))
     argv = ["compare", "fmnist", "--methods", "elle,fgsm_rs", "--eps", "0.1", "--seeds", "2", "--attacks", "clean",
             "--n-examples", "16", "--tune", "--tune-val-size", "64", "--tune-n-examples", "32",
             "--out", str(tmp_path), *TINY]
@@ -192,14 +192,14 @@ def test_tune_picks_the_best_value_runs_the_seeds_with_it_and_records_it(tmp_pat
     md = (tmp_path / "report.md").read_text()
     section = md.split("## Hyper-parameter search")[1].split("\n## ")[0]
     assert "last 64 training images" in section and "first 32 of them" in section
-    lines = {line.split(" | ")[4]: line for line in section.splitlines() if line.startswith("| elle | 0.1 | lam |")}
+    lines = {line.split(" | ")[4]: line for line in section.splitlines() if line.startswith("| ELLE | 0.1 | lam |")}
     assert set(lines) == {"10", "100", "1000"}
     assert "| 80.0 | 50.0 | yes |" in lines["1000"] and "| yes |" not in lines["10"] + lines["100"]
-    assert "elle at eps 0.1 ran with lam = 1000, chosen on a validation split" in md
+    assert "ELLE at eps 0.1 ran with lam = 1000, chosen on a validation split" in md
     assert "Hyper-parameter search" in (tmp_path / "report.html").read_text()
 
     # Again: the search and the seeds are read back; nothing trains or validates.
-    _forbid(monkeypatch, "atas.trainer.train", "atas.runner.evaluate_run", "atas.runner.evaluate_validation")
+    _forbid(monkeypatch, "atas.trainer.train", "atas.evaluation.run.evaluate_run", "atas.evaluation.run.evaluate_validation")
     assert cli(argv) == 0
     out = capsys.readouterr().out
     assert out.count("finished before: read back") == 3 + 4 and "chose lam=1000" in out
@@ -209,7 +209,7 @@ def test_tune_picks_the_best_value_runs_the_seeds_with_it_and_records_it(tmp_pat
 
 @needs_fmnist
 def test_an_explicit_value_skips_the_search(tmp_path, monkeypatch, capsys):
-    _forbid(monkeypatch, "atas.trainer.train", "atas.runner.evaluate_run", "atas.runner.evaluate_validation")
+    _forbid(monkeypatch, "atas.trainer.train", "atas.evaluation.run.evaluate_run", "atas.evaluation.run.evaluate_validation")
     for override in ("elle.lam=100", "method.lam=100"):
         assert cli(["compare", "fmnist", "--methods", "elle,elle_a", "--eps", "0.1,0.2", "--attacks", "clean",
                     "--tune", "--tune-val-size", "64", "--out", str(tmp_path), "--report-only", *TINY, override]) == 0
@@ -226,7 +226,7 @@ def test_an_explicit_value_skips_the_search(tmp_path, monkeypatch, capsys):
         assert runs[("elle", "0.1")] == "not started"  # planned with lam=100, no search to wait for
         assert runs[("elle_a", "0.1")] == "hyper-parameter search not finished"
         md = (tmp_path / "report.md").read_text()
-        assert "| elle | 0.1 | lam | 10, 100, 1000 | — | — | — | not searched: lam=100 given explicitly |" in md
+        assert "| ELLE | 0.1 | lam | 10, 100, 1000 | — | — | — | not searched: lam=100 given explicitly |" in md
     assert not (tmp_path / "tune").exists() and not (tmp_path / "runs").exists()
 
 
@@ -236,7 +236,7 @@ def test_an_explicit_value_skips_the_search(tmp_path, monkeypatch, capsys):
                                           (["--tune-val-size", "64", "--tune-n-examples", "65"], "give 1..64"),
                                           (["--tune-n-examples", "0"], "give 1..5000")])
 def test_bad_tune_sizes_exit_2_before_anything_trains(tmp_path, monkeypatch, capsys, extra, match):
-    _forbid(monkeypatch, "atas.trainer.train", "atas.runner.evaluate_run", "atas.runner.evaluate_validation")
+    _forbid(monkeypatch, "atas.trainer.train", "atas.evaluation.run.evaluate_run", "atas.evaluation.run.evaluate_validation")
     argv = ["compare", "fmnist", "--methods", "elle", "--tune", *extra, "--out", str(tmp_path), *TINY]
     if "--tune-n-examples" in extra and "--tune-val-size" not in extra:
         argv[argv.index("data.subset=256")] = "data.subset=6000"
@@ -247,6 +247,6 @@ def test_bad_tune_sizes_exit_2_before_anything_trains(tmp_path, monkeypatch, cap
 
 
 def test_tune_sizes_without_tune_are_refused(tmp_path, monkeypatch, capsys):
-    _forbid(monkeypatch, "atas.trainer.train", "atas.runner.evaluate_run", "atas.runner.evaluate_validation")
+    _forbid(monkeypatch, "atas.trainer.train", "atas.evaluation.run.evaluate_run", "atas.evaluation.run.evaluate_validation")
     assert cli(["compare", "fmnist", "--methods", "elle", "--tune-val-size", "64", "--out", str(tmp_path), *TINY]) == 2
     assert "add --tune" in capsys.readouterr().err

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from atas.config import ConfigError, Frac
+from atas.values import ConfigError, Frac
 from atas.methods.base import Method, register
 from atas.threat import bn_mode, input_grad, signed_step
 
@@ -57,8 +57,12 @@ OFFICIAL_NUMERATOR = 16 / 255
 @register
 class ATAS(Method):
     name = "atas"
+    label = "ATAS"
     cost = "2 fwd + 2 bwd"
     uses_store = True
+    logged_stats = {"alpha": "pixels"}   # the per-sample step size, the point of the method
+    prone_to_co = True
+    claims_reference_robustness = True   # the paper: within a few points of PGD-AT, much faster
 
     @dataclass
     class Options(Method.Options):
@@ -86,11 +90,11 @@ class ATAS(Method):
                                 "the other options as keywords, not options=")
             kwargs = {**self.RELATIVE, **kwargs}  # an option given by name still wins
         super().__init__(eps, options, epochs, **kwargs)
-        self.check_options(self.opt)
         self._warn_if_it_cannot_adapt()
 
-    @staticmethod
-    def check_options(o) -> None:
+    @classmethod
+    def check_options(cls, o) -> None:
+        super().check_options(o)
         if o.step_numerator not in ("official", "2eps"):
             raise ConfigError(f"method.step_numerator must be 'official' (16/255) or '2eps', got {o.step_numerator!r}")
         if o.grad_norm not in ("batch_mean", "per_sample"):
@@ -103,9 +107,6 @@ class ATAS(Method):
             raise ConfigError(f"need method.c > 0 and 0 <= method.beta < 1, got c={o.c}, beta={o.beta}")
         if not 0 < o.step_scale <= 1:
             raise ConfigError(f"method.step_scale must lie in (0, 1], got {o.step_scale}")
-
-    def options_changed(self):
-        self.check_options(self.opt)
 
     def step_rule(self, eps_t: float) -> tuple[float, float, float]:
         """(numerator, alpha_min, alpha_max) at training radius eps_t: the quantities written in

@@ -27,26 +27,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from atas.augment import CropFlip, PairedAugment
-from atas.config import ConfigError, build_dataclass, parse_fraction
+from atas.registry import Registry
+from atas.values import ConfigError, build_dataclass, parse_fraction
 from atas.store import PerSampleStore
 from atas.threat import LinfBall
 
-METHODS: dict[str, type["Method"]] = {}
-
-
-def register(cls: type["Method"]) -> type["Method"]:
-    METHODS[cls.name] = cls
-    return cls
+# name -> Method subclass; `@register` on a class adds it under its `name`. Packages add theirs
+# through the entry-point group "atas.methods" (atas.registry).
+METHODS = Registry("method", group="atas.methods")
+register = METHODS.register
 
 
 def list_methods() -> list[str]:
-    return sorted(METHODS)
+    return METHODS.names()
 
 
 def get_method(name: str) -> type["Method"]:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; valid: {', '.join(list_methods())}")
-    return METHODS[name]
+    return METHODS.get(name)
 
 
 def method(name: str, eps, **kwargs) -> "Method":
@@ -86,12 +83,26 @@ class Method:
             of a DDP shard, memmap_path, frame_shape to build it now rather than at the first batch).
     """
 
+    # What a method says about itself: the registry, the trainer and the report read these, so
+    # adding a method is its own file and nothing else.
     name: ClassVar[str]
+    label: ClassVar[str] = ""          # as the papers write it, for reports ("" : the name)
     cost: ClassVar[str] = ""
     uses_store: ClassVar[bool] = False
     # True where `training_loss` adds a term to the cross-entropy (a user who trains on a plain
     # cross-entropy would silently drop it: warned once).
     has_regularizer: ClassVar[bool] = False
+    # Why the method cannot run under train.compile=true ("": it can).
+    no_compile: ClassVar[str] = ""
+    # Per-step numbers in `stats` the trainer logs per epoch (mean, min, max), with their unit
+    # ("pixels": shown as k/255 on the progress bar).
+    logged_stats: ClassVar[dict[str, str]] = {}
+    # What the report checks about the method: whether it is prone to catastrophic overfitting
+    # (the finding "shows CO: yes/no"), whether it is the robust reference the others are timed
+    # against (PGD-AT), and whether it claims to come within a few points of that reference.
+    prone_to_co: ClassVar[bool] = False
+    reference: ClassVar[bool] = False
+    claims_reference_robustness: ClassVar[bool] = False
     # Optimizer steps per minibatch (Free-AT replays each minibatch m times; everyone else 1).
     replays: int = 1
     # The option whose published value does not transfer beyond the setting it was tuned in (one
@@ -121,7 +132,7 @@ class Method:
         if options is not None and option_values:
             raise TypeError(f"{type(self).__name__}: give either options= or keyword options, not both")
         self.opt = options if options is not None else build_dataclass(self.Options, option_values, "")
-        self.check_schedule(self.opt)
+        self.check_options(self.opt)
         self.epochs = epochs
         if num_samples is not None and (int(num_samples) != num_samples or num_samples < 1):
             raise ValueError(f"num_samples must be a positive integer (len(train_set)), got {num_samples!r}")
@@ -304,8 +315,15 @@ class Method:
     def load_method_state(self, state: dict) -> None:
         pass
 
-    @staticmethod
-    def check_schedule(opt) -> None:
+    @classmethod
+    def display_label(cls) -> str:
+        return cls.label or cls.name
+
+    @classmethod
+    def check_options(cls, opt) -> None:
+        """The Options' range checks (ConfigError naming the key). Config validation runs them, so
+        every run of a comparison is checked before the first one trains; the constructor and
+        `set_options` run them too. A subclass extends them with super().check_options(opt)."""
         if opt.eps_ramp_epochs < 0:
             raise ConfigError(f"method.eps_ramp_epochs must be >= 0 (0: no ramp), got {opt.eps_ramp_epochs}")
         if opt.eps_ramp_start < 1:
@@ -336,7 +354,7 @@ class Method:
     def set_options(self, **changes) -> None:
         """Change options mid-run (the guard's remedies; they are recorded and re-applied on resume)."""
         opt = dataclasses.replace(self.opt, **changes)
-        self.check_schedule(opt)
+        self.check_options(opt)
         self.opt = opt
         self.options_changed()
 

@@ -77,7 +77,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from atas.config import ConfigError
+from atas.values import ConfigError
 from atas.methods.base import Method, register
 from atas.threat import LinfBall, bn_mode, input_grad, signed_step
 
@@ -123,6 +123,7 @@ def local_linearity_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ba
 @register
 class ELLE(Method):
     name = "elle"
+    label = "ELLE"
     has_regularizer = True
     cost = "5 fwd + 5 bwd (no double backprop)"
     search = {"lam": (10.0, 100.0, 1000.0)}  # the CIFAR-10 schedule does not transfer: module docstring
@@ -134,18 +135,25 @@ class ELLE(Method):
         noise_factor: float = 0.0
         bn_mode: str = "train"
 
-    def __init__(self, eps, options=None, epochs=None, **kwargs):
-        super().__init__(eps, options, epochs, **kwargs)
-        o = self.opt
+    @classmethod
+    def check_options(cls, o) -> None:
+        super().check_options(o)
         if o.step_factor <= 0 or o.noise_factor < 0:
             raise ConfigError(f"need method.step_factor > 0 and method.noise_factor >= 0, "
                               f"got {o.step_factor} and {o.noise_factor}")
+        cls.check_penalty(o)
+
+    @staticmethod
+    def check_penalty(o) -> None:
+        if o.lam is not None and (o.lam < 0 or not math.isfinite(o.lam)):
+            raise ConfigError(f"method.lam must be a finite number >= 0 or none, got {o.lam}")
+
+    def __init__(self, eps, options=None, epochs=None, **kwargs):
+        super().__init__(eps, options, epochs, **kwargs)
         self.lam = self._initial_lam()
 
     def _initial_lam(self) -> float:
         lam = self.opt.lam
-        if lam is not None and (lam < 0 or not math.isfinite(lam)):
-            raise ConfigError(f"method.lam must be a finite number >= 0 or none, got {lam}")
         if lam is None and self.eps > SCHEDULE_MAX_EPS + 1e-12:
             warnings.warn(f"ELLE's lambda schedule comes from CIFAR-10 runs with eps <= 26/255; at eps="
                           f"{self.eps:.4g} it is held at {lam_schedule(self.eps):g}. Set method.lam explicitly "
@@ -188,6 +196,7 @@ class ELLE(Method):
 @register
 class ELLEA(ELLE):
     name = "elle_a"
+    label = "ELLE-A"
     search = {"lam_max": (10.0, 100.0, 1000.0)}  # official 4000 runs away at Fashion-MNIST eps >= 0.1
 
     @dataclass
@@ -199,11 +208,13 @@ class ELLEA(ELLE):
         noise_factor: float = 0.0
         bn_mode: str = "train"
 
-    def _initial_lam(self) -> float:
-        o = self.opt
+    @staticmethod
+    def check_penalty(o) -> None:
         if not (o.lam_max >= 0 and math.isfinite(o.lam_max)) or not 0 <= o.decay <= 1 or o.sensitivity < 0:
             raise ConfigError(f"need method.lam_max >= 0 (finite), 0 <= method.decay <= 1 and method.sensitivity "
                               f">= 0, got {o.lam_max}, {o.decay} and {o.sensitivity}")
+
+    def _initial_lam(self) -> float:
         # Device tensors (float64, as numpy's mean/std in the official code): the switch below
         # never waits for the GPU. They move to the model's device on the first step.
         self._adapt = {k: torch.zeros((), dtype=torch.float64) for k in ("lam", "count", "mean", "m2")}

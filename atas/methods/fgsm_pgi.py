@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from atas.config import ConfigError
+from atas.values import ConfigError
 from atas.methods.base import Method, register
 from atas.threat import bn_mode, signed_step
 
@@ -74,6 +74,7 @@ def smoothed_ce(logits: torch.Tensor, y: torch.Tensor, true_prob: float, reducti
 @register
 class FGSMPGI(Method):
     name = "fgsm_pgi"
+    label = "FGSM-PGI"
     cost = "2 fwd + 3 bwd"
     uses_store = True
     has_regularizer = True
@@ -87,9 +88,9 @@ class FGSMPGI(Method):
         reset_every: int = 40
         bn_mode: str = "train"
 
-    def __init__(self, eps, options=None, epochs=None, **kwargs):
-        super().__init__(eps, options, epochs, **kwargs)
-        o = self.opt
+    @classmethod
+    def check_options(cls, o) -> None:
+        super().check_options(o)
         if o.lam < 0 or o.momentum_decay < 0 or o.alpha_factor <= 0:
             raise ConfigError(f"need method.lam >= 0, method.momentum_decay >= 0 and method.alpha_factor > 0, "
                               f"got {o.lam}, {o.momentum_decay}, {o.alpha_factor}")
@@ -97,6 +98,9 @@ class FGSMPGI(Method):
             raise ConfigError(f"method.ls_factor (true-class probability) must lie in (0, 1], got {o.ls_factor}")
         if o.reset_every < 0:
             raise ConfigError(f"method.reset_every must be >= 0 (0: never), got {o.reset_every}")
+
+    def __init__(self, eps, options=None, epochs=None, **kwargs):
+        super().__init__(eps, options, epochs, **kwargs)
         self.momentum: torch.Tensor | None = None        # [store rows, C, H, W], see the docstring
         self._logits_init: torch.Tensor | None = None    # f(x_init) with its graph, for `loss`
         self._next_prior: torch.Tensor | None = None     # eta for the next epoch, for `new_prior`

@@ -25,7 +25,9 @@ from atas.threat import bn_mode, input_grad, signed_step
 @register
 class FGSMRS(Method):
     name = "fgsm_rs"
+    label = "FGSM-RS"
     cost = "2 fwd + 2 bwd"
+    prone_to_co = True   # Wong et al.: CO as alpha grows past ~1.25 eps
 
     @dataclass
     class Options(Method.Options):

@@ -37,13 +37,14 @@ import warnings
 
 import torch
 
-from atas.config import ConfigError
+from atas.values import ConfigError
 from atas.methods.base import Method, _same_tensor, register
 
 
 @register
 class Free(Method):
     name = "free"
+    label = "Free-AT"
     cost = "m fwd + m bwd (1 + 1 per replay)"
 
     @dataclass
@@ -51,11 +52,14 @@ class Free(Method):
         m: int = 8
         step_factor: float = 1.0
 
+    @classmethod
+    def check_options(cls, o) -> None:
+        super().check_options(o)
+        if o.m < 1 or o.step_factor <= 0:
+            raise ConfigError(f"need method.m >= 1 and method.step_factor > 0, got {o.m}, {o.step_factor}")
+
     def __init__(self, eps, options=None, epochs=None, **kwargs):
         super().__init__(eps, options, epochs, **kwargs)
-        if self.opt.m < 1 or self.opt.step_factor <= 0:
-            raise ConfigError(f"need method.m >= 1 and method.step_factor > 0, "
-                              f"got {self.opt.m}, {self.opt.step_factor}")
         self.replays = self.opt.m
         self.delta: torch.Tensor | None = None         # [rows >= B, C, H, W], carried across batches
         self._delta_leaf: torch.Tensor | None = None   # the leaf the last `loss` trained on

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 
 import torch
 
-from atas.config import ConfigError
+from atas.values import ConfigError
 from atas.methods.base import Method, register
 from atas.threat import bn_mode, input_grad, signed_step
 
@@ -92,9 +92,11 @@ def gradient_misalignment(grad_a: torch.Tensor, grad_b: torch.Tensor) -> torch.T
 @register
 class GradAlign(Method):
     name = "grad_align"
+    label = "GradAlign"
     has_regularizer = True
     cost = "3 fwd + ~5 bwd (double backprop)"
     search = {"lam": (0.5, 2.0, 8.0)}  # the CIFAR-10 schedule does not transfer: module docstring
+    no_compile = "its double backprop does not go through torch.compile"
 
     @dataclass
     class Options(Method.Options):
@@ -104,11 +106,15 @@ class GradAlign(Method):
         backprop_clean_grad: bool = True
         bn_mode: str = "train"
 
+    @classmethod
+    def check_options(cls, o) -> None:
+        super().check_options(o)
+        if o.lam is not None and (o.lam < 0 or not math.isfinite(o.lam)):
+            raise ConfigError(f"method.lam must be a finite number >= 0 or none, got {o.lam}")
+
     def __init__(self, eps, options=None, epochs=None, **kwargs):
         super().__init__(eps, options, epochs, **kwargs)
         o = self.opt
-        if o.lam is not None and (o.lam < 0 or not math.isfinite(o.lam)):
-            raise ConfigError(f"method.lam must be a finite number >= 0 or none, got {o.lam}")
         if o.lam is None and self.eps > SCHEDULE_MAX_EPS + 1e-12:
             warnings.warn(f"GradAlign's lambda schedule was tuned on CIFAR-10 for eps <= 16/255; at eps="
                           f"{self.eps:.4g} it is held at {lam_schedule(self.eps):g} (its 16/255 value). "

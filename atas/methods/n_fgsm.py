@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from atas.config import ConfigError
+from atas.values import ConfigError
 from atas.methods.base import Method, register
 from atas.threat import LinfBall, bn_mode, input_grad, signed_step
 
@@ -45,6 +45,7 @@ MAX_NOISE = 0.5  # the largest noise amplitude the guard's remedy goes to, in pi
 @register
 class NFGSM(Method):
     name = "n_fgsm"
+    label = "N-FGSM"
     cost = "2 fwd + 2 bwd"
 
     @dataclass
@@ -54,9 +55,9 @@ class NFGSM(Method):
         clip_delta: float | None = None
         bn_mode: str = "train"
 
-    def __init__(self, eps, options=None, epochs=None, **kwargs):
-        super().__init__(eps, options, epochs, **kwargs)
-        o = self.opt
+    @classmethod
+    def check_options(cls, o) -> None:
+        super().check_options(o)
         if o.noise_factor < 0 or o.step_factor <= 0:
             raise ConfigError(f"need method.noise_factor >= 0 and method.step_factor > 0, "
                               f"got {o.noise_factor} and {o.step_factor}")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from atas.config import ConfigError
+from atas.values import ConfigError
 from atas.methods.base import Method, register
 from atas.threat import bn_mode, input_grad, signed_step
 
@@ -31,7 +31,9 @@ from atas.threat import bn_mode, input_grad, signed_step
 @register
 class PGDAT(Method):
     name = "pgd"
+    label = "PGD-AT"
     cost = "K+1 fwd + K+1 bwd"
+    reference = True   # the robust baseline the report times and measures the others against
 
     @dataclass
     class Options(Method.Options):
@@ -40,10 +42,11 @@ class PGDAT(Method):
         random_start: bool = True
         bn_mode: str = "train"
 
-    def __init__(self, eps, options=None, epochs=None, **kwargs):
-        super().__init__(eps, options, epochs, **kwargs)
-        if self.opt.steps < 1:
-            raise ConfigError(f"method.steps must be >= 1, got {self.opt.steps}")
+    @classmethod
+    def check_options(cls, o) -> None:
+        super().check_options(o)
+        if o.steps < 1:
+            raise ConfigError(f"method.steps must be >= 1, got {o.steps}")
 
     def attack(self, model, x, y, state):
         ball = self.ball_at(state.epoch)

@@ -14,6 +14,7 @@ class Standard(Method):
     """
 
     name = "none"
+    label = "standard"
     cost = "1 fwd + 1 bwd"
 
     @dataclass

@@ -1,4 +1,7 @@
-"""Glue between a trained model, its config and the evaluation: the test set, the settings, the file."""
+"""A trained run's evaluation: its config's test set, attacks and settings -> eval.json.
+
+What `atas train` does at the end, `atas eval RUN_DIR` and `atas compare` for each run.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,35 +11,24 @@ import torch.nn as nn
 
 from atas.checkpoint import DiskFullError, check_output, is_special_file
 from atas.config import Config, ConfigError
-from atas.data import check_subset, check_val_size, data_source, dataset_info, image_folder, load_tensors
-from atas.evaluate import evaluate, save_result
+from atas.data import TestSplit, check_subset, check_val_size, data_source, dataset_info, image_folder, load_tensors
+from atas.evaluation.attacks import pgd_step
+from atas.evaluation.protocol import attack_names, evaluate, fingerprint_model, save_result
 from atas.rundir import clean_staged_files
 
 
 def load_test_set(cfg: Config, n_examples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Unpadded test images (uint8) and labels; the first n_examples if given (an error unless
     1 <= n_examples <= the test set's size: a size is what was asked, or an error)."""
-    info = dataset_info(cfg.data.name)
     if n_examples is not None and n_examples < 1:
         raise ConfigError(f"--n-examples / eval.n_examples must be >= 1, got {n_examples}")
-    if info.resident:
-        x, y = load_tensors(info.name, "test", cfg.data.data_dir, cfg.data.download)
-        size = len(y)
-    else:
-        test_set = image_folder(info.name, "test", cfg.data.data_dir)
-        size = len(test_set)
-    if cfg.data.test_subset:
-        size = min(size, cfg.data.test_subset)
+    split = TestSplit(cfg.data.name, cfg.data.data_dir, cfg.data.download)
+    size = min(len(split), cfg.data.test_subset) if cfg.data.test_subset else len(split)
     if n_examples is not None and n_examples > size:
-        raise ConfigError(f"--n-examples / eval.n_examples is {n_examples} but the {info.name} test set has "
+        raise ConfigError(f"--n-examples / eval.n_examples is {n_examples} but the {split.info.name} test set has "
                           f"{size} images{' (data.test_subset)' if cfg.data.test_subset else ''}; "
                           f"give at most {size} (or leave it unset for all)")
-    n = n_examples if n_examples is not None else size
-    if info.resident:
-        return x[:n], y[:n]
-    items = [test_set[i] for i in range(n)]
-    x = torch.stack([it[0] for it in items]).mul(255).round().to(torch.uint8)
-    return x, torch.tensor([int(it[1]) for it in items])
+    return split.take(n_examples if n_examples is not None else size)
 
 
 def load_val_set(cfg: Config, n_examples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,8 +92,8 @@ def evaluate_validation(model: nn.Module, cfg: Config, run_dir: str | Path, n_ex
     return result
 
 
-def _settings_name(attacks: str, n_examples: int | None, eps: float | None) -> str:
-    attacks = "+".join(a.strip().lower() for a in attacks.split(",") if a.strip())
+def _settings_name(attacks, n_examples: int | None, eps: float | None) -> str:
+    attacks = "+".join(attack_names(attacks))
     n = n_examples if n_examples is not None else "all"
     suffix = "" if eps is None else "-eps" + getattr(eps, "text", str(eps)).replace("/", "-")
     return f"{attacks}-n{n}{suffix}"
@@ -130,8 +122,6 @@ def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: flo
     The result says which weights it measured: "model" carries their sha256 (an export checks it
     before putting the result on a card), "checkpoint" what the caller knows of them (file, epoch,
     step, ...) and "mid_run" whether the run was still unfinished or training."""
-    from atas.evaluate import _fingerprint_model, pgd_step
-
     e = cfg.eval
     eps = cfg.method.eps if eps is None else eps
     try:
@@ -146,7 +136,7 @@ def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: flo
     x, y = load_test_set(cfg, e.n_examples)
     device = next(model.parameters()).device
     model.eval()  # evaluation is always in eval mode; say so up front rather than be warned
-    result = evaluate(model, x, y, float(eps), attacks=[a.strip() for a in e.attacks.split(",") if a.strip()],
+    result = evaluate(model, x, y, float(eps), attacks=attack_names(e.attacks),
                       pgd_steps=e.pgd_steps, pgd_restarts=e.pgd_restarts,
                       pgd_alpha=e.pgd_alpha, pgd_schedule=e.pgd_schedule, pgd_loss=e.pgd_loss,
                       batch_size=e.batch_size,
@@ -160,7 +150,7 @@ def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: flo
         warnings.warn(msg)
         result.setdefault("warnings", []).append(msg)
     result["model"] = {"arch": cfg.model.arch, "dataset": cfg.data.name, "method": cfg.method.name,
-                       "train_eps": cfg.method.eps.text, "sha256": _fingerprint_model(model)}
+                       "train_eps": cfg.method.eps.text, "sha256": fingerprint_model(model)}
     result["data"] = {"name": cfg.data.name, "folder": str(data_source(cfg.data.name, "test", cfg.data.data_dir))}
     if checkpoint is not None:
         result["checkpoint"] = {k: v for k, v in checkpoint.items() if k not in ("mid_run", "warning")}
