@@ -478,8 +478,6 @@ def check_subset(subset: int | None, available: int, key: str = "data.subset",
 def check_val_size(val_size: int, available: int) -> int:
     """How many training images remain after holding out the last `val_size` of `available` for
     validation (data.val_size); ConfigError unless 0 <= val_size < available."""
-    from atas.config import ConfigError
-
     if val_size < 0:
         raise ConfigError(f"data.val_size must be >= 0 (0: no validation split), got {val_size}")
     if val_size >= available:
