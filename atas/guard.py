@@ -60,6 +60,14 @@ def gave_up(rows: list[dict]) -> bool:
     return any(e[EVENT] == "gave_up" for e in events(rows))
 
 
+def ramp_end(args: dict, rows: list[dict]) -> int:
+    """The last epoch of a run's eps ramp (0: none), from its method options (a config's
+    method.args, or an Options object's fields) and the guard's changes in `rows`."""
+    args = {**args, **option_changes(rows)}
+    ramp = args.get("eps_ramp_epochs", 0) or 0
+    return args.get("eps_ramp_start", 1) + ramp - 1 if ramp else 0
+
+
 def monitor_for(opt, rows: list[dict]) -> COMonitor:
     """A monitor that holds its slow rules through the method's eps ramp, replayed on `rows`."""
     ramp = getattr(opt, "eps_ramp_epochs", 0)

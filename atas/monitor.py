@@ -152,20 +152,22 @@ class COMonitor:
 # --------------------------------------------------------------------------------------------
 # Verdicts of a finished run (atas compare, its report)
 # --------------------------------------------------------------------------------------------
-def co_verdict(metrics: list[dict], accuracy: dict[str, float]) -> tuple[bool, list[int], bool | None]:
+def co_verdict(metrics: list[dict], accuracy: dict[str, float],
+               hold_until: int = 0) -> tuple[bool, list[int], bool | None]:
     """(CO detected, epochs the probe monitor flagged, final-evaluation signature FGSM > clean or
     None when FGSM or clean was not evaluated). Either sign counts as CO.
 
     The monitor is replayed on the logged probe curve rather than read from the `co` column, so
-    every run of a report is judged by the same (current) rule, whichever version trained it."""
-    monitor = COMonitor()
+    every run of a report is judged by the same (current) rule, whichever version trained it.
+    hold_until: the end of the run's eps ramp, as the training monitor had it (atas.guard)."""
+    monitor = COMonitor(hold_until=hold_until)
     monitor.replay(metrics)
     epochs = list(monitor.flagged_epochs)
     signature = accuracy["fgsm"] > accuracy["clean"] if "fgsm" in accuracy and "clean" in accuracy else None
     return bool(epochs) or bool(signature), epochs, signature
 
 
-def co_reasons(metrics: list[dict]) -> list[str]:
+def co_reasons(metrics: list[dict], hold_until: int = 0) -> list[str]:
     """The monitor's reason per epoch ('' where it did not flag), replayed like `co_verdict`."""
-    monitor = COMonitor()
+    monitor = COMonitor(hold_until=hold_until)
     return [monitor.update(r)["reason"] for r in metrics]

@@ -295,18 +295,19 @@ def _failed_row(spec: RunSpec, out: Path, why: str, diverged: dict) -> dict:
 def summarize_run(spec: RunSpec, out: Path) -> dict:
     """What summary.json keeps of one finished run (accuracies as fractions)."""
     from atas.data import dataset_info
-    from atas.guard import all_epochs, events
+    from atas.guard import all_epochs, events, ramp_end
 
     metrics = _read_metrics(spec.run_dir)
     result = json.loads((spec.run_dir / "eval.json").read_text())
     accuracy = {k: v["accuracy"] for k, v in result["results"].items()}
-    co, co_epochs, signature = co_verdict(metrics, accuracy)
+    hold = ramp_end(spec.cfg.method.args, _read_log(spec.run_dir))
+    co, co_epochs, signature = co_verdict(metrics, accuracy, hold)
 
     curves = {"epoch": [r["epoch"] for r in metrics]}
     curves.update({k: [r.get(k) for r in metrics] for k in CURVE_KEYS if any(k in r for r in metrics)})
     if "co" in curves:  # the plot marks the epochs of the verdict above, and says why
         curves["co"] = [e in co_epochs for e in curves["epoch"]]
-        curves["co_reason"] = co_reasons(metrics)
+        curves["co_reason"] = co_reasons(metrics, hold)
     return {
         "method": spec.method, "eps": spec.eps, "eps_value": float(spec.cfg.method.eps), "seed": spec.seed,
         "clean": accuracy.get("clean"), "fgsm": accuracy.get("fgsm"), "pgd": accuracy.get("pgd"),
