@@ -202,3 +202,36 @@ def test_constant_prediction_is_flagged_as_stuck_not_co():
     for e in range(1, 7):
         assert not healthy.update({"epoch": e, "probe_clean": 0.7, "probe_fgsm": 0.6, "probe_pgd": 0.5,
                                    "probe_pgd_worst": 0.5})["co"]
+
+
+EPS03 = [Path(__file__).resolve().parents[1] / "docs" / "results" / name / "summary.json"
+         for name in ("fmnist-eps03-cpu", "fmnist-eps03-cpu-guard-off")]
+
+
+def _replay_held(run: dict) -> COMonitor:
+    """As _replay, with the hold through the run's eps ramp that the training monitor had."""
+    from atas.guard import ramp_end
+
+    c = run["curves"]
+    keys = [k for k in ("probe_clean", "probe_fgsm", "probe_pgd", "probe_pgd_worst") if k in c]
+    rows = [{"epoch": e, **{k: c[k][i] for k in keys}} for i, e in enumerate(c["epoch"])]
+    m = COMonitor(hold_until=ramp_end(run["method_args"], run.get("guard_events") or []))
+    m.replay(rows)
+    return m
+
+
+def test_eps03_runs_with_the_new_probe_no_healthy_run_flagged_every_failure_has_a_verdict():
+    """The eps-0.3 runs of docs/results.md section 0c (the new probe, one eps schedule for all, guard
+    on and off), replayed: no ATAS or PGD-AT run is flagged or touched by the guard, and every final
+    model below half of PGD-AT's AutoAttack accuracy carries a verdict (a flagged epoch, or the
+    guard's gave_up)."""
+    runs = [r for path in EPS03 for r in json.loads(path.read_text())["runs"] if r.get("aa") is not None]
+    pgd = [r["aa"] for r in runs if r["method"] == "pgd"]
+    assert len(pgd) == 3 and {r["method"] for r in runs} >= {"atas", "pgd", "fgsm_rs", "n_fgsm"}
+    half = sum(pgd) / len(pgd) / 2
+    for r in runs:
+        gave_up = any(e["event"] == "gave_up" for e in r.get("guard_events") or [])
+        if r["method"] in ("atas", "pgd"):
+            assert not _replay_held(r).flagged_epochs and not r.get("guard_events"), (r["method"], r["seed"])
+        if r["aa"] < half:
+            assert _replay_held(r).flagged_epochs or gave_up, (r["method"], r["seed"], r["aa"])
