@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import ClassVar, Iterable, Iterator
 
@@ -157,6 +158,7 @@ class Method:
         # Per-step numbers for the progress bar / logs, kept as tensors (no device sync here).
         self.stats: dict[str, torch.Tensor] = {}
         self._reset_due = False
+        self._checked_model = None  # weakref to the model whose dtype perturb() last checked
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{f.name}={getattr(self.opt, f.name)!r}" for f in dataclasses.fields(self.opt))
@@ -218,7 +220,11 @@ class Method:
                           "x_adv, y, x), or the regulariser is silently dropped.", stacklevel=2)
         if self.current_epoch == 0:
             self.start_epoch(1)
-        _check_float32(self.name, model, x)  # before the store is built or anything is written
+        if self._checked_model is None or self._checked_model() is not model:  # once per model, not per step
+            _check_float32(self.name, model, x)  # before the store is built or anything is written
+            self._checked_model = weakref.ref(model)
+        elif x.dtype in _HALF:
+            _check_float32(self.name, model, x)
         store, prior, cf = None, None, None
         if self.uses_store:
             if idx is None:
