@@ -111,6 +111,13 @@ class Method:
     # --tune` trains one run per value on a validation split and compares the method at the best
     # value. At most one option (each extra one multiplies the runs); empty: nothing to search.
     search: ClassVar[dict[str, tuple[float, ...]]] = {}
+    # Forward and backward passes over a batch of B images per optimizer step (a 3B batch counts 3),
+    # the cost the report and summary.json list beside the measured time. A method whose count
+    # depends on its options overrides `passes_per_step`.
+    passes: ClassVar[tuple[float, float]] = (2, 2)
+    # False where the training loss has no cross-entropy term to smooth (label_smoothing > 0 is
+    # then refused by check_options).
+    supports_label_smoothing: ClassVar[bool] = True
 
     @dataclass
     class Options:
@@ -121,9 +128,13 @@ class Method:
             every paper). Each method scales every eps-relative quantity of its step with eps_t.
         eps_ramp_start (1): the epoch the ramp starts from (the guard of `train.co_action=recover`
             restarts the ramp from the epoch it rolled back to).
+        label_smoothing (0.0): label smoothing of the cross-entropy in the method's training loss
+            (`Method.cross_entropy`); the attack's own gradients use the plain cross-entropy. A
+            method whose loss has no cross-entropy term sets `supports_label_smoothing = False`.
         """
         eps_ramp_epochs: int = 0
         eps_ramp_start: int = 1
+        label_smoothing: float = 0.0
 
     def __init__(self, eps, options=None, epochs: int | None = None, *, num_samples: int | None = None,
                  augment: PairedAugment | None = None, store_dtype: str = "float32",
@@ -334,6 +345,21 @@ class Method:
             raise ConfigError(f"method.eps_ramp_epochs must be >= 0 (0: no ramp), got {opt.eps_ramp_epochs}")
         if opt.eps_ramp_start < 1:
             raise ConfigError(f"method.eps_ramp_start must be >= 1 (a 1-based epoch), got {opt.eps_ramp_start}")
+        if not 0.0 <= opt.label_smoothing < 1.0:
+            raise ConfigError(f"method.label_smoothing must be in [0, 1) (0: none), got {opt.label_smoothing}")
+        if opt.label_smoothing > 0 and not cls.supports_label_smoothing:
+            raise ConfigError(f"method.label_smoothing: {cls.name}'s training loss has no cross-entropy term to "
+                              f"smooth; set label_smoothing=0 for it (method.{cls.name}.label_smoothing=0)")
+
+    def passes_per_step(self) -> tuple[float, float]:
+        """(forward, backward) passes over a batch of B images per optimizer step (attack and
+        training step together; a replayed minibatch counts once per replay)."""
+        return self.passes
+
+    def cross_entropy(self, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The cross-entropy of the method's training loss, in float32, with the run's label
+        smoothing (option `label_smoothing`). Attacks differentiate the plain cross-entropy."""
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.opt.label_smoothing, reduction=reduction)
 
     def eps_at(self, epoch: int) -> float:
         """The training eps of `epoch` (1-based): eps * min(1, (epoch - start + 1) / ramp_epochs),
@@ -386,9 +412,9 @@ class Method:
 
     def training_loss(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
                       state: BatchState) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean cross-entropy on x_adv; returns (loss, logits)."""
+        """Mean cross-entropy on x_adv (label smoothing as configured); returns (loss, logits)."""
         logits = model(x_adv)
-        return F.cross_entropy(logits.float(), y), logits
+        return self.cross_entropy(logits, y), logits
 
     # -- the store behind the doors ----------------------------------------------------------
     def _check_idx(self, idx: torch.Tensor, batch: int) -> None:

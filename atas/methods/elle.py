@@ -126,6 +126,7 @@ class ELLE(Method):
     label = "ELLE"
     has_regularizer = True
     cost = "5 fwd + 5 bwd (no double backprop)"
+    passes = (5, 5)
     search = {"lam": (10.0, 100.0, 1000.0)}  # the CIFAR-10 schedule does not transfer: module docstring
 
     @dataclass

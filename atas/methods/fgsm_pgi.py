@@ -76,6 +76,7 @@ class FGSMPGI(Method):
     name = "fgsm_pgi"
     label = "FGSM-PGI"
     cost = "2 fwd + 3 bwd"
+    passes = (2, 3)
     uses_store = True
     has_regularizer = True
 

@@ -46,6 +46,7 @@ class Free(Method):
     name = "free"
     label = "Free-AT"
     cost = "m fwd + m bwd (1 + 1 per replay)"
+    passes = (1, 1)   # per optimizer step (each replay is one)
 
     @dataclass
     class Options(Method.Options):

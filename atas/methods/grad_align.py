@@ -95,6 +95,7 @@ class GradAlign(Method):
     label = "GradAlign"
     has_regularizer = True
     cost = "3 fwd + ~5 bwd (double backprop)"
+    passes = (3, 5)
     search = {"lam": (0.5, 2.0, 8.0)}  # the CIFAR-10 schedule does not transfer: module docstring
     no_compile = "its double backprop does not go through torch.compile"
 

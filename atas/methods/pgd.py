@@ -48,6 +48,9 @@ class PGDAT(Method):
         if o.steps < 1:
             raise ConfigError(f"method.steps must be >= 1, got {o.steps}")
 
+    def passes_per_step(self):
+        return (self.opt.steps + 1, self.opt.steps + 1)
+
     def attack(self, model, x, y, state):
         ball = self.ball_at(state.epoch)
         x_adv = ball.random_start(x) if self.opt.random_start else x.clone()

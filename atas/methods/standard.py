@@ -16,6 +16,7 @@ class Standard(Method):
     name = "none"
     label = "standard"
     cost = "1 fwd + 1 bwd"
+    passes = (1, 1)
 
     @dataclass
     class Options(Method.Options):
