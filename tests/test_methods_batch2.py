@@ -270,11 +270,12 @@ def test_liet_step_and_loss_match_the_formula(mask):
     replaced = torch.rand_like(x) < mask
     sign = -1.0 if torch.rand(()) < 0.5 else 1.0
     delta = torch.where(replaced, noise, li[y])
-    assert bool(replaced.all()) == (mask == 1.0) and not bool(replaced.any()) == (mask == 0.0)
+    assert bool(replaced.all()) == (mask == 1.0) and bool(replaced.any()) == (mask != 0.0)
     x0 = (x + sign * delta).clamp(0, 1)
     grad = input_gradient(lambda z: F.cross_entropy(model(z), y), x0)
     torch.testing.assert_close(x_adv, project(x0 + EPS * grad.sign(), x, EPS))
     loss, logits = method.training_loss(model, x_adv, y, x, state())
+    torch.testing.assert_close(logits, model(x_adv))
     p, q = model(x0).softmax(1), model(x_adv).softmax(1)
     m = (p + q) / 2
     js = ((p * (p / m).log()).sum(1) + (q * (q / m).log()).sum(1)).mean() / 2
@@ -366,6 +367,8 @@ def test_search_only_for_liet_and_remedies_are_valid_options():
     for name in ("gat", "nuat", "ssat"):
         assert get_method(name).search == {}
     assert GAT(EPS).remedy(1) == {"lam": 20.0} and NuAT(EPS).remedy(1) == {"lam": 9.0}
+    assert GAT(EPS, lam=30.0).remedy(1) == {"lam": 40.0} and GAT(EPS, lam=40.0).remedy(2) == {}   # capped at 4x
+    assert NuAT(EPS, lam=18.0).remedy(3) == {}
     liet = LIET(EPS)
     change = liet.remedy(1)
     liet.set_options(**change)

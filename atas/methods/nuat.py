@@ -66,6 +66,9 @@ def nuclear_distance(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Te
 class NuAT(GAT):
     name = "nuat"
     label = "NuAT"
+    # The guard's remedy (GAT's: double lam) goes up to 4 x the paper's 4.5: the nuclear-norm term
+    # is what keeps the single-step training from catastrophic overfitting.
+    remedy_cap = 18.0
 
     @dataclass
     class Options(Method.Options):
@@ -85,11 +88,6 @@ class NuAT(GAT):
             raise ConfigError(f"method.lam_ramp must lie in [0, 1] (a fraction of the epochs; 0: no ramp), "
                               f"got {o.lam_ramp}")
         cls.check_attack(o)
-
-    def remedy(self, attempt):
-        # Sriramanan et al. 2021: the nuclear-norm term is what keeps single-step training from
-        # catastrophic overfitting (the ramp starts it at 0); weigh it twice as much.
-        return {"lam": round(max(self.opt.lam, 1.0) * 2, 6)}
 
     def lam_at(self, epoch: int) -> float:
         o = self.opt
