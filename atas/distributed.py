@@ -131,12 +131,10 @@ def setup(cfg: Config) -> DistContext:
     if world == 1:
         return DistContext()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    want = cfg.train.device
-    use_cuda = want.startswith("cuda") or (want == "auto" and torch.cuda.is_available())
+    from atas.factories import resolve_device
+
+    use_cuda = resolve_device(cfg.train.device).type == "cuda"  # the one check of train.device
     if use_cuda:
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device asks for CUDA but no GPU is visible on this node; use train.device=cpu "
-                              "(gloo) or launch on GPU nodes")
         if torch.cuda.device_count() <= local_rank:
             raise ConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs on this node: "
                               "--nproc-per-node must not exceed the GPU count")

@@ -12,7 +12,8 @@ from atas.cli import main as cli
 from atas.config import ConfigError, Frac, load_config
 from atas.methods import get_method, list_methods
 from atas.monitor import COMonitor
-from atas.trainer import CHECKPOINT, MetricsLog, train
+from atas.rundir import CHECKPOINT, MetricsLog
+from atas.trainer import train
 
 from conftest import needs_fmnist as needs_data  # noqa: E402
 
@@ -106,6 +107,7 @@ def test_the_guard_gives_up_past_its_budget_with_one_clear_line(tmp_path, script
                                    "in the replayed epoch"])
 @needs_data
 def test_a_kill_during_a_recovery_resumes_to_the_same_final_weights(tmp_path, scripted, monkeypatch, where):
+    import atas.runstate as runstate
     import atas.trainer as trainer
 
     scripted.script = {3: "collapse: scripted"}
@@ -118,11 +120,11 @@ def test_a_kill_during_a_recovery_resumes_to_the_same_final_weights(tmp_path, sc
 
     with monkeypatch.context() as m:
         if where == "before the rollback is saved":
-            real_roll_back = trainer._roll_back
-            m.setattr(trainer, "_roll_back", lambda *a: kill() if armed[0] else real_roll_back(*a))
+            real_roll_back = runstate.roll_back
+            m.setattr(runstate, "roll_back", lambda *a: kill() if armed[0] else real_roll_back(*a))
         elif where == "after the rollback is saved":  # _restore follows the rollback's save
-            real_restore = trainer._restore
-            m.setattr(trainer, "_restore", lambda run, state, rows: kill() if armed[0] and guard.events(rows)
+            real_restore = runstate.restore
+            m.setattr(runstate, "restore", lambda run, state, rows: kill() if armed[0] and guard.events(rows)
                       else real_restore(run, state, rows))
         else:
             real_epoch = trainer._train_epoch
@@ -194,13 +196,13 @@ def _best_epoch(run_dir):
                                    "between the checkpoint and the metrics"])
 @needs_data
 def test_best_pt_is_the_best_epoch_the_metrics_name_after_a_kill(tmp_path, monkeypatch, where):
-    import atas.trainer as trainer
+    import atas.runstate as runstate
 
     cfg = tiny(tmp_path, "train.co_action=keep_best")
     whole = tmp_path / "whole"
     train(cfg, run_dir=whole)
     target = next(e for e in range(2, 6) if _best_epoch_upto(whole, e) == e)  # an epoch that set a new best
-    real_save, real_log = trainer.save_checkpoint, trainer.MetricsLog.write_all
+    real_save, real_log = runstate.save_checkpoint, runstate.MetricsLog.write_all
 
     def save(path, ckpt, **kw):
         if ckpt.get("epoch") == target and armed:
@@ -217,8 +219,8 @@ def test_best_pt_is_the_best_epoch_the_metrics_name_after_a_kill(tmp_path, monke
 
     armed = True
     with monkeypatch.context() as m:
-        m.setattr(trainer, "save_checkpoint", save)
-        m.setattr(trainer.MetricsLog, "write_all", write_all)
+        m.setattr(runstate, "save_checkpoint", save)
+        m.setattr(runstate.MetricsLog, "write_all", write_all)
         with pytest.raises(KeyboardInterrupt):
             train(cfg, run_dir=tmp_path / "killed")
     armed = False

@@ -21,7 +21,8 @@ from atas.checkpoint import CheckpointError, DiskFullError, load_checkpoint, pre
 from atas.cli import main as cli
 from atas.config import load_config
 from atas.rundir import RunDirError, RunLock
-from atas.trainer import CHECKPOINT, MetricsLog, train
+from atas.rundir import CHECKPOINT, MetricsLog
+from atas.trainer import train
 
 from conftest import needs_fmnist as needs_data  # noqa: E402
 
