@@ -86,9 +86,11 @@ class DistContext:
             raise CheckpointError(f"cannot resume rank {self.rank}: {path} is missing although the run has checkpoints "
                                   f"for world size {self.world_size} (a rank crashed before its save?). Resume from "
                                   "an earlier copy of the run folder or start a new run.")
+        from atas.rundir import fresh_start_command
+
         raise CheckpointError(f"nothing to resume: {path} does not exist (the run never finished an epoch, or this "
-                              f"is not its folder). Check the folder name, or start the run afresh: `atas train "
-                              f"RECIPE --run-dir {run_dir}`.")
+                              f"is not its folder). Check the folder name, or start the run afresh: "
+                              f"`{fresh_start_command(run_dir)}`.")
 
     def broadcast_flag(self, flag: bool) -> bool:
         """Rank 0's `flag` on every rank (sync point). For decisions taken on rank 0 alone, e.g.

@@ -18,6 +18,7 @@ sits beside the new one. Files `atomic_write` stages (`.NAME.tmp-PID`) whose pro
 """
 from __future__ import annotations
 
+import copy
 import csv
 import errno
 import json
@@ -77,6 +78,17 @@ def _is_result(path: Path) -> bool:
     if path.name == "metrics.jsonl":
         return path.stat().st_size > 0
     return path.name in RESULTS or bool(_CHECKPOINT_FILE.fullmatch(path.name))
+
+
+def fresh_start_command(run_dir: str | Path) -> str:
+    """The command that starts the run in run_dir afresh from its own config.yaml (--overwrite when
+    the folder holds results a fresh start would otherwise refuse to replace)."""
+    import shlex
+
+    run_dir = Path(run_dir)
+    overwrite = " --overwrite" if any(_is_result(p) for p in run_outputs(run_dir)) else ""
+    recipe = shlex.quote(str(run_dir / "config.yaml")) if (run_dir / "config.yaml").is_file() else "RECIPE"
+    return f"atas train {recipe} --run-dir {shlex.quote(str(run_dir))}{overwrite}"
 
 
 def check_own_files(run_dir: Path) -> None:
@@ -262,10 +274,13 @@ class RunFolder:
         """A fresh run may not silently replace another run's results."""
         held = [p.name for p in run_outputs(self.run_dir) if _is_result(p)]
         if held and not self.overwrite:
+            resumable = any(_CHECKPOINT_FILE.fullmatch(name) and ".prev." not in name for name in held)
             raise RunDirError(
-                f"{self.run_dir} holds another run ({', '.join(held)}). Resume it with `atas train --resume "
-                f"{self.run_dir}`, choose another --run-dir, or pass --overwrite to replace it (its "
-                "checkpoints, metrics and evaluation are deleted).")
+                f"{self.run_dir} holds another run ({', '.join(held)}). "
+                + (f"Resume it with `atas train --resume {self.run_dir}`, choose" if resumable else
+                   "It holds no checkpoint to resume (killed before its first epoch was saved): choose")
+                + " another --run-dir, or pass --overwrite to replace it (its checkpoints, metrics and evaluation "
+                "are deleted).")
 
     def start(self, config_yaml: str) -> None:
         """Everything was checked: now write. A fresh run first removes every output of an earlier
@@ -375,8 +390,14 @@ def load_run_config(run_dir: str | Path) -> "Config":
     from atas.config import ConfigError, config_from_dict
 
     tree = saved_config(run_dir)
-    if tree is None:
-        raise CheckpointError(f"{run_dir} is not a run folder (no {CONFIG})")
+    if tree is None:  # lost: every checkpoint carries the config it was trained with
+        from atas.checkpoint import load_checkpoint
+
+        saved = [p for p in (Path(run_dir) / CHECKPOINT, *sorted(Path(run_dir).glob("checkpoint-rank0-of*.pt")))
+                 if is_plain_file(p)]
+        if not saved:
+            raise CheckpointError(f"{run_dir} is not a run folder (no {CONFIG})")
+        tree = load_checkpoint(saved[0])["config"]
     try:
         return config_from_dict(tree)
     except (ConfigError, KeyError, TypeError, ValueError) as e:
@@ -386,7 +407,7 @@ def load_run_config(run_dir: str | Path) -> "Config":
 
 def check_resumable(saved: dict, cfg: "Config") -> None:
     """Resuming is only honest with the config the run was started with (RESUME_FREE_KEYS may change)."""
-    mine, theirs = cfg.to_dict(), dict(saved)
+    mine, theirs = cfg.to_dict(), copy.deepcopy(dict(saved))  # the caller's tree stays as it is
     for label in LABEL_KEYS:  # labels, not training settings
         mine.pop(label, None)
         theirs.pop(label, None)

@@ -76,6 +76,8 @@ def resume_source(ctx, run_dir: Path, name: str) -> Path:
     its initial weights, exactly as it started (a fresh start would refuse the folder)."""
     path = ctx.checkpoint_path(run_dir, name)
     if not path.exists() and healthy_path(path).exists():
+        if ctx.is_main:
+            tqdm.write(f"{path} is missing: resuming from {healthy_path(path).name}, the last healthy epoch")
         return healthy_path(path)
     return ctx.resume_path(run_dir, name)
 

@@ -7,6 +7,7 @@ import errno
 import gzip
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -476,8 +477,11 @@ def test_exporting_the_older_checkpoint_of_a_finished_run_says_what_it_is(run_co
 
 @needs_data
 def test_nothing_to_resume_says_what_to_do(run_copy, capsys):
-    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+    # (a checkpoint.healthy.pt alone is resumed from: tests/test_guard.py)
+    for name in ("checkpoint.pt", "checkpoint.prev.pt", "checkpoint.healthy.pt"):
         (run_copy / name).unlink()
     status, _, err = run_cli(capsys, "train", "--resume", run_copy)
     assert status == 2
-    assert_one_line(err, "nothing to resume", f"atas train RECIPE --run-dir {run_copy}")
+    command = f"atas train {run_copy / 'config.yaml'} --run-dir {run_copy} --overwrite"
+    assert_one_line(err, "nothing to resume", command)
+    assert cli(shlex.split(command)[1:]) == 0  # the advice works from this state
