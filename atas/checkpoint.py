@@ -279,14 +279,24 @@ def _what_to_do(path: Path) -> str:
                     f"evaluate, export or resume the run from it (`atas eval {path.parent}`, `atas train --resume "
                     f"{path.parent}`), and delete the damaged file (`rm {path}`): a resumed run rewrites best.pt "
                     "when its checkpoint is the best epoch, and at its next best epoch otherwise.")
+    if ".healthy." in path.name:
+        ckpt = path.with_name(path.name.replace(".healthy.", "."))
+        if ckpt.exists() and _is_whole(ckpt):
+            return (f"{path.name} is only the guard's rollback target (train.co_action=recover); the run's {ckpt} is "
+                    f"intact: delete the damaged file (`rm {shlex.quote(str(path))}`) and resume the run (`atas train "
+                    f"--resume {shlex.quote(str(path.parent))}`): a rollback then takes the newest checkpoint it "
+                    "can trust, or the initial weights.")
+    from atas.rundir import fresh_start_command
+
+    again = f"start the run again (`{fresh_start_command(path.parent)}`)"
     prev = previous_path(path)
     if prev.exists() and prev != path:
         if _is_whole(prev):
             return (f"The checkpoint one epoch older is kept as {prev}: move it over the damaged one "
-                    f"(`mv {prev} {path}`) and resume, or start the run again.")
+                    f"(`mv {prev} {path}`) and resume, or {again}.")
         return (f"The checkpoint one epoch older, {prev}, is damaged too, so there is none to fall back to: "
-                "restore the run folder from a copy, or start the run again (`atas train ... --overwrite`).")
-    return "Restore the file from a copy, or start the run again (`atas train ... --overwrite`)."
+                f"restore the run folder from a copy, or {again}.")
+    return f"Restore the file from a copy, or {again}."
 
 
 def _verify_archive(path: Path) -> None:
