@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", nargs="?", help="shipped recipe name (see `atas recipes`) or a YAML path")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.eps=8/255 train.epochs=10")
     t.add_argument("--run-dir", help="run folder (default: <out_dir>/<name>)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    t.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last checkpoint; a run that ended (finished, stopped, "
+                        "or given up by the guard) trains nothing unless train.epochs=N raises its epochs")
     t.add_argument("--overwrite", action="store_true",
                    help="replace a run already in the run folder (its checkpoints, metrics and eval.json go)")
 

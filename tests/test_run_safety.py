@@ -397,3 +397,22 @@ def test_an_export_is_never_written_through_a_link(run_copy, tmp_path, capsys, n
     plant(out / name, "link", outside)
     refused_in_one_line(capsys, ["export", run_copy, "--out", out], f"{out / name} is a symbolic link")
     assert outside.read_text() == PRECIOUS and os.listdir(out) == [name]
+
+
+def test_the_atomic_writer_refuses_a_link_and_never_writes_through_its_temporary_name(tmp_path):
+    from atas.checkpoint import UnsafeFileError, atomic_write_text, temporary_path
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text(PRECIOUS)
+    mine = tmp_path / "summary.json"           # any file atas names: summary.json, report.md, ...
+    plant(mine, "link", outside)
+    with pytest.raises(UnsafeFileError, match="summary.json is a symbolic link"):
+        atomic_write_text(mine, "{}")
+    mine.unlink()
+    plant(temporary_path(mine), "link", outside)  # a link planted where the writer stages the file
+    atomic_write_text(mine, "{}")
+    assert mine.read_text() == "{}" and not mine.is_symlink() and outside.read_text() == PRECIOUS
+    fifo = tmp_path / "named.fifo"
+    plant(fifo, "fifo", outside)
+    with pytest.raises(UnsafeFileError, match="is a FIFO"):
+        atomic_write_text(fifo, "x")            # atas's own name: refused; a --out the user names is written in place
