@@ -27,7 +27,7 @@ from atas.checkpoint import CheckpointError, atomic_write, check_output, check_o
 from atas.config import Config, config_from_dict
 from atas.data import dataset_info
 from atas.models import build_model, clean_state_dict, unwrap
-from atas.rundir import CHECKPOINT, MetricsLog, run_end, run_finished
+from atas.rundir import BEST, CHECKPOINT, EVAL, MetricsLog, run_end, run_finished
 
 MODEL_FILE, CARD_FILE = "model.safetensors", "card.json"
 
@@ -125,7 +125,7 @@ def training_state(source: str | Path, cfg: Config, extra: dict) -> dict | None:
             rows = [r for r in MetricsLog(path.parent).read() if r.get("epoch", 0) <= epoch]
         finished = run_end(rows, cfg) is not None
     note = None
-    if path.name == "best.pt":
+    if path.name == BEST:
         note = (f"{path} is the best-robust checkpoint (epoch {epoch} of {planned}, chosen by the CO monitor), "
                 "not the final model")
     elif _is_previous(path):  # one save older than the run's latest checkpoint, whatever the run's state
@@ -181,7 +181,7 @@ def run_evaluation(source: str | Path, model: nn.Module) -> tuple[dict | None, s
     path = resolve_artifact(source)
     if path.suffix == ".safetensors":
         return None, None
-    files = [path.with_name("eval.json")] + sorted(path.parent.glob("eval-*.json"),
+    files = [path.with_name(EVAL)] + sorted(path.parent.glob("eval-*.json"),
                                                    key=lambda f: f.stat().st_mtime, reverse=True)
     files = [f for f in files if f.is_file()]
     if not files:

@@ -299,7 +299,7 @@ class RunFolder:
 # What a run folder holds, and the rules read from it: one function per rule. The trainer writes
 # these files; sweep, export, tune and compare read them through here, never through the trainer.
 # --------------------------------------------------------------------------------------------
-CONFIG, BEST, EVAL, DIVERGED = "config.yaml", "best.pt", "eval.json", "diverged.json"
+CONFIG, BEST, EVAL, EVAL_STATE, DIVERGED = "config.yaml", "best.pt", "eval.json", "eval.state", "diverged.json"
 METRICS, METRICS_CSV = "metrics.jsonl", "metrics.csv"
 # Top-level config keys that only label a run: an edited recipe description must not make a
 # finished run look like another experiment.

@@ -19,6 +19,7 @@ from pathlib import Path
 from atas.config import Config, ConfigError, Frac, load_config, method_override, parse_fraction, split_override
 from atas.methods import get_method
 from atas.monitor import co_reasons, co_verdict
+from atas.rundir import EVAL, EVAL_STATE
 
 # Per-epoch metrics copied into summary.json for the plots (and anyone re-plotting).
 CURVE_KEYS = ("probe_clean", "probe_fgsm", "probe_pgd", "probe_pgd_margin", "probe_pgd_worst", "probe_lin_err", "co",
@@ -192,7 +193,7 @@ def _test_set_size(name: str, data_dir: str | None, download: bool, test_subset:
 def eval_is_current(run_dir: Path, cfg: Config) -> bool:
     """eval.json exists, is newer than the checkpoint, and used the requested attacks, number of
     examples, eps and PGD settings."""
-    from atas.rundir import CHECKPOINT, EVAL
+    from atas.rundir import CHECKPOINT
 
     path, ckpt = run_dir / EVAL, run_dir / CHECKPOINT
     if not path.exists() or (ckpt.exists() and path.stat().st_mtime_ns < ckpt.stat().st_mtime_ns):
@@ -225,7 +226,7 @@ def eval_is_current(run_dir: Path, cfg: Config) -> bool:
 # --------------------------------------------------------------------------------------------
 # One run, and what the report keeps of it
 # --------------------------------------------------------------------------------------------
-def train_as_needed(spec: RunSpec, stale: tuple[str, ...] = ("eval.json", "eval.state")):
+def train_as_needed(spec: RunSpec, stale: tuple[str, ...] = (EVAL, EVAL_STATE)):
     """Train a fresh run, resume an unfinished (or diverged) one, leave a finished one: (the trained
     model or None when nothing trained, what was done). `stale`: the run's files that belong to the
     model before this training, deleted before it starts."""
@@ -275,7 +276,7 @@ def summarize_run(spec: RunSpec, out: Path) -> dict:
     from atas.guard import all_epochs, events, ramp_end
 
     metrics = _read_metrics(spec.run_dir)
-    result = json.loads((spec.run_dir / "eval.json").read_text())
+    result = json.loads((spec.run_dir / EVAL).read_text())
     accuracy = {k: v["accuracy"] for k, v in result["results"].items()}
     hold = ramp_end(spec.cfg.method.args, _read_log(spec.run_dir))
     co, co_epochs, signature = co_verdict(metrics, accuracy, hold)

@@ -185,7 +185,7 @@ def run_value(spec, option: str, n_examples: int, report_only: bool, out: Path) 
     from atas.guard import option_changes
     from atas.evaluation.run import VAL_FILE
     from atas.factories import resolve_device
-    from atas.rundir import TrainingDiverged
+    from atas.rundir import EVAL, EVAL_STATE, TrainingDiverged
 
     value = float(spec.cfg.method.args[option])
     row = {"value": value, "run_dir": os.path.relpath(spec.run_dir, out)}
@@ -197,7 +197,7 @@ def run_value(spec, option: str, n_examples: int, report_only: bool, out: Path) 
         done = []
     else:
         try:
-            model, done = train_as_needed(spec, stale=(VAL_FILE, "eval.json", "eval.state"))
+            model, done = train_as_needed(spec, stale=(VAL_FILE, EVAL, EVAL_STATE))
         except TrainingDiverged as e:  # one diverged value is a result of the search, not its end
             return {**row, "failed": str(e)}, f"FAILED: {e}"
         if model is not None or not val_is_current(spec.run_dir, spec.cfg, n_examples):

@@ -14,7 +14,7 @@ from atas.config import Config, ConfigError
 from atas.data import TestSplit, check_subset, check_val_size, data_source, dataset_info, image_folder, load_tensors
 from atas.evaluation.attacks import pgd_step
 from atas.evaluation.protocol import attack_names, evaluate, fingerprint_model, save_result
-from atas.rundir import clean_staged_files
+from atas.rundir import EVAL, clean_staged_files
 
 
 def load_test_set(cfg: Config, n_examples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +134,7 @@ def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: flo
     except ValueError as err:
         raise ConfigError(f"PGD step at eps {getattr(eps, 'text', eps)}: {err}") from None
     named = out is not None if named_out is None else named_out
-    out = check_output(Path(out) if out else Path(run_dir) / "eval.json")
+    out = check_output(Path(out) if out else Path(run_dir) / EVAL)
     if not named:
         check_own_file(out)
     # A device or FIFO the user named (--out /dev/stdout) is written in place, and gets no progress
@@ -206,7 +206,7 @@ def evaluate_trained(run, cfg: Config) -> None:
     try:
         run.evaluation = evaluate_run(run.model, cfg, run.run_dir, checkpoint=weights)
     except DiskFullError as e:  # the training is done and saved: say how to get its evaluation
-        out = Path(run.run_dir) / "eval.json"
+        out = Path(run.run_dir) / EVAL
         raise DiskFullError(e.path, f"training finished and its checkpoint {checkpoint} is intact",
                             f"free space and run the end-of-training evaluation with `atas eval {run.run_dir} "
                             f"--out {out}` (it resumes from {out.with_suffix('.state')})") from None
