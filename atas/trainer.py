@@ -187,9 +187,11 @@ def _train(cfg: Config, ctx, folder: RunFolder, resume: bool) -> RunResult:
     ended = state is not None and ended_for_good(rows, config_from_dict(state["config"]), cfg)
     state = None  # the checkpoint's tensors are in the run now: free the copy
     if ended:
+        more = (f"train.max_steps={step + len(run.data.loader)}" if "train.max_steps" in ended
+                else f"train.epochs={max(cfg.train.epochs, start_epoch - 1) + 1}")
         if ctx.is_main:
-            tqdm.write(f"{run_dir} has ended: {ended}. Nothing to train. To train on, raise train.epochs: "
-                       f"`atas train --resume {run_dir} train.epochs={max(cfg.train.epochs, start_epoch - 1) + 1}`")
+            tqdm.write(f"{run_dir} has ended: {ended}. Nothing to train. To train on, raise {more.split('=')[0]}: "
+                       f"`atas train --resume {run_dir} {more}`")
     else:
         _epochs(run, rows, start_epoch, step, log, run_dir)
     ctx.barrier()

@@ -258,3 +258,19 @@ def test_the_library_writes_what_atas_train_writes_evaluation_included(tmp_path)
     # evaluate=False (what `atas compare` asks: it evaluates on its own terms) writes neither
     atas.train(tiny(tmp_path, *extra), run_dir=tmp_path / "quiet", evaluate=False)
     assert not (tmp_path / "quiet" / "eval.json").exists() and not (tmp_path / "quiet" / "val.json").exists()
+
+
+def test_a_run_that_reached_max_steps_stays_ended_and_the_advice_trains_on(tmp_path, capsys):
+    import re
+    import shlex
+
+    cfg = tiny(tmp_path, "train.epochs=3", "train.max_steps=2")
+    train(cfg, run_dir=tmp_path / "r")
+    capsys.readouterr()
+    assert not train(cfg, run_dir=tmp_path / "r", resume=True).trained
+    out = capsys.readouterr().out
+    assert "has ended: it reached train.max_steps=2" in out
+    command = re.findall(r"`(atas train --resume [^`]+)`", out)[-1]
+    assert command.endswith("train.max_steps=8")  # one epoch of steps (6 batches) more
+    assert cli(shlex.split(command)[1:]) == 0
+    assert load_checkpoint(tmp_path / "r" / CHECKPOINT)["step"] == 8
