@@ -28,6 +28,7 @@ from atas.methods.elle import local_linearity_error
 from atas.rundir import (CHECKPOINT, MetricsLog, RunFolder, TrainingDiverged, check_resumable,  # noqa: F401
                          ended_for_good, load_run_config, read_divergence, record_divergence)
 from atas.store import PerSampleStore
+from atas.tally import EpochTally, check_finite
 from atas.threat import LinfBall
 # (factories' and rundir's public names stay importable from here for existing callers)
 
@@ -277,7 +278,7 @@ def _train_epoch(run: _Run, epoch: int, step: int) -> tuple[dict, int]:
     """One epoch of the loop; returns its metrics row and the step count."""
     cfg, method = run.cfg, run.method
     run.model.train()
-    tally = _Tally(method, run.device)
+    tally = EpochTally(method, run.device)
     t0 = time.time()
     batches = method.batches(run.data.loader)  # starts the epoch; paired crop/flip of every batch
     n_batches = len(run.data.loader)
@@ -288,12 +289,12 @@ def _train_epoch(run: _Run, epoch: int, step: int) -> tuple[dict, int]:
         step += 1
         tally.add(loss, y, step)                                                  # log (no sync)
         if i % 20 == 0 or i == n_batches - 1:
-            _check_finite(tally, epoch, run.ckpt_path)                            # sync point
+            check_finite(tally, epoch, run.ckpt_path)                             # sync point
             bar.set_postfix(tally.postfix())
         if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
             break
     bar.close()
-    _check_finite(tally, epoch, run.ckpt_path)
+    check_finite(tally, epoch, run.ckpt_path)
     row = {"epoch": epoch, "step": step, "lr": run.optimizer.param_groups[0]["lr"]}
     row.update(tally.totals(run.ctx))
     row["epoch_time_s"] = time.time() - t0
@@ -319,73 +320,3 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) 
         run.scaler.update()
         run.scheduler.step()
     return loss
-
-
-class _Tally:
-    """The epoch's running numbers, kept on the device so that logging never waits for it: loss,
-    accuracy, the first non-finite step, and mean/min/max of each stat the method logs
-    (`Method.logged_stats`, e.g. ATAS's per-sample step size alpha). One tensor, laid out
-    [loss*n, correct, n, k stat sums, k stat mins, k stat maxs], reduced over ranks in one go."""
-
-    def __init__(self, method, device: torch.device):
-        self.method, self.keys = method, list(method.logged_stats)
-        k = len(self.keys)
-        self.sums = torch.zeros(3 + 3 * k, device=device)
-        self.sums[3 + k:3 + 2 * k], self.sums[3 + 2 * k:] = float("inf"), float("-inf")
-        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)   # the first non-finite step
-        self.bad_loss = torch.zeros((), device=device)                          # and its loss
-        self._reduced: list[float] | None = None
-
-    @torch.no_grad()
-    def add(self, loss: torch.Tensor, y: torch.Tensor, step: int) -> None:
-        s, k = self.sums, len(self.keys)
-        first = (self.bad_step < 0) & ~torch.isfinite(loss)
-        self.bad_step = torch.where(first, step, self.bad_step)
-        self.bad_loss = torch.where(first, loss.detach().float(), self.bad_loss)
-        s[0] += loss.detach() * len(y)
-        s[1] += (self.method.logits.argmax(1) == y).sum()
-        s[2] += len(y)
-        for i, key in enumerate(self.keys):
-            value = self.method.stats.get(key)
-            if value is not None:
-                s[3 + i] += value.sum()
-                s[3 + k + i] = torch.minimum(s[3 + k + i], value.min())
-                s[3 + 2 * k + i] = torch.maximum(s[3 + 2 * k + i], value.max())
-
-    def _stats(self, s: list[float]):
-        """(key, unit, mean, min, max) of every logged stat that was seen this epoch."""
-        k = len(self.keys)
-        return [(key, self.method.logged_stats[key], s[3 + i] / s[2], s[3 + k + i], s[3 + 2 * k + i])
-                for i, key in enumerate(self.keys) if s[3 + i]]
-
-    def postfix(self) -> dict:
-        """The progress bar's numbers (reads the device: call it at a sync point)."""
-        s = self.sums.tolist()
-        post = {"loss": f"{s[0] / s[2]:.3f}", "acc": f"{s[1] / s[2]:.3f}"}
-        for key, unit, mean, lo, hi in self._stats(s):
-            post[key] = (f"{mean * 255:.2f}/255 [{lo * 255:.1f},{hi * 255:.1f}]" if unit == "pixels"
-                         else f"{mean:.4g} [{lo:.4g},{hi:.4g}]")
-        return post
-
-    def totals(self, ctx) -> dict:
-        """The epoch's loss and accuracy over every rank (the stats are kept for `stat_totals`)."""
-        self._reduced = s = ctx.reduce_sums(self.sums, len(self.keys)).tolist()
-        return {"train_loss": s[0] / s[2], "train_adv_acc": s[1] / s[2]}
-
-    def stat_totals(self) -> dict:
-        row = {}
-        for key, _, mean, lo, hi in self._stats(self._reduced):
-            row.update({f"{key}_mean": mean, f"{key}_min": lo, f"{key}_max": hi})
-        return row
-
-
-
-def _check_finite(tally: _Tally, epoch: int, ckpt_path: Path) -> None:
-    bad = int(tally.bad_step)  # sync point
-    if bad >= 0:
-        kept = (f"the last good checkpoint {ckpt_path} (end of epoch {epoch - 1}) is kept"
-                if ckpt_path.exists() else "no checkpoint had been written yet")
-        raise TrainingDiverged(
-            f"the training loss became NaN/inf at epoch {epoch}, step {bad}; {kept}. Lower optim.lr, "
-            "check the data range (pixels must be in [0, 1]), or resume with `atas train --resume RUN_DIR`.",
-            epoch, bad, float(tally.bad_loss))
