@@ -243,6 +243,7 @@ class Guard:
         self._next = int(start)
         while self._next <= n and not gave_up(self.rows):
             self._open = epoch = self._next
+            self._next = epoch + 1                # end_epoch sets it back after a rollback
             yield epoch
             if self._open is not None:
                 raise RuntimeError(f"Guard.epochs: epoch {epoch} ended without guard.end_epoch({epoch}); call it "
