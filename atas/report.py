@@ -298,8 +298,8 @@ def _co_fact(method: str, all_runs: list[dict]) -> str:
     runs = [r for r in finished if not did_not_learn(r)]
     dead = len(finished) - len(runs)
     if not runs:
-        return (f"{name}: no run learned (clean accuracy near chance in {dead}/{dead} seeds), so nothing can be "
-                "said about its CO.")
+        return (f"{name} shows catastrophic overfitting: cannot say, no run learned ({dead}/{dead} seeds did not "
+                "learn: see below).")
     besides = f"; {dead} more seed(s) did not learn" if dead else ""
     flagged = [r for r in runs if r.get("co_detected") and not is_stuck_only(r)]
     if flagged:

@@ -33,7 +33,7 @@ def test_runs_at_chance_are_reported_as_did_not_learn_never_co_no_or_recovered()
     assert [c["guard"] for c in cells] == ["did not learn", "did not learn (e3->e2)"]
     assert all(c["CO epochs (probe)"].startswith("did not learn") for c in cells)
     (fact,) = [f for f in findings(dead)["0.3"] if "catastrophic" in f or "CO" in f]
-    assert "no run learned" in fact and "shows catastrophic overfitting: no" not in fact
+    assert "cannot say, no run learned" in fact and "shows catastrophic overfitting: no" not in fact
     # one seed learned, one did not: the CO count is over the seed that learned, the other said apart
     mixed = [_run(0, 0.7, 0.3), _run(1, 0.12, 0.0, events=[RECOVERY])]
     assert co_column(mixed) == "no (0/1), 1 did not learn"
