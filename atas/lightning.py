@@ -111,6 +111,9 @@ class AdversarialTraining(pl.Callback):
         if self.guard is None:
             return
         result = self.guard.end_epoch(self.method.current_epoch)
+        row = next(r for r in reversed(self.guard.rows) if EVENT not in r)
+        # the probe's numbers in Lightning's metrics (trainer.callback_metrics, loggers, ModelCheckpoint's monitor)
+        pl_module.log_dict({k: float(v) for k, v in row.items() if k.startswith("probe_")}, on_epoch=True)
         event = result["event"]
         if event is not None and event[EVENT] == "recovery":
             trainer.fit_loop.max_epochs = self._max_epochs + self._replayed()   # the undone epochs again
