@@ -12,6 +12,7 @@ one of them holds, else the initial weights (epoch 0, rebuilt exactly from the r
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -25,6 +26,7 @@ from atas.checkpoint import (CheckpointError, DiskFullError, healthy_path, link_
                              save_checkpoint)
 from atas.factories import make_method
 from atas.rundir import BEST, MetricsLog
+from atas.values import to_plain
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,10 +120,7 @@ def end_of_epoch(run, epoch: int, step: int, rows: list[dict], verdict: dict, mo
         row = rows[-1] if last_word is None or last_word[guard.EVENT] != "gave_up" else rows[-2]
         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         if verdict["co"]:
-            what = "RUN STUCK" if guard.is_stuck_only(verdict["reason"]) else "CATASTROPHIC OVERFITTING"
-            tqdm.write(f"{what} at epoch {epoch}: probe PGD accuracy {row['probe_pgd']:.3f} "
-                       f"(best {monitor.best_pgd:.3f} at epoch {monitor.best_epoch}), FGSM accuracy "
-                       f"{row['probe_fgsm']:.3f}, clean {row['probe_clean']:.3f}. {verdict['reason']}."
+            tqdm.write(guard.flag_line(epoch, verdict["reason"], row, monitor)
                        + (" Best-robust checkpoint: best.pt." if keep_best else ""))
         if last_word is not None:
             tqdm.write("GUARD " + guard.describe(last_word))
@@ -201,21 +200,20 @@ def rollback_target(run, rows: list[dict]) -> int:
     return fallback
 
 
-def roll_back(run, event: dict, rows: list[dict], run_dir: Path, log: MetricsLog):
+def roll_back(run, event: dict, sentinel, run_dir: Path, log: MetricsLog) -> tuple[int, int]:
     """Undo the epochs after event['rollback_to']: the state of that epoch (trusted_state), with
-    the event and the discarded rows in its metrics, becomes the run's checkpoint (so a kill from
-    here on resumes into the recovered run), and the run continues from it with the remedy applied."""
-    target = event["rollback_to"]
+    the event and the discarded rows in its metrics and the remedied options in its method state,
+    becomes the run's checkpoint (so a kill from here on resumes into the recovered run), and the
+    run continues from it with the remedy applied. sentinel: the run's atas.Guard."""
+    target, rows = event["rollback_to"], sentinel.rows
     found = trusted_state(run, rows, target)
     if found is None:
         raise CheckpointError(f"the guard's rollback to epoch {target} found no checkpoint of that epoch; resume "
                               f"the run (`atas train --resume {run_dir}`): it rolls back to what it can trust")
     state, source = found
-    for r in rows:
-        if guard.EVENT not in r and r["epoch"] > target:
-            r["discarded"] = True
-    rows.append(event)
+    sentinel.record_rollback(event)
     state["metrics"] = json.loads(json.dumps(rows))
+    state["method"]["options"] = to_plain(dataclasses.replace(run.method.opt, **event["changes"]))
 
     def save():
         save_checkpoint(run.ckpt_path, state, keep_previous=True)
@@ -224,7 +222,8 @@ def roll_back(run, event: dict, rows: list[dict], run_dir: Path, log: MetricsLog
         log.write_all(rows)
     save_or_explain(save, run.ckpt_path, lambda: target, run_dir)
     step = restore(run, state, rows)
-    return target + 1, step, guard.monitor_for(run.method.opt, rows)
+    sentinel.rolled_back(run.method)
+    return target + 1, step
 
 
 # --------------------------------------------------------------------------------------------

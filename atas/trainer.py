@@ -21,48 +21,14 @@ from atas import distributed as dist, guard, runstate
 from atas.checkpoint import healthy_path, load_checkpoint, save_checkpoint
 from atas.config import Config, config_from_dict
 from atas.data import dataset_info
-from atas.evaluation.attacks import FGSM, PGD, pgd_step
 from atas.factories import (TrainData, lr_factor, make_data, make_method, make_model, make_optimizer,  # noqa: F401
                             resolve_device, seed_everything)
-from atas.methods.elle import local_linearity_error
+from atas.monitor import Probe, probe  # noqa: F401  (the per-epoch probe lives beside the monitor)
 from atas.rundir import (CHECKPOINT, MetricsLog, RunFolder, TrainingDiverged, check_resumable,  # noqa: F401
                          ended_for_good, load_run_config, read_divergence, record_divergence)
 from atas.store import PerSampleStore
 from atas.tally import EpochTally, check_finite
-from atas.threat import LinfBall
 # (factories' and rundir's public names stay importable from here for existing callers)
-
-
-def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, restarts: int = 1) -> dict:
-    """Clean / FGSM / PGD-k accuracy on a fixed held-out batch: catastrophic overfitting shows as
-    PGD accuracy collapsing while FGSM accuracy climbs (often above clean). Also a margin-loss
-    PGD-k and the per-sample worst case of the two (masked cross-entropy gradients that fool the
-    plain probe do not fool both), and the local-linearity error of the loss on the batch; see
-    atas.monitor. The probe runs on its own fixed-seed RNG: it never shifts the training's random
-    stream, and it attacks the same way every epoch, so its curves move only with the model."""
-    was_training = model.training
-    model.eval()
-    out = {}
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-        torch.manual_seed(0)
-        with torch.no_grad():
-            out["probe_clean"] = (model(x).argmax(1) == y).float().mean().item()
-            x_adv = FGSM(eps)(model, x, y)
-            out["probe_fgsm"] = (model(x_adv).argmax(1) == y).float().mean().item()
-        _, robust_ce = PGD(eps, steps=steps, restarts=1).run(model, x, y)
-        # The margin loss with the evaluation's measured step rule (a cosine step from eps/2 at
-        # eps >= 0.1, atas.evaluate.PGD_DEFAULTS): the probe's stronger half; see atas.monitor.
-        alpha, schedule, _, _ = pgd_step(eps)
-        _, robust_margin = PGD(eps, steps=steps, alpha=alpha, schedule=schedule, loss="margin",
-                               restarts=restarts).run(model, x, y)
-        with torch.no_grad():
-            lin_err = local_linearity_error(model, x, y, LinfBall(eps))
-    out["probe_pgd"] = robust_ce.float().mean().item()
-    out["probe_pgd_margin"] = robust_margin.float().mean().item()
-    out["probe_pgd_worst"] = (robust_ce & robust_margin).float().mean().item()
-    out["probe_lin_err"] = lin_err.item()
-    model.train(was_training)
-    return out
 
 
 @dataclass
@@ -226,27 +192,32 @@ def _start(run: _Run, folder: RunFolder, log: MetricsLog, state: dict | None) ->
 
 def _epochs(run: _Run, rows: list[dict], epoch: int, step: int, log: MetricsLog, run_dir: Path) -> None:
     """The epochs, each judged by the probe and, under co_action=recover, by the guard (which may
-    roll the run back and go on from an earlier epoch, or give up)."""
+    roll the run back and go on from an earlier epoch, or give up): the public atas.Guard, its
+    healthy state kept in the run's files (checkpoint.healthy.pt) rather than in memory."""
     cfg, ctx = run.cfg, run.ctx
     recover = cfg.train.co_action == "recover"
-    monitor = guard.monitor_for(run.method.opt, rows)
-    sentinel = guard.Guard(cfg.train.max_recoveries, cfg.train.recover_budget_epochs
+    probing = run.x_probe is not None and ctx.is_main  # rank 0 probes; the others follow its verdicts
+    sentinel = guard.Guard(run.model, run.optimizer, run.method, scheduler=run.scheduler, rows=rows,
+                           probe=Probe(run.x_probe, run.y_probe, cfg.method.eps, cfg.train.probe_steps,
+                                       cfg.train.probe_restarts) if probing else None,
+                           max_recoveries=cfg.train.max_recoveries, num_classes=run.num_classes, verbose=False,
+                           budget_epochs=cfg.train.recover_budget_epochs
                            if cfg.train.recover_budget_epochs is not None else cfg.train.epochs)
     while epoch <= cfg.train.epochs:
         if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
             break
         row, step = _train_epoch(run, epoch, step)
-        verdict = _judge(run, row, rows, monitor)
+        verdict = sentinel.judge(row)
         rows.append(row)
         event = None
         if recover and ctx.broadcast_flag(verdict["co"]):
-            event = ctx.broadcast_object(sentinel.plan(rows, epoch, verdict["reason"], runstate.rollback_target(run, rows),
-                                                       run.method) if ctx.is_main else None)
-        runstate.end_of_epoch(run, epoch, step, rows, verdict, monitor, run_dir, log,
-                              healthy=recover and ctx.broadcast_flag(guard.is_healthy(verdict, monitor, row, run.num_classes)),
+            event = ctx.broadcast_object(sentinel.plan(epoch, verdict["reason"], runstate.rollback_target(run, rows))
+                                         if ctx.is_main else None)
+        runstate.end_of_epoch(run, epoch, step, rows, verdict, sentinel.monitor, run_dir, log,
+                              healthy=recover and ctx.broadcast_flag(sentinel.healthy(verdict, row)),
                               last_word=event)
         if event is not None and event[guard.EVENT] == "recovery":
-            epoch, step, monitor = runstate.roll_back(run, event, rows, run_dir, log)
+            epoch, step = runstate.roll_back(run, event, sentinel, run_dir, log)
             continue
         stop = event is not None or (verdict["co"] and cfg.train.co_action == "stop")
         if ctx.broadcast_flag(stop):  # all ranks stop together
@@ -254,24 +225,6 @@ def _epochs(run: _Run, rows: list[dict], epoch: int, step: int, log: MetricsLog,
                 tqdm.write("the guard gave up: ending the run." if event else "train.co_action=stop: ending the run.")
             break
         epoch += 1
-
-
-def _judge(run: _Run, row: dict, rows: list[dict], monitor) -> dict:
-    """The epoch's probe (rank 0) and the monitor's verdict on it: {co, best, reason}; the row
-    gets the probe's numbers and the verdict."""
-    cfg = run.cfg
-    verdict = {"co": False, "best": False, "reason": ""}
-    if run.x_probe is None or not run.ctx.is_main:
-        return verdict
-    row.update(probe(run.model, run.x_probe, run.y_probe, cfg.method.eps, cfg.train.probe_steps,
-                     cfg.train.probe_restarts))
-    verdict = monitor.update(row)
-    verdict["best"] = row["probe_pgd"] > max((r.get("probe_pgd", -1.0) for r in guard.all_epochs(rows)),
-                                             default=-1.0)
-    row["co"] = verdict["co"]
-    if verdict["reason"]:
-        row["co_reason"] = verdict["reason"]
-    return verdict
 
 
 def _train_epoch(run: _Run, epoch: int, step: int) -> tuple[dict, int]:
