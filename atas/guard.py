@@ -183,12 +183,14 @@ class Guard:
         """The last epoch marked healthy (0: none, the initial state)."""
         return max((r["epoch"] for r in epoch_rows(self.rows) if r.get("healthy")), default=0)
 
-    def plan(self, epoch: int, reason: str) -> dict:
+    def plan(self, epoch: int, reason: str, rollback_to: int | None = None) -> dict:
         """The event for epoch `epoch`, flagged for `reason` (the rows hold it already): a recovery
-        (rollback target, option changes, what was done) or `gave_up` (why not)."""
+        (rollback target, option changes, what was done) or `gave_up` (why not). rollback_to: the
+        healthy epoch to go back to (default: the last one; the trainer passes the last one whose
+        state it can restore, atas.runstate.rollback_target)."""
         past = [e for e in events(self.rows) if e[EVENT] == "recovery"]
         replayed = sum(e["replayed_epochs"] for e in past)
-        last_healthy = self.last_healthy()
+        last_healthy = self.last_healthy() if rollback_to is None else rollback_to
         replay = epoch - last_healthy
         base = {"epoch": epoch, "reason": reason}
         budget = self.budget_epochs if self.budget_epochs is not None else epoch
