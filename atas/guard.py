@@ -194,11 +194,14 @@ class Guard:
         replay = epoch - last_healthy
         base = {"epoch": epoch, "reason": reason}
         budget = self.budget_epochs if self.budget_epochs is not None else epoch
+        # Giving up ends the run at its last healthy epoch (Wong et al. 2020's early stopping: the
+        # weights before the collapse), not at the flagged one; a run never healthy keeps its last.
+        end = {"rollback_to": last_healthy, "replayed_epochs": 0, "changes": {}} if last_healthy >= 1 else {}
         if len(past) >= self.max_recoveries:
-            return {EVENT: "gave_up", **base,
+            return {EVENT: "gave_up", **base, **end,
                     "why": f"{len(past)} recoveries already (train.max_recoveries={self.max_recoveries})"}
         if replayed + replay > budget:
-            return {EVENT: "gave_up", **base,
+            return {EVENT: "gave_up", **base, **end,
                     "why": f"rolling back to epoch {last_healthy} would replay {replay} epochs, but only "
                            f"{budget - replayed} of the budget of {budget} are left "
                            "(train.recover_budget_epochs)"}
@@ -270,7 +273,7 @@ class Guard:
         if self.verbose and verdict["co"]:
             print(flag_line(epoch, verdict["reason"], row, self.monitor))
         if event is not None:
-            if event[EVENT] == "recovery":
+            if "rollback_to" in event:  # a recovery, or giving up at the last healthy epoch's weights
                 self.record_rollback(event)
                 self._restore(event)
                 self._next = event["rollback_to"] + 1
@@ -381,6 +384,8 @@ def flag_line(epoch: int, reason: str, row: dict, monitor: COMonitor) -> str:
 def describe(event: dict) -> str:
     """One line for the console and the report."""
     if event[EVENT] == "gave_up":
-        return f"epoch {event['epoch']}: the guard gave up ({event['why']}); flagged: {event['reason']}"
+        ends = (f"; the run ends with the weights of its last healthy epoch, {event['rollback_to']} (early stopping)"
+                if "rollback_to" in event else "")
+        return f"epoch {event['epoch']}: the guard gave up ({event['why']}){ends}; flagged: {event['reason']}"
     return (f"epoch {event['epoch']}: recovery {event['attempt']}: rolled back to epoch {event['rollback_to']} "
             f"({event['replayed_epochs']} epochs replayed); {event['remedy']}; flagged: {event['reason']}")

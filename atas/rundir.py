@@ -443,7 +443,9 @@ def run_end(rows: list[dict], cfg: "Config") -> str | None:
         return None
     last, t = epochs[-1], cfg.train
     if rows[-1].get(guard.EVENT) == "gave_up":
-        return f"the guard gave up at epoch {last['epoch']} ({rows[-1].get('why', 'no recovery left')})"
+        ends = f"; it ended with the weights of epoch {last['epoch']}" if "rollback_to" in rows[-1] else ""
+        return (f"the guard gave up at epoch {rows[-1].get('epoch', last['epoch'])} "
+                f"({rows[-1].get('why', 'no recovery left')}){ends}")
     if last["epoch"] >= t.epochs:
         return f"it trained its {t.epochs} epochs (train.epochs={t.epochs})"
     if t.max_steps is not None and last.get("step", 0) >= t.max_steps:

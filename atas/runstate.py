@@ -95,11 +95,13 @@ def end_of_epoch(run, epoch: int, step: int, rows: list[dict], verdict: dict, mo
     cfg, ctx = run.cfg, run.ctx
     if healthy:
         rows[-1]["healthy"] = True  # the guard's rollback target from now on
-    if last_word is not None and last_word[guard.EVENT] == "gave_up":
+    # A recovery, and giving up at the last healthy epoch, roll back (roll_back writes the checkpoint
+    # and logs the event); giving up with no healthy epoch ends here, the event in this checkpoint.
+    rolling_back = last_word is not None and "rollback_to" in last_word
+    if last_word is not None and not rolling_back:
         rows.append(last_word)
     ckpt = snapshot(run, epoch, step, rows)
     keep_best = cfg.train.co_action in ("keep_best", "recover") and ctx.is_main
-    rolling_back = last_word is not None and last_word[guard.EVENT] == "recovery"
     saved_epoch = epoch - 1
 
     def save():
@@ -117,7 +119,7 @@ def end_of_epoch(run, epoch: int, step: int, rows: list[dict], verdict: dict, mo
         log.write_all(rows)
     save_or_explain(save, run.ckpt_path, lambda: saved_epoch, run_dir)
     if ctx.is_main:
-        row = rows[-1] if last_word is None or last_word[guard.EVENT] != "gave_up" else rows[-2]
+        row = rows[-1] if last_word is None or rolling_back else rows[-2]
         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         if verdict["co"]:
             tqdm.write(guard.flag_line(epoch, verdict["reason"], row, monitor)

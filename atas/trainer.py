@@ -216,9 +216,10 @@ def _epochs(run: _Run, rows: list[dict], epoch: int, step: int, log: MetricsLog,
         runstate.end_of_epoch(run, epoch, step, rows, verdict, sentinel.monitor, run_dir, log,
                               healthy=recover and ctx.broadcast_flag(sentinel.healthy(verdict, row)),
                               last_word=event)
-        if event is not None and event[guard.EVENT] == "recovery":
+        if event is not None and "rollback_to" in event:  # a recovery, or the end at the last healthy epoch
             epoch, step = runstate.roll_back(run, event, sentinel, run_dir, log)
-            continue
+            if event[guard.EVENT] == "recovery":
+                continue
         stop = event is not None or (verdict["co"] and cfg.train.co_action == "stop")
         if ctx.broadcast_flag(stop):  # all ranks stop together
             if ctx.is_main:

@@ -104,8 +104,15 @@ def test_the_guard_gives_up_past_its_budget_with_one_clear_line(tmp_path, script
     out = capsys.readouterr().out
     assert "GUARD epoch 4: the guard gave up (rolling back to epoch 3 would replay 1 epochs, but only 0 of the " \
            "budget of 0 are left (train.recover_budget_epochs))" in out
+    assert "the run ends with the weights of its last healthy epoch, 3 (early stopping)" in out
     rows = logged(tmp_path / "r")
-    assert rows[-1]["event"] == "gave_up" and [r["epoch"] for r in guard.epoch_rows(rows)] == [1, 2, 3, 4]
+    # Giving up ends the run at its last healthy epoch: epoch 4 is undone, the final weights are epoch 3's.
+    assert rows[-1]["event"] == "gave_up" and rows[-1]["rollback_to"] == 3
+    assert [r["epoch"] for r in guard.epoch_rows(rows)] == [1, 2, 3]
+    assert [r["epoch"] for r in rows if r.get("discarded")] == [4]
+    final = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    healthy = load_checkpoint(tmp_path / "r" / "checkpoint.healthy.pt")
+    assert int(final["epoch"]) == 3 and all(torch.equal(final["model"][k], healthy["model"][k]) for k in final["model"])
 
 
 @pytest.mark.parametrize("where", ["before the rollback is saved", "after the rollback is saved",
@@ -291,7 +298,8 @@ def test_a_run_that_ended_stays_ended_on_resume_and_trains_on_only_when_asked(tm
     cfg, run_dir = _ended_cfg(tmp_path, action), tmp_path / "r"
     ended = train(cfg, run_dir=run_dir)
     rows = logged(run_dir)
-    assert [r["epoch"] for r in guard.epoch_rows(rows)] == [1, 2, 3]
+    # stop ends at the flagged epoch; giving up ends at the last healthy one (epoch 3 undone)
+    assert [r["epoch"] for r in guard.epoch_rows(rows)] == ([1, 2] if action == "gave_up" else [1, 2, 3])
     capsys.readouterr()
     for _ in range(2):  # every resume: nothing trained, nothing appended
         again = train(cfg, run_dir=run_dir, resume=True)
@@ -324,7 +332,10 @@ def test_a_kill_on_the_way_out_resumes_to_the_same_ended_run(tmp_path, scripted,
         raise KeyboardInterrupt  # what SIGKILL leaves: the files as they are at that instant
 
     def save(path, ckpt, **kw):
-        if armed[0] and where.startswith("before") and Path(path).name == CHECKPOINT and ckpt["epoch"] == 3:
+        # the checkpoint that ends the run: epoch 3 (stop), or the rollback to epoch 2 with the gave_up event
+        last = ckpt.get("metrics", [{}])[-1] if isinstance(ckpt, dict) else {}
+        ends = ckpt["epoch"] == 3 if action == "stop" else last.get("event") == "gave_up"
+        if armed[0] and where.startswith("before") and Path(path).name == CHECKPOINT and ends:
             kill()
         real_save(path, ckpt, **kw)
 
