@@ -82,10 +82,14 @@ def _parser() -> argparse.ArgumentParser:
                         "eval-<model>-<data>-<attacks>-n<N>-eps<eps>.json here with --model; never the run's own "
                         "eval.json unless given here; a device or FIFO is written in place)")
     e.add_argument("--no-progress", action="store_true")
+    weights_help = ("which weights of a run with weight averaging (train.wa_tau): selected (default: the run's "
+                    "train.select rule), raw or averaged")
+    e.add_argument("--weights", default="selected", choices=("selected", "raw", "averaged"), help=weights_help)
 
     x = sub.add_parser("export", help="write model.safetensors + card.json")
     x.add_argument("source", help="run folder or checkpoint")
     x.add_argument("--out", required=True, help="export folder")
+    x.add_argument("--weights", default="selected", choices=("selected", "raw", "averaged"), help=weights_help)
 
     r = sub.add_parser("recipes", help="list the shipped recipes and the registered methods, models, datasets "
                                        "and attacks")
@@ -146,11 +150,15 @@ def cmd_train(args) -> int:
         from atas.evaluation import format_table
         from atas.export import resolve_artifact
         from atas.evaluation.run import evaluate_run
+        from atas.selection import SELECTED
 
         last = run.metrics[-1] if run.metrics else {}
         checkpoint = resolve_artifact(run.run_dir)
         weights = {"file": checkpoint.name, "path": str(checkpoint), "epoch": last.get("epoch"),
                    "step": last.get("step"), "epochs_planned": cfg.train.epochs, "mid_run": False}
+        weights.update(run.weights)  # which weights: raw or averaged, and by which rule (train.select)
+        if "epoch" in run.weights:   # the validation's pick: selected.pt, from its epoch
+            weights.update(file=SELECTED, path=str(Path(run.run_dir) / SELECTED))
         try:
             result = evaluate_run(run.model, cfg, run.run_dir, checkpoint=weights)
         except DiskFullError as e:  # the training is done and saved: say how to get its evaluation
@@ -275,7 +283,7 @@ def cmd_eval(args) -> int:
     device = _eval_device(args.device)
     if args.out:
         check_output(args.out)  # before the model is even loaded
-    model, cfg, extra = load_model(args.checkpoint, device)
+    model, cfg, extra = load_model(args.checkpoint, device, weights=args.weights)
     e = cfg.eval
     if attacks is not None: e.attacks = attacks
     if args.n_examples is not None: e.n_examples = args.n_examples
@@ -292,7 +300,10 @@ def cmd_eval(args) -> int:
         eps = Frac(args.eps)
         check_eps(eps, "--eps")
     source = resolve_artifact(args.checkpoint)
-    out = Path(args.out) if args.out else source.with_name(eval_file_name(cfg, eps))
+    name = eval_file_name(cfg, eps)
+    if args.weights != "selected":  # its own file: never the selected weights' result
+        name = name.replace(".json", f"-{args.weights}.json")
+    out = Path(args.out) if args.out else source.with_name(name)
     weights = checkpoint_record(args.checkpoint, cfg, extra)
     if weights and weights["warning"]:  # an evaluation of a run still in training, before it starts
         print(f"atas eval: WARNING: {weights['warning']}", file=sys.stderr)
@@ -310,10 +321,11 @@ def cmd_export(args) -> int:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = export_model(args.source, args.out)
+        out = export_model(args.source, args.out, weights=args.weights)
     for w in caught:
         print(f"atas export: WARNING: {w.message}", file=sys.stderr)
-    print(f"exported to {out}/model.safetensors and {out}/card.json")
+    extra = " and robustbench.json" if (Path(out) / "robustbench.json").exists() else ""
+    print(f"exported to {out}/model.safetensors and {out}/card.json{extra}")
     return 0
 
 

@@ -34,6 +34,7 @@ from atas.methods.elle import local_linearity_error
 from atas.models import build_model
 from atas.rundir import CHECKPOINT, RunFolder
 from atas.store import PerSampleStore
+from atas.techniques import Techniques
 from atas.threat import LinfBall
 
 BEST = "best.pt"
@@ -106,9 +107,30 @@ def lr_factor(cfg: Config, steps_per_epoch: int):
     if o.schedule == "cyclic":
         peak = max(1, int(o.pct_start * total))
         return lambda it: it / peak if it <= peak else max(0.0, (total - it) / max(1, total - peak))
+    if o.schedule == "onecycle":
+        return onecycle_factor(total, o.pct_start, o.div_factor, o.final_div_factor)
     if o.schedule == "cosine":
         return lambda it: 0.5 * (1 + math.cos(math.pi * min(it, total) / total))
     return lambda it: 1.0
+
+
+def onecycle_factor(total: int, pct_start: float, div_factor: float, final_div_factor: float):
+    """torch.optim.lr_scheduler.OneCycleLR's lr curve (two phases, cosine annealing), as a multiple
+    of the peak lr, per iteration: from 1/div_factor up to 1 over the first pct_start of the `total`
+    steps, then down to 1/(div_factor * final_div_factor) at the last one. Smith & Topin 2019,
+    "Super-Convergence", https://arxiv.org/abs/1708.07120. The momentum is not cycled (docs/algorithm.md)."""
+    start, end = 1.0 / div_factor, 1.0 / (div_factor * final_div_factor)
+    peak = float(pct_start * total) - 1   # torch's phase boundary, in steps
+
+    def anneal(a: float, b: float, pct: float) -> float:
+        return b + (a - b) / 2.0 * (math.cos(math.pi * pct) + 1)
+
+    def factor(it: int) -> float:
+        it = min(it, total - 1)
+        if it <= peak:
+            return anneal(start, 1.0, it / peak) if peak > 0 else 1.0
+        return anneal(1.0, end, (it - peak) / max(total - 1 - peak, 1e-12))
+    return factor
 
 
 @dataclass
@@ -231,6 +253,12 @@ class RunResult:
     store: PerSampleStore | None = None
     method: object = None  # the trained method object (its state_dict continues the run)
     events: list[dict] = field(default_factory=list)  # the guard's recoveries (atas.guard)
+    # `model` is the run's selected weights (train.select, atas.selection); `weights` says which
+    # ({"weights": "raw" | "averaged", "rule", "epoch"?}); `raw_model` is the last raw weights and
+    # `averaged_model` the weight average (None with train.wa_tau=0).
+    weights: dict = field(default_factory=lambda: {"weights": "raw", "rule": "raw"})
+    raw_model: nn.Module | None = None
+    averaged_model: nn.Module | None = None
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -255,6 +283,12 @@ def check_resumable(saved: dict, cfg: Config) -> None:
         theirs.pop(label, None)
     if isinstance(theirs.get("data"), dict):  # saved before data.val_size existed: it held nothing out
         theirs["data"] = {"val_size": 0, **theirs["data"]}
+    for section, new in (("train", {"label_smoothing": 0.0, "wa_tau": 0.0, "wa_start_epoch": 1, "select": "auto"}),
+                         ("optim", {"div_factor": 25.0, "final_div_factor": 1e4})):
+        if isinstance(theirs.get(section), dict):  # saved before these keys existed: their off values
+            theirs[section] = {**new, **theirs[section]}
+    if isinstance(theirs.get("method"), dict) and isinstance(theirs["method"].get("args"), dict):
+        theirs["method"]["args"] = {"label_smoothing": 0.0, **theirs["method"]["args"]}
     for tree in (mine, theirs):  # other methods' options do not matter; method.args holds this one's
         if isinstance(tree.get("method"), dict):
             tree["method"] = {k: v for k, v in tree["method"].items() if k != "per_method"}
@@ -314,6 +348,7 @@ class _Run:
     num_classes: int = 10
     x_probe: torch.Tensor | None = None
     y_probe: torch.Tensor | None = None
+    tech: Techniques | None = None   # weight average, selection, cost (atas.techniques)
 
 
 def _build(cfg: Config, ctx, run_dir: Path, ckpt_path: Path) -> _Run:
@@ -337,6 +372,7 @@ def _build(cfg: Config, ctx, run_dir: Path, ckpt_path: Path) -> _Run:
                torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16"), None, store_options,
                ckpt_path, memory_format, autocast)
     run.method = _make_method(run, {})
+    run.tech = Techniques(cfg, model, device, ctx.is_main)
     run.num_classes = dataset_info(cfg.data.name).num_classes
     steps_per_epoch = len(data.loader) * run.method.replays
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
@@ -368,6 +404,7 @@ def _restore(run: _Run, state: dict, rows: list[dict]) -> int:
         run.scaler.load_state_dict(state["scaler"])
     run.method = _make_method(run, guard.option_changes(rows))
     run.method.load_state_dict(state["method"])
+    run.tech.load_state_dict(state)
     _set_rng_state(state["rng"], run.device)
     return int(state["step"])
 
@@ -378,6 +415,7 @@ def _snapshot(run: _Run, epoch: int, step: int, rows: list[dict]) -> dict:
             "scheduler": run.scheduler.state_dict(), "rng": _rng_state(run.device), "config": run.cfg.to_dict(),
             "epoch": epoch, "step": step, "num_train": run.data.num_train}
     ckpt["method"] = run.method.state_dict()  # epoch, per-sample store, carried tensors
+    ckpt.update(run.tech.state_dict())        # the weight average ("wa") and the selection's best
     if run.cfg.train.amp == "fp16":
         ckpt["scaler"] = run.scaler.state_dict()
     ckpt["metrics"] = json.loads(json.dumps(rows))  # plain values; the metrics files are rebuilt from these
@@ -399,8 +437,10 @@ def _train(cfg: Config, ctx, folder: RunFolder, resume: bool) -> RunResult:
     _epochs(run, rows, start_epoch, step, log, run_dir)
     ctx.barrier()
     run.model.eval()  # what a caller does with a trained model is evaluate or deploy it
-    return RunResult(run_dir, run.model, guard.epoch_rows(rows), store=run.method.store, method=run.method,
-                     events=guard.events(rows))
+    model, weights = run.tech.final(run.model, run_dir if ctx.is_main else None, guard.all_epochs(rows))
+    return RunResult(run_dir, model, guard.epoch_rows(rows), store=run.method.store, method=run.method,
+                     events=guard.events(rows), weights=weights, raw_model=run.model,
+                     averaged_model=run.tech.wa.module if run.tech.wa is not None else None)
 
 
 def _start(run: _Run, folder: RunFolder, log: MetricsLog, state: dict | None) -> tuple[list[dict], int, int]:
@@ -437,7 +477,8 @@ def _epochs(run: _Run, rows: list[dict], epoch: int, step: int, log: MetricsLog,
         if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
             break
         row, step = _train_epoch(run, epoch, step)
-        verdict = _judge(run, row, rows, monitor)
+        verdict = _judge(run, row, rows, monitor)   # the CO monitor judges the raw weights
+        row.update(run.tech.validate(run.model, epoch, step, run_dir))   # raw vs averaged (train.select=val)
         rows.append(row)
         event = None
         if recover and ctx.broadcast_flag(verdict["co"]):
@@ -480,6 +521,7 @@ def _train_epoch(run: _Run, epoch: int, step: int) -> tuple[dict, int]:
     cfg, method = run.cfg, run.method
     run.model.train()
     tally = _Tally(method, run.device)
+    run.tech.epoch_start()
     t0 = time.time()
     batches = method.batches(run.data.loader)  # starts the epoch; paired crop/flip of every batch
     n_batches = len(run.data.loader)
@@ -499,6 +541,7 @@ def _train_epoch(run: _Run, epoch: int, step: int) -> tuple[dict, int]:
     row = {"epoch": epoch, "step": step, "lr": run.optimizer.param_groups[0]["lr"]}
     row.update(tally.totals(run.ctx))
     row["epoch_time_s"] = time.time() - t0
+    row.update(run.tech.epoch_end(method))   # peak memory, passes per step (atas.cost)
     eps_t = method.eps_at(epoch)
     if eps_t != method.eps:
         row["train_eps"] = eps_t
@@ -520,6 +563,7 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) 
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.scheduler.step()
+        run.tech.after_step(method.current_epoch)                                 # weight average
     return loss
 
 

@@ -152,6 +152,9 @@ def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: flo
     result["model"] = {"arch": cfg.model.arch, "dataset": cfg.data.name, "method": cfg.method.name,
                        "train_eps": cfg.method.eps.text, "sha256": fingerprint_model(model)}
     result["data"] = {"name": cfg.data.name, "folder": str(data_source(cfg.data.name, "test", cfg.data.data_dir))}
+    # Which weights were measured: "raw" (trained) or "averaged" (train.wa_tau); None: not known here
+    # (an export folder: its card says).
+    result["weights"] = checkpoint.get("weights", "raw") if checkpoint is not None else None
     if checkpoint is not None:
         result["checkpoint"] = {k: v for k, v in checkpoint.items() if k not in ("mid_run", "warning")}
         result["mid_run"] = bool(checkpoint.get("mid_run"))
