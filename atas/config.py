@@ -51,6 +51,10 @@ class DataConfig:
     # never trained on (the run trains on the first len-n, with per-sample indices 0..len-n-1) and
     # evaluated by `atas train` at the end (val.json) and by `atas compare --tune`. 0: none.
     val_size: int = 0
+    # Which images val_size holds out: last (the last n, as above) | stride (n evenly spread over the
+    # split: for a split stored class by class, an image folder such as Tiny-ImageNet's, where the
+    # last n would be whole classes). atas.data.val_indices.
+    val_from: str = "last"
     num_workers: int = 4             # DataLoader workers, folder datasets only
 
 
@@ -336,6 +340,9 @@ def validate(cfg: Config) -> None:
     if cfg.data.val_size < 0:
         raise ConfigError(f"data.val_size must be >= 0 (the number of training images held out for validation; "
                           f"0: none), got {cfg.data.val_size}")
+    if cfg.data.val_from not in ("last", "stride"):
+        raise ConfigError(f"data.val_from must be last or stride (evenly spread: a class-sorted image folder), "
+                          f"got {cfg.data.val_from!r}")
     if cfg.data.subset is not None and cfg.data.val_size >= cfg.data.subset:
         raise ConfigError(f"data.val_size={cfg.data.val_size} holds out all of the data.subset={cfg.data.subset} "
                           f"training images; give data.val_size < {cfg.data.subset} (something must be trained on)")

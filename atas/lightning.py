@@ -15,6 +15,15 @@
 
     trainer = L.Trainer(callbacks=[atas.lightning.AdversarialTraining()])
 
+Weight averaging (atas.WeightAverage, the FastAT benchmark's tau = 0.9995): make the average of the
+network in the LightningModule's __init__ and hand it to the callback, which updates it after every
+training batch (one optimizer step; with accumulate_grad_batches > 1 it would average between steps
+too: keep 1) and keeps it in Lightning's checkpoints:
+
+    self.net = ...; self.wa = atas.WeightAverage(self.net, tau=0.9995)      # in __init__
+    trainer = L.Trainer(callbacks=[atas.lightning.AdversarialTraining(weight_average=model.wa)])
+    atas.benchmark(model.wa.module, "cifar10", eps=8/255)                   # the averaged network
+
 The callback starts each method epoch with Lightning's (`trainer.current_epoch + 1`, 1-based) and
 keeps the method's state (epoch, per-sample store, carried tensors) in Lightning's own checkpoints,
 so `trainer.fit(model, ckpt_path=...)` resumes it. Needs `pip install atas[lightning]`.
@@ -39,6 +48,7 @@ try:
 except ImportError as e:  # pragma: no cover - the message is the point
     raise ImportError("atas.lightning needs Lightning: pip install 'atas[lightning]' (or pip install lightning)") from e
 
+from atas.averaging import WeightAverage
 from atas.methods.base import Method
 
 
@@ -47,11 +57,14 @@ class AdversarialTraining(pl.Callback):
 
     method: the object (default: the one Method attribute of the LightningModule, found at setup).
     seed: the run's seed for the per-epoch generator seeds (default: torch.initial_seed() at setup).
+    weight_average: an atas.WeightAverage to update after every training batch (default: none).
     """
 
-    def __init__(self, method: Method | None = None, seed: int | None = None):
+    def __init__(self, method: Method | None = None, seed: int | None = None,
+                 weight_average: WeightAverage | None = None):
         self.method = method
         self.seed = seed
+        self.weight_average = weight_average
         self._trainer = None
         self._batches = 0        # training batches done in this epoch: a checkpoint knows if it is mid-epoch
         self._pending: dict | None = None
@@ -80,13 +93,18 @@ class AdversarialTraining(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._batches += 1
+        if self.weight_average is not None:  # after the batch's optimizer step
+            self.weight_average.update(trainer.current_epoch + 1)
 
     def state_dict(self) -> dict:
         if self.method is None:
             return {}
         done = self._trainer is not None and self._batches >= self._trainer.num_training_batches
         # The method's own keys (epoch, store, ...), the run's seed and whether the epoch's training is over.
-        return {**self.method.state_dict(), "seed": int(self.seed), "epoch_end": bool(done)}
+        state = {**self.method.state_dict(), "seed": int(self.seed), "epoch_end": bool(done)}
+        if self.weight_average is not None:
+            state["weight_average"] = self.weight_average.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         if self.method is None:
@@ -100,7 +118,9 @@ class AdversarialTraining(pl.Callback):
             self._resume(pending)
 
     def _resume(self, state: dict) -> None:
-        self.method.load_state_dict(state)
+        if self.weight_average is not None and "weight_average" in state:
+            self.weight_average.load_state_dict(state["weight_average"])
+        self.method.load_state_dict({k: v for k, v in state.items() if k != "weight_average"})
         if "seed" in state:
             self.seed = int(state["seed"])
         # Mid-epoch (or an older checkpoint without the seed): the method's state only.

@@ -26,7 +26,8 @@ from atas.augment import PairedAugment
 from atas.checkpoint import (CheckpointError, DiskFullError, atomic_write, atomic_write_text, healthy_path,
                              link_as, load_checkpoint, save_checkpoint)
 from atas.config import Config, ConfigError, config_from_dict, method_options
-from atas.data import TestSplit, check_subset, check_val_size, dataset_info, image_folder, load_tensors
+from atas.data import (TestSplit, check_subset, check_val_size, dataset_info, image_folder, load_tensors,
+                       train_indices)
 from atas.evaluation.attacks import FGSM, PGD, pgd_step
 from atas.loaders import FolderLoader, ResidentLoader
 from atas.methods import get_method
@@ -157,7 +158,8 @@ def make_data(cfg: Config, device: torch.device, shard=None) -> TrainData:
     if info.resident:
         x, y = load_tensors(info.name, "train", d.data_dir, d.download)
         n = check_val_size(d.val_size, check_subset(d.subset, len(x)))
-        x, y = x[:n], y[:n]
+        keep = train_indices(check_subset(d.subset, len(x)), d.val_size, d.val_from)   # data.val_from
+        x, y = (x[:n], y[:n]) if keep is None else (x[keep], y[keep])
         x_test, y_test = TestSplit(info.name, d.data_dir, d.download).take()
         indices = shard(len(x)) if shard else None
         loader = ResidentLoader(x.to(device), y.to(device), t.batch_size, indices=indices, seed=t.seed,
@@ -167,8 +169,9 @@ def make_data(cfg: Config, device: torch.device, shard=None) -> TrainData:
     else:
         train_set = image_folder(info.name, "train", d.data_dir)
         n = check_val_size(d.val_size, check_subset(d.subset, len(train_set)))
+        keep = train_indices(check_subset(d.subset, len(train_set)), d.val_size, d.val_from)   # data.val_from
         if n < len(train_set):
-            train_set = torch.utils.data.Subset(train_set, range(n))
+            train_set = torch.utils.data.Subset(train_set, range(n) if keep is None else keep.tolist())
         # Only the images the probe or the evaluation can use are decoded.
         x_test, y_test = TestSplit(info.name, d.data_dir).take(d.test_subset or cfg.eval.n_examples)
         indices = shard(len(train_set)) if shard else None
@@ -282,7 +285,7 @@ def check_resumable(saved: dict, cfg: Config) -> None:
         mine.pop(label, None)
         theirs.pop(label, None)
     if isinstance(theirs.get("data"), dict):  # saved before data.val_size existed: it held nothing out
-        theirs["data"] = {"val_size": 0, **theirs["data"]}
+        theirs["data"] = {"val_size": 0, "val_from": "last", **theirs["data"]}
     for section, new in (("train", {"label_smoothing": 0.0, "wa_tau": 0.0, "wa_start_epoch": 1, "select": "auto"}),
                          ("optim", {"div_factor": 25.0, "final_div_factor": 1e4})):
         if isinstance(theirs.get(section), dict):  # saved before these keys existed: their off values

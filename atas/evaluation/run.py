@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from atas.checkpoint import DiskFullError, check_output, is_special_file
 from atas.config import Config, ConfigError
-from atas.data import TestSplit, check_subset, check_val_size, data_source, dataset_info, image_folder, load_tensors
+from atas.data import TestSplit, check_subset, data_source, dataset_info, image_folder, load_tensors, val_indices
 from atas.evaluation.attacks import pgd_step
 from atas.evaluation.protocol import attack_names, evaluate, fingerprint_model, save_result
 from atas.rundir import clean_staged_files
@@ -33,7 +33,7 @@ def load_test_set(cfg: Config, n_examples: int | None = None) -> tuple[torch.Ten
 
 def load_val_set(cfg: Config, n_examples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The validation split of data.val_size=V: the last V images of the (data.subset of the)
-    training split, the ones `make_data` holds out of training, unaugmented and unpadded (uint8),
+    training split (or V evenly spread ones: data.val_from=stride), the ones `make_data` holds out of training, unaugmented and unpadded (uint8),
     with their labels; the first n_examples of them if given. A folder dataset's images are
     centre-cropped from their frame to the model's input size, as its test images are."""
     info, d = dataset_info(cfg.data.name), cfg.data
@@ -46,11 +46,11 @@ def load_val_set(cfg: Config, n_examples: int | None = None) -> tuple[torch.Tens
     n = d.val_size if n_examples is None else n_examples
     if info.resident:
         x, y = load_tensors(info.name, "train", d.data_dir, d.download)
-        start = check_val_size(d.val_size, check_subset(d.subset, len(x)))
-        return x[start:start + n], y[start:start + n]
+        held = val_indices(check_subset(d.subset, len(x)), d.val_size, d.val_from)[:n]   # data.val_from
+        return x[held], y[held]
     train_set = image_folder(info.name, "train", d.data_dir)
-    start = check_val_size(d.val_size, check_subset(d.subset, len(train_set)))
-    items = [train_set[i] for i in range(start, start + n)]
+    held = val_indices(check_subset(d.subset, len(train_set)), d.val_size, d.val_from)[:n]
+    items = [train_set[i] for i in held.tolist()]
     offset = (info.frame_size - info.image_size) // 2
     x = torch.stack([it[0] for it in items])[..., offset:offset + info.image_size, offset:offset + info.image_size]
     return x.mul(255).round().to(torch.uint8), torch.tensor([int(it[1]) for it in items])
