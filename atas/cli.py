@@ -84,12 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true")
     weights_help = ("which weights of a run with weight averaging (train.wa_tau): selected (default: the run's "
                     "train.select rule), raw or averaged")
-    e.add_argument("--weights", default="selected", choices=("selected", "raw", "averaged"), help=weights_help)
+    e.add_argument("--which-weights", default="selected", choices=("selected", "raw", "averaged"), help=weights_help)
 
     x = sub.add_parser("export", help="write model.safetensors + card.json")
     x.add_argument("source", help="run folder or checkpoint")
     x.add_argument("--out", required=True, help="export folder")
-    x.add_argument("--weights", default="selected", choices=("selected", "raw", "averaged"), help=weights_help)
+    x.add_argument("--which-weights", default="selected", choices=("selected", "raw", "averaged"), help=weights_help)
 
     r = sub.add_parser("recipes", help="list the shipped recipes and the registered methods, models, datasets "
                                        "and attacks")
@@ -283,7 +283,7 @@ def cmd_eval(args) -> int:
     device = _eval_device(args.device)
     if args.out:
         check_output(args.out)  # before the model is even loaded
-    model, cfg, extra = load_model(args.checkpoint, device, weights=args.weights)
+    model, cfg, extra = load_model(args.checkpoint, device, weights=args.which_weights)
     e = cfg.eval
     if attacks is not None: e.attacks = attacks
     if args.n_examples is not None: e.n_examples = args.n_examples
@@ -301,8 +301,8 @@ def cmd_eval(args) -> int:
         check_eps(eps, "--eps")
     source = resolve_artifact(args.checkpoint)
     name = eval_file_name(cfg, eps)
-    if args.weights != "selected":  # its own file: never the selected weights' result
-        name = name.replace(".json", f"-{args.weights}.json")
+    if args.which_weights != "selected":  # its own file: never the selected weights' result
+        name = name.replace(".json", f"-{args.which_weights}.json")
     out = Path(args.out) if args.out else source.with_name(name)
     weights = checkpoint_record(args.checkpoint, cfg, extra)
     if weights and weights["warning"]:  # an evaluation of a run still in training, before it starts
@@ -321,7 +321,7 @@ def cmd_export(args) -> int:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = export_model(args.source, args.out, weights=args.weights)
+        out = export_model(args.source, args.out, weights=args.which_weights)
     for w in caught:
         print(f"atas export: WARNING: {w.message}", file=sys.stderr)
     extra = " and robustbench.json" if (Path(out) / "robustbench.json").exists() else ""

@@ -79,7 +79,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     train.select rule (atas.selection: raw without weight averaging), "raw" the trained weights,
     "averaged" the weight average; extra["weights"] says which ("raw" | "averaged")."""
     if weights not in WEIGHTS:
-        raise ConfigError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+        raise ConfigError(f"--which-weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     path = resolve_artifact(path)
     if path.suffix == ".safetensors":
         card_path = path.with_name(CARD_FILE)
@@ -126,14 +126,14 @@ def _pick_weights(path: Path, state: dict, cfg: Config, weights: str) -> tuple[d
     if mode == "averaged":
         if "wa" not in state:
             raise CheckpointError(f"{path} has no weight average (the run trained with train.wa_tau=0); "
-                                  "use --weights raw")
+                                  "use --which-weights raw")
         return state["wa"]["model"], {"weights": "averaged"}
     if mode == "val":
         selected = path.parent / SELECTED
         if not selected.exists():
             raise CheckpointError(f"{path}: the run selects its weights on the validation split "
                                   f"(train.select) but {selected} does not exist (no epoch validated yet); "
-                                  "use --weights raw or --weights averaged")
+                                  "use --which-weights raw or --which-weights averaged")
         chosen = load_checkpoint(selected, map_location="cpu")
         return chosen["model"], {"weights": chosen.get("weights", "raw"), "selected_epoch": int(chosen["epoch"]),
                                  "selected_file": SELECTED}
