@@ -115,6 +115,17 @@ class Selector:
             self.best = dict(theirs)
 
 
+def handed_on(run_dir: Path, cfg) -> str:
+    """Which weights a finished run hands on ("raw" | "averaged"), by its train.select rule."""
+    mode = selection_mode(cfg.train.select, cfg.train.wa_tau, cfg.data.val_size)
+    if mode != "val":
+        return mode
+    from atas.checkpoint import load_checkpoint
+
+    path = Path(run_dir) / SELECTED
+    return str(load_checkpoint(path, map_location="cpu").get("weights", "raw")) if path.exists() else "raw"
+
+
 def save_selected(path: Path, model: nn.Module, config: dict, best: dict) -> None:
     """RUN/selected.pt: the selected weights only (for evaluation and export, not for resuming)."""
     from atas.checkpoint import save_checkpoint

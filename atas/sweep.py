@@ -281,7 +281,9 @@ def run_one(spec: RunSpec) -> str:
     if model is not None or not eval_is_current(spec.run_dir, spec.cfg):
         if model is None:  # finished training, evaluation missing, stale or killed: the checkpoint's model
             model, _, _ = load_model(spec.run_dir, resolve_device(spec.cfg.train.device))
-        evaluate_run(model, spec.cfg, spec.run_dir)
+        from atas.selection import handed_on
+
+        evaluate_run(model, spec.cfg, spec.run_dir, weights=handed_on(spec.run_dir, spec.cfg))
         done.append("evaluated")
     return ", ".join(done) or "finished before: read back"
 

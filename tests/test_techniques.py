@@ -345,3 +345,20 @@ def test_fastat_recipes_are_the_benchmarks_recipe(recipe):
     pgi = load_config(recipe, ["method.name=fgsm_pgi"]).method.args    # 0.4 in attack and loss, once
     k = {"fastat-cifar10": 10, "fastat-cifar100": 100, "fastat-tinyimagenet": 200}[recipe]
     assert pgi["label_smoothing"] == 0 and pgi["ls_factor"] == pytest.approx(1 - 0.4 + 0.4 / k)
+
+
+@needs_fmnist
+def test_compare_summary_and_report_carry_time_memory_and_passes(tmp_path, one_thread):
+    argv = ["compare", "fmnist", "--methods", "fgsm_rs,pgd", "--seeds", "1", "--attacks", "clean,pgd",
+            "--n-examples", "16", "--out", str(tmp_path), "model.arch=wong_cnn", "data.subset=192", "data.val_size=64",
+            "train.epochs=1", "train.batch_size=64", "train.probe_size=16", "train.probe_steps=1", "eval.pgd_steps=1",
+            "eval.pgd_restarts=1", "train.progress=false", "train.wa_tau=0.9", "pgd.steps=2"]
+    assert cli(argv) == 0
+    runs = {r["method"]: r for r in json.loads((tmp_path / "summary.json").read_text())["runs"]}
+    assert runs["fgsm_rs"]["passes_per_step"] == [2, 2] and runs["pgd"]["passes_per_step"] == [3, 3]
+    for r in runs.values():
+        assert r["train_time_s"] > 0 and r["peak_memory_mb"] > 0 and r["memory_kind"] == "cpu_peak_rss_process"
+        assert r["weights"] in ("raw", "averaged")
+    md = (tmp_path / "report.md").read_text()
+    assert "peak memory (MB)" in md and "passes fwd/bwd" in md and "3/3" in md
+    assert (tmp_path / "time_vs_robust.png").read_bytes()[:4] == b"\x89PNG"

@@ -116,12 +116,13 @@ def model_eval_file_name(spec: str, data: str, attacks: str, n_examples: int | N
 
 def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: float | None = None, seed: int = 0,
                  out: str | Path | None = None, progress: bool | None = None,
-                 checkpoint: dict | None = None) -> dict:
+                 checkpoint: dict | None = None, weights: str | None = None) -> dict:
     """Evaluate `model` with cfg.eval's attacks on the unpadded test set; save JSON; return the result.
 
     The result says which weights it measured: "model" carries their sha256 (an export checks it
     before putting the result on a card), "checkpoint" what the caller knows of them (file, epoch,
-    step, ...) and "mid_run" whether the run was still unfinished or training."""
+    step, ...), "mid_run" whether the run was still unfinished or training, and "weights" which of a
+    run's weights they are: "raw" or "averaged" (train.wa_tau; `weights`, else the checkpoint's)."""
     e = cfg.eval
     eps = cfg.method.eps if eps is None else eps
     try:
@@ -154,7 +155,7 @@ def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: flo
     result["data"] = {"name": cfg.data.name, "folder": str(data_source(cfg.data.name, "test", cfg.data.data_dir))}
     # Which weights were measured: "raw" (trained) or "averaged" (train.wa_tau); None: not known here
     # (an export folder: its card says).
-    result["weights"] = checkpoint.get("weights", "raw") if checkpoint is not None else None
+    result["weights"] = weights or (checkpoint.get("weights", "raw") if checkpoint is not None else None)
     if checkpoint is not None:
         result["checkpoint"] = {k: v for k, v in checkpoint.items() if k not in ("mid_run", "warning")}
         result["mid_run"] = bool(checkpoint.get("mid_run"))
