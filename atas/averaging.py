@@ -65,34 +65,39 @@ class WeightAverage:
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.num_updates = 0
-        self._pair(model)
-
-    def _pair(self, model: nn.Module) -> None:
-        """The (average, model) tensor pairs, found once: the state_dict views share the storage."""
-        mine, theirs = self.module.state_dict(), model.state_dict()
-        if mine.keys() != theirs.keys():
-            raise ValueError("WeightAverage: the model's state_dict keys changed since the average was made")
         self._source = model
-        floats = [k for k in mine if mine[k].is_floating_point()]
-        self._avg = [mine[k] for k in floats]
-        self._raw = [theirs[k] for k in floats]
-        self._avg_int = [mine[k] for k in mine if not mine[k].is_floating_point()]
-        self._raw_int = [theirs[k] for k in mine if not mine[k].is_floating_point()]
+        self._names = self._tensors(model).keys()
+
+    @staticmethod
+    def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+        """Parameters and buffers by name, fetched afresh at every step: `model.to(device)` (Lightning
+        moves the module after it is built) replaces buffer tensors, so views taken once would go stale."""
+        out = {k: p.data for k, p in model.named_parameters()}
+        out.update(model.named_buffers())
+        return out
 
     @torch.no_grad()
     def update(self, epoch: int | None = None, model: nn.Module | None = None) -> None:
         """One step: average (or, before start_epoch, copy) the model's current state."""
-        if model is not None and model is not self._source:
-            self._pair(model)
+        raw = self._tensors(model if model is not None else self._source)
+        if raw.keys() != self._names:
+            raise ValueError("WeightAverage: the model's parameters and buffers changed since the average was made")
+        first = next(iter(raw.values()), None)
+        if first is not None and next(self.module.parameters(), first).device != first.device:
+            self.module.to(first.device)   # follow the model to its device
+        avg = self._tensors(self.module)
+        floats = [k for k in raw if raw[k].is_floating_point()]
+        a, r = [avg[k] for k in floats], [raw[k] for k in floats]
         if epoch is not None and epoch < self.start_epoch:
-            torch._foreach_copy_(self._avg, self._raw)
+            torch._foreach_copy_(a, r)
         else:
             # tau * avg + (1 - tau) * raw, the hand formula, in the tensors' own dtype.
-            torch._foreach_mul_(self._avg, self.tau)
-            torch._foreach_add_(self._avg, self._raw, alpha=1.0 - self.tau)
+            torch._foreach_mul_(a, self.tau)
+            torch._foreach_add_(a, r, alpha=1.0 - self.tau)
             self.num_updates += 1
-        for a, r in zip(self._avg_int, self._raw_int):
-            a.copy_(r)
+        for k in raw:
+            if not raw[k].is_floating_point():   # num_batches_tracked: a counter, copied
+                avg[k].copy_(raw[k])
 
     def state_dict(self) -> dict:
         return {"tau": self.tau, "start_epoch": self.start_epoch, "num_updates": self.num_updates,

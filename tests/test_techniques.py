@@ -362,3 +362,68 @@ def test_compare_summary_and_report_carry_time_memory_and_passes(tmp_path, one_t
     md = (tmp_path / "report.md").read_text()
     assert "peak memory (MB)" in md and "passes fwd/bwd" in md and "3/3" in md
     assert (tmp_path / "time_vs_robust.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_documented_weight_averaging_snippet_runs():
+    """docs/own-code.md's "Weight averaging and label smoothing in your own loop" block, as written."""
+    import re
+    from pathlib import Path
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    docs = Path(__file__).resolve().parent.parent / "docs" / "own-code.md"
+    section = docs.read_text().split("### Weight averaging and label smoothing in your own loop", 1)[1].split("\n##", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    torch.manual_seed(0)
+    train_set = TensorDataset(torch.rand(16, 3, 8, 8), torch.randint(0, 3, (16,)))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
+    scope = {"atas": atas, "model": model, "train_set": train_set, "epochs": 2, "device": "cpu",
+             "loader": DataLoader(atas.IndexedDataset(train_set), batch_size=8),
+             "opt": torch.optim.SGD(model.parameters(), lr=0.1)}
+    exec(compile(block, str(docs), "exec"), scope)
+    wa, averaged = scope["wa"], scope["averaged"]
+    assert wa.num_updates == 4 and not averaged.training and scope["atk"].opt.label_smoothing == 0.4
+    assert not torch.equal(averaged[1].running_mean, model[1].running_mean)   # BN buffers averaged, lagging
+    assert set(scope["state"]) == {"model", "wa"}
+
+
+def test_lightning_callback_updates_and_checkpoints_the_weight_average(tmp_path):
+    L = pytest.importorskip("lightning")
+    import atas.lightning
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x, y = torch.rand(32, 3, 8, 8), torch.randint(0, 3, (32,))
+
+    class Lit(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
+            self.atk = atas.FGSMRS(eps=0.1, num_samples=32, epochs=2, label_smoothing=0.4)
+            self.wa = atas.WeightAverage(self.net, tau=0.9)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, b, i):
+            xb, yb, idx = b
+            return self.atk.loss(self, self.atk.perturb(self, xb, yb, idx), yb, xb)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    model = Lit()
+    callback = atas.lightning.AdversarialTraining(weight_average=model.wa)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[callback])
+    trainer.fit(model, DataLoader(atas.IndexedDataset(TensorDataset(x, y)), batch_size=8))
+    assert model.wa.num_updates == 8                                  # 4 batches x 2 epochs, one per step
+    assert not torch.equal(model.wa.module[0].weight, model.net[0].weight)
+    (ckpt,) = tmp_path.rglob("*.ckpt")
+    state = torch.load(ckpt, weights_only=False)["callbacks"]
+    (saved,) = [v for v in state.values() if "weight_average" in v]
+    assert saved["weight_average"]["num_updates"] == 8
+    other = atas.WeightAverage(Lit().net, tau=0.9)
+    other.load_state_dict(saved["weight_average"])
+    for k, v in model.wa.module.state_dict().items():
+        assert torch.equal(other.module.state_dict()[k], v), k
