@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import needs_fmnist
 
 import atas
 from atas.averaging import WeightAverage
@@ -20,8 +21,6 @@ from atas.methods import get_method
 from atas.models import build_model
 from atas.selection import Selector, better, improves, selection_mode
 from atas.trainer import lr_factor, train
-
-from conftest import needs_fmnist
 
 
 def _bn_net(seed: int = 0) -> nn.Module:
@@ -258,7 +257,7 @@ def test_resume_with_weight_averaging_is_bit_exact(tmp_path, one_thread):
     cost = json.loads((tmp_path / "full" / "cost.json").read_text())
     assert cost["passes_per_step"] == [2, 2] and cost["train_time_s"] > 0 and cost["memory_kind"] == "cpu_peak_rss_process"
     # the run folder's default weights are the selected ones; raw and averaged are there on request
-    selected, _, info = load_model(tmp_path / "full")
+    _, _, info = load_model(tmp_path / "full")
     assert info["weights"] == full.weights["weights"] and info["selected_epoch"] == full.weights["epoch"]
     avg, _, info = load_model(tmp_path / "full", weights="averaged")
     assert info["weights"] == "averaged"
@@ -389,8 +388,9 @@ def test_the_documented_weight_averaging_snippet_runs():
 
 def test_lightning_callback_updates_and_checkpoints_the_weight_average(tmp_path):
     L = pytest.importorskip("lightning")
-    import atas.lightning
     from torch.utils.data import DataLoader, TensorDataset
+
+    import atas.lightning
 
     torch.manual_seed(0)
     x, y = torch.rand(32, 3, 8, 8), torch.randint(0, 3, (32,))
