@@ -15,6 +15,7 @@ checkpoint or export, a missing optional package), printed as one clear message,
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
@@ -326,6 +327,10 @@ def cmd_export(args) -> int:
         print(f"atas export: WARNING: {w.message}", file=sys.stderr)
     extra = " and robustbench.json" if (Path(out) / "robustbench.json").exists() else ""
     print(f"exported to {out}/model.safetensors and {out}/card.json{extra}")
+    if not extra:  # what a RobustBench entry would need
+        note = json.loads((Path(out) / "card.json").read_text()).get("robustbench_note")
+        if note:
+            print(f"RobustBench entry: none, {note}")
     return 0
 
 

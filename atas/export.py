@@ -303,8 +303,7 @@ def export_model(source: str | Path, out_dir: str | Path, evaluation: dict | Non
     card["robustbench"] = robustbench_entry(card, evaluation)
     if card["robustbench"] is None:
         (out_dir / ROBUSTBENCH_FILE).unlink(missing_ok=True)  # an earlier export's entry is not these weights'
-        card["robustbench_note"] = robustbench_note(source)
-        warnings.warn(f"the card carries no RobustBench entry: {card['robustbench_note']}", stacklevel=2)
+        card["robustbench_note"] = robustbench_note(source)   # a note, not a warning: most exports need no entry
     else:
         save_json(out_dir / ROBUSTBENCH_FILE, card["robustbench"])
     if note:

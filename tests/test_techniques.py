@@ -293,11 +293,13 @@ def test_export_writes_the_robustbench_fields_from_the_runs_own_evaluation(tmp_p
     assert rb["clean_acc"] == f"{100 * result['results']['clean']['accuracy']:.2f}"
     assert rb["autoattack_acc"] == f"{100 * result['results']['aa']['accuracy']:.2f}" == rb["reported"]
     assert {"name", "authors", "venue"} <= set(rb)
-    # the raw weights were never evaluated: no entry, and the note says which `atas eval` to run
-    with pytest.warns(UserWarning, match="atas eval"):
-        export_model(tmp_path / "r", tmp_path / "raw", weights="raw") if result["weights"] == "averaged" else \
-            export_model(tmp_path / "r", tmp_path / "raw", weights="averaged")
+    # the other weights were never evaluated: no entry, and the note says which `atas eval` to run
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "robustbench.json").write_text("{}")        # an earlier export's entry goes
+    other = "raw" if result["weights"] == "averaged" else "averaged"
+    assert cli(["export", str(tmp_path / "r"), "--out", str(tmp_path / "raw"), "--which-weights", other]) == 0
     card = json.loads((tmp_path / "raw" / "card.json").read_text())
+    assert card["weights"] == other
     assert card["robustbench"] is None and "--attacks clean,aa" in card["robustbench_note"]
     assert not (tmp_path / "raw" / "robustbench.json").exists()
 
