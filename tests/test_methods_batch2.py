@@ -77,7 +77,7 @@ BAD_OPTIONS = [
     ("nuat", "bn_mode", "x"),
     ("ssat", "alpha_factor", 0.0), ("ssat", "c", 1), ("ssat", "c", 2.5), ("ssat", "bn_mode", "x"),
     ("liet", "lam", -1.0), ("liet", "lam_ramp", -0.1), ("liet", "min_mask_ratio", 0.6), ("liet", "max_mask_ratio", 1.5),
-    ("liet", "noise_factor", -1.0), ("liet", "li_every", 0), ("liet", "label_smoothing", 1.0),
+    ("liet", "noise_factor", -1.0), ("liet", "li_every", 0), ("liet", "label_smoothing", 0.4), ("liet", "ls", 1.0),
 ]
 
 
@@ -244,6 +244,12 @@ def test_random_smoothed_ce_and_js_by_hand():
     assert torch.allclose(targets.sum(1), torch.ones(6))
     assert got.item() == pytest.approx(-(targets * logits.log_softmax(1)).sum(1).mean().item(), rel=1e-6)
     assert random_smoothed_ce(logits, y, 0.0).item() == pytest.approx(F.cross_entropy(logits, y).item())
+    even = F.cross_entropy(logits, y, label_smoothing=0.6 * 5 / 4)      # torch's s = ls K / (K - 1)
+    assert random_smoothed_ce(logits, y, 0.6, random=False).item() == pytest.approx(even.item(), rel=1e-6)
+    # train.label_smoothing does not reach LIET (its own smoothing), but does reach GAT
+    assert load_config("fmnist", ["method.name=liet", "train.label_smoothing=0.4"]).method.args["ls"] == 0.6
+    assert load_config("fmnist", ["method.name=liet", "train.label_smoothing=0.4"]).method.args["label_smoothing"] == 0
+    assert load_config("fmnist", ["method.name=gat", "train.label_smoothing=0.4"]).method.args["label_smoothing"] == 0.4
     a, b = torch.randn(4, 5), torch.randn(4, 5)
     p, q = a.softmax(1), b.softmax(1)
     m = (p + q) / 2
@@ -256,7 +262,7 @@ def test_random_smoothed_ce_and_js_by_hand():
 def test_liet_step_and_loss_match_the_formula(mask):
     model, (x, y) = tiny_net(), batch()
     lam = 3.0
-    method = LIET(EPS, lam=lam, label_smoothing=0.0, random_smoothing=False, min_mask_ratio=mask,
+    method = LIET(EPS, lam=lam, ls=0.0, random_smoothing=False, min_mask_ratio=mask,
                   max_mask_ratio=mask)
     torch.manual_seed(7)
     x_adv = method.attack(model, x, y, state())

@@ -23,17 +23,18 @@ f(x_0) is the attack's own forward in train mode, kept (not recomputed) and diff
 loss, as in the official code. lam_e ramps linearly: lam * min(1, e / (lam_ramp * epochs)) for
 1-based epoch e (official: cur_lambda += lambda / epochs before each epoch); a run of unknown
 length uses lam from the start.
-LCE, the paper's non-uniform label smoothing: with random_smoothing (official), the targets put 1 - label_smoothing on the true class and
-spread label_smoothing over the other classes with random weights (uniform draws, normalised),
-drawn anew at every call; the attack, the LI and the loss all use it, as the official code.
-With random_smoothing=false it is `Method.cross_entropy` (torch's uniform label smoothing).
+LCE, the paper's non-uniform label smoothing: the targets put 1 - ls on the true class and spread
+ls over the other classes with random weights (uniform draws, normalised, drawn anew at every
+call; random_smoothing=false: evenly); the attack, the LI and the loss all use it, as the official
+code. Being its own smoothing, LIET takes no `label_smoothing` (train.label_smoothing does not
+reach it; method.label_smoothing > 0 is refused: set method.liet.ls).
 
 Arguments (defaults = the official configs.yaml, cifar10: ResNet-18, eps 8, 100 epochs, OneCycle
 lr 0.1, batch 128, weight averaging 0.9995):
     lam (100.0): the JS weight the ramp reaches (cifar10 100; cifar100 200; eps 16 and 12: 20).
     lam_ramp (1.0): fraction of the run's epochs over which lam_e ramps up; 0 = lam from the start.
-    label_smoothing (0.6): the mass moved off the true class (official ls 0.6; 0.4 at eps 16).
-    random_smoothing (True): spread it over the other classes at random (official), else uniformly.
+    ls (0.6): the mass moved off the true class (official ls 0.6; 0.4 at eps 16); 0 = plain CE.
+    random_smoothing (True): spread it over the other classes at random (official), else evenly.
     min_mask_ratio, max_mask_ratio (0.1, 0.5): range of r (eps 16: 0.0, 1.0).
     noise_factor (None): n; None = 1 for eps <= 8/255 and 2 above (the official switch).
     project (None): project x_adv back to the eps ball; None = for eps <= 8/255 only (official).
@@ -73,14 +74,14 @@ from atas.values import ConfigError
 LARGE_EPS = 8 / 255
 
 
-def random_smoothed_ce(logits: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
+def random_smoothed_ce(logits: torch.Tensor, y: torch.Tensor, smoothing: float, random: bool = True) -> torch.Tensor:
     """Mean cross-entropy against targets with 1 - smoothing on y and `smoothing` spread over the
-    other classes in proportion to U(0, 1) draws (new ones at every call)."""
+    other classes in proportion to U(0, 1) draws (new ones at every call), or evenly (random=False)."""
     logits = logits.float()
     onehot = F.one_hot(y, logits.shape[1]).to(logits.dtype)
     if smoothing == 0:
         return F.cross_entropy(logits, y)
-    weights = torch.rand_like(logits) * (1 - onehot)
+    weights = (torch.rand_like(logits) if random else torch.ones_like(logits)) * (1 - onehot)
     targets = onehot * (1 - smoothing) + weights / weights.sum(1, keepdim=True) * smoothing
     return -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
 
@@ -100,13 +101,14 @@ class LIET(Method):
     cost = "2 fwd + 3 bwd"
     passes = (2, 3)
     has_regularizer = True
+    supports_label_smoothing = False   # its own, non-uniform smoothing: option `ls`
     search = {"lam": (20.0, 100.0, 200.0)}  # retuned per eps and dataset by the authors: module docstring
 
     @dataclass
     class Options(Method.Options):
         lam: float = 100.0
         lam_ramp: float = 1.0
-        label_smoothing: float = 0.6
+        ls: float = 0.6
         random_smoothing: bool = True
         min_mask_ratio: float = 0.1
         max_mask_ratio: float = 0.5
@@ -116,7 +118,12 @@ class LIET(Method):
 
     @classmethod
     def check_options(cls, o) -> None:
+        if o.label_smoothing > 0:
+            raise ConfigError(f"method.label_smoothing: liet smooths its labels its own way (the paper's non-uniform "
+                              f"smoothing); set label_smoothing=0 and method.liet.ls (now {o.ls}) instead")
         super().check_options(o)
+        if not 0 <= o.ls < 1:
+            raise ConfigError(f"method.ls (the mass moved off the true class) must lie in [0, 1), got {o.ls}")
         if not (o.lam >= 0 and math.isfinite(o.lam)):
             raise ConfigError(f"method.lam must be a finite number >= 0, got {o.lam}")
         if not 0 <= o.lam_ramp <= 1:
@@ -149,9 +156,7 @@ class LIET(Method):
         return o.lam * min(1.0, epoch / (o.lam_ramp * self.epochs))
 
     def criterion(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.opt.random_smoothing:
-            return random_smoothed_ce(logits, y, self.opt.label_smoothing)
-        return self.cross_entropy(logits, y)
+        return random_smoothed_ce(logits, y, self.opt.ls, self.opt.random_smoothing)
 
     # -- carried state: the batch counter and the LI ------------------------------------------
     def on_epoch_start(self, epoch, store):
