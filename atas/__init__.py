@@ -27,8 +27,10 @@ from atas.indexed import IndexedDataset  # noqa: E402
 from atas.methods import Method, get_method, list_methods, method  # noqa: E402
 from atas.methods.atas import ATAS  # noqa: E402
 from atas.methods.elle import ELLE, ELLEA  # noqa: E402
+from atas.methods.fgsm_pco import FGSMPCO  # noqa: E402
 from atas.methods.fgsm_pgi import FGSMPGI  # noqa: E402
 from atas.methods.fgsm_rs import FGSMRS  # noqa: E402
+from atas.methods.fgsm_uap import FGSMCUAP, FGSMFUAP, FGSMUAP  # noqa: E402
 from atas.methods.free import Free  # noqa: E402
 from atas.methods.grad_align import GradAlign  # noqa: E402
 from atas.methods.n_fgsm import NFGSM  # noqa: E402
@@ -36,7 +38,8 @@ from atas.methods.pgd import PGDAT  # noqa: E402
 from atas.models import NormalizedModel, build_model, register as register_model  # noqa: E402
 from atas.trainer import train  # noqa: E402
 
-__all__ = ["ATAS", "FGSMRS", "NFGSM", "GradAlign", "FGSMPGI", "Free", "PGDAT", "ELLE", "ELLEA", "Method", "method", "get_method",
+__all__ = ["ATAS", "FGSMRS", "NFGSM", "GradAlign", "FGSMPGI", "Free", "PGDAT", "ELLE", "ELLEA", "FGSMPCO", "FGSMUAP", "FGSMCUAP",
+           "FGSMFUAP", "Method", "method", "get_method",
            "list_methods", "RandomCropFlip", "IndexedDataset", "benchmark", "load_test_set", "NormalizedModel",
            "build_model", "register_model", "Config", "ConfigError", "load_config", "parse_fraction", "train",
            "evaluate", "format_table", "export_model", "load_model", "__version__"]
