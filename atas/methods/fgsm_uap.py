@@ -321,7 +321,10 @@ class FGSMFUAP(UniversalInit):
         if loaded:
             n_features, n_classes = loaded["0.weight"].shape[1], loaded["2.weight"].shape[0]
         s = int(self.opt.num_uaps)
-        self.head = nn.Sequential(nn.Linear(n_features, s), nn.ReLU(), nn.Linear(s, n_classes)).to(device)
+        # A loaded head must not draw its (overwritten) initial weights: that would shift the RNG
+        # stream of the resumed run.
+        with torch.random.fork_rng(devices=[], enabled=bool(loaded)):
+            self.head = nn.Sequential(nn.Linear(n_features, s), nn.ReLU(), nn.Linear(s, n_classes)).to(device)
         self.head_opt = torch.optim.Adam(self.head.parameters(), lr=self.opt.head_lr)
         if loaded:
             self.head.load_state_dict(loaded)
