@@ -283,3 +283,25 @@ def test_remedies_are_valid_option_changes():
         m = cls(EPS)
         m.set_options(**m.remedy(1))
         assert m.opt.lam == 20.0
+
+
+def test_ranks_share_the_universal_perturbations_under_ddp(tmp_path):
+    """Two gloo ranks training fgsm_fuap: the broadcast initial draw and the all-reduced updates
+    leave every rank with the same perturbations, momentum and selection head (~20 s)."""
+    from conftest import FMNIST
+    from test_ddp import WORLD, _torchrun
+
+    from atas.checkpoint import load_checkpoint
+
+    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"Fashion-MNIST not found in {FMNIST}")
+    run_dir = tmp_path / "run"
+    _torchrun("fmnist", "model.arch=wong_cnn", "data.subset=256", f"data.data_dir={FMNIST}", "train.device=cpu",
+              "train.batch_size=32", "train.epochs=1", "train.progress=false", "train.probe_size=32",
+              "train.co_action=keep_best", "eval.at_end=false", "method.name=fgsm_fuap", "method.num_uaps=5",
+              "--run-dir", str(run_dir))
+    states = [load_checkpoint(run_dir / f"checkpoint-rank{r}-of{WORLD}.pt")["method"]["method"] for r in range(WORLD)]
+    assert {"uap_sign", "momentum", "head.0.weight", "adam.0.exp_avg"} <= set(states[0])
+    assert (states[0]["momentum"] != 0).any()   # updated by the run, not only drawn
+    for key, value in states[0].items():
+        assert torch.allclose(value, states[1][key], atol=1e-6), key

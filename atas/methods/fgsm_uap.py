@@ -1,6 +1,6 @@
 """FGSM-UAP, FGSM-CUAP and FGSM-FUAP: FGSM started from a universal adversarial perturbation.
 
-Qiu, Duan, Zhao, Wang, "Adversarial Initialization with Universal Adversarial Perturbation: A New
+Qiu et al., "Adversarial Initialization with Universal Adversarial Perturbation: A New
 Approach to Fast Adversarial Training", AAAI 2024. https://ojs.aaai.org/index.php/AAAI/article/view/30147
 No official code; the reference implementation read here is the FastAT benchmark's
 (fzjcdt/FastAT_Benchmark: fast_at/fgsm_uap.py, fgsm_cuap.py, fgsm_fuap.py, configs/cifar10/).
