@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from atas.checkpoint import DiskFullError, check_output, is_special_file
+from atas.checkpoint import DiskFullError, check_output, check_own_file, is_special_file
 from atas.config import Config, ConfigError
-from atas.data import TestSplit, check_subset, check_val_size, data_source, dataset_info, image_folder, load_tensors
+from atas.data import TestSplit, check_subset, data_source, dataset_info, image_folder, load_tensors, val_indices
 from atas.evaluation.attacks import pgd_step
 from atas.evaluation.protocol import attack_names, evaluate, fingerprint_model, save_result
-from atas.rundir import clean_staged_files
+from atas.rundir import EVAL, clean_staged_files
 
 
 def load_test_set(cfg: Config, n_examples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +33,7 @@ def load_test_set(cfg: Config, n_examples: int | None = None) -> tuple[torch.Ten
 
 def load_val_set(cfg: Config, n_examples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The validation split of data.val_size=V: the last V images of the (data.subset of the)
-    training split, the ones `make_data` holds out of training, unaugmented and unpadded (uint8),
+    training split (or V evenly spread ones: data.val_from=stride), the ones `make_data` holds out of training, unaugmented and unpadded (uint8),
     with their labels; the first n_examples of them if given. A folder dataset's images are
     centre-cropped from their frame to the model's input size, as its test images are."""
     info, d = dataset_info(cfg.data.name), cfg.data
@@ -46,11 +46,11 @@ def load_val_set(cfg: Config, n_examples: int | None = None) -> tuple[torch.Tens
     n = d.val_size if n_examples is None else n_examples
     if info.resident:
         x, y = load_tensors(info.name, "train", d.data_dir, d.download)
-        start = check_val_size(d.val_size, check_subset(d.subset, len(x)))
-        return x[start:start + n], y[start:start + n]
+        held = val_indices(check_subset(d.subset, len(x)), d.val_size, d.val_from)[:n]   # data.val_from
+        return x[held], y[held]
     train_set = image_folder(info.name, "train", d.data_dir)
-    start = check_val_size(d.val_size, check_subset(d.subset, len(train_set)))
-    items = [train_set[i] for i in range(start, start + n)]
+    held = val_indices(check_subset(d.subset, len(train_set)), d.val_size, d.val_from)[:n]
+    items = [train_set[i] for i in held.tolist()]
     offset = (info.frame_size - info.image_size) // 2
     x = torch.stack([it[0] for it in items])[..., offset:offset + info.image_size, offset:offset + info.image_size]
     return x.mul(255).round().to(torch.uint8), torch.tensor([int(it[1]) for it in items])
@@ -78,6 +78,7 @@ def evaluate_validation(model: nn.Module, cfg: Config, run_dir: str | Path, n_ex
     default) of `model` on the first n_examples (default: up to 1000) held-out validation images of
     data.val_size; written to RUN/val.json with the request that made it, and returned."""
     request = validation_request(cfg, n_examples)
+    check_own_file(Path(run_dir) / VAL_FILE)  # before the work, not after it
     x, y = load_val_set(cfg, request["n_examples"])
     model.eval()
     e = cfg.eval
@@ -88,7 +89,7 @@ def evaluate_validation(model: nn.Module, cfg: Config, run_dir: str | Path, n_ex
     result.pop("per_sample", None)  # a choice between values needs the accuracies, not 1000 verdicts
     result["split"] = "validation (the last data.val_size training images, never trained on)"
     result["request"] = request
-    save_result(result, Path(run_dir) / VAL_FILE)
+    save_result(result, Path(run_dir) / VAL_FILE, named=False)
     return result
 
 
@@ -116,21 +117,30 @@ def model_eval_file_name(spec: str, data: str, attacks: str, n_examples: int | N
 
 def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: float | None = None, seed: int = 0,
                  out: str | Path | None = None, progress: bool | None = None,
-                 checkpoint: dict | None = None) -> dict:
+                 checkpoint: dict | None = None, named_out: bool | None = None, weights: str | None = None) -> dict:
     """Evaluate `model` with cfg.eval's attacks on the unpadded test set; save JSON; return the result.
 
     The result says which weights it measured: "model" carries their sha256 (an export checks it
     before putting the result on a card), "checkpoint" what the caller knows of them (file, epoch,
-    step, ...) and "mid_run" whether the run was still unfinished or training."""
+    step, ...), "mid_run" whether the run was still unfinished or training, and "weights" which of a
+    run's weights they are: "raw" or "averaged" (train.wa_tau; `weights`, else the checkpoint's).
+
+    named_out: `out` is a path the user chose (default: whether `out` is given), so a device or
+    FIFO there is written in place; a file atas names itself must be a regular file
+    (atas.checkpoint.check_own_file), checked before the attacks run."""
     e = cfg.eval
     eps = cfg.method.eps if eps is None else eps
     try:
         pgd_step(eps, e.pgd_alpha, e.pgd_schedule, e.pgd_loss)
     except ValueError as err:
         raise ConfigError(f"PGD step at eps {getattr(eps, 'text', eps)}: {err}") from None
-    out = check_output(Path(out) if out else Path(run_dir) / "eval.json")
-    # A device or FIFO (--out /dev/stdout) is written in place, and gets no progress file beside it.
-    state_path = None if is_special_file(out) else out.with_suffix(".state")
+    named = out is not None if named_out is None else named_out
+    out = check_output(Path(out) if out else Path(run_dir) / EVAL)
+    if not named:
+        check_own_file(out)
+    # A device or FIFO the user named (--out /dev/stdout) is written in place, and gets no progress
+    # file beside it.
+    state_path = None if named and is_special_file(out) else check_own_file(out.with_suffix(".state"))
     if state_path is not None:  # what a killed write of this evaluation left behind
         clean_staged_files(out.parent, names=(out.name, state_path.name))
     x, y = load_test_set(cfg, e.n_examples)
@@ -152,13 +162,16 @@ def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: flo
     result["model"] = {"arch": cfg.model.arch, "dataset": cfg.data.name, "method": cfg.method.name,
                        "train_eps": cfg.method.eps.text, "sha256": fingerprint_model(model)}
     result["data"] = {"name": cfg.data.name, "folder": str(data_source(cfg.data.name, "test", cfg.data.data_dir))}
+    # Which weights were measured: "raw" (trained) or "averaged" (train.wa_tau); None: not known here
+    # (an export folder: its card says).
+    result["weights"] = weights or (checkpoint.get("weights", "raw") if checkpoint is not None else None)
     if checkpoint is not None:
         result["checkpoint"] = {k: v for k, v in checkpoint.items() if k not in ("mid_run", "warning")}
         result["mid_run"] = bool(checkpoint.get("mid_run"))
         if checkpoint.get("warning"):
             result.setdefault("warnings", []).append(checkpoint["warning"])
     try:
-        save_result(result, out)
+        save_result(result, out, named=named)
     except DiskFullError as err:
         if state_path is None:  # written in place: its own message says so
             raise
@@ -167,3 +180,45 @@ def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: flo
         raise DiskFullError(err.path, kept, "free space and run the same evaluation again: it resumes from "
                             "there without attacking again") from None
     return result
+
+
+def check_final_eval_extras(cfg: Config) -> None:
+    """Refuse before training, not hours later, when the end-of-run evaluation needs AutoAttack
+    and pyautoattack is not installed."""
+    from atas.extras import INSTALL, available
+
+    attacks = cfg.eval.attacks
+    needs_aa = [a for a in attacks if a in ("aa", "apgd-ce", "apgd-t")]
+    if needs_aa and not available("pyautoattack"):
+        kept = ",".join(a for a in attacks if a not in needs_aa) or "clean,pgd"
+        raise ConfigError(f"eval.attacks={','.join(attacks)} runs AutoAttack ({', '.join(needs_aa)}) at the end "
+                          f"of training, and the pyautoattack package is not installed: "
+                          f"{INSTALL['pyautoattack']}; or evaluate without it: eval.attacks={kept}")
+
+
+def evaluate_trained(run, cfg: Config) -> None:
+    """The end-of-training evaluation of a `train()` result (atas.trainer.RunResult), what `atas
+    train` and `atas.train()` both write: RUN/eval.json, and RUN/val.json when data.val_size holds
+    training images out (the images a hyper-parameter is chosen on). Sets run.evaluation and
+    run.validation."""
+    from atas.export import resolve_artifact
+
+    last = run.metrics[-1] if run.metrics else {}
+    checkpoint = resolve_artifact(run.run_dir)
+    weights = {"file": checkpoint.name, "path": str(checkpoint), "epoch": last.get("epoch"),
+               "step": last.get("step"), "epochs_planned": cfg.train.epochs, "mid_run": False}
+    picked = getattr(run, "weights", None) or {}
+    weights.update(picked)  # which weights: raw or averaged, and by which rule (train.select, atas.selection)
+    if "epoch" in picked:   # the validation's pick: selected.pt, from its epoch
+        from atas.selection import SELECTED
+
+        weights.update(file=SELECTED, path=str(Path(run.run_dir) / SELECTED))
+    try:
+        run.evaluation = evaluate_run(run.model, cfg, run.run_dir, checkpoint=weights)
+    except DiskFullError as e:  # the training is done and saved: say how to get its evaluation
+        out = Path(run.run_dir) / EVAL
+        raise DiskFullError(e.path, f"training finished and its checkpoint {checkpoint} is intact",
+                            f"free space and run the end-of-training evaluation with `atas eval {run.run_dir} "
+                            f"--out {out}` (it resumes from {out.with_suffix('.state')})") from None
+    if cfg.data.val_size:
+        run.validation = evaluate_validation(run.model, cfg, run.run_dir)
