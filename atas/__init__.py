@@ -36,8 +36,10 @@ from atas.indexed import IndexedDataset  # noqa: E402
 from atas.methods import Method, get_method, list_methods, method  # noqa: E402
 from atas.methods.atas import ATAS  # noqa: E402
 from atas.methods.elle import ELLE, ELLEA  # noqa: E402
+from atas.methods.fgsm_pco import FGSMPCO  # noqa: E402
 from atas.methods.fgsm_pgi import FGSMPGI  # noqa: E402
 from atas.methods.fgsm_rs import FGSMRS  # noqa: E402
+from atas.methods.fgsm_uap import FGSMCUAP, FGSMFUAP, FGSMUAP  # noqa: E402
 from atas.methods.free import Free  # noqa: E402
 from atas.methods.gat import GAT  # noqa: E402
 from atas.methods.grad_align import GradAlign  # noqa: E402
@@ -51,7 +53,8 @@ from atas.monitor import COMonitor, Probe  # noqa: E402
 from atas.guard import Guard  # noqa: E402
 from atas.trainer import train  # noqa: E402
 
-__all__ = ["ATAS", "FGSMRS", "NFGSM", "GradAlign", "FGSMPGI", "Free", "PGDAT", "ELLE", "ELLEA", "GAT", "NuAT", "SSAT", "LIET", "Method", "method", "get_method",
+__all__ = ["ATAS", "FGSMRS", "NFGSM", "GradAlign", "FGSMPGI", "Free", "PGDAT", "ELLE", "ELLEA", "GAT", "NuAT", "SSAT", "LIET",
+           "FGSMPCO", "FGSMUAP", "FGSMCUAP", "FGSMFUAP", "Method", "method", "get_method",
            "list_methods", "RandomCropFlip", "IndexedDataset", "benchmark", "load_test_set", "NormalizedModel",
            "build_model", "register_model", "Config", "ConfigError", "load_config", "parse_fraction", "train",
            "evaluate", "format_table", "export_model", "load_model", "Probe", "COMonitor", "Guard", "WeightAverage",
