@@ -251,10 +251,19 @@ class COMonitor:
 # --------------------------------------------------------------------------------------------
 # Verdicts of a finished run (atas compare, its report)
 # --------------------------------------------------------------------------------------------
+# Robust accuracy below this fraction of clean accuracy at the final evaluation is a collapse: a
+# robustly trained model keeps far more (PGD-AT: ~0.6 at CIFAR eps 8/255, ~0.55 at Fashion-MNIST eps
+# 0.3, ~0.4 at CIFAR eps 16/255).
+ROBUST_COLLAPSE = 0.1
+
+
 def co_verdict(metrics: list[dict], accuracy: dict[str, float],
                hold_until: int = 0) -> tuple[bool, list[int], bool | None]:
-    """(CO detected, epochs the probe monitor flagged, final-evaluation signature FGSM > clean or
-    None when FGSM or clean was not evaluated). Either sign counts as CO.
+    """(CO detected, epochs the probe monitor flagged, final-evaluation signature or None when it
+    could not be read). The signature: FGSM accuracy above clean accuracy, or the worst robust
+    accuracy (PGD, AutoAttack) below ROBUST_COLLAPSE x clean accuracy (a model that kept its clean
+    accuracy and lost all robustness after the probe's last look: SSAT on Fashion-MNIST at eps 0.3
+    ended at clean 82%, PGD 0.6% with no probe flag at its last epoch). Either sign counts as CO.
 
     The monitor is replayed on the logged probe curve rather than read from the `co` column, so
     every run of a report is judged by the same (current) rule, whichever version trained it.
@@ -263,6 +272,9 @@ def co_verdict(metrics: list[dict], accuracy: dict[str, float],
     monitor.replay(metrics)
     epochs = list(monitor.flagged_epochs)
     signature = accuracy["fgsm"] > accuracy["clean"] if "fgsm" in accuracy and "clean" in accuracy else None
+    robust = [accuracy[k] for k in ("pgd", "aa") if accuracy.get(k) is not None]
+    if robust and "clean" in accuracy and min(robust) < ROBUST_COLLAPSE * accuracy["clean"]:
+        signature = True
     return bool(epochs) or bool(signature), epochs, signature
 
 

@@ -376,7 +376,7 @@ def run_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Every run on its own line: what the means above are made of."""
     pgd_label = _pgd_label(rows)
     header = ["method", "eps", "seed", "clean", "FGSM", pgd_label, "AA", "time (s)", "peak memory (MB)",
-              "weights", "eps ramp", "CO epochs (probe)", "final FGSM > clean", "guard", "run folder"]
+              "weights", "eps ramp", "CO epochs (probe)", "final-eval CO sign", "guard", "run folder"]
 
     def pct(v):
         return "—" if v is None else f"{100 * v:.1f}"

@@ -94,7 +94,11 @@ def _probe(curve, co=False):
 def test_co_verdict_uses_the_probe_and_the_final_fgsm_signature():
     flagged = _probe([(0.6, 0.45, 0.40), (0.7, 0.72, 0.10), (0.7, 0.75, 0.05)])
     quiet = _probe([(0.6, 0.45, 0.40), (0.66, 0.50, 0.43)])
-    assert co_verdict(flagged, {"clean": 0.8, "pgd": 0.0}) == (True, [2, 3], None)
+    assert co_verdict(flagged, {"clean": 0.8, "pgd": 0.5}) == (True, [2, 3], None)
+    # robust accuracy under a tenth of clean at the final evaluation is the signature too
+    assert co_verdict(flagged, {"clean": 0.8, "pgd": 0.0}) == (True, [2, 3], True)
+    assert co_verdict(quiet, {"clean": 0.82, "fgsm": 0.68, "pgd": 0.006, "aa": 0.004}) == (True, [], True)
+    assert co_verdict(quiet, {"clean": 0.7, "fgsm": 0.6, "pgd": 0.45, "aa": 0.38}) == (False, [], False)
     assert co_verdict(quiet, {"clean": 0.8, "fgsm": 0.9, "pgd": 0.0}) == (True, [], True)
     assert co_verdict(quiet, {"clean": 0.8, "fgsm": 0.5, "pgd": 0.4}) == (False, [], False)
     assert co_verdict([], {"clean": 0.8}) == (False, [], None)
