@@ -419,3 +419,22 @@ def test_short_training_run(tmp_path, name):
     run = train(cfg)
     assert len(run.metrics) == 1 and run.metrics[0]["step"] == 2
     assert math.isfinite(run.metrics[0]["train_loss"])
+
+
+@needs_fmnist
+@pytest.mark.parametrize("name", ["fgsm_rs_cs", "fgsm_mep_cs"])
+def test_training_run_resumes_exactly_through_the_constraint(tmp_path, name):
+    """`atas train --resume` after epoch 2 of 3 gives the weights of the uninterrupted run (the
+    constraint, on from epoch 2 with stride 0, reads the epoch means carried in the checkpoint)."""
+    from atas.trainer import train
+
+    common = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=256", "train.batch_size=64",
+              "train.probe_size=64", "train.probe_steps=2", "train.progress=false", "eval.at_end=false",
+              "train.deterministic=true", f"method.name={name}", "method.eps=0.1", "method.stride=0",
+              "method.gamma=0.001", f"out_dir={tmp_path}"]
+    full = train(load_config("fmnist", common + ["train.epochs=3"]), run_dir=tmp_path / "full")
+    assert all(math.isfinite(r["train_loss"]) for r in full.metrics)
+    train(load_config("fmnist", common + ["train.epochs=2"]), run_dir=tmp_path / "half")
+    resumed = train(load_config("fmnist", common + ["train.epochs=3"]), run_dir=tmp_path / "half", resume=True)
+    for (key, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), key
