@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from atas.methods.base import register
+from atas.methods.base import Method, register
 from atas.methods.fgsm_rs import FGSMRS, check_bn_mode
 from atas.methods.n_fgsm import NFGSM
 from atas.threat import bn_mode, input_grad
@@ -78,7 +78,7 @@ def aaer_penalty(logits_start: torch.Tensor, logits_adv: torch.Tensor, y: torch.
     return torch.where((n_ab > 0) & (n_norm > 0), reg, torch.zeros_like(reg)), abnormal
 
 
-class AAERMixin:
+class AAERMixin(Method):
     """The AAER regulariser on top of a single-step method with `start` / `step` halves."""
 
     has_regularizer = True
@@ -87,7 +87,7 @@ class AAERMixin:
 
     @classmethod
     def check_options(cls, o) -> None:
-        super().check_options(o)  # type: ignore[misc]
+        super().check_options(o)
         for key in ("lam1", "lam2", "lam3"):
             value = getattr(o, key)
             if not (value >= 0 and math.isfinite(value)):

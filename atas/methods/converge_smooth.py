@@ -70,7 +70,7 @@ from dataclasses import dataclass
 
 import torch
 
-from atas.methods.base import register
+from atas.methods.base import Method, register
 from atas.methods.fgsm_pgi import FGSMPGI, smoothed_ce
 from atas.methods.fgsm_rs import FGSMRS
 from atas.values import ConfigError
@@ -94,7 +94,7 @@ def smoothness_term(normal_loss: torch.Tensor, prev_mean: torch.Tensor, beta: to
     return torch.where(fired, term, torch.zeros_like(term)), fired
 
 
-class ConvergeSmoothMixin:
+class ConvergeSmoothMixin(Method):
     """The constraint, its per-epoch state and its checkpoint, on top of a single-step method."""
 
     has_regularizer = True
@@ -103,7 +103,7 @@ class ConvergeSmoothMixin:
 
     @classmethod
     def check_options(cls, o) -> None:
-        super().check_options(o)  # type: ignore[misc]
+        super().check_options(o)
         if not (o.gamma > 0 and math.isfinite(o.gamma)):
             raise ConfigError(f"method.gamma (the allowed loss change between epochs) must be > 0, got {o.gamma}")
         if not o.ratio >= 1:
@@ -116,7 +116,7 @@ class ConvergeSmoothMixin:
             raise ConfigError(f"method.ls_factor (true-class probability) must lie in (0, 1], got {o.ls_factor}")
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        super().__init__(*args, **kwargs)
         # L_{e-1}, beta (float32, as the official tensors), this epoch's sum of l * B and count
         # (float64, as its Python floats) and the epoch they are summed for.
         self._cs = {"prev_mean": torch.zeros(()), "beta": torch.zeros(()),
@@ -124,7 +124,7 @@ class ConvergeSmoothMixin:
                     "epoch": 0}
 
     def on_epoch_start(self, epoch, store):
-        super().on_epoch_start(epoch, store)  # type: ignore[misc]
+        super().on_epoch_start(epoch, store)
         s = self._cs
         if epoch <= s["epoch"]:
             return                      # the same epoch again (a resumed epoch): keep summing
@@ -155,12 +155,12 @@ class ConvergeSmoothMixin:
         return term
 
     def method_state(self) -> dict:
-        state = dict(super().method_state())  # type: ignore[misc]
+        state = dict(super().method_state())
         state.update({f"cs_{k}": (v.clone() if torch.is_tensor(v) else v) for k, v in self._cs.items()})
         return state
 
     def load_method_state(self, state: dict) -> None:
-        super().load_method_state(state)  # type: ignore[misc]
+        super().load_method_state(state)
         missing = [f"cs_{k}" for k in _STATE_KEYS if f"cs_{k}" not in state]
         if missing:
             raise ValueError(f"{self.name}: checkpoint lacks {missing}; it was not written by {self.name}")
