@@ -34,8 +34,11 @@ from atas.evaluate import evaluate, format_table  # noqa: E402  (binds atas.eval
 from atas.export import export_model, load_model  # noqa: E402
 from atas.indexed import IndexedDataset  # noqa: E402
 from atas.methods import Method, get_method, list_methods, method  # noqa: E402
+from atas.methods.aaer import NAAER, RSAAER  # noqa: E402
 from atas.methods.atas import ATAS  # noqa: E402
+from atas.methods.converge_smooth import FGSMMEPCS, FGSMRSCS  # noqa: E402
 from atas.methods.elle import ELLE, ELLEA  # noqa: E402
+from atas.methods.fgsm import FGSM  # noqa: E402
 from atas.methods.fgsm_pco import FGSMPCO  # noqa: E402
 from atas.methods.fgsm_pgi import FGSMPGI  # noqa: E402
 from atas.methods.fgsm_rs import FGSMRS  # noqa: E402
@@ -48,13 +51,15 @@ from atas.methods.n_fgsm import NFGSM  # noqa: E402
 from atas.methods.nuat import NuAT  # noqa: E402
 from atas.methods.pgd import PGDAT  # noqa: E402
 from atas.methods.ssat import SSAT  # noqa: E402
+from atas.methods.zerograd import MultiGrad, ZeroGrad  # noqa: E402
 from atas.models import NormalizedModel, build_model, register as register_model  # noqa: E402
 from atas.monitor import COMonitor, Probe  # noqa: E402
 from atas.guard import Guard  # noqa: E402
 from atas.trainer import train  # noqa: E402
 
 __all__ = ["ATAS", "FGSMRS", "NFGSM", "GradAlign", "FGSMPGI", "Free", "PGDAT", "ELLE", "ELLEA", "GAT", "NuAT", "SSAT", "LIET",
-           "FGSMPCO", "FGSMUAP", "FGSMCUAP", "FGSMFUAP", "Method", "method", "get_method",
+           "FGSMPCO", "FGSMUAP", "FGSMCUAP", "FGSMFUAP", "FGSM", "FGSMRSCS", "FGSMMEPCS", "ZeroGrad", "MultiGrad",
+           "NAAER", "RSAAER", "Method", "method", "get_method",
            "list_methods", "RandomCropFlip", "IndexedDataset", "benchmark", "load_test_set", "NormalizedModel",
            "build_model", "register_model", "Config", "ConfigError", "load_config", "parse_fraction", "train",
            "evaluate", "format_table", "export_model", "load_model", "Probe", "COMonitor", "Guard", "WeightAverage",

@@ -68,7 +68,7 @@ def test_defaults_reproduce_official_atas():
     (["train.epochs=abc"], "train.epochs"),
     (["train.epochs=2.5"], "train.epochs"),
     (["train.nonsense=1"], "valid keys"),
-    (["method.name=fgsm"], "valid: .*atas.*fgsm_rs"),
+    (["method.name=fsgm_rs"], "valid: .*atas.*fgsm_rs"),  # a typo (fgsm is a method now)
     (["model.arch=resnet9000"], "valid"),
     (["data.name=cifar11"], "cifar10"),
     (["method.no_such_option=1"], "valid keys"),
@@ -306,4 +306,4 @@ def test_reset_schedule_every_10_epochs_never_the_last(epochs, expected):
 
 def test_method_registry_lists_names():
     with pytest.raises(ValueError, match="atas.*fgsm_rs.*none.*pgd"):
-        get_method("fgsm")
+        get_method("fsgm_rs")   # a typo (fgsm is a method now)

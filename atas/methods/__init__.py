@@ -12,5 +12,6 @@ from atas.methods.base import METHODS, BatchState, Method, get_method, list_meth
 # Importing the modules fills the registry.
 from atas.methods import standard, fgsm_rs, pgd, atas, n_fgsm, grad_align, fgsm_pgi, free, elle  # noqa: E402,F401
 from atas.methods import gat, nuat, ssat, liet, fgsm_pco, fgsm_uap  # noqa: E402,F401
+from atas.methods import fgsm, converge_smooth, zerograd, aaer  # noqa: E402,F401
 
 __all__ = ["METHODS", "BatchState", "Method", "get_method", "list_methods", "method", "register"]

@@ -20,6 +20,13 @@ from dataclasses import dataclass
 
 from atas.methods.base import Method, register
 from atas.threat import bn_mode, input_grad, signed_step
+from atas.values import ConfigError
+
+
+def check_bn_mode(o) -> None:
+    """method.bn_mode is the BatchNorm mode of the attack's passes: "train" or "eval"."""
+    if o.bn_mode not in ("train", "eval"):
+        raise ConfigError(f"method.bn_mode must be 'train' or 'eval', got {o.bn_mode!r}")
 
 
 @register
@@ -34,11 +41,27 @@ class FGSMRS(Method):
         alpha_factor: float = 1.25
         bn_mode: str = "train"
 
+    @classmethod
+    def check_options(cls, o) -> None:
+        super().check_options(o)
+        if not o.alpha_factor > 0:
+            raise ConfigError(f"method.alpha_factor must be > 0 (the step in units of eps), got {o.alpha_factor}")
+        check_bn_mode(o)
+
     def attack(self, model, x, y, state):
         ball = self.ball_at(state.epoch)
-        x_start = ball.random_start(x)
+        x_start = self.start(x, ball)
         with bn_mode(model, self.opt.bn_mode):
             grad, _ = input_grad(model, x_start, y)
+        return self.step(x_start, grad, x, ball)
+
+    # The two halves of the step, shared by the methods built on FGSM-RS (fgsm, zerograd, rs_aaer, ...).
+    def start(self, x, ball):
+        """Where the gradient is taken: x + U(-eps, eps), clipped to the image range."""
+        return ball.random_start(x)
+
+    def step(self, x_start, grad, x, ball):
+        """x_adv = project(x_start + alpha * sign(grad)) onto the ball around x (detached)."""
         return ball.project(signed_step(x_start, grad, self.opt.alpha_factor * ball.eps), x).detach()
 
     def remedy(self, attempt):

@@ -75,11 +75,21 @@ class NFGSM(Method):
         return {"step_factor": round(self.opt.step_factor * 0.8, 6)}
 
     def attack(self, model, x, y, state):
-        o = self.opt
         ball = self.ball_at(state.epoch)
-        x_noisy = ball.random_start(x, scale=o.noise_factor) if o.noise_factor else x
-        with bn_mode(model, o.bn_mode):
+        x_noisy = self.start(x, ball)
+        with bn_mode(model, self.opt.bn_mode):
             grad, _ = input_grad(model, x_noisy, y)
+        return self.step(x_noisy, grad, x, ball)
+
+    # The two halves of the step, shared by the methods built on N-FGSM (n_aaer).
+    def start(self, x, ball):
+        """Where the gradient is taken: x + U(-k eps, k eps), clipped to the image range."""
+        k = self.opt.noise_factor
+        return ball.random_start(x, scale=k) if k else x
+
+    def step(self, x_noisy, grad, x, ball):
+        """x_adv = clip(x_noisy + alpha * sign(grad), 0, 1), or projected to the clip_delta ball."""
+        o = self.opt
         x_adv = signed_step(x_noisy, grad, o.step_factor * ball.eps)
         if o.clip_delta is not None:  # the optional clip is a ball of radius c*eps (at most the pixel range)
             return LinfBall(min(1.0, o.clip_delta * ball.eps)).project(x_adv, x).detach()
