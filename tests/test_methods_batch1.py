@@ -115,7 +115,7 @@ def test_unknown_option_rejected_and_defaults_complete(name):
     ("rs_aaer", "lam3", -0.5), ("rs_aaer", "alpha_factor", 0.0),
     ("fgsm_rs_cs", "gamma", 0.0), ("fgsm_rs_cs", "ratio", 0.5), ("fgsm_rs_cs", "w2", -1.0),
     ("fgsm_rs_cs", "stride", -1), ("fgsm_rs_cs", "ls_factor", 0.0),
-    ("fgsm_mep_cs", "gamma", -1.0), ("fgsm_mep_cs", "stride", -2), ("fgsm_mep_cs", "label_smoothing", 0.1),
+    ("fgsm_mep_cs", "gamma", -1.0), ("fgsm_mep_cs", "stride", -2), ("fgsm_mep_cs", "label_smoothing", 1.5),
     ("fgsm_mep_cs", "momentum_decay", -1.0),
 ])
 def test_check_options_rejects_bad_values(name, option, value):

@@ -227,13 +227,6 @@ class FGSMMEPCS(ConvergeSmoothMixin, FGSMPGI):
         w2: float = 1.0
         stride: int = 1
 
-    @classmethod
-    def check_options(cls, o) -> None:
-        super().check_options(o)
-        if o.label_smoothing > 0:
-            raise ConfigError("method.label_smoothing: fgsm_mep_cs smooths its targets with method.ls_factor (the "
-                              "official --factor 0.6, as fgsm_pgi); set label_smoothing=0 and change ls_factor instead")
-
     def passes_per_step(self):
         return (3, 4) if self.opt.lam > 0 else (3, 3)
 
