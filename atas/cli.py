@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import yaml
@@ -295,7 +296,7 @@ def cmd_eval(args) -> int:
     out = Path(args.out) if args.out else source.with_name(eval_file_name(cfg, eps))
     weights = checkpoint_record(args.checkpoint, cfg, extra)
     if weights and weights["warning"]:  # an evaluation of a run still in training, before it starts
-        print(f"atas eval: WARNING: {weights['warning']}", file=sys.stderr)
+        say_warning(weights["warning"])
     result = evaluate_run(model, cfg, out.parent, eps=eps, seed=args.seed, out=out,
                           progress=not args.no_progress, checkpoint=weights)
     print(format_table(result))
@@ -304,15 +305,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    import warnings
-
     from atas.export import export_model
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = export_model(args.source, args.out)
-    for w in caught:
-        print(f"atas export: WARNING: {w.message}", file=sys.stderr)
+    out = export_model(args.source, args.out)
     print(f"exported to {out}/model.safetensors and {out}/card.json")
     return 0
 
@@ -354,6 +349,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             MissingDependencyError)
 
 
+def say_warning(message: object) -> None:
+    """The one place the command line prints a warning: one line `atas: warning: ...` on stderr,
+    not Python's `file:line: UserWarning: ...` with the source line echoed under it."""
+    print(f"atas: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    say_warning(message)
+
+
 def _fail(command: str, error: BaseException, status: int, debug: bool) -> int:
     if debug:
         traceback.print_exception(error)
@@ -371,8 +376,6 @@ def _stdout_closed() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from atas.trainer import TrainingDiverged
-
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("ATAS_DEBUG", "").strip() not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
@@ -388,6 +391,15 @@ def main(argv: list[str] | None = None) -> int:
     from atas.compare import cmd_compare
 
     handlers["compare"] = cmd_compare
+    with warnings.catch_warnings():  # restored on return: main() may run inside another program
+        warnings.showwarning = _show_warning
+        warnings.filterwarnings("default", category=UserWarning)  # each warning once per command
+        return _run(args, handlers, debug)
+
+
+def _run(args, handlers: dict, debug: bool) -> int:
+    from atas.trainer import TrainingDiverged
+
     try:
         if getattr(args, "imports", None) is not None:
             from atas.external import import_plugins
@@ -400,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args.command, e, 2, debug)
     except TrainingDiverged as e:  # an outcome of the run, not a bug: say it, no traceback
         return _fail(args.command, e, 3, debug)
+    except PermissionError as e:  # a file or folder this user may not read or write: the user can fix that
+        where = f" {e.filename}" if e.filename else ""
+        return _fail(args.command, PermissionError(f"permission denied:{where}; run as a user who may access it "
+                                                   f"(ls -ld{where or ' PATH'})"), 2, debug)
     except BrokenPipeError:
         return _stdout_closed()
     except KeyboardInterrupt as e:

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from atas.provenance import __version__
-from atas.checkpoint import CheckpointError, atomic_write, check_output, load_checkpoint, save_json
+from atas.checkpoint import CheckpointError, atomic_write, check_output, check_readable, load_checkpoint, save_json
 from atas.config import Config, config_from_dict
 from atas.data import dataset_info
 from atas.models import build_model, clean_state_dict, unwrap
@@ -54,6 +54,7 @@ def _load_weights(model: nn.Module, state: dict, source: str) -> nn.Module:
 def resolve_artifact(path: str | Path) -> Path:
     """A run folder, a checkpoint file, or an export folder / its model.safetensors."""
     path = Path(path)
+    check_readable(path)
     if path.is_dir():
         for name in (MODEL_FILE, "checkpoint.pt", "checkpoint-rank0-of1.pt"):
             if (path / name).exists():

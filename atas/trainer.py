@@ -284,6 +284,13 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False,
     run unless `overwrite=True`, which deletes that run's checkpoints, metrics and evaluation."""
     ctx = dist.setup(cfg)
     run_dir = Path(run_dir or Path(cfg.out_dir) / cfg.name)
+    if ctx.is_main:
+        import warnings
+
+        from atas.config import training_warnings
+
+        for note in training_warnings(cfg):  # settings that train, but not as one would expect
+            warnings.warn(note, stacklevel=2)
     with RunFolder(run_dir, resume=resume, overwrite=overwrite, enabled=ctx.is_main) as folder:
         try:
             return _train(cfg, ctx, folder, resume)
@@ -695,9 +702,6 @@ def _check_finite(tally: _Tally, epoch: int, ckpt_path: Path) -> None:
 
 
 def load_run_config(run_dir: str | Path) -> Config:
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise CheckpointError(f"{run_dir} is not a run folder (no config.yaml)")
-    import yaml
+    from atas.config import read_run_config
 
-    return config_from_dict(yaml.safe_load(path.read_text()))
+    return read_run_config(run_dir)

@@ -43,7 +43,7 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 
 def assert_one_line(err: str, *fragments: str) -> str:
     assert "Traceback" not in err, err
-    lines = [line for line in err.strip().splitlines() if "WARNING" not in line]
+    lines = [line for line in err.strip().splitlines() if not line.startswith("atas: warning: ")]
     assert len(lines) == 1, err
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
@@ -427,7 +427,7 @@ def test_an_evaluation_of_a_run_in_training_says_so(run_copy, capsys):
         holder.kill()
         holder.wait()
     assert status == 0
-    assert f"WARNING: {run_copy} is being trained right now (PID {holder.pid}" in err and "epoch 2 of 2" in err
+    assert f"atas: warning: {run_copy} is being trained right now (PID {holder.pid}" in err and "epoch 2 of 2" in err
     result = json.loads((run_copy / "eval-clean-n16.json").read_text())
     assert result["mid_run"] is True and result["checkpoint"]["epoch"] == 2
     assert any("being trained right now" in w for w in result["warnings"])
