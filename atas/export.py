@@ -259,9 +259,17 @@ def export_model(source: str | Path, out_dir: str | Path, evaluation: dict | Non
 
 
 def _safetensors_bytes(tensors: dict) -> bytes:
+    """The safetensors file of `tensors`, byte for byte the same for the same weights: safetensors
+    writes its JSON header from a hash map, whose key order (of the metadata) changes from call to
+    call; the header is rewritten here with sorted keys, the tensor data untouched (its offsets are
+    relative to the end of the header, so they stay valid)."""
     from safetensors.torch import save
 
-    return save(tensors, metadata={"format": "pt", "library": "atas"})
+    raw = save(tensors, metadata={"format": "pt", "library": "atas"})
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header with spaces to 8-byte alignment
+    return len(header).to_bytes(8, "little") + header + raw[8 + n:]
 
 
 __all__ = ["checkpoint_record", "export_model", "load_model", "model_arguments", "resolve_artifact", "run_evaluation"]

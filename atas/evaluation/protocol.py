@@ -83,7 +83,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     Returns: {"eps", "eps_label", "n_examples", "seed", "batch_size", "results": {name:
         {"label", "accuracy" (fraction), "n_correct", "n", "settings", "is_autoattack"}},
         "per_sample": {name: [bool] robust/correct}, "versions", "device", "timing" (seconds spent
-        in this call per attack, resumed batches excluded), "warnings": [str]}.
+        on each attack, those of a killed call this one resumed included), "warnings": [str]}.
     """
     names = attack_names(attacks)
     if isinstance(eps, str):
@@ -143,10 +143,9 @@ def _run_attacks(names: list[str], setup: AttackSetup, x: torch.Tensor, y: torch
     for name in names:
         attack = ATTACKS.get(name)
         attack_settings, run_batch = attack.build(name, setup)
-        t0 = time.perf_counter()
-        flags = _run_attack(name, attack_settings, run_batch, setup.model, x, y, setup.eps, setup.seed,
-                            setup.batch_size, setup.device, state, progress)
-        timing[name] = round(time.perf_counter() - t0, 3)
+        flags, seconds = _run_attack(name, attack_settings, run_batch, setup.model, x, y, setup.eps, setup.seed,
+                                     setup.batch_size, setup.device, state, progress)
+        timing[name] = round(seconds, 3)
         per_sample[name] = flags
         n_correct = int(sum(flags))
         results[name] = {"label": attack.title(attack_settings), "accuracy": n_correct / n,
@@ -245,10 +244,13 @@ def _batch_seed(seed: int, name: str, batch: int) -> int:
 
 def _run_attack(name: str, attack_settings: dict, run_batch: Callable, model: nn.Module,
                 x: torch.Tensor, y: torch.Tensor, eps: float, seed: int, batch_size: int,
-                dev: torch.device, state: "_State", progress: bool) -> list[bool]:
+                dev: torch.device, state: "_State", progress: bool) -> tuple[list[bool], float]:
+    """(per-sample verdicts, seconds spent on this attack): a resumed attack's seconds include
+    those its earlier, killed calls spent (kept in the state file), so its time is the real one."""
     n = x.shape[0]
     n_batches = math.ceil(n / batch_size)
     flags = state.resume(name, attack_settings)
+    t0 = time.perf_counter() - state.seconds(name)
     done = len(flags) // batch_size if len(flags) < n else n_batches
     attack = ATTACKS.get(name)
     label, units = attack.label, attack.units_per_batch(attack_settings)
@@ -269,12 +271,12 @@ def _run_attack(name: str, attack_settings: dict, run_batch: Callable, model: nn
             if robust is not None:  # worst case: robust only if the attack AND the recheck agree
                 correct &= robust.to(correct.device)
             flags.extend(bool(c) for c in correct.cpu().tolist())
-            state.save(name, attack_settings, flags)
+            state.save(name, attack_settings, flags, time.perf_counter() - t0)
             bar.update(max(0, units - tracker.done))
             bar.set_postfix_str(f"batch {b + 1}/{n_batches} acc={100 * sum(flags) / len(flags):.2f}%")
     finally:
         bar.close()
-    return flags
+    return flags, time.perf_counter() - t0
 
 
 class _State:
@@ -312,14 +314,20 @@ class _State:
         if not ok:
             self.warn(f"state file {self.path}: saved progress of {name!r} does not match its "
                       "current settings; rerunning it from the start")
+            self.attacks.pop(name, None)  # and its seconds with it
             return []
         return [c == "1" for c in correct]
 
-    def save(self, name: str, attack_settings: dict, flags: list[bool]) -> None:
+    def seconds(self, name: str) -> float:
+        """Seconds the verdicts resumed for `name` cost (0 for a fresh attack or an older state file)."""
+        seconds = self.attacks.get(name, {}).get("seconds", 0.0)
+        return float(seconds) if isinstance(seconds, (int, float)) and seconds >= 0 else 0.0
+
+    def save(self, name: str, attack_settings: dict, flags: list[bool], seconds: float = 0.0) -> None:
         if self.path is None:
             return
         self.attacks[name] = {"settings": _jsonable(attack_settings),
-                              "correct": "".join("1" if f else "0" for f in flags)}
+                              "correct": "".join("1" if f else "0" for f in flags), "seconds": round(seconds, 3)}
         try:
             atomic_write_text(self.path, json.dumps(
                 {"format": _STATE_FORMAT, "settings": self.settings, "attacks": self.attacks}))
