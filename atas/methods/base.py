@@ -18,6 +18,7 @@ augmentation, epoch bookkeeping and checkpoint state live here, behind the publi
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -118,6 +119,9 @@ class Method:
     # False where the training loss has no cross-entropy term to smooth (label_smoothing > 0 is
     # then refused by check_options).
     supports_label_smoothing: ClassVar[bool] = True
+    # Options whose value the saved state (store, carried tensors) depends on: a state loaded into
+    # an object where one differs (or eps differs) is warned about (`load_state_dict`).
+    state_options: ClassVar[tuple[str, ...]] = ()
 
     @dataclass
     class Options:
@@ -295,6 +299,10 @@ class Method:
         with weights_only=True)."""
         state = {"epoch": self.current_epoch, "method": self.method_state()}
         state["name"] = self.name  # load_state_dict refuses another method's state
+        # What the saved state means: load_state_dict warns when it goes into an object with
+        # another eps or other state_options (plain floats/ints/strings: weights_only loads them).
+        state["eps"] = float(self.eps)
+        state["options"] = {k: _plain(getattr(self.opt, k)) for k in self.state_options}
         if self.num_samples is not None:
             state["num_samples"] = self.num_samples
         if self.store is not None:
@@ -314,6 +322,7 @@ class Method:
             raise ValueError(f"cannot resume {self.name}: the saved per-sample state is for num_samples={int(saved_n)}, "
                              f"this object has num_samples={self.num_samples}. Resume with the training set the "
                              "state was saved with (same size and order), or start fresh.")
+        self._warn_if_saved_elsewhere(state)
         self.current_epoch = int(state.get("epoch", 0))
         if "store" in state:
             if self.store is not None:
@@ -323,6 +332,25 @@ class Method:
         device = self.store.device if self.store is not None else None
         self.load_method_state({k: v.to(device) if device is not None and torch.is_tensor(v) else v
                                 for k, v in state.get("method", {}).items()})
+
+    def _warn_if_saved_elsewhere(self, state: dict) -> None:
+        """A state saved at another eps (or other `state_options`) continues with numbers that were
+        made for that setting (a prior in another ball, a gradient-norm average tuned to another c):
+        allowed, as an explicit choice, but never silently. States saved before these were recorded
+        say nothing and are accepted as they are."""
+        saved_eps = state.get("eps")
+        differ = []
+        if isinstance(saved_eps, (int, float)) and not math.isclose(float(saved_eps), self.eps, rel_tol=1e-9):
+            differ.append(f"eps {_eps_text(saved_eps)} -> {_eps_text(self.eps)}")
+        saved = state.get("options") or {}
+        for key in self.state_options:
+            if key in saved and saved[key] != _plain(getattr(self.opt, key)):
+                differ.append(f"{key} {saved[key]!r} -> {_plain(getattr(self.opt, key))!r}")
+        if differ:
+            warnings.warn(f"{self.name}: loading a state saved with other settings ({', '.join(differ)}): its "
+                          "per-sample prior and step statistics were made for the saved ones and now continue "
+                          "under these. To resume that run exactly, build the object with the saved values; to "
+                          "train with the new ones, start fresh (do not load the state).", stacklevel=3)
 
     # -- what a method defines ---------------------------------------------------------------
     def method_state(self) -> dict:
@@ -469,6 +497,18 @@ class Method:
 
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def _plain(value):
+    """An option value as a plain Python value (a Frac is a float that remembers its text)."""
+    if isinstance(value, bool) or isinstance(value, (int, str)) or value is None:
+        return value
+    return float(value) if isinstance(value, float) else str(value)
+
+
+def _eps_text(eps: float) -> str:
+    k = float(eps) * 255
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 * max(1.0, k) else f"{float(eps):g}"
 
 
 def _check_float32(name: str, model: nn.Module, x: torch.Tensor) -> None:
