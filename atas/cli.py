@@ -206,12 +206,14 @@ def _eval_device(name: str):
 
 def cmd_eval_external(args) -> int:
     """`atas eval --model MODULE:FUNCTION --weights FILE --data NAME --eps E`: any model, atas's evaluation."""
-    from atas.benchmark import benchmark
-    from atas.checkpoint import check_output
+    from atas.benchmark import InputAdapter, _data_identity, benchmark, load_test_set
+    from atas.checkpoint import check_output, is_special_file
+    from atas.compare import check_attacks
     from atas.config import ConfigError, Frac, check_eps
     from atas.evaluation import format_table, save_result
-    from atas.external import load_weights, model_from_factory
-    from atas.evaluation.run import model_eval_file_name
+    from atas.evaluation.protocol import evaluation_request, request_digest
+    from atas.external import file_sha256, load_weights, model_from_factory
+    from atas.evaluation.run import keep_earlier, model_eval_file_name
 
     missing = [flag for flag, value in (("--data", args.data), ("--eps", args.eps)) if value is None]
     if missing or args.checkpoint:
@@ -219,11 +221,9 @@ def cmd_eval_external(args) -> int:
                           if missing else f"give either a run folder ({args.checkpoint}) or --model, not both")
     eps = Frac(args.eps)
     check_eps(eps, "--eps")
-    attacks = args.attacks or "clean,pgd,aa"
-    # Named, as `atas eval RUN` names its files, by what was evaluated and how: another model,
-    # other attacks, size or eps never replace an earlier result.
-    out = check_output(args.out or model_eval_file_name(args.model, args.data, attacks, args.n_examples,
-                                                         eps, args.weights))
+    attacks = check_attacks(args.attacks or "clean,pgd,aa")
+    if args.out:
+        check_output(args.out)  # before the model is even built
     device = _eval_device(args.device)
     model = model_from_factory(args.model)
     if args.weights:
@@ -232,17 +232,51 @@ def cmd_eval_external(args) -> int:
         raise ConfigError("--mean and --std go together")
     norm = None
     if args.mean is not None:
-        norm = tuple(tuple(float(v) for v in text.split(",")) for text in (args.mean, args.std))
+        norm = tuple(tuple(_number(v, flag) for v in text.split(",")) for flag, text in
+                     (("--mean", args.mean), ("--std", args.std)))
     model = model.to(device)
-    kwargs = {k: v for k, v in (("pgd_steps", args.pgd_steps), ("pgd_restarts", args.pgd_restarts)) if v}
-    result = benchmark(model, args.data, eps.text, attacks, normalization=norm, n_examples=args.n_examples,
-                       data_dir=args.data_dir, batch_size=args.batch_size or 256, seed=args.seed,
-                       progress=not args.no_progress, **kwargs)
-    result["model"] = {"factory": args.model, "weights": args.weights, "dataset": args.data}
+    settings = _pgd_flags(args)
+    x, y = load_test_set(args.data, args.n_examples, args.data_dir)
+    # Named, as `atas eval RUN` names its files, by what is evaluated and how (the request's digest:
+    # the weights' and the images' sha256, every attack setting): nothing replaces another result.
+    wrapped = InputAdapter(model, *norm).to(device) if norm else model
+    request = evaluation_request(wrapped, x, y, float(eps), attacks, batch_size=args.batch_size or 256,
+                                 seed=args.seed, **settings)
+    out = check_output(args.out or model_eval_file_name(args.model, args.data, ",".join(attacks), args.n_examples,
+                                                         eps, args.weights, request_digest(request)))
+    result = benchmark(model, (x, y), eps.text, attacks, normalization=norm, batch_size=args.batch_size or 256,
+                       seed=args.seed, progress=not args.no_progress, **settings)
+    result["model"] = {"factory": args.model, "weights": args.weights,
+                       "weights_sha256": file_sha256(args.weights) if args.weights else None, **result["model"]}
+    result["data"] = {**_data_identity(args.data, args.data_dir), "split": "test",
+                      "images": f"the first {result['n_examples']}", "sha256": result["request"]["data_sha256"]}
+    if not is_special_file(out):
+        keep_earlier(Path(out), result)
     save_result(result, out)
     print(format_table(result))
     print(f"saved: {out}")
     return 0
+
+
+def _number(text: str, flag: str) -> float:
+    from atas.config import ConfigError
+
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{flag}: {text!r} is not a number; give one per channel, e.g. {flag} 0.49,0.48,0.45") from None
+
+
+def _pgd_flags(args) -> dict:
+    """--pgd-* of `atas eval --model`, as evaluate's keywords (left out: the defaults)."""
+    from atas.config import ConfigError
+
+    for flag, value in (("--pgd-steps", args.pgd_steps), ("--pgd-restarts", args.pgd_restarts),
+                        ("--batch-size", args.batch_size), ("--n-examples", args.n_examples)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    names = ("pgd_steps", "pgd_restarts", "pgd_alpha", "pgd_schedule", "pgd_loss")
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
 
 
 class Terminated(KeyboardInterrupt):
@@ -270,7 +304,7 @@ def cmd_eval(args) -> int:
     from atas.config import Frac, check_eps, validate_eval
     from atas.evaluation import format_table
     from atas.export import checkpoint_record, load_model, resolve_artifact
-    from atas.evaluation.run import eval_file_name, evaluate_run
+    from atas.evaluation.run import evaluate_run
 
     attacks = None if args.attacks is None else check_attacks(args.attacks)  # "" is an error
     device = _eval_device(args.device)
@@ -293,14 +327,15 @@ def cmd_eval(args) -> int:
         eps = Frac(args.eps)
         check_eps(eps, "--eps")
     source = resolve_artifact(args.checkpoint)
-    out = Path(args.out) if args.out else source.with_name(eval_file_name(cfg, eps))
     weights = checkpoint_record(args.checkpoint, cfg, extra)
     if weights and weights["warning"]:  # an evaluation of a run still in training, before it starts
         say_warning(weights["warning"])
-    result = evaluate_run(model, cfg, out.parent, eps=eps, seed=args.seed, out=out,
+    # Without --out: a file of its own beside the checkpoint, named by every setting of the request
+    # (eval_file_name), so no other evaluation, of these weights or others, is replaced.
+    result = evaluate_run(model, cfg, source.parent, eps=eps, seed=args.seed, out=args.out, by_settings=True,
                           progress=not args.no_progress, checkpoint=weights)
     print(format_table(result))
-    print(f"saved: {out}")
+    print(f"saved: {result['file']}")
     return 0
 
 

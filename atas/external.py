@@ -70,6 +70,17 @@ def model_from_factory(spec: str) -> nn.Module:
     return model
 
 
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (a weights file's identity in an evaluation's result)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a state dict into `model`, safely; a dict with a "model" or "state_dict" entry is
     unwrapped. Key mismatches are reported by name."""
