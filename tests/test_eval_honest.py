@@ -212,8 +212,8 @@ def test_atas_eval_leaves_the_training_end_eval_json_intact(run_dir, capsys, one
             "--pgd-restarts", "1", "--pgd-alpha", "eps/10", "--no-progress"]
     assert cli(argv) == 0
     assert (run_dir / "eval.json").read_bytes() == before
-    out = run_dir / "eval-clean+pgd-n8.json"
-    assert str(out) in capsys.readouterr().out
+    out, = run_dir.glob("eval-clean+pgd-n8-*.json")
+    assert f"saved: {out}" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["n_examples"] == 8 and result["results"]["pgd"]["settings"]["alpha"] == pytest.approx(0.02)
     assert json.loads(before)["n_examples"] == 16

@@ -212,7 +212,7 @@ def test_cli_train_resume_and_eval(tmp_path, capsys):
                 "--pgd-restarts", "1", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "PGD-2-1" in out
-    result = json.loads((tmp_path / "r" / "eval-clean+pgd-n32.json").read_text())  # eval.json is training's
+    result, = (json.loads(p.read_text()) for p in (tmp_path / "r").glob("eval-clean+pgd-n32-*.json"))  # eval.json is training's
     assert result["n_examples"] == 32 and result["eps_label"] == "0.2"
     assert json.loads((tmp_path / "r" / "eval.json").read_text())["n_examples"] == 64
     assert cli(["eval", str(tmp_path / "r" / "garbage.pt")]) == 2
