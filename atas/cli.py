@@ -210,6 +210,7 @@ def cmd_eval_external(args) -> int:
     from atas.checkpoint import check_output, is_special_file
     from atas.compare import check_attacks
     from atas.config import ConfigError, Frac, check_eps
+    from atas.data import dataset_info
     from atas.evaluation import format_table, save_result
     from atas.evaluation.protocol import evaluation_request, request_digest
     from atas.external import file_sha256, load_weights, model_from_factory
@@ -221,6 +222,10 @@ def cmd_eval_external(args) -> int:
                           if missing else f"give either a run folder ({args.checkpoint}) or --model, not both")
     eps = Frac(args.eps)
     check_eps(eps, "--eps")
+    try:
+        dataset_info(args.data)
+    except ValueError as e:  # the registry lists the valid names
+        raise ConfigError(f"--data {args.data}: {e}") from None
     attacks = check_attacks(args.attacks or "clean,pgd,aa")
     if args.out:
         check_output(args.out)  # before the model is even built
