@@ -48,8 +48,11 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a checkpoint, run folder or exported model, or any model",
                        description="Evaluate a trained model. The result goes to a file of its own beside the "
-                                   "checkpoint, eval-<attacks>-n<N>[-eps<eps>].json, so the eval.json written "
-                                   "at the end of training is never overwritten (give --out to choose). "
+                                   "checkpoint, eval-<attacks>-n<N>[-eps<eps>]-<digest>.json, where <digest> names "
+                                   "every setting that changes the numbers (attacks and their settings, eps, n, "
+                                   "seed, batch size, the weights' and the images' sha256): no other evaluation, "
+                                   "the eval.json written at the end of training included, is overwritten (give "
+                                   "--out to choose; a file there holding another evaluation is kept beside it). "
                                    "With --model MODULE:FUNCTION, any model: see docs/own-code.md.")
     e.add_argument("checkpoint", nargs="?", help="run folder, checkpoint or export (or use --model)")
     e.add_argument("--model", metavar="MODULE:FUNCTION",
@@ -79,9 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--data-dir", default=None)
     e.add_argument("--out", default=None,
-                   help="JSON result path (default: eval-<attacks>-n<N>.json beside the checkpoint, or "
-                        "eval-<model>-<data>-<attacks>-n<N>-eps<eps>.json here with --model; never the run's own "
-                        "eval.json unless given here; a device or FIFO is written in place)")
+                   help="JSON result path (default: eval-<attacks>-n<N>-<digest>.json beside the checkpoint, or "
+                        "eval-<model>-<data>-<attacks>-n<N>-eps<eps>-<digest>.json here with --model; never the "
+                        "run's own eval.json unless given here; an evaluation with other settings already there "
+                        "is kept as <name>-<its digest>.json; a device or FIFO is written in place)")
     e.add_argument("--no-progress", action="store_true")
 
     x = sub.add_parser("export", help="write model.safetensors + card.json")

@@ -25,7 +25,7 @@ from atas import distributed as dist, guard
 from atas.augment import PairedAugment
 from atas.checkpoint import (CheckpointError, DiskFullError, atomic_write, atomic_write_text, healthy_path,
                              link_as, load_checkpoint, save_checkpoint)
-from atas.config import Config, ConfigError, config_from_dict, method_options
+from atas.config import Config, ConfigError, method_options
 from atas.data import TestSplit, check_subset, check_val_size, dataset_info, image_folder, load_tensors
 from atas.evaluation.attacks import FGSM, PGD, pgd_step
 from atas.loaders import FolderLoader, ResidentLoader

@@ -8,7 +8,6 @@ import errno
 import io
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import torch.nn as nn
 from torch.utils.data import ConcatDataset, Subset, TensorDataset
 
 import atas
-from atas.cli import main as cli
 from atas.config import ConfigError, load_config, training_warnings
 
 from conftest import needs_fmnist  # noqa: E402
