@@ -252,11 +252,13 @@ def _route_method_args(tree: dict) -> dict:
 def resolve_recipe_path(recipe: str | Path) -> Path:
     """A recipe is a YAML path or the name of a shipped recipe (`atas recipes` lists them)."""
     path = Path(recipe)
-    if path.suffix in (".yaml", ".yml") and path.exists() or path.is_dir():
-        return path  # a folder is refused by read_yaml_mapping, saying so
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path  # a folder named *.yaml is refused by read_yaml_mapping, saying so
     shipped = RECIPE_DIR / f"{recipe}.yaml"
     if shipped.exists():
-        return shipped
+        return shipped  # even with a folder of that name here (a data folder called fmnist)
+    if path.is_dir():
+        return path
     names = ", ".join(sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
     raise ConfigError(f"no recipe file {recipe!r} and no shipped recipe of that name; shipped: {names}")
 
