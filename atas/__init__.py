@@ -13,6 +13,14 @@ The whole run, as `atas train` does it:
     cfg = atas.load_config("fmnist", ["method.name=atas", "train.epochs=5"])
     run = atas.train(cfg)                      # checkpoints, metrics, probe in runs/<name>/
 
+Catastrophic-overfitting protection in your own loop (the probe, the monitor and the guard `atas
+train` uses; docs/own-code.md):
+
+    guard = atas.Guard(model, opt, atk, probe=atas.Probe(x_val, y_val, eps=0.2))
+    for epoch in guard.epochs(30):             # a rollback replays the undone epochs
+        ...                                    # the epoch, as above
+        guard.end_epoch(epoch)                 # probe, verdict, keep the healthy state or roll back
+
 Any model, trained here or not:
 
     result = atas.benchmark(model, "fmnist", eps=0.2, attacks=["clean", "pgd", "aa"])
@@ -34,9 +42,11 @@ from atas.methods.grad_align import GradAlign  # noqa: E402
 from atas.methods.n_fgsm import NFGSM  # noqa: E402
 from atas.methods.pgd import PGDAT  # noqa: E402
 from atas.models import NormalizedModel, build_model, register as register_model  # noqa: E402
+from atas.monitor import COMonitor, Probe  # noqa: E402
+from atas.guard import Guard  # noqa: E402
 from atas.trainer import train  # noqa: E402
 
 __all__ = ["ATAS", "FGSMRS", "NFGSM", "GradAlign", "FGSMPGI", "Free", "PGDAT", "ELLE", "ELLEA", "Method", "method", "get_method",
            "list_methods", "RandomCropFlip", "IndexedDataset", "benchmark", "load_test_set", "NormalizedModel",
            "build_model", "register_model", "Config", "ConfigError", "load_config", "parse_fraction", "train",
-           "evaluate", "format_table", "export_model", "load_model", "__version__"]
+           "evaluate", "format_table", "export_model", "load_model", "Probe", "COMonitor", "Guard", "__version__"]

@@ -63,9 +63,6 @@ class ATAS(Method):
     logged_stats = {"alpha": "pixels"}   # the per-sample step size, the point of the method
     prone_to_co = True
     claims_reference_robustness = True   # the paper: within a few points of PGD-AT, much faster
-    # The stored prior lives in the eps ball; v_i and the step rule that reads it depend on these.
-    state_options = ("c", "beta", "grad_norm", "ref_batch", "step_numerator", "alpha_min", "alpha_max",
-                     "alpha_unit")
 
     @dataclass
     class Options(Method.Options):

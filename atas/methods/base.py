@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from atas.augment import CropFlip, PairedAugment
 from atas.registry import Registry
-from atas.values import ConfigError, build_dataclass, parse_fraction
+from atas.values import ConfigError, build_dataclass, parse_fraction, to_plain
 from atas.store import PerSampleStore
 from atas.threat import LinfBall
 
@@ -119,9 +119,6 @@ class Method:
     # False where the training loss has no cross-entropy term to smooth (label_smoothing > 0 is
     # then refused by check_options).
     supports_label_smoothing: ClassVar[bool] = True
-    # Options whose value the saved state (store, carried tensors) depends on: a state loaded into
-    # an object where one differs (or eps differs) is warned about (`load_state_dict`).
-    state_options: ClassVar[tuple[str, ...]] = ()
 
     @dataclass
     class Options:
@@ -295,14 +292,12 @@ class Method:
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: the epoch, the per-sample store and the
-        method's own carried tensors, and the method's name. Tensors, ints and a string only (loads
-        with weights_only=True)."""
-        state = {"epoch": self.current_epoch, "method": self.method_state()}
+        method's own carried tensors, the method's name and its options (as they are now: a change
+        by `set_options`, e.g. the guard's remedy, is part of the state). Tensors and plain values
+        only (loads with weights_only=True)."""
+        state = {"epoch": self.current_epoch, "method": self.method_state(), "options": to_plain(self.opt)}
         state["name"] = self.name  # load_state_dict refuses another method's state
-        # What the saved state means: load_state_dict warns when it goes into an object with
-        # another eps or other state_options (plain floats/ints/strings: weights_only loads them).
-        state["eps"] = float(self.eps)
-        state["options"] = {k: _plain(getattr(self.opt, k)) for k in self.state_options}
+        state["eps"] = float(self.eps)  # load_state_dict warns when it goes into an object with another eps
         if self.num_samples is not None:
             state["num_samples"] = self.num_samples
         if self.store is not None:
@@ -322,7 +317,9 @@ class Method:
             raise ValueError(f"cannot resume {self.name}: the saved per-sample state is for num_samples={int(saved_n)}, "
                              f"this object has num_samples={self.num_samples}. Resume with the training set the "
                              "state was saved with (same size and order), or start fresh.")
-        self._warn_if_saved_elsewhere(state)
+        self._warn_if_other_eps(state)
+        if "options" in state:  # states saved before the options were recorded: the object's stay
+            self._load_options(state["options"])
         self.current_epoch = int(state.get("epoch", 0))
         if "store" in state:
             if self.store is not None:
@@ -333,24 +330,37 @@ class Method:
         self.load_method_state({k: v.to(device) if device is not None and torch.is_tensor(v) else v
                                 for k, v in state.get("method", {}).items()})
 
-    def _warn_if_saved_elsewhere(self, state: dict) -> None:
-        """A state saved at another eps (or other `state_options`) continues with numbers that were
-        made for that setting (a prior in another ball, a gradient-norm average tuned to another c):
-        allowed, as an explicit choice, but never silently. States saved before these were recorded
+    def _warn_if_other_eps(self, state: dict) -> None:
+        """A state saved at another eps continues with numbers made for that ball (ATAS's prior,
+        its gradient-norm averages): allowed, as an explicit choice, but never silently. eps is the
+        object's (it is not an option the state restores). States saved before eps was recorded
         say nothing and are accepted as they are."""
-        saved_eps = state.get("eps")
-        differ = []
-        if isinstance(saved_eps, (int, float)) and not math.isclose(float(saved_eps), self.eps, rel_tol=1e-9):
-            differ.append(f"eps {_eps_text(saved_eps)} -> {_eps_text(self.eps)}")
-        saved = state.get("options") or {}
-        for key in self.state_options:
-            if key in saved and saved[key] != _plain(getattr(self.opt, key)):
-                differ.append(f"{key} {saved[key]!r} -> {_plain(getattr(self.opt, key))!r}")
-        if differ:
-            warnings.warn(f"{self.name}: loading a state saved with other settings ({', '.join(differ)}): its "
-                          "per-sample prior and step statistics were made for the saved ones and now continue "
-                          "under these. To resume that run exactly, build the object with the saved values; to "
-                          "train with the new ones, start fresh (do not load the state).", stacklevel=3)
+        saved = state.get("eps")
+        if isinstance(saved, (int, float)) and not math.isclose(float(saved), self.eps, rel_tol=1e-9):
+            warnings.warn(f"{self.name}: loading a state saved at eps {_eps_text(saved)} into an object with eps "
+                          f"{_eps_text(self.eps)}: its per-sample state was made in the eps {_eps_text(saved)} ball "
+                          f"and now continues at {_eps_text(self.eps)}. To resume that run exactly, build the object "
+                          f"with eps={_eps_text(saved)}; to train at the new eps, start fresh (do not load the state).",
+                          stacklevel=3)
+
+    def _load_options(self, saved: dict) -> None:
+        """The loaded options win: a run resumed from a state continues with the options it was
+        trained with (remedies included); where they differ from this object's, say which."""
+        names = {f.name for f in dataclasses.fields(self.opt)}
+        try:
+            loaded = build_dataclass(type(self.opt), {k: v for k, v in saved.items() if k in names}, "")
+            self.check_options(loaded)
+        except ConfigError as e:
+            raise ValueError(f"{self.name}: the state's options do not load ({e}); was it saved by another "
+                             "version of this method?") from None
+        differ = [f"{k} {getattr(self.opt, k)!r} -> {getattr(loaded, k)!r}" for k in sorted(names)
+                  if to_plain(getattr(self.opt, k)) != to_plain(getattr(loaded, k))]
+        if not differ:
+            return
+        warnings.warn(f"{self.name}: the loaded state's options differ from this object's ({', '.join(differ)}); "
+                      "the loaded ones are used, as the run they were saved from had them", stacklevel=3)
+        self.opt = loaded
+        self.options_changed()
 
     # -- what a method defines ---------------------------------------------------------------
     def method_state(self) -> dict:
@@ -412,7 +422,8 @@ class Method:
         return {}
 
     def set_options(self, **changes) -> None:
-        """Change options mid-run (the guard's remedies; they are recorded and re-applied on resume)."""
+        """Change options mid-run (the guard's remedies). The change is part of `state_dict()`, so
+        `load_state_dict` on a fresh object restores it (with a warning naming what differed)."""
         opt = dataclasses.replace(self.opt, **changes)
         self.check_options(opt)
         self.opt = opt
@@ -497,13 +508,6 @@ class Method:
 
 
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def _plain(value):
-    """An option value as a plain Python value (a Frac is a float that remembers its text)."""
-    if isinstance(value, bool) or isinstance(value, (int, str)) or value is None:
-        return value
-    return float(value) if isinstance(value, float) else str(value)
 
 
 def _eps_text(eps: float) -> str:
