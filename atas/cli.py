@@ -42,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", nargs="?", help="shipped recipe name (see `atas recipes`) or a YAML path")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.eps=8/255 train.epochs=10")
     t.add_argument("--run-dir", help="run folder (default: <out_dir>/<name>)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    t.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last checkpoint; a run that ended (finished, stopped, "
+                        "or given up by the guard) trains nothing unless train.epochs=N raises its epochs")
     t.add_argument("--overwrite", action="store_true",
                    help="replace a run already in the run folder (its checkpoints, metrics and eval.json go)")
 
@@ -105,25 +107,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_final_eval_extras(cfg) -> None:
-    """Refuse before training, not hours later, when the end-of-run evaluation needs AutoAttack
-    and pyautoattack is not installed."""
-    from atas.config import ConfigError
-    from atas.extras import INSTALL, available
-
-    attacks = cfg.eval.attacks
-    needs_aa = [a for a in attacks if a in ("aa", "apgd-ce", "apgd-t")]
-    if cfg.eval.at_end and needs_aa and not available("pyautoattack"):
-        kept = ",".join(a for a in attacks if a not in needs_aa) or "clean,pgd"
-        raise ConfigError(f"eval.attacks={','.join(attacks)} runs AutoAttack ({', '.join(needs_aa)}) at the end "
-                          f"of training, and the pyautoattack package is not installed: "
-                          f"{INSTALL['pyautoattack']}; or evaluate without it: eval.attacks={kept}")
-
-
 def cmd_train(args) -> int:
     from atas.config import ConfigError, load_config
     from atas import distributed
-    from atas.trainer import load_run_config, train
+    from atas.evaluation.run import VAL_FILE, check_final_eval_extras
+    from atas.rundir import load_run_config
+    from atas.trainer import train
 
     if args.resume:
         if args.recipe and "=" in args.recipe:  # `atas train --resume DIR key=value`
@@ -135,42 +124,28 @@ def cmd_train(args) -> int:
         if not args.recipe:
             raise ConfigError("give a recipe (see `atas recipes`) or --resume RUN_DIR")
         cfg = load_config(args.recipe, args.overrides)
-    _check_final_eval_extras(cfg)
+    if cfg.eval.at_end:
+        check_final_eval_extras(cfg)
     args.run_dir_hint = str(args.resume or args.run_dir or Path(cfg.out_dir) / cfg.name)
     _say_data_source(cfg)
     _sigterm_interrupts()
-    try:
+    try:  # the end-of-training evaluation is the library's (atas.evaluation.run.evaluate_trained)
         run = train(cfg, run_dir=args.resume or args.run_dir, resume=bool(args.resume), overwrite=args.overwrite)
     finally:
-        # Under torchrun, leave the process group before the end-of-run evaluation (rank 0 only)
-        # and before exit: a rank that exits with gloo's threads still running aborts
-        # ("terminate called without an active exception") and torchrun fails the job.
+        # Under torchrun, leave the process group before exit: a rank that exits with gloo's
+        # threads still running aborts ("terminate called without an active exception") and
+        # torchrun fails the job.
         distributed.cleanup()
-    if cfg.eval.at_end and distributed.is_main_process():
-        from atas.checkpoint import DiskFullError
+    if run.evaluation is not None:
         from atas.evaluation import format_table
-        from atas.export import resolve_artifact
-        from atas.evaluation.run import evaluate_run
 
-        last = run.metrics[-1] if run.metrics else {}
-        checkpoint = resolve_artifact(run.run_dir)
-        weights = {"file": checkpoint.name, "path": str(checkpoint), "epoch": last.get("epoch"),
-                   "step": last.get("step"), "epochs_planned": cfg.train.epochs, "mid_run": False}
-        try:
-            result = evaluate_run(run.model, cfg, run.run_dir, checkpoint=weights)
-        except DiskFullError as e:  # the training is done and saved: say how to get its evaluation
-            out = Path(run.run_dir) / "eval.json"
-            raise DiskFullError(e.path, f"training finished and its checkpoint {checkpoint} is intact",
-                                f"free space and run the end-of-training evaluation with `atas eval {run.run_dir} "
-                                f"--out {out}` (it resumes from {out.with_suffix('.state')})") from None
-        print(format_table(result))
-        if cfg.data.val_size:  # the held-out training images: what a hyper-parameter is chosen on
-            from atas.evaluation.run import VAL_FILE, evaluate_validation
-
-            val = evaluate_validation(run.model, cfg, run.run_dir)["results"]
-            print(f"validation ({val['clean']['n']} of the {cfg.data.val_size} held-out training images): "
-                  + ", ".join(f"{v['label']} {100 * v['accuracy']:.1f}%" for v in val.values())
-                  + f" -> {Path(run.run_dir) / VAL_FILE}")
+        print(format_table(run.evaluation))
+    if run.validation is not None:
+        val = run.validation["results"]
+        print(f"validation ({val['clean']['n']} of the {cfg.data.val_size} held-out training images): "
+              + ", ".join(f"{v['label']} {100 * v['accuracy']:.1f}%" for v in val.values())
+              + f" -> {Path(run.run_dir) / VAL_FILE}")
+    if cfg.eval.at_end and distributed.is_main_process():
         print(f"run folder: {run.run_dir}")
     return 0
 
@@ -192,26 +167,15 @@ def _say_data_source(cfg) -> None:
 
 def _eval_device(name: str):
     """--device of `atas eval`, refused in its own words (the training's check names train.device)."""
-    import torch
+    from atas.factories import resolve_device
 
-    from atas.config import ConfigError
-    from atas.trainer import resolve_device
-
-    try:
-        device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
-                              "cpu" if name == "auto" else name)
-    except RuntimeError as e:
-        raise ConfigError(f"--device {name}: not a device ({e}); use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} but no CUDA GPU is visible; use --device cpu (or leave it out: "
-                          "auto picks the GPU when there is one)")
-    return resolve_device(str(device))
+    return resolve_device(name, "--device")
 
 
 def cmd_eval_external(args) -> int:
     """`atas eval --model MODULE:FUNCTION --weights FILE --data NAME --eps E`: any model, atas's evaluation."""
     from atas.benchmark import InputAdapter, _data_identity, benchmark, load_test_set
-    from atas.checkpoint import check_output, is_special_file
+    from atas.checkpoint import check_output, check_own_file, is_special_file
     from atas.compare import check_attacks
     from atas.config import ConfigError, Frac, check_eps
     from atas.data import dataset_info
@@ -253,6 +217,8 @@ def cmd_eval_external(args) -> int:
                                  seed=args.seed, **settings)
     out = check_output(args.out or model_eval_file_name(args.model, args.data, ",".join(attacks), args.n_examples,
                                                          eps, args.weights, request_digest(request)))
+    if not args.out:  # the name atas chose: a regular file, never a link or a device (check_own_file)
+        check_own_file(out)
     result = benchmark(model, (x, y), eps.text, attacks, normalization=norm, batch_size=args.batch_size or 256,
                        seed=args.seed, progress=not args.no_progress, **settings)
     result["model"] = {"factory": args.model, "weights": args.weights,
@@ -261,7 +227,7 @@ def cmd_eval_external(args) -> int:
                       "images": f"the first {result['n_examples']}", "sha256": result["request"]["data_sha256"]}
     if not is_special_file(out):
         keep_earlier(Path(out), result)
-    save_result(result, out)
+    save_result(result, out, named=bool(args.out))
     print(format_table(result))
     print(f"saved: {out}")
     return 0
@@ -313,7 +279,7 @@ def cmd_eval(args) -> int:
     from atas.config import Frac, check_eps, validate_eval
     from atas.evaluation import format_table
     from atas.export import checkpoint_record, load_model, resolve_artifact
-    from atas.evaluation.run import evaluate_run
+    from atas.evaluation.run import eval_file_name, evaluate_run
 
     attacks = None if args.attacks is None else check_attacks(args.attacks)  # "" is an error
     device = _eval_device(args.device)
@@ -342,9 +308,9 @@ def cmd_eval(args) -> int:
     # Without --out: a file of its own beside the checkpoint, named by every setting of the request
     # (eval_file_name), so no other evaluation, of these weights or others, is replaced.
     result = evaluate_run(model, cfg, source.parent, eps=eps, seed=args.seed, out=args.out, by_settings=True,
-                          progress=not args.no_progress, checkpoint=weights)
+                          progress=not args.no_progress, checkpoint=weights, named_out=bool(args.out))
     print(format_table(result))
-    print(f"saved: {result['file']}")
+    print(f"saved: {args.out or source.parent / eval_file_name(cfg, eps, result['request_sha256'])}")
     return 0
 
 
@@ -442,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, handlers: dict, debug: bool) -> int:
-    from atas.trainer import TrainingDiverged
+    from atas.rundir import TrainingDiverged
 
     try:
         if getattr(args, "imports", None) is not None:

@@ -7,7 +7,6 @@ The resolved config is saved in the run folder and in every checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -309,31 +308,6 @@ def config_from_dict(tree: dict) -> Config:
     cfg = build_dataclass(Config, _route_method_args(dict(tree)))
     validate(cfg)
     return cfg
-
-
-def read_run_config(run_dir: str | Path) -> Config:
-    """The config a run folder was started with (RUN/config.yaml), or a ConfigError in one line:
-    no such folder, not a run folder, a folder that cannot be read, a config.yaml edited into
-    something that is not a config."""
-    run_dir = Path(run_dir)
-    path = run_dir / "config.yaml"
-    try:
-        exists = path.exists()
-        if run_dir.is_dir():
-            os.listdir(run_dir)  # a folder without read permission fails here, not deep in the run
-    except OSError as e:
-        raise ConfigError(f"cannot read the run folder {run_dir}: {e.strerror or e}; run as a user who may read "
-                          f"it (ls -ld {run_dir})") from None
-    if not exists:
-        what = "does not exist" if not run_dir.exists() else "is not a run folder (no config.yaml)"
-        raise ConfigError(f"{run_dir} {what}; give the folder of a run `atas train` started")
-    advice = ("put back the config the run was started with (every checkpoint keeps a copy, in its "
-              "\"config\" entry), or start a new run")
-    tree = read_yaml_mapping(path, "a run's config", advice, empty_ok=False)
-    try:
-        return config_from_dict(tree)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}; {advice}") from None
 
 
 def validate(cfg: Config) -> None:

@@ -97,12 +97,12 @@ TRAIN = [
     # run folders
     (["train", "fmnist", *TINY, "--run-dir", f"{T}/a-file"], "a-file"),
     (["train", "fmnist", *TINY, "--run-dir", R], "holds another run"),
-    (["train", "--resume", f"{T}/missing"], "does not exist"),
+    (["train", "--resume", f"{T}/missing"], "is not a run folder"),
     (["train", "--resume", f"{T}/a-file"], "is not a run folder"),
     (["train", "--resume", T], "is not a run folder"),
-    (["train", "--resume", f"{T}/config-str"], "is a YAML str"),
-    (["train", "--resume", f"{T}/config-list"], "is a YAML list"),
-    (["train", "--resume", f"{T}/config-empty"], "is empty"),
+    (["train", "--resume", f"{T}/config-str"], "does not hold a config"),
+    (["train", "--resume", f"{T}/config-list"], "does not hold a config"),
+    (["train", "--resume", f"{T}/config-empty"], "does not hold a config"),
     (["train", "--resume", f"{T}/config-invalid"], "not valid YAML"),
     (["train", "--resume", R, "method.c=0.5"], "cannot resume: the config differs"),
 ]
