@@ -110,6 +110,18 @@ def eval_file_name(cfg: Config, eps: float | None, digest: str) -> str:
     return f"eval-{_settings_name(cfg.eval.attacks, cfg.eval.n_examples, eps, digest)}.json"
 
 
+def request_file_name(model: nn.Module, cfg: Config, eps: float | None = None, seed: int = 0,
+                      test_set: tuple[torch.Tensor, torch.Tensor] | None = None) -> str:
+    """The `eval_file_name` an evaluation of `model` with cfg.eval's settings (at `eps`, default
+    the training eps, and `seed`) gets: its request's digest needs the weights and the images."""
+    e = cfg.eval
+    x, y = test_set if test_set is not None else load_test_set(cfg, e.n_examples)
+    request = evaluation_request(model, x, y, float(cfg.method.eps if eps is None else eps), e.attacks,
+                                 pgd_steps=e.pgd_steps, pgd_restarts=e.pgd_restarts, pgd_alpha=e.pgd_alpha,
+                                 pgd_schedule=e.pgd_schedule, pgd_loss=e.pgd_loss, batch_size=e.batch_size, seed=seed)
+    return eval_file_name(cfg, eps, request_digest(request))
+
+
 def model_eval_file_name(spec: str, data: str, attacks: str, n_examples: int | None, eps: float,
                          weights: str | Path | None, digest: str) -> str:
     """Where `atas eval --model` writes by default: named, for people, by the model (factory and
@@ -194,10 +206,7 @@ def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: flo
     device = next(model.parameters()).device
     model.eval()  # evaluation is always in eval mode; say so up front rather than be warned
     if not out:  # named by the request: known before the first attack, so a killed evaluation resumes
-        request = evaluation_request(model, x, y, float(eps), e.attacks, pgd_steps=e.pgd_steps,
-                                     pgd_restarts=e.pgd_restarts, pgd_alpha=e.pgd_alpha, pgd_schedule=e.pgd_schedule,
-                                     pgd_loss=e.pgd_loss, batch_size=e.batch_size, seed=seed)
-        out = check_own_file(check_output(Path(run_dir) / eval_file_name(cfg, eps_given, request_digest(request))))
+        out = check_own_file(check_output(Path(run_dir) / request_file_name(model, cfg, eps_given, seed, (x, y))))
     # A device or FIFO the user named (--out /dev/stdout) is written in place, and gets no progress
     # file beside it.
     state_path = None if named and is_special_file(out) else check_own_file(out.with_suffix(".state"))
