@@ -27,6 +27,7 @@ Any model, trained here or not:
 """
 from atas.provenance import __version__  # noqa: E402
 from atas.augment import RandomCropFlip  # noqa: E402
+from atas.averaging import WeightAverage  # noqa: E402
 from atas.benchmark import benchmark, load_test_set  # noqa: E402
 from atas.config import Config, ConfigError, load_config, parse_fraction  # noqa: E402
 from atas.evaluate import evaluate, format_table  # noqa: E402  (binds atas.evaluate to the function, after the module)
@@ -49,4 +50,5 @@ from atas.trainer import train  # noqa: E402
 __all__ = ["ATAS", "FGSMRS", "NFGSM", "GradAlign", "FGSMPGI", "Free", "PGDAT", "ELLE", "ELLEA", "Method", "method", "get_method",
            "list_methods", "RandomCropFlip", "IndexedDataset", "benchmark", "load_test_set", "NormalizedModel",
            "build_model", "register_model", "Config", "ConfigError", "load_config", "parse_fraction", "train",
-           "evaluate", "format_table", "export_model", "load_model", "Probe", "COMonitor", "Guard", "__version__"]
+           "evaluate", "format_table", "export_model", "load_model", "Probe", "COMonitor", "Guard", "WeightAverage",
+           "__version__"]

@@ -15,6 +15,7 @@ checkpoint or export, a missing optional package), printed as one clear message,
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
@@ -89,10 +90,14 @@ def _parser() -> argparse.ArgumentParser:
                         "run's own eval.json unless given here; an evaluation with other settings already there "
                         "is kept as <name>-<its digest>.json; a device or FIFO is written in place)")
     e.add_argument("--no-progress", action="store_true")
+    weights_help = ("which weights of a run with weight averaging (train.wa_tau): selected (default: the run's "
+                    "train.select rule), raw or averaged")
+    e.add_argument("--which-weights", default="selected", choices=("selected", "raw", "averaged"), help=weights_help)
 
     x = sub.add_parser("export", help="write model.safetensors + card.json")
     x.add_argument("source", help="run folder or checkpoint")
     x.add_argument("--out", required=True, help="export folder")
+    x.add_argument("--which-weights", default="selected", choices=("selected", "raw", "averaged"), help=weights_help)
 
     r = sub.add_parser("recipes", help="list the shipped recipes and the registered methods, models, datasets "
                                        "and attacks")
@@ -285,7 +290,7 @@ def cmd_eval(args) -> int:
     device = _eval_device(args.device)
     if args.out:
         check_output(args.out)  # before the model is even loaded
-    model, cfg, extra = load_model(args.checkpoint, device)
+    model, cfg, extra = load_model(args.checkpoint, device, weights=args.which_weights)
     e = cfg.eval
     if attacks is not None: e.attacks = attacks
     if args.n_examples is not None: e.n_examples = args.n_examples
@@ -317,8 +322,13 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from atas.export import export_model
 
-    out = export_model(args.source, args.out)
-    print(f"exported to {out}/model.safetensors and {out}/card.json")
+    out = export_model(args.source, args.out, weights=args.which_weights)  # its warnings: say_warning
+    extra = " and robustbench.json" if (Path(out) / "robustbench.json").exists() else ""
+    print(f"exported to {out}/model.safetensors and {out}/card.json{extra}")
+    if not extra:  # what a RobustBench entry would need
+        note = json.loads((Path(out) / "card.json").read_text()).get("robustbench_note")
+        if note:
+            print(f"RobustBench entry: none, {note}")
     return 0
 
 
