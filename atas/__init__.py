@@ -39,15 +39,19 @@ from atas.methods.elle import ELLE, ELLEA  # noqa: E402
 from atas.methods.fgsm_pgi import FGSMPGI  # noqa: E402
 from atas.methods.fgsm_rs import FGSMRS  # noqa: E402
 from atas.methods.free import Free  # noqa: E402
+from atas.methods.gat import GAT  # noqa: E402
 from atas.methods.grad_align import GradAlign  # noqa: E402
+from atas.methods.liet import LIET  # noqa: E402
 from atas.methods.n_fgsm import NFGSM  # noqa: E402
+from atas.methods.nuat import NuAT  # noqa: E402
 from atas.methods.pgd import PGDAT  # noqa: E402
+from atas.methods.ssat import SSAT  # noqa: E402
 from atas.models import NormalizedModel, build_model, register as register_model  # noqa: E402
 from atas.monitor import COMonitor, Probe  # noqa: E402
 from atas.guard import Guard  # noqa: E402
 from atas.trainer import train  # noqa: E402
 
-__all__ = ["ATAS", "FGSMRS", "NFGSM", "GradAlign", "FGSMPGI", "Free", "PGDAT", "ELLE", "ELLEA", "Method", "method", "get_method",
+__all__ = ["ATAS", "FGSMRS", "NFGSM", "GradAlign", "FGSMPGI", "Free", "PGDAT", "ELLE", "ELLEA", "GAT", "NuAT", "SSAT", "LIET", "Method", "method", "get_method",
            "list_methods", "RandomCropFlip", "IndexedDataset", "benchmark", "load_test_set", "NormalizedModel",
            "build_model", "register_model", "Config", "ConfigError", "load_config", "parse_fraction", "train",
            "evaluate", "format_table", "export_model", "load_model", "Probe", "COMonitor", "Guard", "WeightAverage",

@@ -10,6 +10,6 @@ logged stats); made visible by `--import` or the entry-point group "atas.methods
 from atas.methods.base import METHODS, BatchState, Method, get_method, list_methods, method, register
 
 # Importing the modules fills the registry.
-from atas.methods import standard, fgsm_rs, pgd, atas, n_fgsm, grad_align, fgsm_pgi, free, elle  # noqa: E402,F401
+from atas.methods import standard, fgsm_rs, pgd, atas, n_fgsm, grad_align, fgsm_pgi, free, elle, gat, nuat, ssat, liet  # noqa: E402,F401
 
 __all__ = ["METHODS", "BatchState", "Method", "get_method", "list_methods", "method", "register"]
