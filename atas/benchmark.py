@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from atas.config import Config, parse_fraction
-from atas.evaluation.protocol import evaluate
+from atas.evaluation.protocol import evaluate, fingerprint_model
 
 
 class InputAdapter(nn.Module):
@@ -105,7 +105,10 @@ def benchmark(model: nn.Module, data, eps: "float | str", attacks: Sequence[str]
         normalization: (mean, std) per channel when the model expects normalised inputs.
         n_examples: the first n examples (None: all).
         kwargs: passed to `atas.evaluate` (pgd_steps, pgd_restarts, state_path, ...).
-    Returns: the result dict of `atas.evaluate` (print it with `atas.format_table`).
+    Returns: the result dict of `atas.evaluate` (print it with `atas.format_table`), with what was
+        measured: "model" {"class", "sha256" of its state dict, "normalization"} and "data" {"name",
+        "folder", "split", "images", "sha256" of the images and labels evaluated} ("request" holds
+        every setting; "request_sha256" names it).
     """
     label = eps.strip() if isinstance(eps, str) else None
     eps = parse_fraction(eps)
@@ -125,9 +128,27 @@ def benchmark(model: nn.Module, data, eps: "float | str", attacks: Sequence[str]
     modes = [(m, m.training) for m in model.modules()]
     model.eval()  # evaluation is in eval() mode by definition: no warning for a freshly built model
     try:
-        return evaluate(wrapped, x, y, eps, attacks, n_examples=n_examples, batch_size=batch_size,
-                        device=device if device is not None else model_device, seed=seed, progress=progress,
-                        eps_label=label, **kwargs)
+        result = evaluate(wrapped, x, y, eps, attacks, n_examples=n_examples, batch_size=batch_size,
+                          device=device if device is not None else model_device, seed=seed, progress=progress,
+                          eps_label=label, **kwargs)
     finally:
         for m, training in modes:
             m.training = training
+    result["model"] = {"class": f"{type(model).__module__}.{type(model).__qualname__}",
+                       "sha256": fingerprint_model(model),
+                       "normalization": None if normalization is None else [list(map(float, v)) for v in normalization]}
+    result["data"] = {**_data_identity(data, data_dir), "split": "test" if isinstance(data, (str, Config)) else None,
+                      "images": f"the first {result['n_examples']}", "sha256": result["request"]["data_sha256"]}
+    return result
+
+
+def _data_identity(data, data_dir) -> dict:
+    """Which data a benchmark measured on: a dataset by name and the folder it was read from;
+    tensors or a loader by what they are (their sha256 is in the result's "data")."""
+    if isinstance(data, (str, Config)):
+        from atas.data import data_source, dataset_info
+
+        name = dataset_info(data.data.name if isinstance(data, Config) else data).name
+        folder = data_source(name, "test", data.data.data_dir if isinstance(data, Config) else data_dir)
+        return {"name": name, "folder": str(folder)}
+    return {"name": None, "folder": None, "source": type(data).__name__}

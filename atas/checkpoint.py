@@ -331,10 +331,28 @@ def _nonfinite(tree: Any, name: str = "") -> tuple[str, int, int] | None:
     return None
 
 
+def check_readable(path: str | Path) -> None:
+    """Refuse, in one line, a file or folder this user may not read (a run folder of another user,
+    a checkpoint chmod 000): otherwise it surfaces as "truncated" or as a traceback."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            os.listdir(path)
+        elif path.exists():
+            with open(path, "rb"):
+                pass
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM):
+            raise
+        raise CheckpointError(f"cannot read {path}: permission denied; run as a user who may read it "
+                              f"(ls -ld {path}), or copy it somewhere readable") from None
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint without unpickling arbitrary objects; clear errors for bad files:
     truncated, corrupt (CRC), not an atas checkpoint, foreign objects, non-finite values."""
     path = Path(path)
+    check_readable(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-off one has no directory

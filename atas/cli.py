@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import yaml
@@ -50,8 +51,11 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a checkpoint, run folder or exported model, or any model",
                        description="Evaluate a trained model. The result goes to a file of its own beside the "
-                                   "checkpoint, eval-<attacks>-n<N>[-eps<eps>].json, so the eval.json written "
-                                   "at the end of training is never overwritten (give --out to choose). "
+                                   "checkpoint, eval-<attacks>-n<N>[-eps<eps>]-<digest>.json, where <digest> names "
+                                   "every setting that changes the numbers (attacks and their settings, eps, n, "
+                                   "seed, batch size, the weights' and the images' sha256): no other evaluation, "
+                                   "the eval.json written at the end of training included, is overwritten (give "
+                                   "--out to choose; a file there holding another evaluation is kept beside it). "
                                    "With --model MODULE:FUNCTION, any model: see docs/own-code.md.")
     e.add_argument("checkpoint", nargs="?", help="run folder, checkpoint or export (or use --model)")
     e.add_argument("--model", metavar="MODULE:FUNCTION",
@@ -81,9 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--data-dir", default=None)
     e.add_argument("--out", default=None,
-                   help="JSON result path (default: eval-<attacks>-n<N>.json beside the checkpoint, or "
-                        "eval-<model>-<data>-<attacks>-n<N>-eps<eps>.json here with --model; never the run's own "
-                        "eval.json unless given here; a device or FIFO is written in place)")
+                   help="JSON result path (default: eval-<attacks>-n<N>-<digest>.json beside the checkpoint, or "
+                        "eval-<model>-<data>-<attacks>-n<N>-eps<eps>-<digest>.json here with --model; never the "
+                        "run's own eval.json unless given here; an evaluation with other settings already there "
+                        "is kept as <name>-<its digest>.json; a device or FIFO is written in place)")
     e.add_argument("--no-progress", action="store_true")
     weights_help = ("which weights of a run with weight averaging (train.wa_tau): selected (default: the run's "
                     "train.select rule), raw or averaged")
@@ -174,12 +179,15 @@ def _eval_device(name: str):
 
 def cmd_eval_external(args) -> int:
     """`atas eval --model MODULE:FUNCTION --weights FILE --data NAME --eps E`: any model, atas's evaluation."""
-    from atas.benchmark import benchmark
-    from atas.checkpoint import check_output, check_own_file
+    from atas.benchmark import InputAdapter, _data_identity, benchmark, load_test_set
+    from atas.checkpoint import check_output, check_own_file, is_special_file
+    from atas.compare import check_attacks
     from atas.config import ConfigError, Frac, check_eps
+    from atas.data import dataset_info
     from atas.evaluation import format_table, save_result
-    from atas.external import load_weights, model_from_factory
-    from atas.evaluation.run import model_eval_file_name
+    from atas.evaluation.protocol import evaluation_request, request_digest
+    from atas.external import file_sha256, load_weights, model_from_factory
+    from atas.evaluation.run import keep_earlier, model_eval_file_name
 
     missing = [flag for flag, value in (("--data", args.data), ("--eps", args.eps)) if value is None]
     if missing or args.checkpoint:
@@ -187,13 +195,13 @@ def cmd_eval_external(args) -> int:
                           if missing else f"give either a run folder ({args.checkpoint}) or --model, not both")
     eps = Frac(args.eps)
     check_eps(eps, "--eps")
-    attacks = args.attacks or "clean,pgd,aa"
-    # Named, as `atas eval RUN` names its files, by what was evaluated and how: another model,
-    # other attacks, size or eps never replace an earlier result.
-    out = check_output(args.out or model_eval_file_name(args.model, args.data, attacks, args.n_examples,
-                                                         eps, args.weights))
-    if not args.out:  # the name atas chose: a regular file, never a link or a device (check_own_file)
-        check_own_file(out)
+    try:
+        dataset_info(args.data)
+    except ValueError as e:  # the registry lists the valid names
+        raise ConfigError(f"--data {args.data}: {e}") from None
+    attacks = check_attacks(args.attacks or "clean,pgd,aa")
+    if args.out:
+        check_output(args.out)  # before the model is even built
     device = _eval_device(args.device)
     model = model_from_factory(args.model)
     if args.weights:
@@ -202,17 +210,53 @@ def cmd_eval_external(args) -> int:
         raise ConfigError("--mean and --std go together")
     norm = None
     if args.mean is not None:
-        norm = tuple(tuple(float(v) for v in text.split(",")) for text in (args.mean, args.std))
+        norm = tuple(tuple(_number(v, flag) for v in text.split(",")) for flag, text in
+                     (("--mean", args.mean), ("--std", args.std)))
     model = model.to(device)
-    kwargs = {k: v for k, v in (("pgd_steps", args.pgd_steps), ("pgd_restarts", args.pgd_restarts)) if v}
-    result = benchmark(model, args.data, eps.text, attacks, normalization=norm, n_examples=args.n_examples,
-                       data_dir=args.data_dir, batch_size=args.batch_size or 256, seed=args.seed,
-                       progress=not args.no_progress, **kwargs)
-    result["model"] = {"factory": args.model, "weights": args.weights, "dataset": args.data}
+    settings = _pgd_flags(args)
+    x, y = load_test_set(args.data, args.n_examples, args.data_dir)
+    # Named, as `atas eval RUN` names its files, by what is evaluated and how (the request's digest:
+    # the weights' and the images' sha256, every attack setting): nothing replaces another result.
+    wrapped = InputAdapter(model, *norm).to(device) if norm else model
+    request = evaluation_request(wrapped, x, y, float(eps), attacks, batch_size=args.batch_size or 256,
+                                 seed=args.seed, **settings)
+    out = check_output(args.out or model_eval_file_name(args.model, args.data, ",".join(attacks), args.n_examples,
+                                                         eps, args.weights, request_digest(request)))
+    if not args.out:  # the name atas chose: a regular file, never a link or a device (check_own_file)
+        check_own_file(out)
+    result = benchmark(model, (x, y), eps.text, attacks, normalization=norm, batch_size=args.batch_size or 256,
+                       seed=args.seed, progress=not args.no_progress, **settings)
+    result["model"] = {"factory": args.model, "weights": args.weights,
+                       "weights_sha256": file_sha256(args.weights) if args.weights else None, **result["model"]}
+    result["data"] = {**_data_identity(args.data, args.data_dir), "split": "test",
+                      "images": f"the first {result['n_examples']}", "sha256": result["request"]["data_sha256"]}
+    if not is_special_file(out):
+        keep_earlier(Path(out), result)
     save_result(result, out, named=bool(args.out))
     print(format_table(result))
     print(f"saved: {out}")
     return 0
+
+
+def _number(text: str, flag: str) -> float:
+    from atas.config import ConfigError
+
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{flag}: {text!r} is not a number; give one per channel, e.g. {flag} 0.49,0.48,0.45") from None
+
+
+def _pgd_flags(args) -> dict:
+    """--pgd-* of `atas eval --model`, as evaluate's keywords (left out: the defaults)."""
+    from atas.config import ConfigError
+
+    for flag, value in (("--pgd-steps", args.pgd_steps), ("--pgd-restarts", args.pgd_restarts),
+                        ("--batch-size", args.batch_size), ("--n-examples", args.n_examples)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    names = ("pgd_steps", "pgd_restarts", "pgd_alpha", "pgd_schedule", "pgd_loss")
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
 
 
 class Terminated(KeyboardInterrupt):
@@ -263,30 +307,22 @@ def cmd_eval(args) -> int:
         eps = Frac(args.eps)
         check_eps(eps, "--eps")
     source = resolve_artifact(args.checkpoint)
-    name = eval_file_name(cfg, eps)
-    if args.which_weights != "selected":  # its own file: never the selected weights' result
-        name = name.replace(".json", f"-{args.which_weights}.json")
-    out = Path(args.out) if args.out else source.with_name(name)
     weights = checkpoint_record(args.checkpoint, cfg, extra)
     if weights and weights["warning"]:  # an evaluation of a run still in training, before it starts
-        print(f"atas eval: WARNING: {weights['warning']}", file=sys.stderr)
-    result = evaluate_run(model, cfg, out.parent, eps=eps, seed=args.seed, out=out,
+        say_warning(weights["warning"])
+    # Without --out: a file of its own beside the checkpoint, named by every setting of the request
+    # (eval_file_name), so no other evaluation, of these weights or others, is replaced.
+    result = evaluate_run(model, cfg, source.parent, eps=eps, seed=args.seed, out=args.out, by_settings=True,
                           progress=not args.no_progress, checkpoint=weights, named_out=bool(args.out))
     print(format_table(result))
-    print(f"saved: {out}")
+    print(f"saved: {args.out or source.parent / eval_file_name(cfg, eps, result['request_sha256'])}")
     return 0
 
 
 def cmd_export(args) -> int:
-    import warnings
-
     from atas.export import export_model
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = export_model(args.source, args.out, weights=args.which_weights)
-    for w in caught:
-        print(f"atas export: WARNING: {w.message}", file=sys.stderr)
+    out = export_model(args.source, args.out, weights=args.which_weights)  # its warnings: say_warning
     extra = " and robustbench.json" if (Path(out) / "robustbench.json").exists() else ""
     print(f"exported to {out}/model.safetensors and {out}/card.json{extra}")
     if not extra:  # what a RobustBench entry would need
@@ -333,6 +369,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             MissingDependencyError)
 
 
+def say_warning(message: object) -> None:
+    """The one place the command line prints a warning: one line `atas: warning: ...` on stderr,
+    not Python's `file:line: UserWarning: ...` with the source line echoed under it."""
+    print(f"atas: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    say_warning(message)
+
+
 def _fail(command: str, error: BaseException, status: int, debug: bool) -> int:
     if debug:
         traceback.print_exception(error)
@@ -350,8 +396,6 @@ def _stdout_closed() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from atas.rundir import TrainingDiverged
-
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("ATAS_DEBUG", "").strip() not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
@@ -367,6 +411,15 @@ def main(argv: list[str] | None = None) -> int:
     from atas.compare import cmd_compare
 
     handlers["compare"] = cmd_compare
+    with warnings.catch_warnings():  # restored on return: main() may run inside another program
+        warnings.showwarning = _show_warning
+        warnings.filterwarnings("default", category=UserWarning)  # each warning once per command
+        return _run(args, handlers, debug)
+
+
+def _run(args, handlers: dict, debug: bool) -> int:
+    from atas.rundir import TrainingDiverged
+
     try:
         if getattr(args, "imports", None) is not None:
             from atas.external import import_plugins
@@ -379,6 +432,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args.command, e, 2, debug)
     except TrainingDiverged as e:  # an outcome of the run, not a bug: say it, no traceback
         return _fail(args.command, e, 3, debug)
+    except PermissionError as e:  # a file or folder this user may not read or write: the user can fix that
+        where = f" {e.filename}" if e.filename else ""
+        return _fail(args.command, PermissionError(f"permission denied:{where}; run as a user who may access it "
+                                                   f"(ls -ld{where or ' PATH'})"), 2, debug)
     except BrokenPipeError:
         return _stdout_closed()
     except KeyboardInterrupt as e:

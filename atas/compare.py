@@ -20,6 +20,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,10 +145,45 @@ def cmd_compare(args) -> int:
     load_at_start = load_average()
     if tuning.searches:
         specs, statuses = _run_tuning(args, tuning, methods, eps_list, routed, out, statuses)
-    rows = [_run_or_read(args, i, len(specs), spec, status, out)
-            for i, (spec, status) in enumerate(zip(specs, statuses), start=1)]
+    eta = Eta([st in ("fresh", "resume", "diverged") for st in statuses]) if not args.report_only else None
+    rows = []
+    for i, (spec, status) in enumerate(zip(specs, statuses), start=1):
+        start = time.monotonic()
+        rows.append(_run_or_read(args, i, len(specs), spec, status, out))
+        if eta is not None and (line := eta.done(i - 1, time.monotonic() - start)):
+            print(f"[{i}/{len(specs)}] {line}", flush=True)
     _write_outputs(args, methods, specs, attacks, routed, rows, out, load_at_start, tuning)
     return 0
+
+
+class Eta:
+    """The overall time left of `atas compare`: the mean wall time of the runs that trained so far,
+    times the runs still to train. A run already done (read back) costs nothing and is not counted."""
+
+    def __init__(self, to_train: list[bool]):
+        self.to_train = list(to_train)
+        self.seconds: list[float] = []
+
+    def done(self, index: int, seconds: float) -> str | None:
+        """Record run `index` (0-based) as finished after `seconds`; the progress line, or None
+        when there is nothing to estimate (no run trained yet, or none left)."""
+        if self.to_train[index]:
+            self.seconds.append(seconds)
+        left = sum(self.to_train[index + 1:])
+        if not self.seconds or not left:
+            return None
+        mean = sum(self.seconds) / len(self.seconds)
+        return (f"about {_duration(mean * left)} left for {left} run(s) to train "
+                f"(mean {_duration(mean)} a run so far, {_duration(sum(self.seconds))} spent)")
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 @dataclass

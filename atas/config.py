@@ -274,12 +274,42 @@ def resolve_recipe_path(recipe: str | Path) -> Path:
     """A recipe is a YAML path or the name of a shipped recipe (`atas recipes` lists them)."""
     path = Path(recipe)
     if path.suffix in (".yaml", ".yml") and path.exists():
-        return path
+        return path  # a folder named *.yaml is refused by read_yaml_mapping, saying so
     shipped = RECIPE_DIR / f"{recipe}.yaml"
     if shipped.exists():
-        return shipped
+        return shipped  # even with a folder of that name here (a data folder called fmnist)
+    if path.is_dir():
+        return path
     names = ", ".join(sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
     raise ConfigError(f"no recipe file {recipe!r} and no shipped recipe of that name; shipped: {names}")
+
+
+def read_yaml_mapping(path: Path, what: str = "a recipe", advice: str = "", empty_ok: bool = True) -> dict:
+    """The YAML mapping in `path`, or a ConfigError in one line: a folder, an unreadable or binary
+    file, invalid YAML, or YAML that is not a mapping (a string, a list) each say which it is.
+    `advice`: what to do about it, appended to every message."""
+    tail = f"; {advice}" if advice else ""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not {what} (a YAML file){tail}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file (not UTF-8): not {what}{tail}") from None
+    except OSError as e:  # permission denied, a FIFO's reader gone, an I/O error
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}{tail}") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{at} ({problem}){tail}") from None
+    if tree is None and empty_ok:
+        return {}
+    if not isinstance(tree, dict):
+        got = "empty" if tree is None else f"a YAML {type(tree).__name__}"
+        raise ConfigError(f"{path} is {got}, not {what} (a YAML mapping of sections such as train:, method:){tail}")
+    return tree
 
 
 def load_config(recipe: str | Path | dict | None = None, overrides: list[str] | None = None) -> Config:
@@ -288,13 +318,7 @@ def load_config(recipe: str | Path | dict | None = None, overrides: list[str] | 
     if isinstance(recipe, dict):
         tree = dict(recipe)
     elif recipe is not None:
-        path = resolve_recipe_path(recipe)
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: a recipe is a YAML mapping of sections")
+        tree = read_yaml_mapping(resolve_recipe_path(recipe))
     tree = _route_method_args(_merge(_route_method_args(tree), _route_method_args(parse_overrides(overrides or []))))
     cfg = build_dataclass(Config, tree)
     validate(cfg)
@@ -364,6 +388,15 @@ def validate(cfg: Config) -> None:
     if cfg.train.recover_budget_epochs is not None and cfg.train.recover_budget_epochs < 0:
         raise ConfigError(f"train.recover_budget_epochs must be >= 0 (epochs the guard may replay), "
                           f"got {cfg.train.recover_budget_epochs}")
+    if cfg.train.probe_size < 0:  # x_test[--5:] would probe on 9,995 of the evaluation images
+        raise ConfigError(f"train.probe_size must be >= 0 (the number of test images held out for the per-epoch "
+                          f"probe; 0: no probe), got {cfg.train.probe_size}")
+    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
+        raise ConfigError(f"train.max_steps must be >= 1 (stop after that many optimizer steps), got "
+                          f"{cfg.train.max_steps}; leave it out (or train.max_steps=null) to train every epoch")
+    check_device(cfg.train.device, "train.device")
+    if cfg.train.probe_steps < 1:
+        raise ConfigError(f"train.probe_steps must be >= 1, got {cfg.train.probe_steps}")
     if cfg.train.probe_restarts < 1:
         raise ConfigError(f"train.probe_restarts must be >= 1, got {cfg.train.probe_restarts}")
     if cfg.optim.schedule not in SCHEDULES:
@@ -379,6 +412,34 @@ def validate(cfg: Config) -> None:
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     validate_eval(cfg)
+
+
+def check_device(name: str, key: str) -> None:
+    """A device torch knows (auto, cpu, cuda, cuda:N, mps ...), before anything is built."""
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"{key}={name} is not a device ({str(e).split(' device type')[0]}); use auto, cpu, cuda "
+                          "or cuda:N") from None
+
+
+def training_warnings(cfg: Config) -> list[str]:
+    """Settings that train, but not as a user would expect: said once, when a run starts."""
+    notes = []
+    opts = cfg.method.args
+    ramp, start = int(opts.get("eps_ramp_epochs", 0) or 0), int(opts.get("eps_ramp_start", 1) or 1)
+    if ramp and start + ramp - 1 > cfg.train.epochs:
+        last = cfg.train.epochs - start + 1
+        key = ("method.eps_ramp_epochs" if ramp != cfg.train.eps_ramp_epochs else "train.eps_ramp_epochs")
+        notes.append(f"{key}={ramp} is longer than train.epochs={cfg.train.epochs}: the run never trains at "
+                     f"method.eps={cfg.method.eps.text} (its last epoch trains at eps "
+                     f"{float(cfg.method.eps) * max(last, 0) / ramp:.4g}, {max(last, 0)}/{ramp} of it); give "
+                     f"{key} <= train.epochs (or more train.epochs)")
+    return notes
 
 
 def check_techniques(cfg: Config) -> None:

@@ -23,7 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from atas.provenance import __version__
-from atas.checkpoint import CheckpointError, atomic_write, check_output, check_own_file, load_checkpoint, save_json
+from atas.checkpoint import (CheckpointError, atomic_write, check_output, check_own_file, check_readable,
+                             load_checkpoint, save_json)
 from atas.config import Config, ConfigError, config_from_dict
 from atas.data import dataset_info
 from atas.models import build_model, clean_state_dict, unwrap
@@ -55,6 +56,7 @@ def _load_weights(model: nn.Module, state: dict, source: str) -> nn.Module:
 def resolve_artifact(path: str | Path) -> Path:
     """A run folder, a checkpoint file, or an export folder / its model.safetensors."""
     path = Path(path)
+    check_readable(path)
     if path.is_dir():
         for name in (MODEL_FILE, CHECKPOINT, "checkpoint-rank0-of1.pt"):
             if (path / name).exists():
@@ -335,9 +337,17 @@ def robustbench_note(source) -> str:
 
 
 def _safetensors_bytes(tensors: dict) -> bytes:
+    """The safetensors file of `tensors`, byte for byte the same for the same weights: safetensors
+    writes its JSON header from a hash map, whose key order (of the metadata) changes from call to
+    call; the header is rewritten here with sorted keys, the tensor data untouched (its offsets are
+    relative to the end of the header, so they stay valid)."""
     from safetensors.torch import save
 
-    return save(tensors, metadata={"format": "pt", "library": "atas"})
+    raw = save(tensors, metadata={"format": "pt", "library": "atas"})
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header with spaces to 8-byte alignment
+    return len(header).to_bytes(8, "little") + header + raw[8 + n:]
 
 
 __all__ = ["checkpoint_record", "export_model", "load_model", "model_arguments", "resolve_artifact", "run_evaluation"]

@@ -12,6 +12,7 @@ import importlib
 import os
 import pickle
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -70,6 +71,22 @@ def model_from_factory(spec: str) -> nn.Module:
     return model
 
 
+def _first_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(1)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (a weights file's identity in an evaluation's result)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a state dict into `model`, safely; a dict with a "model" or "state_dict" entry is
     unwrapped. Key mismatches are reported by name."""
@@ -88,6 +105,9 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
+            if not zipfile.is_zipfile(path) and _first_byte(path) != b"\x80":  # neither torch format (a pickle opens with PROTO)
+                raise ConfigError(f"--weights {path}: not a readable torch file (neither a torch zip archive nor a "
+                                  "pickle); give a .safetensors file or a torch.save(state_dict) file") from None
             raise ConfigError(
                 f"--weights {path}: refused. It is a pickle holding Python objects beyond tensors, and unpickling "
                 "runs arbitrary code, so atas never does it for a file it did not write. Save the weights as a "

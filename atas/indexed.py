@@ -34,12 +34,20 @@ def random_spatial_transforms(dataset) -> list[str]:
         for child in getattr(t, "transforms", None) or []:   # Compose, RandomApply, RandomChoice, v2
             walk(child)
 
-    node = dataset
-    while node is not None and id(node) not in seen:
-        seen.add(id(node))
+    # Walk every dataset under this one: Subset / IndexedDataset / wrappers (.dataset), and
+    # ConcatDataset / ChainDataset (.datasets), nested to any depth.
+    pending, visited = [dataset], set()
+    while pending:
+        node = pending.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
         walk(getattr(node, "transform", None))
         walk(getattr(node, "transforms", None))
-        node = getattr(node, "dataset", None)   # Subset, IndexedDataset, ...
+        pending.append(getattr(node, "dataset", None))
+        children = getattr(node, "datasets", None)
+        if isinstance(children, (list, tuple)):
+            pending.extend(children)
     return found
 
 

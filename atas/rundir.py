@@ -387,8 +387,10 @@ def saved_config(run_dir: str | Path) -> dict | None:
 
 def load_run_config(run_dir: str | Path) -> "Config":
     """The Config a run folder was trained with (its config.yaml)."""
+    from atas.checkpoint import check_readable
     from atas.config import ConfigError, config_from_dict
 
+    check_readable(run_dir)  # a folder this user may not read: one line saying so, not "no config.yaml"
     tree = saved_config(run_dir)
     if tree is None:  # lost: every checkpoint carries the config it was trained with
         from atas.checkpoint import load_checkpoint

@@ -68,6 +68,13 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False,
     joined = torch.distributed.is_available() and torch.distributed.is_initialized()
     ctx = dist.setup(cfg)
     run_dir = Path(run_dir or Path(cfg.out_dir) / cfg.name)
+    if ctx.is_main:
+        import warnings
+
+        from atas.config import training_warnings
+
+        for note in training_warnings(cfg):  # settings that train, but not as one would expect
+            warnings.warn(note, stacklevel=2)
     with RunFolder(run_dir, resume=resume, overwrite=overwrite, enabled=ctx.is_main) as folder:
         try:
             result = _train(cfg, ctx, folder, resume)

@@ -175,7 +175,7 @@ def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in sorted(unknown))}; "
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + str(k) for k in sorted(unknown, key=str))}; "
                           f"valid keys under '{prefix or 'top level'}': {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in values.items():

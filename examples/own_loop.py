@@ -56,6 +56,7 @@ def main(argv=None) -> dict:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         torch.set_rng_state(ckpt["rng"])
+        torch.cuda.set_rng_state_all(ckpt.get("cuda_rng", []))  # on a GPU the crops and prior resets draw here
         start = ckpt["epoch"]
         atk.load_state_dict(ckpt["atas"])  # atas
 
@@ -70,7 +71,7 @@ def main(argv=None) -> dict:
             opt.step()
             total += loss.item() * len(y)
         print(f"epoch {epoch + 1}: train loss {total / len(train_set):.3f}")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch + 1, "atas": atk.state_dict()}, args.checkpoint + ".tmp")  # atas
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all(), "epoch": epoch + 1, "atas": atk.state_dict()}, args.checkpoint + ".tmp")  # atas
         os.replace(args.checkpoint + ".tmp", args.checkpoint)
 
     model.eval()

@@ -212,8 +212,8 @@ def test_atas_eval_leaves_the_training_end_eval_json_intact(run_dir, capsys, one
             "--pgd-restarts", "1", "--pgd-alpha", "eps/10", "--no-progress"]
     assert cli(argv) == 0
     assert (run_dir / "eval.json").read_bytes() == before
-    out = run_dir / "eval-clean+pgd-n8.json"
-    assert str(out) in capsys.readouterr().out
+    out, = run_dir.glob("eval-clean+pgd-n8-*.json")
+    assert f"saved: {out}" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["n_examples"] == 8 and result["results"]["pgd"]["settings"]["alpha"] == pytest.approx(0.02)
     assert json.loads(before)["n_examples"] == 16
@@ -225,7 +225,7 @@ def test_atas_eval_leaves_the_training_end_eval_json_intact(run_dir, capsys, one
 @needs_fmnist
 def test_export_of_an_unfinished_run_warns_and_records_the_epoch(run_dir, tmp_path, capsys):
     assert cli(["export", str(run_dir), "--out", str(tmp_path / "done")]) == 0
-    assert "WARNING" not in capsys.readouterr().err
+    assert "warning:" not in capsys.readouterr().err
     card = json.loads((tmp_path / "done" / "card.json").read_text())
     assert card["training"]["finished"] is True and card["training"]["epoch"] == 1
 
@@ -236,7 +236,7 @@ def test_export_of_an_unfinished_run_warns_and_records_the_epoch(run_dir, tmp_pa
     save_checkpoint(tmp_path / "killed" / CHECKPOINT, state)
     assert cli(["export", str(tmp_path / "killed"), "--out", str(tmp_path / "e")]) == 0
     err = capsys.readouterr().err
-    assert "WARNING" in err and "unfinished run: epoch 1 of 3" in err and "--resume" in err
+    assert "atas: warning:" in err and "unfinished run: epoch 1 of 3" in err and "--resume" in err
     card = json.loads((tmp_path / "e" / "card.json").read_text())
     assert card["training"] == {"epoch": 1, "epochs_planned": 3, "finished": False, "checkpoint": CHECKPOINT,
                                 "note": card["training"]["note"]}

@@ -44,11 +44,19 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 
 def assert_one_line(err: str, *fragments: str) -> str:
     assert "Traceback" not in err, err
-    lines = [line for line in err.strip().splitlines() if "WARNING" not in line]
+    lines = [line for line in err.strip().splitlines() if not line.startswith("atas: warning: ")]
     assert len(lines) == 1, err
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+def result_file(folder: Path, prefix: str) -> Path:
+    """The one evaluation result PREFIX-<digest>.json in folder; its digest names its own request."""
+    files = [p for p in folder.glob(f"{prefix}-*.json") if p.name[len(prefix) + 1:-5].isalnum()]
+    assert len(files) == 1, (prefix, sorted(p.name for p in folder.iterdir()))
+    assert files[0].name[len(prefix) + 1:-5] == json.loads(files[0].read_text())["request_sha256"]
+    return files[0]
 
 
 def write_idx(path: Path, array: np.ndarray, magic: int, gz: bool = False) -> Path:
@@ -243,10 +251,10 @@ def test_model_eval_files_are_named_by_their_settings(module_in_cwd, tmp_path, c
     assert run_cli(capsys, *base, "--attacks", "clean,fgsm", "--n-examples", "16")[0] == 0
     assert run_cli(capsys, *base, "--attacks", "clean", "--n-examples", "32")[0] == 0
     model = f"{module_in_cwd}.factory-fmnist"
-    names = sorted(p.name for p in tmp_path.glob("eval-*.json"))
-    assert names == sorted([f"eval-{model}-clean+fgsm-n16-eps0.1.json", f"eval-{model}-clean-n16-eps0.1.json",
-                            f"eval-{model}-clean-n32-eps0.1.json"])
-    assert json.loads((tmp_path / f"eval-{model}-clean-n16-eps0.1.json").read_text())["n_examples"] == 16
+    names = sorted(p.name.rsplit("-", 1)[0] for p in tmp_path.glob("eval-*.json"))
+    assert names == sorted([f"eval-{model}-clean+fgsm-n16-eps0.1", f"eval-{model}-clean-n16-eps0.1",
+                            f"eval-{model}-clean-n32-eps0.1"])
+    assert json.loads(result_file(tmp_path, f"eval-{model}-clean-n16-eps0.1").read_text())["n_examples"] == 16
 
 
 # ---------------------------------------------------------------- 11. a card carries its own weights' scores
@@ -267,7 +275,8 @@ def test_export_card_carries_only_the_evaluation_of_its_weights(run_copy, tmp_pa
     assert run_cli(capsys, "eval", run_copy / "checkpoint.prev.pt", *EVAL)[0] == 0
     assert run_cli(capsys, "export", run_copy / "checkpoint.prev.pt", "--out", tmp_path / "prev")[0] == 0
     card = json.loads((tmp_path / "prev" / "card.json").read_text())
-    assert card["evaluation"]["file"] == "eval-clean-n16.json" and card["evaluation"]["checkpoint"]["epoch"] == 1
+    assert card["evaluation"]["file"] == result_file(run_copy, "eval-clean-n16").name
+    assert card["evaluation"]["checkpoint"]["epoch"] == 1
 
     (run_copy / "eval.json").write_text(json.dumps({"results": {"clean": {"accuracy": 0.99}}}))  # older atas
     for p in run_copy.glob("eval-*.json"):
@@ -417,7 +426,7 @@ time.sleep(120)
 @needs_data
 def test_an_evaluation_of_a_run_in_training_says_so(run_copy, capsys):
     assert run_cli(capsys, "eval", run_copy, *EVAL)[0] == 0
-    result = json.loads((run_copy / "eval-clean-n16.json").read_text())
+    result = json.loads(result_file(run_copy, "eval-clean-n16").read_text())
     assert result["checkpoint"]["epoch"] == 2 and result["checkpoint"]["file"] == "checkpoint.pt"
     assert result["mid_run"] is False and Path(result["data"]["folder"]).is_dir()  # which copy of the data
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_copy)], stdout=subprocess.PIPE, text=True)
@@ -428,8 +437,8 @@ def test_an_evaluation_of_a_run_in_training_says_so(run_copy, capsys):
         holder.kill()
         holder.wait()
     assert status == 0
-    assert f"WARNING: {run_copy} is being trained right now (PID {holder.pid}" in err and "epoch 2 of 2" in err
-    result = json.loads((run_copy / "eval-clean-n16.json").read_text())
+    assert f"atas: warning: {run_copy} is being trained right now (PID {holder.pid}" in err and "epoch 2 of 2" in err
+    result = json.loads(result_file(run_copy, "eval-clean-n16").read_text())
     assert result["mid_run"] is True and result["checkpoint"]["epoch"] == 2
     assert any("being trained right now" in w for w in result["warnings"])
 

@@ -39,7 +39,8 @@ from atas.provenance import device_name, versions
 from atas.threat import LinfBall
 from atas.values import coerce
 
-__all__ = ["WEAK_PGD_POINTS", "attack_names", "evaluate", "format_table", "save_result"]
+__all__ = ["WEAK_PGD_POINTS", "attack_names", "evaluate", "evaluation_request", "format_table", "request_digest",
+           "save_result"]
 
 # AutoAttack more than this many points below PGD: PGD is a weak attack on this model.
 WEAK_PGD_POINTS = 3.0
@@ -83,7 +84,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     Returns: {"eps", "eps_label", "n_examples", "seed", "batch_size", "results": {name:
         {"label", "accuracy" (fraction), "n_correct", "n", "settings", "is_autoattack"}},
         "per_sample": {name: [bool] robust/correct}, "versions", "device", "timing" (seconds spent
-        in this call per attack, resumed batches excluded), "warnings": [str]}.
+        on each attack, those of a killed call this one resumed included), "warnings": [str],
+        "request" (every setting that changes the numbers, weights and data by sha256: see
+        `evaluation_request`), "request_sha256" (its 12-digit name)}.
     """
     names = attack_names(attacks)
     if isinstance(eps, str):
@@ -96,6 +99,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     x, y = _prepare_data(x, y, n_examples)
     n = x.shape[0]
     pgd_spec = pgd_step(eps, pgd_alpha, pgd_schedule, pgd_loss) if "pgd" in names else None
+    request = _request(names, eps, n, int(seed), int(batch_size), pgd_steps, pgd_restarts, pgd_spec,
+                       fingerprint_model(model), _fingerprint_data(x, y))
     dev = _resolve_device(model, device)
     messages: list[str] = []
 
@@ -112,8 +117,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     settings = {"format": _STATE_FORMAT, "eps": eps, "n_examples": n, "batch_size": int(batch_size),
                 "seed": int(seed)}
     if state_path is not None:  # only needed to refuse resuming with another model or data set
-        settings["model_sha256"] = fingerprint_model(model)
-        settings["data_sha256"] = _fingerprint_data(x, y)
+        settings["model_sha256"] = request["model_sha256"]
+        settings["data_sha256"] = request["data_sha256"]
     try:
         rng_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices):  # the caller's RNG streams are untouched
@@ -130,7 +135,44 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     return {"eps": eps, "eps_label": eps_label,
             "n_examples": n, "seed": int(seed), "batch_size": int(batch_size), "results": results,
             "per_sample": per_sample, "versions": versions(), "device": device_name(dev),
-            "timing": timing, "warnings": messages}
+            "timing": timing, "warnings": messages, "request": request, "request_sha256": request_digest(request)}
+
+
+def evaluation_request(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                       attacks: Sequence[str] | str = ("clean", "fgsm", "pgd"), *, pgd_steps: int = 50,
+                       pgd_restarts: int = 10, pgd_alpha: float | str | None = None, pgd_schedule: str | None = None,
+                       pgd_loss: str | None = None, batch_size: int = 256, n_examples: int | None = None,
+                       seed: int = 0) -> dict:
+    """Every setting that changes the numbers `evaluate` would return for these arguments: the
+    attacks and the settings they run with (PGD's steps, restarts, step, schedule and loss, as
+    resolved), eps, the number of images, the seed, the batch size (it decides which random start
+    each image gets), and the sha256 of the weights and of the images and labels. Two evaluations
+    with the same request give the same numbers; `request_digest` names it. `evaluate` records it
+    in its result ("request", "request_sha256"): call this to know a result's name before it runs."""
+    names = attack_names(attacks)
+    eps = float(eps)
+    x, y = _prepare_data(x, y, n_examples)
+    pgd_spec = pgd_step(eps, pgd_alpha, pgd_schedule, pgd_loss) if "pgd" in names else None
+    return _request(names, eps, x.shape[0], int(seed), int(batch_size), pgd_steps, pgd_restarts, pgd_spec,
+                    fingerprint_model(model), _fingerprint_data(x, y))
+
+
+def _request(names: list[str], eps: float, n: int, seed: int, batch_size: int, pgd_steps: int, pgd_restarts: int,
+             pgd_spec: tuple | None, model_sha256: str, data_sha256: str) -> dict:
+    request: dict[str, Any] = {"attacks": list(names), "eps": eps, "n_examples": n, "seed": seed,
+                               "batch_size": batch_size}
+    if pgd_spec is not None:  # PGD's settings matter only where PGD runs
+        alpha, schedule, loss, _ = pgd_spec
+        request["pgd"] = {"steps": int(pgd_steps), "restarts": int(pgd_restarts), "alpha": float(alpha),
+                          "schedule": schedule, "loss": loss}
+    request.update(model_sha256=model_sha256, data_sha256=data_sha256)
+    return request
+
+
+def request_digest(request: dict) -> str:
+    """A short, stable name for an evaluation request (12 hex digits of the sha256 of its JSON)."""
+    text = json.dumps(_jsonable(request), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _run_attacks(names: list[str], setup: AttackSetup, x: torch.Tensor, y: torch.Tensor, state: "_State",
@@ -143,10 +185,9 @@ def _run_attacks(names: list[str], setup: AttackSetup, x: torch.Tensor, y: torch
     for name in names:
         attack = ATTACKS.get(name)
         attack_settings, run_batch = attack.build(name, setup)
-        t0 = time.perf_counter()
-        flags = _run_attack(name, attack_settings, run_batch, setup.model, x, y, setup.eps, setup.seed,
-                            setup.batch_size, setup.device, state, progress)
-        timing[name] = round(time.perf_counter() - t0, 3)
+        flags, seconds = _run_attack(name, attack_settings, run_batch, setup.model, x, y, setup.eps, setup.seed,
+                                     setup.batch_size, setup.device, state, progress)
+        timing[name] = round(seconds, 3)
         per_sample[name] = flags
         n_correct = int(sum(flags))
         results[name] = {"label": attack.title(attack_settings), "accuracy": n_correct / n,
@@ -245,10 +286,13 @@ def _batch_seed(seed: int, name: str, batch: int) -> int:
 
 def _run_attack(name: str, attack_settings: dict, run_batch: Callable, model: nn.Module,
                 x: torch.Tensor, y: torch.Tensor, eps: float, seed: int, batch_size: int,
-                dev: torch.device, state: "_State", progress: bool) -> list[bool]:
+                dev: torch.device, state: "_State", progress: bool) -> tuple[list[bool], float]:
+    """(per-sample verdicts, seconds spent on this attack): a resumed attack's seconds include
+    those its earlier, killed calls spent (kept in the state file), so its time is the real one."""
     n = x.shape[0]
     n_batches = math.ceil(n / batch_size)
     flags = state.resume(name, attack_settings)
+    t0 = time.perf_counter() - state.seconds(name)
     done = len(flags) // batch_size if len(flags) < n else n_batches
     attack = ATTACKS.get(name)
     label, units = attack.label, attack.units_per_batch(attack_settings)
@@ -269,12 +313,12 @@ def _run_attack(name: str, attack_settings: dict, run_batch: Callable, model: nn
             if robust is not None:  # worst case: robust only if the attack AND the recheck agree
                 correct &= robust.to(correct.device)
             flags.extend(bool(c) for c in correct.cpu().tolist())
-            state.save(name, attack_settings, flags)
+            state.save(name, attack_settings, flags, time.perf_counter() - t0)
             bar.update(max(0, units - tracker.done))
             bar.set_postfix_str(f"batch {b + 1}/{n_batches} acc={100 * sum(flags) / len(flags):.2f}%")
     finally:
         bar.close()
-    return flags
+    return flags, time.perf_counter() - t0
 
 
 class _State:
@@ -312,14 +356,20 @@ class _State:
         if not ok:
             self.warn(f"state file {self.path}: saved progress of {name!r} does not match its "
                       "current settings; rerunning it from the start")
+            self.attacks.pop(name, None)  # and its seconds with it
             return []
         return [c == "1" for c in correct]
 
-    def save(self, name: str, attack_settings: dict, flags: list[bool]) -> None:
+    def seconds(self, name: str) -> float:
+        """Seconds the verdicts resumed for `name` cost (0 for a fresh attack or an older state file)."""
+        seconds = self.attacks.get(name, {}).get("seconds", 0.0)
+        return float(seconds) if isinstance(seconds, (int, float)) and seconds >= 0 else 0.0
+
+    def save(self, name: str, attack_settings: dict, flags: list[bool], seconds: float = 0.0) -> None:
         if self.path is None:
             return
         self.attacks[name] = {"settings": _jsonable(attack_settings),
-                              "correct": "".join("1" if f else "0" for f in flags)}
+                              "correct": "".join("1" if f else "0" for f in flags), "seconds": round(seconds, 3)}
         try:
             atomic_write_text(self.path, json.dumps(
                 {"format": _STATE_FORMAT, "settings": self.settings, "attacks": self.attacks}))

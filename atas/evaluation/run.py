@@ -13,7 +13,8 @@ from atas.checkpoint import DiskFullError, check_output, check_own_file, is_spec
 from atas.config import Config, ConfigError
 from atas.data import TestSplit, check_subset, data_source, dataset_info, image_folder, load_tensors, val_indices
 from atas.evaluation.attacks import pgd_step
-from atas.evaluation.protocol import attack_names, evaluate, fingerprint_model, save_result
+from atas.evaluation.protocol import (attack_names, evaluate, evaluation_request, fingerprint_model, request_digest,
+                                     save_result)
 from atas.rundir import EVAL, clean_staged_files
 
 
@@ -93,59 +94,126 @@ def evaluate_validation(model: nn.Module, cfg: Config, run_dir: str | Path, n_ex
     return result
 
 
-def _settings_name(attacks, n_examples: int | None, eps: float | None) -> str:
+def _settings_name(attacks, n_examples: int | None, eps: float | None, digest: str) -> str:
     attacks = "+".join(attack_names(attacks))
     n = n_examples if n_examples is not None else "all"
     suffix = "" if eps is None else "-eps" + getattr(eps, "text", str(eps)).replace("/", "-")
-    return f"{attacks}-n{n}{suffix}"
+    return f"{attacks}-n{n}{suffix}-{digest}"
 
 
-def eval_file_name(cfg: Config, eps: float | None = None) -> str:
-    """Where `atas eval` writes by default: a name of its own per attacks / size / eps, so that the
-    run's eval.json (end of training) is never overwritten and a killed evaluation resumes."""
-    return f"eval-{_settings_name(cfg.eval.attacks, cfg.eval.n_examples, eps)}.json"
+def eval_file_name(cfg: Config, eps: float | None, digest: str) -> str:
+    """Where `atas eval RUN` writes by default: eval-<attacks>-n<N>[-eps<eps>]-<digest>.json, the
+    readable part for people, `digest` (`request_digest` of the evaluation's request: every setting
+    that changes the numbers, the weights' and the images' sha256 included) so that an evaluation
+    with any other setting, or of other weights, gets a file of its own. The run's eval.json (end of
+    training) is never written here; the same evaluation again rewrites (or resumes) its own file."""
+    return f"eval-{_settings_name(cfg.eval.attacks, cfg.eval.n_examples, eps, digest)}.json"
+
+
+def request_file_name(model: nn.Module, cfg: Config, eps: float | None = None, seed: int = 0,
+                      test_set: tuple[torch.Tensor, torch.Tensor] | None = None) -> str:
+    """The `eval_file_name` an evaluation of `model` with cfg.eval's settings (at `eps`, default
+    the training eps, and `seed`) gets: its request's digest needs the weights and the images."""
+    e = cfg.eval
+    x, y = test_set if test_set is not None else load_test_set(cfg, e.n_examples)
+    request = evaluation_request(model, x, y, float(cfg.method.eps if eps is None else eps), e.attacks,
+                                 pgd_steps=e.pgd_steps, pgd_restarts=e.pgd_restarts, pgd_alpha=e.pgd_alpha,
+                                 pgd_schedule=e.pgd_schedule, pgd_loss=e.pgd_loss, batch_size=e.batch_size, seed=seed)
+    return eval_file_name(cfg, eps, request_digest(request))
 
 
 def model_eval_file_name(spec: str, data: str, attacks: str, n_examples: int | None, eps: float,
-                         weights: str | Path | None = None) -> str:
-    """Where `atas eval --model` writes by default: named by the model (factory and weights), the
-    data and, as for a run, the attacks, size and eps, so that evaluating with other settings never
-    replaces an earlier result; only the same evaluation again rewrites its own file."""
+                         weights: str | Path | None, digest: str) -> str:
+    """Where `atas eval --model` writes by default: named, for people, by the model (factory and
+    weights file), the data, the attacks, size and eps, and by `digest` (as `eval_file_name`), so
+    that evaluating other weights or with other settings never replaces an earlier result."""
     model = spec.replace(":", ".") + (f"-{Path(weights).stem}" if weights else "")
-    return f"eval-{model}-{data}-{_settings_name(attacks, n_examples, eps)}.json"
+    return f"eval-{model}-{data}-{_settings_name(attacks, n_examples, eps, digest)}.json"
+
+
+def keep_earlier(out: Path, result: dict) -> Path | None:
+    """Before `result` is saved to `out`: if `out` holds an evaluation with another request (other
+    settings, weights or data; or one too old to say), move it aside to a name of its own,
+    <stem>-<its digest>.json beside it, warn, and return where it went. The same request again
+    simply replaces its own file (the numbers are the same)."""
+    import hashlib
+    import json
+    import os
+    import warnings
+
+    if not out.is_file() or out.is_symlink():
+        return None
+    try:
+        raw = out.read_bytes()
+        earlier = json.loads(raw)
+    except (OSError, ValueError):
+        return None  # not a result (or unreadable): check_output already allowed writing it
+    if not isinstance(earlier, dict) or "results" not in earlier:
+        return None
+    digest = earlier.get("request_sha256")
+    if digest == result.get("request_sha256"):
+        return None
+    name = digest if isinstance(digest, str) and digest.isalnum() else \
+        "earlier-" + hashlib.sha256(raw).hexdigest()[:12]
+    kept = out.with_name(f"{out.stem}-{name}{out.suffix}")
+    os.replace(out, kept)
+    what = _request_difference(earlier.get("request"), result.get("request"))
+    warnings.warn(f"{out} held an evaluation with other settings ({what}); kept it as {kept}", stacklevel=2)
+    return kept
+
+
+def _request_difference(old: dict | None, new: dict | None) -> str:
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return "recorded by an older atas, without its settings"
+    names = {"model_sha256": "weights", "data_sha256": "test images"}
+    keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
+    return ", ".join(f"{names.get(k, k)} {_short(old.get(k))} -> {_short(new.get(k))}" for k in keys) or "?"
+
+
+def _short(value) -> str:
+    text = str(value)
+    return text[:12] if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text
 
 
 def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: float | None = None, seed: int = 0,
                  out: str | Path | None = None, progress: bool | None = None,
-                 checkpoint: dict | None = None, named_out: bool | None = None, weights: str | None = None) -> dict:
+                 checkpoint: dict | None = None, by_settings: bool = False, named_out: bool | None = None,
+                 weights: str | None = None) -> dict:
     """Evaluate `model` with cfg.eval's attacks on the unpadded test set; save JSON; return the result.
 
+    Saved to `out`, else (by_settings) run_dir/`eval_file_name` (a name per request), else the
+    run's own run_dir/eval.json. An earlier evaluation in that file with another request is kept
+    beside it (`keep_earlier`), never silently replaced.
     The result says which weights it measured: "model" carries their sha256 (an export checks it
     before putting the result on a card), "checkpoint" what the caller knows of them (file, epoch,
     step, ...), "mid_run" whether the run was still unfinished or training, and "weights" which of a
-    run's weights they are: "raw" or "averaged" (train.wa_tau; `weights`, else the checkpoint's).
+    run's weights they are: "raw" or "averaged" (train.wa_tau; `weights`, else the checkpoint's);
+    "data" the test images (dataset, folder, which images, their sha256); "request" every setting.
 
     named_out: `out` is a path the user chose (default: whether `out` is given), so a device or
     FIFO there is written in place; a file atas names itself must be a regular file
     (atas.checkpoint.check_own_file), checked before the attacks run."""
     e = cfg.eval
-    eps = cfg.method.eps if eps is None else eps
+    eps_given, eps = eps, cfg.method.eps if eps is None else eps
     try:
         pgd_step(eps, e.pgd_alpha, e.pgd_schedule, e.pgd_loss)
     except ValueError as err:
         raise ConfigError(f"PGD step at eps {getattr(eps, 'text', eps)}: {err}") from None
     named = out is not None if named_out is None else named_out
-    out = check_output(Path(out) if out else Path(run_dir) / EVAL)
-    if not named:
-        check_own_file(out)
+    if out or not by_settings:
+        out = check_output(Path(out) if out else Path(run_dir) / EVAL)
+        if not named:
+            check_own_file(out)
+    x, y = load_test_set(cfg, e.n_examples)
+    device = next(model.parameters()).device
+    model.eval()  # evaluation is always in eval mode; say so up front rather than be warned
+    if not out:  # named by the request: known before the first attack, so a killed evaluation resumes
+        out = check_own_file(check_output(Path(run_dir) / request_file_name(model, cfg, eps_given, seed, (x, y))))
     # A device or FIFO the user named (--out /dev/stdout) is written in place, and gets no progress
     # file beside it.
     state_path = None if named and is_special_file(out) else check_own_file(out.with_suffix(".state"))
     if state_path is not None:  # what a killed write of this evaluation left behind
         clean_staged_files(out.parent, names=(out.name, state_path.name))
-    x, y = load_test_set(cfg, e.n_examples)
-    device = next(model.parameters()).device
-    model.eval()  # evaluation is always in eval mode; say so up front rather than be warned
     result = evaluate(model, x, y, float(eps), attacks=attack_names(e.attacks),
                       pgd_steps=e.pgd_steps, pgd_restarts=e.pgd_restarts,
                       pgd_alpha=e.pgd_alpha, pgd_schedule=e.pgd_schedule, pgd_loss=e.pgd_loss,
@@ -161,7 +229,10 @@ def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: flo
         result.setdefault("warnings", []).append(msg)
     result["model"] = {"arch": cfg.model.arch, "dataset": cfg.data.name, "method": cfg.method.name,
                        "train_eps": cfg.method.eps.text, "sha256": fingerprint_model(model)}
-    result["data"] = {"name": cfg.data.name, "folder": str(data_source(cfg.data.name, "test", cfg.data.data_dir))}
+    result["data"] = {"name": cfg.data.name, "folder": str(data_source(cfg.data.name, "test", cfg.data.data_dir)),
+                      "split": "test", "images": f"the first {result['n_examples']}"
+                      + (f" of data.test_subset={cfg.data.test_subset}" if cfg.data.test_subset else ""),
+                      "sha256": result["request"]["data_sha256"]}
     # Which weights were measured: "raw" (trained) or "averaged" (train.wa_tau); None: not known here
     # (an export folder: its card says).
     result["weights"] = weights or (checkpoint.get("weights", "raw") if checkpoint is not None else None)
@@ -171,6 +242,8 @@ def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: flo
         if checkpoint.get("warning"):
             result.setdefault("warnings", []).append(checkpoint["warning"])
     try:
+        if state_path is not None:
+            keep_earlier(out, result)
         save_result(result, out, named=named)
     except DiskFullError as err:
         if state_path is None:  # written in place: its own message says so

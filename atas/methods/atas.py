@@ -91,6 +91,8 @@ class ATAS(Method):
             kwargs = {**self.RELATIVE, **kwargs}  # an option given by name still wins
         super().__init__(eps, options, epochs, **kwargs)
         self._warn_if_it_cannot_adapt()
+        self._batch_checked = False      # the batch-size check of the first batch (`_check_batch_size`)
+        self._epochs_checked = False     # the epochs= check of the first batch
 
     @classmethod
     def check_options(cls, o) -> None:
@@ -138,6 +140,47 @@ class ATAS(Method):
                           "method.alpha_unit=eps method.alpha_min=0.5 method.alpha_max=1.75).",
                           UserWarning, stacklevel=3)
 
+    def _check_epochs(self) -> None:
+        """Without epochs= (a loop of one's own), the warm-up check above is skipped: a run of
+        warmup_epochs epochs or fewer would step alpha = eps throughout, silently. Said at the first
+        batch (where the object is used to train, not merely built)."""
+        self._epochs_checked = True
+        o = self.opt
+        if self.epochs is None and o.warmup_epochs > 0:
+            warnings.warn(f"atas: epochs was not given (atas.ATAS(eps, ..., epochs=N)), so the warm-up is not "
+                          f"checked against the run's length: the first warmup_epochs={o.warmup_epochs} epochs step "
+                          f"with alpha = eps and the adaptive step starts at epoch {o.warmup_epochs + 1}, so a run of "
+                          f"{o.warmup_epochs} epochs or fewer never adapts; the prior reset before the last epoch is "
+                          "not skipped either. Pass epochs=<the number of epochs you train> (and warmup_epochs "
+                          "below it for a short run).", UserWarning, stacklevel=4)
+
+    def _check_batch_size(self, grad: torch.Tensor, eps_t: float) -> None:
+        """grad_norm="batch_mean" (the official rule) divides every gradient norm by the batch size
+        B, so c, tuned at batch ref_batch, acts as c * B / ref_batch at any other B: the steps move
+        toward alpha_max above ref_batch (few samples adapt) and toward alpha_min below it. Said
+        once, at the first batch, with the factor and this batch's mean step under both scalings."""
+        self._batch_checked = True
+        o, b = self.opt, len(grad)
+        if o.grad_norm != "batch_mean" or b == o.ref_batch:
+            return
+        numerator, alpha_min, alpha_max = self.step_rule(eps_t)
+        with torch.no_grad():  # the first update of v from 0: sqrt(v) = sqrt(1 - beta) * ||g|| * scale
+            norm = grad.flatten(1).float().pow(2).sum(1).sqrt() * (1 - o.beta) ** 0.5
+
+            def mean_alpha(scale: float) -> float:
+                return float((numerator / (1 + norm * scale / o.c)).clamp(alpha_min, alpha_max).mean()) / eps_t
+
+            here, reference = mean_alpha(1 / b), mean_alpha(1 / o.ref_batch)
+        warnings.warn(f"atas: grad_norm='batch_mean' (the official rule) at batch size {b}, not the "
+                      f"ref_batch={o.ref_batch} its c={o.c:g} was tuned at: every gradient norm in alpha = N / (1 + "
+                      f"||g|| / c) is {o.ref_batch}/{b} = {o.ref_batch / b:.3g}x the reference's, as if c were "
+                      f"{o.c * b / o.ref_batch:.3g}; on this first batch the mean step after the warm-up would be "
+                      f"{here:.3g} eps instead of {reference:.3g} eps at batch {o.ref_batch} (steps move toward "
+                      f"{'alpha_max: fewer samples adapt' if b > o.ref_batch else 'alpha_min'}). Set "
+                      "method.grad_norm=per_sample (atas.ATAS(..., grad_norm='per_sample')) for a step that does "
+                      f"not depend on the batch size (the official one at batch {o.ref_batch}); see "
+                      "docs/own-code.md.", UserWarning, stacklevel=4)
+
     @property
     def last_step_sizes(self) -> torch.Tensor | None:
         """Per-sample step size alpha of the last perturb() batch, in pixels (eps during the warm-up):
@@ -180,6 +223,10 @@ class ATAS(Method):
         x_start = (x + prior).clamp(0.0, 1.0)
         with bn_mode(model, self.opt.bn_mode):
             grad, _ = input_grad(model, x_start, y)
+        if not self._batch_checked:
+            self._check_batch_size(grad, ball.eps)
+        if not self._epochs_checked:
+            self._check_epochs()
         if state.epoch <= self.opt.warmup_epochs:
             alpha = torch.full((len(x),), ball.eps * self.opt.step_scale, device=x.device)
         else:

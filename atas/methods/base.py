@@ -18,6 +18,7 @@ augmentation, epoch bookkeeping and checkpoint state live here, behind the publi
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -296,6 +297,7 @@ class Method:
         only (loads with weights_only=True)."""
         state = {"epoch": self.current_epoch, "method": self.method_state(), "options": to_plain(self.opt)}
         state["name"] = self.name  # load_state_dict refuses another method's state
+        state["eps"] = float(self.eps)  # load_state_dict warns when it goes into an object with another eps
         if self.num_samples is not None:
             state["num_samples"] = self.num_samples
         if self.store is not None:
@@ -315,6 +317,7 @@ class Method:
             raise ValueError(f"cannot resume {self.name}: the saved per-sample state is for num_samples={int(saved_n)}, "
                              f"this object has num_samples={self.num_samples}. Resume with the training set the "
                              "state was saved with (same size and order), or start fresh.")
+        self._warn_if_other_eps(state)
         if "options" in state:  # states saved before the options were recorded: the object's stay
             self._load_options(state["options"])
         self.current_epoch = int(state.get("epoch", 0))
@@ -326,6 +329,19 @@ class Method:
         device = self.store.device if self.store is not None else None
         self.load_method_state({k: v.to(device) if device is not None and torch.is_tensor(v) else v
                                 for k, v in state.get("method", {}).items()})
+
+    def _warn_if_other_eps(self, state: dict) -> None:
+        """A state saved at another eps continues with numbers made for that ball (ATAS's prior,
+        its gradient-norm averages): allowed, as an explicit choice, but never silently. eps is the
+        object's (it is not an option the state restores). States saved before eps was recorded
+        say nothing and are accepted as they are."""
+        saved = state.get("eps")
+        if isinstance(saved, (int, float)) and not math.isclose(float(saved), self.eps, rel_tol=1e-9):
+            warnings.warn(f"{self.name}: loading a state saved at eps {_eps_text(saved)} into an object with eps "
+                          f"{_eps_text(self.eps)}: its per-sample state was made in the eps {_eps_text(saved)} ball "
+                          f"and now continues at {_eps_text(self.eps)}. To resume that run exactly, build the object "
+                          f"with eps={_eps_text(saved)}; to train at the new eps, start fresh (do not load the state).",
+                          stacklevel=3)
 
     def _load_options(self, saved: dict) -> None:
         """The loaded options win: a run resumed from a state continues with the options it was
@@ -492,6 +508,11 @@ class Method:
 
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def _eps_text(eps: float) -> str:
+    k = float(eps) * 255
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 * max(1.0, k) else f"{float(eps):g}"
 
 
 def _check_float32(name: str, model: nn.Module, x: torch.Tensor) -> None:
