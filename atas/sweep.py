@@ -29,6 +29,23 @@ CURVE_KEYS = ("probe_clean", "probe_fgsm", "probe_pgd", "probe_pgd_margin", "pro
 # --------------------------------------------------------------------------------------------
 # Input: eps, overrides -> one checked Config per run
 # --------------------------------------------------------------------------------------------
+
+def _passes(cfg) -> list[float] | None:
+    """(forward, backward) passes per optimizer step of the run's method with its options."""
+    import warnings
+
+    from atas.methods import get_method
+    from atas.values import build_dataclass
+
+    cls = get_method(cfg.method.name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opts = build_dataclass(cls.Options, dict(cfg.method.args), "method.")
+            return list(cls(cfg.method.eps, opts).passes_per_step())
+    except Exception:  # noqa: BLE001 - an old run's options the class no longer takes: unknown
+        return None
+
 def parse_eps(text: "str | Frac") -> Frac:
     """An eps from the command line, parsed once: '8/255' stays '8/255', '0.10' becomes '0.1' (the
     name of its folders and table rows). The Frac is the one the runs' configs hold."""
@@ -302,6 +319,8 @@ def summarize_run(spec: RunSpec, out: Path) -> dict:
         # forward/backward passes per optimizer step (atas.cost); which weights eval.json measured.
         **{k: v for k, v in run_cost(all_epochs(_read_log(spec.run_dir))).items()
            if k in ("peak_memory_mb", "memory_kind", "passes_per_step")},
+        # a run trained before passes were logged: they follow from the method and its options
+        **({} if "passes_fwd" in (metrics[-1] if metrics else {}) else {"passes_per_step": _passes(spec.cfg)}),
         "weights": result.get("weights"),
         "epochs": len(metrics), "epochs_planned": spec.cfg.train.epochs,
         "co_detected": co, "co_epochs": co_epochs, "co_final_signature": signature,
