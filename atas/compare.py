@@ -300,10 +300,23 @@ def _run_or_read(args, i: int, n: int, spec: RunSpec, status: str, out: Path) ->
         return _failed_row(spec, out, str(e), e.record())
     row = summarize_run(spec, out)
     accs = " ".join(f"{k} {100 * row[k]:.1f}%" for k in ("clean", "fgsm", "pgd", "aa") if row[k] is not None)
-    verdict = ("did not learn" if row["outcome"] == "did not learn"
-               else f"CO {'yes' if row['co_detected'] else 'no'}; {row['outcome']}")
-    print(f"{head}: {action}; {accs}; train {row['train_time_s']:.1f} s; {verdict}", flush=True)
+    print(f"{head}: {action}; {accs}; train {row['train_time_s']:.1f} s; {_verdict(row)}", flush=True)
     return row
+
+
+def _verdict(row: dict) -> str:
+    """The run's verdict in words: a run the guard gave up on was flagged, whatever its final
+    weights (the last healthy epoch's) look like, and never reads as 'CO no'."""
+    outcome = row["outcome"]
+    if outcome == "did not learn":
+        return "did not learn"
+    if outcome == "gave up":
+        end = next((e for e in reversed(row.get("guard_events") or []) if e.get("event") == "gave_up"), {})
+        return ("CO flagged, the guard gave up" + (f" (final weights: epoch {end['rollback_to']}, its last healthy one)"
+                                                   if "rollback_to" in end else ""))
+    if outcome == "recovered":
+        return "CO flagged, recovered by the guard (not flagged at the end)"
+    return f"CO {'yes' if row['co_detected'] else 'no'}; {outcome}"
 
 
 def _write_outputs(args, methods: list[str], specs: list[RunSpec], attacks: list[str], routed: RoutedOverrides,

@@ -190,7 +190,8 @@ def co_column(runs: list[dict]) -> str:
     if runs and not learned:
         return f"did not learn ({len(dead)}/{len(runs)})"
     stuck = sum(bool(r.get("co_detected")) and is_stuck_only(r) for r in learned)
-    k = sum(bool(r.get("co_detected")) for r in learned) - stuck
+    # a run the guard gave up on was flagged, though it ends at its last healthy epoch's weights
+    k = sum(bool(r.get("co_detected")) or run_outcome(r) == "gave up" for r in learned) - stuck
     recovered = sum(run_outcome(r) == "recovered" for r in learned)
     gave_up = sum(run_outcome(r) == "gave up" for r in learned)
     return (f"{'yes' if k else 'no'} ({k}/{len(learned)})" + (f", {len(dead)} did not learn" if dead else "")
