@@ -27,10 +27,12 @@ from typing import Any, Callable
 
 import torch
 
+from atas.errors import AtasError
+
 FORMAT = "atas-checkpoint-v1"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(AtasError, RuntimeError):
     """A checkpoint cannot be used; the message says why and what to do."""
 
 

@@ -9,7 +9,8 @@
 
 Exit status: 0 done; 2 an error the user can fix (bad config, missing or corrupt data, unusable
 checkpoint or export, a missing optional package), printed as one clear message, no traceback;
-3 the training loss became NaN/inf (the last good checkpoint is kept); 130 interrupted.
+3 the training loss became NaN/inf (the last good checkpoint is kept); 130 interrupted. Every error
+of atas is an `atas.AtasError` and carries its exit status (`main` turns it into one line).
 `--debug` anywhere on the line, or ATAS_DEBUG=1 in the environment, also prints the traceback.
 """
 from __future__ import annotations
@@ -343,17 +344,6 @@ def _print_registries() -> None:
         print(f"{title}: {', '.join(registry.names())}")
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions whose message tells the user what to fix: one line, exit 2, no traceback."""
-    from atas.checkpoint import CheckpointError
-    from atas.config import ConfigError
-    from atas.data import DataAccessError, DataFormatError, DataNotFoundError
-    from atas.extras import MissingDependencyError
-
-    return (ConfigError, CheckpointError, DataNotFoundError, DataFormatError, DataAccessError,
-            MissingDependencyError)
-
-
 def _fail(command: str, error: BaseException, status: int, debug: bool) -> int:
     if debug:
         traceback.print_exception(error)
@@ -371,7 +361,7 @@ def _stdout_closed() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from atas.trainer import TrainingDiverged
+    from atas.errors import AtasError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("ATAS_DEBUG", "").strip() not in ("", "0")
@@ -396,10 +386,10 @@ def main(argv: list[str] | None = None) -> int:
         status = handlers[args.command](args)
         sys.stdout.flush()  # a closed pipe shows up here, inside the handler, not at exit
         return status
-    except _user_errors() as e:
-        return _fail(args.command, e, 2, debug)
-    except TrainingDiverged as e:  # an outcome of the run, not a bug: say it, no traceback
-        return _fail(args.command, e, 3, debug)
+    except AtasError as e:  # the one place an error of atas becomes one line and an exit status
+        if e.exit_status is None:  # a bug (an attack that left the eps-ball): its traceback is the report
+            raise
+        return _fail(args.command, e, e.exit_status, debug)
     except BrokenPipeError:
         return _stdout_closed()
     except KeyboardInterrupt as e:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from atas.errors import AtasError
 from atas.registry import Registry
 from atas.values import ConfigError
 
@@ -115,15 +116,15 @@ def default_data_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "atas" / "data"
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(AtasError, FileNotFoundError):
     """The dataset's files are not where we looked; the message says how to get them."""
 
 
-class DataAccessError(OSError):
+class DataAccessError(AtasError, OSError):
     """A dataset file exists but cannot be read (permissions, I/O error); the message names it."""
 
 
-class DataFormatError(ValueError):
+class DataFormatError(AtasError, ValueError):
     """A dataset file exists but is truncated, corrupt or not what its name says.
 
     Raised in a DataLoader worker, it reaches the main process rebuilt from one string that holds

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+
+from atas.errors import AtasError
 from types import ModuleType
 
 # module -> what to install: the package extra where there is one, else the plain package.
@@ -19,7 +21,7 @@ INSTALL = {
 }
 
 
-class MissingDependencyError(ImportError):
+class MissingDependencyError(AtasError, ImportError):
     """An optional package a feature needs is not installed; the message says what to install."""
 
 

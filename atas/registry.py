@@ -5,7 +5,7 @@
     @MODELS.register("my_net")                 # or MODELS.register("my_net", factory)
     def my_net(num_classes, in_channels=3): ...
 
-    MODELS.get("my_net")                       # unknown name: ValueError listing the valid ones
+    MODELS.get("my_net")                       # unknown name: ConfigError listing the valid ones
     MODELS.names()                             # every registered name
 
 Names map to objects (a class, a factory, a dataset's facts), never to code to `eval` (timm).
@@ -84,12 +84,12 @@ class Registry(dict):
         return self.aliases.get(name, name)
 
     def get(self, name: str) -> Any:  # noqa: D102 (dict.get's signature, a registry's meaning)
-        """The entry registered as `name`; ValueError listing the valid names if there is none."""
+        """The entry registered as `name`; ConfigError (a ValueError) listing the valid names if there is none."""
         key = self.key(name)
         if key not in self:
             self.load_plugins()
         if key not in self:
-            raise ValueError(self.unknown(name))
+            raise ConfigError(self.unknown(name))
         return self[key]
 
     def names(self) -> list[str]:

@@ -26,6 +26,7 @@ from atas.augment import PairedAugment
 from atas.checkpoint import (CheckpointError, DiskFullError, atomic_write, atomic_write_text, healthy_path,
                              link_as, load_checkpoint, save_checkpoint)
 from atas.config import Config, ConfigError, config_from_dict, method_options
+from atas.errors import AtasError
 from atas.data import TestSplit, check_subset, check_val_size, dataset_info, image_folder, load_tensors
 from atas.evaluation.attacks import FGSM, PGD, pgd_step
 from atas.loaders import FolderLoader, ResidentLoader
@@ -40,8 +41,11 @@ BEST = "best.pt"
 DIVERGED = "diverged.json"   # written when the loss became NaN/inf: a report says "diverged", not "not started"
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the last good checkpoint is kept. epoch, step and loss say where."""
+class TrainingDiverged(AtasError, RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept. epoch, step and loss say where.
+    An outcome of the run, not a bug: the CLI says it in one line and exits 3."""
+
+    exit_status = 3
 
     def __init__(self, message: str, epoch: int | None = None, step: int | None = None, loss: float | None = None):
         super().__init__(message)

@@ -17,10 +17,12 @@ import types
 import typing
 from typing import Any
 
+from atas.errors import AtasError
+
 __all__ = ["ConfigError", "NotFiniteError", "Frac", "parse_fraction", "coerce", "build_dataclass", "to_plain"]
 
 
-class ConfigError(ValueError):
+class ConfigError(AtasError, ValueError):
     """A config value is wrong; the message says which key and what to write instead."""
 
 

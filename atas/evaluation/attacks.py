@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from atas.errors import AtasError
 from atas.registry import Registry
 from atas.threat import LinfBall, bn_mode, input_grad, signed_step
 
@@ -47,9 +48,12 @@ PGD_DEFAULTS = {
 _TOL = 1e-6  # slack on the eps-ball check: float rounding of x + delta, never a real violation
 
 
-class EvaluationError(AssertionError):
+class EvaluationError(AtasError, AssertionError):
     """An evaluation invariant broke (x_adv outside the eps-ball or [0, 1], NaN, wrong shape).
-    This is a bug in an attack, never a property of the model: it is raised, never swallowed."""
+    This is a bug in an attack, never a property of the model: it is raised, never swallowed (the
+    CLI shows its traceback)."""
+
+    exit_status = None
 
 class EvaluationWarning(UserWarning):
     """Something makes the numbers suspicious (train mode, probabilities, inconsistent attacks)."""

@@ -31,7 +31,7 @@ from atas.augment import CropFlip, PairedAugment
 from atas.registry import Registry
 from atas.values import ConfigError, build_dataclass, parse_fraction
 from atas.store import PerSampleStore
-from atas.threat import LinfBall
+from atas.threat import BN_MODES, LinfBall
 
 # name -> Method subclass; `@register` on a class adds it under its `name`. Packages add theirs
 # through the entry-point group "atas.methods" (atas.registry).
@@ -347,6 +347,15 @@ class Method:
             raise ConfigError(f"method.eps_ramp_start must be >= 1 (a 1-based epoch), got {opt.eps_ramp_start}")
         if not 0.0 <= opt.label_smoothing < 1.0:
             raise ConfigError(f"method.label_smoothing must be in [0, 1) (0: none), got {opt.label_smoothing}")
+        # Options that mean one thing in every method that declares them, checked here once: a typo
+        # (bn_mode=evl) must not pass validation, write the run folder and fail at the first attack.
+        bn = getattr(opt, "bn_mode", None)
+        if bn is not None and bn not in BN_MODES:
+            raise ConfigError(f"method.bn_mode must be one of {', '.join(BN_MODES)} (BatchNorm statistics during "
+                              f"the attack: running or batch), got {bn!r}")
+        factor = getattr(opt, "alpha_factor", None)
+        if factor is not None and not factor > 0:
+            raise ConfigError(f"method.alpha_factor (the attack's step, a multiple of eps) must be > 0, got {factor}")
         if opt.label_smoothing > 0 and not cls.supports_label_smoothing:
             raise ConfigError(f"method.label_smoothing: {cls.name}'s training loss has no cross-entropy term to "
                               f"smooth; set label_smoothing=0 for it (method.{cls.name}.label_smoothing=0)")
