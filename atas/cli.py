@@ -183,7 +183,7 @@ def _say_data_source(cfg) -> None:
         folder = data_source(cfg.data.name, "train", cfg.data.data_dir)
     except DataNotFoundError:
         return  # training says what is missing, or downloads it (data.download=true)
-    print(f"data: {cfg.data.name} from {folder}", flush=True)
+    print(f"data: {cfg.data.name} from {folder or 'its own loader (no data.data_dir given)'}", flush=True)
 
 
 def _eval_device(name: str):

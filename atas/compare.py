@@ -263,7 +263,7 @@ def _run_or_read(args, i: int, n: int, spec: RunSpec, status: str, out: Path) ->
         print(f"{head}: FAILED: {e}", flush=True)
         return _failed_row(spec, out, str(e), e.record())
     row = summarize_run(spec, out)
-    accs = " ".join(f"{k} {100 * row[k]:.1f}%" for k in ("clean", "fgsm", "pgd", "aa") if row[k] is not None)
+    accs = " ".join(f"{k} {100 * v:.1f}%" for k, v in row["accuracy"].items() if v is not None)
     print(f"{head}: {action}; {accs}; train {row['train_time_s']:.1f} s; "
           f"CO {'yes' if row['co_detected'] else 'no'}", flush=True)
     return row

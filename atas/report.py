@@ -154,18 +154,43 @@ def _mean(runs: list[dict], key: str) -> float | None:
 # --------------------------------------------------------------------------------------------
 # Tables and findings
 # --------------------------------------------------------------------------------------------
+# The shipped attacks' columns, in the order the tables have always shown them; clean and PGD are
+# shown even where not evaluated (as "—"), the others only where some run was evaluated with them.
+_FIXED_COLUMNS = ("clean", "fgsm", "pgd", "aa")
+_ALWAYS = ("clean", "pgd")
+
+
+def _accuracy(run: dict, attack: str) -> float | None:
+    """A run's accuracy under `attack`: from the row's per-attack `accuracy` (every attack
+    evaluated), else from its top-level key (rows written before rows carried `accuracy`)."""
+    return (run.get("accuracy") or {}).get(attack, run.get(attack))
+
+
+def attack_columns(rows: list[dict], always: tuple[str, ...] = _ALWAYS) -> list[tuple[str, str]]:
+    """(attack name, column header) of every attack some run was evaluated with: clean, FGSM, PGD,
+    AA first (clean and PGD always), then the others (apgd-ce, a plugin's) in the order evaluated."""
+    ok = _ok(rows)
+    labels: dict[str, str] = {}
+    for r in ok:
+        for name, label in (r.get("attack_labels") or {}).items():
+            labels.setdefault(name, label)
+    extra = [name for r in ok for name in (r.get("accuracy") or {}) if name not in _FIXED_COLUMNS]
+    names = [n for n in _FIXED_COLUMNS if n in always or any(_accuracy(r, n) is not None for r in ok)]
+    names += list(dict.fromkeys(n for n in extra if any(_accuracy(r, n) is not None for r in ok)))
+    fixed = {"clean": "clean", "fgsm": "FGSM", "pgd": _pgd_label(rows), "aa": "AA"}
+    return [(n, fixed.get(n) or labels.get(n) or n) for n in names]
+
+
 def summary_tables(rows: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
-    """Per eps: (eps, header, table rows) with mean ± std over seeds. A FGSM or AA column appears
-    only where some run was evaluated with that attack."""
-    pgd_label = _pgd_label(rows)
-    with_fgsm = any(r.get("fgsm") is not None for r in _ok(rows))
-    with_aa = any(r.get("aa") is not None for r in _ok(rows))
+    """Per eps: (eps, header, table rows) with mean ± std over seeds. A column per attack
+    evaluated (`attack_columns`): FGSM, AA and any other attack appear only where some run was
+    evaluated with it."""
+    columns = attack_columns(rows)
     tables = []
     for eps, by_method in group_runs(rows).items():
         reference = _reference(by_method)
         pgd_time = _mean(by_method.get(reference, []), "train_time_s")
-        header = ["method", "seeds", "clean (%)"] + (["FGSM (%)"] if with_fgsm else []) + [f"{pgd_label} (%)"] \
-            + (["AA (%)"] if with_aa else []) + ["train time (s)"] \
+        header = ["method", "seeds"] + [f"{label} (%)" for _, label in columns] + ["train time (s)"] \
             + ([f"time vs {method_label(reference)}"] if pgd_time else []) + ["CO"]
         body = []
         for method, runs in by_method.items():
@@ -179,10 +204,8 @@ def summary_tables(rows: list[dict]) -> list[tuple[str, list[str], list[list[str
             seeds = f"{len(ok)}" if len(ok) == len(runs) else f"{len(ok)} of {len(runs)} ({why})"
             time_mean = _mean(ok, "train_time_s")
             ratio = f"{time_mean / pgd_time:.2f}×" if pgd_time and time_mean is not None else "—"
-            body.append([method_label(method), seeds, format_pm([r.get("clean") for r in ok])]
-                        + ([format_pm([r.get("fgsm") for r in ok])] if with_fgsm else [])
-                        + [format_pm([r.get("pgd") for r in ok])]
-                        + ([format_pm([r.get("aa") for r in ok])] if with_aa else [])
+            body.append([method_label(method), seeds]
+                        + [format_pm([_accuracy(r, name) for r in ok]) for name, _ in columns]
                         + [format_pm([r.get("train_time_s") for r in ok], scale=1.0)]
                         + ([ratio] if pgd_time else []) + [co_column(runs)])
         tables.append((eps, header, body))
@@ -287,10 +310,11 @@ def _learning_facts(by_method: dict) -> list[str]:
 
 
 def run_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Every run on its own line: what the means above are made of."""
-    pgd_label = _pgd_label(rows)
-    header = ["method", "eps", "seed", "clean", "FGSM", pgd_label, "AA", "time (s)", "eps ramp", "CO epochs (probe)",
-              "final FGSM > clean", "guard", "run folder"]
+    """Every run on its own line: what the means above are made of (clean, FGSM, PGD and AA always,
+    then any other attack evaluated)."""
+    columns = attack_columns(rows, always=_FIXED_COLUMNS)
+    header = ["method", "eps", "seed", *(label for _, label in columns), "time (s)", "eps ramp",
+              "CO epochs (probe)", "final FGSM > clean", "guard", "run folder"]
 
     def pct(v):
         return "—" if v is None else f"{100 * v:.1f}"
@@ -300,11 +324,12 @@ def run_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         if r.get("failed") or r.get("missing"):
             what = ("failed: " + r["failed"] if r.get("failed") and not r.get("diverged")
                     else _diverged_cell(r["diverged"]) if r.get("failed") else "not finished: " + r["missing"])
-            body.append([method_label(r["method"]), r["eps"], str(r["seed"]), what, *["—"] * 8, r.get("run_dir", "")])
+            body.append([method_label(r["method"]), r["eps"], str(r["seed"]), what,
+                         *["—"] * (len(header) - 5), r.get("run_dir", "")])
             continue
         sig = r.get("co_final_signature")
-        body.append([method_label(r["method"]), r["eps"], str(r["seed"]), pct(r.get("clean")), pct(r.get("fgsm")),
-                     pct(r.get("pgd")), pct(r.get("aa")), f"{r.get('train_time_s', 0.0):.1f}",
+        body.append([method_label(r["method"]), r["eps"], str(r["seed"]),
+                     *(pct(_accuracy(r, name)) for name, _ in columns), f"{r.get('train_time_s', 0.0):.1f}",
                      _ramp(r), ", ".join(map(str, r.get("co_epochs") or [])) or "none",
                      "not evaluated" if sig is None else ("yes" if sig else "no"), _guard_cell(r), r.get("run_dir", "")])
     return header, body

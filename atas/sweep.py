@@ -292,6 +292,18 @@ def _failed_row(spec: RunSpec, out: Path, why: str, diverged: dict) -> dict:
             "failed": why, "diverged": diverged, "run_dir": os.path.relpath(spec.run_dir, out)}
 
 
+def attack_columns(results: dict) -> dict[str, str]:
+    """{attack name: its column header} for an evaluation's results: the attack's `column` where it
+    has one ("AA"), else the label the result carries ("PGD-50-10", a plugin's own label)."""
+    from atas.evaluation import ATTACKS
+
+    def header(name: str, result: dict) -> str:
+        attack = ATTACKS[name] if name in ATTACKS else None
+        return (attack.column if attack is not None and attack.column else None) or result.get("label") or name
+
+    return {name: header(name, r) for name, r in results.items()}
+
+
 def summarize_run(spec: RunSpec, out: Path) -> dict:
     """What summary.json keeps of one finished run (accuracies as fractions)."""
     from atas.data import dataset_info
@@ -313,6 +325,9 @@ def summarize_run(spec: RunSpec, out: Path) -> dict:
         "clean": accuracy.get("clean"), "fgsm": accuracy.get("fgsm"), "pgd": accuracy.get("pgd"),
         "aa": accuracy.get("aa"),
         "pgd_label": result["results"].get("pgd", {}).get("label"),
+        # Every attack evaluated, in the order run (the four above included): the report's columns
+        # come from here, so an attack of a plugin is reported as the shipped ones are.
+        "accuracy": accuracy, "attack_labels": attack_columns(result["results"]),
         "n_examples": result["n_examples"], "chance": 1.0 / dataset_info(spec.cfg.data.name).num_classes,
         # Training only: the per-epoch probe and the final evaluation are not in epoch_time_s.
         # ... of every epoch trained, the ones the guard replayed included: that is what the run cost.

@@ -340,7 +340,9 @@ class Attack:
     or None)), where robust is the attack's own per-sample verdict (None: only our recheck counts)
     and `progress` takes .step(k) / .stage(text). label: shown in tables; named(settings): the
     label with its settings (PGD-50-10); units(settings): progress units per batch; is_autoattack:
-    standard AutoAttack (the number to report); perturbs: False for clean (no eps-ball check)."""
+    standard AutoAttack (the number to report); perturbs: False for clean (no eps-ball check);
+    column: the report's column header where it is shorter than the titled label ("AA"; "": the
+    titled label)."""
 
     label: str
     build: Callable[[str, AttackSetup], tuple[dict, Callable]]
@@ -348,6 +350,7 @@ class Attack:
     perturbs: bool = True
     named: Callable[[dict], str] | None = None
     units: Callable[[dict], int] | None = None
+    column: str = ""
 
     def title(self, settings: dict) -> str:
         return self.named(settings) if self.named else self.label

@@ -151,7 +151,8 @@ def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: flo
         result.setdefault("warnings", []).append(msg)
     result["model"] = {"arch": cfg.model.arch, "dataset": cfg.data.name, "method": cfg.method.name,
                        "train_eps": cfg.method.eps.text, "sha256": fingerprint_model(model)}
-    result["data"] = {"name": cfg.data.name, "folder": str(data_source(cfg.data.name, "test", cfg.data.data_dir))}
+    folder = data_source(cfg.data.name, "test", cfg.data.data_dir)  # None: a dataset's own loader chose
+    result["data"] = {"name": cfg.data.name, "folder": None if folder is None else str(folder)}
     if checkpoint is not None:
         result["checkpoint"] = {k: v for k, v in checkpoint.items() if k not in ("mid_run", "warning")}
         result["mid_run"] = bool(checkpoint.get("mid_run"))
