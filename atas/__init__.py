@@ -21,6 +21,7 @@ from atas.provenance import __version__  # noqa: E402
 from atas.augment import RandomCropFlip  # noqa: E402
 from atas.benchmark import benchmark, load_test_set  # noqa: E402
 from atas.config import Config, ConfigError, load_config, parse_fraction  # noqa: E402
+from atas.errors import AtasError  # noqa: E402
 from atas.evaluate import evaluate, format_table  # noqa: E402  (binds atas.evaluate to the function, after the module)
 from atas.export import export_model, load_model  # noqa: E402
 from atas.indexed import IndexedDataset  # noqa: E402
@@ -38,5 +39,5 @@ from atas.trainer import train  # noqa: E402
 
 __all__ = ["ATAS", "FGSMRS", "NFGSM", "GradAlign", "FGSMPGI", "Free", "PGDAT", "ELLE", "ELLEA", "Method", "method", "get_method",
            "list_methods", "RandomCropFlip", "IndexedDataset", "benchmark", "load_test_set", "NormalizedModel",
-           "build_model", "register_model", "Config", "ConfigError", "load_config", "parse_fraction", "train",
+           "build_model", "register_model", "Config", "AtasError", "ConfigError", "load_config", "parse_fraction", "train",
            "evaluate", "format_table", "export_model", "load_model", "__version__"]
