@@ -107,7 +107,7 @@ class PairedAugment:
     def enabled(self) -> bool:
         return self._enabled and (self.frame > self.size or self.flip)
 
-    def bind(self, image_size: int) -> "PairedAugment":
+    def bind(self, image_size: int) -> PairedAugment:
         """Fix the crop size to the images' side when it was left open (a no-op once set)."""
         if self.size is None:
             self.size = image_size

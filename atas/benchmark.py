@@ -12,7 +12,7 @@ inside the wrapper, so every attack still works in [0, 1] pixel space.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -55,7 +55,7 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     return (tensor.dtype if tensor.is_floating_point() else torch.float32), tensor.device
 
 
-def load_test_set(dataset: "str | Config", n_examples: int | None = None, data_dir=None,
+def load_test_set(dataset: str | Config, n_examples: int | None = None, data_dir=None,
                   download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The unpadded test images (uint8 [N, C, H, W]) and labels of a dataset name ("fmnist",
     "cifar10", ...) or of a run's Config; the first n_examples if given."""
@@ -90,7 +90,7 @@ def _collect(data: Iterable, n_examples: int | None) -> tuple[torch.Tensor, torc
     return torch.cat(xs), torch.cat(ys)
 
 
-def benchmark(model: nn.Module, data, eps: "float | str", attacks: Sequence[str] = ("clean", "pgd", "aa"), *,
+def benchmark(model: nn.Module, data, eps: float | str, attacks: Sequence[str] = ("clean", "pgd", "aa"), *,
               normalization: tuple | None = None, n_examples: int | None = None, data_dir=None,
               batch_size: int = 256, device=None, seed: int = 0, progress: bool = True, **kwargs) -> dict:
     """Robust accuracy of any classifier under L-inf attacks of radius `eps`.

@@ -22,8 +22,9 @@ import os
 import pickle
 import stat
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -117,8 +117,8 @@ def _check_final_eval_extras(cfg) -> None:
 
 
 def cmd_train(args) -> int:
-    from atas.config import ConfigError, load_config
     from atas import distributed
+    from atas.config import ConfigError, load_config
     from atas.trainer import load_run_config, train
 
     if args.resume:
@@ -145,8 +145,8 @@ def cmd_train(args) -> int:
     if cfg.eval.at_end and distributed.is_main_process():
         from atas.checkpoint import DiskFullError
         from atas.evaluation import format_table
-        from atas.export import resolve_artifact
         from atas.evaluation.run import evaluate_run
+        from atas.export import resolve_artifact
 
         last = run.metrics[-1] if run.metrics else {}
         checkpoint = resolve_artifact(run.run_dir)
@@ -210,8 +210,8 @@ def cmd_eval_external(args) -> int:
     from atas.checkpoint import check_output
     from atas.config import ConfigError, Frac, check_eps
     from atas.evaluation import format_table, save_result
-    from atas.external import load_weights, model_from_factory
     from atas.evaluation.run import model_eval_file_name
+    from atas.external import load_weights, model_from_factory
 
     missing = [flag for flag, value in (("--data", args.data), ("--eps", args.eps)) if value is None]
     if missing or args.checkpoint:
@@ -269,8 +269,8 @@ def cmd_eval(args) -> int:
     from atas.compare import check_attacks
     from atas.config import Frac, check_eps, validate_eval
     from atas.evaluation import format_table
-    from atas.export import checkpoint_record, load_model, resolve_artifact
     from atas.evaluation.run import eval_file_name, evaluate_run
+    from atas.export import checkpoint_record, load_model, resolve_artifact
 
     attacks = None if args.attacks is None else check_attacks(args.attacks)  # "" is an error
     device = _eval_device(args.device)
@@ -278,15 +278,13 @@ def cmd_eval(args) -> int:
         check_output(args.out)  # before the model is even loaded
     model, cfg, extra = load_model(args.checkpoint, device)
     e = cfg.eval
-    if attacks is not None: e.attacks = attacks
-    if args.n_examples is not None: e.n_examples = args.n_examples
-    if args.batch_size is not None: e.batch_size = args.batch_size
-    if args.pgd_steps is not None: e.pgd_steps = args.pgd_steps
-    if args.pgd_restarts is not None: e.pgd_restarts = args.pgd_restarts
-    if args.pgd_alpha is not None: e.pgd_alpha = args.pgd_alpha
-    if args.pgd_schedule is not None: e.pgd_schedule = args.pgd_schedule
-    if args.pgd_loss is not None: e.pgd_loss = args.pgd_loss
-    if args.data_dir: cfg.data.data_dir = args.data_dir
+    given = {"attacks": attacks, **{key: getattr(args, key) for key in (
+        "n_examples", "batch_size", "pgd_steps", "pgd_restarts", "pgd_alpha", "pgd_schedule", "pgd_loss")}}
+    for key, value in given.items():  # an option given on the command line replaces the run's eval.<key>
+        if value is not None:
+            setattr(e, key, value)
+    if args.data_dir:
+        cfg.data.data_dir = args.data_dir
     validate_eval(cfg)
     eps = None
     if args.eps is not None:

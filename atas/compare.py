@@ -24,10 +24,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from atas.config import ConfigError, load_config
-from atas.tune import DEFAULT_VAL_SIZE
 from atas.provenance import load_average, machine_info
-from atas.sweep import (RoutedOverrides, RunSpec, _failed_row, _test_set_size, eval_is_current, parse_eps, plan_runs,
-                        route_overrides, run_one, summarize_run, training_status)
+from atas.sweep import (
+    RoutedOverrides,
+    RunSpec,
+    _failed_row,
+    _test_set_size,
+    eval_is_current,
+    parse_eps,
+    plan_runs,
+    route_overrides,
+    run_one,
+    summarize_run,
+    training_status,
+)
+from atas.tune import DEFAULT_VAL_SIZE
 
 SUMMARY_FORMAT = "atas.compare.summary/1"
 
@@ -113,7 +124,7 @@ def check_methods(names: list[str]) -> list[str]:
     return names
 
 
-def check_attacks(attacks: "list[str] | str") -> list[str]:
+def check_attacks(attacks: list[str] | str) -> list[str]:
     """--attacks: registered names; AutoAttack's package must be there before anything trains."""
     from atas.config import check_attacks as registered
 

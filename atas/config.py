@@ -17,9 +17,17 @@ from atas.data import dataset_info
 from atas.evaluation import ATTACKS, pgd_step
 from atas.methods import METHODS, get_method, list_methods
 from atas.models import list_models
+
 # The typed values live in their own leaf module; re-exported here, where they were first defined.
-from atas.values import (ConfigError, Frac, NotFiniteError, build_dataclass, coerce, parse_fraction,  # noqa: F401
-                         to_plain as _to_plain)
+from atas.values import (  # noqa: F401
+    ConfigError,
+    Frac,
+    NotFiniteError,
+    build_dataclass,
+    coerce,
+    parse_fraction,
+    to_plain as _to_plain,
+)
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 CO_ACTIONS = ("none", "stop", "keep_best", "recover")
@@ -126,7 +134,7 @@ class EvalConfig:
     attacks: list[str] = field(default_factory=lambda: ["clean", "fgsm", "pgd"])
     pgd_steps: int = 50
     pgd_restarts: int = 10
-    # PGD step: None = the threat model's measured default (atas.evaluate.PGD_DEFAULTS); a number
+    # PGD step: None = the threat model's measured default (atas.evaluation.PGD_DEFAULTS); a number
     # in pixel units (0.01, 2/255) or a multiple of eps ("eps/4", "0.25eps").
     pgd_alpha: str | None = None
     pgd_schedule: str | None = None  # constant | cosine; None: the default's (constant if pgd_alpha given)
@@ -362,7 +370,7 @@ def validate_eval(cfg: Config) -> None:
         raise ConfigError(f"eval.pgd_alpha / pgd_schedule / pgd_loss: {err}") from None
 
 
-def check_attacks(attacks: "list[str] | str", key: str = "") -> list[str]:
+def check_attacks(attacks: list[str] | str, key: str = "") -> list[str]:
     """Attack names (a list, or a comma list as typed), lower-cased, each once, all registered."""
     attacks = coerce(attacks, list[str], key.rstrip(": ") or "attacks")  # a comma list as typed, or a list
     names = list(dict.fromkeys(a.strip().lower() for a in attacks if a.strip()))

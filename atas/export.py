@@ -22,11 +22,11 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from atas.provenance import __version__
 from atas.checkpoint import CheckpointError, atomic_write, check_output, load_checkpoint, save_json
 from atas.config import Config, config_from_dict
 from atas.data import dataset_info
 from atas.models import build_model, clean_state_dict, unwrap
+from atas.provenance import __version__
 
 MODEL_FILE, CARD_FILE = "model.safetensors", "card.json"
 

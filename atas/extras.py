@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from types import ModuleType
 
 from atas.errors import AtasError
-from types import ModuleType
 
 # module -> what to install: the package extra where there is one, else the plain package.
 INSTALL = {

@@ -16,7 +16,8 @@ DistributedDataParallel / torch.compile wrappers, `clean_state_dict` strips thei
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -159,7 +160,7 @@ def _clean_key(key: str) -> str:
     return ".".join(p for p in parts if p != "_orig_mod")
 
 
-def clean_state_dict(state_dict: Mapping[str, Any]) -> "OrderedDict[str, Any]":
+def clean_state_dict(state_dict: Mapping[str, Any]) -> OrderedDict[str, Any]:
     """The state dict with DataParallel/DDP (`module.`) and torch.compile (`_orig_mod.`) key
     prefixes removed, so it loads into the bare model. Raises if two keys collapse into one."""
     cleaned: OrderedDict[str, Any] = OrderedDict()

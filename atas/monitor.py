@@ -37,7 +37,7 @@ it), and apply only to rows that have it (runs logged before it replay by the ru
            until `hold_until`
 
 The worst-case probe is the per-sample AND of a cross-entropy PGD-k (step eps/4) and a margin-loss
-PGD-k with the evaluation's measured step rule (atas.evaluate.pgd_step: a cosine step from eps/2
+PGD-k with the evaluation's measured step rule (atas.evaluation.pgd_step: a cosine step from eps/2
 at eps >= 0.1) and `train.probe_restarts` restarts: the step rule that brought PGD-50-10 within
 about a point of AutoAttack on the sweep's models, at the probe's cost. Runs logged before it
 (a margin PGD at a constant eps/4) replay with their own, weaker, numbers.
@@ -56,6 +56,7 @@ It never looks at the test set used for the final evaluation numbers beyond the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 
 @dataclass
 class COMonitor:

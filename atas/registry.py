@@ -22,8 +22,9 @@ list of names), so an installed plugin is there for `atas recipes`, `--methods` 
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from importlib.metadata import entry_points
-from typing import Any, Iterable
+from typing import Any
 
 from atas.values import ConfigError
 
@@ -83,7 +84,7 @@ class Registry(dict):
         """The registered spelling of `name` (its alias resolved)."""
         return self.aliases.get(name, name)
 
-    def get(self, name: str) -> Any:  # noqa: D102 (dict.get's signature, a registry's meaning)
+    def get(self, name: str) -> Any:
         """The entry registered as `name`; ConfigError (a ValueError) listing the valid names if there is none."""
         key = self.key(name)
         if key not in self:

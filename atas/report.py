@@ -17,8 +17,9 @@ import datetime
 import html
 import statistics
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from atas.extras import INSTALL, available
 from atas.guard import describe

@@ -182,7 +182,7 @@ class RunLock:
             os.close(self._fd)  # drops the flock
             self._fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.acquire()
         return self
 
@@ -202,7 +202,7 @@ class RunFolder:
         self.lock = RunLock(run_dir)
         self._created: list[Path] = []  # folders this run made (run_dir, then missing parents such as runs/)
 
-    def __enter__(self) -> "RunFolder":
+    def __enter__(self) -> RunFolder:
         if not self.enabled:
             return self
         self._created = []

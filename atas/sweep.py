@@ -28,7 +28,7 @@ CURVE_KEYS = ("probe_clean", "probe_fgsm", "probe_pgd", "probe_pgd_margin", "pro
 # --------------------------------------------------------------------------------------------
 # Input: eps, overrides -> one checked Config per run
 # --------------------------------------------------------------------------------------------
-def parse_eps(text: "str | Frac") -> Frac:
+def parse_eps(text: str | Frac) -> Frac:
     """An eps from the command line, parsed once: '8/255' stays '8/255', '0.10' becomes '0.1' (the
     name of its folders and table rows). The Frac is the one the runs' configs hold."""
     if isinstance(text, Frac):
@@ -115,7 +115,7 @@ def method_tree(base: Config, method: str) -> dict:
     return tree
 
 
-def plan_runs(recipe: str, methods: list[str], eps_list: "list[Frac | str] | None", n_seeds: int,
+def plan_runs(recipe: str, methods: list[str], eps_list: list[Frac | str] | None, n_seeds: int,
               routed: RoutedOverrides, out: Path, chosen: dict[tuple[str, str], list[str]] | None = None
               ) -> list[RunSpec]:
     """Build and validate every run's Config (eps outer, then method, then seed): every run is
@@ -206,7 +206,7 @@ def training_status(run_dir: Path, cfg: Config) -> str:
     return "done" if _training_finished(rows, cfg, gave_up(_read_log(run_dir))) else "resume"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _test_set_size(name: str, data_dir: str | None, download: bool, test_subset: int | None) -> int:
     from atas.data import TestSplit
 

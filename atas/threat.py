@@ -8,7 +8,7 @@ step they take; the ball, the projection and the step below are shared.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn

@@ -23,11 +23,19 @@ from tqdm import tqdm
 
 from atas import distributed as dist, guard
 from atas.augment import PairedAugment
-from atas.checkpoint import (CheckpointError, DiskFullError, atomic_write, atomic_write_text, healthy_path,
-                             link_as, load_checkpoint, save_checkpoint)
+from atas.checkpoint import (
+    CheckpointError,
+    DiskFullError,
+    atomic_write,
+    atomic_write_text,
+    healthy_path,
+    link_as,
+    load_checkpoint,
+    save_checkpoint,
+)
 from atas.config import Config, ConfigError, config_from_dict, method_options
-from atas.errors import AtasError
 from atas.data import TestSplit, check_subset, check_val_size, dataset_info, image_folder, load_tensors
+from atas.errors import AtasError
 from atas.evaluation.attacks import FGSM, PGD, pgd_step
 from atas.loaders import FolderLoader, ResidentLoader
 from atas.methods import get_method
@@ -182,7 +190,7 @@ def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps:
             out["probe_fgsm"] = (model(x_adv).argmax(1) == y).float().mean().item()
         _, robust_ce = PGD(eps, steps=steps, restarts=1).run(model, x, y)
         # The margin loss with the evaluation's measured step rule (a cosine step from eps/2 at
-        # eps >= 0.1, atas.evaluate.PGD_DEFAULTS): the probe's stronger half; see atas.monitor.
+        # eps >= 0.1, atas.evaluation.PGD_DEFAULTS): the probe's stronger half; see atas.monitor.
         alpha, schedule, _, _ = pgd_step(eps)
         _, robust_margin = PGD(eps, steps=steps, alpha=alpha, schedule=schedule, loss="margin",
                                restarts=restarts).run(model, x, y)

@@ -69,7 +69,7 @@ class Frac(float):
 
     text: str
 
-    def __new__(cls, value: "str | float | int | Frac") -> "Frac":
+    def __new__(cls, value: str | float | int | Frac) -> Frac:
         if isinstance(value, Frac):
             return value
         obj = super().__new__(cls, parse_fraction(value))

@@ -41,15 +41,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atas import trainer  # noqa: E402
-from atas.augment import PairedAugment  # noqa: E402
-from atas.config import load_config  # noqa: E402
-from atas.data import dataset_info  # noqa: E402
-from atas.loaders import ResidentLoader  # noqa: E402
-from atas.store import DTYPES, PerSampleStore  # noqa: E402
+from atas import trainer
+from atas.augment import PairedAugment
+from atas.config import load_config
+from atas.data import dataset_info
+from atas.loaders import ResidentLoader
+from atas.store import DTYPES, PerSampleStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from store_memory import human  # noqa: E402  (byte formatting shared with the memory table)
+from store_memory import human
 
 # The dataset (shape, pad, eps) each model is benchmarked on unless --dataset says otherwise.
 MODEL_DATASET = {"preact_resnet18": "cifar10", "wrn28_10": "cifar10", "wrn34_10": "cifar10",

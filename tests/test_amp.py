@@ -1,17 +1,15 @@
 """Mixed precision and memory layout: the ATAS step under bf16 autocast matches fp32 on the same batch."""
 from __future__ import annotations
 
-
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import needs_fmnist
 
 from atas.augment import sample_crop_flip
 from atas.methods import BatchState
 from atas.methods.atas import ATAS
 from atas.store import PerSampleStore
+from tests.helpers import needs_fmnist
 
 
 class _Net(nn.Module):

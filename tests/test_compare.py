@@ -6,19 +6,26 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import atas.evaluation.run
 import atas.trainer
-from atas.evaluation.run import evaluate_run
 from atas.cli import main as cli
-from atas.monitor import co_verdict
-from atas.sweep import plan_runs, route_overrides, run_name
 from atas.config import ConfigError
-from atas.report import (ALPHA_PLOT, PROBE_PLOT, TIME_PLOT, build_report, co_column, findings,
-                         format_summary_table, method_label)
+from atas.evaluation.run import evaluate_run
+from atas.monitor import co_verdict
+from atas.report import (
+    ALPHA_PLOT,
+    PROBE_PLOT,
+    TIME_PLOT,
+    build_report,
+    co_column,
+    findings,
+    format_summary_table,
+    method_label,
+)
+from atas.sweep import plan_runs, route_overrides, run_name
+from tests.helpers import needs_fmnist
 
-from conftest import needs_fmnist  # noqa: E402
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

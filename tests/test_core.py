@@ -1,8 +1,6 @@
 """Invariants of the core pieces: fractions, config, threat model, paired augmentation, store, ATAS step."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn as nn

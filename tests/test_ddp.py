@@ -9,7 +9,6 @@ refused. Around 25 s on two CPU cores.
 """
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 import signal
@@ -24,9 +23,9 @@ import torch
 from atas.checkpoint import CheckpointError, load_checkpoint
 from atas.config import load_config
 from atas.distributed import DistContext, saved_world_sizes
+from tests.helpers import FMNIST
 
 REPO = Path(__file__).resolve().parents[1]
-from conftest import FMNIST  # noqa: E402
 N, WORLD = 512, 2
 OVERRIDES = ["model.arch=wong_cnn", f"data.subset={N}", f"data.data_dir={FMNIST}", "train.device=cpu",
              "train.batch_size=64", "train.epochs=1", "train.progress=false", "train.probe_size=64", "train.co_action=keep_best",
@@ -146,8 +145,6 @@ raise SystemExit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.skipif("broadcast_flag" not in inspect.getsource(__import__("atas.trainer").trainer),
-                    reason="the trainer does not broadcast the CO verdict yet (DistContext.broadcast_flag)")
 def test_co_stop_on_rank_0_stops_every_rank(tmp_path):
     """train.co_action=stop: the verdict exists on rank 0 only; without the broadcast rank 1 would
     train on into epoch 3 and both ranks would wait on each other forever."""

@@ -1,7 +1,6 @@
 """ELLE and ELLE-A: the local-linearity penalty, ELLE-A's switch, short training runs, resume."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn as nn
@@ -10,10 +9,10 @@ from atas.config import ConfigError, load_config
 from atas.methods import BatchState, get_method
 from atas.methods.elle import ELLE, ELLEA, lam_schedule, linearity_error, local_linearity_error, triplet
 from atas.threat import LinfBall
+from tests.helpers import needs_fmnist
 
 EPS = 0.1
 B = 32
-from conftest import needs_fmnist  # noqa: E402
 
 
 def batch(n=B, seed=1):

@@ -12,8 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import atas
 from atas.cli import main as cli
-
-from conftest import needs_fmnist  # noqa: E402
+from tests.helpers import needs_fmnist
 
 USER_MODULE = textwrap.dedent('''
     import torch.nn as nn

@@ -17,6 +17,7 @@ from atas.methods.free import Free
 from atas.methods.grad_align import GradAlign, gradient_misalignment, lam_schedule
 from atas.methods.n_fgsm import NFGSM
 from atas.store import PerSampleStore
+from tests.helpers import needs_fmnist
 
 EPS = 8 / 255
 B = 16
@@ -342,8 +343,6 @@ def test_free_ignores_non_finite_gradient():
 
 
 # ---------------------------------------------------------------- end to end
-from conftest import needs_fmnist  # noqa: E402
-
 
 @needs_fmnist
 @pytest.mark.parametrize("name, extra", [("n_fgsm", []), ("grad_align", ["method.lam=0.5"]),

@@ -126,7 +126,7 @@ def test_free_without_replays_warns_once_and_with_them_stays_quiet():
                     "each minibatch m=3 times. Put the per-batch lines in `for _ in range(atk.replays):`, or this "
                     "trains one pass per minibatch (not Free-AT)."]
     for copy in (False, True):
-        _, msgs = caught(lambda: run(3, copy=copy))
+        _, msgs = caught(lambda copy=copy: run(3, copy=copy))
         assert msgs == []
 
 

@@ -10,7 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from conftest import FMNIST, needs_fmnist
+from tests.helpers import FMNIST, needs_fmnist
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -62,13 +62,12 @@ def test_bn_mode_typo_is_refused_naming_the_choices(tmp_path, capsys):
 
 
 def test_the_error_classes_share_one_root_and_keep_their_old_bases():
+    import atas
     from atas.checkpoint import CheckpointError, DiskFullError
     from atas.data import DataFormatError, DataNotFoundError
     from atas.evaluation import EvaluationError
     from atas.extras import MissingDependencyError
     from atas.trainer import TrainingDiverged
-
-    import atas
 
     assert atas.AtasError is AtasError
     for cls, old in ((ConfigError, ValueError), (CheckpointError, RuntimeError), (DiskFullError, RuntimeError),

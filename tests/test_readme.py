@@ -4,13 +4,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
 import torch
 
 import atas
+from tests.helpers import needs_fmnist
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-from conftest import needs_fmnist  # noqa: E402
 
 
 def python_blocks() -> list[str]:

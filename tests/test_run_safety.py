@@ -22,8 +22,7 @@ from atas.cli import main as cli
 from atas.config import load_config
 from atas.rundir import RunDirError, RunLock
 from atas.trainer import CHECKPOINT, MetricsLog, train
-
-from conftest import needs_fmnist as needs_data  # noqa: E402
+from tests.helpers import needs_fmnist as needs_data
 
 TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=256", "train.batch_size=64", "train.probe_size=32",
         "train.probe_steps=1", "train.progress=false", "eval.at_end=false", "eval.attacks=clean",

@@ -14,8 +14,8 @@ from atas.cli import main as cli
 from atas.config import load_config
 from atas.export import export_model, load_model
 from atas.trainer import CHECKPOINT, TrainingDiverged, train
+from tests.helpers import needs_fmnist
 
-from conftest import needs_fmnist  # noqa: E402
 pytestmark = needs_fmnist
 
 TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=384", "train.batch_size=64", "train.probe_size=64",

@@ -14,27 +14,21 @@ import yaml
 
 import atas.evaluation.run
 import atas.trainer
+from atas.checkpoint import CheckpointError
 from atas.cli import main as cli
 from atas.config import ConfigError, load_config
 from atas.data import load_tensors
-from atas.methods import get_method
 from atas.evaluation.run import VAL_FILE, load_val_set, validation_request
+from atas.methods import get_method
 from atas.trainer import check_resumable, make_data
 from atas.tune import choose
+from tests.helpers import needs_fmnist
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
 TINY = ["model.arch=wong_cnn", "data.subset=256", "train.epochs=1", "train.batch_size=64", "train.probe_size=0",
         "eval.pgd_steps=2", "eval.pgd_restarts=1", "train.progress=false", "train.co_action=keep_best"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On a shared CPU, torch's intra-op threads spin against each other: one is enough."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _forbid(monkeypatch, *names):
@@ -81,7 +75,7 @@ def test_val_size_zero_is_todays_run_bit_for_bit_and_old_runs_still_resume(tmp_p
     saved = yaml.safe_load((tmp_path / "plain" / "config.yaml").read_text())
     del saved["data"]["val_size"]
     check_resumable(saved, load_config("fmnist", base))
-    with pytest.raises(Exception, match="val_size"):
+    with pytest.raises(CheckpointError, match="val_size"):
         check_resumable(saved, load_config("fmnist", base + ["data.val_size=64"]))
 
 

@@ -10,7 +10,8 @@ pyautoattack is an optional dependency (`atas[aa]`): only these attacks need it.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -24,8 +24,9 @@ import os
 import time
 import warnings
 import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -133,7 +134,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
             "timing": timing, "warnings": messages}
 
 
-def _run_attacks(names: list[str], setup: AttackSetup, x: torch.Tensor, y: torch.Tensor, state: "_State",
+def _run_attacks(names: list[str], setup: AttackSetup, x: torch.Tensor, y: torch.Tensor, state: _State,
                  progress: bool) -> tuple[dict, dict, dict]:
     """Each attack over the whole set, one after the other: (results, per-sample verdicts, seconds)."""
     n = x.shape[0]
@@ -245,7 +246,7 @@ def _batch_seed(seed: int, name: str, batch: int) -> int:
 
 def _run_attack(name: str, attack_settings: dict, run_batch: Callable, model: nn.Module,
                 x: torch.Tensor, y: torch.Tensor, eps: float, seed: int, batch_size: int,
-                dev: torch.device, state: "_State", progress: bool) -> list[bool]:
+                dev: torch.device, state: _State, progress: bool) -> list[bool]:
     n = x.shape[0]
     n_batches = math.ceil(n / batch_size)
     flags = state.resume(name, attack_settings)

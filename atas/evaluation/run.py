@@ -147,7 +147,7 @@ def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: flo
 
         msg = (f"evaluating at eps={getattr(eps, 'text', eps)} but the model was trained at "
                f"eps={cfg.method.eps.text}")
-        warnings.warn(msg)
+        warnings.warn(msg, stacklevel=2)
         result.setdefault("warnings", []).append(msg)
     result["model"] = {"arch": cfg.model.arch, "dataset": cfg.data.name, "method": cfg.method.name,
                        "train_eps": cfg.method.eps.text, "sha256": fingerprint_model(model)}

@@ -7,9 +7,8 @@ shared. Adding a method is one file: a `@register` class with an `Options` datac
 logged stats); made visible by `--import` or the entry-point group "atas.methods"
 (docs/contributing.md).
 """
-from atas.methods.base import METHODS, BatchState, Method, get_method, list_methods, method, register
-
 # Importing the modules fills the registry.
-from atas.methods import standard, fgsm_rs, pgd, atas, n_fgsm, grad_align, fgsm_pgi, free, elle  # noqa: E402,F401
+from atas.methods import atas, elle, fgsm_pgi, fgsm_rs, free, grad_align, n_fgsm, pgd, standard  # noqa: F401
+from atas.methods.base import METHODS, BatchState, Method, get_method, list_methods, method, register
 
 __all__ = ["METHODS", "BatchState", "Method", "get_method", "list_methods", "method", "register"]

@@ -47,9 +47,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from atas.values import ConfigError, Frac
 from atas.methods.base import Method, register
 from atas.threat import bn_mode, input_grad, signed_step
+from atas.values import ConfigError, Frac
 
 OFFICIAL_NUMERATOR = 16 / 255
 

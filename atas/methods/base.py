@@ -20,8 +20,9 @@ from __future__ import annotations
 import dataclasses
 import warnings
 import weakref
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import ClassVar, Iterable, Iterator
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -29,9 +30,9 @@ import torch.nn.functional as F
 
 from atas.augment import CropFlip, PairedAugment
 from atas.registry import Registry
-from atas.values import ConfigError, build_dataclass, parse_fraction
 from atas.store import PerSampleStore
 from atas.threat import BN_MODES, LinfBall
+from atas.values import ConfigError, build_dataclass, parse_fraction
 
 # name -> Method subclass; `@register` on a class adds it under its `name`. Packages add theirs
 # through the entry-point group "atas.methods" (atas.registry).
@@ -43,11 +44,11 @@ def list_methods() -> list[str]:
     return METHODS.names()
 
 
-def get_method(name: str) -> type["Method"]:
+def get_method(name: str) -> type[Method]:
     return METHODS.get(name)
 
 
-def method(name: str, eps, **kwargs) -> "Method":
+def method(name: str, eps, **kwargs) -> Method:
     """`atas.method("n_fgsm", eps=8/255, ...)`: the method object by registry name; keyword
     arguments as for the class (num_samples, epochs, augment, store_dtype and the method's options)."""
     return get_method(name)(eps, **kwargs)

@@ -77,9 +77,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from atas.values import ConfigError
 from atas.methods.base import Method, register
 from atas.threat import LinfBall, bn_mode, input_grad, signed_step
+from atas.values import ConfigError
 
 # The official scripts' eps grid on CIFAR-10 is 2/255 .. 26/255.
 SCHEDULE_MAX_EPS = 26 / 255

@@ -31,14 +31,13 @@ Example:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import warnings
+from dataclasses import dataclass
 
 import torch
 
-from atas.values import ConfigError
 from atas.methods.base import Method, _same_tensor, register
+from atas.values import ConfigError
 
 
 @register

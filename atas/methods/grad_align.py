@@ -59,9 +59,9 @@ from dataclasses import dataclass
 
 import torch
 
-from atas.values import ConfigError
 from atas.methods.base import Method, register
 from atas.threat import bn_mode, input_grad, signed_step
+from atas.values import ConfigError
 
 # The CIFAR-10 schedule's range (the paper's eps grid is 1/255 .. 16/255).
 SCHEDULE_MAX_EPS = 16 / 255
