@@ -37,7 +37,7 @@ from atas.models import NormalizedModel, build_model, register as register_model
 from atas.provenance import __version__
 from atas.trainer import train
 
-__all__ = ["ATAS", "FGSMRS", "NFGSM", "GradAlign", "FGSMPGI", "Free", "PGDAT", "ELLE", "ELLEA", "Method", "method", "get_method",
-           "list_methods", "RandomCropFlip", "IndexedDataset", "benchmark", "load_test_set", "NormalizedModel",
-           "build_model", "register_model", "Config", "AtasError", "ConfigError", "load_config", "parse_fraction", "train",
-           "evaluate", "format_table", "export_model", "load_model", "__version__"]
+__all__ = ["ATAS", "FGSMRS", "NFGSM", "GradAlign", "FGSMPGI", "Free", "PGDAT", "ELLE", "ELLEA", "Method", "method",
+           "get_method", "list_methods", "RandomCropFlip", "IndexedDataset", "benchmark", "load_test_set",
+           "NormalizedModel", "build_model", "register_model", "Config", "AtasError", "ConfigError", "load_config",
+           "parse_fraction", "train", "evaluate", "format_table", "export_model", "load_model", "__version__"]

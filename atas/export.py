@@ -215,7 +215,8 @@ def run_evaluation(source: str | Path, model: nn.Module) -> tuple[dict | None, s
         if sha is None:
             unverifiable.append(file.name)
     why = (f"{', '.join(f.name for f in files)} in {path.parent} evaluate other weights than {path.name}"
-           + (f" ({', '.join(unverifiable)} records no weights sha256: written by an older atas)" if unverifiable else "")
+           + (f" ({', '.join(unverifiable)} records no weights sha256: written by an older atas)"
+              if unverifiable else "")
            + f"; evaluate these weights with `atas eval {path}` and export again to include it")
     return None, why
 

@@ -119,7 +119,8 @@ class Guard:
         else:
             ramp = o.eps_ramp_epochs or GENERIC_RAMP
             changes = {"eps_ramp_epochs": ramp, "eps_ramp_start": last_healthy + 1}
-            remedy = f"generic (the method has no remedy of its own): a {ramp}-epoch eps ramp from epoch {last_healthy + 1}"
+            remedy = (f"generic (the method has no remedy of its own): a {ramp}-epoch eps ramp from epoch "
+                      f"{last_healthy + 1}")
         return {EVENT: "recovery", **base, "attempt": len(past) + 1, "rollback_to": last_healthy,
                 "replayed_epochs": replay, "changes": changes, "remedy": remedy}
 

@@ -125,8 +125,8 @@ class COMonitor:
         if self.masked_run >= self.patience:
             reasons.append(f"masked: worst-case probe {worst:.3f} < {self.mask_ratio:g} x FGSM {fgsm:.3f} "
                            f"for {self.masked_run} epochs")
-        declined = (epoch > self.hold_until and self.best_worst >= self.min_best and worst < self.decline_ratio * self.best_worst
-                    and fgsm >= self.fgsm_at_best_worst)
+        declined = (epoch > self.hold_until and self.best_worst >= self.min_best
+                    and worst < self.decline_ratio * self.best_worst and fgsm >= self.fgsm_at_best_worst)
         self.decline_run = self.decline_run + 1 if declined else 0
         if self.decline_run >= self.patience:
             reasons.append(f"decline: worst-case probe {worst:.3f} < {self.decline_ratio:g} x its best "

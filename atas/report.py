@@ -332,7 +332,8 @@ def run_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         body.append([method_label(r["method"]), r["eps"], str(r["seed"]),
                      *(pct(_accuracy(r, name)) for name, _ in columns), f"{r.get('train_time_s', 0.0):.1f}",
                      _ramp(r), ", ".join(map(str, r.get("co_epochs") or [])) or "none",
-                     "not evaluated" if sig is None else ("yes" if sig else "no"), _guard_cell(r), r.get("run_dir", "")])
+                     "not evaluated" if sig is None else ("yes" if sig else "no"), _guard_cell(r),
+                     r.get("run_dir", "")])
     return header, body
 
 

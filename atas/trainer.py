@@ -343,7 +343,8 @@ def _build(cfg: Config, ctx, run_dir: Path, ckpt_path: Path) -> _Run:
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
     store_options = {"storage_size": cfg.train.store_size, "indices": data.indices,
                      "device": "cpu" if cfg.train.store_memmap else device,
-                     "memmap_path": ctx.checkpoint_path(run_dir, cfg.train.store_memmap) if cfg.train.store_memmap else None}
+                     "memmap_path": (ctx.checkpoint_path(run_dir, cfg.train.store_memmap)
+                                     if cfg.train.store_memmap else None)}
     optimizer = make_optimizer(cfg, model)
     run = _Run(cfg, ctx, device, data, model, attack_model, ctx.wrap(attack_model), optimizer, None,
                torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16"), None, store_options,

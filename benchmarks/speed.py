@@ -138,7 +138,8 @@ def store_memory_table() -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="preact_resnet18", help="preact_resnet18 (CIFAR shape) | small_cnn (FMNIST) | ...")
+    p.add_argument("--model", default="preact_resnet18",
+                   help="preact_resnet18 (CIFAR shape) | small_cnn (FMNIST) | ...")
     p.add_argument("--dataset", default=None, help="shape/pad/eps source (default: by model; cifar10 or fmnist)")
     p.add_argument("--data", choices=["synthetic", "real"], default="synthetic")
     p.add_argument("--device", default="auto")
@@ -157,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     info = dataset_info(dataset)
 
     print(f"device: {_device_name(args.device)} | torch {torch.__version__} | commit {_commit()}")
-    print(f"model {args.model} on {args.data} {dataset}-shaped data {info.channels}x{info.image_size}x{info.image_size} "
+    print(f"model {args.model} on {args.data} {dataset}-shaped data "
+          f"{info.channels}x{info.image_size}x{info.image_size} "
           f"(pad {info.train_pad}) | batch {args.batch_size} | {args.steps} steps/epoch, 1 warm-up + {args.repeats} "
           f"timed epochs | amp {args.amp} | channels_last {args.channels_last} | compile {args.compile} | "
           f"store {args.store_dtype}")
@@ -178,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     if "atas" in rates and "fgsm_rs" in rates:
         ratio = rates["atas"][0] / rates["fgsm_rs"][0]
         verdict = "meets" if ratio >= 0.95 else "MISSES"
-        print(f"\natas / fgsm_rs throughput: {ratio:.3f} ({verdict} the target >= 0.95, i.e. ATAS time <= 1.05x FGSM-RS)")
+        print(f"\natas / fgsm_rs throughput: {ratio:.3f} ({verdict} the target >= 0.95, "
+              "i.e. ATAS time <= 1.05x FGSM-RS)")
     for method in ("elle", "elle_a"):  # no target: the paper's point is 'cheaper than GradAlign', not 'as FGSM'
         if method in rates and "fgsm_rs" in rates:
             print(f"{method} time per step / fgsm_rs: {rates['fgsm_rs'][0] / rates[method][0]:.2f}x")

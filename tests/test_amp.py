@@ -63,9 +63,9 @@ def test_training_runs_under_bf16_and_channels_last(tmp_path):
     from atas.trainer import train
 
     cfg = load_config("fmnist", ["model.arch=wong_cnn", "data.subset=256", "train.batch_size=64", "train.epochs=1",
-                                 "train.amp=bf16", "train.channels_last=true", "train.probe_size=32", "train.co_action=keep_best",
-                                 "train.probe_steps=1", "train.progress=false", "eval.at_end=false",
-                                 f"out_dir={tmp_path}"])
+                                 "train.amp=bf16", "train.channels_last=true", "train.probe_size=32",
+                                 "train.co_action=keep_best", "train.probe_steps=1", "train.progress=false",
+                                 "eval.at_end=false", f"out_dir={tmp_path}"])
     run = train(cfg, run_dir=tmp_path / "r")
     assert run.metrics[0]["train_loss"] == run.metrics[0]["train_loss"]  # finite, not NaN
     assert all(p.dtype == torch.float32 for p in run.model.parameters())  # master weights stay fp32

@@ -205,8 +205,8 @@ def test_bad_input_exits_2_before_training(tmp_path, monkeypatch, capsys, extra,
 # --------------------------------------------------------------------------------------------
 # End to end
 # --------------------------------------------------------------------------------------------
-TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=256", "train.epochs=2", "train.batch_size=64", "train.probe_size=32",
-        "train.probe_steps=2", "eval.pgd_steps=2", "eval.pgd_restarts=1", "train.progress=false",
+TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=256", "train.epochs=2", "train.batch_size=64",
+        "train.probe_size=32", "train.probe_steps=2", "eval.pgd_steps=2", "eval.pgd_restarts=1", "train.progress=false",
         "method.warmup_epochs=1"]
 RUN_KEYS = {"method", "eps", "seed", "clean", "pgd", "aa", "train_time_s", "co_detected", "co_epochs",
             "co_final_signature", "curves", "run_dir"}

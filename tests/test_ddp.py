@@ -28,8 +28,8 @@ from tests.helpers import FMNIST
 REPO = Path(__file__).resolve().parents[1]
 N, WORLD = 512, 2
 OVERRIDES = ["model.arch=wong_cnn", f"data.subset={N}", f"data.data_dir={FMNIST}", "train.device=cpu",
-             "train.batch_size=64", "train.epochs=1", "train.progress=false", "train.probe_size=64", "train.co_action=keep_best",
-             "eval.at_end=false", "method.warmup_epochs=0"]
+             "train.batch_size=64", "train.epochs=1", "train.progress=false", "train.probe_size=64",
+             "train.co_action=keep_best", "eval.at_end=false", "method.warmup_epochs=0"]
 
 
 def _free_port() -> int:
@@ -39,7 +39,8 @@ def _free_port() -> int:
 
 
 def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     return env

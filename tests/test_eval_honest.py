@@ -28,9 +28,9 @@ from tests.helpers import FMNIST, needs_fmnist
 
 ev = importlib.import_module("atas.evaluation")  # the package (atas.evaluate is the function)
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=256", "train.batch_size=64", "train.probe_size=32",
-        "train.probe_steps=2", "train.progress=false", "optim.lr=0.02", "method.atas.warmup_epochs=1",
-        f"data.data_dir={FMNIST}"]
+TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=256", "train.batch_size=64",
+        "train.probe_size=32", "train.probe_steps=2", "train.progress=false", "optim.lr=0.02",
+        "method.atas.warmup_epochs=1", f"data.data_dir={FMNIST}"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -352,9 +352,9 @@ def test_short_training_run(tmp_path, name, extra):
     from atas.trainer import train
 
     cfg = load_config("fmnist", [f"method.name={name}", "data.subset=256", "train.epochs=1", "train.batch_size=64",
-                                 "model.arch=wong_cnn", "train.probe_size=64", "train.probe_steps=2", "train.co_action=keep_best",
-                                 "train.progress=false", "eval.at_end=false", f"out_dir={tmp_path}",
-                                 "train.device=cpu", "train.max_steps=2"] + extra)
+                                 "model.arch=wong_cnn", "train.probe_size=64", "train.probe_steps=2",
+                                 "train.co_action=keep_best", "train.progress=false", "eval.at_end=false",
+                                 f"out_dir={tmp_path}", "train.device=cpu", "train.max_steps=2"] + extra)
     run = train(cfg)
     assert len(run.metrics) == 1 and run.metrics[0]["step"] == 2
     assert math.isfinite(run.metrics[0]["train_loss"])

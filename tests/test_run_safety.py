@@ -24,8 +24,8 @@ from atas.rundir import RunDirError, RunLock
 from atas.trainer import CHECKPOINT, MetricsLog, train
 from tests.helpers import needs_fmnist as needs_data
 
-TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=256", "train.batch_size=64", "train.probe_size=32",
-        "train.probe_steps=1", "train.progress=false", "eval.at_end=false", "eval.attacks=clean",
+TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=256", "train.batch_size=64",
+        "train.probe_size=32", "train.probe_steps=1", "train.progress=false", "eval.at_end=false", "eval.attacks=clean",
         "method.atas.warmup_epochs=1", "train.deterministic=true"]
 
 
@@ -132,7 +132,8 @@ def test_corrupt_checkpoint_refused_by_eval_and_resume_names_the_older_one(run_c
 
 @needs_data
 def test_previous_checkpoint_is_kept_one_epoch_older(finished_run):
-    current, prev = load_checkpoint(finished_run / CHECKPOINT), load_checkpoint(previous_path(finished_run / CHECKPOINT))
+    current = load_checkpoint(finished_run / CHECKPOINT)
+    prev = load_checkpoint(previous_path(finished_run / CHECKPOINT))
     assert (current["epoch"], prev["epoch"]) == (2, 1)
     assert [r["epoch"] for r in prev["metrics"]] == [1]
 

@@ -18,8 +18,8 @@ from tests.helpers import needs_fmnist
 
 pytestmark = needs_fmnist
 
-TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=384", "train.batch_size=64", "train.probe_size=64",
-        "train.probe_steps=2", "train.progress=false", "eval.at_end=false", "optim.lr=0.02",
+TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=384", "train.batch_size=64",
+        "train.probe_size=64", "train.probe_steps=2", "train.progress=false", "eval.at_end=false", "optim.lr=0.02",
         "method.atas.warmup_epochs=1", "train.deterministic=true"]
 
 

@@ -29,6 +29,7 @@ TINY = ["model.arch=wong_cnn", "data.subset=256", "train.epochs=1", "train.batch
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+TRAIN_AND_EVAL = ("atas.trainer.train", "atas.evaluation.run.evaluate_run", "atas.evaluation.run.evaluate_validation")
 
 
 def _forbid(monkeypatch, *names):
@@ -37,7 +38,8 @@ def _forbid(monkeypatch, *names):
 
     for name in names:
         module, attr = name.rsplit(".", 1)
-        monkeypatch.setattr({"atas.trainer": atas.trainer, "atas.evaluation.run": atas.evaluation.run}[module], attr, boom)
+        modules = {"atas.trainer": atas.trainer, "atas.evaluation.run": atas.evaluation.run}
+        monkeypatch.setattr(modules[module], attr, boom)
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,7 +195,7 @@ def test_tune_picks_the_best_value_runs_the_seeds_with_it_and_records_it(tmp_pat
     assert "Hyper-parameter search" in (tmp_path / "report.html").read_text()
 
     # Again: the search and the seeds are read back; nothing trains or validates.
-    _forbid(monkeypatch, "atas.trainer.train", "atas.evaluation.run.evaluate_run", "atas.evaluation.run.evaluate_validation")
+    _forbid(monkeypatch, *TRAIN_AND_EVAL)
     assert cli(argv) == 0
     out = capsys.readouterr().out
     assert out.count("finished before: read back") == 3 + 4 and "chose lam=1000" in out
@@ -203,7 +205,7 @@ def test_tune_picks_the_best_value_runs_the_seeds_with_it_and_records_it(tmp_pat
 
 @needs_fmnist
 def test_an_explicit_value_skips_the_search(tmp_path, monkeypatch, capsys):
-    _forbid(monkeypatch, "atas.trainer.train", "atas.evaluation.run.evaluate_run", "atas.evaluation.run.evaluate_validation")
+    _forbid(monkeypatch, *TRAIN_AND_EVAL)
     for override in ("elle.lam=100", "method.lam=100"):
         assert cli(["compare", "fmnist", "--methods", "elle,elle_a", "--eps", "0.1,0.2", "--attacks", "clean",
                     "--tune", "--tune-val-size", "64", "--out", str(tmp_path), "--report-only", *TINY, override]) == 0
@@ -230,7 +232,7 @@ def test_an_explicit_value_skips_the_search(tmp_path, monkeypatch, capsys):
                                           (["--tune-val-size", "64", "--tune-n-examples", "65"], "give 1..64"),
                                           (["--tune-n-examples", "0"], "give 1..5000")])
 def test_bad_tune_sizes_exit_2_before_anything_trains(tmp_path, monkeypatch, capsys, extra, match):
-    _forbid(monkeypatch, "atas.trainer.train", "atas.evaluation.run.evaluate_run", "atas.evaluation.run.evaluate_validation")
+    _forbid(monkeypatch, *TRAIN_AND_EVAL)
     argv = ["compare", "fmnist", "--methods", "elle", "--tune", *extra, "--out", str(tmp_path), *TINY]
     if "--tune-n-examples" in extra and "--tune-val-size" not in extra:
         argv[argv.index("data.subset=256")] = "data.subset=6000"
@@ -241,6 +243,6 @@ def test_bad_tune_sizes_exit_2_before_anything_trains(tmp_path, monkeypatch, cap
 
 
 def test_tune_sizes_without_tune_are_refused(tmp_path, monkeypatch, capsys):
-    _forbid(monkeypatch, "atas.trainer.train", "atas.evaluation.run.evaluate_run", "atas.evaluation.run.evaluate_validation")
+    _forbid(monkeypatch, *TRAIN_AND_EVAL)
     assert cli(["compare", "fmnist", "--methods", "elle", "--tune-val-size", "64", "--out", str(tmp_path), *TINY]) == 2
     assert "add --tune" in capsys.readouterr().err

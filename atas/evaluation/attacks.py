@@ -36,8 +36,8 @@ PGD_LOSSES = ("ce", "margin")
 # Fashion-MNIST at eps 0.2-0.3 (4 models), PGD-50-10 with a cosine-decaying step from eps/2 on the
 # margin loss was the strongest PGD on every model, up to 7 points stronger than the constant
 # eps/4 (ATAS, eps 0.3: 43% vs 50%, AutoAttack 39%); the same on cross-entropy was within one
-# image of it; the fixed 0.01 of the MNIST protocol and eps/10 were weaker. What remains between it and AutoAttack comes from
-# APGD-T's targeted loss, which no step size of an untargeted PGD recovers: report AutoAttack.
+# image of it; the fixed 0.01 of the MNIST protocol and eps/10 were weaker. What remains between it
+# and AutoAttack comes from APGD-T's targeted loss, which no step size of an untargeted PGD recovers: report AutoAttack.
 # CIFAR-scale radii keep eps/4 constant (the field's common choice) until measured otherwise.
 MNIST_SCALE_EPS = 0.1
 

@@ -105,10 +105,9 @@ class ATAS(Method):
             raise ConfigError(f"need 0 < method.alpha_min <= method.alpha_max, got {o.alpha_min!r}, {o.alpha_max!r}")
         if o.c <= 0 or not 0 <= o.beta < 1:
             raise ConfigError(f"need method.c > 0 and 0 <= method.beta < 1, got c={o.c}, beta={o.beta}")
-        for key in ("warmup_epochs", "reset_every"):
+        for key, zero in (("warmup_epochs", "no warm-up"), ("reset_every", "never")):
             if getattr(o, key) < 0:
-                raise ConfigError(f"method.{key} must be >= 0 (0: {'no warm-up' if key == 'warmup_epochs' else 'never'}), "
-                                  f"got {getattr(o, key)}")
+                raise ConfigError(f"method.{key} must be >= 0 (0: {zero}), got {getattr(o, key)}")
         if o.ref_batch < 1:
             raise ConfigError(f"method.ref_batch (the batch size grad_norm=per_sample matches) must be >= 1, "
                               f"got {o.ref_batch}")

@@ -312,9 +312,9 @@ class Method:
                              f"atas.method({saved_name!r}, ...), or start {self.name} fresh.")
         saved_n = state.get("num_samples")
         if self.uses_store and saved_n is not None and int(saved_n) != self.num_samples:
-            raise ValueError(f"cannot resume {self.name}: the saved per-sample state is for num_samples={int(saved_n)}, "
-                             f"this object has num_samples={self.num_samples}. Resume with the training set the "
-                             "state was saved with (same size and order), or start fresh.")
+            raise ValueError(f"cannot resume {self.name}: the saved per-sample state is for "
+                             f"num_samples={int(saved_n)}, this object has num_samples={self.num_samples}. Resume "
+                             "with the training set the state was saved with (same size and order), or start fresh.")
         self.current_epoch = int(state.get("epoch", 0))
         if "store" in state:
             if self.store is not None:
