@@ -155,7 +155,8 @@ def test_short_training_run_is_finite_and_resumes_exactly(tmp_path, name):
 
     common = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=256", "train.batch_size=64",
               "train.probe_size=64", "train.probe_steps=2", "train.progress=false", "eval.at_end=false",
-              "optim.lr=0.02", "train.deterministic=true", f"method.name={name}", "method.eps=0.1", f"out_dir={tmp_path}"]
+              "optim.lr=0.02", "train.deterministic=true", f"method.name={name}", "method.eps=0.1",
+              f"out_dir={tmp_path}"]
     full = train(load_config("fmnist", common + ["train.epochs=2"]), run_dir=tmp_path / "full")
     assert all(r["train_loss"] == r["train_loss"] and abs(r["train_loss"]) < 1e6 for r in full.metrics)
     train(load_config("fmnist", common + ["train.epochs=1"]), run_dir=tmp_path / "half")
