@@ -13,6 +13,7 @@ inside the wrapper, so every attack still works in [0, 1] pixel space.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -47,7 +48,7 @@ class InputAdapter(nn.Module):
 
 
 def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
-    tensor = next(iter(model.parameters()), None)
+    tensor: torch.Tensor | None = next(iter(model.parameters()), None)
     if tensor is None:
         tensor = next(iter(model.buffers()), None)
     if tensor is None:
@@ -73,7 +74,7 @@ def _collect(data: Iterable, n_examples: int | None) -> tuple[torch.Tensor, torc
     """(x, y) from a DataLoader or map-style Dataset whose items start with (x, y)."""
     xs, ys, n = [], [], 0
     is_loader = isinstance(data, torch.utils.data.DataLoader)
-    items = data if is_loader else (data[i] for i in range(len(data)))
+    items = data if is_loader else (cast(Any, data)[i] for i in range(len(cast(Any, data))))  # a map-style Dataset
     for item in items:
         if not isinstance(item, (tuple, list)) or len(item) < 2:
             raise ValueError(f"each batch/item of the data must be (x, y, ...), got {type(item).__name__}")

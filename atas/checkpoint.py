@@ -67,7 +67,7 @@ class _Recorder:
 
 
 def _is_disk_full(e: BaseException | None, recorded: OSError | None) -> bool:
-    seen = [recorded]
+    seen: list[BaseException | None] = [recorded]
     while e is not None and len(seen) < 8:  # the exception and what it was raised from or during
         seen.append(e)
         e = e.__cause__ or e.__context__
@@ -114,7 +114,7 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Write `path` through `write(file)` via temp file + fsync + rename; clean up on any failure.
     Out of space: DiskFullError (a CheckpointError) naming the file, the old file untouched."""
     path = Path(path)
@@ -154,7 +154,7 @@ def _write_in_place(path: Path, write: Callable[[Any], None], mode: str) -> None
         raise
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), mode="w")
 
 

@@ -204,6 +204,7 @@ def _run_tuning(args, tuning: _Tuning, methods: list[str], eps_list, routed: Rou
     """Run the searches, then plan the seeds again with the values they chose."""
     from atas.tune import run_search
 
+    assert tuning.n_examples is not None  # set with the searches (check_tune_sizes)
     for search in tuning.searches:
         run_search(search, tuning.n_examples, args.report_only, out, routed.notes)
     chosen = {(s.method, s.eps): s.override() for s in tuning.searches if s.chosen is not None}
@@ -247,7 +248,7 @@ def _check_test_set_size(spec: RunSpec) -> None:
                           f"images; give at most {size}")
 
 
-def _run_or_read(args, i: int, n: int, spec: RunSpec, status: str, out: Path) -> dict:
+def _run_or_read(args, i: int, n: int, spec: RunSpec, status: str | None, out: Path) -> dict:
     """One run's row of summary.json: trained / resumed / evaluated as needed, or (--report-only)
     read back, or marked diverged or not finished."""
     from atas.trainer import TrainingDiverged, read_divergence
@@ -260,6 +261,7 @@ def _run_or_read(args, i: int, n: int, spec: RunSpec, status: str, out: Path) ->
                 "run_dir": os.path.relpath(spec.run_dir, out)}
     if args.report_only and status == "diverged":
         info = read_divergence(spec.run_dir)
+        assert info is not None  # the status "diverged" is read from this very file
         print(f"{head}: diverged at epoch {info['epoch']} (loss {info['loss']}) (--report-only)", flush=True)
         return _failed_row(spec, out, f"diverged at epoch {info['epoch']}, step {info['step']} "
                                       f"(loss {info['loss']})", info)

@@ -13,6 +13,7 @@ import os
 import pickle
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -81,7 +82,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         from safetensors.torch import load_file
 
         try:
-            state = load_file(str(path))
+            state: Any = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise ConfigError(f"--weights {path}: not a readable safetensors file ({e})") from e
     else:

@@ -68,14 +68,22 @@ class AdversarialTraining(pl.Callback):
                                  "it: AdversarialTraining(method)")
             self.method = found[0]
 
+    def _method(self) -> Method:
+        if self.method is None:
+            raise RuntimeError("AdversarialTraining has no method object yet: Lightning calls setup() first")
+        return self.method
+
+    def _seed(self) -> int:
+        return int(torch.initial_seed() if self.seed is None else self.seed)  # setup() fixes it
+
     def _start(self, epoch: int) -> None:
         """Seed torch's generators for `epoch` (1-based) from (seed, epoch), then start the method's epoch."""
-        torch.manual_seed((int(self.seed) * 1_000_003 + epoch) % 2**63)
-        self.method.start_epoch(epoch)
+        torch.manual_seed((self._seed() * 1_000_003 + epoch) % 2**63)
+        self._method().start_epoch(epoch)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._batches = 0
-        if self.method.current_epoch != trainer.current_epoch + 1:  # not already started by the resume
+        if self._method().current_epoch != trainer.current_epoch + 1:  # not already started by the resume
             self._start(trainer.current_epoch + 1)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -86,7 +94,7 @@ class AdversarialTraining(pl.Callback):
             return {}
         done = self._trainer is not None and self._batches >= self._trainer.num_training_batches
         # The method's own keys (epoch, store, ...), the run's seed and whether the epoch's training is over.
-        return {**self.method.state_dict(), "seed": int(self.seed), "epoch_end": bool(done)}
+        return {**self.method.state_dict(), "seed": self._seed(), "epoch_end": bool(done)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if self.method is None:
@@ -96,11 +104,11 @@ class AdversarialTraining(pl.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if self._pending is not None:
-            self._pending, pending = None, self._pending
+            pending, self._pending = self._pending, None
             self._resume(pending)
 
     def _resume(self, state: dict) -> None:
-        self.method.load_state_dict(state)
+        self._method().load_state_dict(state)
         if "seed" in state:
             self.seed = int(state["seed"])
         # Mid-epoch (or an older checkpoint without the seed): the method's state only.

@@ -64,7 +64,7 @@ class Registry(dict):
         self.aliases = dict(aliases or {})
         self._plugins_loaded = group is None
 
-    def register(self, name: str | None = None, obj: Any = None, *, replace: bool = False) -> Any:
+    def register(self, name: Any = None, obj: Any = None, *, replace: bool = False) -> Any:
         """Add `obj` under `name`; without `obj`, a decorator. A class without a name given is
         registered under its `name` attribute. A name taken twice is an error (replace=True: on purpose)."""
         def add(obj: Any) -> Any:
@@ -84,7 +84,9 @@ class Registry(dict):
         """The registered spelling of `name` (its alias resolved)."""
         return self.aliases.get(name, name)
 
-    def get(self, name: str) -> Any:
+    # A registry's get raises for an unknown name (listing the valid ones) where dict.get returns a
+    # default: another contract under the same name, on purpose (`name in REGISTRY` asks politely).
+    def get(self, name: str) -> Any:  # type: ignore[override]
         """The entry registered as `name`; ConfigError (a ValueError) listing the valid names if there is none."""
         key = self.key(name)
         if key not in self:
@@ -105,6 +107,6 @@ class Registry(dict):
         return f"unknown {self.kind} {name!r}; valid: {valid}{aliases}{self.hint}"
 
     def load_plugins(self) -> None:
-        if not self._plugins_loaded:
+        if not self._plugins_loaded and self.group is not None:
             self._plugins_loaded = True  # first: a plugin that looks a name up does not recurse
             load_entry_points(self.group)

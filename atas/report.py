@@ -96,15 +96,16 @@ def group_runs(rows: list[dict]) -> dict[str, dict[str, list[dict]]]:
     return out
 
 
-def mean_std(values: list[float]) -> tuple[float, float | None] | None:
-    """(mean, sample std with n-1) of the values; std is None for one value; None for none."""
-    values = [v for v in values if v is not None]
+def mean_std(given: Iterable[float | None]) -> tuple[float, float | None] | None:
+    """(mean, sample std with n-1) of the values (None: not measured, left out); std is None for
+    one value; None for none."""
+    values = [v for v in given if v is not None]
     if not values:
         return None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def format_pm(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+def format_pm(values: Iterable[float | None], scale: float = 100.0, digits: int = 1) -> str:
     """'71.3 ± 1.2' (scale 100: fractions shown as %); one value: '71.3 (1 seed)'; none: '—'."""
     ms = mean_std(values)
     if ms is None:
@@ -143,7 +144,7 @@ def _gave_up(run: dict) -> bool:
 
 
 def _pgd_label(rows: list[dict]) -> str:
-    labels = {r.get("pgd_label") for r in _ok(rows) if r.get("pgd_label")}
+    labels = {str(r["pgd_label"]) for r in _ok(rows) if r.get("pgd_label")}
     return labels.pop() if len(labels) == 1 else "PGD"
 
 
@@ -190,9 +191,9 @@ def summary_tables(rows: list[dict]) -> list[tuple[str, list[str], list[list[str
     tables = []
     for eps, by_method in group_runs(rows).items():
         reference = _reference(by_method)
-        pgd_time = _mean(by_method.get(reference, []), "train_time_s")
+        pgd_time = _mean(by_method[reference], "train_time_s") if reference is not None else None
         header = ["method", "seeds"] + [f"{label} (%)" for _, label in columns] + ["train time (s)"] \
-            + ([f"time vs {method_label(reference)}"] if pgd_time else []) + ["CO"]
+            + ([f"time vs {method_label(reference)}"] if pgd_time and reference is not None else []) + ["CO"]
         body = []
         for method, runs in by_method.items():
             ok = _ok(runs)
@@ -241,7 +242,8 @@ def findings(rows: list[dict]) -> dict[str, list[str]]:
         reference = _reference(by_method)
         for method in by_method:
             if _is(method, "claims_reference_robustness"):
-                facts += _gap_facts(method, by_method[method], reference, by_method.get(reference, []))
+                facts += _gap_facts(method, by_method[method], reference,
+                                    by_method[reference] if reference is not None else [])
         facts += _learning_facts(by_method)
         out[eps] = facts
     return out
@@ -277,7 +279,7 @@ def _gap_facts(method: str, runs: list[dict], reference: str | None, reference_r
     metric = "AA" if use_aa else _pgd_label(mine + theirs)
     a, p = _mean(mine, key), _mean(theirs, key)
     ta, tp = _mean(mine, "train_time_s"), _mean(theirs, "train_time_s")
-    ratio = f"{ta / tp:.2f}" if tp else "n/a"
+    ratio = f"{ta / tp:.2f}" if tp and ta is not None else "n/a"
     if a is None or p is None:
         facts = [f"{name} vs {ref}: no {metric} accuracy to compare."]
     else:
@@ -609,8 +611,8 @@ def plot_time_vs_robust(rows: list[dict], path: str | Path) -> Path | None:
 # --------------------------------------------------------------------------------------------
 def _notes(rows: list[dict], ok: list[dict], search: list[dict] | None = None) -> list[str]:
     """What the numbers are and how far to trust them; the loud warnings first."""
-    n_examples = sorted({r.get("n_examples") for r in ok if r.get("n_examples")})
-    epochs = sorted({r.get("epochs_planned") or r.get("epochs") for r in ok} - {None, 0})
+    n_examples = sorted({int(r["n_examples"]) for r in ok if r.get("n_examples")})
+    epochs = sorted({int(e) for e in (r.get("epochs_planned") or r.get("epochs") for r in ok) if e})
     notes = ["Accuracies in % on the first "
              + (" / ".join(str(n) for n in n_examples) or "?") + " test images"
              + (f" (one image = {100 / n_examples[0]:.2f} points)" if len(n_examples) == 1 else "")

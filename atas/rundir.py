@@ -28,7 +28,7 @@ from atas.checkpoint import CheckpointError, atomic_write_text
 try:
     import fcntl
 except ImportError:  # not POSIX: the PID in the lock file decides
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # the module, or None where there is none
 
 CHECKPOINT = "checkpoint.pt"
 LOCK = ".lock"

@@ -6,6 +6,7 @@ how x_adv is made (and, rarely, its loss).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -13,8 +14,10 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -34,11 +37,19 @@ from atas.checkpoint import (
     save_checkpoint,
 )
 from atas.config import Config, ConfigError, config_from_dict, method_options
-from atas.data import TestSplit, check_subset, check_val_size, dataset_info, image_folder, load_tensors
+from atas.data import (
+    IndexedImageFolder,
+    TestSplit,
+    check_subset,
+    check_val_size,
+    dataset_info,
+    image_folder,
+    load_tensors,
+)
 from atas.errors import AtasError
 from atas.evaluation.attacks import FGSM, PGD, pgd_step
 from atas.loaders import FolderLoader, ResidentLoader
-from atas.methods import get_method
+from atas.methods import Method, get_method
 from atas.methods.elle import local_linearity_error
 from atas.models import build_model
 from atas.rundir import CHECKPOINT, RunFolder
@@ -125,7 +136,7 @@ def lr_factor(cfg: Config, steps_per_epoch: int):
 
 @dataclass
 class TrainData:
-    loader: object
+    loader: ResidentLoader | FolderLoader
     num_train: int
     augment: PairedAugment
     frame_shape: tuple[int, int, int]
@@ -144,6 +155,7 @@ def make_data(cfg: Config, device: torch.device, shard=None) -> TrainData:
     d, t = cfg.data, cfg.train
     pad = info.train_pad if d.train_pad is None else d.train_pad
     flip = info.flip if d.flip is None else d.flip
+    loader: ResidentLoader | FolderLoader
     if info.resident:
         x, y = load_tensors(info.name, "train", d.data_dir, d.download)
         n = check_val_size(d.val_size, check_subset(d.subset, len(x)))
@@ -155,7 +167,7 @@ def make_data(cfg: Config, device: torch.device, shard=None) -> TrainData:
         augment = PairedAugment(info.image_size, pad=pad, flip=flip)
         num_train = len(x)
     else:
-        train_set = image_folder(info.name, "train", d.data_dir)
+        train_set: IndexedImageFolder | torch.utils.data.Subset = image_folder(info.name, "train", d.data_dir)
         n = check_val_size(d.val_size, check_subset(d.subset, len(train_set)))
         if n < len(train_set):
             train_set = torch.utils.data.Subset(train_set, range(n))
@@ -246,8 +258,9 @@ class RunResult:
 
 
 def _rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": torch.tensor(np.random.get_state()[1].astype(np.int64)),
-             "python": str(random.getstate())}
+    numpy_state = cast(tuple, np.random.get_state())  # the legacy tuple: (name, keys, pos, ...)
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": torch.tensor(numpy_state[1].astype(np.int64)),
+                             "python": str(random.getstate())}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -309,20 +322,20 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False,
 class _Run:
     """Everything one training run holds, built once by `_build` (and rebuilt in part by a rollback)."""
     cfg: Config
-    ctx: object
+    ctx: dist.DistContext
     device: torch.device
     data: TrainData
     model: nn.Module
     attack_model: nn.Module
     train_model: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: object
-    scaler: object
-    method: object
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    method: Method
     store_options: dict
     ckpt_path: Path
     memory_format: torch.memory_format
-    autocast: object
+    autocast: Callable[[], contextlib.AbstractContextManager]
     num_classes: int = 10
     x_probe: torch.Tensor | None = None
     y_probe: torch.Tensor | None = None
@@ -338,7 +351,7 @@ def _build(cfg: Config, ctx, run_dir: Path, ckpt_path: Path) -> _Run:
     model = model.to(memory_format=memory_format)
     # The attack runs on `attack_model` (no DDP: its backward must not all-reduce anything); only
     # the training pass goes through the DDP wrapper. Both share the same parameters.
-    attack_model = torch.compile(model) if cfg.train.compile else model
+    attack_model = cast(nn.Module, torch.compile(model)) if cfg.train.compile else model
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
     store_options = {"storage_size": cfg.train.store_size, "indices": data.indices,
@@ -346,13 +359,12 @@ def _build(cfg: Config, ctx, run_dir: Path, ckpt_path: Path) -> _Run:
                      "memmap_path": (ctx.checkpoint_path(run_dir, cfg.train.store_memmap)
                                      if cfg.train.store_memmap else None)}
     optimizer = make_optimizer(cfg, model)
-    run = _Run(cfg, ctx, device, data, model, attack_model, ctx.wrap(attack_model), optimizer, None,
-               torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16"), None, store_options,
+    method = _new_method(cfg, data, store_options, {})
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, len(data.loader) * method.replays))
+    run = _Run(cfg, ctx, device, data, model, attack_model, ctx.wrap(attack_model), optimizer, scheduler,
+               torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16"), method, store_options,
                ckpt_path, memory_format, autocast)
-    run.method = _make_method(run, {})
     run.num_classes = dataset_info(cfg.data.name).num_classes
-    steps_per_epoch = len(data.loader) * run.method.replays
-    run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
     n_probe = min(cfg.train.probe_size, len(data.x_test))
     if n_probe:
         run.x_probe = data.x_test[-n_probe:].to(device).float().div_(255)
@@ -360,15 +372,18 @@ def _build(cfg: Config, ctx, run_dir: Path, ckpt_path: Path) -> _Run:
     return run
 
 
-def _make_method(run: _Run, changes: dict):
+def _make_method(run: _Run, changes: dict) -> Method:
     """The public method object, with the guard's option changes so far (atas.guard)."""
-    cfg = run.cfg
+    return _new_method(run.cfg, run.data, run.store_options, changes)
+
+
+def _new_method(cfg: Config, data: TrainData, store_options: dict, changes: dict) -> Method:
     options = method_options(cfg)
     if changes:
         options = dataclasses.replace(options, **changes)
-    return get_method(cfg.method.name)(cfg.method.eps, options, cfg.train.epochs, num_samples=run.data.num_train,
-                                       augment=run.data.augment, store_dtype=cfg.train.store_dtype,
-                                       store_options=run.store_options)
+    return get_method(cfg.method.name)(cfg.method.eps, options, cfg.train.epochs, num_samples=data.num_train,
+                                       augment=data.augment, store_dtype=cfg.train.store_dtype,
+                                       store_options=store_options)
 
 
 def _restore(run: _Run, state: dict, rows: list[dict]) -> int:
@@ -420,7 +435,8 @@ def _start(run: _Run, folder: RunFolder, log: MetricsLog, state: dict | None) ->
     """Restore a resumed run (state: its checkpoint), write the folder, and link epoch 0 as the
     guard's first rollback target. Returns (metrics rows, first epoch to train, step count)."""
     cfg, ctx, run_dir = run.cfg, run.ctx, folder.run_dir
-    rows, start_epoch, step = [], 1, 0
+    rows: list[dict] = []
+    start_epoch, step = 1, 0
     if state is not None:
         # Every rank reads the checkpoint's rows: the guard's option changes are in them.
         rows = state.get("metrics") or ([r for r in log.read() if r["epoch"] < int(state["epoch"]) + 1]
@@ -475,7 +491,7 @@ def _judge(run: _Run, row: dict, rows: list[dict], monitor) -> dict:
     gets the probe's numbers and the verdict."""
     cfg = run.cfg
     verdict = {"co": False, "best": False, "reason": ""}
-    if run.x_probe is None or not run.ctx.is_main:
+    if run.x_probe is None or run.y_probe is None or not run.ctx.is_main:
         return verdict
     row.update(probe(run.model, run.x_probe, run.y_probe, cfg.method.eps, cfg.train.probe_steps,
                      cfg.train.probe_restarts))
@@ -589,6 +605,7 @@ class _Tally:
 
     def stat_totals(self) -> dict:
         row = {}
+        assert self._reduced is not None, "totals() first: it reduces the sums across ranks"
         for key, _, mean, lo, hi in self._stats(self._reduced):
             row.update({f"{key}_mean": mean, f"{key}_min": lo, f"{key}_max": hi})
         return row
@@ -647,8 +664,11 @@ def _roll_back(run: _Run, event: dict, rows: list[dict], run_dir: Path, log: Met
     rows.append(event)
     state = load_checkpoint(healthy_path(run.ckpt_path), map_location="cpu")
     state["metrics"] = json.loads(json.dumps(rows))
-    _save_or_explain(lambda: (save_checkpoint(run.ckpt_path, state, keep_previous=True), log.write_all(rows)),
-                     run.ckpt_path, lambda: target, run_dir)
+    def save() -> None:
+        save_checkpoint(run.ckpt_path, state, keep_previous=True)
+        log.write_all(rows)
+
+    _save_or_explain(save, run.ckpt_path, lambda: target, run_dir)
     step = _restore(run, state, rows)
     return target + 1, step, guard.monitor_for(run.method.opt, rows)
 

@@ -185,7 +185,7 @@ def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"{prefix}{name}: expected a mapping")
-            kwargs[name] = build_dataclass(tp, value, f"{prefix}{name}.")
+            kwargs[name] = build_dataclass(typing.cast(type, tp), value, f"{prefix}{name}.")
         else:
             kwargs[name] = coerce(value, tp, prefix + name)
     return cls(**kwargs)

@@ -22,7 +22,7 @@ import warnings
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn as nn
@@ -160,7 +160,7 @@ class Method:
         self.store: PerSampleStore | None = None
         self._pending_store_state: dict | None = None
         self.current_epoch = 0          # 1-based once an epoch has started; 0 before
-        self._crop: tuple[torch.Tensor, CropFlip] | None = None   # (idx, crop) of the last augment
+        self._crop: tuple[torch.Tensor | None, CropFlip] | None = None   # (idx, crop) of the last augment
         self._state: BatchState | None = None                      # the last perturb's batch
         self._loss_pending = False
         self._warned_no_loss = False
@@ -170,7 +170,8 @@ class Method:
         # Per-step numbers for the progress bar / logs, kept as tensors (no device sync here).
         self.stats: dict[str, torch.Tensor] = {}
         self._reset_due = False
-        self._checked_model = None  # weakref to the model whose dtype perturb() last checked
+        # the model whose dtype perturb() last checked (a weak reference: the method must not keep it alive)
+        self._checked_model: weakref.ReferenceType[nn.Module] | None = None
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{f.name}={getattr(self.opt, f.name)!r}" for f in dataclasses.fields(self.opt))
@@ -194,7 +195,7 @@ class Method:
         epoch = self.start_epoch()
         for owner in (loader, getattr(loader, "sampler", None)):
             if hasattr(owner, "set_epoch"):
-                owner.set_epoch(epoch)
+                cast(Any, owner).set_epoch(epoch)
                 break
         for batch in loader:
             if not isinstance(batch, (tuple, list)) or len(batch) != 3:
@@ -237,7 +238,9 @@ class Method:
             self._checked_model = weakref.ref(model)
         elif x.dtype in _HALF:
             _check_float32(self.name, model, x)
-        store, prior, cf = None, None, None
+        store: PerSampleStore | None = None
+        prior: torch.Tensor | None = None
+        cf: CropFlip | None = None
         if self.uses_store:
             if idx is None:
                 raise ValueError(f"{self.name} keeps state per training sample: pass perturb(model, x, y, idx) "
@@ -250,7 +253,7 @@ class Method:
             prior = store.gather_delta(idx, cf)                                   # gather
         self._state = state = BatchState(idx=idx, epoch=self.current_epoch, store=store, prior=prior)
         x_adv = self.attack(model, x, y, state)                                   # attack
-        if store is not None:
+        if store is not None and idx is not None and cf is not None:  # (all three, or none: uses_store)
             store.scatter_delta(idx, cf, self.new_prior(x_adv, x))                # scatter
         self._loss_pending = True
         return x_adv
@@ -455,27 +458,29 @@ class Method:
 
     def _store_for(self, x: torch.Tensor, cf: CropFlip) -> PerSampleStore:
         frame_shape = (x.shape[1], cf.frame, cf.frame)
-        if self.store is None:
-            if self.num_samples is None:
-                raise ValueError(f"{self.name} keeps state per training sample: build it with "
-                                 "num_samples=len(train_set) (and batches with dataset indices: atas.IndexedDataset)")
-            self._build_store(frame_shape, self._store_options.get("device", x.device))
-        if (self.store.delta.shape[1], self.store.frame, self.store.frame) != frame_shape:
+        store = self.store
+        if store is None:
+            store = self._build_store(frame_shape, self._store_options.get("device", x.device))
+        if (store.delta.shape[1], store.frame, store.frame) != frame_shape:
             raise ValueError(f"this batch's images need a stored prior of {frame_shape} (channels, frame, frame) but "
-                             f"the store holds {(self.store.delta.shape[1], self.store.frame, self.store.frame)}: "
+                             f"the store holds {(store.delta.shape[1], store.frame, store.frame)}: "
                              "every batch of a run must have the image size (and augmentation) it started with")
-        return self.store
+        return store
 
-    def _build_store(self, frame_shape: tuple[int, int, int], device) -> None:
+    def _build_store(self, frame_shape: tuple[int, int, int], device) -> PerSampleStore:
+        if self.num_samples is None:
+            raise ValueError(f"{self.name} keeps state per training sample: build it with "
+                             "num_samples=len(train_set) (and batches with dataset indices: atas.IndexedDataset)")
         opts = {k: v for k, v in self._store_options.items() if k != "device"}
-        self.store = PerSampleStore(self.num_samples, frame_shape, self.eps, dtype=self.store_dtype,
-                                    device=device, draw=self._pending_store_state is None, **opts)
+        self.store = store = PerSampleStore(self.num_samples, frame_shape, self.eps, dtype=self.store_dtype,
+                                            device=device, draw=self._pending_store_state is None, **opts)
         if self._pending_store_state is not None:
-            self.store.load_state_dict(self._pending_store_state)
+            store.load_state_dict(self._pending_store_state)
             self._pending_store_state = None
         if self._reset_due:
-            self.store.reset_delta()
+            store.reset_delta()
             self._reset_due = False
+        return store
 
 
 _HALF = (torch.float16, torch.bfloat16)

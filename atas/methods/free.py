@@ -77,6 +77,7 @@ class Free(Method):
         # leaves delta as it was instead of poisoning it with NaN.
         eps_t = self.eps_at(self.current_epoch)
         stepped = (leaf.detach() + self.opt.step_factor * eps_t * grad.sign()).clamp_(-eps_t, eps_t)
+        assert self.delta is not None  # the leaf is a view of it
         self.delta[:len(leaf)] = torch.where(torch.isfinite(grad), stepped, leaf.detach())
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
