@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from atas.config import Config, parse_fraction
 from atas.evaluation.protocol import evaluate
+from atas.evaluation.run import load_test_set
 
 
 class InputAdapter(nn.Module):
@@ -54,20 +55,6 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     if tensor is None:
         return torch.float32, torch.device("cpu")
     return (tensor.dtype if tensor.is_floating_point() else torch.float32), tensor.device
-
-
-def load_test_set(dataset: str | Config, n_examples: int | None = None, data_dir=None,
-                  download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The unpadded test images (uint8 [N, C, H, W]) and labels of a dataset name ("fmnist",
-    "cifar10", ...) or of a run's Config; the first n_examples if given."""
-    from atas.data import dataset_info
-    from atas.evaluation.run import load_test_set as _from_config
-
-    if isinstance(dataset, Config):
-        return _from_config(dataset, n_examples)
-    cfg = Config()
-    cfg.data.name, cfg.data.data_dir, cfg.data.download = dataset_info(dataset).name, data_dir, download
-    return _from_config(cfg, n_examples)
 
 
 def _collect(data: Iterable, n_examples: int | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -101,24 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_final_eval_extras(cfg) -> None:
-    """Refuse before training, not hours later, when the end-of-run evaluation needs AutoAttack
-    and pyautoattack is not installed."""
-    from atas.config import ConfigError
-    from atas.extras import INSTALL, available
-
-    attacks = cfg.eval.attacks
-    needs_aa = [a for a in attacks if a in ("aa", "apgd-ce", "apgd-t")]
-    if cfg.eval.at_end and needs_aa and not available("pyautoattack"):
-        kept = ",".join(a for a in attacks if a not in needs_aa) or "clean,pgd"
-        raise ConfigError(f"eval.attacks={','.join(attacks)} runs AutoAttack ({', '.join(needs_aa)}) at the end "
-                          f"of training, and the pyautoattack package is not installed: "
-                          f"{INSTALL['pyautoattack']}; or evaluate without it: eval.attacks={kept}")
-
-
 def cmd_train(args) -> int:
     from atas import distributed
-    from atas.config import ConfigError, load_config
+    from atas.config import ConfigError, check_attacks, load_config
     from atas.trainer import load_run_config, train
 
     if args.resume:
@@ -131,7 +116,8 @@ def cmd_train(args) -> int:
         if not args.recipe:
             raise ConfigError("give a recipe (see `atas recipes`) or --resume RUN_DIR")
         cfg = load_config(args.recipe, args.overrides)
-    _check_final_eval_extras(cfg)
+    if cfg.eval.at_end:  # AutoAttack's package is refused now, not after hours of training
+        check_attacks(cfg.eval.attacks, "eval.attacks: ", installed=True)
     args.run_dir_hint = str(args.resume or args.run_dir or Path(cfg.out_dir) / cfg.name)
     _say_data_source(cfg)
     _sigterm_interrupts()
@@ -266,13 +252,12 @@ def cmd_eval(args) -> int:
 
         raise ConfigError("give a run folder / checkpoint / export to evaluate, or --model MODULE:FUNCTION")
     from atas.checkpoint import check_output
-    from atas.compare import check_attacks
-    from atas.config import Frac, check_eps, validate_eval
+    from atas.config import Frac, check_attacks, check_eps, validate_eval
     from atas.evaluation import format_table
     from atas.evaluation.run import eval_file_name, evaluate_run
     from atas.export import checkpoint_record, load_model, resolve_artifact
 
-    attacks = None if args.attacks is None else check_attacks(args.attacks)  # "" is an error
+    attacks = None if args.attacks is None else check_attacks(args.attacks, installed=True)  # "" is an error
     device = _eval_device(args.device)
     if args.out:
         check_output(args.out)  # before the model is even loaded

@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from atas.config import ConfigError, load_config
+from atas.config import ConfigError, check_attacks, load_config
 from atas.provenance import load_average, machine_info
 from atas.sweep import (
     RoutedOverrides,
@@ -124,18 +124,6 @@ def check_methods(names: list[str]) -> list[str]:
     return names
 
 
-def check_attacks(attacks: list[str] | str) -> list[str]:
-    """--attacks: registered names; AutoAttack's package must be there before anything trains."""
-    from atas.config import check_attacks as registered
-
-    names = registered(attacks)
-    if "aa" in names:
-        from atas.extras import require
-
-        require("pyautoattack", "attack 'aa' (standard AutoAttack)")
-    return names
-
-
 # --------------------------------------------------------------------------------------------
 # The command
 # --------------------------------------------------------------------------------------------
@@ -144,7 +132,7 @@ def cmd_compare(args) -> int:
     methods, routed, eps_list, out = _checked_request(args)
     specs = plan_runs(args.recipe, methods, eps_list, args.seeds, routed, out)
     tuning = _plan_tuning(args, methods, eps_list, routed, out)
-    attacks = check_attacks(specs[0].cfg.eval.attacks)
+    attacks = check_attacks(specs[0].cfg.eval.attacks, installed=True)
     if not args.report_only:  # an impossible size fails now, not after training
         _check_test_set_size(specs[0])
     # Folder conflicts fail here too (a seed of a search is checked once its value is chosen).
@@ -228,7 +216,7 @@ def _checked_request(args) -> tuple[list[str], RoutedOverrides, list | None, Pat
     # Parsed once: the Frac of each eps is the one its runs' configs hold.
     eps_list = list({e.text: e for e in map(parse_eps, _split(args.eps))}.values()) if args.eps else None
     if args.attacks is not None:
-        routed.common.append(f"eval.attacks={','.join(check_attacks(args.attacks))}")
+        routed.common.append(f"eval.attacks={','.join(check_attacks(args.attacks, installed=True))}")
     if args.n_examples is not None:
         routed.common.append(f"eval.n_examples={args.n_examples}")
     out_dirs = [o.split("=", 1)[1].strip() for o in routed.common if o.split("=", 1)[0].strip() == "out_dir"]

@@ -15,6 +15,7 @@ import yaml
 
 from atas.data import dataset_info
 from atas.evaluation import ATTACKS, pgd_step
+from atas.extras import INSTALL, MissingDependencyError, available
 from atas.methods import METHODS, get_method, list_methods
 from atas.models import list_models
 
@@ -370,14 +371,27 @@ def validate_eval(cfg: Config) -> None:
         raise ConfigError(f"eval.pgd_alpha / pgd_schedule / pgd_loss: {err}") from None
 
 
-def check_attacks(attacks: list[str] | str, key: str = "") -> list[str]:
-    """Attack names (a list, or a comma list as typed), lower-cased, each once, all registered."""
+def check_attacks(attacks: list[str] | str, key: str = "", installed: bool = False) -> list[str]:
+    """Attack names (a list, or a comma list as typed), lower-cased, each once, all registered: the
+    one reader of an attack list (eval.attacks, --attacks). installed=True (the attacks are about to
+    run): also the optional package each one runs on (`Attack.requires`), or MissingDependencyError
+    saying what to install and which attacks run without it."""
     attacks = coerce(attacks, list[str], key.rstrip(": ") or "attacks")  # a comma list as typed, or a list
     names = list(dict.fromkeys(a.strip().lower() for a in attacks if a.strip()))
     unknown = [a for a in names if a not in ATTACKS.names()]
     if unknown or not names:
         raise ConfigError(f"{key}unknown attack(s) {', '.join(unknown) or '(none given)'}; "
                           f"valid: {', '.join(ATTACKS.names())}")
+    missing = [a for a in names if ATTACKS[a].requires and not available(ATTACKS[a].requires)]
+    if installed and missing:
+        module = ATTACKS[missing[0]].requires
+        needs = [a for a in missing if ATTACKS[a].requires == module]
+        kept = ",".join(a for a in names if a not in needs) or "clean,pgd"
+        what = ", ".join(f"{a} ({ATTACKS[a].label})" for a in needs)
+        option = key.rstrip(": ") or "--attacks"
+        raise MissingDependencyError(f"{option}={','.join(names)} runs {what}, and the {module} package is not "
+                                     f"installed: {INSTALL.get(module, f'pip install {module}')}; or evaluate "
+                                     f"without it: {option}={kept}")
     return names
 
 

@@ -85,6 +85,8 @@ def is_healthy(verdict: dict, monitor: COMonitor, row: dict, num_classes: int) -
 
 
 def is_stuck_only(reason: str) -> bool:
+    """Whether a monitor's reason (its rules joined by "; ") names only the stuck rule (a constant
+    prediction): a run that never learned, not catastrophic overfitting."""
     return all(part.startswith("stuck") for part in reason.split("; "))
 
 

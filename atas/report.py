@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from atas.extras import INSTALL, available
-from atas.guard import describe
+from atas.guard import describe, is_stuck_only
 from atas.methods import METHODS
 from atas.monitor import COMonitor
 from atas.values import parse_fraction
@@ -116,17 +116,19 @@ def format_pm(values: Iterable[float | None], scale: float = 100.0, digits: int 
     return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
 
 
-def is_stuck_only(run: dict) -> bool:
-    """Flagged by the monitor only as not learning (constant prediction), never as CO."""
+def _stuck_run(run: dict) -> bool:
+    """A run the monitor flagged only as not learning (constant prediction), never as CO: every
+    flagged epoch's reason is stuck-only (atas.guard.is_stuck_only) and the final model shows no
+    CO signature."""
     reasons = [x for x in (run.get("curves") or {}).get("co_reason", []) or [] if x]
-    return bool(reasons) and all(x.startswith("stuck:") for x in reasons) and not run.get("co_final_signature")
+    return bool(reasons) and all(is_stuck_only(x) for x in reasons) and not run.get("co_final_signature")
 
 
 def co_column(runs: list[dict]) -> str:
     """'yes (2/3)': how many seeds were flagged with catastrophic overfitting; 'no (0/3)'; runs the
     monitor flagged only as stuck (constant prediction) are counted apart: '+1 stuck'."""
     runs = _ok(runs)
-    stuck = sum(bool(r.get("co_detected")) and is_stuck_only(r) for r in runs)
+    stuck = sum(bool(r.get("co_detected")) and _stuck_run(r) for r in runs)
     k = sum(bool(r.get("co_detected")) for r in runs) - stuck
     recovered = sum(bool(_recoveries(r)) and not _gave_up(r) for r in runs)
     gave_up = sum(_gave_up(r) for r in runs)
@@ -252,7 +254,7 @@ def findings(rows: list[dict]) -> dict[str, list[str]]:
 def _co_fact(method: str, all_runs: list[dict]) -> str:
     """Whether a method prone to catastrophic overfitting showed it: yes (which seeds) or no."""
     runs = _ok(all_runs)
-    flagged = [r for r in runs if r.get("co_detected") and not is_stuck_only(r)]
+    flagged = [r for r in runs if r.get("co_detected") and not _stuck_run(r)]
     name = method_label(method)
     if not runs:
         why = "all failed" if all(r.get("failed") for r in all_runs) else "not finished yet"

@@ -17,9 +17,18 @@ from atas.evaluation.protocol import attack_names, evaluate, fingerprint_model, 
 from atas.rundir import clean_staged_files
 
 
-def load_test_set(cfg: Config, n_examples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unpadded test images (uint8) and labels; the first n_examples if given (an error unless
-    1 <= n_examples <= the test set's size: a size is what was asked, or an error)."""
+def load_test_set(dataset: str | Config, n_examples: int | None = None, data_dir: str | Path | None = None,
+                  download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unpadded test images (uint8 [N, C, H, W]) and labels of a dataset name ("fmnist",
+    "cifar10", ...; read from data_dir, see atas.data) or of a run's Config (its data section:
+    data_dir, download, test_subset); the first n_examples if given (an error unless 1 <=
+    n_examples <= the test set's size: a size is what was asked, or an error)."""
+    if isinstance(dataset, Config):
+        cfg = dataset
+    else:
+        cfg = Config()
+        cfg.data.name, cfg.data.download = dataset_info(dataset).name, download
+        cfg.data.data_dir = None if data_dir is None else str(data_dir)
     if n_examples is not None and n_examples < 1:
         raise ConfigError(f"--n-examples / eval.n_examples must be >= 1, got {n_examples}")
     split = TestSplit(cfg.data.name, cfg.data.data_dir, cfg.data.download)
