@@ -18,12 +18,12 @@ Any model, trained here or not:
     result = atas.benchmark(model, "fmnist", eps=0.2, attacks=["clean", "pgd", "aa"])
 """
 from atas.augment import RandomCropFlip
-from atas.benchmark import benchmark
 from atas.config import Config, ConfigError, load_config, parse_fraction
 from atas.errors import AtasError
 from atas.evaluation import evaluate, format_table
 from atas.evaluation.run import load_test_set
 from atas.export import export_model, load_model
+from atas.external_eval import benchmark
 from atas.indexed import IndexedDataset
 from atas.methods import Method, get_method, list_methods, method
 from atas.methods.atas import ATAS

@@ -192,12 +192,12 @@ def _eval_device(name: str):
 
 def cmd_eval_external(args) -> int:
     """`atas eval --model MODULE:FUNCTION --weights FILE --data NAME --eps E`: any model, atas's evaluation."""
-    from atas.benchmark import benchmark
     from atas.checkpoint import check_output
     from atas.config import ConfigError, Frac, check_eps
     from atas.evaluation import format_table, save_result
     from atas.evaluation.run import model_eval_file_name
     from atas.external import load_weights, model_from_factory
+    from atas.external_eval import benchmark
 
     missing = [flag for flag, value in (("--data", args.data), ("--eps", args.eps)) if value is None]
     if missing or args.checkpoint:
@@ -221,7 +221,7 @@ def cmd_eval_external(args) -> int:
         norm = tuple(tuple(float(v) for v in text.split(",")) for text in (args.mean, args.std))
     model = model.to(device)
     kwargs = {k: v for k, v in (("pgd_steps", args.pgd_steps), ("pgd_restarts", args.pgd_restarts)) if v}
-    result = benchmark(model, args.data, eps.text, attacks, normalization=norm, n_examples=args.n_examples,
+    result = benchmark(model, args.data, eps, attacks, normalization=norm, n_examples=args.n_examples,
                        data_dir=args.data_dir, batch_size=args.batch_size or 256, seed=args.seed,
                        progress=not args.no_progress, **kwargs)
     result["model"] = {"factory": args.model, "weights": args.weights, "dataset": args.data}

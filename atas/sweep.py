@@ -292,7 +292,7 @@ def _failed_row(spec: RunSpec, out: Path, why: str, diverged: dict) -> dict:
             "failed": why, "diverged": diverged, "run_dir": os.path.relpath(spec.run_dir, out)}
 
 
-def attack_columns(results: dict) -> dict[str, str]:
+def column_labels(results: dict) -> dict[str, str]:
     """{attack name: its column header} for an evaluation's results: the attack's `column` where it
     has one ("AA"), else the label the result carries ("PGD-50-10", a plugin's own label)."""
     from atas.evaluation import ATTACKS
@@ -327,7 +327,7 @@ def summarize_run(spec: RunSpec, out: Path) -> dict:
         "pgd_label": result["results"].get("pgd", {}).get("label"),
         # Every attack evaluated, in the order run (the four above included): the report's columns
         # come from here, so an attack of a plugin is reported as the shipped ones are.
-        "accuracy": accuracy, "attack_labels": attack_columns(result["results"]),
+        "accuracy": accuracy, "attack_labels": column_labels(result["results"]),
         "n_examples": result["n_examples"], "chance": 1.0 / dataset_info(spec.cfg.data.name).num_classes,
         # Training only: the per-epoch probe and the final evaluation are not in epoch_time_s.
         # ... of every epoch trained, the ones the guard replayed included: that is what the run cost.

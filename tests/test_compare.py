@@ -213,6 +213,7 @@ RUN_KEYS = {"method", "eps", "seed", "clean", "pgd", "aa", "train_time_s", "co_d
 
 
 @needs_fmnist
+@pytest.mark.slow
 def test_compare_end_to_end_then_rerun_trains_nothing(tmp_path, monkeypatch, capsys, one_thread):
     argv = ["compare", "fmnist", "--methods", "atas,fgsm_rs", "--seeds", "2", "--eps", "0.1,0.2",
             "--attacks", "clean,pgd", "--n-examples", "32", "--out", str(tmp_path), *TINY]

@@ -81,6 +81,7 @@ def _ckpt(folder: Path, rank: int) -> dict:
     return load_checkpoint(folder / f"checkpoint-rank{rank}-of{WORLD}.pt")
 
 
+@pytest.mark.slow
 def test_ddp_run_completes_and_each_rank_writes_its_checkpoint(ddp_run):
     run_dir, _ = ddp_run
     assert not (run_dir / "checkpoint.pt").exists()
@@ -93,6 +94,7 @@ def test_ddp_run_completes_and_each_rank_writes_its_checkpoint(ddp_run):
     assert len(metrics) == 2  # rank 0 logs, once per epoch, across the resume
 
 
+@pytest.mark.slow
 def test_each_rank_store_holds_exactly_its_shard_and_updated_every_row(ddp_run):
     run_dir, epoch1 = ddp_run
     owned = []
@@ -113,6 +115,7 @@ def test_each_rank_store_holds_exactly_its_shard_and_updated_every_row(ddp_run):
     assert owned[0].isdisjoint(owned[1]) and owned[0] | owned[1] == set(range(N))
 
 
+@pytest.mark.slow
 def test_ranks_hold_the_same_weights(ddp_run):
     """DDP averages the gradients, so the parameters agree across ranks (buffers may not: BN
     running statistics are broadcast from rank 0 before each forward, then updated locally)."""
@@ -123,6 +126,7 @@ def test_ranks_hold_the_same_weights(ddp_run):
         assert torch.allclose(models[0][k], models[1][k], atol=1e-6), k
 
 
+@pytest.mark.slow
 def test_resuming_a_two_rank_run_in_one_process_is_refused(ddp_run, monkeypatch):
     from atas.trainer import load_run_config, train
 
@@ -146,6 +150,7 @@ raise SystemExit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_co_stop_on_rank_0_stops_every_rank(tmp_path):
     """train.co_action=stop: the verdict exists on rank 0 only; without the broadcast rank 1 would
     train on into epoch 3 and both ranks would wait on each other forever."""
@@ -198,6 +203,7 @@ def _collectives_worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_broadcast_flag_and_metric_reduction_across_two_processes(tmp_path):
     import torch.multiprocessing as mp
 

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from atas.config import ConfigError, load_config
 from atas.methods import BatchState, get_method
-from atas.methods.elle import ELLE, ELLEA, lam_schedule, linearity_error, local_linearity_error, triplet
+from atas.methods.elle import ELLE, ELLEA, elle_lam_schedule, linearity_error, local_linearity_error, triplet
 from atas.threat import LinfBall
 from tests.helpers import needs_fmnist
 
@@ -96,7 +96,7 @@ def test_loss_adds_lam_times_the_penalty_and_it_reaches_the_parameters():
 
 
 def test_lam_schedule_and_bad_options():
-    assert (lam_schedule(8 / 255), lam_schedule(16 / 255), lam_schedule(24 / 255)) == (1000, 5000, 10000)
+    assert (elle_lam_schedule(8 / 255), elle_lam_schedule(16 / 255), elle_lam_schedule(24 / 255)) == (1000, 5000, 10000)
     assert ELLE(8 / 255).lam == 1000
     with pytest.warns(UserWarning, match="method.lam"):
         assert ELLE(0.3).lam == 10000

@@ -294,6 +294,7 @@ def _atas(*args, **kwargs) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_is_no_error():
     """`atas recipes | head -1`: the reader goes away before atas writes. No BrokenPipeError, the
     status a shell reports for `cat big | head` (141), nothing on stderr. Real process, real pipe."""

@@ -243,6 +243,7 @@ def test_export_of_an_unfinished_run_warns_and_records_the_epoch(run_dir, tmp_pa
 
 
 @needs_fmnist
+@pytest.mark.slow
 def test_sigterm_during_training_says_the_checkpoint_is_intact(tmp_path):
     run = tmp_path / "r"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

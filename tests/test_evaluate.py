@@ -386,6 +386,7 @@ def test_state_with_other_settings_starts_fresh(trained, tmp_path):
 # ---------------------------------------------------------------------------------- AutoAttack
 
 
+@pytest.mark.slow
 def test_autoattack_runs_through_pyautoattack_and_is_strongest(trained):
     model, x, y = trained
     result = evaluate(model, x, y, 0.05, attacks=("clean", "pgd", "aa", "apgd-ce"), pgd_steps=10,

@@ -14,7 +14,7 @@ from atas.config import ConfigError, load_config
 from atas.methods import BatchState, get_method
 from atas.methods.fgsm_pgi import FGSMPGI
 from atas.methods.free import Free
-from atas.methods.grad_align import GradAlign, gradient_misalignment, lam_schedule
+from atas.methods.grad_align import GradAlign, grad_align_lam_schedule, gradient_misalignment
 from atas.methods.n_fgsm import NFGSM
 from atas.store import PerSampleStore
 from tests.helpers import needs_fmnist
@@ -124,11 +124,11 @@ def test_eps_ramp_bounds_the_step_of_the_ball_methods(name):
 
 # ---------------------------------------------------------------- GradAlign
 def test_grad_align_lambda_schedule_matches_paper():
-    assert lam_schedule(8 / 255) == pytest.approx(0.2)
-    assert lam_schedule(16 / 255) == pytest.approx(2.0)
+    assert grad_align_lam_schedule(8 / 255) == pytest.approx(0.2)
+    assert grad_align_lam_schedule(16 / 255) == pytest.approx(2.0)
     # the rounded values of the official script (sh/exps_diff_eps_cifar10.sh)
     for e, lam in [(1, 0.027), (4, 0.063), (12, 0.632), (15, 1.5)]:
-        assert lam_schedule(e / 255) == pytest.approx(lam, abs=6e-4)
+        assert grad_align_lam_schedule(e / 255) == pytest.approx(lam, abs=6e-4)
     assert GradAlign(8 / 255).lam == pytest.approx(0.2)
     with pytest.warns(UserWarning, match="method.lam"):
         assert GradAlign(0.2).lam == pytest.approx(2.0)   # held at its 16/255 value, with a warning

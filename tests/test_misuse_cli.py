@@ -369,6 +369,7 @@ save_result({"results": {}}, sys.argv[1])
 
 
 @needs_data
+@pytest.mark.slow
 def test_a_killed_evaluation_write_leaves_nothing_behind(run_copy, capsys):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITE, str(run_copy / "eval.state")], env=env)

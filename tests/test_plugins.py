@@ -117,6 +117,7 @@ def installed(tmp_path) -> Path:
     return site
 
 
+@pytest.mark.slow
 def test_an_installed_plugin_of_each_kind_is_listed(tmp_path, installed):
     proc = _atas("recipes", cwd=tmp_path, pythonpath=[installed])
     assert proc.returncode == 0, proc.stderr
@@ -127,6 +128,7 @@ def test_an_installed_plugin_of_each_kind_is_listed(tmp_path, installed):
         assert name in line.split(": ", 1)[1].split(", "), line
 
 
+@pytest.mark.slow
 def test_an_installed_dataset_model_method_and_attack_train_and_evaluate(tmp_path, installed):
     (tmp_path / "synth.yaml").write_text(RECIPE)
     run = tmp_path / "run"
@@ -149,6 +151,7 @@ def test_an_installed_dataset_model_method_and_attack_train_and_evaluate(tmp_pat
         assert again["results"][name]["accuracy"] == result["results"][name]["accuracy"]
 
 
+@pytest.mark.slow
 def test_imported_plugins_are_compared_and_reported_in_their_own_columns(tmp_path):
     (tmp_path / "synth_plugin.py").write_text(PLUGIN)
     (tmp_path / "synth.yaml").write_text(RECIPE)

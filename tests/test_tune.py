@@ -156,6 +156,7 @@ def _fake_validation(calls):
 
 
 @needs_fmnist
+@pytest.mark.slow
 def test_tune_picks_the_best_value_runs_the_seeds_with_it_and_records_it(tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(atas.evaluation.run, "evaluate_validation", _fake_validation(calls))

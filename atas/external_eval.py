@@ -18,7 +18,7 @@ from typing import Any, cast
 import torch
 import torch.nn as nn
 
-from atas.config import Config, parse_fraction
+from atas.config import Config, Frac, parse_fraction
 from atas.evaluation.protocol import evaluate
 from atas.evaluation.run import load_test_set
 
@@ -95,7 +95,8 @@ def benchmark(model: nn.Module, data, eps: float | str, attacks: Sequence[str] =
         kwargs: passed to `atas.evaluate` (pgd_steps, pgd_restarts, state_path, ...).
     Returns: the result dict of `atas.evaluate` (print it with `atas.format_table`).
     """
-    label = eps.strip() if isinstance(eps, str) else None
+    # A Frac (atas eval --eps, a config's method.eps) carries how it was written; a string is parsed here, once.
+    label = eps.text if isinstance(eps, Frac) else eps.strip() if isinstance(eps, str) else None
     eps = parse_fraction(eps)
     if n_examples is not None and (int(n_examples) != n_examples or n_examples < 1):
         raise ValueError(f"n_examples must be a positive integer or None (all), got {n_examples!r}")
