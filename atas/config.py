@@ -347,6 +347,7 @@ def validate(cfg: Config) -> None:
                           f"got {cfg.train.recover_budget_epochs}")
     if cfg.train.probe_restarts < 1:
         raise ConfigError(f"train.probe_restarts must be >= 1, got {cfg.train.probe_restarts}")
+    _check_ranges(cfg)
     if cfg.optim.schedule not in ("multistep", "cyclic", "cosine", "constant"):
         raise ConfigError(f"optim.schedule must be multistep, cyclic, cosine or constant, got {cfg.optim.schedule!r}")
     if cfg.optim.name not in ("sgd", "adam"):
@@ -354,6 +355,27 @@ def validate(cfg: Config) -> None:
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     validate_eval(cfg)
+
+
+def _check_ranges(cfg: Config) -> None:
+    """The numeric options of the data, train and optim sections that the checks above do not cover
+    (a negative padding, probe size or weight decay would otherwise fail, or silently misbehave,
+    mid-run): each with the range it must lie in."""
+    d, t, o = cfg.data, cfg.train, cfg.optim
+    for key, value, ok, want in (
+            ("data.train_pad", d.train_pad, d.train_pad is None or d.train_pad >= 0, ">= 0 (or null: the dataset's)"),
+            ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
+            ("train.probe_size", t.probe_size, t.probe_size >= 0, ">= 0 (0: no probe)"),
+            ("train.probe_steps", t.probe_steps, t.probe_steps >= 1, ">= 1"),
+            ("train.store_size", t.store_size, t.store_size is None or t.store_size >= 1, ">= 1 (or null: the frame)"),
+            ("train.max_steps", t.max_steps, t.max_steps is None or t.max_steps >= 1, ">= 1 (or null: no limit)"),
+            ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
+            ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+            ("optim.gamma", o.gamma, o.gamma > 0, "> 0 (the LR factor at each milestone)"),
+            ("optim.pct_start", o.pct_start, 0 < o.pct_start < 1, "in (0, 1) (where the one-cycle LR peaks)"),
+            ("optim.milestones", o.milestones, all(m >= 0 for m in o.milestones), "epochs >= 0")):
+        if not ok:
+            raise ConfigError(f"{key} must be {want}, got {value}")
 
 
 def validate_eval(cfg: Config) -> None:

@@ -53,6 +53,27 @@ def test_every_option_of_every_method_is_checked_before_the_run_folder_exists(tm
     assert not run.exists()
 
 
+# The dataset's, the model's, the training loop's and the evaluation's (attacks') options: each
+# numeric one out of its range, each choice misspelt.
+SECTION_CASES = ["data.name=cifar11", "data.train_pad=-1", "data.num_workers=-1", "data.subset=0", "data.val_size=-1",
+                 "model.arch=no_such_net", "train.probe_size=-5", "train.probe_steps=0", "train.store_size=0",
+                 "train.max_steps=0", "train.store_dtype=float8", "train.amp=fp8", "train.co_action=ignore",
+                 "optim.momentum=1.5", "optim.weight_decay=-1", "optim.gamma=0", "optim.pct_start=1.5",
+                 "optim.milestones=[-1]", "optim.schedule=linear", "eval.attacks=clean,bogus", "eval.pgd_steps=0",
+                 "eval.pgd_alpha=3eps", "eval.pgd_loss=hinge", "eval.n_examples=0"]
+
+
+@pytest.mark.parametrize("override", SECTION_CASES)
+def test_every_other_option_is_checked_before_the_run_folder_exists(tmp_path, capsys, override):
+    run = tmp_path / "run"
+    status = cli(["train", "fmnist", override, "--run-dir", str(run)])
+    err = capsys.readouterr().err
+    key, value = override.split("=")
+    named = key.split(".")[-1] in err or value.split(",")[-1] in err  # the key, or the unknown name
+    assert status == 2 and "Traceback" not in err and named and len(err.strip().splitlines()) == 1, err
+    assert not run.exists()
+
+
 def test_bn_mode_typo_is_refused_naming_the_choices(tmp_path, capsys):
     """The issue's case: `method.bn_mode=evl` used to write config.yaml and a checkpoint, then die mid-run."""
     status = cli(["train", "fmnist", "method.bn_mode=evl", "--run-dir", str(tmp_path / "run")])
