@@ -13,6 +13,14 @@ The whole run, as `atas train` does it:
     cfg = atas.load_config("fmnist", ["method.name=atas", "train.epochs=5"])
     run = atas.train(cfg)                      # checkpoints, metrics, probe in runs/<name>/
 
+Catastrophic-overfitting protection in your own loop (the probe, the monitor and the guard `atas
+train` uses; docs/own-code.md):
+
+    guard = atas.Guard(model, opt, atk, probe=atas.Probe(x_val, y_val, eps=0.2))
+    for epoch in guard.epochs(30):             # a rollback replays the undone epochs
+        ...                                    # the epoch, as above
+        guard.end_epoch(epoch)                 # probe, verdict, keep the healthy state or roll back
+
 Any model, trained here or not:
 
     result = atas.benchmark(model, "fmnist", eps=0.2, attacks=["clean", "pgd", "aa"])
@@ -24,6 +32,7 @@ from atas.evaluation import evaluate, format_table
 from atas.evaluation.run import load_test_set
 from atas.export import export_model, load_model
 from atas.external_eval import benchmark
+from atas.guard import Guard
 from atas.indexed import IndexedDataset
 from atas.methods import Method, get_method, list_methods, method
 from atas.methods.atas import ATAS
@@ -35,10 +44,12 @@ from atas.methods.grad_align import GradAlign
 from atas.methods.n_fgsm import NFGSM
 from atas.methods.pgd import PGDAT
 from atas.models import NormalizedModel, build_model, register as register_model
+from atas.monitor import COMonitor, Probe
 from atas.provenance import __version__
 from atas.trainer import train
 
 __all__ = ["ATAS", "FGSMRS", "NFGSM", "GradAlign", "FGSMPGI", "Free", "PGDAT", "ELLE", "ELLEA", "Method", "method",
            "get_method", "list_methods", "RandomCropFlip", "IndexedDataset", "benchmark", "load_test_set",
            "NormalizedModel", "build_model", "register_model", "Config", "AtasError", "ConfigError", "load_config",
-           "parse_fraction", "train", "evaluate", "format_table", "export_model", "load_model", "__version__"]
+           "parse_fraction", "train", "evaluate", "format_table", "export_model", "load_model", "Probe", "COMonitor",
+           "Guard", "__version__"]

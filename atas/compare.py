@@ -265,8 +265,9 @@ def _run_or_read(args, i: int, n: int, spec: RunSpec, status: str | None, out: P
         return _failed_row(spec, out, str(e), e.record())
     row = summarize_run(spec, out)
     accs = " ".join(f"{k} {100 * v:.1f}%" for k, v in row["accuracy"].items() if v is not None)
-    print(f"{head}: {action}; {accs}; train {row['train_time_s']:.1f} s; "
-          f"CO {'yes' if row['co_detected'] else 'no'}", flush=True)
+    verdict = ("did not learn" if row["outcome"] == "did not learn"
+               else f"CO {'yes' if row['co_detected'] else 'no'}; {row['outcome']}")
+    print(f"{head}: {action}; {accs}; train {row['train_time_s']:.1f} s; {verdict}", flush=True)
     return row
 
 
@@ -274,9 +275,10 @@ def _write_outputs(args, methods: list[str], specs: list[RunSpec], attacks: list
                    rows: list[dict], out: Path, load_at_start: float | None, tuning: _Tuning) -> None:
     """summary.json (with the command, its equivalent and the machine), the report, the table."""
     from atas.checkpoint import atomic_write_text
-    from atas.report import AA_NOT_RUN, build_report, findings, format_summary_table
+    from atas.report import AA_NOT_RUN, build_report, findings, format_summary_table, mark_learning
     from atas.trainer import resolve_device
 
+    mark_learning(rows)  # did not learn / outcome, against the other methods' runs
     eps = list(dict.fromkeys(s.eps for s in specs))
     equivalent = ["atas", "compare", args.recipe, "--methods", ",".join(methods), "--seeds", str(args.seeds),
                   "--eps", ",".join(eps), "--attacks", ",".join(attacks)]

@@ -29,6 +29,19 @@ AdversarialTraining(seed=...); it is saved in the checkpoint.
 What is not: a checkpoint saved mid-epoch (Lightning restarts that epoch's loader), Python's `random`
 and NumPy's generators (not re-seeded), and random numbers a LightningModule draws in its own
 `on_train_epoch_start` (in a resumed epoch they come after the loader's draw instead of before).
+
+Catastrophic-overfitting protection, as `atas train` and atas.Guard in an own loop have it:
+
+    AdversarialTraining(probe=atas.Probe(x_val, y_val, eps=0.2))
+
+probes the model at the end of every epoch (clean, FGSM, PGD-10 on the held-out images), judges it
+with the monitor (atas.COMonitor), keeps the last healthy state (the module's weights, the optimizer,
+the LR scheduler, the method's state with its per-sample store and options, torch's RNG) and on a
+flag rolls back to it, applies the method's remedy and replays the undone epochs: max_epochs grows
+by the replayed epochs, so the method still trains max_epochs epochs, and the method's epoch
+numbering follows the replay (Lightning's own epoch counter only goes forward). The guard's record
+(`callback.guard.rows`, `.events`, `.outcome`) and the healthy state are in Lightning's checkpoint.
+A gave-up run stops (`trainer.should_stop`).
 """
 from __future__ import annotations
 
@@ -39,7 +52,9 @@ try:
 except ImportError as e:  # pragma: no cover - the message is the point
     raise ImportError("atas.lightning needs Lightning: pip install 'atas[lightning]' (or pip install lightning)") from e
 
+from atas.guard import EVENT, Guard, events
 from atas.methods.base import Method
+from atas.monitor import Probe
 
 
 class AdversarialTraining(pl.Callback):
@@ -47,14 +62,21 @@ class AdversarialTraining(pl.Callback):
 
     method: the object (default: the one Method attribute of the LightningModule, found at setup).
     seed: the run's seed for the per-epoch generator seeds (default: torch.initial_seed() at setup).
+    probe: an atas.Probe on held-out images: turns on the guard (module docstring); None: no probe.
+    max_recoveries (3), budget_epochs (None: max_epochs): the guard's limits (atas.Guard).
     """
 
-    def __init__(self, method: Method | None = None, seed: int | None = None):
+    def __init__(self, method: Method | None = None, seed: int | None = None, probe: Probe | None = None,
+                 max_recoveries: int = 3, budget_epochs: int | None = None):
         self.method = method
         self.seed = seed
+        self.probe, self.max_recoveries, self.budget_epochs = probe, max_recoveries, budget_epochs
+        self.guard: Guard | None = None
+        self._max_epochs: int | None = None   # as the Trainer was given it (the guard adds the replays)
         self._trainer = None
         self._batches = 0        # training batches done in this epoch: a checkpoint knows if it is mid-epoch
         self._pending: dict | None = None
+        self._pending_guard: dict | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._trainer = trainer
@@ -76,15 +98,53 @@ class AdversarialTraining(pl.Callback):
     def _seed(self) -> int:
         return int(torch.initial_seed() if self.seed is None else self.seed)  # setup() fixes it
 
+    def _replayed(self) -> int:
+        """Epochs the guard undid so far: Lightning's epoch = the method's epoch + this."""
+        rows = self.guard.rows if self.guard is not None else (self._pending_guard or {}).get("rows", [])
+        return sum(e["replayed_epochs"] for e in events(rows) if e[EVENT] == "recovery")
+
     def _start(self, epoch: int) -> None:
-        """Seed torch's generators for `epoch` (1-based) from (seed, epoch), then start the method's epoch."""
+        """Seed torch's generators for Lightning's `epoch` (1-based) from (seed, epoch), then start the
+        method's epoch (the same number, less the epochs the guard replayed)."""
         torch.manual_seed((self._seed() * 1_000_003 + epoch) % 2**63)
-        self._method().start_epoch(epoch)
+        self._method().start_epoch(epoch - self._replayed())
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._batches = 0
-        if self._method().current_epoch != trainer.current_epoch + 1:  # not already started by the resume
+        # not already started by the resume
+        if self._method().current_epoch != trainer.current_epoch + 1 - self._replayed():
             self._start(trainer.current_epoch + 1)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        """The guard's end of the epoch: probe, verdict, keep or roll back (before the checkpoint is saved)."""
+        if self.guard is None:
+            return
+        result = self.guard.end_epoch(self._method().current_epoch)
+        row = next(r for r in reversed(self.guard.rows) if EVENT not in r)
+        # the probe's numbers in Lightning's metrics (trainer.callback_metrics, loggers, ModelCheckpoint's monitor)
+        pl_module.log_dict({k: float(v) for k, v in row.items() if k.startswith("probe_")}, on_epoch=True)
+        event = result["event"]
+        if event is not None and event[EVENT] == "recovery":
+            trainer.fit_loop.max_epochs = (self._max_epochs or 0) + self._replayed()   # the undone epochs again
+        elif event is not None:
+            trainer.should_stop = True
+
+    def _build_guard(self, trainer, pl_module) -> None:
+        schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
+        if len(trainer.optimizers) != 1 or len(schedulers) > 1:
+            raise ValueError("AdversarialTraining(probe=...): the guard keeps and restores one optimizer and at most "
+                             f"one LR scheduler; this module has {len(trainer.optimizers)} and {len(schedulers)}")
+        self._max_epochs = trainer.max_epochs
+        budget = self.budget_epochs if self.budget_epochs is not None else max(trainer.max_epochs or 0, 0)
+        self.guard = Guard(pl_module, trainer.optimizers[0], self._method(), probe=self.probe,
+                           scheduler=schedulers[0] if schedulers else None, max_recoveries=self.max_recoveries,
+                           budget_epochs=budget)
+        if self._pending_guard is not None:
+            self.guard.load_state_dict(self._pending_guard)
+            self._pending_guard = None
+            trainer.fit_loop.max_epochs = (self._max_epochs or 0) + self._replayed()
+        elif self._method().current_epoch == 0:  # epoch 0: the target of a run never healthy
+            self.guard._keep_state(0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._batches += 1
@@ -94,15 +154,22 @@ class AdversarialTraining(pl.Callback):
             return {}
         done = self._trainer is not None and self._batches >= self._trainer.num_training_batches
         # The method's own keys (epoch, store, ...), the run's seed and whether the epoch's training is over.
-        return {**self.method.state_dict(), "seed": self._seed(), "epoch_end": bool(done)}
+        state = {**self.method.state_dict(), "seed": self._seed(), "epoch_end": bool(done)}
+        if self.guard is not None:  # its record and the healthy state it would roll back to
+            state["guard"] = self.guard.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        self._pending_guard = state_dict.pop("guard", None)
         if self.method is None:
             self._pending = state_dict
             return
         self._resume(state_dict)
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        if self.probe is not None:
+            self._build_guard(trainer, pl_module)
         if self._pending is not None:
             pending, self._pending = self._pending, None
             self._resume(pending)
@@ -114,9 +181,9 @@ class AdversarialTraining(pl.Callback):
         # Mid-epoch (or an older checkpoint without the seed): the method's state only.
         if not (state.get("epoch_end") and "seed" in state and self._trainer is not None):
             return
-        nxt = self.method.current_epoch + 1
-        max_epochs = self._trainer.max_epochs
-        if max_epochs is not None and 0 <= max_epochs < nxt:
+        nxt = self.method.current_epoch + 1 + self._replayed()   # Lightning's next epoch
+        max_epochs = self._trainer.max_epochs                    # as given: in the method's epochs
+        if max_epochs is not None and 0 <= max_epochs < self.method.current_epoch + 1:
             return   # nothing left to train
         # Lightning creates a resumed epoch's loader iterator (a draw from torch's generator) before
         # on_train_epoch_start; an uninterrupted epoch starts first. Start it now, on the built store,

@@ -52,11 +52,109 @@ the gap; the probe's worst case is weaker than PGD-50-10, so the sweep re-run wi
 what confirms it.
 
 It never looks at the test set used for the final evaluation numbers beyond the fixed probe batch.
+
+The probe itself is `Probe` (and the function `probe`) below: `atas train` and a user's own loop
+(atas.Guard, docs/own-code.md) run the same one.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+import torch.nn as nn
+
+from atas.evaluation.attacks import FGSM, PGD, pgd_step
+from atas.linearity import local_linearity_error
+from atas.threat import LinfBall
+
+
+# --------------------------------------------------------------------------------------------
+# The per-epoch probe
+# --------------------------------------------------------------------------------------------
+def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, restarts: int = 1) -> dict:
+    """Clean / FGSM / PGD-k accuracy on a fixed held-out batch: catastrophic overfitting shows as
+    PGD accuracy collapsing while FGSM accuracy climbs (often above clean). Also a margin-loss
+    PGD-k and the per-sample worst case of the two (masked cross-entropy gradients that fool the
+    plain probe do not fool both), and the local-linearity error of the loss on the batch (Abad
+    Rocamora et al. 2024, atas.linearity). The probe runs on its own fixed-seed RNG: it never
+    shifts the training's random stream, and it attacks the same way every epoch, so its curves
+    move only with the model."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out["probe_clean"] = (model(x).argmax(1) == y).float().mean().item()
+            x_adv = FGSM(eps)(model, x, y)
+            out["probe_fgsm"] = (model(x_adv).argmax(1) == y).float().mean().item()
+        _, robust_ce = PGD(eps, steps=steps, restarts=1).run(model, x, y)
+        # The margin loss with the evaluation's measured step rule (a cosine step from eps/2 at
+        # eps >= 0.1, atas.evaluation.PGD_DEFAULTS): the probe's stronger half; see the module docstring.
+        alpha, schedule, _, _ = pgd_step(eps)
+        _, robust_margin = PGD(eps, steps=steps, alpha=alpha, schedule=schedule, loss="margin",
+                               restarts=restarts).run(model, x, y)
+        with torch.no_grad():
+            lin_err = local_linearity_error(model, x, y, LinfBall(eps))
+    out["probe_pgd"] = robust_ce.float().mean().item()
+    out["probe_pgd_margin"] = robust_margin.float().mean().item()
+    out["probe_pgd_worst"] = (robust_ce & robust_margin).float().mean().item()
+    out["probe_lin_err"] = lin_err.item()
+    model.train(was_training)
+    return out
+
+
+class Probe:
+    """The per-epoch probe on fixed held-out images, what the monitor reads (`probe` above).
+
+    Args:
+        x: held-out images [N, C, H, W], float in [0, 1] or uint8 (divided by 255); never training
+            images (a probe on them cannot see the model overfit). A few hundred suffice: 512 cost
+            about 5% of a Fashion-MNIST epoch (module docstring).
+        y: their labels [N].
+        eps: the L-inf radius the run trains for, in pixels ([0, 1] units; a fraction string works).
+        steps (10): PGD steps; restarts (1): restarts of the margin-loss PGD.
+        device: where to keep the batch (default: the model's, moved at the first call).
+    Returns, called on a model: {probe_clean, probe_fgsm, probe_pgd, probe_pgd_margin,
+    probe_pgd_worst, probe_lin_err} (accuracies as fractions), the keys `COMonitor.update` reads.
+
+        probe = atas.Probe(x_val, y_val, eps=0.2)
+        row = probe(model)      # {'probe_clean': 0.81, 'probe_fgsm': 0.62, 'probe_pgd': 0.55, ...}
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, eps, steps: int = 10, restarts: int = 1,
+                 device: torch.device | str | None = None):
+        from atas.values import parse_fraction
+
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        if x.dim() != 4 or y.dim() != 1 or len(x) != len(y) or not len(x):
+            raise ValueError(f"Probe(x, y, eps): x must be images [N, C, H, W] and y their N labels, got x of shape "
+                             f"{tuple(x.shape)} and y of shape {tuple(y.shape)}")
+        if int(steps) < 1 or int(restarts) < 1:
+            raise ValueError(f"Probe: steps and restarts must be >= 1, got steps={steps}, restarts={restarts}")
+        self.x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
+        if float(self.x.min()) < 0 or float(self.x.max()) > 1:
+            raise ValueError("Probe: images must be pixels in [0, 1] (or uint8); normalise inside the model, as "
+                             "atas.NormalizedModel does")
+        self.y = y.long()
+        self.eps = parse_fraction(eps) if isinstance(eps, str) else float(eps)
+        self.steps, self.restarts = int(steps), int(restarts)
+        if device is not None:
+            self.x, self.y = self.x.to(device), self.y.to(device)
+
+    def __call__(self, model: nn.Module) -> dict:
+        device = next(model.parameters()).device
+        if self.x.device != device:
+            self.x, self.y = self.x.to(device), self.y.to(device)
+        return probe(model, self.x, self.y, self.eps, self.steps, self.restarts)
+
+    def __repr__(self) -> str:
+        return f"atas.Probe({len(self.x)} images, eps={self.eps:.6g}, steps={self.steps}, restarts={self.restarts})"
+
+
+# --------------------------------------------------------------------------------------------
+# The monitor
+# --------------------------------------------------------------------------------------------
 
 @dataclass
 class COMonitor:

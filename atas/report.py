@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from atas.extras import INSTALL, available
-from atas.guard import describe, is_stuck_only
+from atas.guard import NEAR_CHANCE, describe, is_stuck_only, outcome as guard_outcome
 from atas.methods import METHODS
 from atas.monitor import COMonitor
 from atas.values import parse_fraction
@@ -35,8 +35,7 @@ AA_NOT_RUN = ("AUTOATTACK WAS NOT RUN: the robust accuracies here are PGD only, 
               "overstate robustness by several points (gradient masking, a step size unsuited to the model). "
               "Add aa to --attacks (e.g. --attacks clean,fgsm,pgd,aa) before quoting these numbers.")
 
-# Mean clean accuracy within this of chance (1 / classes): the runs did not learn; say so.
-NEAR_CHANCE = 0.05
+# NEAR_CHANCE (atas.guard): a clean accuracy within this of chance (1 / classes) did not learn; say so.
 
 PROBE_PLOT, ALPHA_PLOT, TIME_PLOT = "probe_pgd.png", "atas_alpha.png", "time_vs_robust.png"
 MASK_PLOT = "probe_masking.png"
@@ -124,15 +123,81 @@ def _stuck_run(run: dict) -> bool:
     return bool(reasons) and all(is_stuck_only(x) for x in reasons) and not run.get("co_final_signature")
 
 
+# Rule B of `learning_failure`: no robustness at all (PGD and, where evaluated, AutoAttack at most
+# ROBUST_ZERO) with a clean accuracy below LOW_CLEAN_CHANCE x chance or LOW_CLEAN_REF x the clean
+# accuracy of the comparison's runs that learned. A collapsed (CO) model keeps its clean accuracy
+# (CO raises it); the issue's shrunk recipe (ten classes: clean 22-25%, PGD 0%, AutoAttack 0-1%)
+# had learnt next to nothing, and rule A (chance + 5 points) let it read as "CO yes, recovered".
+ROBUST_ZERO, LOW_CLEAN_CHANCE, LOW_CLEAN_REF = 0.01, 3.0, 0.5
+
+
+def learning_failure(run: dict, reference_clean: float | None = None) -> str | None:
+    """Why a finished run did not learn, or None. A: its final clean accuracy is within NEAR_CHANCE
+    of chance. B: robust accuracy about 0 and clean accuracy far below what learning gives (below
+    LOW_CLEAN_CHANCE x chance, or LOW_CLEAN_REF x `reference_clean`, the best mean clean accuracy of
+    the other methods' runs at its eps that are robust at all)."""
+    clean, chance = run.get("clean"), run.get("chance")
+    if clean is None or chance is None:
+        return None
+    if clean <= chance + NEAR_CHANCE:
+        return f"clean {100 * clean:.1f}% within {100 * NEAR_CHANCE:.0f} points of chance ({100 * chance:.0f}%)"
+    robust = [float(run[k]) for k in ("pgd", "aa") if run.get(k) is not None]
+    low = max(LOW_CLEAN_CHANCE * chance, LOW_CLEAN_REF * (reference_clean or 0.0))
+    if robust and max(robust) <= ROBUST_ZERO and clean < low:
+        return f"robust accuracy {100 * max(robust):.1f}% with clean {100 * clean:.1f}% (below {100 * low:.0f}%)"
+    return None
+
+
+def did_not_learn(run: dict) -> bool:
+    """The model learnt (next to) nothing (`learning_failure`; `mark_learning` compares it with its
+    peers): no verdict about its robustness (CO or not, recovered or not) means anything."""
+    if "did_not_learn" in run:
+        return bool(run["did_not_learn"])
+    return learning_failure(run) is not None
+
+
+def mark_learning(rows: list[dict]) -> None:
+    """Set each finished run's did_not_learn (the reason, or None) against the other methods' runs
+    at its eps, and its outcome (`run_outcome`); summary.json keeps both."""
+    for by_method in group_runs(rows).values():
+        robust_means = {m: _mean(runs, "clean") for m, runs in by_method.items()
+                        if any(max(r.get("pgd") or 0.0, r.get("aa") or 0.0) > ROBUST_ZERO for r in _ok(runs))}
+        for method, runs in by_method.items():
+            others = [v for m, v in robust_means.items() if m != method and v is not None]
+            for r in _ok(runs):
+                r["did_not_learn"] = learning_failure(r, max(others, default=None))
+                r["outcome"] = run_outcome(r)
+
+
+def run_outcome(run: dict) -> str:
+    """One word for how a finished run ended: 'did not learn' (the rule of `did_not_learn`, first:
+    whatever the guard did), 'gave up' (the guard), 'recovered' (the guard rolled it back and it is
+    not flagged at the end), 'healthy' (never flagged), or 'CO' (flagged at the end: the guard was
+    off, or the final evaluation's FGSM > clean signature came after the probe's last look)."""
+    if did_not_learn(run):
+        return "did not learn"
+    found = guard_outcome(run.get("guard_events") or [], None, None)
+    if found in ("healthy", "recovered") and run.get("co_detected"):
+        return "CO"
+    return found
+
+
 def co_column(runs: list[dict]) -> str:
-    """'yes (2/3)': how many seeds were flagged with catastrophic overfitting; 'no (0/3)'; runs the
-    monitor flagged only as stuck (constant prediction) are counted apart: '+1 stuck'."""
+    """'yes (2/3)': how many seeds were flagged with catastrophic overfitting; 'no (0/3)'. Seeds that
+    did not learn are counted apart and never as 'no' ('did not learn (2/2)', 'no (0/1), 1 did not
+    learn'); runs the monitor flagged only as stuck (constant prediction) too: '1 stuck'; then the
+    guard's outcomes ('1 recovered by the guard': rolled back and healthy at the end)."""
     runs = _ok(runs)
-    stuck = sum(bool(r.get("co_detected")) and _stuck_run(r) for r in runs)
-    k = sum(bool(r.get("co_detected")) for r in runs) - stuck
-    recovered = sum(bool(_recoveries(r)) and not _gave_up(r) for r in runs)
-    gave_up = sum(_gave_up(r) for r in runs)
-    return (f"{'yes' if k else 'no'} ({k}/{len(runs)})" + (f", {stuck} stuck" if stuck else "")
+    dead = [r for r in runs if did_not_learn(r)]
+    learned = [r for r in runs if not did_not_learn(r)]
+    if runs and not learned:
+        return f"did not learn ({len(dead)}/{len(runs)})"
+    stuck = sum(bool(r.get("co_detected")) and _stuck_run(r) for r in learned)
+    k = sum(bool(r.get("co_detected")) for r in learned) - stuck
+    recovered = sum(run_outcome(r) == "recovered" for r in learned)
+    gave_up = sum(run_outcome(r) == "gave up" for r in learned)
+    return (f"{'yes' if k else 'no'} ({k}/{len(learned)})" + (f", {len(dead)} did not learn" if dead else "")
+            + (f", {stuck} stuck" if stuck else "")
             + (f", {recovered} recovered by the guard" if recovered else "")
             + (f", guard gave up on {gave_up}" if gave_up else ""))
 
@@ -253,16 +318,22 @@ def findings(rows: list[dict]) -> dict[str, list[str]]:
 
 def _co_fact(method: str, all_runs: list[dict]) -> str:
     """Whether a method prone to catastrophic overfitting showed it: yes (which seeds) or no."""
-    runs = _ok(all_runs)
-    flagged = [r for r in runs if r.get("co_detected") and not _stuck_run(r)]
+    finished = _ok(all_runs)
     name = method_label(method)
-    if not runs:
+    if not finished:
         why = "all failed" if all(r.get("failed") for r in all_runs) else "not finished yet"
         return f"{name}: no run finished ({why}), so nothing can be said about its CO."
+    runs = [r for r in finished if not did_not_learn(r)]
+    dead = len(finished) - len(runs)
+    if not runs:
+        return (f"{name} shows catastrophic overfitting: cannot say, no run learned ({dead}/{dead} seeds did not "
+                "learn: see below).")
+    besides = f"; {dead} more seed(s) did not learn" if dead else ""
+    flagged = [r for r in runs if r.get("co_detected") and not _stuck_run(r)]
     if flagged:
         return (f"{name} shows catastrophic overfitting: yes, {len(flagged)}/{len(runs)} seeds "
-                f"flagged (seed {_seed_list(flagged)}).")
-    return f"{name} shows catastrophic overfitting: no (0/{len(runs)} seeds flagged)."
+                f"flagged (seed {_seed_list(flagged)}{besides}).")
+    return f"{name} shows catastrophic overfitting: no (0/{len(runs)} seeds flagged{besides})."
 
 
 def _gap_facts(method: str, runs: list[dict], reference: str | None, reference_runs: list[dict]) -> list[str]:
@@ -306,11 +377,15 @@ def _learning_facts(by_method: dict) -> list[str]:
             facts.append(f"{method_label(method)} clean accuracy {100 * clean:.1f}% is near chance "
                          f"({100 * chance:.0f}%): these runs did not learn, so the statements above say nothing.")
             continue
-        dead = [r for r in runs if r.get("clean") is not None and r.get("chance") is not None
-                and r["clean"] <= r["chance"] + NEAR_CHANCE]
+        dead = [r for r in runs if did_not_learn(r)]
         if dead:  # one seed stuck at a constant prediction drags the mean: say which
-            facts.append(f"{method_label(method)}: {len(dead)}/{len(runs)} seeds did not learn (clean accuracy "
-                         f"near chance, seed {_seed_list(dead)}); its means above include them.")
+            near = [r for r in dead if r["clean"] <= r["chance"] + NEAR_CHANCE]
+            weak = [r for r in dead if r not in near]
+            why = ([f"clean accuracy near chance, seed {_seed_list(near)}"] if near else []) + (
+                [f"robust accuracy about 0 with a clean accuracy far below learning's, seed {_seed_list(weak)}"]
+                if weak else [])
+            facts.append(f"{method_label(method)}: {len(dead)}/{len(runs)} seeds did not learn ({'; '.join(why)}); "
+                         "its means above include them.")
     return facts
 
 
@@ -333,9 +408,10 @@ def run_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
                          *["—"] * (len(header) - 5), r.get("run_dir", "")])
             continue
         sig = r.get("co_final_signature")
+        co_epochs = ", ".join(map(str, r.get("co_epochs") or [])) or "none"
         body.append([method_label(r["method"]), r["eps"], str(r["seed"]),
                      *(pct(_accuracy(r, name)) for name, _ in columns), f"{r.get('train_time_s', 0.0):.1f}",
-                     _ramp(r), ", ".join(map(str, r.get("co_epochs") or [])) or "none",
+                     _ramp(r), f"did not learn (flagged: {co_epochs})" if did_not_learn(r) else co_epochs,
                      "not evaluated" if sig is None else ("yes" if sig else "no"), _guard_cell(r),
                      r.get("run_dir", "")])
     return header, body
@@ -351,11 +427,9 @@ def _ramp(run: dict) -> str:
 
 
 def _guard_cell(run: dict) -> str:
-    """'none', or each recovery as 'epoch -> rollback target' (and 'gave up')."""
+    """The run's outcome (`run_outcome`), with each recovery as 'epoch -> rollback target'."""
     cells = [f"e{e['epoch']}->e{e['rollback_to']}" for e in _recoveries(run)]
-    if _gave_up(run):
-        cells.append("gave up")
-    return ", ".join(cells) or "none"
+    return run_outcome(run) + (f" ({', '.join(cells)})" if cells else "")
 
 
 def schedule_note(rows: list[dict]) -> str:
@@ -385,8 +459,9 @@ def search_blocks(search: list[dict]) -> list[tuple]:
                         f"on a validation split: one run per grid value (seed {first.get('seed')}), trained without "
                         f"the last {first.get('val_size')} training images and validated on the first "
                         f"{first.get('n_examples')} of them; the value with the best validation PGD accuracy was "
-                        "chosen (ties: clean accuracy, then the first in the grid), and the seeds above ran with it "
-                        "on the full training set. The test set played no part in the choice."))
+                        "chosen (ties: clean accuracy, then the first in the grid; a value whose model did not learn "
+                        "or predicts a constant is out, and with none left the method is untuned), and the seeds "
+                        "above ran with it on the full training set. The test set played no part in the choice."))
     labels = {r.get("pgd_label") for s in search for r in s.get("results") or [] if r.get("pgd_label")}
     pgd = labels.pop() if len(labels) == 1 else "PGD"
     header = ["method", "eps", "option", "grid", "value", "val clean (%)", f"val {pgd} (%)", "chosen", "run folder"]
@@ -398,7 +473,7 @@ def search_blocks(search: list[dict]) -> list[tuple]:
             body.append(common + ["—", "—", "—", f"not searched: {s['skipped']}", ""])
             continue
         if s.get("results") and s.get("chosen") is None and all(r.get("missing") is None for r in s["results"]):
-            verdict = "every value failed: the method's default"
+            verdict = "untuned: the method's default"
         else:
             verdict = ""
         for r in s.get("results") or []:
@@ -409,6 +484,8 @@ def search_blocks(search: list[dict]) -> list[tuple]:
                 cells = [f"{100 * r['clean']:.1f}", f"{100 * r['pgd']:.1f}"]
             changed = r.get("guard_changes") or {}
             mark = "yes" if s.get("chosen") is not None and r["value"] == s["chosen"] else verdict
+            if r.get("rejected"):  # out of the choice: the model did not learn
+                mark = (mark + "; " if mark else "") + "out: " + r["rejected"]
             if changed:  # the guard raised the value during that run (train.co_action=recover)
                 mark = (mark + "; " if mark else "") + "guard changed " + ", ".join(
                     f"{k} to {_value(v)}" for k, v in changed.items())
@@ -637,6 +714,10 @@ def _notes(rows: list[dict], ok: list[dict], search: list[dict] | None = None) -
         elif item.get("skipped"):
             notes.append(f"{method_label(item['method'])} at eps {item['eps']}: {item['option']} not searched "
                          f"({item['skipped']}).")
+        elif item.get("untuned") or (item.get("results") and all(r.get("missing") is None for r in item["results"])):
+            notes.insert(0, f"UNTUNED: {method_label(item['method'])} at eps {item['eps']} ran with the method's "
+                            f"default {item['option']}: " + (item.get("untuned") or "every value of the search failed")
+                            + " (see 'Hyper-parameter search').")
     if ok and not any(r.get("aa") is not None for r in ok):
         notes.insert(0, AA_NOT_RUN)
     weak = [r for r in ok if any(w.startswith("WEAK ATTACK") for w in r.get("eval_warnings") or [])]

@@ -320,7 +320,7 @@ def summarize_run(spec: RunSpec, out: Path) -> dict:
     if "co" in curves:  # the plot marks the epochs of the verdict above, and says why
         curves["co"] = [e in co_epochs for e in curves["epoch"]]
         curves["co_reason"] = co_reasons(metrics, hold)
-    return {
+    row = {
         "method": spec.method, "eps": spec.eps, "eps_value": float(spec.cfg.method.eps), "seed": spec.seed,
         "clean": accuracy.get("clean"), "fgsm": accuracy.get("fgsm"), "pgd": accuracy.get("pgd"),
         "aa": accuracy.get("aa"),
@@ -339,6 +339,11 @@ def summarize_run(spec: RunSpec, out: Path) -> dict:
         # The training-eps schedule the run started with, and the guard's events (atas.guard).
         "eps_ramp_epochs": spec.cfg.method.args.get("eps_ramp_epochs", 0),
         "guard_events": events(_read_log(spec.run_dir)),
+        # healthy / recovered / gave up / did not learn / CO (atas.report.run_outcome, from the fields above)
         "run_dir": os.path.relpath(spec.run_dir, out),
         "curves": curves,
     }
+    from atas.report import run_outcome
+
+    row["outcome"] = run_outcome(row)
+    return row

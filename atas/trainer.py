@@ -47,14 +47,13 @@ from atas.data import (
     load_tensors,
 )
 from atas.errors import AtasError
-from atas.evaluation.attacks import FGSM, PGD, pgd_step
 from atas.loaders import FolderLoader, ResidentLoader
 from atas.methods import Method, get_method
-from atas.methods.elle import local_linearity_error
 from atas.models import build_model
+from atas.monitor import Probe, probe  # noqa: F401  (the per-epoch probe lives beside the monitor)
 from atas.rundir import CHECKPOINT, RunFolder
 from atas.store import PerSampleStore
-from atas.threat import LinfBall
+from atas.values import to_plain
 
 BEST = "best.pt"
 DIVERGED = "diverged.json"   # written when the loss became NaN/inf: a report says "diverged", not "not started"
@@ -182,38 +181,6 @@ def make_data(cfg: Config, device: torch.device, shard=None) -> TrainData:
     x_test, y_test = x_test[:n], y_test[:n]
     return TrainData(loader, num_train, augment, (info.channels, augment.frame, augment.frame), x_test, y_test,
                      indices)
-
-
-def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, restarts: int = 1) -> dict:
-    """Clean / FGSM / PGD-k accuracy on a fixed held-out batch: catastrophic overfitting shows as
-    PGD accuracy collapsing while FGSM accuracy climbs (often above clean). Also a margin-loss
-    PGD-k and the per-sample worst case of the two (masked cross-entropy gradients that fool the
-    plain probe do not fool both), and the local-linearity error of the loss on the batch; see
-    atas.monitor. The probe runs on its own fixed-seed RNG: it never shifts the training's random
-    stream, and it attacks the same way every epoch, so its curves move only with the model."""
-    was_training = model.training
-    model.eval()
-    out = {}
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-        torch.manual_seed(0)
-        with torch.no_grad():
-            out["probe_clean"] = (model(x).argmax(1) == y).float().mean().item()
-            x_adv = FGSM(eps)(model, x, y)
-            out["probe_fgsm"] = (model(x_adv).argmax(1) == y).float().mean().item()
-        _, robust_ce = PGD(eps, steps=steps, restarts=1).run(model, x, y)
-        # The margin loss with the evaluation's measured step rule (a cosine step from eps/2 at
-        # eps >= 0.1, atas.evaluation.PGD_DEFAULTS): the probe's stronger half; see atas.monitor.
-        alpha, schedule, _, _ = pgd_step(eps)
-        _, robust_margin = PGD(eps, steps=steps, alpha=alpha, schedule=schedule, loss="margin",
-                               restarts=restarts).run(model, x, y)
-        with torch.no_grad():
-            lin_err = local_linearity_error(model, x, y, LinfBall(eps))
-    out["probe_pgd"] = robust_ce.float().mean().item()
-    out["probe_pgd_margin"] = robust_margin.float().mean().item()
-    out["probe_pgd_worst"] = (robust_ce & robust_margin).float().mean().item()
-    out["probe_lin_err"] = lin_err.item()
-    model.train(was_training)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,27 +423,32 @@ def _start(run: _Run, folder: RunFolder, log: MetricsLog, state: dict | None) ->
 
 def _epochs(run: _Run, rows: list[dict], epoch: int, step: int, log: MetricsLog, run_dir: Path) -> None:
     """The epochs, each judged by the probe and, under co_action=recover, by the guard (which may
-    roll the run back and go on from an earlier epoch, or give up)."""
+    roll the run back and go on from an earlier epoch, or give up): the public atas.Guard, its
+    healthy state kept in the run's files (checkpoint.healthy.pt) rather than in memory."""
     cfg, ctx = run.cfg, run.ctx
     recover = cfg.train.co_action == "recover"
-    monitor = guard.monitor_for(run.method.opt, rows)
-    sentinel = guard.Guard(cfg.train.max_recoveries, cfg.train.recover_budget_epochs
+    # rank 0 probes; the others follow its verdicts
+    probe_ = (Probe(run.x_probe, run.y_probe, cfg.method.eps, cfg.train.probe_steps, cfg.train.probe_restarts)
+              if run.x_probe is not None and run.y_probe is not None and ctx.is_main else None)
+    sentinel = guard.Guard(run.model, run.optimizer, run.method, scheduler=run.scheduler, rows=rows,
+                           probe=probe_,
+                           max_recoveries=cfg.train.max_recoveries, num_classes=run.num_classes, verbose=False,
+                           budget_epochs=cfg.train.recover_budget_epochs
                            if cfg.train.recover_budget_epochs is not None else cfg.train.epochs)
     while epoch <= cfg.train.epochs:
         if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
             break
         row, step = _train_epoch(run, epoch, step)
-        verdict = _judge(run, row, rows, monitor)
+        verdict = sentinel.judge(row)
         rows.append(row)
         event = None
         if recover and ctx.broadcast_flag(verdict["co"]):
-            event = ctx.broadcast_object(sentinel.plan(rows, epoch, verdict["reason"], _last_healthy(rows),
-                                                       run.method) if ctx.is_main else None)
-        _end_of_epoch(run, epoch, step, rows, verdict, monitor, run_dir, log,
-                      healthy=recover and ctx.broadcast_flag(guard.is_healthy(verdict, monitor, row, run.num_classes)),
+            event = ctx.broadcast_object(sentinel.plan(epoch, verdict["reason"]) if ctx.is_main else None)
+        _end_of_epoch(run, epoch, step, rows, verdict, sentinel.monitor, run_dir, log,
+                      healthy=recover and ctx.broadcast_flag(sentinel.healthy(verdict, row)),
                       last_word=event)
         if event is not None and event[guard.EVENT] == "recovery":
-            epoch, step, monitor = _roll_back(run, event, rows, run_dir, log)
+            epoch, step = _roll_back(run, event, sentinel, run_dir, log)
             continue
         stop = event is not None or (verdict["co"] and cfg.train.co_action == "stop")
         if ctx.broadcast_flag(stop):  # all ranks stop together
@@ -484,24 +456,6 @@ def _epochs(run: _Run, rows: list[dict], epoch: int, step: int, log: MetricsLog,
                 tqdm.write("the guard gave up: ending the run." if event else "train.co_action=stop: ending the run.")
             break
         epoch += 1
-
-
-def _judge(run: _Run, row: dict, rows: list[dict], monitor) -> dict:
-    """The epoch's probe (rank 0) and the monitor's verdict on it: {co, best, reason}; the row
-    gets the probe's numbers and the verdict."""
-    cfg = run.cfg
-    verdict = {"co": False, "best": False, "reason": ""}
-    if run.x_probe is None or run.y_probe is None or not run.ctx.is_main:
-        return verdict
-    row.update(probe(run.model, run.x_probe, run.y_probe, cfg.method.eps, cfg.train.probe_steps,
-                     cfg.train.probe_restarts))
-    verdict = monitor.update(row)
-    verdict["best"] = row["probe_pgd"] > max((r.get("probe_pgd", -1.0) for r in guard.all_epochs(rows)),
-                                             default=-1.0)
-    row["co"] = verdict["co"]
-    if verdict["reason"]:
-        row["co_reason"] = verdict["reason"]
-    return verdict
 
 
 def _train_epoch(run: _Run, epoch: int, step: int) -> tuple[dict, int]:
@@ -644,38 +598,31 @@ def _end_of_epoch(run: _Run, epoch: int, step: int, rows: list[dict], verdict: d
         row = rows[-1] if last_word is None or last_word[guard.EVENT] != "gave_up" else rows[-2]
         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         if verdict["co"]:
-            what = "RUN STUCK" if guard.is_stuck_only(verdict["reason"]) else "CATASTROPHIC OVERFITTING"
-            tqdm.write(f"{what} at epoch {epoch}: probe PGD accuracy {row['probe_pgd']:.3f} "
-                       f"(best {monitor.best_pgd:.3f} at epoch {monitor.best_epoch}), FGSM accuracy "
-                       f"{row['probe_fgsm']:.3f}, clean {row['probe_clean']:.3f}. {verdict['reason']}."
+            tqdm.write(guard.flag_line(epoch, verdict["reason"], row, monitor)
                        + (" Best-robust checkpoint: best.pt." if keep_best else ""))
         if last_word is not None:
             tqdm.write("GUARD " + guard.describe(last_word))
 
 
-def _roll_back(run: _Run, event: dict, rows: list[dict], run_dir: Path, log: MetricsLog):
+def _roll_back(run: _Run, event: dict, sentinel: guard.Guard, run_dir: Path, log: MetricsLog):
     """Undo the epochs after event['rollback_to']: the healthy checkpoint, with the event and the
-    discarded rows in its metrics, becomes the run's checkpoint (so a kill from here on resumes
-    into the recovered run), and the run continues from it with the remedy applied."""
-    target = event["rollback_to"]
-    for r in rows:
-        if guard.EVENT not in r and r["epoch"] > target:
-            r["discarded"] = True
-    rows.append(event)
+    discarded rows in its metrics and the remedied options in its method state, becomes the run's
+    checkpoint (so a kill from here on resumes into the recovered run), and the run continues from
+    it with the remedy applied."""
+    target, rows = event["rollback_to"], sentinel.rows
+    sentinel.record_rollback(event)
     state = load_checkpoint(healthy_path(run.ckpt_path), map_location="cpu")
     state["metrics"] = json.loads(json.dumps(rows))
+    state["method"]["options"] = to_plain(dataclasses.replace(run.method.opt, **event["changes"]))
+
     def save() -> None:
         save_checkpoint(run.ckpt_path, state, keep_previous=True)
         log.write_all(rows)
 
     _save_or_explain(save, run.ckpt_path, lambda: target, run_dir)
     step = _restore(run, state, rows)
-    return target + 1, step, guard.monitor_for(run.method.opt, rows)
-
-
-def _last_healthy(rows: list[dict]) -> int:
-    """The last epoch the guard linked as healthy (0: none, the initial weights)."""
-    return max((r["epoch"] for r in guard.epoch_rows(rows) if r.get("healthy")), default=0)
+    sentinel.rolled_back(run.method)
+    return target + 1, step
 
 
 def _repair_best(run: _Run, rows: list[dict], run_dir: Path) -> None:

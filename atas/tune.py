@@ -10,7 +10,11 @@ each (method, eps) of the comparison:
      PGD-10 (one restart, the evaluation's step: the threat model's measured default unless
      eval.pgd_* says otherwise), written to the run's val.json;
   3. the value with the best validation PGD accuracy wins (ties: clean accuracy, then the first in
-     the grid); a value whose run diverged is out;
+     the grid); a value whose run diverged is out, and so is one whose model did not learn
+     (validation clean accuracy within atas.guard.NEAR_CHANCE of chance) or predicts a constant
+     (clean = PGD accuracy, at most 0.25: nothing to attack, so its "robust" accuracy is the share
+     of one class). When no value is left the method is untuned: summary.json's search says why
+     ("untuned"), the report says so, and its seeds run with the method's default;
   4. the comparison's seeds run with `<method>.<option>=<chosen>` on the full training split.
 
 The test set is never looked at to choose. Finished search runs are read back when the command is
@@ -51,6 +55,7 @@ class Search:
     skipped: str | None = None                  # why no search runs (an explicit value was given)
     results: list[dict] = field(default_factory=list)
     chosen: float | None = None
+    untuned: str | None = None                  # why no value was chosen (all failed or did not learn)
 
     @property
     def finished(self) -> bool:
@@ -65,7 +70,7 @@ class Search:
     def summary(self, val_size: int, n_examples: int, seed: int) -> dict:
         return {"method": self.method, "eps": self.eps, "option": self.option, "grid": list(self.grid),
                 "val_size": val_size, "n_examples": n_examples, "seed": seed, "skipped": self.skipped,
-                "results": self.results, "chosen": self.chosen}
+                "results": self.results, "chosen": self.chosen, "untuned": self.untuned}
 
 
 def searched_option(method: str) -> tuple[str, tuple[float, ...]] | None:
@@ -205,15 +210,38 @@ def run_value(spec, option: str, n_examples: int, report_only: bool, out: Path) 
             atas.evaluation.run.evaluate_validation(model, spec.cfg, spec.run_dir, n_examples)
             done.append("validated")
     result = json.loads((spec.run_dir / VAL_FILE).read_text())["results"]
+    from atas.data import dataset_info
+
     row.update(clean=result["clean"]["accuracy"], pgd=result["pgd"]["accuracy"], pgd_label=result["pgd"]["label"],
-               n_examples=result["clean"]["n"], guard_changes=option_changes(_read_log(spec.run_dir)))
+               n_examples=result["clean"]["n"], guard_changes=option_changes(_read_log(spec.run_dir)),
+               chance=1.0 / dataset_info(spec.cfg.data.name).num_classes)
     return row, ", ".join(done) or "finished before: read back"
+
+
+# A constant prediction: clean and PGD accuracy within this of each other, and clean at most
+# CONSTANT_MAX (the monitor's stuck rule, atas.monitor.COMonitor.stuck_tol / stuck_max).
+CONSTANT_TOL, CONSTANT_MAX = 0.01, 0.25
+
+
+def rejected(row: dict) -> str | None:
+    """Why a validated value cannot be chosen ('did not learn' / 'constant prediction'), or None."""
+    from atas.guard import NEAR_CHANCE
+
+    clean, pgd, chance = row.get("clean"), row.get("pgd"), row.get("chance", 0.1)
+    if clean is None or pgd is None:
+        return None
+    if clean <= chance + NEAR_CHANCE:
+        return f"did not learn (validation clean {100 * clean:.1f}%, chance {100 * chance:.0f}%)"
+    if abs(clean - pgd) <= CONSTANT_TOL and clean <= CONSTANT_MAX:
+        return f"constant prediction (validation clean {100 * clean:.1f}% = PGD {100 * pgd:.1f}%)"
+    return None
 
 
 def choose(results: list[dict]) -> float | None:
     """The value with the best validation PGD accuracy; ties: the better clean accuracy, then the
-    first in the grid. Values whose run failed or has not finished are out; None if none is left."""
-    scored = [r for r in results if r.get("pgd") is not None]
+    first in the grid. Values whose run failed or has not finished are out, and so are models that
+    did not learn or predict a constant (`rejected`); None if none is left."""
+    scored = [r for r in results if r.get("pgd") is not None and rejected(r) is None]
     if not scored:
         return None
     return max(scored, key=lambda r: (r["pgd"], r["clean"]))["value"]  # max keeps the first of equals
@@ -234,10 +262,17 @@ def run_search(search: Search, n_examples: int, report_only: bool, out: Path, no
     if not search.finished:
         print(f"{head}: not finished (--report-only); its seeds wait for it", flush=True)
         return
+    for row in search.results:
+        why = rejected(row)
+        if why:
+            row["rejected"] = why
     search.chosen = choose(search.results)
     if search.chosen is None:
-        notes.append(f"{search.method} eps {search.eps}: every value of {search.option} in the search failed "
-                     f"({', '.join(map(value_text, search.grid))}); its seeds run with the method's default")
-        print(f"{head}: every value failed; the seeds run with the method's default", flush=True)
+        whys = [f"{value_text(r['value'])}: " + (r.get("rejected") or "failed") for r in search.results]
+        search.untuned = (f"no value of {search.option} can be chosen: every one failed or did not learn "
+                          f"({'; '.join(whys)})")
+        notes.append(f"{search.method} eps {search.eps}: UNTUNED, {search.untuned}; its seeds run with the "
+                     "method's default")
+        print(f"{head}: UNTUNED ({search.untuned}); the seeds run with the method's default", flush=True)
     else:
         print(f"{head}: chose {search.option}={value_text(search.chosen)}", flush=True)

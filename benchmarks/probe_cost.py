@@ -15,7 +15,7 @@ import torch
 
 from atas.evaluation.run import load_test_set
 from atas.export import load_model
-from atas.trainer import probe
+from atas.monitor import probe
 
 
 def main(argv: list[str] | None = None) -> float:

@@ -5,8 +5,10 @@
 
 The callback starts each ATAS epoch with Lightning's and keeps the method's state (the per-sample
 prior and gradient-norm average) in Lightning's own checkpoints, so `trainer.fit(..., ckpt_path=...)`
-resumes it (exactly from an epoch-end checkpoint: the callback seeds each epoch from (seed, epoch)). Each epoch ends with a probe on 512 held-out test images (clean and PGD-10 accuracy),
-the same probe `atas train` logs.
+resumes it (exactly from an epoch-end checkpoint: the callback seeds each epoch from (seed, epoch)).
+Each epoch ends with the probe `atas train` logs (clean, FGSM and PGD-10 accuracy on 512 held-out
+test images) and the guard against catastrophic overfitting: a flagged epoch is rolled back to the
+last healthy one, the method's remedy applied and the undone epochs replayed (docs/own-code.md).
 """
 from __future__ import annotations
 
@@ -30,9 +32,9 @@ def small_cnn() -> nn.Module:
 
 
 class LitClassifier(L.LightningModule):
-    def __init__(self, num_samples: int, eps: float = 0.2, epochs: int = 10, probe=None):
+    def __init__(self, num_samples: int, eps: float = 0.2, epochs: int = 10):
         super().__init__()
-        self.net, self.eps, self.epochs, self.probe, self.history = small_cnn(), eps, epochs, probe, []
+        self.net, self.eps, self.epochs, self.history = small_cnn(), eps, epochs, []
         self.atk = atas.ATAS(eps=eps, num_samples=num_samples, epochs=epochs, augment=atas.RandomCropFlip(pad=2), step_numerator="2eps", alpha_unit="eps", alpha_min=0.5, alpha_max=1.75, warmup_epochs=0)  # atas
 
     def forward(self, x):
@@ -47,12 +49,9 @@ class LitClassifier(L.LightningModule):
         return loss
 
     def on_train_epoch_end(self):
-        if self.probe is not None:
-            # The probe `atas train` logs: PGD-10, one restart, constant step eps/4, cross-entropy.
-            r = atas.benchmark(self, self.probe, self.eps, attacks=["clean", "pgd"], pgd_steps=10, pgd_restarts=1,
-                               pgd_alpha=self.eps / 4, pgd_schedule="constant", pgd_loss="ce", progress=False)["results"]
-            self.history.append({"epoch": self.current_epoch + 1, "probe_clean": r["clean"]["accuracy"],
-                                 "probe_pgd": r["pgd"]["accuracy"]})
+        m = self.trainer.callback_metrics  # the callback's probe of this epoch, logged before this hook runs
+        if "probe_pgd" in m:
+            self.history.append({"epoch": self.atk.current_epoch, **{k: float(m[k]) for k in ("probe_clean", "probe_fgsm", "probe_pgd")}})  # atas
             print(self.history[-1])
 
     def configure_optimizers(self):
@@ -76,12 +75,12 @@ def main(argv=None) -> LitClassifier:
     if args.subset:
         train_set = Subset(train_set, range(args.subset))
     test_set = datasets.FashionMNIST(args.data, train=False, transform=transforms.ToTensor())
-    probe = next(iter(DataLoader(Subset(test_set, range(len(test_set) - 512, len(test_set))), batch_size=512)))
-    model = LitClassifier(len(train_set), epochs=args.epochs, probe=probe)
+    x_probe, y_probe = next(iter(DataLoader(Subset(test_set, range(len(test_set) - 512, len(test_set))), batch_size=512)))
+    model = LitClassifier(len(train_set), epochs=args.epochs)
     loader = DataLoader(atas.IndexedDataset(train_set), batch_size=128, shuffle=True)  # atas
     trainer = L.Trainer(max_epochs=args.epochs, accelerator="auto", devices=1, logger=False, default_root_dir=args.out,
                         enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[atas.lightning.AdversarialTraining()])  # atas
+                        callbacks=[atas.lightning.AdversarialTraining(probe=atas.Probe(x_probe, y_probe, eps=0.2))])  # atas
     trainer.fit(model, loader, ckpt_path=args.resume)
     return model
 

@@ -4,6 +4,7 @@ writes summary.json, report.md/html and valid PNGs, then re-runs without trainin
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -238,7 +239,9 @@ def test_compare_end_to_end_then_rerun_trains_nothing(tmp_path, monkeypatch, cap
         section = md.split(f"### eps = {eps}")[1].split("###")[0]
         for method in ("atas", "fgsm_rs"):
             line = next(x for x in section.splitlines() if x.startswith(f"| {method_label(method)} |"))
-            assert "±" in line and "/2)" in line
+            # every seed is accounted for: judged for CO (k/n), or counted apart as not learning
+            co = re.search(r"(?:yes|no) \((\d+)/(\d+)\)(?:, (\d+) did not learn)?|did not learn \((2)/2\)", line)
+            assert "±" in line and co and int(co[2] or 0) + int(co[3] or 0) + int(co[4] or 0) == 2, line
         assert "ATAS shows catastrophic overfitting:" in section
         assert "FGSM-RS shows catastrophic overfitting:" in section
     assert "PGD-2-1 (%)" in md and "compare fmnist" in md

@@ -78,12 +78,13 @@ def test_lightning_example_trains_probes_and_resumes_the_store(tv_root, tmp_path
     lit = load("lightning_module")
     model = lit.main(["--data", str(tv_root), "--subset", "256", "--epochs", "2", "--out", str(tmp_path)])
     assert [h["epoch"] for h in model.history] == [1, 2]
-    assert all(0 <= h["probe_pgd"] <= h["probe_clean"] <= 1 for h in model.history)
+    assert all(0 <= h["probe_pgd"] <= h["probe_clean"] <= 1 and 0 <= h["probe_fgsm"] <= 1 for h in model.history)
     ckpts = sorted(tmp_path.rglob("*.ckpt"))
     assert ckpts, "Lightning wrote no checkpoint"
     saved = torch.load(ckpts[-1], weights_only=True)
     (state,) = [v for k, v in saved["callbacks"].items() if "AdversarialTraining" in k]
     assert state["epoch"] == 2 and torch.equal(state["store"]["delta"], model.atk.store.delta.cpu())
+    assert [r["epoch"] for r in state["guard"]["rows"] if "event" not in r] == [1, 2]   # the guard's record, too
     # Resuming through Lightning's own mechanism restores the per-sample store.
     resumed = lit.main(["--data", str(tv_root), "--subset", "256", "--epochs", "2", "--out", str(tmp_path / "b"),
                         "--resume", str(ckpts[-1])])

@@ -151,7 +151,7 @@ def test_logged_sweep_runs_below_half_of_pgd_at_are_flagged():
 
 
 def test_the_probe_keys_and_its_margin_attack():
-    from atas.trainer import probe
+    from atas.monitor import probe
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()

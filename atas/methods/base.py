@@ -32,7 +32,7 @@ from atas.augment import CropFlip, PairedAugment
 from atas.registry import Registry
 from atas.store import PerSampleStore
 from atas.threat import BN_MODES, LinfBall
-from atas.values import ConfigError, build_dataclass, parse_fraction
+from atas.values import ConfigError, build_dataclass, parse_fraction, to_plain
 
 # name -> Method subclass; `@register` on a class adds it under its `name`. Packages add theirs
 # through the entry-point group "atas.methods" (atas.registry).
@@ -295,9 +295,10 @@ class Method:
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: the epoch, the per-sample store and the
-        method's own carried tensors, and the method's name. Tensors, ints and a string only (loads
-        with weights_only=True)."""
-        state = {"epoch": self.current_epoch, "method": self.method_state()}
+        method's own carried tensors, the method's name and its options (as they are now: a change
+        by `set_options`, e.g. the guard's remedy, is part of the state). Tensors and plain values
+        only (loads with weights_only=True)."""
+        state = {"epoch": self.current_epoch, "method": self.method_state(), "options": to_plain(self.opt)}
         state["name"] = self.name  # load_state_dict refuses another method's state
         if self.num_samples is not None:
             state["num_samples"] = self.num_samples
@@ -318,6 +319,8 @@ class Method:
             raise ValueError(f"cannot resume {self.name}: the saved per-sample state is for "
                              f"num_samples={int(saved_n)}, this object has num_samples={self.num_samples}. Resume "
                              "with the training set the state was saved with (same size and order), or start fresh.")
+        if "options" in state:  # states saved before the options were recorded: the object's stay
+            self._load_options(state["options"])
         self.current_epoch = int(state.get("epoch", 0))
         if "store" in state:
             if self.store is not None:
@@ -327,6 +330,25 @@ class Method:
         device = self.store.device if self.store is not None else None
         self.load_method_state({k: v.to(device) if device is not None and torch.is_tensor(v) else v
                                 for k, v in state.get("method", {}).items()})
+
+    def _load_options(self, saved: dict) -> None:
+        """The loaded options win: a run resumed from a state continues with the options it was
+        trained with (remedies included); where they differ from this object's, say which."""
+        names = {f.name for f in dataclasses.fields(self.opt)}
+        try:
+            loaded = build_dataclass(type(self.opt), {k: v for k, v in saved.items() if k in names}, "")
+            self.check_options(loaded)
+        except ConfigError as e:
+            raise ValueError(f"{self.name}: the state's options do not load ({e}); was it saved by another "
+                             "version of this method?") from None
+        differ = [f"{k} {getattr(self.opt, k)!r} -> {getattr(loaded, k)!r}" for k in sorted(names)
+                  if to_plain(getattr(self.opt, k)) != to_plain(getattr(loaded, k))]
+        if not differ:
+            return
+        warnings.warn(f"{self.name}: the loaded state's options differ from this object's ({', '.join(differ)}); "
+                      "the loaded ones are used, as the run they were saved from had them", stacklevel=3)
+        self.opt = loaded
+        self.options_changed()
 
     # -- what a method defines ---------------------------------------------------------------
     def method_state(self) -> dict:
@@ -397,7 +419,8 @@ class Method:
         return {}
 
     def set_options(self, **changes) -> None:
-        """Change options mid-run (the guard's remedies; they are recorded and re-applied on resume)."""
+        """Change options mid-run (the guard's remedies). The change is part of `state_dict()`, so
+        `load_state_dict` on a fresh object restores it (with a warning naming what differed)."""
         opt = dataclasses.replace(self.opt, **changes)
         self.check_options(opt)
         self.opt = opt
