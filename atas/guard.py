@@ -315,7 +315,8 @@ class Guard:
     def _kept(self) -> dict | None:
         if self.keep is not None:
             return torch.load(self.keep, map_location="cpu", weights_only=True)
-        return None if self._healthy is None else copy.deepcopy(self._healthy)  # a copy: the same state may be the target of a later rollback
+        # a copy: the same state may be the target of a later rollback
+        return None if self._healthy is None else copy.deepcopy(self._healthy)
 
     def _restore(self, event: dict) -> None:
         """Back to the kept healthy state, the options the guard changed so far and this remedy."""
