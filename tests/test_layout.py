@@ -55,9 +55,13 @@ def _imports(path: Path, name: str, known: set[str]) -> set[str]:
     return {m for m in found if m in known and m != name}
 
 
-@pytest.mark.xfail(strict=True, reason="README's Layout lines for atas/errors.py and atas/external_eval.py (and "
-                   "the removal of atas/evaluate.py and atas/benchmark.py) are merged by the coordinator; "
-                   "remove this mark then")
+# README.md is the coordinator's to edit: its Layout block gets the lines of this branch's report
+# (atas/errors.py, atas/linearity.py, atas/external_eval.py; no atas/evaluate.py, atas/benchmark.py;
+# atas/report.py above atas/sweep.py, which imports it). Then these two marks go.
+README_PENDING = pytest.mark.xfail(strict=True, reason="README Layout lines pending (house's report): remove this mark")
+
+
+@README_PENDING
 def test_every_module_is_in_the_readme_layout_and_every_listed_one_exists():
     listed, modules = _layout(), _modules()
     assert len(listed) == len(set(listed)), "a module is listed twice"
@@ -65,6 +69,7 @@ def test_every_module_is_in_the_readme_layout_and_every_listed_one_exists():
     assert sorted(set(listed) - set(modules)) == [], "README's Layout block lists modules that do not exist"
 
 
+@README_PENDING
 def test_a_module_imports_only_modules_listed_above_it():
     listed, modules = _layout(), _modules()
     order = {name: i for i, name in enumerate(listed)}
