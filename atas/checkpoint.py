@@ -20,6 +20,7 @@ import errno
 import json
 import os
 import pickle
+import shlex
 import stat
 import zipfile
 from collections.abc import Callable
@@ -109,20 +110,74 @@ def is_special_file(path: str | Path) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
+class UnsafeFileError(OutputPathError):
+    """A file atas names and writes itself is a symbolic link or a special file (see check_own_file)."""
+
+
+def _what_it_is(mode: int, path: Path) -> str | None:
+    """How a file atas would write is not a plain regular file (None: it is one, or a folder)."""
+    if stat.S_ISLNK(mode):
+        try:
+            return f"a symbolic link (to {os.readlink(path)})"
+        except OSError:
+            return "a symbolic link"
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+
+
+def check_own_file(path: str | Path) -> Path:
+    """The rule for every file atas names itself (the run folder's lock, config, metrics, checkpoints,
+    best.pt, store memmap, evaluation files; an export's files): absent or a regular file, never a
+    symbolic link or a device / FIFO / socket. Writing through a link would let a link planted in a
+    shared run folder overwrite any file its user can write; writing into a special file would lose
+    the data while the console says it was saved. Such a file is refused with one line saying what
+    to do (UnsafeFileError, exit 2), never followed and never silently replaced. A path the user
+    names (`atas eval --out /dev/stdout`) is theirs: `atomic_write(..., named=True)`."""
+    path = Path(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:  # absent (or a parent in the way: the write itself says so)
+        return path
+    what = _what_it_is(mode, path)
+    if what is not None:
+        raise UnsafeFileError(
+            f"{path} is {what}: atas writes its own files only as regular files, never through a link or into "
+            f"a device or FIFO (a link in a shared run folder could overwrite any file you can write); remove it "
+            f"(`rm {shlex.quote(str(path))}`) and run the command again")
+    return path
+
+
+def is_plain_file(path: str | Path) -> bool:
+    """An existing regular file that is not a symbolic link (safe to open without blocking or following)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def temporary_path(path: Path) -> Path:
     """Where `atomic_write` stages `path`: hidden, beside it, named by this process (see rundir)."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb", *,
+                 named: bool = False) -> None:
     """Write `path` through `write(file)` via temp file + fsync + rename; clean up on any failure.
-    Out of space: DiskFullError (a CheckpointError) naming the file, the old file untouched."""
+    Out of space: DiskFullError (a CheckpointError) naming the file, the old file untouched.
+
+    named=False (every file atas names itself): `path` must pass `check_own_file`. named=True (a
+    path the user gave, `--out`): a device or FIFO there is written in place, as asked."""
     path = Path(path)
-    if is_special_file(path):
+    if named and is_special_file(path):
         _write_in_place(path, write, mode)
         return
+    if not named:
+        check_own_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
+    tmp.unlink(missing_ok=True)  # a link planted at the temporary name goes; it is never written through
     recorder = None
     try:
         with open(tmp, mode) as f:
@@ -154,8 +209,8 @@ def _write_in_place(path: Path, write: Callable[[Any], None], mode: str) -> None
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text), mode="w")
+def atomic_write_text(path: str | os.PathLike, text: str, *, named: bool = False) -> None:
+    atomic_write(path, lambda f: f.write(text), mode="w", named=named)
 
 
 def previous_path(path: str | Path) -> Path:
@@ -173,6 +228,7 @@ def healthy_path(path: str | Path) -> Path:
 def link_as(path: Path, dest: Path) -> None:
     """`dest` becomes the file `path` is now, by a hard link (no copy, no extra disk while `path`
     exists). The link is staged and renamed, so a crash leaves the old `dest` or the new one."""
+    check_own_file(dest)
     staged = temporary_path(dest)
     staged.unlink(missing_ok=True)
     try:
@@ -227,14 +283,24 @@ def _what_to_do(path: Path) -> str:
                     f"evaluate, export or resume the run from it (`atas eval {path.parent}`, `atas train --resume "
                     f"{path.parent}`), and delete the damaged file (`rm {path}`): a resumed run rewrites best.pt "
                     "when its checkpoint is the best epoch, and at its next best epoch otherwise.")
+    if ".healthy." in path.name:
+        ckpt = path.with_name(path.name.replace(".healthy.", "."))
+        if ckpt.exists() and _is_whole(ckpt):
+            return (f"{path.name} is only the guard's rollback target (train.co_action=recover); the run's {ckpt} is "
+                    f"intact: delete the damaged file (`rm {shlex.quote(str(path))}`) and resume the run (`atas train "
+                    f"--resume {shlex.quote(str(path.parent))}`): a rollback then takes the newest checkpoint it "
+                    "can trust, or the initial weights.")
+    from atas.rundir import fresh_start_command
+
+    again = f"start the run again (`{fresh_start_command(path.parent)}`)"
     prev = previous_path(path)
     if prev.exists() and prev != path:
         if _is_whole(prev):
             return (f"The checkpoint one epoch older is kept as {prev}: move it over the damaged one "
-                    f"(`mv {prev} {path}`) and resume, or start the run again.")
+                    f"(`mv {prev} {path}`) and resume, or {again}.")
         return (f"The checkpoint one epoch older, {prev}, is damaged too, so there is none to fall back to: "
-                "restore the run folder from a copy, or start the run again (`atas train ... --overwrite`).")
-    return "Restore the file from a copy, or start the run again (`atas train ... --overwrite`)."
+                f"restore the run folder from a copy, or {again}.")
+    return f"Restore the file from a copy, or {again}."
 
 
 def _verify_archive(path: Path) -> None:

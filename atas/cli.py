@@ -42,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", nargs="?", help="shipped recipe name (see `atas recipes`) or a YAML path")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.eps=8/255 train.epochs=10")
     t.add_argument("--run-dir", help="run folder (default: <out_dir>/<name>)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    t.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last checkpoint; a run that ended (finished, stopped, "
+                        "or given up by the guard) trains nothing unless train.epochs=N raises its epochs")
     t.add_argument("--overwrite", action="store_true",
                    help="replace a run already in the run folder (its checkpoints, metrics and eval.json go)")
 
@@ -103,8 +105,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from atas import distributed
-    from atas.config import ConfigError, check_attacks, load_config
-    from atas.trainer import load_run_config, train
+    from atas.config import ConfigError, load_config
+    from atas.evaluation.run import VAL_FILE, check_final_eval_extras
+    from atas.rundir import load_run_config
+    from atas.trainer import train
 
     if args.resume:
         if args.recipe and "=" in args.recipe:  # `atas train --resume DIR key=value`
@@ -116,43 +120,28 @@ def cmd_train(args) -> int:
         if not args.recipe:
             raise ConfigError("give a recipe (see `atas recipes`) or --resume RUN_DIR")
         cfg = load_config(args.recipe, args.overrides)
-    if cfg.eval.at_end:  # AutoAttack's package is refused now, not after hours of training
-        check_attacks(cfg.eval.attacks, "eval.attacks: ", installed=True)
+    if cfg.eval.at_end:
+        check_final_eval_extras(cfg)
     args.run_dir_hint = str(args.resume or args.run_dir or Path(cfg.out_dir) / cfg.name)
     _say_data_source(cfg)
     _sigterm_interrupts()
-    try:
+    try:  # the end-of-training evaluation is the library's (atas.evaluation.run.evaluate_trained)
         run = train(cfg, run_dir=args.resume or args.run_dir, resume=bool(args.resume), overwrite=args.overwrite)
     finally:
-        # Under torchrun, leave the process group before the end-of-run evaluation (rank 0 only)
-        # and before exit: a rank that exits with gloo's threads still running aborts
-        # ("terminate called without an active exception") and torchrun fails the job.
+        # Under torchrun, leave the process group before exit: a rank that exits with gloo's
+        # threads still running aborts ("terminate called without an active exception") and
+        # torchrun fails the job.
         distributed.cleanup()
-    if cfg.eval.at_end and distributed.is_main_process():
-        from atas.checkpoint import DiskFullError
+    if run.evaluation is not None:
         from atas.evaluation import format_table
-        from atas.evaluation.run import evaluate_run
-        from atas.export import resolve_artifact
 
-        last = run.metrics[-1] if run.metrics else {}
-        checkpoint = resolve_artifact(run.run_dir)
-        weights = {"file": checkpoint.name, "path": str(checkpoint), "epoch": last.get("epoch"),
-                   "step": last.get("step"), "epochs_planned": cfg.train.epochs, "mid_run": False}
-        try:
-            result = evaluate_run(run.model, cfg, run.run_dir, checkpoint=weights)
-        except DiskFullError as e:  # the training is done and saved: say how to get its evaluation
-            out = Path(run.run_dir) / "eval.json"
-            raise DiskFullError(e.path, f"training finished and its checkpoint {checkpoint} is intact",
-                                f"free space and run the end-of-training evaluation with `atas eval {run.run_dir} "
-                                f"--out {out}` (it resumes from {out.with_suffix('.state')})") from None
-        print(format_table(result))
-        if cfg.data.val_size:  # the held-out training images: what a hyper-parameter is chosen on
-            from atas.evaluation.run import VAL_FILE, evaluate_validation
-
-            val = evaluate_validation(run.model, cfg, run.run_dir)["results"]
-            print(f"validation ({val['clean']['n']} of the {cfg.data.val_size} held-out training images): "
-                  + ", ".join(f"{v['label']} {100 * v['accuracy']:.1f}%" for v in val.values())
-                  + f" -> {Path(run.run_dir) / VAL_FILE}")
+        print(format_table(run.evaluation))
+    if run.validation is not None:
+        val = run.validation["results"]
+        print(f"validation ({val['clean']['n']} of the {cfg.data.val_size} held-out training images): "
+              + ", ".join(f"{v['label']} {100 * v['accuracy']:.1f}%" for v in val.values())
+              + f" -> {Path(run.run_dir) / VAL_FILE}")
+    if cfg.eval.at_end and distributed.is_main_process():
         print(f"run folder: {run.run_dir}")
     return 0
 
@@ -174,25 +163,14 @@ def _say_data_source(cfg) -> None:
 
 def _eval_device(name: str):
     """--device of `atas eval`, refused in its own words (the training's check names train.device)."""
-    import torch
+    from atas.factories import resolve_device
 
-    from atas.config import ConfigError
-    from atas.trainer import resolve_device
-
-    try:
-        device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
-                              "cpu" if name == "auto" else name)
-    except RuntimeError as e:
-        raise ConfigError(f"--device {name}: not a device ({e}); use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} but no CUDA GPU is visible; use --device cpu (or leave it out: "
-                          "auto picks the GPU when there is one)")
-    return resolve_device(str(device))
+    return resolve_device(name, "--device")
 
 
 def cmd_eval_external(args) -> int:
     """`atas eval --model MODULE:FUNCTION --weights FILE --data NAME --eps E`: any model, atas's evaluation."""
-    from atas.checkpoint import check_output
+    from atas.checkpoint import check_output, check_own_file
     from atas.config import ConfigError, Frac, check_eps
     from atas.evaluation import format_table, save_result
     from atas.evaluation.run import model_eval_file_name
@@ -210,6 +188,8 @@ def cmd_eval_external(args) -> int:
     # other attacks, size or eps never replace an earlier result.
     out = check_output(args.out or model_eval_file_name(args.model, args.data, attacks, args.n_examples,
                                                          eps, args.weights))
+    if not args.out:  # the name atas chose: a regular file, never a link or a device (check_own_file)
+        check_own_file(out)
     device = _eval_device(args.device)
     model = model_from_factory(args.model)
     if args.weights:
@@ -225,7 +205,7 @@ def cmd_eval_external(args) -> int:
                        data_dir=args.data_dir, batch_size=args.batch_size or 256, seed=args.seed,
                        progress=not args.no_progress, **kwargs)
     result["model"] = {"factory": args.model, "weights": args.weights, "dataset": args.data}
-    save_result(result, out)
+    save_result(result, out, named=bool(args.out))
     print(format_table(result))
     print(f"saved: {out}")
     return 0
@@ -281,7 +261,7 @@ def cmd_eval(args) -> int:
     if weights and weights["warning"]:  # an evaluation of a run still in training, before it starts
         print(f"atas eval: WARNING: {weights['warning']}", file=sys.stderr)
     result = evaluate_run(model, cfg, out.parent, eps=eps, seed=args.seed, out=out,
-                          progress=not args.no_progress, checkpoint=weights)
+                          progress=not args.no_progress, checkpoint=weights, named_out=bool(args.out))
     print(format_table(result))
     print(f"saved: {out}")
     return 0

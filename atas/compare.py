@@ -239,7 +239,7 @@ def _check_test_set_size(spec: RunSpec) -> None:
 def _run_or_read(args, i: int, n: int, spec: RunSpec, status: str | None, out: Path) -> dict:
     """One run's row of summary.json: trained / resumed / evaluated as needed, or (--report-only)
     read back, or marked diverged or not finished."""
-    from atas.trainer import TrainingDiverged, read_divergence
+    from atas.rundir import TrainingDiverged, read_divergence
 
     head = f"[{i}/{n}] {spec.method} eps={spec.eps} seed={spec.seed}"
     if status is None:  # --report-only, and the search that picks this run's value has not finished
@@ -275,8 +275,8 @@ def _write_outputs(args, methods: list[str], specs: list[RunSpec], attacks: list
                    rows: list[dict], out: Path, load_at_start: float | None, tuning: _Tuning) -> None:
     """summary.json (with the command, its equivalent and the machine), the report, the table."""
     from atas.checkpoint import atomic_write_text
+    from atas.factories import resolve_device
     from atas.report import AA_NOT_RUN, build_report, findings, format_summary_table, mark_learning
-    from atas.trainer import resolve_device
 
     mark_learning(rows)  # did not learn / outcome, against the other methods' runs
     eps = list(dict.fromkeys(s.eps for s in specs))

@@ -86,9 +86,11 @@ class DistContext:
             raise CheckpointError(f"cannot resume rank {self.rank}: {path} is missing although the run has checkpoints "
                                   f"for world size {self.world_size} (a rank crashed before its save?). Resume from "
                                   "an earlier copy of the run folder or start a new run.")
+        from atas.rundir import fresh_start_command
+
         raise CheckpointError(f"nothing to resume: {path} does not exist (the run never finished an epoch, or this "
-                              f"is not its folder). Check the folder name, or start the run afresh: `atas train "
-                              f"RECIPE --run-dir {run_dir}`.")
+                              f"is not its folder). Check the folder name, or start the run afresh: "
+                              f"`{fresh_start_command(run_dir)}`.")
 
     def broadcast_flag(self, flag: bool) -> bool:
         """Rank 0's `flag` on every rank (sync point). For decisions taken on rank 0 alone, e.g.
@@ -131,12 +133,10 @@ def setup(cfg: Config) -> DistContext:
     if world == 1:
         return DistContext()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    want = cfg.train.device
-    use_cuda = want.startswith("cuda") or (want == "auto" and torch.cuda.is_available())
+    from atas.factories import resolve_device
+
+    use_cuda = resolve_device(cfg.train.device).type == "cuda"  # the one check of train.device
     if use_cuda:
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device asks for CUDA but no GPU is visible on this node; use train.device=cpu "
-                              "(gloo) or launch on GPU nodes")
         if torch.cuda.device_count() <= local_rank:
             raise ConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs on this node: "
                               "--nproc-per-node must not exceed the GPU count")

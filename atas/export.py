@@ -22,11 +22,12 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from atas.checkpoint import CheckpointError, atomic_write, check_output, load_checkpoint, save_json
+from atas.checkpoint import CheckpointError, atomic_write, check_output, check_own_file, load_checkpoint, save_json
 from atas.config import Config, config_from_dict
 from atas.data import dataset_info
 from atas.models import build_model, clean_state_dict, unwrap
 from atas.provenance import __version__
+from atas.rundir import BEST, CHECKPOINT, EVAL, MetricsLog, run_end, run_finished
 
 MODEL_FILE, CARD_FILE = "model.safetensors", "card.json"
 
@@ -55,7 +56,7 @@ def resolve_artifact(path: str | Path) -> Path:
     """A run folder, a checkpoint file, or an export folder / its model.safetensors."""
     path = Path(path)
     if path.is_dir():
-        for name in (MODEL_FILE, "checkpoint.pt", "checkpoint-rank0-of1.pt"):
+        for name in (MODEL_FILE, CHECKPOINT, "checkpoint-rank0-of1.pt"):
             if (path / name).exists():
                 return path / name
         ranked = sorted(path.glob("checkpoint-rank0-of*.pt"))
@@ -99,28 +100,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot rebuild the model from the saved config ({e})") from None
     model = _load_weights(_build(cfg), state["model"], str(path))
-    return model.to(device), cfg, {"epoch": int(state["epoch"]), "step": int(state["step"])}
+    return model.to(device), cfg, {"epoch": int(state["epoch"]), "step": int(state["step"]),
+                                   "metrics": state.get("metrics")}
 
 
 def _is_previous(path: Path) -> bool:
     return ".prev." in path.name
-
-
-def _run_finished(run_dir: Path, cfg: Config) -> bool | None:
-    """Whether the run in run_dir got to its end, from its metrics (cheap: no checkpoint is
-    loaded); None when there is no metrics log to tell."""
-    from atas.trainer import MetricsLog
-
-    try:
-        rows = MetricsLog(run_dir).read()
-    except (OSError, ValueError):
-        return None
-    if not rows:
-        return None
-    last = rows[-1]
-    return (last.get("epoch", 0) >= cfg.train.epochs
-            or (cfg.train.max_steps is not None and last.get("step", 0) >= cfg.train.max_steps)
-            or (cfg.train.co_action == "stop" and bool(last.get("co"))))
 
 
 def training_state(source: str | Path, cfg: Config, extra: dict) -> dict | None:
@@ -133,19 +118,19 @@ def training_state(source: str | Path, cfg: Config, extra: dict) -> dict | None:
     epoch, step, planned = extra["epoch"], extra.get("step", 0), cfg.train.epochs
     finished = epoch >= planned or (cfg.train.max_steps is not None and step >= cfg.train.max_steps)
     if not finished and cfg.train.co_action in ("stop", "recover"):
-        from atas.guard import epoch_rows, gave_up
-        from atas.trainer import MetricsLog
-
-        log = MetricsLog(path.parent).read()
-        rows = [r for r in epoch_rows(log) if r.get("epoch") == epoch]
-        finished = gave_up(log) if cfg.train.co_action == "recover" else bool(rows and rows[-1].get("co"))
+        # the checkpoint's own metrics say whether the guard gave up or co_action=stop ended the
+        # run at this epoch; an older checkpoint without them: the run's log up to this epoch
+        rows = extra.get("metrics")
+        if rows is None:
+            rows = [r for r in MetricsLog(path.parent).read() if r.get("epoch", 0) <= epoch]
+        finished = run_end(rows, cfg) is not None
     note = None
-    if path.name == "best.pt":
+    if path.name == BEST:
         note = (f"{path} is the best-robust checkpoint (epoch {epoch} of {planned}, chosen by the CO monitor), "
                 "not the final model")
     elif _is_previous(path):  # one save older than the run's latest checkpoint, whatever the run's state
         latest = path.with_name(path.name.replace(".prev.", "."))
-        run_done = _run_finished(path.parent, cfg)
+        run_done = run_finished(path.parent, cfg)
         whose = "a finished run" if run_done else "an unfinished run" if run_done is False else "its run"
         note = (f"{path} is an older checkpoint of {whose} (epoch {epoch} of {planned}), kept as the fallback "
                 f"for a damaged {latest.name}; it is not the run's latest model ({latest})")
@@ -170,7 +155,7 @@ def checkpoint_record(source: str | Path, cfg: Config, extra: dict) -> dict | No
     run_dir = path.parent
     writer = live_writer(run_dir)
     finished = state["finished"] if path.name.startswith("checkpoint") and not _is_previous(path) \
-        else _run_finished(run_dir, cfg)
+        else run_finished(run_dir, cfg)
     record = {"file": path.name, "path": str(path), "epoch": state["epoch"], "step": extra.get("step"),
               "epochs_planned": state["epochs_planned"], "mid_run": writer is not None or finished is False,
               "warning": None}
@@ -196,7 +181,7 @@ def run_evaluation(source: str | Path, model: nn.Module) -> tuple[dict | None, s
     path = resolve_artifact(source)
     if path.suffix == ".safetensors":
         return None, None
-    files = [path.with_name("eval.json")] + sorted(path.parent.glob("eval-*.json"),
+    files = [path.with_name(EVAL)] + sorted(path.parent.glob("eval-*.json"),
                                                    key=lambda f: f.stat().st_mtime, reverse=True)
     files = [f for f in files if f.is_file()]
     if not files:
@@ -230,6 +215,8 @@ def export_model(source: str | Path, out_dir: str | Path, evaluation: dict | Non
     import warnings
 
     out_dir = check_output(out_dir, folder=True)
+    for name in (MODEL_FILE, CARD_FILE):  # the files atas names in the folder: regular files only
+        check_own_file(out_dir / name)
     model, cfg, extra = load_model(source)
     state = training_state(source, cfg, extra)
     if state and state["note"]:

@@ -185,20 +185,25 @@ class Guard:
         """The last epoch marked healthy (0: none, the initial state)."""
         return max((r["epoch"] for r in epoch_rows(self.rows) if r.get("healthy")), default=0)
 
-    def plan(self, epoch: int, reason: str) -> dict:
+    def plan(self, epoch: int, reason: str, rollback_to: int | None = None) -> dict:
         """The event for epoch `epoch`, flagged for `reason` (the rows hold it already): a recovery
-        (rollback target, option changes, what was done) or `gave_up` (why not)."""
+        (rollback target, option changes, what was done) or `gave_up` (why not). rollback_to: the
+        healthy epoch to go back to (default: the last one; the trainer passes the last one whose
+        state it can restore, atas.runstate.rollback_target)."""
         past = [e for e in events(self.rows) if e[EVENT] == "recovery"]
         replayed = sum(e["replayed_epochs"] for e in past)
-        last_healthy = self.last_healthy()
+        last_healthy = self.last_healthy() if rollback_to is None else rollback_to
         replay = epoch - last_healthy
         base = {"epoch": epoch, "reason": reason}
         budget = self.budget_epochs if self.budget_epochs is not None else epoch
+        # Giving up ends the run at its last healthy epoch (Wong et al. 2020's early stopping: the
+        # weights before the collapse), not at the flagged one; a run never healthy keeps its last.
+        end = {"rollback_to": last_healthy, "replayed_epochs": 0, "changes": {}} if last_healthy >= 1 else {}
         if len(past) >= self.max_recoveries:
-            return {EVENT: "gave_up", **base,
+            return {EVENT: "gave_up", **base, **end,
                     "why": f"{len(past)} recoveries already (train.max_recoveries={self.max_recoveries})"}
         if replayed + replay > budget:
-            return {EVENT: "gave_up", **base,
+            return {EVENT: "gave_up", **base, **end,
                     "why": f"rolling back to epoch {last_healthy} would replay {replay} epochs, but only "
                            f"{budget - replayed} of the budget of {budget} are left "
                            "(train.recover_budget_epochs)"}
@@ -271,7 +276,7 @@ class Guard:
         if self.verbose and verdict["co"]:
             print(flag_line(epoch, verdict["reason"], row, self.monitor))
         if event is not None:
-            if event[EVENT] == "recovery":
+            if "rollback_to" in event:  # a recovery, or giving up at the last healthy epoch's weights
                 self.record_rollback(event)
                 self._restore(event)
                 self._next = event["rollback_to"] + 1
@@ -384,6 +389,8 @@ def flag_line(epoch: int, reason: str, row: dict, monitor: COMonitor) -> str:
 def describe(event: dict) -> str:
     """One line for the console and the report."""
     if event[EVENT] == "gave_up":
-        return f"epoch {event['epoch']}: the guard gave up ({event['why']}); flagged: {event['reason']}"
+        ends = (f"; the run ends with the weights of its last healthy epoch, {event['rollback_to']} (early stopping)"
+                if "rollback_to" in event else "")
+        return f"epoch {event['epoch']}: the guard gave up ({event['why']}){ends}; flagged: {event['reason']}"
     return (f"epoch {event['epoch']}: recovery {event['attempt']}: rolled back to epoch {event['rollback_to']} "
             f"({event['replayed_epochs']} epochs replayed); {event['remedy']}; flagged: {event['reason']}")

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from atas.checkpoint import atomic_write_text
 from atas.extras import INSTALL, available
 from atas.guard import NEAR_CHANCE, describe, is_stuck_only, outcome as guard_outcome
 from atas.methods import METHODS
@@ -864,6 +865,6 @@ def build_report(rows: list[dict], out_dir: str | Path, command: str | dict, mac
     date = datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds")
     blocks = _blocks(rows, command, machine, images, date, search)
     md = out_dir / "report.md"
-    md.write_text(_render_md(blocks))
-    (out_dir / "report.html").write_text(_render_html(blocks))
+    atomic_write_text(md, _render_md(blocks))  # regular files only, never through a link (check_own_file)
+    atomic_write_text(out_dir / "report.html", _render_html(blocks))
     return md

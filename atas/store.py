@@ -29,6 +29,7 @@ what a store will take before building it.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -234,8 +235,12 @@ class PerSampleStore:
 def _map_file(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A tensor whose storage is `path` (created or overwritten, sized to fit), shared-mapped so
     every write goes to the file and the OS pages rows in and out as training touches them."""
+    from atas.checkpoint import check_own_file
+
     numel = math.prod(shape)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:  # a sparse file of the right size; reset_delta fills it
+    check_own_file(path)  # never through a link (it would overwrite the link's target) or into a device
+    flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    with os.fdopen(os.open(path, flags, 0o644), "wb") as f:  # a sparse file of the right size; reset_delta fills it
         f.truncate(numel * dtype.itemsize)
     return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)

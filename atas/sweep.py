@@ -19,6 +19,7 @@ from pathlib import Path
 from atas.config import Config, ConfigError, Frac, load_config, method_override, parse_fraction, split_override
 from atas.methods import get_method
 from atas.monitor import co_reasons, co_verdict
+from atas.rundir import EVAL, EVAL_STATE
 
 # Per-epoch metrics copied into summary.json for the plots (and anyone re-plotting).
 CURVE_KEYS = ("probe_clean", "probe_fgsm", "probe_pgd", "probe_pgd_margin", "probe_pgd_worst", "probe_lin_err", "co",
@@ -147,32 +148,9 @@ def _read_metrics(run_dir: Path) -> list[dict]:
 
 
 def _read_log(run_dir: Path) -> list[dict]:
-    from atas.trainer import MetricsLog
+    from atas.rundir import MetricsLog
 
     return MetricsLog(run_dir).read()
-
-
-def _training_finished(rows: list[dict], cfg: Config, gave_up: bool = False) -> bool:
-    if not rows:
-        return False
-    if gave_up:
-        return True
-    last = rows[-1]
-    return (last["epoch"] >= cfg.train.epochs
-            or (cfg.train.co_action == "stop" and bool(last.get("co")))
-            or (cfg.train.max_steps is not None and last["step"] >= cfg.train.max_steps))
-
-
-# Top-level config keys that only label a run: an edited recipe description must not make a
-# finished run look like another experiment.
-COSMETIC_KEYS = ("name", "description", "out_dir")
-
-
-def _saved_config(run_dir: Path) -> dict | None:
-    import yaml
-
-    path = run_dir / "config.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else None
 
 
 def training_status(run_dir: Path, cfg: Config) -> str:
@@ -182,14 +160,14 @@ def training_status(run_dir: Path, cfg: Config) -> str:
     A folder holding a run of another config (more epochs excepted, as for `atas train --resume`)
     is an error: resuming it would mix two experiments, overwriting it would lose one."""
     from atas.checkpoint import CheckpointError
-    from atas.trainer import CHECKPOINT, check_resumable, read_divergence
+    from atas.rundir import CHECKPOINT, LABEL_KEYS, check_resumable, read_divergence, run_end, saved_config
 
     diverged = read_divergence(run_dir) is not None
     if not (run_dir / CHECKPOINT).exists() and not diverged:
         return "fresh"
-    saved = _saved_config(run_dir)
+    saved = saved_config(run_dir)
     if saved is not None:
-        saved.update({k: getattr(cfg, k) for k in COSMETIC_KEYS})
+        saved.update({k: getattr(cfg, k) for k in LABEL_KEYS})
         try:
             check_resumable(saved, cfg)
         except CheckpointError as e:
@@ -199,11 +177,9 @@ def training_status(run_dir: Path, cfg: Config) -> str:
     if rows and rows[-1]["epoch"] > cfg.train.epochs:
         raise ConfigError(f"{run_dir} holds a run trained for {rows[-1]['epoch']} epochs, more than the "
                           f"train.epochs={cfg.train.epochs} asked for. Delete that folder or pick another --out.")
-    from atas.guard import gave_up
-
     if diverged:
         return "diverged"
-    return "done" if _training_finished(rows, cfg, gave_up(_read_log(run_dir))) else "resume"
+    return "done" if run_end(_read_log(run_dir), cfg) is not None else "resume"
 
 
 @functools.cache
@@ -217,9 +193,9 @@ def _test_set_size(name: str, data_dir: str | None, download: bool, test_subset:
 def eval_is_current(run_dir: Path, cfg: Config) -> bool:
     """eval.json exists, is newer than the checkpoint, and used the requested attacks, number of
     examples, eps and PGD settings."""
-    from atas.trainer import CHECKPOINT
+    from atas.rundir import CHECKPOINT
 
-    path, ckpt = run_dir / "eval.json", run_dir / CHECKPOINT
+    path, ckpt = run_dir / EVAL, run_dir / CHECKPOINT
     if not path.exists() or (ckpt.exists() and path.stat().st_mtime_ns < ckpt.stat().st_mtime_ns):
         return False
     try:
@@ -250,11 +226,12 @@ def eval_is_current(run_dir: Path, cfg: Config) -> bool:
 # --------------------------------------------------------------------------------------------
 # One run, and what the report keeps of it
 # --------------------------------------------------------------------------------------------
-def train_as_needed(spec: RunSpec, stale: tuple[str, ...] = ("eval.json", "eval.state")):
+def train_as_needed(spec: RunSpec, stale: tuple[str, ...] = (EVAL, EVAL_STATE)):
     """Train a fresh run, resume an unfinished (or diverged) one, leave a finished one: (the trained
     model or None when nothing trained, what was done). `stale`: the run's files that belong to the
     model before this training, deleted before it starts."""
-    from atas.trainer import CHECKPOINT, train
+    import atas.trainer
+    from atas.rundir import CHECKPOINT, LABEL_KEYS, saved_config
 
     status = training_status(spec.run_dir, spec.cfg)
     if status == "diverged":  # tried again: from its last checkpoint, or from the start
@@ -263,11 +240,12 @@ def train_as_needed(spec: RunSpec, stale: tuple[str, ...] = ("eval.json", "eval.
         return None, []
     cfg = spec.cfg
     if status == "resume":  # the trainer compares every key; keep the run's own labels
-        saved = _saved_config(spec.run_dir) or {}
-        cfg = dataclasses.replace(cfg, **{k: saved[k] for k in COSMETIC_KEYS if k in saved})
+        saved = saved_config(spec.run_dir) or {}
+        cfg = dataclasses.replace(cfg, **{k: saved[k] for k in LABEL_KEYS if k in saved})
     for name in stale:
         (spec.run_dir / name).unlink(missing_ok=True)
-    model = train(cfg, run_dir=spec.run_dir, resume=status == "resume").model
+    # The sweep evaluates as it needs (run_one): the training's own end-of-run evaluation is not run.
+    model = atas.trainer.train(cfg, run_dir=spec.run_dir, resume=status == "resume", evaluate=False).model
     return model, ["trained" if status == "fresh" else "resumed training"]
 
 
@@ -275,7 +253,7 @@ def run_one(spec: RunSpec) -> str:
     """Train (or resume) and evaluate as needed; returns what was done, for the log line."""
     from atas.evaluation.run import evaluate_run
     from atas.export import load_model
-    from atas.trainer import resolve_device
+    from atas.factories import resolve_device
 
     model, done = train_as_needed(spec)
     if model is not None or not eval_is_current(spec.run_dir, spec.cfg):
@@ -310,7 +288,7 @@ def summarize_run(spec: RunSpec, out: Path) -> dict:
     from atas.guard import all_epochs, events, ramp_end
 
     metrics = _read_metrics(spec.run_dir)
-    result = json.loads((spec.run_dir / "eval.json").read_text())
+    result = json.loads((spec.run_dir / EVAL).read_text())
     accuracy = {k: v["accuracy"] for k, v in result["results"].items()}
     hold = ramp_end(spec.cfg.method.args, _read_log(spec.run_dir))
     co, co_epochs, signature = co_verdict(metrics, accuracy, hold)

@@ -171,7 +171,7 @@ def plan_searches(recipe: str, methods: list[str], eps_list: list[str] | None, r
 def val_is_current(run_dir: Path, cfg: Config, n_examples: int) -> bool:
     """RUN/val.json exists, is newer than the checkpoint and measured what is asked now."""
     from atas.evaluation.run import VAL_FILE, validation_request
-    from atas.trainer import CHECKPOINT
+    from atas.rundir import CHECKPOINT
 
     path, ckpt = run_dir / VAL_FILE, run_dir / CHECKPOINT
     if not path.exists() or (ckpt.exists() and path.stat().st_mtime_ns < ckpt.stat().st_mtime_ns):
@@ -187,9 +187,10 @@ def run_value(spec, option: str, n_examples: int, report_only: bool, out: Path) 
     import atas.evaluation.run
     from atas.evaluation.run import VAL_FILE
     from atas.export import load_model
+    from atas.factories import resolve_device
     from atas.guard import option_changes
+    from atas.rundir import EVAL, EVAL_STATE, TrainingDiverged
     from atas.sweep import _read_log, train_as_needed, training_status
-    from atas.trainer import TrainingDiverged, resolve_device
 
     value = float(spec.cfg.method.args[option])
     row = {"value": value, "run_dir": os.path.relpath(spec.run_dir, out)}
@@ -201,7 +202,7 @@ def run_value(spec, option: str, n_examples: int, report_only: bool, out: Path) 
         done = []
     else:
         try:
-            model, done = train_as_needed(spec, stale=(VAL_FILE, "eval.json", "eval.state"))
+            model, done = train_as_needed(spec, stale=(VAL_FILE, EVAL, EVAL_STATE))
         except TrainingDiverged as e:  # one diverged value is a result of the search, not its end
             return {**row, "failed": str(e)}, f"FAILED: {e}"
         if model is not None or not val_is_current(spec.run_dir, spec.cfg, n_examples):

@@ -1,18 +1,24 @@
 """The guard of train.co_action=recover (atas.guard): rollback to the last healthy epoch, the method's
 remedy, events in metrics.jsonl, exact resume after a kill during a recovery, its limits; and the
 eps schedule every method shares."""
+import re
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
+import atas.trainer as trainer
 from atas import guard
 from atas.checkpoint import healthy_path, load_checkpoint
 from atas.cli import main as cli
 from atas.config import ConfigError, Frac, load_config
+from atas.export import load_model
 from atas.methods import get_method, list_methods
 from atas.monitor import COMonitor
-from atas.trainer import CHECKPOINT, MetricsLog, train
+from atas.rundir import CHECKPOINT, MetricsLog
+from atas.trainer import train
 from tests.helpers import needs_fmnist as needs_data
 
 TINY = ["model.arch=wong_cnn", "data.subset=256", "train.batch_size=64", "train.probe_size=32",
@@ -97,14 +103,22 @@ def test_the_guard_gives_up_past_its_budget_with_one_clear_line(tmp_path, script
     out = capsys.readouterr().out
     assert "GUARD epoch 4: the guard gave up (rolling back to epoch 3 would replay 1 epochs, but only 0 of the " \
            "budget of 0 are left (train.recover_budget_epochs))" in out
+    assert "the run ends with the weights of its last healthy epoch, 3 (early stopping)" in out
     rows = logged(tmp_path / "r")
-    assert rows[-1]["event"] == "gave_up" and [r["epoch"] for r in guard.epoch_rows(rows)] == [1, 2, 3, 4]
+    # Giving up ends the run at its last healthy epoch: epoch 4 is undone, the final weights are epoch 3's.
+    assert rows[-1]["event"] == "gave_up" and rows[-1]["rollback_to"] == 3
+    assert [r["epoch"] for r in guard.epoch_rows(rows)] == [1, 2, 3]
+    assert [r["epoch"] for r in rows if r.get("discarded")] == [4]
+    final = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    healthy = load_checkpoint(tmp_path / "r" / "checkpoint.healthy.pt")
+    assert int(final["epoch"]) == 3 and all(torch.equal(final["model"][k], healthy["model"][k]) for k in final["model"])
 
 
 @pytest.mark.parametrize("where", ["before the rollback is saved", "after the rollback is saved",
                                    "in the replayed epoch"])
 @needs_data
 def test_a_kill_during_a_recovery_resumes_to_the_same_final_weights(tmp_path, scripted, monkeypatch, where):
+    import atas.runstate as runstate
     import atas.trainer as trainer
 
     scripted.script = {3: "collapse: scripted"}
@@ -117,11 +131,11 @@ def test_a_kill_during_a_recovery_resumes_to_the_same_final_weights(tmp_path, sc
 
     with monkeypatch.context() as m:
         if where == "before the rollback is saved":
-            real_roll_back = trainer._roll_back
-            m.setattr(trainer, "_roll_back", lambda *a: kill() if armed[0] else real_roll_back(*a))
+            real_roll_back = runstate.roll_back
+            m.setattr(runstate, "roll_back", lambda *a: kill() if armed[0] else real_roll_back(*a))
         elif where == "after the rollback is saved":  # _restore follows the rollback's save
-            real_restore = trainer._restore
-            m.setattr(trainer, "_restore", lambda run, state, rows: kill() if armed[0] and guard.events(rows)
+            real_restore = runstate.restore
+            m.setattr(runstate, "restore", lambda run, state, rows: kill() if armed[0] and guard.events(rows)
                       else real_restore(run, state, rows))
         else:
             real_epoch = trainer._train_epoch
@@ -193,13 +207,13 @@ def _best_epoch(run_dir):
                                    "between the checkpoint and the metrics"])
 @needs_data
 def test_best_pt_is_the_best_epoch_the_metrics_name_after_a_kill(tmp_path, monkeypatch, where):
-    import atas.trainer as trainer
+    import atas.runstate as runstate
 
     cfg = tiny(tmp_path, "train.co_action=keep_best")
     whole = tmp_path / "whole"
     train(cfg, run_dir=whole)
     target = next(e for e in range(2, 6) if _best_epoch_upto(whole, e) == e)  # an epoch that set a new best
-    real_save, real_log = trainer.save_checkpoint, trainer.MetricsLog.write_all
+    real_save, real_log = runstate.save_checkpoint, runstate.MetricsLog.write_all
 
     def save(path, ckpt, **kw):
         if ckpt.get("epoch") == target and armed:
@@ -216,8 +230,8 @@ def test_best_pt_is_the_best_epoch_the_metrics_name_after_a_kill(tmp_path, monke
 
     armed = True
     with monkeypatch.context() as m:
-        m.setattr(trainer, "save_checkpoint", save)
-        m.setattr(trainer.MetricsLog, "write_all", write_all)
+        m.setattr(runstate, "save_checkpoint", save)
+        m.setattr(runstate.MetricsLog, "write_all", write_all)
         with pytest.raises(KeyboardInterrupt):
             train(cfg, run_dir=tmp_path / "killed")
     armed = False
@@ -262,3 +276,197 @@ def test_an_epoch_at_chance_is_not_a_rollback_target():
     assert not guard.is_healthy(quiet, COMonitor(), row, num_classes=10)
     assert guard.is_healthy(quiet, COMonitor(), {"probe_clean": 0.6}, num_classes=10)
     assert not guard.is_healthy({"co": True}, COMonitor(), {"probe_clean": 0.6}, num_classes=10)
+
+
+# ---------------------------------------------------------------- a run that ended stays ended
+def _same_weights(a, b):
+    for name, w in a.state_dict().items():
+        assert torch.equal(w, b.state_dict()[name]), name
+
+
+def _ended_cfg(tmp_path, action):
+    if action == "gave_up":
+        return tiny(tmp_path, "train.recover_budget_epochs=0")
+    return tiny(tmp_path, "train.co_action=stop")
+
+
+@pytest.mark.parametrize("action", ["gave_up", "stop"])
+@needs_data
+def test_a_run_that_ended_stays_ended_on_resume_and_trains_on_only_when_asked(tmp_path, scripted, capsys, action):
+    scripted.script = {3: "collapse: scripted"}
+    cfg, run_dir = _ended_cfg(tmp_path, action), tmp_path / "r"
+    ended = train(cfg, run_dir=run_dir)
+    rows = logged(run_dir)
+    # stop ends at the flagged epoch; giving up ends at the last healthy one (epoch 3 undone)
+    assert [r["epoch"] for r in guard.epoch_rows(rows)] == ([1, 2] if action == "gave_up" else [1, 2, 3])
+    capsys.readouterr()
+    for _ in range(2):  # every resume: nothing trained, nothing appended
+        again = train(cfg, run_dir=run_dir, resume=True)
+        assert not again.trained and logged(run_dir) == rows
+        _same_weights(ended.model, again.model)
+    out = capsys.readouterr().out
+    why = "the guard gave up at epoch 3" if action == "gave_up" else "train.co_action=stop ended it at epoch 3"
+    assert f"{run_dir} has ended: {why}" in out and "Nothing to train" in out
+    command = re.findall(r"`(atas train --resume [^`]+)`", out)[-1]
+    assert command == f"atas train --resume {run_dir} train.epochs=6"
+    assert cli(shlex.split(command)[1:]) == 0  # the advice works: the explicit choice trains on
+    assert [r["epoch"] for r in guard.epoch_rows(logged(run_dir))] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("where", ["before its checkpoint is saved", "between the checkpoint and the metrics",
+                                   "after everything is saved"])
+@pytest.mark.parametrize("action", ["gave_up", "stop"])
+@needs_data
+def test_a_kill_on_the_way_out_resumes_to_the_same_ended_run(tmp_path, scripted, monkeypatch, action, where):
+    import atas.runstate as runstate
+
+    scripted.script = {3: "collapse: scripted"}
+    cfg = _ended_cfg(tmp_path, action)
+    whole = train(cfg, run_dir=tmp_path / "whole")
+    real_save, real_log, real_epochs = runstate.save_checkpoint, MetricsLog.write_all, trainer._epochs
+    armed = [True]
+
+    def kill():
+        armed[0] = False
+        raise KeyboardInterrupt  # what SIGKILL leaves: the files as they are at that instant
+
+    def save(path, ckpt, **kw):
+        # the checkpoint that ends the run: epoch 3 (stop), or the rollback to epoch 2 with the gave_up event
+        last = ckpt.get("metrics", [{}])[-1] if isinstance(ckpt, dict) else {}
+        ends = ckpt["epoch"] == 3 if action == "stop" else last.get("event") == "gave_up"
+        if armed[0] and where.startswith("before") and Path(path).name == CHECKPOINT and ends:
+            kill()
+        real_save(path, ckpt, **kw)
+
+    def write_all(self, rows):
+        if armed[0] and where.startswith("between") and rows and rows[-1]["epoch"] == 3:
+            kill()
+        real_log(self, rows)
+
+    def epochs(*a):
+        real_epochs(*a)
+        if armed[0] and where.startswith("after"):
+            kill()
+
+    with monkeypatch.context() as m:
+        m.setattr(runstate, "save_checkpoint", save)
+        m.setattr(MetricsLog, "write_all", write_all)
+        m.setattr(trainer, "_epochs", epochs)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, run_dir=tmp_path / "killed")
+    assert not armed[0]
+    resumed = train(cfg, run_dir=tmp_path / "killed", resume=True)
+    again = train(cfg, run_dir=tmp_path / "killed", resume=True)
+    assert not again.trained
+    for run in (resumed, again):
+        _same_weights(whole.model, run.model)
+    untimed = [[{k: v for k, v in r.items() if k != "epoch_time_s"} for r in logged(tmp_path / name)]
+               for name in ("whole", "killed")]
+    assert untimed[0] == untimed[1]  # one gave_up / stop, no epoch trained twice
+
+
+# ---------------------------------------------------------------- a lost or damaged checkpoint.healthy.pt
+def _kill_at_epoch(monkeypatch, cfg, run_dir, at):
+    """Train until epoch `at` starts, then die there (the checkpoint of epoch at-1 is on disk)."""
+    real_epoch = trainer._train_epoch
+
+    def epoch(run, e, step):
+        if e == at:
+            raise KeyboardInterrupt
+        return real_epoch(run, e, step)
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "_train_epoch", epoch)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, run_dir=run_dir)
+
+
+@pytest.mark.parametrize("harm", ["deleted", "damaged"])
+@needs_data
+def test_a_lost_healthy_checkpoint_falls_back_to_the_checkpoint_of_that_epoch(tmp_path, scripted, monkeypatch,
+                                                                              capsys, harm):
+    scripted.script = {4: "collapse: scripted"}
+    cfg = tiny(tmp_path)
+    whole = train(cfg, run_dir=tmp_path / "whole")
+    _kill_at_epoch(monkeypatch, cfg, tmp_path / "r", 4)
+    healthy = healthy_path(tmp_path / "r" / CHECKPOINT)
+    if harm == "deleted":
+        healthy.unlink()
+    else:
+        healthy.unlink()  # a hard link of checkpoint.pt: damage a copy of its own
+        healthy.write_bytes((tmp_path / "r" / CHECKPOINT).read_bytes()[:5000])
+    resumed = train(cfg, run_dir=tmp_path / "r", resume=True)
+    out = capsys.readouterr().out
+    # checkpoint.pt is the healthy epoch 3 of this run: the rollback is the one of the whole run
+    assert guard.events(logged(tmp_path / "r")) == guard.events(logged(tmp_path / "whole"))
+    _same_weights(whole.model, resumed.model)
+    assert "GUARD epoch 4: recovery 1: rolled back to epoch 3" in out
+    assert load_checkpoint(healthy)["epoch"] >= 3  # the link is whole again
+
+
+@needs_data
+def test_with_no_healthy_state_on_disk_the_rollback_rebuilds_the_initial_weights_exactly(tmp_path, scripted,
+                                                                                       monkeypatch, capsys):
+    # Nothing is ever healthy: epoch 2 is flagged and the run goes back to its initial weights,
+    # which the epoch-0 snapshot holds; without it they are rebuilt from the seed, bit for bit.
+    scripted.script = {2: "stuck: scripted"}
+    monkeypatch.setattr(guard, "is_healthy", lambda verdict, monitor, row, n: False)
+    cfg = tiny(tmp_path, "train.epochs=3")
+    whole = train(cfg, run_dir=tmp_path / "whole")
+    _kill_at_epoch(monkeypatch, cfg, tmp_path / "r", 2)
+    healthy_path(tmp_path / "r" / CHECKPOINT).unlink()
+    resumed = train(cfg, run_dir=tmp_path / "r", resume=True)
+    assert guard.events(logged(tmp_path / "r")) == guard.events(logged(tmp_path / "whole"))
+    assert guard.events(logged(tmp_path / "r"))[0]["rollback_to"] == 0
+    _same_weights(whole.model, resumed.model)
+    assert torch.equal(whole.store.delta, resumed.store.delta)
+
+
+@needs_data
+def test_a_healthy_epoch_no_file_holds_falls_back_to_an_older_one_and_says_so(tmp_path, scripted, monkeypatch,
+                                                                              capsys):
+    # Only epoch 1 is healthy; at the flag of epoch 4 checkpoint.pt holds epoch 3 and the one before
+    # it epoch 2: with checkpoint.healthy.pt gone, no file holds epoch 1, so the run restarts from
+    # its initial weights, says so, and finishes.
+    scripted.script = {4: "collapse: scripted"}
+    monkeypatch.setattr(guard, "is_healthy", lambda verdict, monitor, row, n: row["epoch"] == 1)
+    cfg = tiny(tmp_path)
+    _kill_at_epoch(monkeypatch, cfg, tmp_path / "r", 4)
+    healthy_path(tmp_path / "r" / CHECKPOINT).unlink()
+    train(cfg, run_dir=tmp_path / "r", resume=True)
+    out = capsys.readouterr().out
+    assert "GUARD the last healthy epoch 1 cannot be restored (checkpoint.healthy.pt missing" in out
+    assert "rolling back to the initial weights (epoch 0) instead" in out
+    event = guard.events(logged(tmp_path / "r"))[0]
+    assert event["rollback_to"] == 0 and event["epoch"] == 4
+    assert [r["epoch"] for r in guard.epoch_rows(logged(tmp_path / "r"))] == [1, 2, 3, 4, 5]
+
+
+@needs_data
+def test_a_damaged_healthy_checkpoint_names_the_way_out_and_the_way_out_works(tmp_path, scripted, monkeypatch,
+                                                                              capsys):
+    cfg = tiny(tmp_path, "train.epochs=3")
+    _kill_at_epoch(monkeypatch, cfg, tmp_path / "r", 3)
+    healthy = healthy_path(tmp_path / "r" / CHECKPOINT)
+    healthy.unlink()
+    healthy.write_bytes(b"PK\x03\x04 not a checkpoint")
+    capsys.readouterr()
+    assert cli(["eval", str(healthy), "--n-examples", "16", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    commands = re.findall(r"`([^`]+)`", err)
+    assert commands == [f"rm {healthy}", f"atas train --resume {tmp_path / 'r'}"], err
+    subprocess.run(shlex.split(commands[0]), check=True)
+    assert cli(shlex.split(commands[1])[1:]) == 0
+    assert [r["epoch"] for r in guard.epoch_rows(logged(tmp_path / "r"))] == [1, 2, 3]
+
+
+@needs_data
+def test_a_run_killed_in_its_first_epoch_resumes_from_its_initial_weights(tmp_path, monkeypatch):
+    # co_action=recover: the epoch-0 snapshot is on disk, no checkpoint.pt yet. No circle: --resume
+    # continues from the snapshot, to the weights of an uninterrupted run.
+    cfg = tiny(tmp_path, "train.epochs=2")
+    whole = train(cfg, run_dir=tmp_path / "whole")
+    _kill_at_epoch(monkeypatch, cfg, tmp_path / "r", 1)
+    assert not (tmp_path / "r" / CHECKPOINT).exists() and healthy_path(tmp_path / "r" / CHECKPOINT).exists()
+    assert cli(["train", "--resume", str(tmp_path / "r")]) == 0
+    _same_weights(whole.model, load_model(tmp_path / "r")[0])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -458,8 +459,38 @@ def test_exporting_the_older_checkpoint_of_a_finished_run_says_what_it_is(run_co
 
 @needs_data
 def test_nothing_to_resume_says_what_to_do(run_copy, capsys):
-    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+    # (a checkpoint.healthy.pt alone is resumed from: tests/test_guard.py)
+    for name in ("checkpoint.pt", "checkpoint.prev.pt", "checkpoint.healthy.pt"):
         (run_copy / name).unlink()
     status, _, err = run_cli(capsys, "train", "--resume", run_copy)
     assert status == 2
-    assert_one_line(err, "nothing to resume", f"atas train RECIPE --run-dir {run_copy}")
+    command = f"atas train {run_copy / 'config.yaml'} --run-dir {run_copy} --overwrite"
+    assert_one_line(err, "nothing to resume", command)
+    assert cli(shlex.split(command)[1:]) == 0  # the advice works from this state
+
+
+# ---------------------------------------------------------------- a run folder's config, read in one place
+@pytest.mark.parametrize("text,what", [("just a string\n", "str"), ("- a\n- list\n", "list"), ("", "nothing"),
+                                       ("train: [unclosed\n", "not valid YAML")])
+@needs_data
+def test_an_edited_config_yaml_is_one_line_on_resume(run_copy, capsys, text, what):
+    (run_copy / "config.yaml").write_text(text)
+    status, _, err = run_cli(capsys, "train", "--resume", run_copy)
+    assert status == 2
+    assert_one_line(err, str(run_copy / "config.yaml"), what)
+
+
+@needs_data
+def test_a_lost_config_yaml_is_read_from_the_checkpoint(run_copy, capsys):
+    (run_copy / "config.yaml").unlink()
+    status, out, err = run_cli(capsys, "train", "--resume", run_copy, "train.epochs=3")
+    assert status == 0, err
+    assert (run_copy / "config.yaml").exists() and "epoch=3" in out
+
+
+@pytest.mark.parametrize("argv", [["train", "fmnist", "train.device=tpu"], ["eval", "RUN", "--device", "tpu"]])
+@needs_data
+def test_a_device_atas_cannot_use_is_one_line(run_copy, capsys, argv):
+    status, _, err = run_cli(capsys, *[str(run_copy) if a == "RUN" else a for a in argv])
+    assert status == 2
+    assert_one_line(err, "tpu", "use auto, cpu, cuda or cuda:N")

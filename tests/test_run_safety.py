@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import shlex
 import shutil
 import struct
 import subprocess
@@ -20,8 +22,8 @@ from atas import rundir
 from atas.checkpoint import CheckpointError, DiskFullError, load_checkpoint, previous_path, save_checkpoint
 from atas.cli import main as cli
 from atas.config import load_config
-from atas.rundir import RunDirError, RunLock
-from atas.trainer import CHECKPOINT, MetricsLog, train
+from atas.rundir import CHECKPOINT, MetricsLog, RunDirError, RunLock
+from atas.trainer import train
 from tests.helpers import needs_fmnist as needs_data
 
 TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=256", "train.batch_size=64",
@@ -293,3 +295,123 @@ def test_files_of_a_killed_save_are_cleaned_on_resume(run_copy, tmp_path):
     live.write_text("{}")
     train(tiny(run_copy.parent, "train.epochs=2"), run_dir=run_copy, resume=True)  # nothing left to train
     assert not any(p.exists() for p in stale) and live.exists()
+
+
+# ------------------------------------------------ 9. nothing written through a link or into a special file
+PRECIOUS = "precious\n"
+
+
+def plant(path: Path, kind: str, outside: Path) -> None:
+    """What an attacker with write access to a shared run folder leaves there."""
+    path.unlink(missing_ok=True)
+    if kind == "link":
+        path.symlink_to(outside)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:  # a link to a device
+        path.symlink_to("/dev/null")
+
+
+def folder_state(folder: Path) -> dict:
+    """Every entry as it is (a link by its target, a special file by its kind): nothing is opened
+    that could block or follow."""
+    state = {}
+    for p in sorted(folder.iterdir()):
+        state[p.name] = (("link", os.readlink(p)) if p.is_symlink() else p.read_bytes() if p.is_file()
+                         else "special")
+    return state
+
+
+def refused_in_one_line(capsys, argv, *fragments) -> str:
+    status = cli([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    lines = [line for line in err.strip().splitlines() if "WARNING" not in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("name,kind", [
+    (".lock", "link"), ("metrics.jsonl", "link"), ("metrics.jsonl", "device"), ("metrics.csv", "link"),
+    ("metrics.csv", "fifo"), ("best.pt", "link"), ("best.pt", "device"), ("checkpoint.pt", "link"),
+    ("checkpoint.prev.pt", "link"), ("checkpoint.healthy.pt", "link"), ("config.yaml", "link"),
+    ("eval.json", "link"), ("eval.state", "fifo"), ("diverged.json", "link"), ("val.json", "link")])
+@needs_data
+def test_no_file_of_a_run_folder_is_written_through_a_link_or_into_a_special_file(run_copy, tmp_path, capsys,
+                                                                                  name, kind):
+    outside = tmp_path / "outside.txt"
+    outside.write_text(PRECIOUS)
+    plant(run_copy / name, kind, outside)
+    before = folder_state(run_copy)
+    what = {"link": "symbolic link", "device": "symbolic link", "fifo": "FIFO"}[kind]
+    for argv in (["train", "--resume", run_copy, "train.epochs=3"],
+                 ["train", "fmnist", *TINY, "train.epochs=1", "--run-dir", run_copy, "--overwrite"]):
+        refused_in_one_line(capsys, argv, f"{run_copy / name} is a {what}", f"rm {run_copy / name}")
+        assert outside.read_text() == PRECIOUS
+        assert folder_state(run_copy) == before  # refused before anything was written
+    (run_copy / name).unlink()  # the advice: remove it and run the command again
+    if cli(["train", "--resume", str(run_copy), "train.epochs=3"]) != 0:  # checkpoint.pt removed: what now?
+        advice = re.findall(r"`(atas train [^`]+)`", capsys.readouterr().err)
+        assert advice and cli(shlex.split(advice[-1])[1:]) == 0, advice  # the next advice works too
+
+
+@needs_data
+def test_the_store_memmap_is_never_written_through_a_link(tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    train(tiny(tmp_path, "train.epochs=1", "train.store_memmap=store.bin"), run_dir=run_dir)
+    outside = tmp_path / "outside.txt"
+    outside.write_text(PRECIOUS)
+    plant(run_dir / "store.bin", "link", outside)
+    refused_in_one_line(capsys, ["train", "--resume", run_dir, "train.epochs=2"],
+                        f"{run_dir / 'store.bin'} is a symbolic link")
+    assert outside.read_text() == PRECIOUS
+
+
+@pytest.mark.parametrize("suffix", [".json", ".state"])
+@needs_data
+def test_atas_eval_never_writes_its_result_through_a_link(run_copy, tmp_path, capsys, suffix):
+    from atas.evaluation.run import eval_file_name
+    from atas.rundir import load_run_config
+
+    cfg = load_run_config(run_copy)
+    cfg.eval.n_examples = 16
+    target = run_copy / Path(eval_file_name(cfg)).with_suffix(suffix).name
+    outside = tmp_path / "outside.txt"
+    outside.write_text(PRECIOUS)
+    plant(target, "link", outside)
+    refused_in_one_line(capsys, ["eval", run_copy, "--n-examples", "16", "--no-progress"],
+                        f"{target} is a symbolic link")
+    assert outside.read_text() == PRECIOUS
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "card.json"])
+@needs_data
+def test_an_export_is_never_written_through_a_link(run_copy, tmp_path, capsys, name):
+    out = tmp_path / "export"
+    out.mkdir()
+    outside = tmp_path / "outside.txt"
+    outside.write_text(PRECIOUS)
+    plant(out / name, "link", outside)
+    refused_in_one_line(capsys, ["export", run_copy, "--out", out], f"{out / name} is a symbolic link")
+    assert outside.read_text() == PRECIOUS and os.listdir(out) == [name]
+
+
+def test_the_atomic_writer_refuses_a_link_and_never_writes_through_its_temporary_name(tmp_path):
+    from atas.checkpoint import UnsafeFileError, atomic_write_text, temporary_path
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text(PRECIOUS)
+    mine = tmp_path / "summary.json"           # any file atas names: summary.json, report.md, ...
+    plant(mine, "link", outside)
+    with pytest.raises(UnsafeFileError, match="summary.json is a symbolic link"):
+        atomic_write_text(mine, "{}")
+    mine.unlink()
+    plant(temporary_path(mine), "link", outside)  # a link planted where the writer stages the file
+    atomic_write_text(mine, "{}")
+    assert mine.read_text() == "{}" and not mine.is_symlink() and outside.read_text() == PRECIOUS
+    fifo = tmp_path / "named.fifo"
+    plant(fifo, "fifo", outside)
+    with pytest.raises(UnsafeFileError, match="is a FIFO"):
+        atomic_write_text(fifo, "x")            # atas's own name: refused; a --out the user names is written in place

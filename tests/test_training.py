@@ -237,3 +237,40 @@ def test_eval_at_another_eps_warns(tmp_path, capsys):
     with pytest.warns(UserWarning, match="trained at eps=0.2"):
         assert cli(["eval", str(tmp_path / "r"), "--eps", "0.1", "--attacks", "clean", "--n-examples", "16",
                     "--no-progress"]) == 0
+
+
+def test_the_library_writes_what_atas_train_writes_evaluation_included(tmp_path):
+    # atas.train() and `atas train` share one path: the end-of-training evaluation is the library's.
+    import atas
+
+    extra = ["train.epochs=1", "eval.at_end=true", "eval.attacks=clean,pgd", "eval.n_examples=16",
+             "eval.pgd_steps=1", "eval.pgd_restarts=1", "data.val_size=32"]
+    run = atas.train(tiny(tmp_path, *extra), run_dir=tmp_path / "api")
+    assert cli(["train", "fmnist", *TINY, *extra, f"out_dir={tmp_path}", "--run-dir", str(tmp_path / "cli")]) == 0
+    def accuracies(folder, name):
+        result = json.loads((tmp_path / folder / name).read_text())
+        return {k: (v["accuracy"], v["n"]) for k, v in result["results"].items()}, result.get("model", {}).get("sha256")
+
+    for name in ("eval.json", "val.json"):
+        assert accuracies("api", name) == accuracies("cli", name)
+    assert run.evaluation == json.loads((tmp_path / "api" / "eval.json").read_text())
+    assert run.validation == json.loads((tmp_path / "api" / "val.json").read_text())
+    # evaluate=False (what `atas compare` asks: it evaluates on its own terms) writes neither
+    atas.train(tiny(tmp_path, *extra), run_dir=tmp_path / "quiet", evaluate=False)
+    assert not (tmp_path / "quiet" / "eval.json").exists() and not (tmp_path / "quiet" / "val.json").exists()
+
+
+def test_a_run_that_reached_max_steps_stays_ended_and_the_advice_trains_on(tmp_path, capsys):
+    import re
+    import shlex
+
+    cfg = tiny(tmp_path, "train.epochs=3", "train.max_steps=2")
+    train(cfg, run_dir=tmp_path / "r")
+    capsys.readouterr()
+    assert not train(cfg, run_dir=tmp_path / "r", resume=True).trained
+    out = capsys.readouterr().out
+    assert "has ended: it reached train.max_steps=2" in out
+    command = re.findall(r"`(atas train --resume [^`]+)`", out)[-1]
+    assert command.endswith("train.max_steps=8")  # one epoch of steps (6 batches) more
+    assert cli(shlex.split(command)[1:]) == 0
+    assert load_checkpoint(tmp_path / "r" / CHECKPOINT)["step"] == 8

@@ -430,6 +430,8 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def save_result(result: dict, path: str | os.PathLike) -> None:
-    """Write `result` (from `evaluate`) as indented JSON, atomically."""
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+def save_result(result: dict, path: str | os.PathLike, *, named: bool = True) -> None:
+    """Write `result` (from `evaluate`) as indented JSON, atomically. named: `path` is the caller's
+    choice (a device or FIFO there is written in place); False for a file atas names itself, which
+    must be a regular file (atas.checkpoint.check_own_file)."""
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n", named=named)

@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from atas.checkpoint import DiskFullError, check_output, is_special_file
-from atas.config import Config, ConfigError
+from atas.checkpoint import DiskFullError, check_output, check_own_file, is_special_file
+from atas.config import Config, ConfigError, check_attacks
 from atas.data import TestSplit, check_subset, check_val_size, data_source, dataset_info, image_folder, load_tensors
 from atas.evaluation.attacks import pgd_step
 from atas.evaluation.protocol import attack_names, evaluate, fingerprint_model, save_result
-from atas.rundir import clean_staged_files
+from atas.rundir import EVAL, clean_staged_files
 
 
 def load_test_set(dataset: str | Config, n_examples: int | None = None, data_dir: str | Path | None = None,
@@ -87,6 +87,7 @@ def evaluate_validation(model: nn.Module, cfg: Config, run_dir: str | Path, n_ex
     default) of `model` on the first n_examples (default: up to 1000) held-out validation images of
     data.val_size; written to RUN/val.json with the request that made it, and returned."""
     request = validation_request(cfg, n_examples)
+    check_own_file(Path(run_dir) / VAL_FILE)  # before the work, not after it
     x, y = load_val_set(cfg, request["n_examples"])
     model.eval()
     e = cfg.eval
@@ -97,7 +98,7 @@ def evaluate_validation(model: nn.Module, cfg: Config, run_dir: str | Path, n_ex
     result.pop("per_sample", None)  # a choice between values needs the accuracies, not 1000 verdicts
     result["split"] = "validation (the last data.val_size training images, never trained on)"
     result["request"] = request
-    save_result(result, Path(run_dir) / VAL_FILE)
+    save_result(result, Path(run_dir) / VAL_FILE, named=False)
     return result
 
 
@@ -125,21 +126,29 @@ def model_eval_file_name(spec: str, data: str, attacks: str, n_examples: int | N
 
 def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: float | None = None, seed: int = 0,
                  out: str | Path | None = None, progress: bool | None = None,
-                 checkpoint: dict | None = None) -> dict:
+                 checkpoint: dict | None = None, named_out: bool | None = None) -> dict:
     """Evaluate `model` with cfg.eval's attacks on the unpadded test set; save JSON; return the result.
 
     The result says which weights it measured: "model" carries their sha256 (an export checks it
     before putting the result on a card), "checkpoint" what the caller knows of them (file, epoch,
-    step, ...) and "mid_run" whether the run was still unfinished or training."""
+    step, ...) and "mid_run" whether the run was still unfinished or training.
+
+    named_out: `out` is a path the user chose (default: whether `out` is given), so a device or
+    FIFO there is written in place; a file atas names itself must be a regular file
+    (atas.checkpoint.check_own_file), checked before the attacks run."""
     e = cfg.eval
     eps = cfg.method.eps if eps is None else eps
     try:
         pgd_step(eps, e.pgd_alpha, e.pgd_schedule, e.pgd_loss)
     except ValueError as err:
         raise ConfigError(f"PGD step at eps {getattr(eps, 'text', eps)}: {err}") from None
-    out = check_output(Path(out) if out else Path(run_dir) / "eval.json")
-    # A device or FIFO (--out /dev/stdout) is written in place, and gets no progress file beside it.
-    state_path = None if is_special_file(out) else out.with_suffix(".state")
+    named = out is not None if named_out is None else named_out
+    out = check_output(Path(out) if out else Path(run_dir) / EVAL)
+    if not named:
+        check_own_file(out)
+    # A device or FIFO the user named (--out /dev/stdout) is written in place, and gets no progress
+    # file beside it.
+    state_path = None if named and is_special_file(out) else check_own_file(out.with_suffix(".state"))
     if state_path is not None:  # what a killed write of this evaluation left behind
         clean_staged_files(out.parent, names=(out.name, state_path.name))
     x, y = load_test_set(cfg, e.n_examples)
@@ -168,7 +177,7 @@ def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: flo
         if checkpoint.get("warning"):
             result.setdefault("warnings", []).append(checkpoint["warning"])
     try:
-        save_result(result, out)
+        save_result(result, out, named=named)
     except DiskFullError as err:
         if state_path is None:  # written in place: its own message says so
             raise
@@ -177,3 +186,32 @@ def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: flo
         raise DiskFullError(err.path, kept, "free space and run the same evaluation again: it resumes from "
                             "there without attacking again") from None
     return result
+
+
+def check_final_eval_extras(cfg: Config) -> None:
+    """Refuse before training, not hours later, when the end-of-run evaluation needs an optional
+    package that is not installed (AutoAttack's pyautoattack): the one attack-list reader,
+    atas.config.check_attacks, says what to install and what runs without it."""
+    check_attacks(cfg.eval.attacks, "eval.attacks: ", installed=True)
+
+
+def evaluate_trained(run, cfg: Config) -> None:
+    """The end-of-training evaluation of a `train()` result (atas.trainer.RunResult), what `atas
+    train` and `atas.train()` both write: RUN/eval.json, and RUN/val.json when data.val_size holds
+    training images out (the images a hyper-parameter is chosen on). Sets run.evaluation and
+    run.validation."""
+    from atas.export import resolve_artifact
+
+    last = run.metrics[-1] if run.metrics else {}
+    checkpoint = resolve_artifact(run.run_dir)
+    weights = {"file": checkpoint.name, "path": str(checkpoint), "epoch": last.get("epoch"),
+               "step": last.get("step"), "epochs_planned": cfg.train.epochs, "mid_run": False}
+    try:
+        run.evaluation = evaluate_run(run.model, cfg, run.run_dir, checkpoint=weights)
+    except DiskFullError as e:  # the training is done and saved: say how to get its evaluation
+        out = Path(run.run_dir) / EVAL
+        raise DiskFullError(e.path, f"training finished and its checkpoint {checkpoint} is intact",
+                            f"free space and run the end-of-training evaluation with `atas eval {run.run_dir} "
+                            f"--out {out}` (it resumes from {out.with_suffix('.state')})") from None
+    if cfg.data.val_size:
+        run.validation = evaluate_validation(run.model, cfg, run.run_dir)
