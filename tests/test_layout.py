@@ -69,7 +69,9 @@ def test_every_module_is_in_the_readme_layout_and_every_listed_one_exists():
     assert sorted(set(listed) - set(modules)) == [], "README's Layout block lists modules that do not exist"
 
 
-@README_PENDING
+@pytest.mark.xfail(strict=True, reason="README Layout lines pending (house's report), and main's import cycles through "
+                   "function-level imports: atas.checkpoint -> atas.rundir (fresh_start_command) -> atas.checkpoint, "
+                   "and atas.store -> atas.checkpoint -> atas.rundir -> atas.config -> ... -> atas.store")
 def test_a_module_imports_only_modules_listed_above_it():
     listed, modules = _layout(), _modules()
     order = {name: i for i, name in enumerate(listed)}
