@@ -26,6 +26,7 @@ Any model, trained here or not:
     result = atas.benchmark(model, "fmnist", eps=0.2, attacks=["clean", "pgd", "aa"])
 """
 from atas.augment import RandomCropFlip
+from atas.averaging import WeightAverage
 from atas.config import Config, ConfigError, load_config, parse_fraction
 from atas.errors import AtasError
 from atas.evaluation import evaluate, format_table
@@ -52,4 +53,4 @@ __all__ = ["ATAS", "FGSMRS", "NFGSM", "GradAlign", "FGSMPGI", "Free", "PGDAT", "
            "get_method", "list_methods", "RandomCropFlip", "IndexedDataset", "benchmark", "load_test_set",
            "NormalizedModel", "build_model", "register_model", "Config", "AtasError", "ConfigError", "load_config",
            "parse_fraction", "train", "evaluate", "format_table", "export_model", "load_model", "Probe", "COMonitor",
-           "Guard", "__version__"]
+           "Guard", "WeightAverage", "__version__"]

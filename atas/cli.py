@@ -16,6 +16,7 @@ of atas is an `atas.AtasError` and carries its exit status (`main` turns it into
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
@@ -85,10 +86,14 @@ def _parser() -> argparse.ArgumentParser:
                         "eval-<model>-<data>-<attacks>-n<N>-eps<eps>.json here with --model; never the run's own "
                         "eval.json unless given here; a device or FIFO is written in place)")
     e.add_argument("--no-progress", action="store_true")
+    weights_help = ("which weights of a run with weight averaging (train.wa_tau): selected (default: the run's "
+                    "train.select rule), raw or averaged")
+    e.add_argument("--which-weights", default="selected", choices=("selected", "raw", "averaged"), help=weights_help)
 
     x = sub.add_parser("export", help="write model.safetensors + card.json")
     x.add_argument("source", help="run folder or checkpoint")
     x.add_argument("--out", required=True, help="export folder")
+    x.add_argument("--which-weights", default="selected", choices=("selected", "raw", "averaged"), help=weights_help)
 
     r = sub.add_parser("recipes", help="list the shipped recipes and the registered methods, models, datasets "
                                        "and attacks")
@@ -241,7 +246,7 @@ def cmd_eval(args) -> int:
     device = _eval_device(args.device)
     if args.out:
         check_output(args.out)  # before the model is even loaded
-    model, cfg, extra = load_model(args.checkpoint, device)
+    model, cfg, extra = load_model(args.checkpoint, device, weights=args.which_weights)
     e = cfg.eval
     given = {"attacks": attacks, **{key: getattr(args, key) for key in (
         "n_examples", "batch_size", "pgd_steps", "pgd_restarts", "pgd_alpha", "pgd_schedule", "pgd_loss")}}
@@ -256,7 +261,10 @@ def cmd_eval(args) -> int:
         eps = Frac(args.eps)
         check_eps(eps, "--eps")
     source = resolve_artifact(args.checkpoint)
-    out = Path(args.out) if args.out else source.with_name(eval_file_name(cfg, eps))
+    name = eval_file_name(cfg, eps)
+    if args.which_weights != "selected":  # its own file: never the selected weights' result
+        name = name.replace(".json", f"-{args.which_weights}.json")
+    out = Path(args.out) if args.out else source.with_name(name)
     weights = checkpoint_record(args.checkpoint, cfg, extra)
     if weights and weights["warning"]:  # an evaluation of a run still in training, before it starts
         print(f"atas eval: WARNING: {weights['warning']}", file=sys.stderr)
@@ -274,10 +282,15 @@ def cmd_export(args) -> int:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = export_model(args.source, args.out)
+        out = export_model(args.source, args.out, weights=args.which_weights)
     for w in caught:
         print(f"atas export: WARNING: {w.message}", file=sys.stderr)
-    print(f"exported to {out}/model.safetensors and {out}/card.json")
+    extra = " and robustbench.json" if (Path(out) / "robustbench.json").exists() else ""
+    print(f"exported to {out}/model.safetensors and {out}/card.json{extra}")
+    if not extra:  # what a RobustBench entry would need
+        note = json.loads((Path(out) / "card.json").read_text()).get("robustbench_note")
+        if note:
+            print(f"RobustBench entry: none, {note}")
     return 0
 
 

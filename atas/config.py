@@ -32,6 +32,7 @@ from atas.values import (  # noqa: F401
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 CO_ACTIONS = ("none", "stop", "keep_best", "recover")
+SCHEDULES = ("multistep", "cyclic", "onecycle", "cosine", "constant")
 
 
 def check_eps(eps: float, key: str = "method.eps") -> None:
@@ -59,6 +60,10 @@ class DataConfig:
     # never trained on (the run trains on the first len-n, with per-sample indices 0..len-n-1) and
     # evaluated by `atas train` at the end (val.json) and by `atas compare --tune`. 0: none.
     val_size: int = 0
+    # Which images val_size holds out: last (the last n, as above) | stride (n evenly spread over the
+    # split: for a split stored class by class, an image folder such as Tiny-ImageNet's, where the
+    # last n would be whole classes). atas.data.val_indices.
+    val_from: str = "last"
     num_workers: int = 4             # DataLoader workers, folder datasets only
 
 
@@ -88,11 +93,15 @@ class OptimConfig:
     weight_decay: float = 5e-4
     nesterov: bool = False
     # Stepped every iteration. multistep: x gamma at the milestone epochs (official ATAS);
-    # cyclic: one-cycle triangle 0 -> lr -> 0 peaking at pct_start (Wong et al.); cosine; constant.
+    # cyclic: one-cycle triangle 0 -> lr -> 0 peaking at pct_start (Wong et al.); onecycle: torch's
+    # OneCycleLR curve (cosine from lr/div_factor up to lr at pct_start, cosine down to
+    # lr/div_factor/final_div_factor; the FastAT benchmark, pct_start 0.3); cosine; constant.
     schedule: str = "multistep"
     milestones: list[int] = field(default_factory=lambda: [24, 28])
     gamma: float = 0.1
     pct_start: float = 0.4
+    div_factor: float = 25.0         # onecycle: starting lr = lr / div_factor (torch's default)
+    final_div_factor: float = 1e4    # onecycle: final lr = lr / div_factor / final_div_factor
 
 
 @dataclass
@@ -127,6 +136,19 @@ class TrainConfig:
     recover_budget_epochs: int | None = None   # None: train.epochs (the guard at most doubles a run)
     progress: bool = True
     max_steps: int | None = None     # stop after this many optimizer steps (tests, debugging)
+    # Training techniques of the FastAT benchmark (docs/algorithm.md, "Training techniques"):
+    # label smoothing of every method's training cross-entropy (method.<name>.label_smoothing
+    # overrides it for one method; a method with no cross-entropy term ignores it);
+    label_smoothing: float = 0.0
+    # weight averaging (atas.averaging): tau of the exponential average of weights and BatchNorm
+    # buffers, updated after every optimizer step from epoch wa_start_epoch on (0: off);
+    wa_tau: float = 0.0
+    wa_start_epoch: int = 1
+    # which weights the run hands on (eval.json, val.json, export; atas.selection): auto | raw |
+    # averaged | val (the benchmark: each epoch the better of raw and averaged on the validation
+    # split by PGD-10, the best epoch kept). auto: val with averaging and data.val_size, averaged
+    # with averaging alone, raw otherwise.
+    select: str = "auto"
 
 
 @dataclass
@@ -311,6 +333,9 @@ def validate(cfg: Config) -> None:
         build_dataclass(get_method(name).Options, opts, f"method.{name}.")  # typos fail even if unused
     chosen = _merge(cfg.method.per_method.get(cfg.method.name, {}), cfg.method.args)
     chosen.setdefault("eps_ramp_epochs", cfg.train.eps_ramp_epochs)  # the run's schedule, unless set per method
+    check_techniques(cfg)
+    if method_cls.supports_label_smoothing:  # a loss without cross-entropy has nothing to smooth
+        chosen.setdefault("label_smoothing", cfg.train.label_smoothing)
     options = build_dataclass(method_cls.Options, chosen, "method.")
     method_cls.check_options(options)  # the method's own range checks, before anything trains
     cfg.method.args = _to_plain(options)
@@ -324,6 +349,9 @@ def validate(cfg: Config) -> None:
     if cfg.data.val_size < 0:
         raise ConfigError(f"data.val_size must be >= 0 (the number of training images held out for validation; "
                           f"0: none), got {cfg.data.val_size}")
+    if cfg.data.val_from not in ("last", "stride"):
+        raise ConfigError(f"data.val_from must be last or stride (evenly spread: a class-sorted image folder), "
+                          f"got {cfg.data.val_from!r}")
     if cfg.data.subset is not None and cfg.data.val_size >= cfg.data.subset:
         raise ConfigError(f"data.val_size={cfg.data.val_size} holds out all of the data.subset={cfg.data.subset} "
                           f"training images; give data.val_size < {cfg.data.subset} (something must be trained on)")
@@ -348,8 +376,14 @@ def validate(cfg: Config) -> None:
     if cfg.train.probe_restarts < 1:
         raise ConfigError(f"train.probe_restarts must be >= 1, got {cfg.train.probe_restarts}")
     _check_ranges(cfg)
-    if cfg.optim.schedule not in ("multistep", "cyclic", "cosine", "constant"):
-        raise ConfigError(f"optim.schedule must be multistep, cyclic, cosine or constant, got {cfg.optim.schedule!r}")
+    if cfg.optim.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.optim.schedule!r}")
+    if cfg.optim.schedule in ("cyclic", "onecycle") and not 0 < cfg.optim.pct_start < 1:
+        raise ConfigError(f"optim.pct_start (the fraction of training spent rising to the peak lr) must lie in "
+                          f"(0, 1), got {cfg.optim.pct_start}")
+    if cfg.optim.div_factor < 1 or cfg.optim.final_div_factor < 1:
+        raise ConfigError(f"optim.div_factor and optim.final_div_factor must be >= 1 (onecycle starts at "
+                          f"lr/div_factor), got {cfg.optim.div_factor}, {cfg.optim.final_div_factor}")
     if cfg.optim.name not in ("sgd", "adam"):
         raise ConfigError(f"optim.name must be sgd or adam, got {cfg.optim.name!r}")
     if cfg.optim.lr <= 0:
@@ -372,10 +406,27 @@ def _check_ranges(cfg: Config) -> None:
             ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
             ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
             ("optim.gamma", o.gamma, o.gamma > 0, "> 0 (the LR factor at each milestone)"),
-            ("optim.pct_start", o.pct_start, 0 < o.pct_start < 1, "in (0, 1) (where the one-cycle LR peaks)"),
             ("optim.milestones", o.milestones, all(m >= 0 for m in o.milestones), "epochs >= 0")):
         if not ok:
             raise ConfigError(f"{key} must be {want}, got {value}")
+
+
+def check_techniques(cfg: Config) -> None:
+    """train.label_smoothing, the weight average's tau and start, and the selection rule."""
+    from atas.selection import selection_mode
+
+    t = cfg.train
+    if not 0.0 <= t.label_smoothing < 1.0:
+        raise ConfigError(f"train.label_smoothing must be in [0, 1) (the benchmark's 0.4; 0: none), "
+                          f"got {t.label_smoothing}")
+    if t.wa_tau != 0:
+        from atas.averaging import check_tau
+
+        check_tau(t.wa_tau, "train.wa_tau")
+    if t.wa_start_epoch < 1:
+        raise ConfigError(f"train.wa_start_epoch must be >= 1 (the first averaged epoch, 1-based), "
+                          f"got {t.wa_start_epoch}")
+    selection_mode(t.select, t.wa_tau, cfg.data.val_size)
 
 
 def validate_eval(cfg: Config) -> None:

@@ -524,6 +524,31 @@ def check_val_size(val_size: int, available: int) -> int:
     return available - val_size
 
 
+VAL_FROM = ("last", "stride")
+
+
+def val_indices(available: int, val_size: int, val_from: str = "last") -> torch.Tensor:
+    """Which of `available` training images data.val_size holds out (data.val_from):
+    last: the last val_size (a shuffled split, e.g. CIFAR's: the FastAT benchmark's 49,000 / 1,000);
+    stride: val_size images evenly spread over the split, floor((i + 1/2) * available / val_size),
+    for a split stored class by class (an image folder: the last images would be whole classes)."""
+    check_val_size(val_size, available)
+    if val_from == "last":
+        return torch.arange(available - val_size, available)
+    if val_from == "stride":
+        return (torch.arange(val_size, dtype=torch.float64).add_(0.5) * available / val_size).long()
+    raise ConfigError(f"data.val_from must be one of {', '.join(VAL_FROM)}, got {val_from!r}")
+
+
+def train_indices(available: int, val_size: int, val_from: str = "last") -> torch.Tensor | None:
+    """The images trained on, in order (None: the first available - val_size, a plain slice)."""
+    if val_from == "last" or val_size == 0:
+        return None
+    keep = torch.ones(available, dtype=torch.bool)
+    keep[val_indices(available, val_size, val_from)] = False
+    return keep.nonzero().flatten()
+
+
 class IndexedTensorDataset(Dataset):
     """(x uint8 [N, C, H, W], y [N]) -> items (x float in [0, 1], y, idx).
 

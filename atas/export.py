@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from atas.checkpoint import CheckpointError, atomic_write, check_output, check_own_file, load_checkpoint, save_json
-from atas.config import Config, config_from_dict
+from atas.config import Config, ConfigError, config_from_dict
 from atas.data import dataset_info
 from atas.models import build_model, clean_state_dict, unwrap
 from atas.provenance import __version__
@@ -69,8 +69,18 @@ def resolve_artifact(path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Config, dict]:
-    """(model in eval mode, its config, extra info such as the card or epoch) from any artefact."""
+WEIGHTS = ("selected", "raw", "averaged")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               weights: str = "selected") -> tuple[nn.Module, Config, dict]:
+    """(model in eval mode, its config, extra info such as the card or epoch) from any artefact.
+
+    weights (a run folder or checkpoint): "selected" (default) the weights the run hands on by its
+    train.select rule (atas.selection: raw without weight averaging), "raw" the trained weights,
+    "averaged" the weight average; extra["weights"] says which ("raw" | "averaged")."""
+    if weights not in WEIGHTS:
+        raise ConfigError(f"--which-weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     path = resolve_artifact(path)
     if path.suffix == ".safetensors":
         card_path = path.with_name(CARD_FILE)
@@ -88,20 +98,48 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
             raise CheckpointError(f"{card_path}: cannot rebuild the model from its config "
                                   f"({type(e).__name__}: {e}). {redo}") from None
         try:
-            weights = load_file(str(path))
+            tensors = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path} is truncated or not a safetensors file ({str(e)[:200]}). "
                                   f"{redo}") from None
-        model = _load_weights(_build(cfg), weights, str(path))
+        model = _load_weights(_build(cfg), tensors, str(path))
         return model.to(device), cfg, {"card": card}
     state = load_checkpoint(path, map_location="cpu")
     try:
         cfg = config_from_dict(state["config"])
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot rebuild the model from the saved config ({e})") from None
-    model = _load_weights(_build(cfg), state["model"], str(path))
+    weights_state, extra = _pick_weights(path, state, cfg, weights)
+    model = _load_weights(_build(cfg), weights_state, str(path))
     return model.to(device), cfg, {"epoch": int(state["epoch"]), "step": int(state["step"]),
-                                   "metrics": state.get("metrics")}
+                                   "metrics": state.get("metrics"), **extra}
+
+
+def _pick_weights(path: Path, state: dict, cfg: Config, weights: str) -> tuple[dict, dict]:
+    """(the state_dict to load, what it is) from a checkpoint, by `weights` (see load_model)."""
+    from atas.selection import SELECTED, selection_mode
+
+    if "optimizer" not in state:  # best.pt / selected.pt: weights only, one model, its own label
+        if weights == "averaged" and state.get("weights", "raw") != "averaged":
+            raise CheckpointError(f"{path} holds {state.get('weights', 'raw')} weights only; the averaged weights "
+                                  "are in the run's checkpoint.pt")
+        return state["model"], {"weights": state.get("weights", "raw")}
+    mode = weights if weights != "selected" else selection_mode(cfg.train.select, cfg.train.wa_tau, cfg.data.val_size)
+    if mode == "averaged":
+        if "wa" not in state:
+            raise CheckpointError(f"{path} has no weight average (the run trained with train.wa_tau=0); "
+                                  "use --which-weights raw")
+        return state["wa"]["model"], {"weights": "averaged"}
+    if mode == "val":
+        selected = path.parent / SELECTED
+        if not selected.exists():
+            raise CheckpointError(f"{path}: the run selects its weights on the validation split "
+                                  f"(train.select) but {selected} does not exist (no epoch validated yet); "
+                                  "use --which-weights raw or --which-weights averaged")
+        chosen = load_checkpoint(selected, map_location="cpu")
+        return chosen["model"], {"weights": chosen.get("weights", "raw"), "selected_epoch": int(chosen["epoch"]),
+                                 "selected_file": SELECTED}
+    return state["model"], {"weights": "raw"}
 
 
 def _is_previous(path: Path) -> bool:
@@ -125,7 +163,11 @@ def training_state(source: str | Path, cfg: Config, extra: dict) -> dict | None:
             rows = [r for r in MetricsLog(path.parent).read() if r.get("epoch", 0) <= epoch]
         finished = run_end(rows, cfg) is not None
     note = None
-    if path.name == BEST:
+    if path.name == "selected.pt":
+        finished = bool(run_finished(path.parent, cfg))
+        note = None if finished else (f"{path} holds the validation-selected weights (epoch {epoch}) of an "
+                                      f"unfinished run; finish it with `atas train --resume {path.parent}`")
+    elif path.name == BEST:
         note = (f"{path} is the best-robust checkpoint (epoch {epoch} of {planned}, chosen by the CO monitor), "
                 "not the final model")
     elif _is_previous(path):  # one save older than the run's latest checkpoint, whatever the run's state
@@ -158,7 +200,9 @@ def checkpoint_record(source: str | Path, cfg: Config, extra: dict) -> dict | No
         else run_finished(run_dir, cfg)
     record = {"file": path.name, "path": str(path), "epoch": state["epoch"], "step": extra.get("step"),
               "epochs_planned": state["epochs_planned"], "mid_run": writer is not None or finished is False,
-              "warning": None}
+              "warning": None, "weights": extra.get("weights", "raw")}
+    if "selected_epoch" in extra:  # the validation's pick (train.select), kept in selected.pt
+        record.update(selected_epoch=extra["selected_epoch"], selected_file=extra["selected_file"])
     what = f"this evaluates {path.name} as it is on disk, epoch {state['epoch']} of {state['epochs_planned']}, " \
            "not the run's final model; the result records it (mid_run: true, with the epoch)"
     if writer is not None:
@@ -206,7 +250,8 @@ def run_evaluation(source: str | Path, model: nn.Module) -> tuple[dict | None, s
     return None, why
 
 
-def export_model(source: str | Path, out_dir: str | Path, evaluation: dict | None = None) -> Path:
+def export_model(source: str | Path, out_dir: str | Path, evaluation: dict | None = None,
+                 weights: str = "selected") -> Path:
     """Write out_dir/model.safetensors and out_dir/card.json; returns out_dir. Exporting an
     unfinished run (or best.pt) warns, and the card's "training" says at which epoch it stopped.
     The card's "evaluation" is `evaluation` if given, else the run's evaluation of these very
@@ -215,13 +260,14 @@ def export_model(source: str | Path, out_dir: str | Path, evaluation: dict | Non
     import warnings
 
     out_dir = check_output(out_dir, folder=True)
-    for name in (MODEL_FILE, CARD_FILE):  # the files atas names in the folder: regular files only
+    for name in (MODEL_FILE, CARD_FILE, ROBUSTBENCH_FILE):  # the files atas names in the folder: regular files only
         check_own_file(out_dir / name)
-    model, cfg, extra = load_model(source)
+    model, cfg, extra = load_model(source, weights=weights)
     state = training_state(source, cfg, extra)
     if state and state["note"]:
         warnings.warn(state["note"], stacklevel=2)
     note = None
+    card_in = extra.get("card")
     if evaluation is None:
         evaluation, note = run_evaluation(source, model)
         if note:
@@ -238,11 +284,55 @@ def export_model(source: str | Path, out_dir: str | Path, evaluation: dict | Non
         "model": model_arguments(cfg),  # atas.models.build_model(**card["model"]) rebuilds it
         "method": cfg.method.name, "eps": cfg.method.eps.text, "eps_value": float(cfg.method.eps),
         "epoch": extra.get("epoch"), "training": state, "config": cfg.to_dict(), "evaluation": evaluation,
+        # Which weights these are: "raw" or "averaged" (train.wa_tau), and the epoch validation chose.
+        "weights": extra.get("weights", (card_in or {}).get("weights", "raw")),
+        "selected_epoch": extra.get("selected_epoch"),
     }
+    card["robustbench"] = robustbench_entry(card, evaluation)
+    if card["robustbench"] is None:
+        (out_dir / ROBUSTBENCH_FILE).unlink(missing_ok=True)  # an earlier export's entry is not these weights'
+        card["robustbench_note"] = robustbench_note(source)   # a note, not a warning: most exports need no entry
+    else:
+        save_json(out_dir / ROBUSTBENCH_FILE, card["robustbench"])
     if note:
         card["evaluation_note"] = note
     save_json(out_dir / CARD_FILE, card)
     return out_dir
+
+
+# RobustBench's names of our architectures (its model_info "architecture" field).
+ROBUSTBENCH_ARCH = {"preact_resnet18": "PreActResNet-18", "resnet18_cifar": "ResNet-18", "resnet18": "ResNet-18",
+                    "resnet50": "ResNet-50", "wrn28_10": "WideResNet-28-10", "wrn34_10": "WideResNet-34-10"}
+ROBUSTBENCH_FILE = "robustbench.json"
+PLACEHOLDER = "FILL IN"
+
+
+def robustbench_entry(card: dict, evaluation: dict | None) -> dict | None:
+    """The fields of a RobustBench model_info entry (https://github.com/RobustBench/robustbench,
+    model_info/<dataset>/Linf/<name>.json) from the card and its evaluation of these very weights:
+    clean_acc and autoattack_acc (percent, two decimals, as RobustBench writes them) need an
+    evaluation with the clean and "aa" (standard AutoAttack) attacks; None without one. name,
+    authors, venue and link are placeholders for the user to fill; "reported" is this evaluation's
+    AutoAttack accuracy (the paper's own number, if different, goes there instead)."""
+    results = (evaluation or {}).get("results") or {}
+    if "clean" not in results or "aa" not in results:
+        return None
+    pct = lambda name: f"{100 * results[name]['accuracy']:.2f}"  # noqa: E731
+    return {"link": PLACEHOLDER, "name": PLACEHOLDER, "authors": PLACEHOLDER, "venue": PLACEHOLDER,
+            "architecture": ROBUSTBENCH_ARCH.get(card["architecture"], card["architecture"]),
+            "eps": card["eps"], "threat_model": "Linf", "dataset": card["dataset"],
+            "additional_data": False, "number_forward_passes": 1,
+            "clean_acc": pct("clean"), "autoattack_acc": pct("aa"), "reported": pct("aa"),
+            "n_examples": int(results["aa"].get("n", (evaluation or {}).get("n_examples"))),
+            "footnote": f"atas {card['method']}, {card.get('weights', 'raw')} weights; evaluated on "
+                        f"{int(results['aa'].get('n', (evaluation or {}).get('n_examples')))} test images",
+            "unreliable": False}
+
+
+def robustbench_note(source) -> str:
+    return (f"no evaluation of these weights with clean and AutoAttack: run `atas eval {source} "
+            "--attacks clean,aa` (the whole test set: RobustBench's numbers are on 10,000 CIFAR images) "
+            "and export again")
 
 
 def _safetensors_bytes(tensors: dict) -> bytes:

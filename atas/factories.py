@@ -24,6 +24,7 @@ from atas.data import (
     dataset_info,
     image_folder,
     load_tensors,
+    train_indices,
 )
 from atas.loaders import FolderLoader, ResidentLoader
 from atas.methods import get_method
@@ -82,9 +83,30 @@ def lr_factor(cfg: Config, steps_per_epoch: int):
     if o.schedule == "cyclic":
         peak = max(1, int(o.pct_start * total))
         return lambda it: it / peak if it <= peak else max(0.0, (total - it) / max(1, total - peak))
+    if o.schedule == "onecycle":
+        return onecycle_factor(total, o.pct_start, o.div_factor, o.final_div_factor)
     if o.schedule == "cosine":
         return lambda it: 0.5 * (1 + math.cos(math.pi * min(it, total) / total))
     return lambda it: 1.0
+
+
+def onecycle_factor(total: int, pct_start: float, div_factor: float, final_div_factor: float):
+    """torch.optim.lr_scheduler.OneCycleLR's lr curve (two phases, cosine annealing), as a multiple
+    of the peak lr, per iteration: from 1/div_factor up to 1 over the first pct_start of the `total`
+    steps, then down to 1/(div_factor * final_div_factor) at the last one. Smith & Topin 2019,
+    "Super-Convergence", https://arxiv.org/abs/1708.07120. The momentum is not cycled (docs/algorithm.md)."""
+    start, end = 1.0 / div_factor, 1.0 / (div_factor * final_div_factor)
+    peak = float(pct_start * total) - 1   # torch's phase boundary, in steps
+
+    def anneal(a: float, b: float, pct: float) -> float:
+        return b + (a - b) / 2.0 * (math.cos(math.pi * pct) + 1)
+
+    def factor(it: int) -> float:
+        it = min(it, total - 1)
+        if it <= peak:
+            return anneal(start, 1.0, it / peak) if peak > 0 else 1.0
+        return anneal(1.0, end, (it - peak) / max(total - 1 - peak, 1e-12))
+    return factor
 
 
 @dataclass
@@ -111,7 +133,8 @@ def make_data(cfg: Config, device: torch.device, shard=None) -> TrainData:
     if info.resident:
         x, y = load_tensors(info.name, "train", d.data_dir, d.download)
         n = check_val_size(d.val_size, check_subset(d.subset, len(x)))
-        x, y = x[:n], y[:n]
+        keep = train_indices(check_subset(d.subset, len(x)), d.val_size, d.val_from)   # data.val_from
+        x, y = (x[:n], y[:n]) if keep is None else (x[keep], y[keep])
         x_test, y_test = TestSplit(info.name, d.data_dir, d.download).take()
         indices = shard(len(x)) if shard else None
         loader: ResidentLoader | FolderLoader = ResidentLoader(x.to(device), y.to(device), t.batch_size,
@@ -121,8 +144,9 @@ def make_data(cfg: Config, device: torch.device, shard=None) -> TrainData:
     else:
         train_set: IndexedImageFolder | torch.utils.data.Subset = image_folder(info.name, "train", d.data_dir)
         n = check_val_size(d.val_size, check_subset(d.subset, len(train_set)))
+        keep = train_indices(check_subset(d.subset, len(train_set)), d.val_size, d.val_from)   # data.val_from
         if n < len(train_set):
-            train_set = torch.utils.data.Subset(train_set, range(n))
+            train_set = torch.utils.data.Subset(train_set, range(n) if keep is None else keep.tolist())
         # Only the images the probe or the evaluation can use are decoded.
         x_test, y_test = TestSplit(info.name, d.data_dir).take(d.test_subset or cfg.eval.n_examples)
         indices = shard(len(train_set)) if shard else None

@@ -15,6 +15,15 @@
 
     trainer = L.Trainer(callbacks=[atas.lightning.AdversarialTraining()])
 
+Weight averaging (atas.WeightAverage, the FastAT benchmark's tau = 0.9995): make the average of the
+network in the LightningModule's __init__ and hand it to the callback, which updates it after every
+training batch (one optimizer step; with accumulate_grad_batches > 1 it would average between steps
+too: keep 1) and keeps it in Lightning's checkpoints:
+
+    self.net = ...; self.wa = atas.WeightAverage(self.net, tau=0.9995)      # in __init__
+    trainer = L.Trainer(callbacks=[atas.lightning.AdversarialTraining(weight_average=model.wa)])
+    atas.benchmark(model.wa.module, "cifar10", eps=8/255)                   # the averaged network
+
 The callback starts each method epoch with Lightning's (`trainer.current_epoch + 1`, 1-based) and
 keeps the method's state (epoch, per-sample store, carried tensors) in Lightning's own checkpoints,
 so `trainer.fit(model, ckpt_path=...)` resumes it. Needs `pip install atas[lightning]`.
@@ -52,6 +61,7 @@ try:
 except ImportError as e:  # pragma: no cover - the message is the point
     raise ImportError("atas.lightning needs Lightning: pip install 'atas[lightning]' (or pip install lightning)") from e
 
+from atas.averaging import WeightAverage
 from atas.guard import EVENT, Guard, events
 from atas.methods.base import Method
 from atas.monitor import Probe
@@ -64,13 +74,16 @@ class AdversarialTraining(pl.Callback):
     seed: the run's seed for the per-epoch generator seeds (default: torch.initial_seed() at setup).
     probe: an atas.Probe on held-out images: turns on the guard (module docstring); None: no probe.
     max_recoveries (3), budget_epochs (None: max_epochs): the guard's limits (atas.Guard).
+    weight_average: an atas.WeightAverage to update after every training batch (default: none).
     """
 
     def __init__(self, method: Method | None = None, seed: int | None = None, probe: Probe | None = None,
-                 max_recoveries: int = 3, budget_epochs: int | None = None):
+                 max_recoveries: int = 3, budget_epochs: int | None = None,
+                 weight_average: WeightAverage | None = None):
         self.method = method
         self.seed = seed
         self.probe, self.max_recoveries, self.budget_epochs = probe, max_recoveries, budget_epochs
+        self.weight_average = weight_average
         self.guard: Guard | None = None
         self._max_epochs: int | None = None   # as the Trainer was given it (the guard adds the replays)
         self._trainer = None
@@ -148,6 +161,8 @@ class AdversarialTraining(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._batches += 1
+        if self.weight_average is not None:  # after the batch's optimizer step
+            self.weight_average.update(trainer.current_epoch + 1)
 
     def state_dict(self) -> dict:
         if self.method is None:
@@ -155,6 +170,8 @@ class AdversarialTraining(pl.Callback):
         done = self._trainer is not None and self._batches >= self._trainer.num_training_batches
         # The method's own keys (epoch, store, ...), the run's seed and whether the epoch's training is over.
         state = {**self.method.state_dict(), "seed": self._seed(), "epoch_end": bool(done)}
+        if self.weight_average is not None:
+            state["weight_average"] = self.weight_average.state_dict()
         if self.guard is not None:  # its record and the healthy state it would roll back to
             state["guard"] = self.guard.state_dict()
         return state
@@ -175,7 +192,9 @@ class AdversarialTraining(pl.Callback):
             self._resume(pending)
 
     def _resume(self, state: dict) -> None:
-        self._method().load_state_dict(state)
+        if self.weight_average is not None and "weight_average" in state:
+            self.weight_average.load_state_dict(state["weight_average"])
+        self._method().load_state_dict({k: v for k, v in state.items() if k != "weight_average"})
         if "seed" in state:
             self.seed = int(state["seed"])
         # Mid-epoch (or an older checkpoint without the seed): the method's state only.

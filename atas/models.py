@@ -328,6 +328,58 @@ def preact_resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return PreActResNet((2, 2, 2, 2), num_classes, in_channels)
 
 
+class BasicBlock(nn.Module):
+    """He et al. (CVPR 2016) basic block, post-activation: conv3x3-BN-ReLU-conv3x3-BN, plus the
+    shortcut (identity, or 1x1 conv + BN when the shape changes), then ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet with a CIFAR stem: 3x3 conv (stride 1) + BN + ReLU, no max-pool; four stages of
+    64/128/256/512 channels (stride 2 from the second), global average pooling (4x4 at 32x32), linear.
+    The ResNet-18 of the FastAT benchmark (arXiv 2604.22853) and of most CIFAR adversarial-training
+    papers; unlike torchvision's `resnet18` (7x7 stride-2 stem and max-pool: 8x smaller feature maps)."""
+
+    def __init__(self, blocks_per_stage: tuple[int, ...] = (2, 2, 2, 2), num_classes: int = 10,
+                 in_channels: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        stages, c_in = [], 64
+        for i, n in enumerate(blocks_per_stage):
+            c_out = 64 * 2 ** i
+            blocks = []
+            for j in range(n):
+                blocks.append(BasicBlock(c_in, c_out, stride=2 if (i > 0 and j == 0) else 1))
+                c_in = c_out
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.linear = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+@register("resnet18_cifar")
+def resnet18_cifar(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    return CifarResNet((2, 2, 2, 2), num_classes, in_channels)
+
+
 class WideBlock(PreActBlock):
     """Zagoruyko & Komodakis (BMVC 2016) wide basic block, BN-ReLU pre-activation:
     BN-ReLU-conv3x3-BN-ReLU-dropout-conv3x3 (the pre-activation block with dropout). When the

@@ -256,12 +256,14 @@ def summary_tables(rows: list[dict]) -> list[tuple[str, list[str], list[list[str
     evaluated (`attack_columns`): FGSM, AA and any other attack appear only where some run was
     evaluated with it."""
     columns = attack_columns(rows)
+    with_cost = any(r.get("peak_memory_mb") is not None for r in _ok(rows))   # runs from before atas.cost: none
     tables = []
     for eps, by_method in group_runs(rows).items():
         reference = _reference(by_method)
         pgd_time = _mean(by_method[reference], "train_time_s") if reference is not None else None
         header = ["method", "seeds"] + [f"{label} (%)" for _, label in columns] + ["train time (s)"] \
-            + ([f"time vs {method_label(reference)}"] if pgd_time and reference is not None else []) + ["CO"]
+            + ([f"time vs {method_label(reference)}"] if pgd_time and reference is not None else []) \
+            + (["peak memory (MB)", "passes fwd/bwd"] if with_cost else []) + ["CO"]
         body = []
         for method, runs in by_method.items():
             ok = _ok(runs)
@@ -277,9 +279,17 @@ def summary_tables(rows: list[dict]) -> list[tuple[str, list[str], list[list[str
             body.append([method_label(method), seeds]
                         + [format_pm([_accuracy(r, name) for r in ok]) for name, _ in columns]
                         + [format_pm([r.get("train_time_s") for r in ok], scale=1.0)]
-                        + ([ratio] if pgd_time else []) + [co_column(runs)])
+                        + ([ratio] if pgd_time else [])
+                        + ([format_pm([r.get("peak_memory_mb") for r in ok], scale=1.0, digits=0),
+                            _passes(ok)] if with_cost else []) + [co_column(runs)])
         tables.append((eps, header, body))
     return tables
+
+
+def _passes(runs: list[dict]) -> str:
+    """Forward/backward passes per optimizer step (atas.cost), once if every run agrees."""
+    seen = list(dict.fromkeys(tuple(r["passes_per_step"]) for r in runs if r.get("passes_per_step")))
+    return " | ".join(f"{f:g}/{b:g}" for f, b in seen) or "—"
 
 
 def _md_table(header: list[str], body: list[list[str]]) -> str:
@@ -394,8 +404,8 @@ def run_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Every run on its own line: what the means above are made of (clean, FGSM, PGD and AA always,
     then any other attack evaluated)."""
     columns = attack_columns(rows, always=_FIXED_COLUMNS)
-    header = ["method", "eps", "seed", *(label for _, label in columns), "time (s)", "eps ramp",
-              "CO epochs (probe)", "final FGSM > clean", "guard", "run folder"]
+    header = ["method", "eps", "seed", *(label for _, label in columns), "time (s)", "peak memory (MB)",
+              "weights", "eps ramp", "CO epochs (probe)", "final FGSM > clean", "guard", "run folder"]
 
     def pct(v):
         return "—" if v is None else f"{100 * v:.1f}"
@@ -412,6 +422,7 @@ def run_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         co_epochs = ", ".join(map(str, r.get("co_epochs") or [])) or "none"
         body.append([method_label(r["method"]), r["eps"], str(r["seed"]),
                      *(pct(_accuracy(r, name)) for name, _ in columns), f"{r.get('train_time_s', 0.0):.1f}",
+                     "—" if r.get("peak_memory_mb") is None else f"{r['peak_memory_mb']:.0f}", r.get("weights") or "—",
                      _ramp(r), f"did not learn (flagged: {co_epochs})" if did_not_learn(r) else co_epochs,
                      "not evaluated" if sig is None else ("yes" if sig else "no"), _guard_cell(r),
                      r.get("run_dir", "")])
@@ -667,19 +678,27 @@ def plot_time_vs_robust(rows: list[dict], path: str | Path) -> Path | None:
         return None
     colors = _colors(_methods(rows))
     markers = dict(zip(group_runs(rows), "os^Dvp*hX"))
-    fig, axes = _figure(1, width=6.0, height=4.2, integer_x=False)
+    with_memory = [r for r in rows if r.get("peak_memory_mb") is not None]
+    fig, axes = _figure(2 if with_memory else 1, width=6.0, height=4.2, integer_x=False)
+    panels = [("train_time_s", "training time (s, sum of epoch times)", rows)]
+    if with_memory:  # the second cost the benchmark reports (atas.cost: what the number measures)
+        kinds = {r.get("memory_kind") for r in with_memory}
+        what = "GPU max allocated" if kinds == {"cuda_max_allocated"} else "CPU: the process's peak RSS" \
+            if kinds == {"cpu_peak_rss_process"} else "mixed devices"
+        panels.append(("peak_memory_mb", f"peak memory (MB, {what})", with_memory))
+    for ax, (x_key, x_label, points) in zip(axes, panels):
+        for (method, eps), _ in {(r["method"], r["eps"]): None for r in points}.items():
+            runs = [r for r in points if r["method"] == method and r["eps"] == eps]
+            ax.scatter([r[x_key] for r in runs], [100 * r[key] for r in runs], color=colors[method],
+                       marker=markers.get(eps, "o"), s=40, edgecolors="black", linewidths=0.5)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(f"final {'AutoAttack' if key == 'aa' else _pgd_label(rows)} accuracy (%)")
+        ax.grid(alpha=0.3)
     ax = axes[0]
-    for (method, eps), _ in {(r["method"], r["eps"]): None for r in rows}.items():
-        runs = [r for r in rows if r["method"] == method and r["eps"] == eps]
-        ax.scatter([r["train_time_s"] for r in runs], [100 * r[key] for r in runs], color=colors[method],
-                   marker=markers.get(eps, "o"), s=40, edgecolors="black", linewidths=0.5)
     for method, color in colors.items():
         ax.scatter([], [], color=color, marker="o", label=method_label(method))
     for eps, marker in markers.items():
         ax.scatter([], [], color="gray", marker=marker, label=f"eps {eps}")
-    ax.set_xlabel("training time (s, sum of epoch times)")
-    ax.set_ylabel(f"final {'AutoAttack' if key == 'aa' else _pgd_label(rows)} accuracy (%)")
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Robustness vs training cost (one point per run)")
     fig.savefig(path, dpi=110)
@@ -743,7 +762,8 @@ def _plot_blocks(images: dict[str, Path | None]) -> list[tuple]:
                            "PGD probe accuracy over FGSM probe accuracy; dotted: its threshold (x: CO flagged).",
                 ALPHA_PLOT: "ATAS step size per epoch (mean; band: min..max over samples and seeds; dashed: eps; "
                             "dotted: the alpha_min/alpha_max clamp).",
-                TIME_PLOT: "Final robust accuracy vs training time, one point per run."}
+                TIME_PLOT: "Final robust accuracy vs training time (left) and vs peak memory (right, where "
+                           "recorded), one point per run."}
     drawn = [(name, p) for name, p in images.items() if p is not None]
     if drawn:
         blocks.append(("h2", "Plots"))

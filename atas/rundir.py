@@ -416,7 +416,13 @@ def check_resumable(saved: dict, cfg: Config) -> None:
         mine.pop(label, None)
         theirs.pop(label, None)
     if isinstance(theirs.get("data"), dict):  # saved before data.val_size existed: it held nothing out
-        theirs["data"] = {"val_size": 0, **theirs["data"]}
+        theirs["data"] = {"val_size": 0, "val_from": "last", **theirs["data"]}
+    for section, new in (("train", {"label_smoothing": 0.0, "wa_tau": 0.0, "wa_start_epoch": 1, "select": "auto"}),
+                         ("optim", {"div_factor": 25.0, "final_div_factor": 1e4})):
+        if isinstance(theirs.get(section), dict):  # saved before these keys existed: their off values
+            theirs[section] = {**new, **theirs[section]}
+    if isinstance(theirs.get("method"), dict) and isinstance(theirs["method"].get("args"), dict):
+        theirs["method"]["args"] = {"label_smoothing": 0.0, **theirs["method"]["args"]}
     for tree in (mine, theirs):  # other methods' options do not matter; method.args holds this one's
         if isinstance(tree.get("method"), dict):
             tree["method"] = {k: v for k, v in tree["method"].items() if k != "per_method"}

@@ -61,6 +61,8 @@ def snapshot(run, epoch: int, step: int, rows: list[dict]) -> dict:
             "scheduler": run.scheduler.state_dict(), "rng": rng_state(run.device), "config": run.cfg.to_dict(),
             "epoch": epoch, "step": step, "num_train": run.data.num_train}
     ckpt["method"] = run.method.state_dict()  # epoch, per-sample store, carried tensors
+    if getattr(run, "tech", None) is not None:
+        ckpt.update(run.tech.state_dict())    # the weight average ("wa") and the selection's best
     if run.cfg.train.amp == "fp16":
         ckpt["scaler"] = run.scaler.state_dict()
     ckpt["metrics"] = json.loads(json.dumps(rows))  # plain values; the metrics files are rebuilt from these
@@ -77,6 +79,8 @@ def restore(run, state: dict, rows: list[dict]) -> int:
         run.scaler.load_state_dict(state["scaler"])
     run.method = make_method(run.cfg, run.data, run.store_options, guard.option_changes(rows))
     run.method.load_state_dict(state["method"])
+    if getattr(run, "tech", None) is not None:
+        run.tech.load_state_dict(state)
     set_rng_state(state["rng"], run.device)
     return int(state["step"])
 

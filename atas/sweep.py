@@ -259,7 +259,9 @@ def run_one(spec: RunSpec) -> str:
     if model is not None or not eval_is_current(spec.run_dir, spec.cfg):
         if model is None:  # finished training, evaluation missing, stale or killed: the checkpoint's model
             model, _, _ = load_model(spec.run_dir, resolve_device(spec.cfg.train.device))
-        evaluate_run(model, spec.cfg, spec.run_dir)
+        from atas.selection import handed_on
+
+        evaluate_run(model, spec.cfg, spec.run_dir, weights=handed_on(spec.run_dir, spec.cfg))
         done.append("evaluated")
     return ", ".join(done) or "finished before: read back"
 
@@ -284,6 +286,7 @@ def column_labels(results: dict) -> dict[str, str]:
 
 def summarize_run(spec: RunSpec, out: Path) -> dict:
     """What summary.json keeps of one finished run (accuracies as fractions)."""
+    from atas.cost import run_cost
     from atas.data import dataset_info
     from atas.guard import all_epochs, events, ramp_end
 
@@ -310,6 +313,11 @@ def summarize_run(spec: RunSpec, out: Path) -> dict:
         # Training only: the per-epoch probe and the final evaluation are not in epoch_time_s.
         # ... of every epoch trained, the ones the guard replayed included: that is what the run cost.
         "train_time_s": sum(float(r.get("epoch_time_s", 0.0)) for r in all_epochs(_read_log(spec.run_dir))),
+        # Peak memory (GPU: max allocated during the training loops; CPU: the process's peak RSS) and
+        # forward/backward passes per optimizer step (atas.cost); which weights eval.json measured.
+        **{k: v for k, v in run_cost(all_epochs(_read_log(spec.run_dir))).items()
+           if k in ("peak_memory_mb", "memory_kind", "passes_per_step")},
+        "weights": result.get("weights"),
         "epochs": len(metrics), "epochs_planned": spec.cfg.train.epochs,
         "co_detected": co, "co_epochs": co_epochs, "co_final_signature": signature,
         "eval_warnings": result.get("warnings", []),

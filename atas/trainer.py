@@ -48,6 +48,7 @@ from atas.rundir import (  # noqa: F401
 )
 from atas.store import PerSampleStore
 from atas.tally import EpochTally, check_finite
+from atas.techniques import Techniques
 
 # (factories' and rundir's public names stay importable from here for existing callers)
 
@@ -63,6 +64,12 @@ class RunResult:
     events: list[dict] = field(default_factory=list)  # the guard's recoveries (atas.guard)
     validation: dict | None = None   # the held-out training images' evaluation (val.json), when it ran
     trained: bool = True             # False: a resumed run that had ended trained nothing
+    # `model` is the run's selected weights (train.select, atas.selection); `weights` says which
+    # ({"weights": "raw" | "averaged", "rule", "epoch"?}); `raw_model` is the last raw weights and
+    # `averaged_model` the weight average (None with train.wa_tau=0).
+    weights: dict = field(default_factory=lambda: {"weights": "raw", "rule": "raw"})
+    raw_model: nn.Module | None = None
+    averaged_model: nn.Module | None = None
 
 
 def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False,
@@ -116,6 +123,7 @@ class _Run:
     ckpt_path: Path
     memory_format: torch.memory_format
     autocast: Callable[[], contextlib.AbstractContextManager]
+    tech: Techniques   # weight average, selection, cost (atas.techniques)
     num_classes: int = 10
     x_probe: torch.Tensor | None = None
     y_probe: torch.Tensor | None = None
@@ -144,7 +152,7 @@ def _build(cfg: Config, ctx, run_dir: Path, ckpt_path: Path) -> _Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, len(data.loader) * method.replays))
     run = _Run(cfg, ctx, device, data, model, attack_model, ctx.wrap(attack_model), optimizer, scheduler,
                torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16"), method, store_options,
-               ckpt_path, memory_format, autocast)
+               ckpt_path, memory_format, autocast, Techniques(cfg, model, device, ctx.is_main))
     run.num_classes = dataset_info(cfg.data.name).num_classes
     n_probe = min(cfg.train.probe_size, len(data.x_test))
     if n_probe:
@@ -184,8 +192,10 @@ def _train(cfg: Config, ctx, folder: RunFolder, resume: bool) -> RunResult:
         _epochs(run, rows, start_epoch, step, log, run_dir)
     ctx.barrier()
     run.model.eval()  # what a caller does with a trained model is evaluate or deploy it
-    return RunResult(run_dir, run.model, guard.epoch_rows(rows), store=run.method.store, method=run.method,
-                     events=guard.events(rows), trained=not ended)
+    model, weights = run.tech.final(run.model, run_dir if ctx.is_main else None, guard.all_epochs(rows))
+    return RunResult(run_dir, model, guard.epoch_rows(rows), store=run.method.store, method=run.method,
+                     events=guard.events(rows), trained=not ended, weights=weights, raw_model=run.model,
+                     averaged_model=run.tech.wa.module if run.tech.wa is not None else None)
 
 
 def _start(run: _Run, folder: RunFolder, log: MetricsLog, state: dict | None) -> tuple[list[dict], int, int]:
@@ -230,7 +240,8 @@ def _epochs(run: _Run, rows: list[dict], epoch: int, step: int, log: MetricsLog,
         if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
             break
         row, step = _train_epoch(run, epoch, step)
-        verdict = sentinel.judge(row)
+        verdict = sentinel.judge(row)   # the CO monitor judges the raw weights (docs/algorithm.md, section 5)
+        row.update(run.tech.validate(run.model, epoch, step, run_dir))   # raw vs averaged (train.select=val)
         rows.append(row)
         event = None
         if recover and ctx.broadcast_flag(verdict["co"]):
@@ -256,6 +267,7 @@ def _train_epoch(run: _Run, epoch: int, step: int) -> tuple[dict, int]:
     cfg, method = run.cfg, run.method
     run.model.train()
     tally = EpochTally(method, run.device)
+    run.tech.epoch_start()
     t0 = time.time()
     batches = method.batches(run.data.loader)  # starts the epoch; paired crop/flip of every batch
     n_batches = len(run.data.loader)
@@ -275,6 +287,7 @@ def _train_epoch(run: _Run, epoch: int, step: int) -> tuple[dict, int]:
     row = {"epoch": epoch, "step": step, "lr": run.optimizer.param_groups[0]["lr"]}
     row.update(tally.totals(run.ctx))
     row["epoch_time_s"] = time.time() - t0
+    row.update(run.tech.epoch_end(method))   # peak memory, passes per step (atas.cost)
     eps_t = method.eps_at(epoch)
     if eps_t != method.eps:
         row["train_eps"] = eps_t
@@ -296,4 +309,5 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) 
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.scheduler.step()
+        run.tech.after_step(method.current_epoch)                                 # weight average
     return loss

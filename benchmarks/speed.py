@@ -1,4 +1,4 @@
-"""Training throughput of none / FGSM-RS / ATAS / ELLE / ELLE-A / PGD-10, measured through the real trainer.
+"""Training throughput of every registered method against FGSM-RS, measured through the real trainer.
 
     python benchmarks/speed.py                                   # PreActResNet-18, CIFAR-shaped data
     python benchmarks/speed.py --model small_cnn --steps 20      # Fashion-MNIST-shaped, quick on CPU
@@ -18,8 +18,13 @@ The data are random uint8 images of the dataset's shape (CIFAR: 3x32x32, zero-pa
 40x40 frame; Fashion-MNIST: 1x28x28, pad 2); `--data real` uses the dataset on disk instead.
 Pixel values do not change the cost of a step.
 
-Reported: images/s per method (mean ± std over the timed epochs), throughput relative to `none`,
-and ATAS relative to FGSM-RS: the claim of the paper is that ATAS costs what FGSM-RS costs
+Reported per method (all of atas.list_methods() unless --methods says otherwise; FGSM-RS always runs,
+as the reference): images/s (mean ± std over the timed epochs), ms per optimizer step, throughput
+relative to `none`, time per step relative to FGSM-RS, the method's forward/backward passes per step
+(Method.passes_per_step: what the ratio would be if a pass cost the same whatever its batch) and the
+peak memory the trainer recorded (atas.cost: GPU max allocated; on the CPU the process's peak RSS,
+which only grows from method to method in this one process, so it is printed for the GPU only).
+And ATAS relative to FGSM-RS: the claim of the paper is that ATAS costs what FGSM-RS costs
 (2 forward + 2 backward per step), so the target is atas/fgsm_rs throughput >= 0.95. ELLE and
 ELLE-A are reported as time per step relative to FGSM-RS (5 forward + 5 backward passes of B images
 per step, no target).
@@ -55,7 +60,7 @@ from store_memory import human
 MODEL_DATASET = {"preact_resnet18": "cifar10", "wrn28_10": "cifar10", "wrn34_10": "cifar10",
                  "small_cnn": "fmnist", "wong_cnn": "fmnist"}
 DATASET_EPS = {"cifar10": "8/255", "cifar100": "8/255", "svhn": "8/255", "fmnist": "0.1", "mnist": "0.3"}
-METHODS = ["none", "fgsm_rs", "atas", "elle", "elle_a", "pgd"]
+REFERENCE = "fgsm_rs"
 
 
 def synthetic_make_data(cfg, device, shard=None):
@@ -95,8 +100,8 @@ def method_config(args, dataset: str, method: str, run_root: Path):
     return load_config(None, overrides)
 
 
-def time_method(args, dataset: str, method: str, run_root: Path) -> list[float]:
-    """Seconds per timed epoch (epochs 2..1+repeats) of one trainer run."""
+def time_method(args, dataset: str, method: str, run_root: Path) -> tuple[list[float], dict]:
+    """(seconds per timed epoch (epochs 2..1+repeats), the last epoch's metrics row) of one trainer run."""
     cfg = method_config(args, dataset, method, run_root)
     make_data = trainer.make_data
     if args.data == "synthetic":
@@ -106,7 +111,8 @@ def time_method(args, dataset: str, method: str, run_root: Path) -> list[float]:
             result = trainer.train(cfg, run_dir=run_root / method)
     finally:
         trainer.make_data = make_data
-    return [row["epoch_time_s"] for row in result.metrics[1:]]
+    # Free-AT replays each minibatch (m optimizer steps): the per-step numbers divide by it.
+    return [row["epoch_time_s"] for row in result.metrics[1:]], {**result.metrics[-1], "replays": result.method.replays}
 
 
 def _commit() -> str:
@@ -135,6 +141,30 @@ def store_memory_table() -> str:
     return "\n".join(lines)
 
 
+def format_table(rates: dict[str, tuple[float, float]], rows: dict[str, dict], args) -> str:
+    """One line per method: throughput (images of minibatches per second), ms per optimizer step, vs
+    none, time per optimizer step vs FGSM-RS, passes per optimizer step, memory."""
+    label = {"pgd": f"pgd (K={args.pgd_steps})"}
+    gpu = any(r.get("memory_kind") == "cuda_max_allocated" for r in rows.values())
+    lines = [f"{'method':14s} {'images/s':>16s} {'ms/step':>9s} {'vs none':>8s} {'time vs FGSM-RS':>16s} "
+             f"{'passes fwd/bwd':>15s}" + (f" {'peak MB':>9s}" if gpu else "")]
+    def step_ms(method: str) -> float:
+        return 1000 * args.batch_size / rates[method][0] / rows[method].get("replays", 1)
+
+    for method, (mean, std) in rates.items():
+        vs_none = f"{mean / rates['none'][0]:.3f}" if "none" in rates else "-"
+        vs_ref = f"{step_ms(method) / step_ms(REFERENCE):.2f}x" if REFERENCE in rates else "-"
+        row = rows[method]
+        passes = f"{row['passes_fwd']:g}/{row['passes_bwd']:g}" if "passes_fwd" in row else "-"
+        ms = step_ms(method)
+        line = (f"{label.get(method, method):14s} {mean:9.1f} ± {std:5.1f} {ms:9.2f} {vs_none:>8s} {vs_ref:>16s} "
+                f"{passes:>15s}")
+        if gpu:
+            line += f" {row.get('peak_memory_mb', float('nan')):9.0f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,10 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed epochs per method, after one warm-up epoch")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--pgd-steps", type=int, default=10)
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list (default: " + ",".join(METHODS) + ")")
+    p.add_argument("--methods", default=None, help="comma list (default: every registered method, atas.list_methods())")
     args = p.parse_args(argv)
     dataset = args.dataset or MODEL_DATASET.get(args.model, "cifar10")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    from atas.methods import list_methods
+
+    methods = list_methods() if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in list_methods()]
+    if unknown:
+        p.error(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(list_methods())}")
+    if REFERENCE not in methods:  # the ratios are against FGSM-RS
+        methods.insert(0, REFERENCE)
     info = dataset_info(dataset)
 
     print(f"device: {_device_name(args.device)} | torch {torch.__version__} | commit {_commit()}")
@@ -164,19 +201,15 @@ def main(argv: list[str] | None = None) -> int:
           f"timed epochs | amp {args.amp} | channels_last {args.channels_last} | compile {args.compile} | "
           f"store {args.store_dtype}")
     rates: dict[str, tuple[float, float]] = {}
+    rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="atas-speed-") as tmp:
         for method in methods:
-            seconds = time_method(args, dataset, method, Path(tmp))
+            seconds, rows[method] = time_method(args, dataset, method, Path(tmp))
             per_epoch = [args.steps * args.batch_size / s for s in seconds]
             rates[method] = (statistics.mean(per_epoch), statistics.stdev(per_epoch) if len(per_epoch) > 1 else 0.0)
 
-    label = {"pgd": f"pgd (K={args.pgd_steps})"}
     print()
-    print(f"{'method':14s} {'images/s':>16s} {'ms/step':>9s} {'vs none':>8s}")
-    for method, (mean, std) in rates.items():
-        vs_none = f"{mean / rates['none'][0]:.3f}" if "none" in rates else "-"
-        ms = 1000 * args.batch_size / mean
-        print(f"{label.get(method, method):14s} {mean:9.1f} ± {std:5.1f} {ms:9.2f} {vs_none:>8s}")
+    print(format_table(rates, rows, args))
     if "atas" in rates and "fgsm_rs" in rates:
         ratio = rates["atas"][0] / rates["fgsm_rs"][0]
         verdict = "meets" if ratio >= 0.95 else "MISSES"

@@ -21,6 +21,7 @@ INPUT_SHAPE = {
     "wong_cnn": (1, 28, 28),
     "small_cnn": (1, 28, 28),
     "preact_resnet18": (3, 32, 32),
+    "resnet18_cifar": (3, 32, 32),
     "wrn28_10": (3, 32, 32),
     "wrn34_10": (3, 32, 32),
     "resnet18": (3, 64, 64),

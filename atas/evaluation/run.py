@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from atas.checkpoint import DiskFullError, check_output, check_own_file, is_special_file
 from atas.config import Config, ConfigError, check_attacks
-from atas.data import TestSplit, check_subset, check_val_size, data_source, dataset_info, image_folder, load_tensors
+from atas.data import TestSplit, check_subset, data_source, dataset_info, image_folder, load_tensors, val_indices
 from atas.evaluation.attacks import pgd_step
 from atas.evaluation.protocol import attack_names, evaluate, fingerprint_model, save_result
 from atas.rundir import EVAL, clean_staged_files
@@ -42,8 +42,8 @@ def load_test_set(dataset: str | Config, n_examples: int | None = None, data_dir
 
 def load_val_set(cfg: Config, n_examples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The validation split of data.val_size=V: the last V images of the (data.subset of the)
-    training split, the ones `make_data` holds out of training, unaugmented and unpadded (uint8),
-    with their labels; the first n_examples of them if given. A folder dataset's images are
+    training split (or V evenly spread ones: data.val_from=stride), the ones `make_data` holds out
+    of training, unaugmented and unpadded (uint8), with their labels; the first n_examples of them if given. A folder dataset's images are
     centre-cropped from their frame to the model's input size, as its test images are."""
     info, d = dataset_info(cfg.data.name), cfg.data
     if d.val_size < 1:
@@ -55,11 +55,11 @@ def load_val_set(cfg: Config, n_examples: int | None = None) -> tuple[torch.Tens
     n = d.val_size if n_examples is None else n_examples
     if info.resident:
         x, y = load_tensors(info.name, "train", d.data_dir, d.download)
-        start = check_val_size(d.val_size, check_subset(d.subset, len(x)))
-        return x[start:start + n], y[start:start + n]
+        held = val_indices(check_subset(d.subset, len(x)), d.val_size, d.val_from)[:n]   # data.val_from
+        return x[held], y[held]
     train_set = image_folder(info.name, "train", d.data_dir)
-    start = check_val_size(d.val_size, check_subset(d.subset, len(train_set)))
-    items = [train_set[i] for i in range(start, start + n)]
+    held = val_indices(check_subset(d.subset, len(train_set)), d.val_size, d.val_from)[:n]
+    items = [train_set[i] for i in held.tolist()]
     offset = (info.frame_size - info.image_size) // 2
     x = torch.stack([it[0] for it in items])[..., offset:offset + info.image_size, offset:offset + info.image_size]
     return x.mul(255).round().to(torch.uint8), torch.tensor([int(it[1]) for it in items])
@@ -126,12 +126,13 @@ def model_eval_file_name(spec: str, data: str, attacks: str, n_examples: int | N
 
 def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: float | None = None, seed: int = 0,
                  out: str | Path | None = None, progress: bool | None = None,
-                 checkpoint: dict | None = None, named_out: bool | None = None) -> dict:
+                 checkpoint: dict | None = None, named_out: bool | None = None, weights: str | None = None) -> dict:
     """Evaluate `model` with cfg.eval's attacks on the unpadded test set; save JSON; return the result.
 
     The result says which weights it measured: "model" carries their sha256 (an export checks it
     before putting the result on a card), "checkpoint" what the caller knows of them (file, epoch,
-    step, ...) and "mid_run" whether the run was still unfinished or training.
+    step, ...), "mid_run" whether the run was still unfinished or training, and "weights" which of a
+    run's weights they are: "raw" or "averaged" (train.wa_tau; `weights`, else the checkpoint's).
 
     named_out: `out` is a path the user chose (default: whether `out` is given), so a device or
     FIFO there is written in place; a file atas names itself must be a regular file
@@ -171,6 +172,9 @@ def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: flo
                        "train_eps": cfg.method.eps.text, "sha256": fingerprint_model(model)}
     folder = data_source(cfg.data.name, "test", cfg.data.data_dir)  # None: a dataset's own loader chose
     result["data"] = {"name": cfg.data.name, "folder": None if folder is None else str(folder)}
+    # Which weights were measured: "raw" (trained) or "averaged" (train.wa_tau); None: not known here
+    # (an export folder: its card says).
+    result["weights"] = weights or (checkpoint.get("weights", "raw") if checkpoint is not None else None)
     if checkpoint is not None:
         result["checkpoint"] = {k: v for k, v in checkpoint.items() if k not in ("mid_run", "warning")}
         result["mid_run"] = bool(checkpoint.get("mid_run"))
@@ -206,6 +210,12 @@ def evaluate_trained(run, cfg: Config) -> None:
     checkpoint = resolve_artifact(run.run_dir)
     weights = {"file": checkpoint.name, "path": str(checkpoint), "epoch": last.get("epoch"),
                "step": last.get("step"), "epochs_planned": cfg.train.epochs, "mid_run": False}
+    picked = getattr(run, "weights", None) or {}
+    weights.update(picked)  # which weights: raw or averaged, and by which rule (train.select, atas.selection)
+    if "epoch" in picked:   # the validation's pick: selected.pt, from its epoch
+        from atas.selection import SELECTED
+
+        weights.update(file=SELECTED, path=str(Path(run.run_dir) / SELECTED))
     try:
         run.evaluation = evaluate_run(run.model, cfg, run.run_dir, checkpoint=weights)
     except DiskFullError as e:  # the training is done and saved: say how to get its evaluation

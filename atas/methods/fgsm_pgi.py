@@ -26,6 +26,9 @@ x0.1 at epochs 100 and 105, batch 128, weight decay 5e-4):
         perturbation, eta_i <- x_adv - x) and keeps no momentum buffer.
     alpha_factor (1.0): step alpha = alpha_factor * eps (--alpha 8 at --epsilon 8).
     ls_factor (0.6): true-class probability of the smoothed targets (--factor); 1.0 = plain CE.
+    label_smoothing (0.0; train.label_smoothing): a further smoothing s of the training loss's
+        targets, composed with ls_factor: true-class probability (1 - s) * ls_factor + s / K
+        (the attack keeps ls_factor alone). ls_factor=1 makes it the plain label smoothing s.
     reset_every (40): epochs between resets (--epochs_reset); 0 = only the initial draw.
     bn_mode ("train"): BatchNorm mode of the attack pass, whose logits feed the regulariser
         (official: train mode throughout).
@@ -180,7 +183,13 @@ class FGSMPGI(Method):
     def training_loss(self, model, x_adv, y, x, state):
         o = self.opt
         logits = model(x_adv)
-        loss = smoothed_ce(logits, y, o.ls_factor)
+        # The method's own smoothing (ls_factor, in its attack and its loss, as the official code)
+        # composed with the run's label_smoothing s (training loss only): smoothing the already
+        # smoothed targets again puts (1 - s) * ls_factor + s / K on the true class, i.e. the
+        # true-class probability below. s = 0 leaves the official loss as it was, bit for bit.
+        true_prob = o.ls_factor if o.label_smoothing == 0 else \
+            (1 - o.label_smoothing) * o.ls_factor + o.label_smoothing / logits.shape[1]
+        loss = smoothed_ce(logits, y, true_prob)
         if o.lam > 0:
             if self._logits_init is None:
                 raise RuntimeError("fgsm_pgi: loss() needs the logits made by perturb() for this batch")
