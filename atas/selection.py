@@ -3,8 +3,8 @@
 The FastAT benchmark (arXiv 2604.22853, fzjcdt/FastAT_Benchmark) validates, after every epoch, both the
 raw and the weight-averaged model on a held-out validation split (the last 1,000 CIFAR training
 images; 2,000 on Tiny-ImageNet) by PGD-10 with alpha = 2/255 (here eps/4: 2/255 at its eps 8/255),
-takes the better of the two (the raw one on a tie) and keeps the best epoch's pick over the run (higher PGD accuracy; on equal PGD
-accuracy, higher clean accuracy); its final numbers are that model's.
+takes the better of the two (the raw one on a tie) and keeps the best epoch's pick over the run
+(higher PGD accuracy; on equal PGD accuracy, higher clean accuracy); its final numbers are that model's.
 
 train.select (the run-level rule, resolved by `selection_mode`):
     raw       the final raw weights (what every run did before weight averaging existed)

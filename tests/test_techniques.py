@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import needs_fmnist
 
 import atas
 from atas.averaging import WeightAverage
@@ -22,6 +21,7 @@ from atas.methods import get_method
 from atas.models import build_model
 from atas.selection import Selector, better, improves, selection_mode
 from atas.trainer import lr_factor, train
+from tests.helpers import needs_fmnist
 
 
 def _bn_net(seed: int = 0) -> nn.Module:

@@ -41,10 +41,10 @@ def load_test_set(dataset: str | Config, n_examples: int | None = None, data_dir
 
 
 def load_val_set(cfg: Config, n_examples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The validation split of data.val_size=V: the last V images of the (data.subset of the)
-    training split (or V evenly spread ones: data.val_from=stride), the ones `make_data` holds out
-    of training, unaugmented and unpadded (uint8), with their labels; the first n_examples of them if given. A folder dataset's images are
-    centre-cropped from their frame to the model's input size, as its test images are."""
+    """The validation split of data.val_size=V: the last V images of the (data.subset of the) training split
+    (or V evenly spread ones: data.val_from=stride), the ones `make_data` holds out of training, unaugmented
+    and unpadded (uint8), with their labels; the first n_examples of them if given. A folder dataset's images
+    are centre-cropped from their frame to the model's input size, as its test images are."""
     info, d = dataset_info(cfg.data.name), cfg.data
     if d.val_size < 1:
         raise ConfigError("this run has no validation split (data.val_size=0); set data.val_size=N to hold out "
