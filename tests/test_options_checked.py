@@ -58,7 +58,7 @@ def test_every_option_of_every_method_is_checked_before_the_run_folder_exists(tm
 SECTION_CASES = ["data.name=cifar11", "data.train_pad=-1", "data.num_workers=-1", "data.subset=0", "data.val_size=-1",
                  "model.arch=no_such_net", "train.probe_size=-5", "train.probe_steps=0", "train.store_size=0",
                  "train.max_steps=0", "train.store_dtype=float8", "train.amp=fp8", "train.co_action=ignore",
-                 "optim.momentum=1.5", "optim.weight_decay=-1", "optim.gamma=0", "optim.pct_start=1.5",
+                 "optim.momentum=1.5", "optim.weight_decay=-1", "optim.gamma=0", "optim.div_factor=0.5",
                  "optim.milestones=[-1]", "optim.schedule=linear", "eval.attacks=clean,bogus", "eval.pgd_steps=0",
                  "eval.pgd_alpha=3eps", "eval.pgd_loss=hinge", "eval.n_examples=0"]
 
