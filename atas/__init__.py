@@ -25,42 +25,44 @@ Any model, trained here or not:
 
     result = atas.benchmark(model, "fmnist", eps=0.2, attacks=["clean", "pgd", "aa"])
 """
-from atas.provenance import __version__  # noqa: E402
-from atas.augment import RandomCropFlip  # noqa: E402
-from atas.averaging import WeightAverage  # noqa: E402
-from atas.benchmark import benchmark, load_test_set  # noqa: E402
-from atas.config import Config, ConfigError, load_config, parse_fraction  # noqa: E402
-from atas.evaluate import evaluate, format_table  # noqa: E402  (binds atas.evaluate to the function, after the module)
-from atas.export import export_model, load_model  # noqa: E402
-from atas.indexed import IndexedDataset  # noqa: E402
-from atas.methods import Method, get_method, list_methods, method  # noqa: E402
-from atas.methods.aaer import NAAER, RSAAER  # noqa: E402
-from atas.methods.atas import ATAS  # noqa: E402
-from atas.methods.converge_smooth import FGSMMEPCS, FGSMRSCS  # noqa: E402
-from atas.methods.elle import ELLE, ELLEA  # noqa: E402
-from atas.methods.fgsm import FGSM  # noqa: E402
-from atas.methods.fgsm_pco import FGSMPCO  # noqa: E402
-from atas.methods.fgsm_pgi import FGSMPGI  # noqa: E402
-from atas.methods.fgsm_rs import FGSMRS  # noqa: E402
-from atas.methods.fgsm_uap import FGSMCUAP, FGSMFUAP, FGSMUAP  # noqa: E402
-from atas.methods.free import Free  # noqa: E402
-from atas.methods.gat import GAT  # noqa: E402
-from atas.methods.grad_align import GradAlign  # noqa: E402
-from atas.methods.liet import LIET  # noqa: E402
-from atas.methods.n_fgsm import NFGSM  # noqa: E402
-from atas.methods.nuat import NuAT  # noqa: E402
-from atas.methods.pgd import PGDAT  # noqa: E402
-from atas.methods.ssat import SSAT  # noqa: E402
-from atas.methods.zerograd import MultiGrad, ZeroGrad  # noqa: E402
-from atas.models import NormalizedModel, build_model, register as register_model  # noqa: E402
-from atas.monitor import COMonitor, Probe  # noqa: E402
-from atas.guard import Guard  # noqa: E402
-from atas.trainer import train  # noqa: E402
+from atas.augment import RandomCropFlip
+from atas.averaging import WeightAverage
+from atas.config import Config, ConfigError, load_config, parse_fraction
+from atas.errors import AtasError
+from atas.evaluation import evaluate, format_table
+from atas.evaluation.run import load_test_set
+from atas.export import export_model, load_model
+from atas.external_eval import benchmark
+from atas.guard import Guard
+from atas.indexed import IndexedDataset
+from atas.methods import Method, get_method, list_methods, method
+from atas.methods.aaer import NAAER, RSAAER
+from atas.methods.atas import ATAS
+from atas.methods.converge_smooth import FGSMMEPCS, FGSMRSCS
+from atas.methods.elle import ELLE, ELLEA
+from atas.methods.fgsm import FGSM
+from atas.methods.fgsm_pco import FGSMPCO
+from atas.methods.fgsm_pgi import FGSMPGI
+from atas.methods.fgsm_rs import FGSMRS
+from atas.methods.fgsm_uap import FGSMCUAP, FGSMFUAP, FGSMUAP
+from atas.methods.free import Free
+from atas.methods.gat import GAT
+from atas.methods.grad_align import GradAlign
+from atas.methods.liet import LIET
+from atas.methods.n_fgsm import NFGSM
+from atas.methods.nuat import NuAT
+from atas.methods.pgd import PGDAT
+from atas.methods.ssat import SSAT
+from atas.methods.zerograd import MultiGrad, ZeroGrad
+from atas.models import NormalizedModel, build_model, register as register_model
+from atas.monitor import COMonitor, Probe
+from atas.provenance import __version__
+from atas.trainer import train
 
-__all__ = ["ATAS", "FGSMRS", "NFGSM", "GradAlign", "FGSMPGI", "Free", "PGDAT", "ELLE", "ELLEA", "GAT", "NuAT", "SSAT", "LIET",
-           "FGSMPCO", "FGSMUAP", "FGSMCUAP", "FGSMFUAP", "FGSM", "FGSMRSCS", "FGSMMEPCS", "ZeroGrad", "MultiGrad",
-           "NAAER", "RSAAER", "Method", "method", "get_method",
-           "list_methods", "RandomCropFlip", "IndexedDataset", "benchmark", "load_test_set", "NormalizedModel",
-           "build_model", "register_model", "Config", "ConfigError", "load_config", "parse_fraction", "train",
-           "evaluate", "format_table", "export_model", "load_model", "Probe", "COMonitor", "Guard", "WeightAverage",
-           "__version__"]
+__all__ = ["ATAS", "FGSMRS", "NFGSM", "GradAlign", "FGSMPGI", "Free", "PGDAT", "ELLE", "ELLEA", "GAT", "NuAT", "SSAT",
+           "LIET", "FGSMPCO", "FGSMUAP", "FGSMCUAP", "FGSMFUAP", "FGSM", "FGSMRSCS", "FGSMMEPCS", "ZeroGrad", "MultiGrad",
+           "NAAER", "RSAAER", "Method", "method",
+           "get_method", "list_methods", "RandomCropFlip", "IndexedDataset", "benchmark", "load_test_set",
+           "NormalizedModel", "build_model", "register_model", "Config", "AtasError", "ConfigError", "load_config",
+           "parse_fraction", "train", "evaluate", "format_table", "export_model", "load_model", "Probe", "COMonitor",
+           "Guard", "WeightAverage", "__version__"]

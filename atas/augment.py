@@ -98,16 +98,21 @@ class PairedAugment:
         self.size, self.pad, self.flip, self._frame, self._enabled = size, pad, flip, frame, enabled
 
     @property
-    def frame(self) -> int:
+    def bound_size(self) -> int:
+        """The crop size; RuntimeError while it is still open (before `bind`)."""
         if self.size is None:
             raise RuntimeError("the crop size is not known yet: bind(image_size) first")
-        return self._frame if self._frame is not None else self.size + 2 * self.pad
+        return self.size
+
+    @property
+    def frame(self) -> int:
+        return self._frame if self._frame is not None else self.bound_size + 2 * self.pad
 
     @property
     def enabled(self) -> bool:
-        return self._enabled and (self.frame > self.size or self.flip)
+        return self._enabled and (self.frame > self.bound_size or self.flip)
 
-    def bind(self, image_size: int) -> "PairedAugment":
+    def bind(self, image_size: int) -> PairedAugment:
         """Fix the crop size to the images' side when it was left open (a no-op once set)."""
         if self.size is None:
             self.size = image_size
@@ -122,8 +127,8 @@ class PairedAugment:
         if not self.enabled:  # identity crop: offsets 0, no flip
             zeros = torch.zeros(batch, dtype=torch.long, device=device)
             return CropFlip(zeros, zeros, torch.zeros(batch, dtype=torch.bool, device=device),
-                            self.size, self.frame)
-        return sample_crop_flip(batch, self.frame, self.size, self.flip, device, generator)
+                            self.bound_size, self.frame)
+        return sample_crop_flip(batch, self.frame, self.bound_size, self.flip, device, generator)
 
     def __call__(self, x: torch.Tensor, cf: CropFlip) -> torch.Tensor:
         frames = pad_to_frame(x, self.pad)

@@ -23,15 +23,18 @@ import pickle
 import shlex
 import stat
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+
+from atas.errors import AtasError
 
 FORMAT = "atas-checkpoint-v1"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(AtasError, RuntimeError):
     """A checkpoint cannot be used; the message says why and what to do."""
 
 
@@ -65,7 +68,7 @@ class _Recorder:
 
 
 def _is_disk_full(e: BaseException | None, recorded: OSError | None) -> bool:
-    seen = [recorded]
+    seen: list[BaseException | None] = [recorded]
     while e is not None and len(seen) < 8:  # the exception and what it was raised from or during
         seen.append(e)
         e = e.__cause__ or e.__context__
@@ -159,7 +162,8 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb", *, named: bool = False) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb", *,
+                 named: bool = False) -> None:
     """Write `path` through `write(file)` via temp file + fsync + rename; clean up on any failure.
     Out of space: DiskFullError (a CheckpointError) naming the file, the old file untouched.
 
@@ -205,7 +209,7 @@ def _write_in_place(path: Path, write: Callable[[Any], None], mode: str) -> None
         raise
 
 
-def atomic_write_text(path: str | Path, text: str, *, named: bool = False) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str, *, named: bool = False) -> None:
     atomic_write(path, lambda f: f.write(text), mode="w", named=named)
 
 

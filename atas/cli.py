@@ -9,7 +9,8 @@
 
 Exit status: 0 done; 2 an error the user can fix (bad config, missing or corrupt data, unusable
 checkpoint or export, a missing optional package), printed as one clear message, no traceback;
-3 the training loss became NaN/inf (the last good checkpoint is kept); 130 interrupted.
+3 the training loss became NaN/inf (the last good checkpoint is kept); 130 interrupted. Every error
+of atas is an `atas.AtasError` and carries its exit status (`main` turns it into one line).
 `--debug` anywhere on the line, or ATAS_DEBUG=1 in the environment, also prints the traceback.
 """
 from __future__ import annotations
@@ -113,8 +114,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from atas.config import ConfigError, load_config
     from atas import distributed
+    from atas.config import ConfigError, load_config
     from atas.evaluation.run import VAL_FILE, check_final_eval_extras
     from atas.rundir import load_run_config
     from atas.trainer import train
@@ -167,7 +168,7 @@ def _say_data_source(cfg) -> None:
         folder = data_source(cfg.data.name, "train", cfg.data.data_dir)
     except DataNotFoundError:
         return  # training says what is missing, or downloads it (data.download=true)
-    print(f"data: {cfg.data.name} from {folder}", flush=True)
+    print(f"data: {cfg.data.name} from {folder or 'its own loader (no data.data_dir given)'}", flush=True)
 
 
 def _eval_device(name: str):
@@ -179,15 +180,15 @@ def _eval_device(name: str):
 
 def cmd_eval_external(args) -> int:
     """`atas eval --model MODULE:FUNCTION --weights FILE --data NAME --eps E`: any model, atas's evaluation."""
-    from atas.benchmark import InputAdapter, _data_identity, benchmark, load_test_set
     from atas.checkpoint import check_output, check_own_file, is_special_file
-    from atas.compare import check_attacks
     from atas.config import ConfigError, Frac, check_eps
     from atas.data import dataset_info
     from atas.evaluation import format_table, save_result
+    from atas.config import check_attacks
     from atas.evaluation.protocol import evaluation_request, request_digest
+    from atas.evaluation.run import keep_earlier, load_test_set, model_eval_file_name
     from atas.external import file_sha256, load_weights, model_from_factory
-    from atas.evaluation.run import keep_earlier, model_eval_file_name
+    from atas.external_eval import InputAdapter, _data_identity, benchmark
 
     missing = [flag for flag, value in (("--data", args.data), ("--eps", args.eps)) if value is None]
     if missing or args.checkpoint:
@@ -199,7 +200,7 @@ def cmd_eval_external(args) -> int:
         dataset_info(args.data)
     except ValueError as e:  # the registry lists the valid names
         raise ConfigError(f"--data {args.data}: {e}") from None
-    attacks = check_attacks(args.attacks or "clean,pgd,aa")
+    attacks = check_attacks(args.attacks or "clean,pgd,aa", installed=True)
     if args.out:
         check_output(args.out)  # before the model is even built
     device = _eval_device(args.device)
@@ -224,7 +225,7 @@ def cmd_eval_external(args) -> int:
                                                          eps, args.weights, request_digest(request)))
     if not args.out:  # the name atas chose: a regular file, never a link or a device (check_own_file)
         check_own_file(out)
-    result = benchmark(model, (x, y), eps.text, attacks, normalization=norm, batch_size=args.batch_size or 256,
+    result = benchmark(model, (x, y), eps, attacks, normalization=norm, batch_size=args.batch_size or 256,
                        seed=args.seed, progress=not args.no_progress, **settings)
     result["model"] = {"factory": args.model, "weights": args.weights,
                        "weights_sha256": file_sha256(args.weights) if args.weights else None, **result["model"]}
@@ -280,27 +281,24 @@ def cmd_eval(args) -> int:
 
         raise ConfigError("give a run folder / checkpoint / export to evaluate, or --model MODULE:FUNCTION")
     from atas.checkpoint import check_output
-    from atas.compare import check_attacks
-    from atas.config import Frac, check_eps, validate_eval
+    from atas.config import Frac, check_attacks, check_eps, validate_eval
     from atas.evaluation import format_table
-    from atas.export import checkpoint_record, load_model, resolve_artifact
     from atas.evaluation.run import eval_file_name, evaluate_run
+    from atas.export import checkpoint_record, load_model, resolve_artifact
 
-    attacks = None if args.attacks is None else check_attacks(args.attacks)  # "" is an error
+    attacks = None if args.attacks is None else check_attacks(args.attacks, installed=True)  # "" is an error
     device = _eval_device(args.device)
     if args.out:
         check_output(args.out)  # before the model is even loaded
     model, cfg, extra = load_model(args.checkpoint, device, weights=args.which_weights)
     e = cfg.eval
-    if attacks is not None: e.attacks = attacks
-    if args.n_examples is not None: e.n_examples = args.n_examples
-    if args.batch_size is not None: e.batch_size = args.batch_size
-    if args.pgd_steps is not None: e.pgd_steps = args.pgd_steps
-    if args.pgd_restarts is not None: e.pgd_restarts = args.pgd_restarts
-    if args.pgd_alpha is not None: e.pgd_alpha = args.pgd_alpha
-    if args.pgd_schedule is not None: e.pgd_schedule = args.pgd_schedule
-    if args.pgd_loss is not None: e.pgd_loss = args.pgd_loss
-    if args.data_dir: cfg.data.data_dir = args.data_dir
+    given = {"attacks": attacks, **{key: getattr(args, key) for key in (
+        "n_examples", "batch_size", "pgd_steps", "pgd_restarts", "pgd_alpha", "pgd_schedule", "pgd_loss")}}
+    for key, value in given.items():  # an option given on the command line replaces the run's eval.<key>
+        if value is not None:
+            setattr(e, key, value)
+    if args.data_dir:
+        cfg.data.data_dir = args.data_dir
     validate_eval(cfg)
     eps = None
     if args.eps is not None:
@@ -358,17 +356,6 @@ def _print_registries() -> None:
         print(f"{title}: {', '.join(registry.names())}")
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions whose message tells the user what to fix: one line, exit 2, no traceback."""
-    from atas.checkpoint import CheckpointError
-    from atas.config import ConfigError
-    from atas.data import DataAccessError, DataFormatError, DataNotFoundError
-    from atas.extras import MissingDependencyError
-
-    return (ConfigError, CheckpointError, DataNotFoundError, DataFormatError, DataAccessError,
-            MissingDependencyError)
-
-
 def say_warning(message: object) -> None:
     """The one place the command line prints a warning: one line `atas: warning: ...` on stderr,
     not Python's `file:line: UserWarning: ...` with the source line echoed under it."""
@@ -396,6 +383,8 @@ def _stdout_closed() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from atas.errors import AtasError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("ATAS_DEBUG", "").strip() not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
@@ -428,10 +417,10 @@ def _run(args, handlers: dict, debug: bool) -> int:
         status = handlers[args.command](args)
         sys.stdout.flush()  # a closed pipe shows up here, inside the handler, not at exit
         return status
-    except _user_errors() as e:
-        return _fail(args.command, e, 2, debug)
-    except TrainingDiverged as e:  # an outcome of the run, not a bug: say it, no traceback
-        return _fail(args.command, e, 3, debug)
+    except AtasError as e:  # the one place an error of atas becomes one line and an exit status
+        if e.exit_status is None:  # a bug (an attack that left the eps-ball): its traceback is the report
+            raise
+        return _fail(args.command, e, e.exit_status, debug)
     except PermissionError as e:  # a file or folder this user may not read or write: the user can fix that
         where = f" {e.filename}" if e.filename else ""
         return _fail(args.command, PermissionError(f"permission denied:{where}; run as a user who may access it "

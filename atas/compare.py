@@ -24,11 +24,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from atas.config import ConfigError, load_config
-from atas.tune import DEFAULT_VAL_SIZE
+from atas.config import ConfigError, check_attacks, load_config
 from atas.provenance import load_average, machine_info
-from atas.sweep import (RoutedOverrides, RunSpec, _failed_row, _test_set_size, eval_is_current, parse_eps, plan_runs,
-                        route_overrides, run_one, summarize_run, training_status)
+from atas.sweep import (
+    RoutedOverrides,
+    RunSpec,
+    _failed_row,
+    _test_set_size,
+    eval_is_current,
+    parse_eps,
+    plan_runs,
+    route_overrides,
+    run_one,
+    summarize_run,
+    training_status,
+)
+from atas.tune import DEFAULT_VAL_SIZE
 
 SUMMARY_FORMAT = "atas.compare.summary/1"
 
@@ -114,18 +125,6 @@ def check_methods(names: list[str]) -> list[str]:
     return names
 
 
-def check_attacks(attacks: "list[str] | str") -> list[str]:
-    """--attacks: registered names; AutoAttack's package must be there before anything trains."""
-    from atas.config import check_attacks as registered
-
-    names = registered(attacks)
-    if "aa" in names:
-        from atas.extras import require
-
-        require("pyautoattack", "attack 'aa' (standard AutoAttack)")
-    return names
-
-
 # --------------------------------------------------------------------------------------------
 # The command
 # --------------------------------------------------------------------------------------------
@@ -134,7 +133,7 @@ def cmd_compare(args) -> int:
     methods, routed, eps_list, out = _checked_request(args)
     specs = plan_runs(args.recipe, methods, eps_list, args.seeds, routed, out)
     tuning = _plan_tuning(args, methods, eps_list, routed, out)
-    attacks = check_attacks(specs[0].cfg.eval.attacks)
+    attacks = check_attacks(specs[0].cfg.eval.attacks, installed=True)
     if not args.report_only:  # an impossible size fails now, not after training
         _check_test_set_size(specs[0])
     # Folder conflicts fail here too (a seed of a search is checked once its value is chosen).
@@ -229,6 +228,7 @@ def _run_tuning(args, tuning: _Tuning, methods: list[str], eps_list, routed: Rou
     """Run the searches, then plan the seeds again with the values they chose."""
     from atas.tune import run_search
 
+    assert tuning.n_examples is not None  # set with the searches (check_tune_sizes)
     for search in tuning.searches:
         run_search(search, tuning.n_examples, args.report_only, out, routed.notes)
     chosen = {(s.method, s.eps): s.override() for s in tuning.searches if s.chosen is not None}
@@ -252,7 +252,7 @@ def _checked_request(args) -> tuple[list[str], RoutedOverrides, list | None, Pat
     # Parsed once: the Frac of each eps is the one its runs' configs hold.
     eps_list = list({e.text: e for e in map(parse_eps, _split(args.eps))}.values()) if args.eps else None
     if args.attacks is not None:
-        routed.common.append(f"eval.attacks={','.join(check_attacks(args.attacks))}")
+        routed.common.append(f"eval.attacks={','.join(check_attacks(args.attacks, installed=True))}")
     if args.n_examples is not None:
         routed.common.append(f"eval.n_examples={args.n_examples}")
     out_dirs = [o.split("=", 1)[1].strip() for o in routed.common if o.split("=", 1)[0].strip() == "out_dir"]
@@ -272,7 +272,7 @@ def _check_test_set_size(spec: RunSpec) -> None:
                           f"images; give at most {size}")
 
 
-def _run_or_read(args, i: int, n: int, spec: RunSpec, status: str, out: Path) -> dict:
+def _run_or_read(args, i: int, n: int, spec: RunSpec, status: str | None, out: Path) -> dict:
     """One run's row of summary.json: trained / resumed / evaluated as needed, or (--report-only)
     read back, or marked diverged or not finished."""
     from atas.rundir import TrainingDiverged, read_divergence
@@ -285,6 +285,7 @@ def _run_or_read(args, i: int, n: int, spec: RunSpec, status: str, out: Path) ->
                 "run_dir": os.path.relpath(spec.run_dir, out)}
     if args.report_only and status == "diverged":
         info = read_divergence(spec.run_dir)
+        assert info is not None  # the status "diverged" is read from this very file
         print(f"{head}: diverged at epoch {info['epoch']} (loss {info['loss']}) (--report-only)", flush=True)
         return _failed_row(spec, out, f"diverged at epoch {info['epoch']}, step {info['step']} "
                                       f"(loss {info['loss']})", info)
@@ -299,7 +300,7 @@ def _run_or_read(args, i: int, n: int, spec: RunSpec, status: str, out: Path) ->
         print(f"{head}: FAILED: {e}", flush=True)
         return _failed_row(spec, out, str(e), e.record())
     row = summarize_run(spec, out)
-    accs = " ".join(f"{k} {100 * row[k]:.1f}%" for k in ("clean", "fgsm", "pgd", "aa") if row[k] is not None)
+    accs = " ".join(f"{k} {100 * v:.1f}%" for k, v in row["accuracy"].items() if v is not None)
     print(f"{head}: {action}; {accs}; train {row['train_time_s']:.1f} s; {_verdict(row)}", flush=True)
     return row
 

@@ -15,11 +15,20 @@ import yaml
 
 from atas.data import dataset_info
 from atas.evaluation import ATTACKS, pgd_step
+from atas.extras import INSTALL, MissingDependencyError, available
 from atas.methods import METHODS, get_method, list_methods
 from atas.models import list_models
+
 # The typed values live in their own leaf module; re-exported here, where they were first defined.
-from atas.values import (ConfigError, Frac, NotFiniteError, build_dataclass, coerce, parse_fraction,  # noqa: F401
-                         to_plain as _to_plain)
+from atas.values import (  # noqa: F401
+    ConfigError,
+    Frac,
+    NotFiniteError,
+    build_dataclass,
+    coerce,
+    parse_fraction,
+    to_plain as _to_plain,
+)
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 CO_ACTIONS = ("none", "stop", "keep_best", "recover")
@@ -148,7 +157,7 @@ class EvalConfig:
     attacks: list[str] = field(default_factory=lambda: ["clean", "fgsm", "pgd"])
     pgd_steps: int = 50
     pgd_restarts: int = 10
-    # PGD step: None = the threat model's measured default (atas.evaluate.PGD_DEFAULTS); a number
+    # PGD step: None = the threat model's measured default (atas.evaluation.PGD_DEFAULTS); a number
     # in pixel units (0.01, 2/255) or a multiple of eps ("eps/4", "0.25eps").
     pgd_alpha: str | None = None
     pgd_schedule: str | None = None  # constant | cosine; None: the default's (constant if pgd_alpha given)
@@ -399,6 +408,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.probe_steps must be >= 1, got {cfg.train.probe_steps}")
     if cfg.train.probe_restarts < 1:
         raise ConfigError(f"train.probe_restarts must be >= 1, got {cfg.train.probe_restarts}")
+    _check_ranges(cfg)
     if cfg.optim.schedule not in SCHEDULES:
         raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.optim.schedule!r}")
     if cfg.optim.schedule in ("cyclic", "onecycle") and not 0 < cfg.optim.pct_start < 1:
@@ -442,6 +452,26 @@ def training_warnings(cfg: Config) -> list[str]:
     return notes
 
 
+def _check_ranges(cfg: Config) -> None:
+    """The numeric options of the data, train and optim sections that the checks above do not cover
+    (a negative padding, probe size or weight decay would otherwise fail, or silently misbehave,
+    mid-run): each with the range it must lie in."""
+    d, t, o = cfg.data, cfg.train, cfg.optim
+    for key, value, ok, want in (
+            ("data.train_pad", d.train_pad, d.train_pad is None or d.train_pad >= 0, ">= 0 (or null: the dataset's)"),
+            ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
+            ("train.probe_size", t.probe_size, t.probe_size >= 0, ">= 0 (0: no probe)"),
+            ("train.probe_steps", t.probe_steps, t.probe_steps >= 1, ">= 1"),
+            ("train.store_size", t.store_size, t.store_size is None or t.store_size >= 1, ">= 1 (or null: the frame)"),
+            ("train.max_steps", t.max_steps, t.max_steps is None or t.max_steps >= 1, ">= 1 (or null: no limit)"),
+            ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
+            ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+            ("optim.gamma", o.gamma, o.gamma > 0, "> 0 (the LR factor at each milestone)"),
+            ("optim.milestones", o.milestones, all(m >= 0 for m in o.milestones), "epochs >= 0")):
+        if not ok:
+            raise ConfigError(f"{key} must be {want}, got {value}")
+
+
 def check_techniques(cfg: Config) -> None:
     """train.label_smoothing, the weight average's tau and start, and the selection rule."""
     from atas.selection import selection_mode
@@ -455,7 +485,8 @@ def check_techniques(cfg: Config) -> None:
 
         check_tau(t.wa_tau, "train.wa_tau")
     if t.wa_start_epoch < 1:
-        raise ConfigError(f"train.wa_start_epoch must be >= 1 (the first averaged epoch, 1-based), got {t.wa_start_epoch}")
+        raise ConfigError(f"train.wa_start_epoch must be >= 1 (the first averaged epoch, 1-based), "
+                          f"got {t.wa_start_epoch}")
     selection_mode(t.select, t.wa_tau, cfg.data.val_size)
 
 
@@ -474,14 +505,27 @@ def validate_eval(cfg: Config) -> None:
         raise ConfigError(f"eval.pgd_alpha / pgd_schedule / pgd_loss: {err}") from None
 
 
-def check_attacks(attacks: "list[str] | str", key: str = "") -> list[str]:
-    """Attack names (a list, or a comma list as typed), lower-cased, each once, all registered."""
+def check_attacks(attacks: list[str] | str, key: str = "", installed: bool = False) -> list[str]:
+    """Attack names (a list, or a comma list as typed), lower-cased, each once, all registered: the
+    one reader of an attack list (eval.attacks, --attacks). installed=True (the attacks are about to
+    run): also the optional package each one runs on (`Attack.requires`), or MissingDependencyError
+    saying what to install and which attacks run without it."""
     attacks = coerce(attacks, list[str], key.rstrip(": ") or "attacks")  # a comma list as typed, or a list
     names = list(dict.fromkeys(a.strip().lower() for a in attacks if a.strip()))
     unknown = [a for a in names if a not in ATTACKS.names()]
     if unknown or not names:
         raise ConfigError(f"{key}unknown attack(s) {', '.join(unknown) or '(none given)'}; "
                           f"valid: {', '.join(ATTACKS.names())}")
+    missing = [a for a in names if ATTACKS[a].requires and not available(ATTACKS[a].requires)]
+    if installed and missing:
+        module = ATTACKS[missing[0]].requires
+        needs = [a for a in missing if ATTACKS[a].requires == module]
+        kept = ",".join(a for a in names if a not in needs) or "clean,pgd"
+        what = ", ".join(f"{a} ({ATTACKS[a].label})" for a in needs)
+        option = key.rstrip(": ") or "--attacks"
+        raise MissingDependencyError(f"{option}={','.join(names)} runs {what}, and the {module} package is not "
+                                     f"installed: {INSTALL.get(module, f'pip install {module}')}; or evaluate "
+                                     f"without it: {option}={kept}")
     return names
 
 

@@ -26,14 +26,16 @@ import gzip
 import os
 import pickle
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from atas.errors import AtasError
 from atas.registry import Registry
 from atas.values import ConfigError
 
@@ -64,44 +66,13 @@ class DatasetInfo:
     std: tuple[float, ...]
     resident: bool            # True: one uint8 tensor (load_tensors); False: streamed folder
     frame_size: int           # side of the stored training image the crop is taken from
-    # A dataset of your own (resident): load(split, data_dir, download) -> (x uint8 [N, C, H, W],
-    # y int64 [N]); the shipped ones are read by the readers below (None).
+    # A resident dataset's loader: load(split, data_dir, download) -> (x uint8 [N, C, H, W], y int64
+    # [N]); a dataset of your own gives a function, the shipped ones a `FileSource` (their files on
+    # disk). It may also have where(split, data_dir) -> the folder it reads (`data_source`).
     load: Callable[[str, Path | None, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
-
-
-_MNIST_LIKE = dict(num_classes=10, channels=1, image_size=28, train_pad=2, resident=True, frame_size=28)
-_CIFAR_LIKE = dict(channels=3, image_size=32, train_pad=4, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                   resident=True, frame_size=32)
-
-# name -> DatasetInfo. Packages add theirs through the entry-point group "atas.datasets"
-# (atas.registry): `register_dataset(DatasetInfo("my_set", ..., load=my_loader))`.
-DATASETS = Registry("dataset", group="atas.datasets", ordered="registration",
-                    aliases={"fashion_mnist": "fmnist", "fashion-mnist": "fmnist", "tiny-imagenet": "tiny_imagenet"})
-
-
-def register_dataset(info: DatasetInfo) -> DatasetInfo:
-    """Add a dataset under `info.name` (a resident one of your own gives `load`)."""
-    return DATASETS.register(info.name, info)
-
-
-# CIFAR, SVHN and ImageNet use the ImageNet statistics, as the official ATAS code does.
-for _info in (
-    DatasetInfo("fmnist", flip=True, mean=(0.2860,), std=(0.3530,), **_MNIST_LIKE),
-    DatasetInfo("mnist", flip=False, mean=(0.1307,), std=(0.3081,), **_MNIST_LIKE),
-    DatasetInfo("cifar10", num_classes=10, flip=True, **_CIFAR_LIKE),
-    DatasetInfo("cifar100", num_classes=100, flip=True, **_CIFAR_LIKE),
-    # No flip for digits: a mirrored 2 or 5 is not a 2 or 5.
-    DatasetInfo("svhn", num_classes=10, flip=False, **_CIFAR_LIKE),
-    # Official code: train Resize((256, 256)) + RandomCrop(224) + flip; test Resize((256, 256))
-    # + CenterCrop(224). The resize happens here, the crop on the device.
-    DatasetInfo("imagenet", num_classes=1000, channels=3, image_size=224, train_pad=0,
-                flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, resident=False, frame_size=256),
-    # Our choice (no official recipe): the images are already 64x64, so they are not resized and
-    # are cropped as CIFAR is, RandomCrop(64, padding=4) + flip; the test image is the image itself.
-    DatasetInfo("tiny_imagenet", num_classes=200, channels=3, image_size=64,
-                train_pad=4, flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, resident=False, frame_size=64),
-):
-    register_dataset(_info)
+    # A folder dataset (resident=False): the sub-folders of data.data_dir (and of the cache) whose
+    # train/ and val/ hold the class folders; () : <name>.
+    folders: tuple[str, ...] = ()
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -115,15 +86,15 @@ def default_data_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "atas" / "data"
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(AtasError, FileNotFoundError):
     """The dataset's files are not where we looked; the message says how to get them."""
 
 
-class DataAccessError(OSError):
+class DataAccessError(AtasError, OSError):
     """A dataset file exists but cannot be read (permissions, I/O error); the message names it."""
 
 
-class DataFormatError(ValueError):
+class DataFormatError(AtasError, ValueError):
     """A dataset file exists but is truncated, corrupt or not what its name says.
 
     Raised in a DataLoader worker, it reaches the main process rebuilt from one string that holds
@@ -143,7 +114,7 @@ class DataFormatError(ValueError):
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+        raise ConfigError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,57 +277,136 @@ def _torchvision_download(cls_name: str) -> Callable[[Path, str], None]:
 
 
 @dataclass(frozen=True)
-class _Source:
+class FileSource:
+    """The loader of a shipped resident dataset: its files found on disk (data_dir, the cache, a
+    system folder) or downloaded by torchvision, read by one of the readers above. It is the
+    `load` of the dataset's `DatasetInfo`, called as a dataset of your own's function is."""
+
+    name: str                                   # the dataset it reads (messages, Debian's fmnist)
     subdirs: tuple[str, ...]                    # where, under a root, the files may be
     files: Callable[[str], tuple[str, ...]]     # split -> file names
     gz_ok: bool                                 # also accept name + ".gz"
     read: Callable[[list[Path]], tuple[torch.Tensor, torch.Tensor]]
-    download: Callable[[Path, str], None]       # torchvision, writing under root
+    fetch: Callable[[Path, str], None]          # torchvision, writing under root
     title: str
+
+    def __call__(self, split: str, data_dir: Path | None, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        target, folders = _search_folders(self, data_dir)
+        paths = _find_files(self, split, folders)
+        if paths is None and download:
+            self.fetch(target, split)
+            paths = _find_files(self, split, [target / sub for sub in self.subdirs])
+        if paths is None:
+            raise DataNotFoundError(_how_to_get(self, split, folders, target, explicit=data_dir is not None))
+        try:
+            x, y = self.read(paths)
+        except OSError as e:  # present but unreadable: permissions, an I/O error
+            file = e.filename or paths[0]
+            fix = (f"make it readable (`chmod a+r {file}`, or run as its owner)" if isinstance(e, PermissionError)
+                   else "check the disk, or copy the data elsewhere and point data.data_dir at it")
+            raise DataAccessError(f"cannot read {file}: {e.strerror or e}; {fix}") from None
+        # Checked here with the files' own names (the labels live in the last IDX file).
+        return _checked(x, y, dataset_info(self.name), paths[-1] if self.files(split)[-1].endswith("idx1-ubyte")
+                        else paths[0], self.title, paths[0])
+
+    def where(self, split: str, data_dir: Path | None) -> Path:
+        """The folder the split is (or would be) read from; DataNotFoundError when there is none."""
+        target, folders = _search_folders(self, data_dir)
+        paths = _find_files(self, split, folders)
+        if paths is None:
+            raise DataNotFoundError(_how_to_get(self, split, folders, target, explicit=data_dir is not None))
+        return paths[0].parent
 
 
 def _cifar10_files(split: str) -> tuple[str, ...]:
     return tuple(f"data_batch_{i}" for i in range(1, 6)) if split == "train" else ("test_batch",)
 
 
-_SOURCES: dict[str, _Source] = {
-    "fmnist": _Source(("", "FashionMNIST/raw"), _idx_files, True, _read_idx_pair,
-                      _torchvision_download("FashionMNIST"), "Fashion-MNIST"),
-    "mnist": _Source(("", "MNIST/raw"), _idx_files, True, _read_idx_pair,
-                     _torchvision_download("MNIST"), "MNIST"),
-    "cifar10": _Source(("cifar-10-batches-py", ""), _cifar10_files, False,
-                       lambda paths: _read_cifar(paths, b"labels"),
-                       _torchvision_download("CIFAR10"), "CIFAR-10"),
-    "cifar100": _Source(("cifar-100-python", ""), lambda split: (split,), False,
-                        lambda paths: _read_cifar(paths, b"fine_labels"),
-                        _torchvision_download("CIFAR100"), "CIFAR-100"),
-    "svhn": _Source(("", "svhn"), lambda split: (f"{split}_32x32.mat",), False, _read_svhn,
-                    _torchvision_download("SVHN"), "SVHN"),
-}
+# --------------------------------------------------------------------------------------------
+# The one table of datasets: each one's facts and its loader
+# --------------------------------------------------------------------------------------------
+def _idx_source(name: str, torchvision_name: str, title: str) -> FileSource:
+    return FileSource(name, ("", f"{torchvision_name}/raw"), _idx_files, True, _read_idx_pair,
+                      _torchvision_download(torchvision_name), title)
 
 
-def _candidate_folders(name: str, roots: list[Path]) -> list[Path]:
-    folders = [root / sub for root in roots for sub in _SOURCES[name].subdirs]
-    if name == "fmnist":
+def _mnist_like(name: str, torchvision_name: str, title: str, **facts: Any) -> DatasetInfo:
+    return DatasetInfo(name, num_classes=10, channels=1, image_size=28, train_pad=2, resident=True, frame_size=28,
+                       load=_idx_source(name, torchvision_name, title), **facts)
+
+
+def _cifar_like(name: str, num_classes: int, flip: bool, load: FileSource) -> DatasetInfo:
+    return DatasetInfo(name, num_classes=num_classes, channels=3, image_size=32, train_pad=4, flip=flip,
+                       mean=IMAGENET_MEAN, std=IMAGENET_STD, resident=True, frame_size=32, load=load)
+
+
+# name -> DatasetInfo. Packages add theirs through the entry-point group "atas.datasets"
+# (atas.registry): `register_dataset(DatasetInfo("my_set", ..., load=my_loader))`.
+DATASETS = Registry("dataset", group="atas.datasets", ordered="registration",
+                    aliases={"fashion_mnist": "fmnist", "fashion-mnist": "fmnist", "tiny-imagenet": "tiny_imagenet"})
+
+
+def register_dataset(info: DatasetInfo) -> DatasetInfo:
+    """Add a dataset under `info.name` (a resident one gives its loader, `load`)."""
+    if info.resident and info.load is None:
+        raise ConfigError(f"dataset {info.name!r}: a resident dataset needs its loader, DatasetInfo(..., "
+                          "load=function(split, data_dir, download) -> (x uint8 [N, C, H, W], y int64 [N]))")
+    if len(info.mean) != info.channels or len(info.std) != info.channels or min(info.std) <= 0:
+        raise ConfigError(f"dataset {info.name!r}: mean and std need one value per channel ({info.channels}), "
+                          f"std > 0; got mean {info.mean}, std {info.std}")
+    return DATASETS.register(info.name, info)
+
+
+# CIFAR, SVHN and ImageNet use the ImageNet statistics, as the official ATAS code does.
+for _info in (
+    _mnist_like("fmnist", "FashionMNIST", "Fashion-MNIST", flip=True, mean=(0.2860,), std=(0.3530,)),
+    _mnist_like("mnist", "MNIST", "MNIST", flip=False, mean=(0.1307,), std=(0.3081,)),
+    _cifar_like("cifar10", 10, True, FileSource("cifar10", ("cifar-10-batches-py", ""), _cifar10_files, False,
+                                                lambda paths: _read_cifar(paths, b"labels"),
+                                                _torchvision_download("CIFAR10"), "CIFAR-10")),
+    _cifar_like("cifar100", 100, True, FileSource("cifar100", ("cifar-100-python", ""), lambda split: (split,), False,
+                                                  lambda paths: _read_cifar(paths, b"fine_labels"),
+                                                  _torchvision_download("CIFAR100"), "CIFAR-100")),
+    # No flip for digits: a mirrored 2 or 5 is not a 2 or 5.
+    _cifar_like("svhn", 10, False, FileSource("svhn", ("", "svhn"), lambda split: (f"{split}_32x32.mat",), False,
+                                              _read_svhn, _torchvision_download("SVHN"), "SVHN")),
+    # Official code: train Resize((256, 256)) + RandomCrop(224) + flip; test Resize((256, 256))
+    # + CenterCrop(224). The resize happens here, the crop on the device.
+    DatasetInfo("imagenet", num_classes=1000, channels=3, image_size=224, train_pad=0,
+                flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, resident=False, frame_size=256, folders=("imagenet",)),
+    # Our choice (no official recipe): the images are already 64x64, so they are not resized and
+    # are cropped as CIFAR is, RandomCrop(64, padding=4) + flip; the test image is the image itself.
+    DatasetInfo("tiny_imagenet", num_classes=200, channels=3, image_size=64,
+                train_pad=4, flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, resident=False, frame_size=64,
+                folders=("tiny_imagenet", "tiny-imagenet-200")),
+):
+    register_dataset(_info)
+
+
+def _candidate_folders(source: FileSource, roots: list[Path]) -> list[Path]:
+    folders = [root / sub for root in roots for sub in source.subdirs]
+    if source.name == "fmnist":
         folders.append(DEBIAN_FASHION_MNIST_DIR)
     return folders
 
 
-def _find_files(name: str, split: str, folders: list[Path]) -> list[Path] | None:
+def _find_files(source: FileSource, split: str, folders: list[Path]) -> list[Path] | None:
     """The split's files from the first folder holding all of them, or None."""
-    source = _SOURCES[name]
     for folder in folders:
         found = []
         for file in source.files(split):
             options = [folder / file] + ([folder / f"{file}.gz"] if source.gz_ok else [])
-            found.append(next((p for p in options if p.is_file()), None))
-        if all(found):
+            hit = next((p for p in options if p.is_file()), None)
+            if hit is None:
+                break
+            found.append(hit)
+        else:
             return found
     return None
 
 
-def _how_to_get(name: str, split: str, folders: list[Path], target: Path, explicit: bool = False) -> str:
-    source = _SOURCES[name]
+def _how_to_get(source: FileSource, split: str, folders: list[Path], target: Path, explicit: bool = False) -> str:
+    name = source.name
     files = ", ".join(f + ("[.gz]" if source.gz_ok else "") for f in source.files(split))
     where = target / source.subdirs[0] if source.subdirs[0] else target
     fixes = []
@@ -377,29 +427,29 @@ def _how_to_get(name: str, split: str, folders: list[Path], target: Path, explic
     return (f"{head}\n{searched}\nTo fix, do one of:\n" + "\n".join(f"  - {fix}" for fix in fixes))
 
 
-def _search_folders(name: str, data_dir: str | Path | None) -> tuple[Path, list[Path]]:
+def _search_folders(source: FileSource, data_dir: str | Path | None) -> tuple[Path, list[Path]]:
     """(where a download goes, the folders searched in order). An explicit data_dir is the only
     place looked in: a folder given on purpose that holds no data must not silently turn into
     training on the cache's or the system's copy."""
     if data_dir is not None:
         target = Path(data_dir).expanduser()
-        return target, [target / sub for sub in _SOURCES[name].subdirs]
+        return target, [target / sub for sub in source.subdirs]
     target = default_data_dir()
-    return target, _candidate_folders(name, [target])
+    return target, _candidate_folders(source, [target])
 
 
-def data_source(name: str, split: str = "train", data_dir: str | Path | None = None) -> Path:
+def data_source(name: str, split: str = "train", data_dir: str | Path | None = None) -> Path | None:
     """The folder a split is (or would be) read from: the resolved copy, for logs and records.
-    DataNotFoundError as `load_tensors` / `image_folder` raise it when there is none."""
+    DataNotFoundError as `load_tensors` / `image_folder` raise it when there is none. A dataset of
+    your own says where through its loader's `where(split, data_dir)`; without one it is data_dir
+    (None when that is unset: the loader alone knows)."""
     info = dataset_info(name)
     _check_split(split)
     if not info.resident:
-        return _folder_root(info.name, split, data_dir)
-    target, folders = _search_folders(info.name, data_dir)
-    paths = _find_files(info.name, split, folders)
-    if paths is None:
-        raise DataNotFoundError(_how_to_get(info.name, split, folders, target, explicit=data_dir is not None))
-    return paths[0].parent
+        return _folder_root(info, split, data_dir)
+    folder = None if data_dir is None else Path(data_dir).expanduser()
+    where = getattr(info.load, "where", None)
+    return folder if where is None else where(split, folder)
 
 
 def _check_labels(y: torch.Tensor, num_classes: int, path: Path, title: str) -> None:
@@ -428,25 +478,12 @@ def load_tensors(name: str, split: str, data_dir: str | Path | None = None,
     if not info.resident:
         raise ValueError(f"{info.name} is a folder dataset streamed from disk; use image_folder() "
                          f"or load_split()")
-    if info.load is not None:  # a dataset of your own: its loader, checked like the shipped ones
-        x, y = info.load(split, None if data_dir is None else Path(data_dir).expanduser(), download)
-        return _checked(x, y, info, Path(str(data_dir or info.name)), info.name)
-    source = _SOURCES[info.name]
-    target, folders = _search_folders(info.name, data_dir)
-    paths = _find_files(info.name, split, folders)
-    if paths is None and download:
-        source.download(target, split)
-        paths = _find_files(info.name, split, [target / sub for sub in source.subdirs])
-    if paths is None:
-        raise DataNotFoundError(_how_to_get(info.name, split, folders, target, explicit=data_dir is not None))
-    try:
-        x, y = source.read(paths)
-    except OSError as e:  # present but unreadable: permissions, an I/O error
-        file = e.filename or paths[0]
-        fix = (f"make it readable (`chmod a+r {file}`, or run as its owner)" if isinstance(e, PermissionError)
-               else "check the disk, or copy the data elsewhere and point data.data_dir at it")
-        raise DataAccessError(f"cannot read {file}: {e.strerror or e}; {fix}") from None
-    return _checked(x, y, info, paths[-1] if info.name in ("fmnist", "mnist") else paths[0], source.title, paths[0])
+    if info.load is None:
+        raise ConfigError(f"dataset {info.name!r} is resident but has no loader: give its DatasetInfo "
+                          "load=function(split, data_dir, download) -> (x uint8 [N, C, H, W], y int64 [N])")
+    folder = None if data_dir is None else Path(data_dir).expanduser()
+    x, y = info.load(split, folder, download)
+    return _checked(x, y, info, folder or Path(info.name), info.name)
 
 
 def _checked(x: torch.Tensor, y: torch.Tensor, info: DatasetInfo, label_path: Path, title: str,
@@ -555,28 +592,25 @@ class IndexedImageFolder(Dataset):
         return self.transform(image), label, idx
 
 
-_FOLDER_SUBDIRS = {"imagenet": ("imagenet",), "tiny_imagenet": ("tiny_imagenet", "tiny-imagenet-200")}
-
-
 def _folder_layout(name: str) -> str:
     return ("train/<class>/**/<image> and val/<class>/**/<image>"
             + (", or Tiny-ImageNet's val/images/*.JPEG + val/val_annotations.txt"
                if name == "tiny_imagenet" else ""))
 
 
-def _folder_root(name: str, split: str, data_dir: str | Path | None) -> Path:
+def _folder_root(info: DatasetInfo, split: str, data_dir: str | Path | None) -> Path:
     """The root whose train/ or val/ holds the split: data_dir or data_dir/<name> when data_dir is
     given (only there: see `_search_folders`), else the cache's <name> folder."""
     subdir = "train" if split == "train" else "val"
     bases = [Path(data_dir).expanduser()] if data_dir is not None else [default_data_dir()]
     roots = ([bases[0]] if data_dir is not None else []) + [
-        b / sub for b in bases for sub in _FOLDER_SUBDIRS[name]]
+        b / sub for b in bases for sub in info.folders or (info.name,)]
     root = next((r for r in roots if (r / subdir).is_dir()), None)
     if root is None:
         raise DataNotFoundError(
-            f"{name} {split} split not found: no {subdir}/ folder in any of "
+            f"{info.name} {split} split not found: no {subdir}/ folder in any of "
             f"{', '.join(str(r) for r in roots)}. Expected layout under data.data_dir: "
-            f"{_folder_layout(name)}. This dataset is not downloaded automatically.")
+            f"{_folder_layout(info.name)}. This dataset is not downloaded automatically.")
     return root
 
 
@@ -596,7 +630,7 @@ def image_folder(name: str, split: str, data_dir: str | Path | None = None) -> I
     if info.resident:
         raise ValueError(f"{info.name} is a resident dataset; use load_tensors() or load_split()")
     subdir = "train" if split == "train" else "val"
-    root = _folder_root(info.name, split, data_dir)
+    root = _folder_root(info, split, data_dir)
     folder, train_folder = root / subdir, root / "train"
     annotations = folder / "val_annotations.txt"
     tiny_val = split == "test" and annotations.is_file() and (folder / "images").is_dir()

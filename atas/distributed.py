@@ -147,7 +147,7 @@ def setup(cfg: Config) -> DistContext:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     if cfg.train.max_steps is not None:
-        warnings.warn("train.max_steps under DDP stops every rank at the same step count")
+        warnings.warn("train.max_steps under DDP stops every rank at the same step count", stacklevel=2)
     return DistContext(True, rank, world, local_rank, device)
 
 

@@ -22,12 +22,19 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from atas.provenance import __version__
-from atas.checkpoint import (CheckpointError, atomic_write, check_output, check_own_file, check_readable,
-                             load_checkpoint, save_json)
+from atas.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    check_output,
+    check_own_file,
+    check_readable,
+    load_checkpoint,
+    save_json,
+)
 from atas.config import Config, ConfigError, config_from_dict
 from atas.data import dataset_info
 from atas.models import build_model, clean_state_dict, unwrap
+from atas.provenance import __version__
 from atas.rundir import BEST, CHECKPOINT, EVAL, MetricsLog, run_end, run_finished
 
 MODEL_FILE, CARD_FILE = "model.safetensors", "card.json"
@@ -100,11 +107,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
             raise CheckpointError(f"{card_path}: cannot rebuild the model from its config "
                                   f"({type(e).__name__}: {e}). {redo}") from None
         try:
-            weights = load_file(str(path))
+            tensors = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path} is truncated or not a safetensors file ({str(e)[:200]}). "
                                   f"{redo}") from None
-        model = _load_weights(_build(cfg), weights, str(path))
+        model = _load_weights(_build(cfg), tensors, str(path))
         return model.to(device), cfg, {"card": card}
     state = load_checkpoint(path, map_location="cpu")
     try:
@@ -246,7 +253,8 @@ def run_evaluation(source: str | Path, model: nn.Module) -> tuple[dict | None, s
         if sha is None:
             unverifiable.append(file.name)
     why = (f"{', '.join(f.name for f in files)} in {path.parent} evaluate other weights than {path.name}"
-           + (f" ({', '.join(unverifiable)} records no weights sha256: written by an older atas)" if unverifiable else "")
+           + (f" ({', '.join(unverifiable)} records no weights sha256: written by an older atas)"
+              if unverifiable else "")
            + f"; evaluate these weights with `atas eval {path}` and export again to include it")
     return None, why
 
@@ -324,9 +332,9 @@ def robustbench_entry(card: dict, evaluation: dict | None) -> dict | None:
             "eps": card["eps"], "threat_model": "Linf", "dataset": card["dataset"],
             "additional_data": False, "number_forward_passes": 1,
             "clean_acc": pct("clean"), "autoattack_acc": pct("aa"), "reported": pct("aa"),
-            "n_examples": int(results["aa"].get("n", evaluation.get("n_examples"))),
+            "n_examples": int(results["aa"].get("n", (evaluation or {}).get("n_examples"))),
             "footnote": f"atas {card['method']}, {card.get('weights', 'raw')} weights; evaluated on "
-                        f"{int(results['aa'].get('n', evaluation.get('n_examples')))} test images",
+                        f"{int(results['aa'].get('n', (evaluation or {}).get('n_examples')))} test images",
             "unreliable": False}
 
 

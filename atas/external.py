@@ -14,6 +14,7 @@ import pickle
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -98,7 +99,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         from safetensors.torch import load_file
 
         try:
-            state = load_file(str(path))
+            state: Any = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise ConfigError(f"--weights {path}: not a readable safetensors file ({e})") from e
     else:

@@ -11,6 +11,8 @@ import importlib
 import importlib.util
 from types import ModuleType
 
+from atas.errors import AtasError
+
 # module -> what to install: the package extra where there is one, else the plain package.
 INSTALL = {
     "pyautoattack": "pip install 'atas[aa]'  (or: pip install pyautoattack==0.2.0)",
@@ -19,7 +21,7 @@ INSTALL = {
 }
 
 
-class MissingDependencyError(ImportError):
+class MissingDependencyError(AtasError, ImportError):
     """An optional package a feature needs is not installed; the message says what to install."""
 
 

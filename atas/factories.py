@@ -9,7 +9,6 @@ import math
 import os
 import random
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -17,8 +16,16 @@ import torch.nn as nn
 
 from atas.augment import PairedAugment
 from atas.config import Config, ConfigError, method_options
-from atas.data import (TestSplit, check_subset, check_val_size, dataset_info, image_folder, load_tensors,
-                       train_indices)
+from atas.data import (
+    IndexedImageFolder,
+    TestSplit,
+    check_subset,
+    check_val_size,
+    dataset_info,
+    image_folder,
+    load_tensors,
+    train_indices,
+)
 from atas.loaders import FolderLoader, ResidentLoader
 from atas.methods import get_method
 from atas.models import build_model
@@ -104,7 +111,7 @@ def onecycle_factor(total: int, pct_start: float, div_factor: float, final_div_f
 
 @dataclass
 class TrainData:
-    loader: Any
+    loader: ResidentLoader | FolderLoader
     num_train: int
     augment: PairedAugment
     frame_shape: tuple[int, int, int]
@@ -130,12 +137,12 @@ def make_data(cfg: Config, device: torch.device, shard=None) -> TrainData:
         x, y = (x[:n], y[:n]) if keep is None else (x[keep], y[keep])
         x_test, y_test = TestSplit(info.name, d.data_dir, d.download).take()
         indices = shard(len(x)) if shard else None
-        loader = ResidentLoader(x.to(device), y.to(device), t.batch_size, indices=indices, seed=t.seed,
-                                drop_last=t.drop_last)
+        loader: ResidentLoader | FolderLoader = ResidentLoader(x.to(device), y.to(device), t.batch_size,
+                                                               indices=indices, seed=t.seed, drop_last=t.drop_last)
         augment = PairedAugment(info.image_size, pad=pad, flip=flip)
         num_train = len(x)
     else:
-        train_set = image_folder(info.name, "train", d.data_dir)
+        train_set: IndexedImageFolder | torch.utils.data.Subset = image_folder(info.name, "train", d.data_dir)
         n = check_val_size(d.val_size, check_subset(d.subset, len(train_set)))
         keep = train_indices(check_subset(d.subset, len(train_set)), d.val_size, d.val_from)   # data.val_from
         if n < len(train_set):

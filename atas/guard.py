@@ -110,6 +110,8 @@ def is_healthy(verdict: dict, monitor: COMonitor, row: dict, num_classes: int) -
 
 
 def is_stuck_only(reason: str) -> bool:
+    """Whether a monitor's reason (its rules joined by "; ") names only the stuck rule (a constant
+    prediction): a run that never learned, not catastrophic overfitting."""
     return all(part.startswith("stuck") for part in reason.split("; "))
 
 
@@ -218,7 +220,8 @@ class Guard:
         else:
             ramp = o.eps_ramp_epochs or GENERIC_RAMP
             changes = {"eps_ramp_epochs": ramp, "eps_ramp_start": last_healthy + 1}
-            remedy = f"generic (the method has no remedy of its own): a {ramp}-epoch eps ramp from epoch {last_healthy + 1}"
+            remedy = (f"generic (the method has no remedy of its own): a {ramp}-epoch eps ramp from epoch "
+                      f"{last_healthy + 1}")
         return {EVENT: "recovery", **base, "attempt": len(past) + 1, "rollback_to": last_healthy,
                 "replayed_epochs": replay, "changes": changes, "remedy": remedy}
 
@@ -314,10 +317,11 @@ class Guard:
         else:  # copies: training goes on in place
             self._healthy = copy.deepcopy({**self._snapshot(), "epoch": epoch})
 
-    def _kept(self) -> dict:
+    def _kept(self) -> dict | None:
         if self.keep is not None:
             return torch.load(self.keep, map_location="cpu", weights_only=True)
-        return copy.deepcopy(self._healthy)  # a copy: the same state may be the target of a later rollback
+        # a copy: the same state may be the target of a later rollback
+        return None if self._healthy is None else copy.deepcopy(self._healthy)
 
     def _restore(self, event: dict) -> None:
         """Back to the kept healthy state, the options the guard changed so far and this remedy."""
@@ -340,6 +344,7 @@ class Guard:
         with torch.no_grad():
             was = self.model.training
             self.model.eval()
+            assert self.probe is not None, "the guard's probe gives the model's input shape"
             n = self.model(self.probe.x[:1]).shape[-1]
             self.model.train(was)
         return n

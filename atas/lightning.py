@@ -103,6 +103,14 @@ class AdversarialTraining(pl.Callback):
                                  "it: AdversarialTraining(method)")
             self.method = found[0]
 
+    def _method(self) -> Method:
+        if self.method is None:
+            raise RuntimeError("AdversarialTraining has no method object yet: Lightning calls setup() first")
+        return self.method
+
+    def _seed(self) -> int:
+        return int(torch.initial_seed() if self.seed is None else self.seed)  # setup() fixes it
+
     def _replayed(self) -> int:
         """Epochs the guard undid so far: Lightning's epoch = the method's epoch + this."""
         rows = self.guard.rows if self.guard is not None else (self._pending_guard or {}).get("rows", [])
@@ -111,43 +119,44 @@ class AdversarialTraining(pl.Callback):
     def _start(self, epoch: int) -> None:
         """Seed torch's generators for Lightning's `epoch` (1-based) from (seed, epoch), then start the
         method's epoch (the same number, less the epochs the guard replayed)."""
-        torch.manual_seed((int(self.seed) * 1_000_003 + epoch) % 2**63)
-        self.method.start_epoch(epoch - self._replayed())
+        torch.manual_seed((self._seed() * 1_000_003 + epoch) % 2**63)
+        self._method().start_epoch(epoch - self._replayed())
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._batches = 0
-        if self.method.current_epoch != trainer.current_epoch + 1 - self._replayed():  # not already started by the resume
+        # not already started by the resume
+        if self._method().current_epoch != trainer.current_epoch + 1 - self._replayed():
             self._start(trainer.current_epoch + 1)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         """The guard's end of the epoch: probe, verdict, keep or roll back (before the checkpoint is saved)."""
         if self.guard is None:
             return
-        result = self.guard.end_epoch(self.method.current_epoch)
+        result = self.guard.end_epoch(self._method().current_epoch)
         row = next(r for r in reversed(self.guard.rows) if EVENT not in r)
         # the probe's numbers in Lightning's metrics (trainer.callback_metrics, loggers, ModelCheckpoint's monitor)
         pl_module.log_dict({k: float(v) for k, v in row.items() if k.startswith("probe_")}, on_epoch=True)
         event = result["event"]
         if event is not None and event[EVENT] == "recovery":
-            trainer.fit_loop.max_epochs = self._max_epochs + self._replayed()   # the undone epochs again
+            trainer.fit_loop.max_epochs = (self._max_epochs or 0) + self._replayed()   # the undone epochs again
         elif event is not None:
             trainer.should_stop = True
 
     def _build_guard(self, trainer, pl_module) -> None:
         schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
         if len(trainer.optimizers) != 1 or len(schedulers) > 1:
-            raise ValueError("AdversarialTraining(probe=...): the guard keeps and restores one optimizer and at most one "
-                             f"LR scheduler; this module has {len(trainer.optimizers)} and {len(schedulers)}")
+            raise ValueError("AdversarialTraining(probe=...): the guard keeps and restores one optimizer and at most "
+                             f"one LR scheduler; this module has {len(trainer.optimizers)} and {len(schedulers)}")
         self._max_epochs = trainer.max_epochs
         budget = self.budget_epochs if self.budget_epochs is not None else max(trainer.max_epochs or 0, 0)
-        self.guard = Guard(pl_module, trainer.optimizers[0], self.method, probe=self.probe,
+        self.guard = Guard(pl_module, trainer.optimizers[0], self._method(), probe=self.probe,
                            scheduler=schedulers[0] if schedulers else None, max_recoveries=self.max_recoveries,
                            budget_epochs=budget)
         if self._pending_guard is not None:
             self.guard.load_state_dict(self._pending_guard)
             self._pending_guard = None
-            trainer.fit_loop.max_epochs = self._max_epochs + self._replayed()
-        elif self.method.current_epoch == 0:  # epoch 0: the target of a run never healthy
+            trainer.fit_loop.max_epochs = (self._max_epochs or 0) + self._replayed()
+        elif self._method().current_epoch == 0:  # epoch 0: the target of a run never healthy
             self.guard._keep_state(0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -160,7 +169,7 @@ class AdversarialTraining(pl.Callback):
             return {}
         done = self._trainer is not None and self._batches >= self._trainer.num_training_batches
         # The method's own keys (epoch, store, ...), the run's seed and whether the epoch's training is over.
-        state = {**self.method.state_dict(), "seed": int(self.seed), "epoch_end": bool(done)}
+        state = {**self.method.state_dict(), "seed": self._seed(), "epoch_end": bool(done)}
         if self.weight_average is not None:
             state["weight_average"] = self.weight_average.state_dict()
         if self.guard is not None:  # its record and the healthy state it would roll back to
@@ -179,13 +188,13 @@ class AdversarialTraining(pl.Callback):
         if self.probe is not None:
             self._build_guard(trainer, pl_module)
         if self._pending is not None:
-            self._pending, pending = None, self._pending
+            pending, self._pending = self._pending, None
             self._resume(pending)
 
     def _resume(self, state: dict) -> None:
         if self.weight_average is not None and "weight_average" in state:
             self.weight_average.load_state_dict(state["weight_average"])
-        self.method.load_state_dict({k: v for k, v in state.items() if k != "weight_average"})
+        self._method().load_state_dict({k: v for k, v in state.items() if k != "weight_average"})
         if "seed" in state:
             self.seed = int(state["seed"])
         # Mid-epoch (or an older checkpoint without the seed): the method's state only.

@@ -16,7 +16,8 @@ DistributedDataParallel / torch.compile wrappers, `clean_state_dict` strips thei
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -43,6 +44,9 @@ class NormalizedModel(nn.Module):
     the state dict. `arch` and `arch_kwargs` record how the net was built; `spec` turns them back
     into the keyword arguments of `build_model`.
     """
+
+    mean: torch.Tensor  # buffers (register_buffer below), declared for the type checker
+    std: torch.Tensor
 
     def __init__(self, net: nn.Module, mean: Iterable[float], std: Iterable[float],
                  arch: str | None = None, arch_kwargs: Mapping[str, Any] | None = None):
@@ -143,7 +147,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         if isinstance(model, _PARALLEL_WRAPPERS):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+            model = cast(nn.Module, model._orig_mod)
         else:
             return model
 
@@ -159,7 +163,7 @@ def _clean_key(key: str) -> str:
     return ".".join(p for p in parts if p != "_orig_mod")
 
 
-def clean_state_dict(state_dict: Mapping[str, Any]) -> "OrderedDict[str, Any]":
+def clean_state_dict(state_dict: Mapping[str, Any]) -> OrderedDict[str, Any]:
     """The state dict with DataParallel/DDP (`module.`) and torch.compile (`_orig_mod.`) key
     prefixes removed, so it loads into the bare model. Raises if two keys collapse into one."""
     cleaned: OrderedDict[str, Any] = OrderedDict()
@@ -172,7 +176,7 @@ def clean_state_dict(state_dict: Mapping[str, Any]) -> "OrderedDict[str, Any]":
     # under the cleaned names. The wrapper's own "" entry is overwritten by the inner model's.
     metadata = getattr(state_dict, "_metadata", None)
     if metadata is not None:
-        cleaned._metadata = OrderedDict((_clean_key(k), v) for k, v in metadata.items())
+        setattr(cleaned, "_metadata", OrderedDict((_clean_key(k), v) for k, v in metadata.items()))  # noqa: B010
     return cleaned
 
 
@@ -334,7 +338,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Identity()
+        self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
 
@@ -447,7 +451,7 @@ def _torchvision_resnet(builder: Callable[..., nn.Module], num_classes: int, in_
                         **kwargs: Any) -> nn.Module:
     net = builder(weights=None, num_classes=num_classes, **kwargs)
     if in_channels != 3:
-        old = net.conv1
+        old: Any = net.conv1  # a Conv2d; its shape attributes are typed loosely by torch
         net.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, stride=old.stride,
                               padding=old.padding, bias=False)
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")

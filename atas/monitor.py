@@ -37,7 +37,7 @@ it), and apply only to rows that have it (runs logged before it replay by the ru
            until `hold_until`
 
 The worst-case probe is the per-sample AND of a cross-entropy PGD-k (step eps/4) and a margin-loss
-PGD-k with the evaluation's measured step rule (atas.evaluate.pgd_step: a cosine step from eps/2
+PGD-k with the evaluation's measured step rule (atas.evaluation.pgd_step: a cosine step from eps/2
 at eps >= 0.1) and `train.probe_restarts` restarts: the step rule that brought PGD-50-10 within
 about a point of AutoAttack on the sweep's models, at the probe's cost. Runs logged before it
 (a margin PGD at a constant eps/4) replay with their own, weaker, numbers.
@@ -90,7 +90,7 @@ def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps:
             out["probe_fgsm"] = (model(x_adv).argmax(1) == y).float().mean().item()
         _, robust_ce = PGD(eps, steps=steps, restarts=1).run(model, x, y)
         # The margin loss with the evaluation's measured step rule (a cosine step from eps/2 at
-        # eps >= 0.1, atas.evaluate.PGD_DEFAULTS): the probe's stronger half; see the module docstring.
+        # eps >= 0.1, atas.evaluation.PGD_DEFAULTS): the probe's stronger half; see the module docstring.
         alpha, schedule, _, _ = pgd_step(eps)
         _, robust_margin = PGD(eps, steps=steps, alpha=alpha, schedule=schedule, loss="margin",
                                restarts=restarts).run(model, x, y)
@@ -223,8 +223,8 @@ class COMonitor:
         if self.masked_run >= self.patience:
             reasons.append(f"masked: worst-case probe {worst:.3f} < {self.mask_ratio:g} x FGSM {fgsm:.3f} "
                            f"for {self.masked_run} epochs")
-        declined = (epoch > self.hold_until and self.best_worst >= self.min_best and worst < self.decline_ratio * self.best_worst
-                    and fgsm >= self.fgsm_at_best_worst)
+        declined = (epoch > self.hold_until and self.best_worst >= self.min_best
+                    and worst < self.decline_ratio * self.best_worst and fgsm >= self.fgsm_at_best_worst)
         self.decline_run = self.decline_run + 1 if declined else 0
         if self.decline_run >= self.patience:
             reasons.append(f"decline: worst-case probe {worst:.3f} < {self.decline_ratio:g} x its best "

@@ -5,7 +5,7 @@
     @MODELS.register("my_net")                 # or MODELS.register("my_net", factory)
     def my_net(num_classes, in_channels=3): ...
 
-    MODELS.get("my_net")                       # unknown name: ValueError listing the valid ones
+    MODELS.get("my_net")                       # unknown name: ConfigError listing the valid ones
     MODELS.names()                             # every registered name
 
 Names map to objects (a class, a factory, a dataset's facts), never to code to `eval` (timm).
@@ -22,8 +22,9 @@ list of names), so an installed plugin is there for `atas recipes`, `--methods` 
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from importlib.metadata import entry_points
-from typing import Any, Iterable
+from typing import Any
 
 from atas.values import ConfigError
 
@@ -63,7 +64,7 @@ class Registry(dict):
         self.aliases = dict(aliases or {})
         self._plugins_loaded = group is None
 
-    def register(self, name: str | None = None, obj: Any = None, *, replace: bool = False) -> Any:
+    def register(self, name: Any = None, obj: Any = None, *, replace: bool = False) -> Any:
         """Add `obj` under `name`; without `obj`, a decorator. A class without a name given is
         registered under its `name` attribute. A name taken twice is an error (replace=True: on purpose)."""
         def add(obj: Any) -> Any:
@@ -83,13 +84,15 @@ class Registry(dict):
         """The registered spelling of `name` (its alias resolved)."""
         return self.aliases.get(name, name)
 
-    def get(self, name: str) -> Any:  # noqa: D102 (dict.get's signature, a registry's meaning)
-        """The entry registered as `name`; ValueError listing the valid names if there is none."""
+    # A registry's get raises for an unknown name (listing the valid ones) where dict.get returns a
+    # default: another contract under the same name, on purpose (`name in REGISTRY` asks politely).
+    def get(self, name: str) -> Any:  # type: ignore[override]
+        """The entry registered as `name`; ConfigError (a ValueError) listing the valid names if there is none."""
         key = self.key(name)
         if key not in self:
             self.load_plugins()
         if key not in self:
-            raise ValueError(self.unknown(name))
+            raise ConfigError(self.unknown(name))
         return self[key]
 
     def names(self) -> list[str]:
@@ -104,6 +107,6 @@ class Registry(dict):
         return f"unknown {self.kind} {name!r}; valid: {valid}{aliases}{self.hint}"
 
     def load_plugins(self) -> None:
-        if not self._plugins_loaded:
+        if not self._plugins_loaded and self.group is not None:
             self._plugins_loaded = True  # first: a plugin that looks a name up does not recurse
             load_entry_points(self.group)

@@ -17,12 +17,13 @@ import datetime
 import html
 import statistics
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from atas.checkpoint import atomic_write_text
 from atas.extras import INSTALL, available
-from atas.guard import NEAR_CHANCE, describe, outcome as guard_outcome
+from atas.guard import NEAR_CHANCE, describe, is_stuck_only, outcome as guard_outcome
 from atas.methods import METHODS
 from atas.monitor import COMonitor
 from atas.values import parse_fraction
@@ -95,15 +96,16 @@ def group_runs(rows: list[dict]) -> dict[str, dict[str, list[dict]]]:
     return out
 
 
-def mean_std(values: list[float]) -> tuple[float, float | None] | None:
-    """(mean, sample std with n-1) of the values; std is None for one value; None for none."""
-    values = [v for v in values if v is not None]
+def mean_std(given: Iterable[float | None]) -> tuple[float, float | None] | None:
+    """(mean, sample std with n-1) of the values (None: not measured, left out); std is None for
+    one value; None for none."""
+    values = [v for v in given if v is not None]
     if not values:
         return None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def format_pm(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+def format_pm(values: Iterable[float | None], scale: float = 100.0, digits: int = 1) -> str:
     """'71.3 ± 1.2' (scale 100: fractions shown as %); one value: '71.3 (1 seed)'; none: '—'."""
     ms = mean_std(values)
     if ms is None:
@@ -114,10 +116,12 @@ def format_pm(values: list[float], scale: float = 100.0, digits: int = 1) -> str
     return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
 
 
-def is_stuck_only(run: dict) -> bool:
-    """Flagged by the monitor only as not learning (constant prediction), never as CO."""
+def _stuck_run(run: dict) -> bool:
+    """A run the monitor flagged only as not learning (constant prediction), never as CO: every
+    flagged epoch's reason is stuck-only (atas.guard.is_stuck_only) and the final model shows no
+    CO signature."""
     reasons = [x for x in (run.get("curves") or {}).get("co_reason", []) or [] if x]
-    return bool(reasons) and all(x.startswith("stuck:") for x in reasons) and not run.get("co_final_signature")
+    return bool(reasons) and all(is_stuck_only(x) for x in reasons) and not run.get("co_final_signature")
 
 
 # Rule B of `learning_failure`: no robustness at all (PGD and, where evaluated, AutoAttack at most
@@ -138,7 +142,7 @@ def learning_failure(run: dict, reference_clean: float | None = None) -> str | N
         return None
     if clean <= chance + NEAR_CHANCE:
         return f"clean {100 * clean:.1f}% within {100 * NEAR_CHANCE:.0f} points of chance ({100 * chance:.0f}%)"
-    robust = [run.get(k) for k in ("pgd", "aa") if run.get(k) is not None]
+    robust = [float(run[k]) for k in ("pgd", "aa") if run.get(k) is not None]
     low = max(LOW_CLEAN_CHANCE * chance, LOW_CLEAN_REF * (reference_clean or 0.0))
     if robust and max(robust) <= ROBUST_ZERO and clean < low:
         return f"robust accuracy {100 * max(robust):.1f}% with clean {100 * clean:.1f}% (below {100 * low:.0f}%)"
@@ -156,7 +160,7 @@ def did_not_learn(run: dict) -> bool:
 def mark_learning(rows: list[dict]) -> None:
     """Set each finished run's did_not_learn (the reason, or None) against the other methods' runs
     at its eps, and its outcome (`run_outcome`); summary.json keeps both."""
-    for eps, by_method in group_runs(rows).items():
+    for by_method in group_runs(rows).values():
         robust_means = {m: _mean(runs, "clean") for m, runs in by_method.items()
                         if any(max(r.get("pgd") or 0.0, r.get("aa") or 0.0) > ROBUST_ZERO for r in _ok(runs))}
         for method, runs in by_method.items():
@@ -189,7 +193,7 @@ def co_column(runs: list[dict]) -> str:
     learned = [r for r in runs if not did_not_learn(r)]
     if runs and not learned:
         return f"did not learn ({len(dead)}/{len(runs)})"
-    stuck = sum(bool(r.get("co_detected")) and is_stuck_only(r) for r in learned)
+    stuck = sum(bool(r.get("co_detected")) and _stuck_run(r) for r in learned)
     # a run the guard gave up on was flagged, though it ends at its last healthy epoch's weights
     k = sum(bool(r.get("co_detected")) or run_outcome(r) == "gave up" for r in learned) - stuck
     recovered = sum(run_outcome(r) == "recovered" for r in learned)
@@ -209,7 +213,7 @@ def _gave_up(run: dict) -> bool:
 
 
 def _pgd_label(rows: list[dict]) -> str:
-    labels = {r.get("pgd_label") for r in _ok(rows) if r.get("pgd_label")}
+    labels = {str(r["pgd_label"]) for r in _ok(rows) if r.get("pgd_label")}
     return labels.pop() if len(labels) == 1 else "PGD"
 
 
@@ -221,20 +225,45 @@ def _mean(runs: list[dict], key: str) -> float | None:
 # --------------------------------------------------------------------------------------------
 # Tables and findings
 # --------------------------------------------------------------------------------------------
+# The shipped attacks' columns, in the order the tables have always shown them; clean and PGD are
+# shown even where not evaluated (as "—"), the others only where some run was evaluated with them.
+_FIXED_COLUMNS = ("clean", "fgsm", "pgd", "aa")
+_ALWAYS = ("clean", "pgd")
+
+
+def _accuracy(run: dict, attack: str) -> float | None:
+    """A run's accuracy under `attack`: from the row's per-attack `accuracy` (every attack
+    evaluated), else from its top-level key (rows written before rows carried `accuracy`)."""
+    return (run.get("accuracy") or {}).get(attack, run.get(attack))
+
+
+def attack_columns(rows: list[dict], always: tuple[str, ...] = _ALWAYS) -> list[tuple[str, str]]:
+    """(attack name, column header) of every attack some run was evaluated with: clean, FGSM, PGD,
+    AA first (clean and PGD always), then the others (apgd-ce, a plugin's) in the order evaluated."""
+    ok = _ok(rows)
+    labels: dict[str, str] = {}
+    for r in ok:
+        for name, label in (r.get("attack_labels") or {}).items():
+            labels.setdefault(name, label)
+    extra = [name for r in ok for name in (r.get("accuracy") or {}) if name not in _FIXED_COLUMNS]
+    names = [n for n in _FIXED_COLUMNS if n in always or any(_accuracy(r, n) is not None for r in ok)]
+    names += list(dict.fromkeys(n for n in extra if any(_accuracy(r, n) is not None for r in ok)))
+    fixed = {"clean": "clean", "fgsm": "FGSM", "pgd": _pgd_label(rows), "aa": "AA"}
+    return [(n, fixed.get(n) or labels.get(n) or n) for n in names]
+
+
 def summary_tables(rows: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
-    """Per eps: (eps, header, table rows) with mean ± std over seeds. A FGSM or AA column appears
-    only where some run was evaluated with that attack."""
-    pgd_label = _pgd_label(rows)
-    with_fgsm = any(r.get("fgsm") is not None for r in _ok(rows))
-    with_aa = any(r.get("aa") is not None for r in _ok(rows))
+    """Per eps: (eps, header, table rows) with mean ± std over seeds. A column per attack
+    evaluated (`attack_columns`): FGSM, AA and any other attack appear only where some run was
+    evaluated with it."""
+    columns = attack_columns(rows)
     with_cost = any(r.get("peak_memory_mb") is not None for r in _ok(rows))   # runs from before atas.cost: none
     tables = []
     for eps, by_method in group_runs(rows).items():
         reference = _reference(by_method)
-        pgd_time = _mean(by_method.get(reference, []), "train_time_s")
-        header = ["method", "seeds", "clean (%)"] + (["FGSM (%)"] if with_fgsm else []) + [f"{pgd_label} (%)"] \
-            + (["AA (%)"] if with_aa else []) + ["train time (s)"] \
-            + ([f"time vs {method_label(reference)}"] if pgd_time else []) \
+        pgd_time = _mean(by_method[reference], "train_time_s") if reference is not None else None
+        header = ["method", "seeds"] + [f"{label} (%)" for _, label in columns] + ["train time (s)"] \
+            + ([f"time vs {method_label(reference)}"] if pgd_time and reference is not None else []) \
             + (["peak memory (MB)", "passes fwd/bwd"] if with_cost else []) + ["CO"]
         body = []
         for method, runs in by_method.items():
@@ -248,10 +277,8 @@ def summary_tables(rows: list[dict]) -> list[tuple[str, list[str], list[list[str
             seeds = f"{len(ok)}" if len(ok) == len(runs) else f"{len(ok)} of {len(runs)} ({why})"
             time_mean = _mean(ok, "train_time_s")
             ratio = f"{time_mean / pgd_time:.2f}×" if pgd_time and time_mean is not None else "—"
-            body.append([method_label(method), seeds, format_pm([r.get("clean") for r in ok])]
-                        + ([format_pm([r.get("fgsm") for r in ok])] if with_fgsm else [])
-                        + [format_pm([r.get("pgd") for r in ok])]
-                        + ([format_pm([r.get("aa") for r in ok])] if with_aa else [])
+            body.append([method_label(method), seeds]
+                        + [format_pm([_accuracy(r, name) for r in ok]) for name, _ in columns]
                         + [format_pm([r.get("train_time_s") for r in ok], scale=1.0)]
                         + ([ratio] if pgd_time else [])
                         + ([format_pm([r.get("peak_memory_mb") for r in ok], scale=1.0, digits=0),
@@ -294,7 +321,8 @@ def findings(rows: list[dict]) -> dict[str, list[str]]:
         reference = _reference(by_method)
         for method in by_method:
             if _is(method, "claims_reference_robustness"):
-                facts += _gap_facts(method, by_method[method], reference, by_method.get(reference, []))
+                facts += _gap_facts(method, by_method[method], reference,
+                                    by_method[reference] if reference is not None else [])
         facts += _learning_facts(by_method)
         out[eps] = facts
     return out
@@ -313,7 +341,7 @@ def _co_fact(method: str, all_runs: list[dict]) -> str:
         return (f"{name} shows catastrophic overfitting: cannot say, no run learned ({dead}/{dead} seeds did not "
                 "learn: see below).")
     besides = f"; {dead} more seed(s) did not learn" if dead else ""
-    flagged = [r for r in runs if r.get("co_detected") and not is_stuck_only(r)]
+    flagged = [r for r in runs if r.get("co_detected") and not _stuck_run(r)]
     if flagged:
         return (f"{name} shows catastrophic overfitting: yes, {len(flagged)}/{len(runs)} seeds "
                 f"flagged (seed {_seed_list(flagged)}{besides}).")
@@ -336,7 +364,7 @@ def _gap_facts(method: str, runs: list[dict], reference: str | None, reference_r
     metric = "AA" if use_aa else _pgd_label(mine + theirs)
     a, p = _mean(mine, key), _mean(theirs, key)
     ta, tp = _mean(mine, "train_time_s"), _mean(theirs, "train_time_s")
-    ratio = f"{ta / tp:.2f}" if tp else "n/a"
+    ratio = f"{ta / tp:.2f}" if tp and ta is not None else "n/a"
     if a is None or p is None:
         facts = [f"{name} vs {ref}: no {metric} accuracy to compare."]
     else:
@@ -374,9 +402,10 @@ def _learning_facts(by_method: dict) -> list[str]:
 
 
 def run_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Every run on its own line: what the means above are made of."""
-    pgd_label = _pgd_label(rows)
-    header = ["method", "eps", "seed", "clean", "FGSM", pgd_label, "AA", "time (s)", "peak memory (MB)",
+    """Every run on its own line: what the means above are made of (clean, FGSM, PGD and AA always,
+    then any other attack evaluated)."""
+    columns = attack_columns(rows, always=_FIXED_COLUMNS)
+    header = ["method", "eps", "seed", *(label for _, label in columns), "time (s)", "peak memory (MB)",
               "weights", "eps ramp", "CO epochs (probe)", "final-eval CO sign", "guard", "run folder"]
 
     def pct(v):
@@ -387,15 +416,17 @@ def run_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         if r.get("failed") or r.get("missing"):
             what = ("failed: " + r["failed"] if r.get("failed") and not r.get("diverged")
                     else _diverged_cell(r["diverged"]) if r.get("failed") else "not finished: " + r["missing"])
-            body.append([method_label(r["method"]), r["eps"], str(r["seed"]), what, *["—"] * 10, r.get("run_dir", "")])
+            body.append([method_label(r["method"]), r["eps"], str(r["seed"]), what,
+                         *["—"] * (len(header) - 5), r.get("run_dir", "")])
             continue
         sig = r.get("co_final_signature")
         co_epochs = ", ".join(map(str, r.get("co_epochs") or [])) or "none"
-        body.append([method_label(r["method"]), r["eps"], str(r["seed"]), pct(r.get("clean")), pct(r.get("fgsm")),
-                     pct(r.get("pgd")), pct(r.get("aa")), f"{r.get('train_time_s', 0.0):.1f}",
+        body.append([method_label(r["method"]), r["eps"], str(r["seed"]),
+                     *(pct(_accuracy(r, name)) for name, _ in columns), f"{r.get('train_time_s', 0.0):.1f}",
                      "—" if r.get("peak_memory_mb") is None else f"{r['peak_memory_mb']:.0f}", r.get("weights") or "—",
                      _ramp(r), f"did not learn (flagged: {co_epochs})" if did_not_learn(r) else co_epochs,
-                     "not evaluated" if sig is None else ("yes" if sig else "no"), _guard_cell(r), r.get("run_dir", "")])
+                     "not evaluated" if sig is None else ("yes" if sig else "no"), _guard_cell(r),
+                     r.get("run_dir", "")])
     return header, body
 
 
@@ -680,8 +711,8 @@ def plot_time_vs_robust(rows: list[dict], path: str | Path) -> Path | None:
 # --------------------------------------------------------------------------------------------
 def _notes(rows: list[dict], ok: list[dict], search: list[dict] | None = None) -> list[str]:
     """What the numbers are and how far to trust them; the loud warnings first."""
-    n_examples = sorted({r.get("n_examples") for r in ok if r.get("n_examples")})
-    epochs = sorted({r.get("epochs_planned") or r.get("epochs") for r in ok} - {None, 0})
+    n_examples = sorted({int(r["n_examples"]) for r in ok if r.get("n_examples")})
+    epochs = sorted({int(e) for e in (r.get("epochs_planned") or r.get("epochs") for r in ok) if e})
     notes = ["Accuracies in % on the first "
              + (" / ".join(str(n) for n in n_examples) or "?") + " test images"
              + (f" (one image = {100 / n_examples[0]:.2f} points)" if len(n_examples) == 1 else "")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from atas.checkpoint import CheckpointError, atomic_write, atomic_write_text, check_own_file, is_plain_file
+from atas.errors import AtasError
 
 if TYPE_CHECKING:
     from atas.config import Config
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 try:
     import fcntl
 except ImportError:  # not POSIX: the PID in the lock file decides
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # the module, or None where there is none
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 CHECKPOINT = "checkpoint.pt"
@@ -217,7 +218,7 @@ class RunLock:
             os.close(self._fd)  # drops the flock
             self._fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.acquire()
         return self
 
@@ -237,7 +238,7 @@ class RunFolder:
         self.lock = RunLock(run_dir)
         self._created: list[Path] = []  # folders this run made (run_dir, then missing parents such as runs/)
 
-    def __enter__(self) -> "RunFolder":
+    def __enter__(self) -> RunFolder:
         if not self.enabled:
             return self
         self._created = []
@@ -335,8 +336,11 @@ class MetricsLog:
         atomic_write(self.csv, write_csv, mode="w")
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the last good checkpoint is kept. epoch, step and loss say where."""
+class TrainingDiverged(AtasError, RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept. epoch, step and loss say where.
+    An outcome of the run, not a bug: the CLI says it in one line and exits 3."""
+
+    exit_status = 3
 
     def __init__(self, message: str, epoch: int | None = None, step: int | None = None, loss: float | None = None):
         super().__init__(message)
@@ -385,7 +389,7 @@ def saved_config(run_dir: str | Path) -> dict | None:
     return tree
 
 
-def load_run_config(run_dir: str | Path) -> "Config":
+def load_run_config(run_dir: str | Path) -> Config:
     """The Config a run folder was trained with (its config.yaml)."""
     from atas.checkpoint import check_readable
     from atas.config import ConfigError, config_from_dict
@@ -407,7 +411,7 @@ def load_run_config(run_dir: str | Path) -> "Config":
                               f"or start the run again") from None
 
 
-def check_resumable(saved: dict, cfg: "Config") -> None:
+def check_resumable(saved: dict, cfg: Config) -> None:
     """Resuming is only honest with the config the run was started with (RESUME_FREE_KEYS may change)."""
     mine, theirs = cfg.to_dict(), copy.deepcopy(dict(saved))  # the caller's tree stays as it is
     for label in LABEL_KEYS:  # labels, not training settings
@@ -440,7 +444,7 @@ def check_resumable(saved: dict, cfg: "Config") -> None:
                               + "; ".join(diff[:6]) + "). Resume without overrides, or start a new run.")
 
 
-def run_end(rows: list[dict], cfg: "Config") -> str | None:
+def run_end(rows: list[dict], cfg: Config) -> str | None:
     """Why the run whose metrics (events included) are `rows` has ended under cfg, or None while it
     has epochs to go: it trained its train.epochs, reached train.max_steps, the guard gave up (the
     last thing its log says), or train.co_action=stop ended it at a flagged epoch."""
@@ -463,7 +467,7 @@ def run_end(rows: list[dict], cfg: "Config") -> str | None:
     return None
 
 
-def ended_for_good(rows: list[dict], saved: "Config", cfg: "Config") -> str | None:
+def ended_for_good(rows: list[dict], saved: Config, cfg: Config) -> str | None:
     """run_end under the config the run was saved with, unless `cfg` raises train.epochs or
     train.max_steps above it: the explicit, documented way to train an ended run on."""
     why = run_end(rows, saved)
@@ -472,11 +476,11 @@ def ended_for_good(rows: list[dict], saved: "Config", cfg: "Config") -> str | No
     return None if raised else why
 
 
-def run_finished(run_dir: str | Path, cfg: "Config") -> bool | None:
+def run_finished(run_dir: str | Path, cfg: Config) -> bool | None:
     """Whether the run in run_dir has ended (run_end), from its metrics log (cheap: no checkpoint is
     loaded); None when there is no log to tell."""
     try:
-        rows = MetricsLog(run_dir).read()
+        rows = MetricsLog(Path(run_dir)).read()
     except (OSError, ValueError):
         return None
     return run_end(rows, cfg) is not None if rows else None

@@ -16,14 +16,22 @@ import dataclasses
 import json
 import random
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from atas import guard
-from atas.checkpoint import (CheckpointError, DiskFullError, healthy_path, link_as, load_checkpoint, previous_path,
-                             save_checkpoint)
+from atas.checkpoint import (
+    CheckpointError,
+    DiskFullError,
+    healthy_path,
+    link_as,
+    load_checkpoint,
+    previous_path,
+    save_checkpoint,
+)
 from atas.factories import make_method
 from atas.rundir import BEST, MetricsLog
 from atas.values import to_plain
@@ -33,8 +41,9 @@ from atas.values import to_plain
 # What a checkpoint holds
 # --------------------------------------------------------------------------------------------
 def rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": torch.tensor(np.random.get_state()[1].astype(np.int64)),
-             "python": str(random.getstate())}
+    numpy_state = cast(tuple, np.random.get_state())  # the legacy tuple: (name, keys, pos, ...)
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": torch.tensor(numpy_state[1].astype(np.int64)),
+                             "python": str(random.getstate())}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state

@@ -2,9 +2,9 @@
 
 The FastAT benchmark (arXiv 2604.22853, fzjcdt/FastAT_Benchmark) validates, after every epoch, both the
 raw and the weight-averaged model on a held-out validation split (the last 1,000 CIFAR training
-images; 2,000 on Tiny-ImageNet) by PGD-10 with alpha = 2/255 (here eps/4: 2/255 at its eps 8/255), takes the better of the two
-(the raw one on a tie) and keeps the best epoch's pick over the run (higher PGD accuracy; on equal PGD
-accuracy, higher clean accuracy); its final numbers are that model's.
+images; 2,000 on Tiny-ImageNet) by PGD-10 with alpha = 2/255 (here eps/4: 2/255 at its eps 8/255),
+takes the better of the two (the raw one on a tie) and keeps the best epoch's pick over the run
+(higher PGD accuracy; on equal PGD accuracy, higher clean accuracy); its final numbers are that model's.
 
 train.select (the run-level rule, resolved by `selection_mode`):
     raw       the final raw weights (what every run did before weight averaging existed)
@@ -93,13 +93,14 @@ class Selector:
         s_raw = score(raw, self.x_val, self.y_val, self.eps)
         s_avg = None if averaged is None else score(averaged, self.x_val, self.y_val, self.eps)
         pick = better(s_raw, s_avg)
-        chosen = s_avg if pick == "averaged" else s_raw
+        chosen = s_avg if pick == "averaged" and s_avg is not None else s_raw
         row = {"val_clean_raw": s_raw["clean"], "val_pgd_raw": s_raw["pgd"], "val_pick": pick}
         if s_avg is not None:
             row.update(val_clean_averaged=s_avg["clean"], val_pgd_averaged=s_avg["pgd"])
         new = improves(chosen, self.best)
         if new:
             self.best = {**chosen, "weights": pick, "epoch": epoch, "step": step}
+        assert self.best is not None  # improves() is True against no best yet
         row["selected_epoch"] = self.best["epoch"]
         return row, new
 

@@ -102,7 +102,9 @@ class PerSampleStore:
 
     def owns(self, idx: torch.Tensor) -> bool:
         """Whether every index is held here (a sync point: for checks, not the hot path)."""
-        return bool((self.rows(idx) < len(self.indices)).all()) if self._row is not None else True
+        if self._row is None or self.indices is None:
+            return True
+        return bool((self.rows(idx) < len(self.indices)).all())
 
     @property
     def nbytes(self) -> int:
@@ -205,7 +207,8 @@ class PerSampleStore:
                 "made with (it is saved in the run folder as config.yaml).")
         theirs = state.get("indices")
         if (theirs is None) != (self.indices is None) or (
-                theirs is not None and not torch.equal(theirs.to(self.device), self.indices)):
+                theirs is not None and self.indices is not None
+                and not torch.equal(theirs.to(self.device), self.indices)):
             raise ValueError("per-sample store shard mismatch: the checkpoint's rows belong to another "
                              "partition of the dataset (different world size or rank). Resume with the "
                              "world size the run was started with.")

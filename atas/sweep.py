@@ -46,7 +46,9 @@ def _passes(cfg) -> list[float] | None:
     except Exception:  # noqa: BLE001 - an old run's options the class no longer takes: unknown
         return None
 
-def parse_eps(text: "str | Frac") -> Frac:
+
+
+def parse_eps(text: str | Frac) -> Frac:
     """An eps from the command line, parsed once: '8/255' stays '8/255', '0.10' becomes '0.1' (the
     name of its folders and table rows). The Frac is the one the runs' configs hold."""
     if isinstance(text, Frac):
@@ -133,7 +135,7 @@ def method_tree(base: Config, method: str) -> dict:
     return tree
 
 
-def plan_runs(recipe: str, methods: list[str], eps_list: "list[Frac | str] | None", n_seeds: int,
+def plan_runs(recipe: str, methods: list[str], eps_list: list[Frac | str] | None, n_seeds: int,
               routed: RoutedOverrides, out: Path, chosen: dict[tuple[str, str], list[str]] | None = None
               ) -> list[RunSpec]:
     """Build and validate every run's Config (eps outer, then method, then seed): every run is
@@ -199,7 +201,7 @@ def training_status(run_dir: Path, cfg: Config) -> str:
     return "done" if run_end(_read_log(run_dir), cfg) is not None else "resume"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _test_set_size(name: str, data_dir: str | None, download: bool, test_subset: int | None) -> int:
     from atas.data import TestSplit
 
@@ -289,10 +291,22 @@ def _failed_row(spec: RunSpec, out: Path, why: str, diverged: dict) -> dict:
             "failed": why, "diverged": diverged, "run_dir": os.path.relpath(spec.run_dir, out)}
 
 
+def column_labels(results: dict) -> dict[str, str]:
+    """{attack name: its column header} for an evaluation's results: the attack's `column` where it
+    has one ("AA"), else the label the result carries ("PGD-50-10", a plugin's own label)."""
+    from atas.evaluation import ATTACKS
+
+    def header(name: str, result: dict) -> str:
+        attack = ATTACKS[name] if name in ATTACKS else None
+        return (attack.column if attack is not None and attack.column else None) or result.get("label") or name
+
+    return {name: header(name, r) for name, r in results.items()}
+
+
 def summarize_run(spec: RunSpec, out: Path) -> dict:
     """What summary.json keeps of one finished run (accuracies as fractions)."""
-    from atas.data import dataset_info
     from atas.cost import run_cost
+    from atas.data import dataset_info
     from atas.guard import all_epochs, events, ramp_end
 
     metrics = _read_metrics(spec.run_dir)
@@ -311,6 +325,9 @@ def summarize_run(spec: RunSpec, out: Path) -> dict:
         "clean": accuracy.get("clean"), "fgsm": accuracy.get("fgsm"), "pgd": accuracy.get("pgd"),
         "aa": accuracy.get("aa"),
         "pgd_label": result["results"].get("pgd", {}).get("label"),
+        # Every attack evaluated, in the order run (the four above included): the report's columns
+        # come from here, so an attack of a plugin is reported as the shipped ones are.
+        "accuracy": accuracy, "attack_labels": column_labels(result["results"]),
         "n_examples": result["n_examples"], "chance": 1.0 / dataset_info(spec.cfg.data.name).num_classes,
         # Training only: the per-epoch probe and the final evaluation are not in epoch_time_s.
         # ... of every epoch trained, the ones the guard replayed included: that is what the run cost.

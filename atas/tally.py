@@ -63,6 +63,7 @@ class EpochTally:
 
     def stat_totals(self) -> dict:
         row = {}
+        assert self._reduced is not None, "totals() first: it reduces the sums across ranks"
         for key, _, mean, lo, hi in self._stats(self._reduced):
             row.update({f"{key}_mean": mean, f"{key}_min": lo, f"{key}_max": hi})
         return row

@@ -49,7 +49,8 @@ class Techniques:
         averaged = self.wa.module if self.wa is not None else None
         row, new = self.selector.judge(model, averaged, epoch, step)
         if new:
-            chosen = averaged if row["val_pick"] == "averaged" else model
+            chosen = averaged if row["val_pick"] == "averaged" and averaged is not None else model
+            assert self.selector.best is not None  # `new`: judge() has just set it
             save_selected(Path(run_dir) / SELECTED, chosen, self.cfg.to_dict(), self.selector.best)
         return row
 
@@ -69,13 +70,13 @@ class Techniques:
             self.selector.load_state_dict(state["selection"])
 
     # -- the end of the run --------------------------------------------------------------------
-    def final(self, model: nn.Module, run_dir: Path, rows: list[dict]) -> tuple[nn.Module, dict]:
+    def final(self, model: nn.Module, run_dir: Path | None, rows: list[dict]) -> tuple[nn.Module, dict]:
         """(the model the run hands on, what it is: {"weights", "rule", "epoch"?}) and cost.json."""
         if self.cfg is not None and run_dir is not None:
             cost.write_cost(Path(run_dir) / cost.COST_FILE, rows)
-        if self.mode == "averaged":
+        if self.mode == "averaged" and self.wa is not None:  # (mode "averaged" comes with a weight average)
             return self.wa.module, {"weights": "averaged", "rule": "averaged"}
-        if self.mode == "val" and self.selector is not None and self.selector.best is not None:
+        if self.mode == "val" and self.selector is not None and self.selector.best is not None and run_dir is not None:
             from atas.export import load_model
 
             chosen, _, extra = load_model(Path(run_dir) / SELECTED, self.device)

@@ -8,11 +8,16 @@ step they take; the ball, the projection and the step below are shared.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from atas.values import ConfigError
+
+# The BatchNorm modes an attack may run in (`bn_mode`, every method's option of that name).
+BN_MODES = ("eval", "train")
 
 
 class LinfBall:
@@ -62,8 +67,8 @@ def input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 def bn_mode(model: nn.Module, mode: str) -> Iterator[None]:
     """Run the attack with BatchNorm in `mode` ('eval': running statistics, as the official ATAS
     code; 'train': batch statistics, as Wong et al.'s FGSM-RS), then restore the previous mode."""
-    if mode not in ("eval", "train"):
-        raise ValueError(f"bn mode must be 'eval' or 'train', got {mode!r}")
+    if mode not in BN_MODES:
+        raise ConfigError(f"bn mode must be 'eval' or 'train', got {mode!r}")
     was_training = model.training
     model.train(mode == "train")
     try:

@@ -7,11 +7,13 @@ decides how x_adv is made (and, rarely, its loss).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -21,14 +23,33 @@ from atas import distributed as dist, guard, runstate
 from atas.checkpoint import healthy_path, load_checkpoint, save_checkpoint
 from atas.config import Config, config_from_dict
 from atas.data import dataset_info
-from atas.factories import (TrainData, lr_factor, make_data, make_method, make_model, make_optimizer,  # noqa: F401
-                            resolve_device, seed_everything)
+from atas.factories import (  # noqa: F401
+    TrainData,
+    lr_factor,
+    make_data,
+    make_method,
+    make_model,
+    make_optimizer,
+    resolve_device,
+    seed_everything,
+)
+from atas.methods import Method
 from atas.monitor import Probe, probe  # noqa: F401  (the per-epoch probe lives beside the monitor)
-from atas.rundir import (CHECKPOINT, MetricsLog, RunFolder, TrainingDiverged, check_resumable,  # noqa: F401
-                         ended_for_good, load_run_config, read_divergence, record_divergence)
+from atas.rundir import (  # noqa: F401
+    CHECKPOINT,
+    MetricsLog,
+    RunFolder,
+    TrainingDiverged,
+    check_resumable,
+    ended_for_good,
+    load_run_config,
+    read_divergence,
+    record_divergence,
+)
 from atas.store import PerSampleStore
 from atas.tally import EpochTally, check_finite
 from atas.techniques import Techniques
+
 # (factories' and rundir's public names stay importable from here for existing callers)
 
 
@@ -95,25 +116,25 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False,
 class _Run:
     """Everything one training run holds, built once by `_build` (and rebuilt in part by a rollback)."""
     cfg: Config
-    ctx: Any
+    ctx: dist.DistContext
     device: torch.device
     data: TrainData
     model: nn.Module
     attack_model: nn.Module
     train_model: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: Any
-    scaler: Any
-    method: Any
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    method: Method
     store_options: dict
     ckpt_path: Path
     memory_format: torch.memory_format
-    autocast: Callable
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    tech: Techniques   # weight average, selection, cost (atas.techniques)
     num_classes: int = 10
     x_probe: torch.Tensor | None = None
     y_probe: torch.Tensor | None = None
     initial_state: Callable[[], dict] | None = None  # the epoch-0 state, rebuilt (a rollback's last resort)
-    tech: Techniques | None = None   # weight average, selection, cost (atas.techniques)
 
 
 def _build(cfg: Config, ctx, run_dir: Path, ckpt_path: Path) -> _Run:
@@ -126,21 +147,20 @@ def _build(cfg: Config, ctx, run_dir: Path, ckpt_path: Path) -> _Run:
     model = model.to(memory_format=memory_format)
     # The attack runs on `attack_model` (no DDP: its backward must not all-reduce anything); only
     # the training pass goes through the DDP wrapper. Both share the same parameters.
-    attack_model = torch.compile(model) if cfg.train.compile else model
+    attack_model = cast(nn.Module, torch.compile(model)) if cfg.train.compile else model
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
     store_options = {"storage_size": cfg.train.store_size, "indices": data.indices,
                      "device": "cpu" if cfg.train.store_memmap else device,
-                     "memmap_path": ctx.checkpoint_path(run_dir, cfg.train.store_memmap) if cfg.train.store_memmap else None}
+                     "memmap_path": (ctx.checkpoint_path(run_dir, cfg.train.store_memmap)
+                                     if cfg.train.store_memmap else None)}
     optimizer = make_optimizer(cfg, model)
-    run = _Run(cfg, ctx, device, data, model, attack_model, ctx.wrap(attack_model), optimizer, None,
-               torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16"), None, store_options,
-               ckpt_path, memory_format, autocast)
-    run.method = make_method(cfg, data, store_options)
-    run.tech = Techniques(cfg, model, device, ctx.is_main)
+    method = make_method(cfg, data, store_options)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, len(data.loader) * method.replays))
+    run = _Run(cfg, ctx, device, data, model, attack_model, ctx.wrap(attack_model), optimizer, scheduler,
+               torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16"), method, store_options,
+               ckpt_path, memory_format, autocast, Techniques(cfg, model, device, ctx.is_main))
     run.num_classes = dataset_info(cfg.data.name).num_classes
-    steps_per_epoch = len(data.loader) * run.method.replays
-    run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
     n_probe = min(cfg.train.probe_size, len(data.x_test))
     if n_probe:
         run.x_probe = data.x_test[-n_probe:].to(device).float().div_(255)
@@ -189,7 +209,8 @@ def _start(run: _Run, folder: RunFolder, log: MetricsLog, state: dict | None) ->
     """Restore a resumed run (state: its checkpoint), write the folder, and link epoch 0 as the
     guard's first rollback target. Returns (metrics rows, first epoch to train, step count)."""
     cfg, ctx, run_dir = run.cfg, run.ctx, folder.run_dir
-    rows, start_epoch, step = [], 1, 0
+    rows: list[dict] = []
+    start_epoch, step = 1, 0
     if state is not None:
         # Every rank reads the checkpoint's rows: the guard's option changes are in them.
         rows = state.get("metrics") or ([r for r in log.read() if r["epoch"] < int(state["epoch"]) + 1]
@@ -214,10 +235,11 @@ def _epochs(run: _Run, rows: list[dict], epoch: int, step: int, log: MetricsLog,
     healthy state kept in the run's files (checkpoint.healthy.pt) rather than in memory."""
     cfg, ctx = run.cfg, run.ctx
     recover = cfg.train.co_action == "recover"
-    probing = run.x_probe is not None and ctx.is_main  # rank 0 probes; the others follow its verdicts
+    # rank 0 probes; the others follow its verdicts
+    probe_ = (Probe(run.x_probe, run.y_probe, cfg.method.eps, cfg.train.probe_steps, cfg.train.probe_restarts)
+              if run.x_probe is not None and run.y_probe is not None and ctx.is_main else None)
     sentinel = guard.Guard(run.model, run.optimizer, run.method, scheduler=run.scheduler, rows=rows,
-                           probe=Probe(run.x_probe, run.y_probe, cfg.method.eps, cfg.train.probe_steps,
-                                       cfg.train.probe_restarts) if probing else None,
+                           probe=probe_,
                            max_recoveries=cfg.train.max_recoveries, num_classes=run.num_classes, verbose=False,
                            budget_epochs=cfg.train.recover_budget_epochs
                            if cfg.train.recover_budget_epochs is not None else cfg.train.epochs)

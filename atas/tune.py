@@ -101,7 +101,7 @@ def explicit_value(option: str, overrides: list[str], base: Config, method: str)
     return None if recipe is None else str(recipe)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _train_set_size(name: str, data_dir: str | None, download: bool) -> int:
     from atas.data import dataset_info, image_folder, load_tensors
 
@@ -185,12 +185,12 @@ def val_is_current(run_dir: Path, cfg: Config, n_examples: int) -> bool:
 def run_value(spec, option: str, n_examples: int, report_only: bool, out: Path) -> tuple[dict, str]:
     """Train (as needed) and validate one grid value's run: (its result row, what was done)."""
     import atas.evaluation.run
-    from atas.sweep import _read_log, train_as_needed, training_status
-    from atas.export import load_model
-    from atas.guard import option_changes
     from atas.evaluation.run import VAL_FILE
+    from atas.export import load_model
     from atas.factories import resolve_device
+    from atas.guard import option_changes
     from atas.rundir import EVAL, EVAL_STATE, TrainingDiverged
+    from atas.sweep import _read_log, train_as_needed, training_status
 
     value = float(spec.cfg.method.args[option])
     row = {"value": value, "run_dir": os.path.relpath(spec.run_dir, out)}

@@ -6,21 +6,26 @@ line all parse values here, so a method file needs nothing from the config to de
     parse_fraction("8/255")              # 8/255 exactly as a float, never `eval`
     Frac("8/255")                        # a float that remembers it was written 8/255
     build_dataclass(Options, {"c": "0.02"}, "method.")   # type-checked, errors name the key
+    eps_multiple("eps/4")                # 0.25: the one grammar of a number in units of eps
 """
 from __future__ import annotations
 
 import dataclasses
 import fractions
+import functools
 import math
 import re
 import types
 import typing
 from typing import Any
 
-__all__ = ["ConfigError", "NotFiniteError", "Frac", "parse_fraction", "coerce", "build_dataclass", "to_plain"]
+from atas.errors import AtasError
+
+__all__ = ["ConfigError", "NotFiniteError", "Frac", "parse_fraction", "eps_multiple", "coerce", "build_dataclass",
+           "to_plain"]
 
 
-class ConfigError(ValueError):
+class ConfigError(AtasError, ValueError):
     """A config value is wrong; the message says which key and what to write instead."""
 
 
@@ -62,12 +67,32 @@ def parse_fraction(text: str | float | int) -> float:
     return value
 
 
+# A multiple of eps: "eps/4", "0.25eps", "0.25*eps", "2.5*eps/50", "2eps" (no sign: steps and radii are
+# positive). The one grammar for numbers in units of eps (the PGD step, ATAS's step numerator).
+_NUMBER = r"\d+(?:\.\d*)?(?:e[+-]?\d+)?"
+_EPS_MULTIPLE = re.compile(rf"(?:({_NUMBER})\*?)?eps(?:/({_NUMBER}))?")
+
+
+@functools.lru_cache(maxsize=256)  # read on the training step (ATAS's numerator): parsed once per spelling
+def eps_multiple(text: str) -> float | None:
+    """The coefficient of eps that `text` writes ("eps/4" -> 0.25, "2eps" -> 2.0, "2.5*eps/50" ->
+    0.05, exact fractions rounded once to a float), or None when `text` is not a multiple of eps
+    (a plain number, read by `parse_fraction`). Spaces and case are ignored."""
+    m = _EPS_MULTIPLE.fullmatch(str(text).replace(" ", "").lower())
+    if m is None:
+        return None
+    num, den = fractions.Fraction(m.group(1) or "1"), fractions.Fraction(m.group(2) or "1")
+    if den == 0:
+        raise ConfigError(f"division by zero in {text!r}")
+    return float(num / den)
+
+
 class Frac(float):
     """A float that remembers how it was written ('8/255'), for honest reports."""
 
     text: str
 
-    def __new__(cls, value: "str | float | int | Frac") -> "Frac":
+    def __new__(cls, value: str | float | int | Frac) -> Frac:
         if isinstance(value, Frac):
             return value
         obj = super().__new__(cls, parse_fraction(value))
@@ -183,7 +208,7 @@ def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"{prefix}{name}: expected a mapping")
-            kwargs[name] = build_dataclass(tp, value, f"{prefix}{name}.")
+            kwargs[name] = build_dataclass(typing.cast(type, tp), value, f"{prefix}{name}.")
         else:
             kwargs[name] = coerce(value, tp, prefix + name)
     return cls(**kwargs)

@@ -37,14 +37,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from atas.evaluate import MNIST_SCALE_EPS, _atomic_write_text, evaluate  # noqa: E402
-from atas.export import load_model, resolve_artifact  # noqa: E402
-from atas.evaluation.run import load_test_set  # noqa: E402
-from atas.trainer import resolve_device  # noqa: E402
+from atas.checkpoint import atomic_write_text
+from atas.evaluation import evaluate
+from atas.evaluation.attacks import MNIST_SCALE_EPS
+from atas.evaluation.run import load_test_set
+from atas.export import load_model, resolve_artifact
+from atas.trainer import resolve_device
 
 
 def variants(eps: float, steps: int, restarts: int) -> list[dict]:
-    """PGD settings to compare: name, alpha (text for atas.evaluate.pgd_step), schedule, steps, restarts."""
+    """PGD settings to compare: name, alpha (text for atas.evaluation.pgd_step), schedule, steps, restarts."""
     out = [dict(name="pgd eps/4", alpha="eps/4", schedule="constant")]
     if eps >= MNIST_SCALE_EPS - 1e-12:
         out.append(dict(name="pgd 0.01", alpha="0.01", schedule="constant"))
@@ -181,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
                                 args.seed, not args.no_aa, not args.no_progress, args.data_dir))
         rows[-1]["total_time_s"] = round(time.perf_counter() - t0, 1)
         summary = summarize(rows)  # written after every model: a long run killed half-way keeps what it did
-        _atomic_write_text(out / "pgd_step.json", json.dumps({**meta, "models": rows, "summary": summary}, indent=2))
+        atomic_write_text(out / "pgd_step.json", json.dumps({**meta, "models": rows, "summary": summary}, indent=2))
         md = markdown(rows, summary, meta)
-        _atomic_write_text(out / "pgd_step.md", md)
+        atomic_write_text(out / "pgd_step.md", md)
     print("\n" + md)
     print(f"wrote {out / 'pgd_step.json'} and {out / 'pgd_step.md'}")
     return 0

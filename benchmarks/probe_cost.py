@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from atas.export import load_model
 from atas.evaluation.run import load_test_set
+from atas.export import load_model
 from atas.monitor import probe
 
 

@@ -46,15 +46,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atas import trainer  # noqa: E402
-from atas.augment import PairedAugment  # noqa: E402
-from atas.config import load_config  # noqa: E402
-from atas.data import dataset_info  # noqa: E402
-from atas.loaders import ResidentLoader  # noqa: E402
-from atas.store import DTYPES, PerSampleStore  # noqa: E402
+from atas import trainer
+from atas.augment import PairedAugment
+from atas.config import load_config
+from atas.data import dataset_info
+from atas.loaders import ResidentLoader
+from atas.store import DTYPES, PerSampleStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from store_memory import human  # noqa: E402  (byte formatting shared with the memory table)
+from store_memory import human
 
 # The dataset (shape, pad, eps) each model is benchmarked on unless --dataset says otherwise.
 MODEL_DATASET = {"preact_resnet18": "cifar10", "wrn28_10": "cifar10", "wrn34_10": "cifar10",
@@ -157,7 +157,8 @@ def format_table(rates: dict[str, tuple[float, float]], rows: dict[str, dict], a
         row = rows[method]
         passes = f"{row['passes_fwd']:g}/{row['passes_bwd']:g}" if "passes_fwd" in row else "-"
         ms = step_ms(method)
-        line = f"{label.get(method, method):14s} {mean:9.1f} ± {std:5.1f} {ms:9.2f} {vs_none:>8s} {vs_ref:>16s} {passes:>15s}"
+        line = (f"{label.get(method, method):14s} {mean:9.1f} ± {std:5.1f} {ms:9.2f} {vs_none:>8s} {vs_ref:>16s} "
+                f"{passes:>15s}")
         if gpu:
             line += f" {row.get('peak_memory_mb', float('nan')):9.0f}"
         lines.append(line)
@@ -167,7 +168,8 @@ def format_table(rates: dict[str, tuple[float, float]], rows: dict[str, dict], a
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="preact_resnet18", help="preact_resnet18 (CIFAR shape) | small_cnn (FMNIST) | ...")
+    p.add_argument("--model", default="preact_resnet18",
+                   help="preact_resnet18 (CIFAR shape) | small_cnn (FMNIST) | ...")
     p.add_argument("--dataset", default=None, help="shape/pad/eps source (default: by model; cifar10 or fmnist)")
     p.add_argument("--data", choices=["synthetic", "real"], default="synthetic")
     p.add_argument("--device", default="auto")
@@ -193,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     info = dataset_info(dataset)
 
     print(f"device: {_device_name(args.device)} | torch {torch.__version__} | commit {_commit()}")
-    print(f"model {args.model} on {args.data} {dataset}-shaped data {info.channels}x{info.image_size}x{info.image_size} "
+    print(f"model {args.model} on {args.data} {dataset}-shaped data "
+          f"{info.channels}x{info.image_size}x{info.image_size} "
           f"(pad {info.train_pad}) | batch {args.batch_size} | {args.steps} steps/epoch, 1 warm-up + {args.repeats} "
           f"timed epochs | amp {args.amp} | channels_last {args.channels_last} | compile {args.compile} | "
           f"store {args.store_dtype}")
@@ -210,7 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     if "atas" in rates and "fgsm_rs" in rates:
         ratio = rates["atas"][0] / rates["fgsm_rs"][0]
         verdict = "meets" if ratio >= 0.95 else "MISSES"
-        print(f"\natas / fgsm_rs throughput: {ratio:.3f} ({verdict} the target >= 0.95, i.e. ATAS time <= 1.05x FGSM-RS)")
+        print(f"\natas / fgsm_rs throughput: {ratio:.3f} ({verdict} the target >= 0.95, "
+              "i.e. ATAS time <= 1.05x FGSM-RS)")
+    for method in ("elle", "elle_a"):  # no target: the paper's point is 'cheaper than GradAlign', not 'as FGSM'
+        if method in rates and "fgsm_rs" in rates:
+            print(f"{method} time per step / fgsm_rs: {rates['fgsm_rs'][0] / rates[method][0]:.2f}x")
     print()
     print(store_memory_table())
     return 0

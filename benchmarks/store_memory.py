@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atas.store import DTYPES, PerSampleStore  # noqa: E402
+from atas.store import DTYPES, PerSampleStore
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "scale.md"
 BEGIN, END = "<!-- store-memory:begin -->", "<!-- store-memory:end -->"

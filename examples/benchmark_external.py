@@ -20,7 +20,7 @@ import torch
 import atas
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from own_loop import small_cnn  # noqa: E402  (the user's own architecture)
+from own_loop import small_cnn
 
 
 def main(argv=None) -> dict:

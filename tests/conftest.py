@@ -1,15 +1,14 @@
-"""Shared test fixtures and data paths.
+"""Shared test fixtures (helpers that are not fixtures: tests/helpers.py).
 
-The end-to-end tests train on Debian's Fashion-MNIST (`apt-get install dataset-fashion-mnist`),
-read in place from FMNIST; without it they are skipped, never downloaded.
+    one_thread      torch on one intra-op thread (a shared CPU runs several threads 8x slower)
+    isolated_data   no dataset copy but the test's own: an empty cache, HOME and Debian folder in tmp_path
+    no_network      any socket connect fails: no test downloads anything
+    no_debug        ATAS_DEBUG unset, so the CLI prints its one-line errors without a traceback
 """
-from pathlib import Path
+import socket
 
 import pytest
 import torch
-
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
 
 
 @pytest.fixture
@@ -19,3 +18,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def no_debug(monkeypatch):
+    monkeypatch.delenv("ATAS_DEBUG", raising=False)
+
+
+@pytest.fixture
+def isolated_data(tmp_path, monkeypatch, no_debug):
+    """The data a test sees is only what it writes: the cache ($ATAS_DATA_DIR), HOME and Debian's
+    Fashion-MNIST folder all point into tmp_path, where nothing is until the test puts it there."""
+    from atas import data
+
+    monkeypatch.setenv("ATAS_DATA_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian-package")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def connect(*args, **kwargs):
+        raise OSError("tests must not use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)

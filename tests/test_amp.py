@@ -1,17 +1,15 @@
 """Mixed precision and memory layout: the ATAS step under bf16 autocast matches fp32 on the same batch."""
 from __future__ import annotations
 
-
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import needs_fmnist
 
 from atas.augment import sample_crop_flip
 from atas.methods import BatchState
 from atas.methods.atas import ATAS
 from atas.store import PerSampleStore
+from tests.helpers import needs_fmnist
 
 
 class _Net(nn.Module):
@@ -65,9 +63,9 @@ def test_training_runs_under_bf16_and_channels_last(tmp_path):
     from atas.trainer import train
 
     cfg = load_config("fmnist", ["model.arch=wong_cnn", "data.subset=256", "train.batch_size=64", "train.epochs=1",
-                                 "train.amp=bf16", "train.channels_last=true", "train.probe_size=32", "train.co_action=keep_best",
-                                 "train.probe_steps=1", "train.progress=false", "eval.at_end=false",
-                                 f"out_dir={tmp_path}"])
+                                 "train.amp=bf16", "train.channels_last=true", "train.probe_size=32",
+                                 "train.co_action=keep_best", "train.probe_steps=1", "train.progress=false",
+                                 "eval.at_end=false", f"out_dir={tmp_path}"])
     run = train(cfg, run_dir=tmp_path / "r")
     assert run.metrics[0]["train_loss"] == run.metrics[0]["train_loss"]  # finite, not NaN
     assert all(p.dtype == torch.float32 for p in run.model.parameters())  # master weights stay fp32

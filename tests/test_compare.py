@@ -7,19 +7,26 @@ import json
 import re
 
 import pytest
-import torch
 
 import atas.evaluation.run
 import atas.trainer
-from atas.evaluation.run import evaluate_run
 from atas.cli import main as cli
-from atas.monitor import co_verdict
-from atas.sweep import plan_runs, route_overrides, run_name
 from atas.config import ConfigError
-from atas.report import (ALPHA_PLOT, PROBE_PLOT, TIME_PLOT, build_report, co_column, findings,
-                         format_summary_table, method_label)
+from atas.evaluation.run import evaluate_run
+from atas.monitor import co_verdict
+from atas.report import (
+    ALPHA_PLOT,
+    PROBE_PLOT,
+    TIME_PLOT,
+    build_report,
+    co_column,
+    findings,
+    format_summary_table,
+    method_label,
+)
+from atas.sweep import plan_runs, route_overrides, run_name
+from tests.helpers import needs_fmnist
 
-from conftest import needs_fmnist  # noqa: E402
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -203,14 +210,15 @@ def test_bad_input_exits_2_before_training(tmp_path, monkeypatch, capsys, extra,
 # --------------------------------------------------------------------------------------------
 # End to end
 # --------------------------------------------------------------------------------------------
-TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=256", "train.epochs=2", "train.batch_size=64", "train.probe_size=32",
-        "train.probe_steps=2", "eval.pgd_steps=2", "eval.pgd_restarts=1", "train.progress=false",
+TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=256", "train.epochs=2", "train.batch_size=64",
+        "train.probe_size=32", "train.probe_steps=2", "eval.pgd_steps=2", "eval.pgd_restarts=1", "train.progress=false",
         "method.warmup_epochs=1"]
 RUN_KEYS = {"method", "eps", "seed", "clean", "pgd", "aa", "train_time_s", "co_detected", "co_epochs",
             "co_final_signature", "curves", "run_dir"}
 
 
 @needs_fmnist
+@pytest.mark.slow
 def test_compare_end_to_end_then_rerun_trains_nothing(tmp_path, monkeypatch, capsys, one_thread):
     argv = ["compare", "fmnist", "--methods", "atas,fgsm_rs", "--seeds", "2", "--eps", "0.1,0.2",
             "--attacks", "clean,pgd", "--n-examples", "32", "--out", str(tmp_path), *TINY]

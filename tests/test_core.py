@@ -1,8 +1,6 @@
 """Invariants of the core pieces: fractions, config, threat model, paired augmentation, store, ATAS step."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn as nn
@@ -45,7 +43,8 @@ def test_config_round_trip_and_overrides():
     assert cfg.method.eps.text == "8/255" and cfg.train.epochs == 3 and cfg.optim.milestones == [1, 2]
     assert cfg.method.args["c"] == 0.02
     # method defaults are filled in so the saved config is complete
-    assert cfg.method.args["beta"] == 0.5 and cfg.method.args["alpha_min"] == "0.5" and cfg.method.args["alpha_unit"] == "eps"
+    args = cfg.method.args
+    assert args["beta"] == 0.5 and args["alpha_min"] == "0.5" and args["alpha_unit"] == "eps"
     again = config_from_dict(cfg.to_dict())
     assert again.to_dict() == cfg.to_dict()
     import yaml

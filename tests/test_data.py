@@ -6,10 +6,8 @@ so nothing touches the real cache or the network.
 """
 from __future__ import annotations
 
-import gzip
 import os
 import pickle
-import socket
 import sys
 import warnings
 from pathlib import Path
@@ -20,21 +18,23 @@ import torch
 from PIL import Image
 
 from atas import data
-from atas.data import (DATASETS, DataFormatError, DataNotFoundError, IndexedTensorDataset,
-                       dataset_info, default_data_dir, image_folder, load_split, load_tensors)
+from atas.data import (
+    DATASETS,
+    DataFormatError,
+    DataNotFoundError,
+    IndexedTensorDataset,
+    dataset_info,
+    default_data_dir,
+    image_folder,
+    load_split,
+    load_tensors,
+)
+from tests.helpers import save_png, write_idx
 
 REAL_FASHION_MNIST = data.DEBIAN_FASHION_MNIST_DIR
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("ATAS_DATA_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian-package")
-
-    def no_network(*args, **kwargs):
-        raise OSError("tests must not use the network")
-    monkeypatch.setattr(socket.socket, "connect", no_network)
+pytestmark = pytest.mark.usefixtures("isolated_data", "no_network")
 
 
 def rng(seed=0):
@@ -82,24 +82,13 @@ def test_default_data_dir(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------------------------
 # IDX (MNIST / Fashion-MNIST)
 # --------------------------------------------------------------------------------------------
-def idx_bytes(array: np.ndarray) -> bytes:
-    magic = (0x08 << 8) | array.ndim  # unsigned bytes, ndim dims
-    dims = b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    return magic.to_bytes(4, "big") + dims + array.astype(np.uint8).tobytes()
-
-
 def write_idx_split(folder: Path, split: str, n: int, gz: bool, seed: int = 0):
     folder.mkdir(parents=True, exist_ok=True)
     x = rng(seed).integers(0, 256, (n, 28, 28), dtype=np.uint8)
     y = rng(seed + 1).integers(0, 10, n, dtype=np.uint8)
     prefix = "train" if split == "train" else "t10k"
     for kind, array in (("images-idx3", x), ("labels-idx1", y)):
-        raw = idx_bytes(array)
-        name = folder / f"{prefix}-{kind}-ubyte"
-        if gz:
-            Path(f"{name}.gz").write_bytes(gzip.compress(raw))
-        else:
-            name.write_bytes(raw)
+        write_idx(folder / f"{prefix}-{kind}-ubyte", array, gz=gz)
     return x, y
 
 
@@ -331,12 +320,6 @@ def test_load_split_resident(tmp_path):
     ds = load_split("mnist", "train", data_dir=tmp_path)
     x, y, idx = ds[3]
     assert len(ds) == 4 and x.shape == (1, 28, 28) and 0 <= x.min() and x.max() <= 1 and idx == 3
-
-
-def save_png(path: Path, size: tuple[int, int], seed: int):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
 
 
 def test_imagenet_folder(tmp_path):

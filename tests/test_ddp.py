@@ -9,7 +9,6 @@ refused. Around 25 s on two CPU cores.
 """
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 import signal
@@ -24,13 +23,13 @@ import torch
 from atas.checkpoint import CheckpointError, load_checkpoint
 from atas.config import load_config
 from atas.distributed import DistContext, saved_world_sizes
+from tests.helpers import FMNIST
 
 REPO = Path(__file__).resolve().parents[1]
-from conftest import FMNIST  # noqa: E402
 N, WORLD = 512, 2
 OVERRIDES = ["model.arch=wong_cnn", f"data.subset={N}", f"data.data_dir={FMNIST}", "train.device=cpu",
-             "train.batch_size=64", "train.epochs=1", "train.progress=false", "train.probe_size=64", "train.co_action=keep_best",
-             "eval.at_end=false", "method.warmup_epochs=0"]
+             "train.batch_size=64", "train.epochs=1", "train.progress=false", "train.probe_size=64",
+             "train.co_action=keep_best", "eval.at_end=false", "method.warmup_epochs=0"]
 
 
 def _free_port() -> int:
@@ -40,7 +39,8 @@ def _free_port() -> int:
 
 
 def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     return env
@@ -81,6 +81,7 @@ def _ckpt(folder: Path, rank: int) -> dict:
     return load_checkpoint(folder / f"checkpoint-rank{rank}-of{WORLD}.pt")
 
 
+@pytest.mark.slow
 def test_ddp_run_completes_and_each_rank_writes_its_checkpoint(ddp_run):
     run_dir, _ = ddp_run
     assert not (run_dir / "checkpoint.pt").exists()
@@ -93,6 +94,7 @@ def test_ddp_run_completes_and_each_rank_writes_its_checkpoint(ddp_run):
     assert len(metrics) == 2  # rank 0 logs, once per epoch, across the resume
 
 
+@pytest.mark.slow
 def test_each_rank_store_holds_exactly_its_shard_and_updated_every_row(ddp_run):
     run_dir, epoch1 = ddp_run
     owned = []
@@ -113,6 +115,7 @@ def test_each_rank_store_holds_exactly_its_shard_and_updated_every_row(ddp_run):
     assert owned[0].isdisjoint(owned[1]) and owned[0] | owned[1] == set(range(N))
 
 
+@pytest.mark.slow
 def test_ranks_hold_the_same_weights(ddp_run):
     """DDP averages the gradients, so the parameters agree across ranks (buffers may not: BN
     running statistics are broadcast from rank 0 before each forward, then updated locally)."""
@@ -123,6 +126,7 @@ def test_ranks_hold_the_same_weights(ddp_run):
         assert torch.allclose(models[0][k], models[1][k], atol=1e-6), k
 
 
+@pytest.mark.slow
 def test_resuming_a_two_rank_run_in_one_process_is_refused(ddp_run, monkeypatch):
     from atas.trainer import load_run_config, train
 
@@ -146,8 +150,7 @@ raise SystemExit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.skipif("broadcast_flag" not in inspect.getsource(__import__("atas.trainer").trainer),
-                    reason="the trainer does not broadcast the CO verdict yet (DistContext.broadcast_flag)")
+@pytest.mark.slow
 def test_co_stop_on_rank_0_stops_every_rank(tmp_path):
     """train.co_action=stop: the verdict exists on rank 0 only; without the broadcast rank 1 would
     train on into epoch 3 and both ranks would wait on each other forever."""
@@ -200,6 +203,7 @@ def _collectives_worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_broadcast_flag_and_metric_reduction_across_two_processes(tmp_path):
     import torch.multiprocessing as mp
 

@@ -1,19 +1,18 @@
 """ELLE and ELLE-A: the local-linearity penalty, ELLE-A's switch, short training runs, resume."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn as nn
 
 from atas.config import ConfigError, load_config
 from atas.methods import BatchState, get_method
-from atas.methods.elle import ELLE, ELLEA, lam_schedule, linearity_error, local_linearity_error, triplet
+from atas.methods.elle import ELLE, ELLEA, elle_lam_schedule, linearity_error, local_linearity_error, triplet
 from atas.threat import LinfBall
+from tests.helpers import needs_fmnist
 
 EPS = 0.1
 B = 32
-from conftest import needs_fmnist  # noqa: E402
 
 
 def batch(n=B, seed=1):
@@ -97,7 +96,7 @@ def test_loss_adds_lam_times_the_penalty_and_it_reaches_the_parameters():
 
 
 def test_lam_schedule_and_bad_options():
-    assert (lam_schedule(8 / 255), lam_schedule(16 / 255), lam_schedule(24 / 255)) == (1000, 5000, 10000)
+    assert (elle_lam_schedule(8 / 255), elle_lam_schedule(16 / 255), elle_lam_schedule(24 / 255)) == (1000, 5000, 10000)
     assert ELLE(8 / 255).lam == 1000
     with pytest.warns(UserWarning, match="method.lam"):
         assert ELLE(0.3).lam == 10000
@@ -154,9 +153,10 @@ def test_elle_a_state_dict_round_trip_continues_exactly():
 def test_short_training_run_is_finite_and_resumes_exactly(tmp_path, name):
     from atas.trainer import train
 
-    common = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=256", "train.batch_size=64", "train.probe_size=64",
-              "train.probe_steps=2", "train.progress=false", "eval.at_end=false", "optim.lr=0.02",
-              "train.deterministic=true", f"method.name={name}", "method.eps=0.1", f"out_dir={tmp_path}"]
+    common = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=256", "train.batch_size=64",
+              "train.probe_size=64", "train.probe_steps=2", "train.progress=false", "eval.at_end=false",
+              "optim.lr=0.02", "train.deterministic=true", f"method.name={name}", "method.eps=0.1",
+              f"out_dir={tmp_path}"]
     full = train(load_config("fmnist", common + ["train.epochs=2"]), run_dir=tmp_path / "full")
     assert all(r["train_loss"] == r["train_loss"] and abs(r["train_loss"]) < 1e6 for r in full.metrics)
     train(load_config("fmnist", common + ["train.epochs=1"]), run_dir=tmp_path / "half")

@@ -6,7 +6,6 @@ command line (`atas.cli.main`, in process; one test runs `python -m atas` for th
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import pickle
@@ -17,15 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
-from atas import data
 from atas.cli import main as cli
 from atas.config import ConfigError, load_config
 from atas.data import DataFormatError, check_subset, image_folder, load_tensors
 from atas.extras import MissingDependencyError
 from atas.models import build_model
+from tests.helpers import fmnist_dir, save_png
 
 REPO = Path(__file__).resolve().parents[1]
 # Quick, deterministic training settings for runs that must get as far as the first steps.
@@ -33,36 +31,7 @@ QUICK = ["model.arch=wong_cnn", "train.epochs=1", "train.batch_size=16", "train.
          "eval.at_end=false", "train.progress=false"]
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("ATAS_DATA_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("ATAS_DEBUG", raising=False)
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian-package")
-
-
-def write_idx(path: Path, array: np.ndarray, magic: int, gz: bool = False) -> Path:
-    raw = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    raw += array.astype(np.uint8).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if gz:
-        path = path.with_name(path.name + ".gz")
-        raw = gzip.compress(raw)
-    path.write_bytes(raw)
-    return path
-
-
-def fmnist_dir(folder: Path, n_train: int = 32, n_test: int = 16, gz: bool = False,
-               n_train_labels: int | None = None) -> dict[str, Path]:
-    """The four Fashion-MNIST IDX files with random content; returns their paths by name."""
-    rng = np.random.default_rng(0)
-    files = {}
-    for prefix, n, n_labels in (("train", n_train, n_train_labels or n_train), ("t10k", n_test, n_test)):
-        files[f"{prefix}-images"] = write_idx(folder / f"{prefix}-images-idx3-ubyte",
-                                              rng.integers(0, 256, (n, 28, 28)), 2051, gz)
-        files[f"{prefix}-labels"] = write_idx(folder / f"{prefix}-labels-idx1-ubyte",
-                                              rng.integers(0, 10, (n_labels,)), 2049, gz)
-    return files
+pytestmark = pytest.mark.usefixtures("isolated_data")
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:
@@ -138,12 +107,6 @@ def test_truncated_cifar_pickle(tmp_path):
         load_tensors("cifar10", "test", data_dir=tmp_path)
 
 
-def save_png(path: Path, seed: int = 0) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-
-
 IMAGENET_QUICK = ["train.epochs=1", "train.batch_size=2", "train.probe_size=0", "eval.at_end=false",
                   "train.progress=false", "data.num_workers=0", "model.arch=resnet18"]
 
@@ -164,8 +127,8 @@ def test_empty_image_folder(tmp_path, capsys, layout):
 def test_corrupt_image_names_the_file(tmp_path, capsys):
     root = tmp_path / "imagenet"
     for split in ("train", "val"):
-        save_png(root / split / "n01" / "a.png", 0)
-        save_png(root / split / "n02" / "b.png", 1)
+        save_png(root / split / "n01" / "a.png", seed=0)
+        save_png(root / split / "n02" / "b.png", seed=1)
     bad = root / "val" / "n02" / "b.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really an image")
     status, err = run_cli(capsys, "train", "imagenet-rn18-eps2", f"data.data_dir={root}", *IMAGENET_QUICK,
@@ -271,7 +234,7 @@ def test_truncated_safetensors(export_dir, capsys):
 # Optional dependencies
 # --------------------------------------------------------------------------------------------
 def test_autoattack_without_the_extra_says_which_pip_install(tmp_path, capsys, monkeypatch, export_dir):
-    from atas.evaluate import evaluate
+    from atas.evaluation import evaluate
 
     monkeypatch.setitem(sys.modules, "pyautoattack", None)  # `import pyautoattack` now fails
     model = build_model("wong_cnn", 10, in_channels=1).eval()
@@ -332,6 +295,7 @@ def _atas(*args, **kwargs) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_is_no_error():
     """`atas recipes | head -1`: the reader goes away before atas writes. No BrokenPipeError, the
     status a shell reports for `cat big | head` (141), nothing on stderr. Real process, real pipe."""

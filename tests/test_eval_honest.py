@@ -24,13 +24,13 @@ from atas.cli import main as cli
 from atas.config import ConfigError, load_config
 from atas.report import AA_NOT_RUN, build_report, format_summary_table
 from atas.trainer import CHECKPOINT, train
+from tests.helpers import FMNIST, needs_fmnist
 
-from conftest import FMNIST, needs_fmnist  # noqa: E402
-ev = importlib.import_module("atas.evaluate")  # the module (atas/__init__ re-exports the function)
+ev = importlib.import_module("atas.evaluation")  # the package (atas.evaluate is the function)
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=256", "train.batch_size=64", "train.probe_size=32",
-        "train.probe_steps=2", "train.progress=false", "optim.lr=0.02", "method.atas.warmup_epochs=1",
-        f"data.data_dir={FMNIST}"]
+TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=256", "train.batch_size=64",
+        "train.probe_size=32", "train.probe_steps=2", "train.progress=false", "optim.lr=0.02",
+        "method.atas.warmup_epochs=1", f"data.data_dir={FMNIST}"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,6 +243,7 @@ def test_export_of_an_unfinished_run_warns_and_records_the_epoch(run_dir, tmp_pa
 
 
 @needs_fmnist
+@pytest.mark.slow
 def test_sigterm_during_training_says_the_checkpoint_is_intact(tmp_path):
     run = tmp_path / "r"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -1,4 +1,4 @@
-"""Tests of atas.evaluate: CPU only, tiny models, deterministic, invariants rather than numbers."""
+"""Tests of atas.evaluation (`atas.evaluate`): CPU only, tiny models, deterministic, invariants rather than numbers."""
 import importlib
 import json
 import warnings
@@ -7,10 +7,19 @@ import pytest
 import torch
 import torch.nn as nn
 
-from atas.evaluate import (ATTACKS, FGSM, PGD, EvaluationError, EvaluationWarning,
-                           check_adversarial, evaluate, format_table, save_result)
+from atas.evaluation import (
+    ATTACKS,
+    FGSM,
+    PGD,
+    EvaluationError,
+    EvaluationWarning,
+    check_adversarial,
+    evaluate,
+    format_table,
+    save_result,
+)
 
-ev = importlib.import_module("atas.evaluate")  # the module (atas/__init__ may re-export the function)
+ev = importlib.import_module("atas.evaluation.protocol")  # the batch driver and its checks
 
 D, K = 16, 10  # 1x4x4 images, 10 classes (standard AutoAttack targets 9 wrong classes)
 
@@ -377,6 +386,7 @@ def test_state_with_other_settings_starts_fresh(trained, tmp_path):
 # ---------------------------------------------------------------------------------- AutoAttack
 
 
+@pytest.mark.slow
 def test_autoattack_runs_through_pyautoattack_and_is_strongest(trained):
     model, x, y = trained
     result = evaluate(model, x, y, 0.05, attacks=("clean", "pgd", "aa", "apgd-ce"), pgd_steps=10,

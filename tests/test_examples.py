@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FMNIST, needs_fmnist  # noqa: E402
+from tests.helpers import FMNIST, needs_fmnist
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 pytestmark = needs_fmnist
 

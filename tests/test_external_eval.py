@@ -12,8 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import atas
 from atas.cli import main as cli
-
-from conftest import needs_fmnist  # noqa: E402
+from tests.helpers import needs_fmnist
 
 USER_MODULE = textwrap.dedent('''
     import torch.nn as nn
@@ -66,7 +65,8 @@ def test_atas_eval_model_factory_with_safetensors_weights(user_pkg, tmp_path):
     assert result["results"]["clean"]["accuracy"] == expected["results"]["clean"]["accuracy"]
 
 
-@pytest.mark.parametrize("spec, message", [("no_such_module_xyz:f", "cannot import"), ("{pkg}:not_a_model", "not a torch.nn.Module"),
+@pytest.mark.parametrize("spec, message", [("no_such_module_xyz:f", "cannot import"),
+                                           ("{pkg}:not_a_model", "not a torch.nn.Module"),
                                            ("{pkg}:missing", "no callable"), ("nocolon", "MODULE:FUNCTION")])
 def test_bad_model_spec_is_one_clear_error(user_pkg, tmp_path, capsys, spec, message):
     code = cli(["eval", "--model", spec.format(pkg=user_pkg), "--data", "fmnist", "--eps", "0.1"])
@@ -81,7 +81,8 @@ def test_weights_whose_keys_do_not_match_name_the_keys(tmp_path):
 
         load_weights(other, path)
     renamed = nn.Sequential(nn.Identity(), nn.Flatten(), nn.Linear(784, 10))
-    with pytest.raises(atas.ConfigError, match=r"missing from the file: 2\.weight.*not in the model: 1\.bias, 1\.weight"):
+    with pytest.raises(atas.ConfigError,
+                       match=r"missing from the file: 2\.weight.*not in the model: 1\.bias, 1\.weight"):
         from atas.external import load_weights
 
         load_weights(renamed, path)

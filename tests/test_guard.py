@@ -19,8 +19,7 @@ from atas.methods import get_method, list_methods
 from atas.monitor import COMonitor
 from atas.rundir import CHECKPOINT, MetricsLog
 from atas.trainer import train
-
-from conftest import needs_fmnist as needs_data  # noqa: E402
+from tests.helpers import needs_fmnist as needs_data
 
 TINY = ["model.arch=wong_cnn", "data.subset=256", "train.batch_size=64", "train.probe_size=32",
         "train.probe_steps=1", "train.progress=false", "eval.at_end=false", "eval.attacks=clean",

@@ -6,8 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import atas.tune as tune
-from atas.report import (_notes, co_column, findings, learning_failure, mark_learning, run_outcome, run_table,
-                         search_blocks)
+from atas.report import (
+    _notes,
+    co_column,
+    findings,
+    learning_failure,
+    mark_learning,
+    run_outcome,
+    run_table,
+    search_blocks,
+)
 from atas.tune import Search, choose, rejected, run_search
 
 

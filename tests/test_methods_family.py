@@ -14,9 +14,10 @@ from atas.config import ConfigError, load_config
 from atas.methods import BatchState, get_method
 from atas.methods.fgsm_pgi import FGSMPGI
 from atas.methods.free import Free
-from atas.methods.grad_align import GradAlign, gradient_misalignment, lam_schedule
+from atas.methods.grad_align import GradAlign, grad_align_lam_schedule, gradient_misalignment
 from atas.methods.n_fgsm import NFGSM
 from atas.store import PerSampleStore
+from tests.helpers import needs_fmnist
 
 EPS = 8 / 255
 B = 16
@@ -123,11 +124,11 @@ def test_eps_ramp_bounds_the_step_of_the_ball_methods(name):
 
 # ---------------------------------------------------------------- GradAlign
 def test_grad_align_lambda_schedule_matches_paper():
-    assert lam_schedule(8 / 255) == pytest.approx(0.2)
-    assert lam_schedule(16 / 255) == pytest.approx(2.0)
+    assert grad_align_lam_schedule(8 / 255) == pytest.approx(0.2)
+    assert grad_align_lam_schedule(16 / 255) == pytest.approx(2.0)
     # the rounded values of the official script (sh/exps_diff_eps_cifar10.sh)
     for e, lam in [(1, 0.027), (4, 0.063), (12, 0.632), (15, 1.5)]:
-        assert lam_schedule(e / 255) == pytest.approx(lam, abs=6e-4)
+        assert grad_align_lam_schedule(e / 255) == pytest.approx(lam, abs=6e-4)
     assert GradAlign(8 / 255).lam == pytest.approx(0.2)
     with pytest.warns(UserWarning, match="method.lam"):
         assert GradAlign(0.2).lam == pytest.approx(2.0)   # held at its 16/255 value, with a warning
@@ -342,8 +343,6 @@ def test_free_ignores_non_finite_gradient():
 
 
 # ---------------------------------------------------------------- end to end
-from conftest import needs_fmnist  # noqa: E402
-
 
 @needs_fmnist
 @pytest.mark.parametrize("name, extra", [("n_fgsm", []), ("grad_align", ["method.lam=0.5"]),
@@ -353,9 +352,9 @@ def test_short_training_run(tmp_path, name, extra):
     from atas.trainer import train
 
     cfg = load_config("fmnist", [f"method.name={name}", "data.subset=256", "train.epochs=1", "train.batch_size=64",
-                                 "model.arch=wong_cnn", "train.probe_size=64", "train.probe_steps=2", "train.co_action=keep_best",
-                                 "train.progress=false", "eval.at_end=false", f"out_dir={tmp_path}",
-                                 "train.device=cpu", "train.max_steps=2"] + extra)
+                                 "model.arch=wong_cnn", "train.probe_size=64", "train.probe_steps=2",
+                                 "train.co_action=keep_best", "train.progress=false", "eval.at_end=false",
+                                 f"out_dir={tmp_path}", "train.device=cpu", "train.max_steps=2"] + extra)
     run = train(cfg)
     assert len(run.metrics) == 1 and run.metrics[0]["step"] == 2
     assert math.isfinite(run.metrics[0]["train_loss"])

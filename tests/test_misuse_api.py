@@ -126,7 +126,7 @@ def test_free_without_replays_warns_once_and_with_them_stays_quiet():
                     "each minibatch m=3 times. Put the per-batch lines in `for _ in range(atk.replays):`, or this "
                     "trains one pass per minibatch (not Free-AT)."]
     for copy in (False, True):
-        _, msgs = caught(lambda: run(3, copy=copy))
+        _, msgs = caught(lambda copy=copy: run(3, copy=copy))
         assert msgs == []
 
 
@@ -166,7 +166,8 @@ def test_step_sizes_and_store_summary_are_read_only_views():
     alpha.zero_()   # a copy: the object's numbers are untouched
     assert atk.last_step_sizes.min() > 0
     s = atk.store_summary()
-    assert s["updated"] == 16 and 0 < s["grad_norm_ema"]["min"] <= s["grad_norm_ema"]["mean"] <= s["grad_norm_ema"]["max"]
+    ema = s["grad_norm_ema"]
+    assert s["updated"] == 16 and 0 < ema["min"] <= ema["mean"] <= ema["max"]
     assert torch.allclose(torch.tensor(s["grad_norm_ema"]["max"]), atk.store.grad_sq_ema.max().sqrt())
     with pytest.raises(TypeError, match="no per-sample state"):
         atas.FGSMRS(eps=0.1).store_summary()

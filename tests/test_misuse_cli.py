@@ -4,7 +4,6 @@ that says what to do, exit 2, and leave nothing wrong behind."""
 from __future__ import annotations
 
 import errno
-import gzip
 import json
 import os
 import shlex
@@ -21,8 +20,8 @@ import torch
 from atas import data
 from atas.cli import main as cli
 from atas.config import ConfigError, load_config
+from tests.helpers import FMNIST, fmnist_dir as write_fmnist, needs_fmnist as needs_data, write_idx
 
-from conftest import FMNIST, needs_fmnist as needs_data  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = ["model.arch=wong_cnn", "data.subset=256", "train.batch_size=64", "train.probe_size=32",
@@ -31,9 +30,7 @@ TINY = ["model.arch=wong_cnn", "data.subset=256", "train.batch_size=64", "train.
 EVAL = ["--attacks", "clean", "--n-examples", "16", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def no_debug(monkeypatch):
-    monkeypatch.delenv("ATAS_DEBUG", raising=False)
+pytestmark = pytest.mark.usefixtures("no_debug")
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -59,25 +56,9 @@ def result_file(folder: Path, prefix: str) -> Path:
     return files[0]
 
 
-def write_idx(path: Path, array: np.ndarray, magic: int, gz: bool = False) -> Path:
-    raw = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    raw += array.astype(np.uint8).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if gz:
-        path, raw = path.with_name(path.name + ".gz"), gzip.compress(raw)
-    path.write_bytes(raw)
-    return path
-
-
 def fmnist_dir(folder: Path, n: int = 32, gz: bool = False) -> dict[str, Path]:
-    rng = np.random.default_rng(0)
-    files = {}
-    for prefix in ("train", "t10k"):
-        files[f"{prefix}-images"] = write_idx(folder / f"{prefix}-images-idx3-ubyte",
-                                              rng.integers(0, 256, (n, 28, 28)), 2051, gz)
-        files[f"{prefix}-labels"] = write_idx(folder / f"{prefix}-labels-idx1-ubyte",
-                                              rng.integers(0, 10, (n,)), 2049, gz)
-    return files
+    """The four Fashion-MNIST files, n training and n test images."""
+    return write_fmnist(folder, n, n, gz)
 
 
 @pytest.fixture
@@ -391,13 +372,14 @@ def test_a_damaged_best_pt_says_the_checkpoint_is_intact(run_copy):
 # ---------------------------------------------------------------- 16. temporary files of evaluations
 KILLED_WRITE = """
 import os, signal, sys
-from atas.evaluate import save_result
+from atas.evaluation import save_result
 os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # killed mid-write, after the data, before the rename
 save_result({"results": {}}, sys.argv[1])
 """
 
 
 @needs_data
+@pytest.mark.slow
 def test_a_killed_evaluation_write_leaves_nothing_behind(run_copy, capsys):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITE, str(run_copy / "eval.state")], env=env)
@@ -461,9 +443,9 @@ def test_eval_device_without_a_gpu_names_the_flag(tmp_path, capsys, monkeypatch)
 
 @needs_data
 def test_the_card_recipe_of_the_export_docstring_works(run_copy, tmp_path, capsys):
-    import atas.export
     from safetensors.torch import load_file
 
+    import atas.export
     from atas.export import load_model
     from atas.models import build_model
 

@@ -4,8 +4,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from atas.models import (MODELS, NormalizedModel, build_model, clean_state_dict,
-                         count_parameters, list_models, register, unwrap)
+from atas.models import (
+    MODELS,
+    NormalizedModel,
+    build_model,
+    clean_state_dict,
+    count_parameters,
+    list_models,
+    register,
+    unwrap,
+)
 
 # The input each architecture is meant for (C, H, W). A newly registered name without an entry
 # here fails the shape test on purpose: add it.

@@ -10,7 +10,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-from conftest import FMNIST, needs_fmnist
+import pytest
+
+from tests.helpers import FMNIST, needs_fmnist
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,6 +58,7 @@ def _atas(*args: str, cwd: Path, pythonpath: list[Path] = ()) -> subprocess.Comp
                           timeout=900)
 
 
+@pytest.mark.slow
 def test_a_method_from_an_entry_point_is_listed(tmp_path):
     site = tmp_path / "site"
     (site / "half_step_plugin").mkdir(parents=True)
@@ -70,6 +73,7 @@ def test_a_method_from_an_entry_point_is_listed(tmp_path):
     assert "Half-Step" in line and "2 fwd + 2 bwd" in line
 
 
+@pytest.mark.slow
 def test_its_options_are_checked_before_any_run_trains(tmp_path):
     (tmp_path / "half_step.py").write_text(METHOD_FILE)
     proc = _atas("compare", "fmnist", "--import", "half_step", "--methods", "fgsm_rs,half_step",
@@ -79,6 +83,7 @@ def test_its_options_are_checked_before_any_run_trains(tmp_path):
 
 
 @needs_fmnist
+@pytest.mark.slow
 def test_a_method_in_one_file_trains_and_is_labelled_in_the_report(tmp_path):
     (tmp_path / "half_step.py").write_text(METHOD_FILE)
     tiny = ["model.arch=wong_cnn", "data.subset=128", "train.epochs=1", "train.batch_size=64", "train.probe_size=32",

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 
-
 import pytest
 import torch
 import torch.nn as nn
@@ -14,8 +13,7 @@ from atas.config import load_config, method_options
 from atas.data import load_tensors
 from atas.loaders import ResidentLoader
 from atas.trainer import lr_factor, make_model, make_optimizer, seed_everything, train
-
-from conftest import needs_fmnist  # noqa: E402
+from tests.helpers import needs_fmnist
 
 
 @needs_fmnist

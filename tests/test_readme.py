@@ -4,13 +4,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
 import torch
 
 import atas
+from tests.helpers import needs_fmnist
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-from conftest import needs_fmnist  # noqa: E402
+SMALL_EVAL = {"n_examples": 16, "attacks": ["clean", "pgd"], "pgd_steps": 2, "pgd_restarts": 1, "progress": False}
 
 
 def python_blocks() -> list[str]:
@@ -33,9 +33,9 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     real_load_config, real_benchmark, real_evaluate = atas.load_config, atas.benchmark, atas.evaluate
     monkeypatch.setattr(atas, "load_config", lambda name, overrides=(): real_load_config(name, list(overrides) + tiny))
     monkeypatch.setattr(atas, "benchmark", lambda *a, **k: real_benchmark(
-        *a, **{**k, "n_examples": 16, "attacks": ["clean", "pgd"], "pgd_steps": 2, "pgd_restarts": 1, "progress": False}))
+        *a, **{**k, **SMALL_EVAL}))
     monkeypatch.setattr(atas, "evaluate", lambda *a, **k: real_evaluate(
-        *a, **{**k, "n_examples": 16, "attacks": ["clean", "pgd"], "pgd_steps": 2, "pgd_restarts": 1, "progress": False}))
+        *a, **{**k, **SMALL_EVAL}))
     scope = {"train_set": torch.utils.data.TensorDataset(x, y), "model": model, "device": "cpu",
              "opt": torch.optim.SGD(model.parameters(), lr=0.01), "DataLoader": torch.utils.data.DataLoader,
              "torch": torch, "range": lambda *a: range(*a[:-1], min(a[-1], 2))}

@@ -22,14 +22,12 @@ from atas import rundir
 from atas.checkpoint import CheckpointError, DiskFullError, load_checkpoint, previous_path, save_checkpoint
 from atas.cli import main as cli
 from atas.config import load_config
-from atas.rundir import RunDirError, RunLock
-from atas.rundir import CHECKPOINT, MetricsLog
+from atas.rundir import CHECKPOINT, MetricsLog, RunDirError, RunLock
 from atas.trainer import train
+from tests.helpers import needs_fmnist as needs_data
 
-from conftest import needs_fmnist as needs_data  # noqa: E402
-
-TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=256", "train.batch_size=64", "train.probe_size=32",
-        "train.probe_steps=1", "train.progress=false", "eval.at_end=false", "eval.attacks=clean",
+TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=256", "train.batch_size=64",
+        "train.probe_size=32", "train.probe_steps=1", "train.progress=false", "eval.at_end=false", "eval.attacks=clean",
         "method.atas.warmup_epochs=1", "train.deterministic=true"]
 
 
@@ -136,7 +134,8 @@ def test_corrupt_checkpoint_refused_by_eval_and_resume_names_the_older_one(run_c
 
 @needs_data
 def test_previous_checkpoint_is_kept_one_epoch_older(finished_run):
-    current, prev = load_checkpoint(finished_run / CHECKPOINT), load_checkpoint(previous_path(finished_run / CHECKPOINT))
+    current = load_checkpoint(finished_run / CHECKPOINT)
+    prev = load_checkpoint(previous_path(finished_run / CHECKPOINT))
     assert (current["epoch"], prev["epoch"]) == (2, 1)
     assert [r["epoch"] for r in prev["metrics"]] == [1]
 
@@ -298,7 +297,7 @@ def test_files_of_a_killed_save_are_cleaned_on_resume(run_copy, tmp_path):
     assert not any(p.exists() for p in stale) and live.exists()
 
 
-# ---------------------------------------------------------------- 9. nothing written through a link or into a special file
+# ------------------------------------------------ 9. nothing written through a link or into a special file
 PRECIOUS = "precious\n"
 
 

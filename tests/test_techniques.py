@@ -1,6 +1,7 @@
 """The FastAT benchmark's training techniques: weight averaging, label smoothing for every method,
 OneCycle, the validation selection of raw vs averaged weights, the cost record, the CIFAR ResNet-18,
 the recipes and the RobustBench fields of an export."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import needs_fmnist
 
 import atas
 from atas.averaging import WeightAverage
@@ -21,6 +21,7 @@ from atas.methods import get_method
 from atas.models import build_model
 from atas.selection import Selector, better, improves, selection_mode
 from atas.trainer import lr_factor, train
+from tests.helpers import needs_fmnist
 
 
 def _bn_net(seed: int = 0) -> nn.Module:
@@ -56,7 +57,7 @@ def test_weight_average_is_the_hand_formula_on_weights_and_bn_buffers():
         assert torch.allclose(got[k], v, rtol=0, atol=1e-6), k
     # the BatchNorm running statistics are averaged too (and moved: the check is not vacuous)
     assert not torch.equal(got["1.running_mean"], model.state_dict()["1.running_mean"])
-    assert int(got["1.num_batches_tracked"]) == 3          # a counter is copied, not averaged
+    assert int(got["1.num_batches_tracked"]) == 3  # a counter is copied, not averaged
     assert not wa.module.training and not any(p.requires_grad for p in wa.module.parameters())
 
 
@@ -103,9 +104,9 @@ def test_wa_tau_outside_0_1_refused_before_the_run_folder_exists(tmp_path, tau, 
 
 
 def test_selection_rule_needs_what_it_uses():
-    assert selection_mode("auto", 0.0, 1000) == "raw"           # existing runs: unchanged
+    assert selection_mode("auto", 0.0, 1000) == "raw"  # existing runs: unchanged
     assert selection_mode("auto", 0.9995, 0) == "averaged"
-    assert selection_mode("auto", 0.9995, 1000) == "val"        # the benchmark
+    assert selection_mode("auto", 0.9995, 1000) == "val"  # the benchmark
     with pytest.raises(ConfigError, match="train.wa_tau"):
         load_config("fmnist", ["train.select=averaged"])
     with pytest.raises(ConfigError, match="data.val_size"):
@@ -159,7 +160,7 @@ def test_run_level_label_smoothing_reaches_every_method_unless_set_per_method():
     assert cfg.method.args["label_smoothing"] == 0.4
     cfg = load_config("fmnist", ["train.label_smoothing=0.4", "method.name=pgd", "method.pgd.label_smoothing=0.1"])
     assert cfg.method.args["label_smoothing"] == 0.1
-    assert load_config("fmnist", []).method.args["label_smoothing"] == 0.0      # default: off
+    assert load_config("fmnist", []).method.args["label_smoothing"] == 0.0  # default: off
     with pytest.raises(ConfigError, match="train.label_smoothing"):
         load_config("fmnist", ["train.label_smoothing=1.0"])
 
@@ -167,7 +168,9 @@ def test_run_level_label_smoothing_reaches_every_method_unless_set_per_method():
 def test_a_method_without_cross_entropy_ignores_the_run_level_key_and_refuses_its_own(monkeypatch):
     cls = get_method("fgsm_rs")
     monkeypatch.setattr(cls, "supports_label_smoothing", False)
-    assert load_config("fmnist", ["method.name=fgsm_rs", "train.label_smoothing=0.4"]).method.args["label_smoothing"] == 0
+    assert (
+        load_config("fmnist", ["method.name=fgsm_rs", "train.label_smoothing=0.4"]).method.args["label_smoothing"] == 0
+    )
     with pytest.raises(ConfigError, match="no cross-entropy"):
         load_config("fmnist", ["method.name=fgsm_rs", "method.label_smoothing=0.4"])
 
@@ -188,8 +191,10 @@ def test_onecycle_is_torchs_onecycle_lr_per_iteration():
         if it < total - 1:
             ref.step()
     curve = [factor(it) for it in range(total)]
-    assert curve[0] == pytest.approx(1 / 25, rel=1e-9) and max(curve) > 0.99     # the peak falls between two steps
-    assert 0.3 * total - 1 <= curve.index(max(curve)) <= 0.3 * total and curve[-1] == pytest.approx(1 / 25 / 1e4, rel=1e-9)
+    assert curve[0] == pytest.approx(1 / 25, rel=1e-9) and max(curve) > 0.99  # the peak falls between two steps
+    assert 0.3 * total - 1 <= curve.index(max(curve)) <= 0.3 * total and curve[-1] == pytest.approx(
+        1 / 25 / 1e4, rel=1e-9
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +217,7 @@ def test_selection_picks_the_better_model_and_keeps_the_best_epoch():
     row, new = sel.judge(_Constant(1), _Constant(0), epoch=1, step=5)
     assert new and row["val_pick"] == "averaged" and row["val_pgd_averaged"] == pytest.approx(0.7)
     assert row["val_pgd_raw"] == pytest.approx(0.3) and sel.best["weights"] == "averaged" and sel.best["epoch"] == 1
-    row, new = sel.judge(_Constant(0), _Constant(1), epoch=2, step=10)   # as good as epoch 1: not better
+    row, new = sel.judge(_Constant(0), _Constant(1), epoch=2, step=10)  # as good as epoch 1: not better
     assert row["val_pick"] == "raw" and not new and row["selected_epoch"] == 1
     # the rule itself: a tie goes to the raw weights; equal PGD is broken by clean accuracy
     assert better({"pgd": 0.5}, {"pgd": 0.5}) == "raw" and better({"pgd": 0.4}, {"pgd": 0.5}) == "averaged"
@@ -227,10 +232,23 @@ def test_selection_picks_the_better_model_and_keeps_the_best_epoch():
 # --------------------------------------------------------------------------------------------
 # End to end on Fashion-MNIST
 # --------------------------------------------------------------------------------------------
-TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=448", "data.val_size=64", "train.batch_size=64",
-        "train.probe_size=32", "train.probe_steps=2", "train.progress=false", "eval.at_end=false", "optim.lr=0.02",
-        "method.name=fgsm_rs", "train.deterministic=true", "train.wa_tau=0.9", "train.label_smoothing=0.2",
-        "optim.schedule=onecycle"]
+TINY = [
+    "model.arch=wong_cnn",
+    "train.co_action=keep_best",
+    "data.subset=448",
+    "data.val_size=64",
+    "train.batch_size=64",
+    "train.probe_size=32",
+    "train.probe_steps=2",
+    "train.progress=false",
+    "eval.at_end=false",
+    "optim.lr=0.02",
+    "method.name=fgsm_rs",
+    "train.deterministic=true",
+    "train.wa_tau=0.9",
+    "train.label_smoothing=0.2",
+    "optim.schedule=onecycle",
+]
 
 
 def _tiny(tmp_path, *extra):
@@ -243,19 +261,28 @@ def test_resume_with_weight_averaging_is_bit_exact(tmp_path, one_thread):
     # killed after epoch 1 (max_steps: the OneCycle curve is the 2-epoch run's, as in a real kill)
     train(_tiny(tmp_path, "train.epochs=2", "train.max_steps=6"), run_dir=tmp_path / "half")
     resumed = train(_tiny(tmp_path, "train.epochs=2"), run_dir=tmp_path / "half", resume=True)
-    for a, b in ((full.raw_model, resumed.raw_model), (full.averaged_model, resumed.averaged_model),
-                 (full.model, resumed.model)):
+    for a, b in (
+        (full.raw_model, resumed.raw_model),
+        (full.averaged_model, resumed.averaged_model),
+        (full.model, resumed.model),
+    ):
         for (name, u), v in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(u, v), name
     assert full.weights == resumed.weights and full.weights["rule"] == "val"
     # the average really averages: it is not the raw model
-    assert not torch.equal(full.raw_model.state_dict()["net.0.weight"], full.averaged_model.state_dict()["net.0.weight"])
+    assert not torch.equal(
+        full.raw_model.state_dict()["net.0.weight"], full.averaged_model.state_dict()["net.0.weight"]
+    )
     rows = [json.loads(r) for r in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     for r in rows:
-        assert {"val_pgd_raw", "val_pgd_averaged", "val_pick", "selected_epoch", "peak_memory_mb", "passes_fwd"} <= set(r)
+        assert {"val_pgd_raw", "val_pgd_averaged", "val_pick", "selected_epoch", "peak_memory_mb", "passes_fwd"} <= set(
+            r
+        )
         assert r["passes_fwd"] == 2 and r["passes_bwd"] == 2 and r["peak_memory_mb"] > 0
     cost = json.loads((tmp_path / "full" / "cost.json").read_text())
-    assert cost["passes_per_step"] == [2, 2] and cost["train_time_s"] > 0 and cost["memory_kind"] == "cpu_peak_rss_process"
+    assert (
+        cost["passes_per_step"] == [2, 2] and cost["train_time_s"] > 0 and cost["memory_kind"] == "cpu_peak_rss_process"
+    )
     # the run folder's default weights are the selected ones; raw and averaged are there on request
     _, _, info = load_model(tmp_path / "full")
     assert info["weights"] == full.weights["weights"] and info["selected_epoch"] == full.weights["epoch"]
@@ -279,8 +306,19 @@ def test_without_the_new_keys_a_run_is_unchanged(tmp_path, one_thread):
 
 @needs_fmnist
 def test_export_writes_the_robustbench_fields_from_the_runs_own_evaluation(tmp_path, one_thread):
-    argv = ["train", "fmnist", *TINY, "train.epochs=1", "data.subset=256", "eval.at_end=true",
-            "eval.attacks=clean,aa", "eval.n_examples=16", "eval.batch_size=16", f"out_dir={tmp_path}", "name=r"]
+    argv = [
+        "train",
+        "fmnist",
+        *TINY,
+        "train.epochs=1",
+        "data.subset=256",
+        "eval.at_end=true",
+        "eval.attacks=clean,aa",
+        "eval.n_examples=16",
+        "eval.batch_size=16",
+        f"out_dir={tmp_path}",
+        "name=r",
+    ]
     assert cli(argv) == 0
     result = json.loads((tmp_path / "r" / "eval.json").read_text())
     assert result["weights"] in ("raw", "averaged") and result["checkpoint"]["rule"] == "val"
@@ -295,7 +333,7 @@ def test_export_writes_the_robustbench_fields_from_the_runs_own_evaluation(tmp_p
     assert {"name", "authors", "venue"} <= set(rb)
     # the other weights were never evaluated: no entry, and the note says which `atas eval` to run
     (tmp_path / "raw").mkdir()
-    (tmp_path / "raw" / "robustbench.json").write_text("{}")        # an earlier export's entry goes
+    (tmp_path / "raw" / "robustbench.json").write_text("{}")  # an earlier export's entry goes
     other = "raw" if result["weights"] == "averaged" else "averaged"
     assert cli(["export", str(tmp_path / "r"), "--out", str(tmp_path / "raw"), "--which-weights", other]) == 0
     card = json.loads((tmp_path / "raw" / "card.json").read_text())
@@ -305,8 +343,17 @@ def test_export_writes_the_robustbench_fields_from_the_runs_own_evaluation(tmp_p
 
 
 def test_robustbench_entry_needs_clean_and_autoattack():
-    card = {"architecture": "resnet18_cifar", "eps": "8/255", "dataset": "cifar10", "method": "atas", "weights": "averaged"}
-    ev = {"n_examples": 10000, "results": {"clean": {"accuracy": 0.8312, "n": 10000}, "aa": {"accuracy": 0.4851, "n": 10000}}}
+    card = {
+        "architecture": "resnet18_cifar",
+        "eps": "8/255",
+        "dataset": "cifar10",
+        "method": "atas",
+        "weights": "averaged",
+    }
+    ev = {
+        "n_examples": 10000,
+        "results": {"clean": {"accuracy": 0.8312, "n": 10000}, "aa": {"accuracy": 0.4851, "n": 10000}},
+    }
     rb = robustbench_entry(card, ev)
     assert rb["architecture"] == "ResNet-18" and rb["clean_acc"] == "83.12" and rb["autoattack_acc"] == "48.51"
     assert robustbench_entry(card, {"results": {"clean": {"accuracy": 0.8}, "pgd": {"accuracy": 0.5}}}) is None
@@ -322,12 +369,12 @@ def test_cifar_resnet18_has_the_3x3_stem_and_no_max_pool():
     assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
     assert build_model("resnet18_cifar", num_classes=200)(torch.rand(1, 3, 64, 64)).shape == (1, 200)
-    assert sum(p.numel() for p in net.parameters()) == 11_173_962   # the standard CIFAR ResNet-18
+    assert sum(p.numel() for p in net.parameters()) == 11_173_962  # the standard CIFAR ResNet-18
 
 
 def test_val_from_stride_spreads_the_held_out_images_over_a_class_sorted_split():
     held = val_indices(1000, 20, "stride")
-    assert held.tolist() == [25 + 50 * i for i in range(20)]        # one in every 50: every class of 50
+    assert held.tolist() == [25 + 50 * i for i in range(20)]  # one in every 50: every class of 50
     keep = train_indices(1000, 20, "stride")
     assert len(keep) == 980 and not set(keep.tolist()) & set(held.tolist())
     assert val_indices(1000, 20, "last").tolist() == list(range(980, 1000)) and train_indices(1000, 20, "last") is None
@@ -343,17 +390,39 @@ def test_fastat_recipes_are_the_benchmarks_recipe(recipe):
     assert selection_mode(t.select, t.wa_tau, cfg.data.val_size) == "val"
     assert cfg.model.arch == ("preact_resnet18" if "tiny" in recipe else "resnet18_cifar")
     assert cfg.data.val_size == (2000 if "tiny" in recipe else 1000)
-    pgi = load_config(recipe, ["method.name=fgsm_pgi"]).method.args    # 0.4 in attack and loss, once
+    pgi = load_config(recipe, ["method.name=fgsm_pgi"]).method.args  # 0.4 in attack and loss, once
     k = {"fastat-cifar10": 10, "fastat-cifar100": 100, "fastat-tinyimagenet": 200}[recipe]
     assert pgi["label_smoothing"] == 0 and pgi["ls_factor"] == pytest.approx(1 - 0.4 + 0.4 / k)
 
 
 @needs_fmnist
 def test_compare_summary_and_report_carry_time_memory_and_passes(tmp_path, one_thread):
-    argv = ["compare", "fmnist", "--methods", "fgsm_rs,pgd", "--seeds", "1", "--attacks", "clean,pgd",
-            "--n-examples", "16", "--out", str(tmp_path), "model.arch=wong_cnn", "data.subset=192", "data.val_size=64",
-            "train.epochs=1", "train.batch_size=64", "train.probe_size=16", "train.probe_steps=1", "eval.pgd_steps=1",
-            "eval.pgd_restarts=1", "train.progress=false", "train.wa_tau=0.9", "pgd.steps=2"]
+    argv = [
+        "compare",
+        "fmnist",
+        "--methods",
+        "fgsm_rs,pgd",
+        "--seeds",
+        "1",
+        "--attacks",
+        "clean,pgd",
+        "--n-examples",
+        "16",
+        "--out",
+        str(tmp_path),
+        "model.arch=wong_cnn",
+        "data.subset=192",
+        "data.val_size=64",
+        "train.epochs=1",
+        "train.batch_size=64",
+        "train.probe_size=16",
+        "train.probe_steps=1",
+        "eval.pgd_steps=1",
+        "eval.pgd_restarts=1",
+        "train.progress=false",
+        "train.wa_tau=0.9",
+        "pgd.steps=2",
+    ]
     assert cli(argv) == 0
     runs = {r["method"]: r for r in json.loads((tmp_path / "summary.json").read_text())["runs"]}
     assert runs["fgsm_rs"]["passes_per_step"] == [2, 2] and runs["pgd"]["passes_per_step"] == [3, 3]
@@ -373,18 +442,26 @@ def test_the_documented_weight_averaging_snippet_runs():
     from torch.utils.data import DataLoader, TensorDataset
 
     docs = Path(__file__).resolve().parent.parent / "docs" / "own-code.md"
-    section = docs.read_text().split("### Weight averaging and label smoothing in your own loop", 1)[1].split("\n##", 1)[0]
+    section = (
+        docs.read_text().split("### Weight averaging and label smoothing in your own loop", 1)[1].split("\n##", 1)[0]
+    )
     (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     torch.manual_seed(0)
     train_set = TensorDataset(torch.rand(16, 3, 8, 8), torch.randint(0, 3, (16,)))
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
-    scope = {"atas": atas, "model": model, "train_set": train_set, "epochs": 2, "device": "cpu",
-             "loader": DataLoader(atas.IndexedDataset(train_set), batch_size=8),
-             "opt": torch.optim.SGD(model.parameters(), lr=0.1)}
+    scope = {
+        "atas": atas,
+        "model": model,
+        "train_set": train_set,
+        "epochs": 2,
+        "device": "cpu",
+        "loader": DataLoader(atas.IndexedDataset(train_set), batch_size=8),
+        "opt": torch.optim.SGD(model.parameters(), lr=0.1),
+    }
     exec(compile(block, str(docs), "exec"), scope)
     wa, averaged = scope["wa"], scope["averaged"]
     assert wa.num_updates == 4 and not averaged.training and scope["atk"].opt.label_smoothing == 0.4
-    assert not torch.equal(averaged[1].running_mean, model[1].running_mean)   # BN buffers averaged, lagging
+    assert not torch.equal(averaged[1].running_mean, model[1].running_mean)  # BN buffers averaged, lagging
     assert set(scope["state"]) == {"model", "wa"}
 
 
@@ -416,10 +493,18 @@ def test_lightning_callback_updates_and_checkpoints_the_weight_average(tmp_path)
 
     model = Lit()
     callback = atas.lightning.AdversarialTraining(weight_average=model.wa)
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[callback])
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+    )
     trainer.fit(model, DataLoader(atas.IndexedDataset(TensorDataset(x, y)), batch_size=8))
-    assert model.wa.num_updates == 8                                  # 4 batches x 2 epochs, one per step
+    assert model.wa.num_updates == 8  # 4 batches x 2 epochs, one per step
     assert not torch.equal(model.wa.module[0].weight, model.net[0].weight)
     (ckpt,) = tmp_path.rglob("*.ckpt")
     state = torch.load(ckpt, weights_only=False)["callbacks"]

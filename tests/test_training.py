@@ -14,12 +14,12 @@ from atas.cli import main as cli
 from atas.config import load_config
 from atas.export import export_model, load_model
 from atas.trainer import CHECKPOINT, TrainingDiverged, train
+from tests.helpers import needs_fmnist
 
-from conftest import needs_fmnist  # noqa: E402
 pytestmark = needs_fmnist
 
-TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=384", "train.batch_size=64", "train.probe_size=64",
-        "train.probe_steps=2", "train.progress=false", "eval.at_end=false", "optim.lr=0.02",
+TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=384", "train.batch_size=64",
+        "train.probe_size=64", "train.probe_steps=2", "train.progress=false", "eval.at_end=false", "optim.lr=0.02",
         "method.atas.warmup_epochs=1", "train.deterministic=true"]
 
 

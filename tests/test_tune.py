@@ -14,27 +14,22 @@ import yaml
 
 import atas.evaluation.run
 import atas.trainer
+from atas.checkpoint import CheckpointError
 from atas.cli import main as cli
 from atas.config import ConfigError, load_config
 from atas.data import load_tensors
-from atas.methods import get_method
 from atas.evaluation.run import VAL_FILE, load_val_set, validation_request
+from atas.methods import get_method
 from atas.trainer import check_resumable, make_data
 from atas.tune import choose
+from tests.helpers import needs_fmnist
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
 TINY = ["model.arch=wong_cnn", "data.subset=256", "train.epochs=1", "train.batch_size=64", "train.probe_size=0",
         "eval.pgd_steps=2", "eval.pgd_restarts=1", "train.progress=false", "train.co_action=keep_best"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On a shared CPU, torch's intra-op threads spin against each other: one is enough."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
+TRAIN_AND_EVAL = ("atas.trainer.train", "atas.evaluation.run.evaluate_run", "atas.evaluation.run.evaluate_validation")
 
 
 def _forbid(monkeypatch, *names):
@@ -43,7 +38,8 @@ def _forbid(monkeypatch, *names):
 
     for name in names:
         module, attr = name.rsplit(".", 1)
-        monkeypatch.setattr({"atas.trainer": atas.trainer, "atas.evaluation.run": atas.evaluation.run}[module], attr, boom)
+        modules = {"atas.trainer": atas.trainer, "atas.evaluation.run": atas.evaluation.run}
+        monkeypatch.setattr(modules[module], attr, boom)
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,7 +77,7 @@ def test_val_size_zero_is_todays_run_bit_for_bit_and_old_runs_still_resume(tmp_p
     saved = yaml.safe_load((tmp_path / "plain" / "config.yaml").read_text())
     del saved["data"]["val_size"]
     check_resumable(saved, load_config("fmnist", base))
-    with pytest.raises(Exception, match="val_size"):
+    with pytest.raises(CheckpointError, match="val_size"):
         check_resumable(saved, load_config("fmnist", base + ["data.val_size=64"]))
 
 
@@ -160,6 +156,7 @@ def _fake_validation(calls):
 
 
 @needs_fmnist
+@pytest.mark.slow
 def test_tune_picks_the_best_value_runs_the_seeds_with_it_and_records_it(tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(atas.evaluation.run, "evaluate_validation", _fake_validation(calls))
@@ -199,7 +196,7 @@ def test_tune_picks_the_best_value_runs_the_seeds_with_it_and_records_it(tmp_pat
     assert "Hyper-parameter search" in (tmp_path / "report.html").read_text()
 
     # Again: the search and the seeds are read back; nothing trains or validates.
-    _forbid(monkeypatch, "atas.trainer.train", "atas.evaluation.run.evaluate_run", "atas.evaluation.run.evaluate_validation")
+    _forbid(monkeypatch, *TRAIN_AND_EVAL)
     assert cli(argv) == 0
     out = capsys.readouterr().out
     assert out.count("finished before: read back") == 3 + 4 and "chose lam=1000" in out
@@ -209,7 +206,7 @@ def test_tune_picks_the_best_value_runs_the_seeds_with_it_and_records_it(tmp_pat
 
 @needs_fmnist
 def test_an_explicit_value_skips_the_search(tmp_path, monkeypatch, capsys):
-    _forbid(monkeypatch, "atas.trainer.train", "atas.evaluation.run.evaluate_run", "atas.evaluation.run.evaluate_validation")
+    _forbid(monkeypatch, *TRAIN_AND_EVAL)
     for override in ("elle.lam=100", "method.lam=100"):
         assert cli(["compare", "fmnist", "--methods", "elle,elle_a", "--eps", "0.1,0.2", "--attacks", "clean",
                     "--tune", "--tune-val-size", "64", "--out", str(tmp_path), "--report-only", *TINY, override]) == 0
@@ -236,7 +233,7 @@ def test_an_explicit_value_skips_the_search(tmp_path, monkeypatch, capsys):
                                           (["--tune-val-size", "64", "--tune-n-examples", "65"], "give 1..64"),
                                           (["--tune-n-examples", "0"], "give 1..5000")])
 def test_bad_tune_sizes_exit_2_before_anything_trains(tmp_path, monkeypatch, capsys, extra, match):
-    _forbid(monkeypatch, "atas.trainer.train", "atas.evaluation.run.evaluate_run", "atas.evaluation.run.evaluate_validation")
+    _forbid(monkeypatch, *TRAIN_AND_EVAL)
     argv = ["compare", "fmnist", "--methods", "elle", "--tune", *extra, "--out", str(tmp_path), *TINY]
     if "--tune-n-examples" in extra and "--tune-val-size" not in extra:
         argv[argv.index("data.subset=256")] = "data.subset=6000"
@@ -247,6 +244,6 @@ def test_bad_tune_sizes_exit_2_before_anything_trains(tmp_path, monkeypatch, cap
 
 
 def test_tune_sizes_without_tune_are_refused(tmp_path, monkeypatch, capsys):
-    _forbid(monkeypatch, "atas.trainer.train", "atas.evaluation.run.evaluate_run", "atas.evaluation.run.evaluate_validation")
+    _forbid(monkeypatch, *TRAIN_AND_EVAL)
     assert cli(["compare", "fmnist", "--methods", "elle", "--tune-val-size", "64", "--out", str(tmp_path), *TINY]) == 2
     assert "add --tune" in capsys.readouterr().err

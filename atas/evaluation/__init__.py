@@ -7,8 +7,21 @@
 
 The trainer's per-epoch probe and the monitor import only `attacks`.
 """
-from atas.evaluation.attacks import (ATTACKS, PGD, PGD_DEFAULTS, PGD_LOSSES, PGD_SCHEDULES, FGSM, Attack, AttackSetup,
-                                     EvaluationError, EvaluationWarning, check_adversarial, pgd_step, register_attack)
+from atas.evaluation.attacks import (
+                                     ATTACKS,
+                                     FGSM,
+                                     PGD,
+                                     PGD_DEFAULTS,
+                                     PGD_LOSSES,
+                                     PGD_SCHEDULES,
+                                     Attack,
+                                     AttackSetup,
+                                     EvaluationError,
+                                     EvaluationWarning,
+                                     check_adversarial,
+                                     pgd_step,
+                                     register_attack,
+)
 from atas.evaluation.protocol import WEAK_PGD_POINTS, attack_names, evaluate, format_table, save_result
 
 __all__ = ["ATTACKS", "Attack", "AttackSetup", "EvaluationError", "EvaluationWarning", "FGSM", "PGD", "PGD_DEFAULTS",

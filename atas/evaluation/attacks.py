@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 
+from atas.errors import AtasError
 from atas.registry import Registry
 from atas.threat import LinfBall, bn_mode, input_grad, signed_step
+from atas.values import ConfigError, eps_multiple, parse_fraction
 
 __all__ = ["ATTACKS", "Attack", "AttackSetup", "EvaluationError", "EvaluationWarning", "FGSM", "PGD", "PGD_DEFAULTS",
            "PGD_LOSSES", "PGD_SCHEDULES", "check_adversarial", "pgd_step", "register_attack"]
@@ -34,8 +37,8 @@ PGD_LOSSES = ("ce", "margin")
 # Fashion-MNIST at eps 0.2-0.3 (4 models), PGD-50-10 with a cosine-decaying step from eps/2 on the
 # margin loss was the strongest PGD on every model, up to 7 points stronger than the constant
 # eps/4 (ATAS, eps 0.3: 43% vs 50%, AutoAttack 39%); the same on cross-entropy was within one
-# image of it; the fixed 0.01 of the MNIST protocol and eps/10 were weaker. What remains between it and AutoAttack comes from
-# APGD-T's targeted loss, which no step size of an untargeted PGD recovers: report AutoAttack.
+# image of it; the fixed 0.01 of the MNIST protocol and eps/10 were weaker. What remains between it
+# and AutoAttack comes from APGD-T's targeted loss, which no step size of an untargeted PGD recovers: report AutoAttack.
 # CIFAR-scale radii keep eps/4 constant (the field's common choice) until measured otherwise.
 MNIST_SCALE_EPS = 0.1
 
@@ -47,9 +50,12 @@ PGD_DEFAULTS = {
 _TOL = 1e-6  # slack on the eps-ball check: float rounding of x + delta, never a real violation
 
 
-class EvaluationError(AssertionError):
+class EvaluationError(AtasError, AssertionError):
     """An evaluation invariant broke (x_adv outside the eps-ball or [0, 1], NaN, wrong shape).
-    This is a bug in an attack, never a property of the model: it is raised, never swallowed."""
+    This is a bug in an attack, never a property of the model: it is raised, never swallowed (the
+    CLI shows its traceback)."""
+
+    exit_status = None
 
 class EvaluationWarning(UserWarning):
     """Something makes the numbers suspicious (train mode, probabilities, inconsistent attacks)."""
@@ -158,12 +164,7 @@ class PGD:
         self.alpha = self.eps / 4 if alpha is None else float(alpha)
         if not self.alpha > 0:
             raise ValueError(f"alpha must be positive, got {alpha}")
-        if schedule not in PGD_SCHEDULES:
-            raise ValueError(f"unknown PGD step schedule {schedule!r}; valid: {', '.join(PGD_SCHEDULES)}")
-        self.schedule = schedule
-        if loss not in PGD_LOSSES:
-            raise ValueError(f"unknown PGD loss {loss!r}; valid: {', '.join(PGD_LOSSES)}")
-        self.loss = loss
+        self.schedule, self.loss = _checked_schedule_and_loss(schedule, loss)
         self.random_start = bool(random_start)
         if not self.random_start and self.restarts > 1:
             warnings.warn(f"PGD with random_start=False repeats the same attack {self.restarts} "
@@ -263,34 +264,31 @@ def pgd_step(eps: float, alpha: float | str | None = None, schedule: str | None 
     else:
         value, rule = _parse_alpha(alpha, eps), f"given: {alpha}"
         schedule, loss = schedule or "constant", loss or "ce"
-    if schedule not in PGD_SCHEDULES:
-        raise ValueError(f"unknown PGD step schedule {schedule!r}; valid: {', '.join(PGD_SCHEDULES)}")
-    if loss not in PGD_LOSSES:
-        raise ValueError(f"unknown PGD loss {loss!r}; valid: {', '.join(PGD_LOSSES)}")
+    schedule, loss = _checked_schedule_and_loss(schedule, loss)
     if not 0 < value <= 2 * eps + 1e-12:
-        raise ValueError(f"PGD step {alpha!r} = {value:.6g} is outside (0, 2 eps] for eps {eps:.6g}")
+        raise ConfigError(f"PGD step {alpha!r} = {value:.6g} is outside (0, 2 eps] for eps {eps:.6g}")
     return value, schedule, loss, rule
 
 
-def _parse_alpha(alpha: float | str, eps: float) -> float:
-    import fractions
-    import re
+def _checked_schedule_and_loss(schedule: str, loss: str) -> tuple[str, str]:
+    """The PGD step schedule and loss, each one of its vocabulary (ConfigError, a ValueError, naming them)."""
+    if schedule not in PGD_SCHEDULES:
+        raise ConfigError(f"unknown PGD step schedule {schedule!r}; valid: {', '.join(PGD_SCHEDULES)}")
+    if loss not in PGD_LOSSES:
+        raise ConfigError(f"unknown PGD loss {loss!r}; valid: {', '.join(PGD_LOSSES)}")
+    return schedule, loss
 
+
+def _parse_alpha(alpha: float | str, eps: float) -> float:
+    """A PGD step in pixels: a number as is, or a multiple of eps in the one grammar of atas.values."""
     if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
         return float(alpha)
-    text = str(alpha).replace(" ", "").lower()
-    num = r"\d+(?:\.\d*)?(?:e[+-]?\d+)?"
-    m = re.fullmatch(rf"(?:({num})\*?)?eps(?:/({num}))?", text)
     try:
-        if m:
-            return float(fractions.Fraction(m.group(1) or "1") / fractions.Fraction(m.group(2) or "1")) * eps
-        m = re.fullmatch(rf"({num})(?:/({num}))?", text)
-        if m:
-            return float(fractions.Fraction(m.group(1)) / fractions.Fraction(m.group(2) or "1"))
-    except ZeroDivisionError:
-        pass
-    raise ValueError(f"PGD step {alpha!r} is not a step: write a number in pixel units (0.01, 2/255) "
-                     "or a multiple of eps (eps/4, 0.25eps)")
+        coefficient = eps_multiple(str(alpha))
+        return coefficient * eps if coefficient is not None else parse_fraction(str(alpha))
+    except ConfigError:
+        raise ConfigError(f"PGD step {alpha!r} is not a step: write a number in pixel units (0.01, 2/255) "
+                          "or a multiple of eps (eps/4, 0.25eps)") from None
 
 
 def check_adversarial(x_adv: torch.Tensor, x: torch.Tensor, eps: float, name: str = "attack") -> None:
@@ -336,7 +334,10 @@ class Attack:
     or None)), where robust is the attack's own per-sample verdict (None: only our recheck counts)
     and `progress` takes .step(k) / .stage(text). label: shown in tables; named(settings): the
     label with its settings (PGD-50-10); units(settings): progress units per batch; is_autoattack:
-    standard AutoAttack (the number to report); perturbs: False for clean (no eps-ball check)."""
+    standard AutoAttack (the number to report); perturbs: False for clean (no eps-ball check);
+    column: the report's column header where it is shorter than the titled label ("AA"; "": the
+    titled label); requires: the optional package it runs on ("pyautoattack"; "": none), checked
+    before anything trains (atas.config.check_attacks)."""
 
     label: str
     build: Callable[[str, AttackSetup], tuple[dict, Callable]]
@@ -344,6 +345,8 @@ class Attack:
     perturbs: bool = True
     named: Callable[[dict], str] | None = None
     units: Callable[[dict], int] | None = None
+    column: str = ""
+    requires: str = ""
 
     def title(self, settings: dict) -> str:
         return self.named(settings) if self.named else self.label

@@ -10,7 +10,8 @@ pyautoattack is an optional dependency (`atas[aa]`): only these attacks need it.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -114,6 +115,7 @@ def _with_aa_log(fn: Callable, warn):
             warn(f"pyautoattack: {msg}")
 
 
-register_attack("aa", Attack("AutoAttack (standard)", build_autoattack, is_autoattack=True))
-register_attack("apgd-ce", Attack("APGD-CE only (NOT AutoAttack)", build_autoattack))
-register_attack("apgd-t", Attack("APGD-T only (NOT AutoAttack)", build_autoattack))
+register_attack("aa", Attack("AutoAttack (standard)", build_autoattack, is_autoattack=True, column="AA",
+                             requires="pyautoattack"))
+register_attack("apgd-ce", Attack("APGD-CE only (NOT AutoAttack)", build_autoattack, requires="pyautoattack"))
+register_attack("apgd-t", Attack("APGD-T only (NOT AutoAttack)", build_autoattack, requires="pyautoattack"))

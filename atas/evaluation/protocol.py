@@ -24,8 +24,9 @@ import os
 import time
 import warnings
 import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,7 +56,8 @@ _STATE_FORMAT = "atas.evaluate.state/1"
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
              attacks: Sequence[str] = ("clean", "fgsm", "pgd"), *,
              pgd_steps: int = 50, pgd_restarts: int = 10, pgd_alpha: float | str | None = None,
-             pgd_schedule: str | None = None, pgd_loss: str | None = None, batch_size: int = 256, n_examples: int | None = None, seed: int = 0,
+             pgd_schedule: str | None = None, pgd_loss: str | None = None, batch_size: int = 256,
+             n_examples: int | None = None, seed: int = 0,
              device: str | torch.device | None = None, progress: bool = True,
              state_path: str | os.PathLike | None = None, eps_label: str | None = None) -> dict:
     """Accuracy of `model` on (x, y) under each attack in `attacks`, L-inf radius eps.
@@ -68,9 +70,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
         eps: radius in pixel units (8/255, not 8). eps_label: how the user wrote it ("8/255"),
             kept for the report; default: "k/255" when eps is such a fraction, else the float.
         attacks: names from ATTACKS: "clean"; "fgsm"; "pgd" (PGD-pgd_steps-pgd_restarts, step
-            pgd_alpha with schedule pgd_schedule on loss pgd_loss, see `pgd_step`; default: the threat model's
-            PGD_DEFAULTS; the step used is recorded in the result's settings); "aa" (standard AutoAttack: APGD-CE, APGD-T, FAB-T, Square,
-            cascaded on still-robust points by pyautoattack's own run_standard_evaluation);
+            pgd_alpha with schedule pgd_schedule on loss pgd_loss, see `pgd_step`; default: the
+            threat model's PGD_DEFAULTS; the step used is recorded in the result's settings); "aa"
+            (standard AutoAttack: APGD-CE, APGD-T, FAB-T, Square, cascaded on still-robust points
+            by pyautoattack's own run_standard_evaluation);
             "apgd-ce", "apgd-t" (one AutoAttack component alone, as configured inside standard
             AA; labelled is_autoattack=False because they are NOT AutoAttack).
         batch_size: batch of every attack and the chunk handed to AutoAttack (a kill loses at
@@ -120,7 +123,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
         settings["model_sha256"] = request["model_sha256"]
         settings["data_sha256"] = request["data_sha256"]
     try:
-        rng_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+        rng_devices = ([dev.index if dev.index is not None else torch.cuda.current_device()]
+                       if dev.type == "cuda" else [])
         with torch.random.fork_rng(devices=rng_devices):  # the caller's RNG streams are untouched
             n_classes = _preflight(model, x[:batch_size], dev, warn)
             setup = AttackSetup(model, eps, seed, batch_size, n_classes, dev, warn, pgd_steps, pgd_restarts, pgd_spec)
@@ -175,7 +179,7 @@ def request_digest(request: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _run_attacks(names: list[str], setup: AttackSetup, x: torch.Tensor, y: torch.Tensor, state: "_State",
+def _run_attacks(names: list[str], setup: AttackSetup, x: torch.Tensor, y: torch.Tensor, state: _State,
                  progress: bool) -> tuple[dict, dict, dict]:
     """Each attack over the whole set, one after the other: (results, per-sample verdicts, seconds)."""
     n = x.shape[0]
@@ -286,7 +290,7 @@ def _batch_seed(seed: int, name: str, batch: int) -> int:
 
 def _run_attack(name: str, attack_settings: dict, run_batch: Callable, model: nn.Module,
                 x: torch.Tensor, y: torch.Tensor, eps: float, seed: int, batch_size: int,
-                dev: torch.device, state: "_State", progress: bool) -> tuple[list[bool], float]:
+                dev: torch.device, state: _State, progress: bool) -> tuple[list[bool], float]:
     """(per-sample verdicts, seconds spent on this attack): a resumed attack's seconds include
     those its earlier, killed calls spent (kept in the state file), so its time is the real one."""
     n = x.shape[0]
@@ -400,8 +404,8 @@ def _sanity_across_attacks(results: dict, warn) -> None:
         if "aa" in acc and k in acc and 100 * (acc[k] - acc["aa"]) > WEAK_PGD_POINTS:
             gap = 100 * (acc[k] - acc["aa"])
             s = results[k].get("settings", {})
-            how = (f" (step {s['alpha']:.4g} = eps*{s['alpha_over_eps']:g}, {s['schedule']}, {s.get('loss', 'ce')} loss)"
-                   if k == "pgd" and "alpha_over_eps" in s else "")
+            how = (f" (step {s['alpha']:.4g} = eps*{s['alpha_over_eps']:g}, {s['schedule']}, "
+                   f"{s.get('loss', 'ce')} loss)" if k == "pgd" and "alpha_over_eps" in s else "")
             warn(f"WEAK ATTACK: {results[k]['label']}{how} accuracy {100 * acc[k]:.2f}% is {gap:.1f} "
                  f"points above AutoAttack {100 * acc['aa']:.2f}% (more than {WEAK_PGD_POINTS:g}): "
                  f"{results[k]['label']} overstates robustness on this model (gradient masking, or a step "

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from atas.checkpoint import DiskFullError, check_output, check_own_file, is_special_file
-from atas.config import Config, ConfigError
+from atas.config import Config, ConfigError, check_attacks
 from atas.data import TestSplit, check_subset, data_source, dataset_info, image_folder, load_tensors, val_indices
 from atas.evaluation.attacks import pgd_step
 from atas.evaluation.protocol import (attack_names, evaluate, evaluation_request, fingerprint_model, request_digest,
@@ -18,9 +18,18 @@ from atas.evaluation.protocol import (attack_names, evaluate, evaluation_request
 from atas.rundir import EVAL, clean_staged_files
 
 
-def load_test_set(cfg: Config, n_examples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unpadded test images (uint8) and labels; the first n_examples if given (an error unless
-    1 <= n_examples <= the test set's size: a size is what was asked, or an error)."""
+def load_test_set(dataset: str | Config, n_examples: int | None = None, data_dir: str | Path | None = None,
+                  download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unpadded test images (uint8 [N, C, H, W]) and labels of a dataset name ("fmnist",
+    "cifar10", ...; read from data_dir, see atas.data) or of a run's Config (its data section:
+    data_dir, download, test_subset); the first n_examples if given (an error unless 1 <=
+    n_examples <= the test set's size: a size is what was asked, or an error)."""
+    if isinstance(dataset, Config):
+        cfg = dataset
+    else:
+        cfg = Config()
+        cfg.data.name, cfg.data.download = dataset_info(dataset).name, download
+        cfg.data.data_dir = None if data_dir is None else str(data_dir)
     if n_examples is not None and n_examples < 1:
         raise ConfigError(f"--n-examples / eval.n_examples must be >= 1, got {n_examples}")
     split = TestSplit(cfg.data.name, cfg.data.data_dir, cfg.data.download)
@@ -33,10 +42,10 @@ def load_test_set(cfg: Config, n_examples: int | None = None) -> tuple[torch.Ten
 
 
 def load_val_set(cfg: Config, n_examples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The validation split of data.val_size=V: the last V images of the (data.subset of the)
-    training split (or V evenly spread ones: data.val_from=stride), the ones `make_data` holds out of training, unaugmented and unpadded (uint8),
-    with their labels; the first n_examples of them if given. A folder dataset's images are
-    centre-cropped from their frame to the model's input size, as its test images are."""
+    """The validation split of data.val_size=V: the last V images of the (data.subset of the) training split
+    (or V evenly spread ones: data.val_from=stride), the ones `make_data` holds out of training, unaugmented
+    and unpadded (uint8), with their labels; the first n_examples of them if given. A folder dataset's images
+    are centre-cropped from their frame to the model's input size, as its test images are."""
     info, d = dataset_info(cfg.data.name), cfg.data
     if d.val_size < 1:
         raise ConfigError("this run has no validation split (data.val_size=0); set data.val_size=N to hold out "
@@ -225,11 +234,12 @@ def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: flo
 
         msg = (f"evaluating at eps={getattr(eps, 'text', eps)} but the model was trained at "
                f"eps={cfg.method.eps.text}")
-        warnings.warn(msg)
+        warnings.warn(msg, stacklevel=2)
         result.setdefault("warnings", []).append(msg)
     result["model"] = {"arch": cfg.model.arch, "dataset": cfg.data.name, "method": cfg.method.name,
                        "train_eps": cfg.method.eps.text, "sha256": fingerprint_model(model)}
-    result["data"] = {"name": cfg.data.name, "folder": str(data_source(cfg.data.name, "test", cfg.data.data_dir)),
+    folder = data_source(cfg.data.name, "test", cfg.data.data_dir)  # None: a dataset's own loader chose
+    result["data"] = {"name": cfg.data.name, "folder": None if folder is None else str(folder),
                       "split": "test", "images": f"the first {result['n_examples']}"
                       + (f" of data.test_subset={cfg.data.test_subset}" if cfg.data.test_subset else ""),
                       "sha256": result["request"]["data_sha256"]}
@@ -256,17 +266,10 @@ def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: flo
 
 
 def check_final_eval_extras(cfg: Config) -> None:
-    """Refuse before training, not hours later, when the end-of-run evaluation needs AutoAttack
-    and pyautoattack is not installed."""
-    from atas.extras import INSTALL, available
-
-    attacks = cfg.eval.attacks
-    needs_aa = [a for a in attacks if a in ("aa", "apgd-ce", "apgd-t")]
-    if needs_aa and not available("pyautoattack"):
-        kept = ",".join(a for a in attacks if a not in needs_aa) or "clean,pgd"
-        raise ConfigError(f"eval.attacks={','.join(attacks)} runs AutoAttack ({', '.join(needs_aa)}) at the end "
-                          f"of training, and the pyautoattack package is not installed: "
-                          f"{INSTALL['pyautoattack']}; or evaluate without it: eval.attacks={kept}")
+    """Refuse before training, not hours later, when the end-of-run evaluation needs an optional
+    package that is not installed (AutoAttack's pyautoattack): the one attack-list reader,
+    atas.config.check_attacks, says what to install and what runs without it."""
+    check_attacks(cfg.eval.attacks, "eval.attacks: ", installed=True)
 
 
 def evaluate_trained(run, cfg: Config) -> None:

@@ -7,11 +7,28 @@ shared. Adding a method is one file: a `@register` class with an `Options` datac
 logged stats); made visible by `--import` or the entry-point group "atas.methods"
 (docs/contributing.md).
 """
-from atas.methods.base import METHODS, BatchState, Method, get_method, list_methods, method, register
-
 # Importing the modules fills the registry.
-from atas.methods import standard, fgsm_rs, pgd, atas, n_fgsm, grad_align, fgsm_pgi, free, elle  # noqa: E402,F401
-from atas.methods import gat, nuat, ssat, liet, fgsm_pco, fgsm_uap  # noqa: E402,F401
-from atas.methods import fgsm, converge_smooth, zerograd, aaer  # noqa: E402,F401
+from atas.methods import (  # noqa: F401
+    aaer,
+    atas,
+    converge_smooth,
+    elle,
+    fgsm,
+    fgsm_pco,
+    fgsm_pgi,
+    fgsm_rs,
+    fgsm_uap,
+    free,
+    gat,
+    grad_align,
+    liet,
+    n_fgsm,
+    nuat,
+    pgd,
+    ssat,
+    standard,
+    zerograd,
+)
+from atas.methods.base import METHODS, BatchState, Method, get_method, list_methods, method, register
 
 __all__ = ["METHODS", "BatchState", "Method", "get_method", "list_methods", "method", "register"]

@@ -17,7 +17,8 @@ Arguments (defaults = the official code's CIFAR settings, commit 674b195):
     c (0.01), beta (0.5), alpha_min (4/255), alpha_max (14/255), warmup_epochs (5),
     reset_every (10; 0 = never), bn_mode ("eval").
     step_numerator ("official"): N = 16/255 whatever eps is, as the official code hard-codes
-        (defect 1); "2eps": N = 2*eps, the natural generalisation to other eps.
+        (defect 1); "2eps": N = 2*eps, the natural generalisation to other eps (any multiple
+        of eps, written as the PGD step is: "2eps", "1.5*eps", "eps/2").
     grad_norm ("batch_mean"): as the official code, ||g_i|| is the norm of the gradient of the
         batch-MEAN loss, i.e. the per-sample gradient / B (B = this batch's size, so a last partial
         batch is scaled differently: defect 8). "per_sample": ||per-sample gradient|| / ref_batch,
@@ -47,11 +48,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from atas.values import ConfigError, Frac
 from atas.methods.base import Method, register
 from atas.threat import bn_mode, input_grad, signed_step
+from atas.values import ConfigError, Frac, eps_multiple
 
 OFFICIAL_NUMERATOR = 16 / 255
+
+
+def _factor(step_numerator: str) -> float:
+    """The coefficient of eps of a step numerator other than "official" (checked by check_options)."""
+    factor = eps_multiple(step_numerator)
+    if factor is None:
+        raise ConfigError(f"method.step_numerator {step_numerator!r} is not a multiple of eps")
+    return factor
 
 
 @register
@@ -97,8 +106,9 @@ class ATAS(Method):
     @classmethod
     def check_options(cls, o) -> None:
         super().check_options(o)
-        if o.step_numerator not in ("official", "2eps"):
-            raise ConfigError(f"method.step_numerator must be 'official' (16/255) or '2eps', got {o.step_numerator!r}")
+        if o.step_numerator != "official" and not (eps_multiple(o.step_numerator) or 0) > 0:
+            raise ConfigError(f"method.step_numerator must be 'official' (16/255) or a multiple of eps such as '2eps', "
+                              f"got {o.step_numerator!r}")
         if o.grad_norm not in ("batch_mean", "per_sample"):
             raise ConfigError(f"method.grad_norm must be 'batch_mean' or 'per_sample', got {o.grad_norm!r}")
         if o.alpha_unit not in ("absolute", "eps"):
@@ -107,6 +117,12 @@ class ATAS(Method):
             raise ConfigError(f"need 0 < method.alpha_min <= method.alpha_max, got {o.alpha_min!r}, {o.alpha_max!r}")
         if o.c <= 0 or not 0 <= o.beta < 1:
             raise ConfigError(f"need method.c > 0 and 0 <= method.beta < 1, got c={o.c}, beta={o.beta}")
+        for key, zero in (("warmup_epochs", "no warm-up"), ("reset_every", "never")):
+            if getattr(o, key) < 0:
+                raise ConfigError(f"method.{key} must be >= 0 (0: {zero}), got {getattr(o, key)}")
+        if o.ref_batch < 1:
+            raise ConfigError(f"method.ref_batch (the batch size grad_norm=per_sample matches) must be >= 1, "
+                              f"got {o.ref_batch}")
         if not 0 < o.step_scale <= 1:
             raise ConfigError(f"method.step_scale must lie in (0, 1], got {o.step_scale}")
 
@@ -116,7 +132,9 @@ class ATAS(Method):
         scaled by step_scale (1: the official step, bitwise)."""
         o = self.opt
         unit = eps_t if o.alpha_unit == "eps" else 1.0
-        numerator = OFFICIAL_NUMERATOR if o.step_numerator == "official" else 2 * eps_t
+        # "2eps" is read by the one grammar of numbers in units of eps (atas.values): 2.0 * eps_t, the
+        # same float as 2 * eps_t.
+        numerator = OFFICIAL_NUMERATOR if o.step_numerator == "official" else _factor(o.step_numerator) * eps_t
         scale = o.step_scale
         return numerator * scale, float(o.alpha_min) * unit * scale, float(o.alpha_max) * unit * scale
 

@@ -21,8 +21,9 @@ import dataclasses
 import math
 import warnings
 import weakref
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import ClassVar, Iterable, Iterator
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn as nn
@@ -30,9 +31,9 @@ import torch.nn.functional as F
 
 from atas.augment import CropFlip, PairedAugment
 from atas.registry import Registry
-from atas.values import ConfigError, build_dataclass, parse_fraction, to_plain
 from atas.store import PerSampleStore
-from atas.threat import LinfBall
+from atas.threat import BN_MODES, LinfBall
+from atas.values import ConfigError, build_dataclass, parse_fraction, to_plain
 
 # name -> Method subclass; `@register` on a class adds it under its `name`. Packages add theirs
 # through the entry-point group "atas.methods" (atas.registry).
@@ -44,11 +45,11 @@ def list_methods() -> list[str]:
     return METHODS.names()
 
 
-def get_method(name: str) -> type["Method"]:
+def get_method(name: str) -> type[Method]:
     return METHODS.get(name)
 
 
-def method(name: str, eps, **kwargs) -> "Method":
+def method(name: str, eps, **kwargs) -> Method:
     """`atas.method("n_fgsm", eps=8/255, ...)`: the method object by registry name; keyword
     arguments as for the class (num_samples, epochs, augment, store_dtype and the method's options)."""
     return get_method(name)(eps, **kwargs)
@@ -160,7 +161,7 @@ class Method:
         self.store: PerSampleStore | None = None
         self._pending_store_state: dict | None = None
         self.current_epoch = 0          # 1-based once an epoch has started; 0 before
-        self._crop: tuple[torch.Tensor, CropFlip] | None = None   # (idx, crop) of the last augment
+        self._crop: tuple[torch.Tensor | None, CropFlip] | None = None   # (idx, crop) of the last augment
         self._state: BatchState | None = None                      # the last perturb's batch
         self._loss_pending = False
         self._warned_no_loss = False
@@ -170,7 +171,8 @@ class Method:
         # Per-step numbers for the progress bar / logs, kept as tensors (no device sync here).
         self.stats: dict[str, torch.Tensor] = {}
         self._reset_due = False
-        self._checked_model = None  # weakref to the model whose dtype perturb() last checked
+        # the model whose dtype perturb() last checked (a weak reference: the method must not keep it alive)
+        self._checked_model: weakref.ReferenceType[nn.Module] | None = None
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{f.name}={getattr(self.opt, f.name)!r}" for f in dataclasses.fields(self.opt))
@@ -194,7 +196,7 @@ class Method:
         epoch = self.start_epoch()
         for owner in (loader, getattr(loader, "sampler", None)):
             if hasattr(owner, "set_epoch"):
-                owner.set_epoch(epoch)
+                cast(Any, owner).set_epoch(epoch)
                 break
         for batch in loader:
             if not isinstance(batch, (tuple, list)) or len(batch) != 3:
@@ -237,7 +239,9 @@ class Method:
             self._checked_model = weakref.ref(model)
         elif x.dtype in _HALF:
             _check_float32(self.name, model, x)
-        store, prior, cf = None, None, None
+        store: PerSampleStore | None = None
+        prior: torch.Tensor | None = None
+        cf: CropFlip | None = None
         if self.uses_store:
             if idx is None:
                 raise ValueError(f"{self.name} keeps state per training sample: pass perturb(model, x, y, idx) "
@@ -250,7 +254,7 @@ class Method:
             prior = store.gather_delta(idx, cf)                                   # gather
         self._state = state = BatchState(idx=idx, epoch=self.current_epoch, store=store, prior=prior)
         x_adv = self.attack(model, x, y, state)                                   # attack
-        if store is not None:
+        if store is not None and idx is not None and cf is not None:  # (all three, or none: uses_store)
             store.scatter_delta(idx, cf, self.new_prior(x_adv, x))                # scatter
         self._loss_pending = True
         return x_adv
@@ -314,9 +318,9 @@ class Method:
                              f"atas.method({saved_name!r}, ...), or start {self.name} fresh.")
         saved_n = state.get("num_samples")
         if self.uses_store and saved_n is not None and int(saved_n) != self.num_samples:
-            raise ValueError(f"cannot resume {self.name}: the saved per-sample state is for num_samples={int(saved_n)}, "
-                             f"this object has num_samples={self.num_samples}. Resume with the training set the "
-                             "state was saved with (same size and order), or start fresh.")
+            raise ValueError(f"cannot resume {self.name}: the saved per-sample state is for "
+                             f"num_samples={int(saved_n)}, this object has num_samples={self.num_samples}. Resume "
+                             "with the training set the state was saved with (same size and order), or start fresh.")
         self._warn_if_other_eps(state)
         if "options" in state:  # states saved before the options were recorded: the object's stay
             self._load_options(state["options"])
@@ -385,6 +389,15 @@ class Method:
             raise ConfigError(f"method.eps_ramp_start must be >= 1 (a 1-based epoch), got {opt.eps_ramp_start}")
         if not 0.0 <= opt.label_smoothing < 1.0:
             raise ConfigError(f"method.label_smoothing must be in [0, 1) (0: none), got {opt.label_smoothing}")
+        # Options that mean one thing in every method that declares them, checked here once: a typo
+        # (bn_mode=evl) must not pass validation, write the run folder and fail at the first attack.
+        bn = getattr(opt, "bn_mode", None)
+        if bn is not None and bn not in BN_MODES:
+            raise ConfigError(f"method.bn_mode must be one of {', '.join(BN_MODES)} (BatchNorm statistics during "
+                              f"the attack: running or batch), got {bn!r}")
+        factor = getattr(opt, "alpha_factor", None)
+        if factor is not None and not factor > 0:
+            raise ConfigError(f"method.alpha_factor (the attack's step, a multiple of eps) must be > 0, got {factor}")
         if opt.label_smoothing > 0 and not cls.supports_label_smoothing:
             raise ConfigError(f"method.label_smoothing: {cls.name}'s training loss has no cross-entropy term to "
                               f"smooth; set label_smoothing=0 for it (method.{cls.name}.label_smoothing=0)")
@@ -484,27 +497,29 @@ class Method:
 
     def _store_for(self, x: torch.Tensor, cf: CropFlip) -> PerSampleStore:
         frame_shape = (x.shape[1], cf.frame, cf.frame)
-        if self.store is None:
-            if self.num_samples is None:
-                raise ValueError(f"{self.name} keeps state per training sample: build it with "
-                                 "num_samples=len(train_set) (and batches with dataset indices: atas.IndexedDataset)")
-            self._build_store(frame_shape, self._store_options.get("device", x.device))
-        if (self.store.delta.shape[1], self.store.frame, self.store.frame) != frame_shape:
+        store = self.store
+        if store is None:
+            store = self._build_store(frame_shape, self._store_options.get("device", x.device))
+        if (store.delta.shape[1], store.frame, store.frame) != frame_shape:
             raise ValueError(f"this batch's images need a stored prior of {frame_shape} (channels, frame, frame) but "
-                             f"the store holds {(self.store.delta.shape[1], self.store.frame, self.store.frame)}: "
+                             f"the store holds {(store.delta.shape[1], store.frame, store.frame)}: "
                              "every batch of a run must have the image size (and augmentation) it started with")
-        return self.store
+        return store
 
-    def _build_store(self, frame_shape: tuple[int, int, int], device) -> None:
+    def _build_store(self, frame_shape: tuple[int, int, int], device) -> PerSampleStore:
+        if self.num_samples is None:
+            raise ValueError(f"{self.name} keeps state per training sample: build it with "
+                             "num_samples=len(train_set) (and batches with dataset indices: atas.IndexedDataset)")
         opts = {k: v for k, v in self._store_options.items() if k != "device"}
-        self.store = PerSampleStore(self.num_samples, frame_shape, self.eps, dtype=self.store_dtype,
-                                    device=device, draw=self._pending_store_state is None, **opts)
+        self.store = store = PerSampleStore(self.num_samples, frame_shape, self.eps, dtype=self.store_dtype,
+                                            device=device, draw=self._pending_store_state is None, **opts)
         if self._pending_store_state is not None:
-            self.store.load_state_dict(self._pending_store_state)
+            store.load_state_dict(self._pending_store_state)
             self._pending_store_state = None
         if self._reset_due:
-            self.store.reset_delta()
+            store.reset_delta()
             self._reset_due = False
+        return store
 
 
 _HALF = (torch.float16, torch.bfloat16)

@@ -26,7 +26,7 @@ as numpy's). The new lam applies from the next step. Its state (lam, count, mean
 state_dict(), so a resumed run continues exactly.
 
 Arguments, `elle` (defaults = the official CIFAR-10 scripts, PreActResNet-18, 30 epochs, lr 0.2):
-    lam (None): penalty weight. None = the scripts' schedule `lam_schedule(eps)`: 1000 for
+    lam (None): penalty weight. None = the scripts' schedule `elle_lam_schedule(eps)`: 1000 for
         eps <= 8/255, 5000 up to 20/255, 10000 above (the scripts stop at 26/255; above that it
         stays 10000 and warns: set method.lam explicitly for other datasets and eps).
     step_factor (1.0): FGSM step alpha = step_factor * eps (official --attack-step = --attack-eps).
@@ -75,17 +75,17 @@ from dataclasses import dataclass
 
 import torch
 
-from atas.values import ConfigError
-from atas.methods.base import Method, register
 # E_lin lives in a neutral module (the CO probe measures it too); its names stay importable from here.
 from atas.linearity import linearity_error, local_linearity_error, triplet  # noqa: F401
+from atas.methods.base import Method, register
 from atas.threat import bn_mode, input_grad, signed_step
+from atas.values import ConfigError
 
 # The official scripts' eps grid on CIFAR-10 is 2/255 .. 26/255.
 SCHEDULE_MAX_EPS = 26 / 255
 
 
-def lam_schedule(eps: float) -> float:
+def elle_lam_schedule(eps: float) -> float:
     """The official scripts' ELLE lambda: 1000 (eps <= 8/255), 5000 (<= 20/255), 10000 above."""
     if eps <= 8 / 255 + 1e-12:
         return 1000.0
@@ -129,9 +129,9 @@ class ELLE(Method):
         lam = self.opt.lam
         if lam is None and self.eps > SCHEDULE_MAX_EPS + 1e-12:
             warnings.warn(f"ELLE's lambda schedule comes from CIFAR-10 runs with eps <= 26/255; at eps="
-                          f"{self.eps:.4g} it is held at {lam_schedule(self.eps):g}. Set method.lam explicitly "
+                          f"{self.eps:.4g} it is held at {elle_lam_schedule(self.eps):g}. Set method.lam explicitly "
                           "for this dataset/eps.", stacklevel=3)
-        return lam_schedule(self.eps) if lam is None else float(lam)
+        return elle_lam_schedule(self.eps) if lam is None else float(lam)
 
     def attack(self, model, x, y, state):
         o = self.opt

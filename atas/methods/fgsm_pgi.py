@@ -59,9 +59,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from atas.values import ConfigError
 from atas.methods.base import Method, register
 from atas.threat import bn_mode, signed_step
+from atas.values import ConfigError
 
 
 def smoothed_ce(logits: torch.Tensor, y: torch.Tensor, true_prob: float, reduction: str = "mean") -> torch.Tensor:

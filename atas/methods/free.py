@@ -31,14 +31,13 @@ Example:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import warnings
+from dataclasses import dataclass
 
 import torch
 
-from atas.values import ConfigError
 from atas.methods.base import Method, _same_tensor, register
+from atas.values import ConfigError
 
 
 @register
@@ -78,6 +77,7 @@ class Free(Method):
         # leaves delta as it was instead of poisoning it with NaN.
         eps_t = self.eps_at(self.current_epoch)
         stepped = (leaf.detach() + self.opt.step_factor * eps_t * grad.sign()).clamp_(-eps_t, eps_t)
+        assert self.delta is not None  # the leaf is a view of it
         self.delta[:len(leaf)] = torch.where(torch.isfinite(grad), stepped, leaf.detach())
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ gradient is exactly zero are left out of the mean, as in the official code.
 
 Arguments (defaults = the paper's CIFAR-10 runs, tml-epfl/understanding-fast-adv-training
 sh/exps_diff_eps_cifar10.sh: `--attack=fgsm --attack_init=zero`):
-    lam (None): regulariser weight. None = the paper's CIFAR-10 schedule `lam_schedule(eps)`,
+    lam (None): regulariser weight. None = the paper's CIFAR-10 schedule `grad_align_lam_schedule(eps)`,
         log-linear in eps: 0.02 * 10 ** (eps*255 / 8), i.e. 0.2 at 8/255 and 2.0 at 16/255 (the
         script lists the rounded values 0.027, 0.036, ..., 1.5 for 1..15/255). It was tuned on
         CIFAR-10 for eps in [1/255, 16/255] only; its SVHN runs use another curve (2.5 at 8/255:
@@ -59,15 +59,15 @@ from dataclasses import dataclass
 
 import torch
 
-from atas.values import ConfigError
 from atas.methods.base import Method, register
 from atas.threat import bn_mode, input_grad, signed_step
+from atas.values import ConfigError
 
 # The CIFAR-10 schedule's range (the paper's eps grid is 1/255 .. 16/255).
 SCHEDULE_MAX_EPS = 16 / 255
 
 
-def lam_schedule(eps: float) -> float:
+def grad_align_lam_schedule(eps: float) -> float:
     """The paper's CIFAR-10 lambda: 0.02 * 10 ** (eps*255 / 8); 0.2 at 8/255, 2.0 at 16/255.
 
     Below 1/255 it keeps following the formula (towards 0.02 at eps -> 0); above 16/255 it is held
@@ -118,9 +118,9 @@ class GradAlign(Method):
         o = self.opt
         if o.lam is None and self.eps > SCHEDULE_MAX_EPS + 1e-12:
             warnings.warn(f"GradAlign's lambda schedule was tuned on CIFAR-10 for eps <= 16/255; at eps="
-                          f"{self.eps:.4g} it is held at {lam_schedule(self.eps):g} (its 16/255 value). "
+                          f"{self.eps:.4g} it is held at {grad_align_lam_schedule(self.eps):g} (its 16/255 value). "
                           "Set method.lam explicitly for this dataset/eps.", stacklevel=2)
-        self.lam = lam_schedule(self.eps) if o.lam is None else float(o.lam)
+        self.lam = grad_align_lam_schedule(self.eps) if o.lam is None else float(o.lam)
         self._reg: torch.Tensor | None = None
 
     def remedy(self, attempt):

@@ -34,10 +34,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from atas.values import ConfigError
 from atas.methods.base import Method, register
 from atas.threat import LinfBall, bn_mode, input_grad, signed_step
-
+from atas.values import ConfigError
 
 MAX_NOISE = 0.5  # the largest noise amplitude the guard's remedy goes to, in pixels
 

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from atas.values import ConfigError
 from atas.methods.base import Method, register
 from atas.threat import bn_mode, input_grad, signed_step
+from atas.values import ConfigError
 
 
 @register

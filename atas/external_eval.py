@@ -12,13 +12,15 @@ inside the wrapper, so every attack still works in [0, 1] pixel space.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
 
-from atas.config import Config, parse_fraction
+from atas.config import Config, Frac, parse_fraction
 from atas.evaluation.protocol import evaluate, fingerprint_model
+from atas.evaluation.run import load_test_set
 
 
 class InputAdapter(nn.Module):
@@ -47,7 +49,7 @@ class InputAdapter(nn.Module):
 
 
 def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
-    tensor = next(iter(model.parameters()), None)
+    tensor: torch.Tensor | None = next(iter(model.parameters()), None)
     if tensor is None:
         tensor = next(iter(model.buffers()), None)
     if tensor is None:
@@ -55,25 +57,11 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     return (tensor.dtype if tensor.is_floating_point() else torch.float32), tensor.device
 
 
-def load_test_set(dataset: "str | Config", n_examples: int | None = None, data_dir=None,
-                  download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The unpadded test images (uint8 [N, C, H, W]) and labels of a dataset name ("fmnist",
-    "cifar10", ...) or of a run's Config; the first n_examples if given."""
-    from atas.data import dataset_info
-    from atas.evaluation.run import load_test_set as _from_config
-
-    if isinstance(dataset, Config):
-        return _from_config(dataset, n_examples)
-    cfg = Config()
-    cfg.data.name, cfg.data.data_dir, cfg.data.download = dataset_info(dataset).name, data_dir, download
-    return _from_config(cfg, n_examples)
-
-
 def _collect(data: Iterable, n_examples: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) from a DataLoader or map-style Dataset whose items start with (x, y)."""
     xs, ys, n = [], [], 0
     is_loader = isinstance(data, torch.utils.data.DataLoader)
-    items = data if is_loader else (data[i] for i in range(len(data)))
+    items = data if is_loader else (cast(Any, data)[i] for i in range(len(cast(Any, data))))  # a map-style Dataset
     for item in items:
         if not isinstance(item, (tuple, list)) or len(item) < 2:
             raise ValueError(f"each batch/item of the data must be (x, y, ...), got {type(item).__name__}")
@@ -90,7 +78,7 @@ def _collect(data: Iterable, n_examples: int | None) -> tuple[torch.Tensor, torc
     return torch.cat(xs), torch.cat(ys)
 
 
-def benchmark(model: nn.Module, data, eps: "float | str", attacks: Sequence[str] = ("clean", "pgd", "aa"), *,
+def benchmark(model: nn.Module, data, eps: float | str, attacks: Sequence[str] = ("clean", "pgd", "aa"), *,
               normalization: tuple | None = None, n_examples: int | None = None, data_dir=None,
               batch_size: int = 256, device=None, seed: int = 0, progress: bool = True, **kwargs) -> dict:
     """Robust accuracy of any classifier under L-inf attacks of radius `eps`.
@@ -110,7 +98,8 @@ def benchmark(model: nn.Module, data, eps: "float | str", attacks: Sequence[str]
         "folder", "split", "images", "sha256" of the images and labels evaluated} ("request" holds
         every setting; "request_sha256" names it).
     """
-    label = eps.strip() if isinstance(eps, str) else None
+    # A Frac (atas eval --eps, a config's method.eps) carries how it was written; a string is parsed here, once.
+    label = eps.text if isinstance(eps, Frac) else eps.strip() if isinstance(eps, str) else None
     eps = parse_fraction(eps)
     if n_examples is not None and (int(n_examples) != n_examples or n_examples < 1):
         raise ValueError(f"n_examples must be a positive integer or None (all), got {n_examples!r}")
@@ -150,5 +139,5 @@ def _data_identity(data, data_dir) -> dict:
 
         name = dataset_info(data.data.name if isinstance(data, Config) else data).name
         folder = data_source(name, "test", data.data.data_dir if isinstance(data, Config) else data_dir)
-        return {"name": name, "folder": str(folder)}
+        return {"name": name, "folder": None if folder is None else str(folder)}
     return {"name": None, "folder": None, "source": type(data).__name__}
