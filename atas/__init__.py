@@ -25,6 +25,7 @@ Any model, trained here or not:
 
     result = atas.benchmark(model, "fmnist", eps=0.2, attacks=["clean", "pgd", "aa"])
 """
+
 from atas.augment import RandomCropFlip
 from atas.averaging import WeightAverage
 from atas.config import Config, ConfigError, load_config, parse_fraction
@@ -40,7 +41,7 @@ from atas.methods.aaer import NAAER, RSAAER
 from atas.methods.atas import ATAS
 from atas.methods.converge_smooth import FGSMMEPCS, FGSMRSCS
 from atas.methods.elle import ELLE, ELLEA
-from atas.methods.fgsm import FGSM
+from atas.methods.fgsm import FGSMAT
 from atas.methods.fgsm_pco import FGSMPCO
 from atas.methods.fgsm_pgi import FGSMPGI
 from atas.methods.fgsm_rs import FGSMRS
@@ -59,10 +60,55 @@ from atas.monitor import COMonitor, Probe
 from atas.provenance import __version__
 from atas.trainer import train
 
-__all__ = ["ATAS", "FGSMRS", "NFGSM", "GradAlign", "FGSMPGI", "Free", "PGDAT", "ELLE", "ELLEA", "GAT", "NuAT", "SSAT",
-           "LIET", "FGSMPCO", "FGSMUAP", "FGSMCUAP", "FGSMFUAP", "FGSM", "FGSMRSCS", "FGSMMEPCS", "ZeroGrad", "MultiGrad",
-           "NAAER", "RSAAER", "Method", "method",
-           "get_method", "list_methods", "RandomCropFlip", "IndexedDataset", "benchmark", "load_test_set",
-           "NormalizedModel", "build_model", "register_model", "Config", "AtasError", "ConfigError", "load_config",
-           "parse_fraction", "train", "evaluate", "format_table", "export_model", "load_model", "Probe", "COMonitor",
-           "Guard", "WeightAverage", "__version__"]
+__all__ = [
+    "ATAS",
+    "FGSMRS",
+    "NFGSM",
+    "GradAlign",
+    "FGSMPGI",
+    "Free",
+    "PGDAT",
+    "ELLE",
+    "ELLEA",
+    "GAT",
+    "NuAT",
+    "SSAT",
+    "LIET",
+    "FGSMPCO",
+    "FGSMUAP",
+    "FGSMCUAP",
+    "FGSMFUAP",
+    "FGSMAT",
+    "FGSMRSCS",
+    "FGSMMEPCS",
+    "ZeroGrad",
+    "MultiGrad",
+    "NAAER",
+    "RSAAER",
+    "Method",
+    "method",
+    "get_method",
+    "list_methods",
+    "RandomCropFlip",
+    "IndexedDataset",
+    "benchmark",
+    "load_test_set",
+    "NormalizedModel",
+    "build_model",
+    "register_model",
+    "Config",
+    "AtasError",
+    "ConfigError",
+    "load_config",
+    "parse_fraction",
+    "train",
+    "evaluate",
+    "format_table",
+    "export_model",
+    "load_model",
+    "Probe",
+    "COMonitor",
+    "Guard",
+    "WeightAverage",
+    "__version__",
+]

@@ -11,6 +11,7 @@ Indexing convention: `frame[b, :, rows[b, h], cols[b, w]]` is pixel (h, w) of sa
 A horizontal flip is a reversed column index, so the same (rows, cols) pair serves the gather
 and the inverse scatter: the inverse of a crop+flip is writing back through the same indices.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 class CropFlip:
     """Per-sample crop offsets and flips for a batch; `size` is the crop side, `frame` the source side."""
 
-    top: torch.Tensor   # [B] int64
+    top: torch.Tensor  # [B] int64
     left: torch.Tensor  # [B] int64
     flip: torch.Tensor  # [B] bool
     size: int
@@ -46,8 +47,9 @@ class CropFlip:
         return b[:, None, None], slice(None), self.rows[:, :, None], self.cols[:, None, :]
 
 
-def sample_crop_flip(batch: int, frame: int, size: int, flip: bool, device: torch.device | str,
-                     generator: torch.Generator | None = None) -> CropFlip:
+def sample_crop_flip(
+    batch: int, frame: int, size: int, flip: bool, device: torch.device | str, generator: torch.Generator | None = None
+) -> CropFlip:
     """Offsets uniform in {0..frame-size} (both ends included, as RandomCrop), flip with p=0.5."""
     if size > frame:
         raise ValueError(f"crop size {size} exceeds frame size {frame}")
@@ -91,8 +93,9 @@ class PairedAugment:
            delivers frame-sized images, as for ImageNet's Resize((256, 256))).
     """
 
-    def __init__(self, size: int | None = None, pad: int = 0, frame: int | None = None, flip: bool = True,
-                 enabled: bool = True):
+    def __init__(
+        self, size: int | None = None, pad: int = 0, frame: int | None = None, flip: bool = True, enabled: bool = True
+    ):
         if pad < 0 or (size is not None and size < 1):
             raise ValueError(f"need pad >= 0 and size >= 1, got pad={pad}, size={size}")
         self.size, self.pad, self.flip, self._frame, self._enabled = size, pad, flip, frame, enabled
@@ -126,18 +129,21 @@ class PairedAugment:
     def sample(self, batch: int, device, generator: torch.Generator | None = None) -> CropFlip:
         if not self.enabled:  # identity crop: offsets 0, no flip
             zeros = torch.zeros(batch, dtype=torch.long, device=device)
-            return CropFlip(zeros, zeros, torch.zeros(batch, dtype=torch.bool, device=device),
-                            self.bound_size, self.frame)
+            return CropFlip(
+                zeros, zeros, torch.zeros(batch, dtype=torch.bool, device=device), self.bound_size, self.frame
+            )
         return sample_crop_flip(batch, self.frame, self.bound_size, self.flip, device, generator)
 
     def __call__(self, x: torch.Tensor, cf: CropFlip) -> torch.Tensor:
         frames = pad_to_frame(x, self.pad)
         if tuple(frames.shape[-2:]) != (self.frame, self.frame):
             # Cropping it anyway would silently train on (and store priors for) other pixels.
-            raise ValueError(f"this batch's images are {x.shape[-2]}x{x.shape[-1]}, but {self!r} was bound to "
-                             f"{self.size}x{self.size} images (a {self.frame}x{self.frame} frame after padding) by "
-                             "the run's first batch: every batch of a run must have the image size it started "
-                             "with. Resize the images in the Dataset, or use a new method object per image size.")
+            raise ValueError(
+                f"this batch's images are {x.shape[-2]}x{x.shape[-1]}, but {self!r} was bound to "
+                f"{self.size}x{self.size} images (a {self.frame}x{self.frame} frame after padding) by "
+                "the run's first batch: every batch of a run must have the image size it started "
+                "with. Resize the images in the Dataset, or use a new method object per image size."
+            )
         if not self.enabled and frames.shape[-1] == self.size:
             return frames
         return crop(frames, cf)

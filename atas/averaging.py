@@ -29,6 +29,7 @@ Example (docs/own-code.md):
             wa.update(epoch)
     atas.benchmark(wa.module, "cifar10", eps=8/255)
 """
+
 from __future__ import annotations
 
 import copy
@@ -84,7 +85,7 @@ class WeightAverage:
             raise ValueError("WeightAverage: the model's parameters and buffers changed since the average was made")
         first = next(iter(raw.values()), None)
         if first is not None and next(self.module.parameters(), first).device != first.device:
-            self.module.to(first.device)   # follow the model to its device
+            self.module.to(first.device)  # follow the model to its device
         avg = self._tensors(self.module)
         floats = [k for k in raw if raw[k].is_floating_point()]
         a, r = [avg[k] for k in floats], [raw[k] for k in floats]
@@ -96,12 +97,16 @@ class WeightAverage:
             torch._foreach_add_(a, r, alpha=1.0 - self.tau)
             self.num_updates += 1
         for k in raw:
-            if not raw[k].is_floating_point():   # num_batches_tracked: a counter, copied
+            if not raw[k].is_floating_point():  # num_batches_tracked: a counter, copied
                 avg[k].copy_(raw[k])
 
     def state_dict(self) -> dict:
-        return {"tau": self.tau, "start_epoch": self.start_epoch, "num_updates": self.num_updates,
-                "model": self.module.state_dict()}
+        return {
+            "tau": self.tau,
+            "start_epoch": self.start_epoch,
+            "num_updates": self.num_updates,
+            "model": self.module.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if float(state["tau"]) != self.tau:

@@ -14,6 +14,7 @@ resumed run diverge). `torch.load(weights_only=True)` then unpickles tensors, nu
 and containers only; a checkpoint holding any other object is refused. Exported models are
 safetensors plus a JSON card.
 """
+
 from __future__ import annotations
 
 import errno
@@ -88,15 +89,19 @@ def check_output(path: str | Path, folder: bool = False, flag: str = "--out") ->
     for parent in (path.parent, *path.parent.parents):
         if parent.exists() or parent.is_symlink():
             if not parent.is_dir():
-                raise OutputPathError(f"{flag} {path}: {parent} is a file, not a folder, so nothing can be "
-                                      "written under it; choose another path")
+                raise OutputPathError(
+                    f"{flag} {path}: {parent} is a file, not a folder, so nothing can be "
+                    "written under it; choose another path"
+                )
             break
     if folder and path.exists() and not path.is_dir():
-        raise OutputPathError(f"{flag} {path} is a file, not a folder: give the folder to write into "
-                              "(created if missing)")
+        raise OutputPathError(
+            f"{flag} {path} is a file, not a folder: give the folder to write into (created if missing)"
+        )
     if not folder and path.is_dir():
-        raise OutputPathError(f"{flag} {path} is a folder: give the path of the file to write, "
-                              f"e.g. {path / 'result.json'}")
+        raise OutputPathError(
+            f"{flag} {path} is a folder: give the path of the file to write, e.g. {path / 'result.json'}"
+        )
     return path
 
 
@@ -123,8 +128,15 @@ def _what_it_is(mode: int, path: Path) -> str | None:
             return "a symbolic link"
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
         return None
-    return ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+    return (
+        "a FIFO"
+        if stat.S_ISFIFO(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "a special file"
+    )
 
 
 def check_own_file(path: str | Path) -> Path:
@@ -145,7 +157,8 @@ def check_own_file(path: str | Path) -> Path:
         raise UnsafeFileError(
             f"{path} is {what}: atas writes its own files only as regular files, never through a link or into "
             f"a device or FIFO (a link in a shared run folder could overwrite any file you can write); remove it "
-            f"(`rm {shlex.quote(str(path))}`) and run the command again")
+            f"(`rm {shlex.quote(str(path))}`) and run the command again"
+        )
     return path
 
 
@@ -162,8 +175,9 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb", *,
-                 named: bool = False) -> None:
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb", *, named: bool = False
+) -> None:
     """Write `path` through `write(file)` via temp file + fsync + rename; clean up on any failure.
     Out of space: DiskFullError (a CheckpointError) naming the file, the old file untouched.
 
@@ -204,8 +218,11 @@ def _write_in_place(path: Path, write: Callable[[Any], None], mode: str) -> None
             f.flush()
     except BaseException as e:
         if _is_disk_full(e, recorder.error if recorder else None):
-            raise DiskFullError(path, "it is not a regular file, so it was written in place and holds an "
-                                "incomplete result", "free space or choose another --out, and try again") from e
+            raise DiskFullError(
+                path,
+                "it is not a regular file, so it was written in place and holds an incomplete result",
+                "free space or choose another --out, and try again",
+            ) from e
         raise
 
 
@@ -279,27 +296,38 @@ def _what_to_do(path: Path) -> str:
     if path.name == "best.pt":
         ckpt = path.with_name("checkpoint.pt")
         if ckpt.exists() and _is_whole(ckpt):
-            return (f"best.pt only holds the best-robust weights, for evaluation; the run's {ckpt} is intact: "
-                    f"evaluate, export or resume the run from it (`atas eval {path.parent}`, `atas train --resume "
-                    f"{path.parent}`), and delete the damaged file (`rm {path}`): a resumed run rewrites best.pt "
-                    "when its checkpoint is the best epoch, and at its next best epoch otherwise.")
+            return (
+                f"best.pt only holds the best-robust weights, for evaluation; the run's {ckpt} is intact: "
+                f"evaluate, export or resume the run from it (`atas eval {path.parent}`, `atas train --resume "
+                f"{path.parent}`), and delete the damaged file (`rm {path}`): a resumed run rewrites best.pt "
+                "when its checkpoint is the best epoch, and at its next best epoch otherwise."
+            )
     if ".healthy." in path.name:
         ckpt = path.with_name(path.name.replace(".healthy.", "."))
         if ckpt.exists() and _is_whole(ckpt):
-            return (f"{path.name} is only the guard's rollback target (train.co_action=recover); the run's {ckpt} is "
-                    f"intact: delete the damaged file (`rm {shlex.quote(str(path))}`) and resume the run (`atas train "
-                    f"--resume {shlex.quote(str(path.parent))}`): a rollback then takes the newest checkpoint it "
-                    "can trust, or the initial weights.")
-    from atas.rundir import fresh_start_command
-
-    again = f"start the run again (`{fresh_start_command(path.parent)}`)"
+            return (
+                f"{path.name} is only the guard's rollback target (train.co_action=recover); the run's {ckpt} is "
+                f"intact: delete the damaged file (`rm {shlex.quote(str(path))}`) and resume the run (`atas train "
+                f"--resume {shlex.quote(str(path.parent))}`): a rollback then takes the newest checkpoint it "
+                "can trust, or the initial weights."
+            )
+    # A fresh start from the run's own config.yaml (atas.rundir.fresh_start_command; spelled out here,
+    # where a run folder's rules are not imported): the damaged checkpoint is a result of the run, so
+    # the fresh start needs --overwrite to replace it.
+    config = path.parent / "config.yaml"
+    recipe = shlex.quote(str(config)) if config.is_file() else "RECIPE"
+    again = f"start the run again (`atas train {recipe} --run-dir {shlex.quote(str(path.parent))} --overwrite`)"
     prev = previous_path(path)
     if prev.exists() and prev != path:
         if _is_whole(prev):
-            return (f"The checkpoint one epoch older is kept as {prev}: move it over the damaged one "
-                    f"(`mv {prev} {path}`) and resume, or {again}.")
-        return (f"The checkpoint one epoch older, {prev}, is damaged too, so there is none to fall back to: "
-                f"restore the run folder from a copy, or {again}.")
+            return (
+                f"The checkpoint one epoch older is kept as {prev}: move it over the damaged one "
+                f"(`mv {prev} {path}`) and resume, or {again}."
+            )
+        return (
+            f"The checkpoint one epoch older, {prev}, is damaged too, so there is none to fall back to: "
+            f"restore the run folder from a copy, or {again}."
+        )
     return f"Restore the file from a copy, or {again}."
 
 
@@ -310,12 +338,14 @@ def _verify_archive(path: Path) -> None:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, ValueError, RuntimeError, EOFError) as e:
-        raise CheckpointError(f"{path} is truncated or not a checkpoint ({type(e).__name__}: {str(e)[:200]}). "
-                              + _what_to_do(path)) from None
+        raise CheckpointError(
+            f"{path} is truncated or not a checkpoint ({type(e).__name__}: {str(e)[:200]}). " + _what_to_do(path)
+        ) from None
     if bad is not None:
         raise CheckpointError(
             f"{path} is corrupt: its member {bad} fails its CRC-32 check (the file changed after it was "
-            f"written: a disk, memory or copy error). {_what_to_do(path)}")
+            f"written: a disk, memory or copy error). {_what_to_do(path)}"
+        )
 
 
 def _nonfinite(tree: Any, name: str = "") -> tuple[str, int, int] | None:
@@ -348,8 +378,10 @@ def check_readable(path: str | Path) -> None:
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EPERM):
             raise
-        raise CheckpointError(f"cannot read {path}: permission denied; run as a user who may read it "
-                              f"(ls -ld {path}), or copy it somewhere readable") from None
+        raise CheckpointError(
+            f"cannot read {path}: permission denied; run as a user who may read it "
+            f"(ls -ld {path}), or copy it somewhere readable"
+        ) from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -361,7 +393,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-off one has no directory
         raise CheckpointError(
-            f"{path} is truncated or not a checkpoint (not a complete torch zip archive). " + _what_to_do(path))
+            f"{path} is truncated or not a checkpoint (not a complete torch zip archive). " + _what_to_do(path)
+        )
     _verify_archive(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
@@ -369,11 +402,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             f"refused to load {path}: it holds Python objects other than tensors and plain values, "
             "and unpickling them could run arbitrary code. Only load checkpoints written by atas "
-            f"(or convert the file yourself from a trusted environment). Detail: {str(e)[:300]}") from None
+            f"(or convert the file yourself from a trusted environment). Detail: {str(e)[:300]}"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(
-            f"{path} is truncated or not a checkpoint ({type(e).__name__}: {str(e)[:200]}). "
-            + _what_to_do(path)) from None
+            f"{path} is truncated or not a checkpoint ({type(e).__name__}: {str(e)[:200]}). " + _what_to_do(path)
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an atas checkpoint (no '{FORMAT}' marker)")
     bad = _nonfinite({k: v for k, v in state.items() if k != "rng"})
@@ -381,7 +415,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         name, count, numel = bad
         raise CheckpointError(
             f"{path} holds non-finite values: {count} of {numel} entries of {name} are NaN or inf (a run "
-            f"resumed from it would diverge, a model evaluated from it is meaningless). {_what_to_do(path)}")
+            f"resumed from it would diverge, a model evaluated from it is meaningless). {_what_to_do(path)}"
+        )
     return state
 
 

@@ -13,6 +13,7 @@ checkpoint or export, a missing optional package), printed as one clear message,
 of atas is an `atas.AtasError` and carries its exit status (`main` turns it into one line).
 `--debug` anywhere on the line, or ATAS_DEBUG=1 in the environment, also prints the traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from atas.errors import AtasError
+
 
 def _parser() -> argparse.ArgumentParser:
     import platform
@@ -34,65 +37,106 @@ def _parser() -> argparse.ArgumentParser:
     from atas.provenance import __version__
 
     p = argparse.ArgumentParser(prog="atas", description="Fast adversarial training with adaptive step size.")
-    p.add_argument("--version", action="version",
-                   version=f"atas {__version__} (torch {torch.__version__}, Python {platform.python_version()})")
-    p.add_argument("--debug", action="store_true",
-                   help="on an error, also print the traceback (anywhere on the line; or ATAS_DEBUG=1)")
+    p.add_argument(
+        "--version",
+        action="version",
+        version=f"atas {__version__} (torch {torch.__version__}, Python {platform.python_version()})",
+    )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error, also print the traceback (anywhere on the line; or ATAS_DEBUG=1)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a recipe (or resume a run)")
     t.add_argument("recipe", nargs="?", help="shipped recipe name (see `atas recipes`) or a YAML path")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.eps=8/255 train.epochs=10")
     t.add_argument("--run-dir", help="run folder (default: <out_dir>/<name>)")
-    t.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its last checkpoint; a run that ended (finished, stopped, "
-                        "or given up by the guard) trains nothing unless train.epochs=N raises its epochs")
-    t.add_argument("--overwrite", action="store_true",
-                   help="replace a run already in the run folder (its checkpoints, metrics and eval.json go)")
+    t.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last checkpoint; a run that ended (finished, stopped, "
+        "or given up by the guard) trains nothing unless train.epochs=N raises its epochs",
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a run already in the run folder (its checkpoints, metrics and eval.json go)",
+    )
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint, run folder or exported model, or any model",
-                       description="Evaluate a trained model. The result goes to a file of its own beside the "
-                                   "checkpoint, eval-<attacks>-n<N>[-eps<eps>]-<digest>.json, where <digest> names "
-                                   "every setting that changes the numbers (attacks and their settings, eps, n, "
-                                   "seed, batch size, the weights' and the images' sha256): no other evaluation, "
-                                   "the eval.json written at the end of training included, is overwritten (give "
-                                   "--out to choose; a file there holding another evaluation is kept beside it). "
-                                   "With --model MODULE:FUNCTION, any model: see docs/own-code.md.")
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint, run folder or exported model, or any model",
+        description="Evaluate a trained model. The result goes to a file of its own beside the "
+        "checkpoint, eval-<attacks>-n<N>[-eps<eps>]-<digest>.json, where <digest> names "
+        "every setting that changes the numbers (attacks and their settings, eps, n, "
+        "seed, batch size, the weights' and the images' sha256): no other evaluation, "
+        "the eval.json written at the end of training included, is overwritten (give "
+        "--out to choose; a file there holding another evaluation is kept beside it). "
+        "With --model MODULE:FUNCTION, any model: see docs/own-code.md.",
+    )
     e.add_argument("checkpoint", nargs="?", help="run folder, checkpoint or export (or use --model)")
-    e.add_argument("--model", metavar="MODULE:FUNCTION",
-                   help="evaluate your own model: FUNCTION() builds it (with --weights, --data, --eps)")
+    e.add_argument(
+        "--model",
+        metavar="MODULE:FUNCTION",
+        help="evaluate your own model: FUNCTION() builds it (with --weights, --data, --eps)",
+    )
     e.add_argument("--weights", help="state dict for --model: .safetensors or a torch file (never unpickled)")
     e.add_argument("--data", help="dataset of --model's test split, e.g. fmnist, cifar10")
     e.add_argument("--mean", help="--model expects normalised inputs: per-channel mean, e.g. 0.49,0.48,0.45")
     e.add_argument("--std", help="per-channel std for --mean")
-    e.add_argument("--attacks", default=None,
-                   help="comma list of: clean,fgsm,pgd,aa,apgd-ce,apgd-t (default: the run's eval.attacks; "
-                        "clean,pgd,aa with --model)")
-    e.add_argument("--n-examples", type=int, default=None,
-                   help="evaluate the first N test images, 1 <= N <= test set size (default: the run's "
-                        "eval.n_examples, e.g. 1000 for the fmnist recipe; the whole test set if that is unset)")
+    e.add_argument(
+        "--attacks",
+        default=None,
+        help="comma list of: clean,fgsm,pgd,aa,apgd-ce,apgd-t (default: the run's eval.attacks; "
+        "clean,pgd,aa with --model)",
+    )
+    e.add_argument(
+        "--n-examples",
+        type=int,
+        default=None,
+        help="evaluate the first N test images, 1 <= N <= test set size (default: the run's "
+        "eval.n_examples, e.g. 1000 for the fmnist recipe; the whole test set if that is unset)",
+    )
     e.add_argument("--batch-size", type=int, default=None)
     e.add_argument("--pgd-steps", type=int, default=None)
     e.add_argument("--pgd-restarts", type=int, default=None)
-    e.add_argument("--pgd-alpha", default=None,
-                   help="PGD step: pixels (0.01, 2/255) or a multiple of eps (eps/4) (default: the run's "
-                        "eval.pgd_alpha, else the threat model's measured default)")
-    e.add_argument("--pgd-schedule", default=None, choices=("constant", "cosine"),
-                   help="PGD step schedule (default: the run's eval.pgd_schedule, else the default's)")
-    e.add_argument("--pgd-loss", default=None, choices=("ce", "margin"),
-                   help="PGD loss (default: the run's eval.pgd_loss, else the default's)")
+    e.add_argument(
+        "--pgd-alpha",
+        default=None,
+        help="PGD step: pixels (0.01, 2/255) or a multiple of eps (eps/4) (default: the run's "
+        "eval.pgd_alpha, else the threat model's measured default)",
+    )
+    e.add_argument(
+        "--pgd-schedule",
+        default=None,
+        choices=("constant", "cosine"),
+        help="PGD step schedule (default: the run's eval.pgd_schedule, else the default's)",
+    )
+    e.add_argument(
+        "--pgd-loss",
+        default=None,
+        choices=("ce", "margin"),
+        help="PGD loss (default: the run's eval.pgd_loss, else the default's)",
+    )
     e.add_argument("--eps", default=None, help="evaluation eps (default: the training eps), e.g. 8/255")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto")
     e.add_argument("--data-dir", default=None)
-    e.add_argument("--out", default=None,
-                   help="JSON result path (default: eval-<attacks>-n<N>-<digest>.json beside the checkpoint, or "
-                        "eval-<model>-<data>-<attacks>-n<N>-eps<eps>-<digest>.json here with --model; never the "
-                        "run's own eval.json unless given here; an evaluation with other settings already there "
-                        "is kept as <name>-<its digest>.json; a device or FIFO is written in place)")
+    e.add_argument(
+        "--out",
+        default=None,
+        help="JSON result path (default: eval-<attacks>-n<N>-<digest>.json beside the checkpoint, or "
+        "eval-<model>-<data>-<attacks>-n<N>-eps<eps>-<digest>.json here with --model; never the "
+        "run's own eval.json unless given here; an evaluation with other settings already there "
+        "is kept as <name>-<its digest>.json; a device or FIFO is written in place)",
+    )
     e.add_argument("--no-progress", action="store_true")
-    weights_help = ("which weights of a run with weight averaging (train.wa_tau): selected (default: the run's "
-                    "train.select rule), raw or averaged")
+    weights_help = (
+        "which weights of a run with weight averaging (train.wa_tau): selected (default: the run's "
+        "train.select rule), raw or averaged"
+    )
     e.add_argument("--which-weights", default="selected", choices=("selected", "raw", "averaged"), help=weights_help)
 
     x = sub.add_parser("export", help="write model.safetensors + card.json")
@@ -100,16 +144,23 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="export folder")
     x.add_argument("--which-weights", default="selected", choices=("selected", "raw", "averaged"), help=weights_help)
 
-    r = sub.add_parser("recipes", help="list the shipped recipes and the registered methods, models, datasets "
-                                       "and attacks")
+    r = sub.add_parser(
+        "recipes", help="list the shipped recipes and the registered methods, models, datasets and attacks"
+    )
 
     from atas.compare import add_compare_parser
 
     c = add_compare_parser(sub)
     for command in (t, e, x, r, c):
-        command.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                             help="import MODULE first (the methods, models, datasets or attacks it registers "
-                                  "become usable); repeatable")
+        command.add_argument(
+            "--import",
+            dest="imports",
+            action="append",
+            default=[],
+            metavar="MODULE",
+            help="import MODULE first (the methods, models, datasets or attacks it registers "
+            "become usable); repeatable",
+        )
     return p
 
 
@@ -148,9 +199,11 @@ def cmd_train(args) -> int:
         print(format_table(run.evaluation))
     if run.validation is not None:
         val = run.validation["results"]
-        print(f"validation ({val['clean']['n']} of the {cfg.data.val_size} held-out training images): "
-              + ", ".join(f"{v['label']} {100 * v['accuracy']:.1f}%" for v in val.values())
-              + f" -> {Path(run.run_dir) / VAL_FILE}")
+        print(
+            f"validation ({val['clean']['n']} of the {cfg.data.val_size} held-out training images): "
+            + ", ".join(f"{v['label']} {100 * v['accuracy']:.1f}%" for v in val.values())
+            + f" -> {Path(run.run_dir) / VAL_FILE}"
+        )
     if cfg.eval.at_end and distributed.is_main_process():
         print(f"run folder: {run.run_dir}")
     return 0
@@ -181,10 +234,9 @@ def _eval_device(name: str):
 def cmd_eval_external(args) -> int:
     """`atas eval --model MODULE:FUNCTION --weights FILE --data NAME --eps E`: any model, atas's evaluation."""
     from atas.checkpoint import check_output, check_own_file, is_special_file
-    from atas.config import ConfigError, Frac, check_eps
+    from atas.config import ConfigError, Frac, check_attacks, check_eps
     from atas.data import dataset_info
     from atas.evaluation import format_table, save_result
-    from atas.config import check_attacks
     from atas.evaluation.protocol import evaluation_request, request_digest
     from atas.evaluation.run import keep_earlier, load_test_set, model_eval_file_name
     from atas.external import file_sha256, load_weights, model_from_factory
@@ -192,8 +244,11 @@ def cmd_eval_external(args) -> int:
 
     missing = [flag for flag, value in (("--data", args.data), ("--eps", args.eps)) if value is None]
     if missing or args.checkpoint:
-        raise ConfigError("--model evaluates your own model: give --data and --eps (and --weights), and no run folder"
-                          if missing else f"give either a run folder ({args.checkpoint}) or --model, not both")
+        raise ConfigError(
+            "--model evaluates your own model: give --data and --eps (and --weights), and no run folder"
+            if missing
+            else f"give either a run folder ({args.checkpoint}) or --model, not both"
+        )
     eps = Frac(args.eps)
     check_eps(eps, "--eps")
     try:
@@ -211,26 +266,50 @@ def cmd_eval_external(args) -> int:
         raise ConfigError("--mean and --std go together")
     norm = None
     if args.mean is not None:
-        norm = tuple(tuple(_number(v, flag) for v in text.split(",")) for flag, text in
-                     (("--mean", args.mean), ("--std", args.std)))
+        norm = tuple(
+            tuple(_number(v, flag) for v in text.split(","))
+            for flag, text in (("--mean", args.mean), ("--std", args.std))
+        )
     model = model.to(device)
     settings = _pgd_flags(args)
     x, y = load_test_set(args.data, args.n_examples, args.data_dir)
     # Named, as `atas eval RUN` names its files, by what is evaluated and how (the request's digest:
     # the weights' and the images' sha256, every attack setting): nothing replaces another result.
-    wrapped = InputAdapter(model, *norm).to(device) if norm else model
-    request = evaluation_request(wrapped, x, y, float(eps), attacks, batch_size=args.batch_size or 256,
-                                 seed=args.seed, **settings)
-    out = check_output(args.out or model_eval_file_name(args.model, args.data, ",".join(attacks), args.n_examples,
-                                                         eps, args.weights, request_digest(request)))
+    wrapped = InputAdapter(model, norm[0], norm[1]).to(device) if norm else model
+    request = evaluation_request(
+        wrapped, x, y, float(eps), attacks, batch_size=args.batch_size or 256, seed=args.seed, **settings
+    )
+    out = check_output(
+        args.out
+        or model_eval_file_name(
+            args.model, args.data, ",".join(attacks), args.n_examples, eps, args.weights, request_digest(request)
+        )
+    )
     if not args.out:  # the name atas chose: a regular file, never a link or a device (check_own_file)
         check_own_file(out)
-    result = benchmark(model, (x, y), eps, attacks, normalization=norm, batch_size=args.batch_size or 256,
-                       seed=args.seed, progress=not args.no_progress, **settings)
-    result["model"] = {"factory": args.model, "weights": args.weights,
-                       "weights_sha256": file_sha256(args.weights) if args.weights else None, **result["model"]}
-    result["data"] = {**_data_identity(args.data, args.data_dir), "split": "test",
-                      "images": f"the first {result['n_examples']}", "sha256": result["request"]["data_sha256"]}
+    result = benchmark(
+        model,
+        (x, y),
+        eps,
+        attacks,
+        normalization=norm,
+        batch_size=args.batch_size or 256,
+        seed=args.seed,
+        progress=not args.no_progress,
+        **settings,
+    )
+    result["model"] = {
+        "factory": args.model,
+        "weights": args.weights,
+        "weights_sha256": file_sha256(args.weights) if args.weights else None,
+        **result["model"],
+    }
+    result["data"] = {
+        **_data_identity(args.data, args.data_dir),
+        "split": "test",
+        "images": f"the first {result['n_examples']}",
+        "sha256": result["request"]["data_sha256"],
+    }
     if not is_special_file(out):
         keep_earlier(Path(out), result)
     save_result(result, out, named=bool(args.out))
@@ -245,15 +324,21 @@ def _number(text: str, flag: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise ConfigError(f"{flag}: {text!r} is not a number; give one per channel, e.g. {flag} 0.49,0.48,0.45") from None
+        raise ConfigError(
+            f"{flag}: {text!r} is not a number; give one per channel, e.g. {flag} 0.49,0.48,0.45"
+        ) from None
 
 
 def _pgd_flags(args) -> dict:
     """--pgd-* of `atas eval --model`, as evaluate's keywords (left out: the defaults)."""
     from atas.config import ConfigError
 
-    for flag, value in (("--pgd-steps", args.pgd_steps), ("--pgd-restarts", args.pgd_restarts),
-                        ("--batch-size", args.batch_size), ("--n-examples", args.n_examples)):
+    for flag, value in (
+        ("--pgd-steps", args.pgd_steps),
+        ("--pgd-restarts", args.pgd_restarts),
+        ("--batch-size", args.batch_size),
+        ("--n-examples", args.n_examples),
+    ):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     names = ("pgd_steps", "pgd_restarts", "pgd_alpha", "pgd_schedule", "pgd_loss")
@@ -292,8 +377,21 @@ def cmd_eval(args) -> int:
         check_output(args.out)  # before the model is even loaded
     model, cfg, extra = load_model(args.checkpoint, device, weights=args.which_weights)
     e = cfg.eval
-    given = {"attacks": attacks, **{key: getattr(args, key) for key in (
-        "n_examples", "batch_size", "pgd_steps", "pgd_restarts", "pgd_alpha", "pgd_schedule", "pgd_loss")}}
+    given = {
+        "attacks": attacks,
+        **{
+            key: getattr(args, key)
+            for key in (
+                "n_examples",
+                "batch_size",
+                "pgd_steps",
+                "pgd_restarts",
+                "pgd_alpha",
+                "pgd_schedule",
+                "pgd_loss",
+            )
+        },
+    }
     for key, value in given.items():  # an option given on the command line replaces the run's eval.<key>
         if value is not None:
             setattr(e, key, value)
@@ -310,8 +408,18 @@ def cmd_eval(args) -> int:
         say_warning(weights["warning"])
     # Without --out: a file of its own beside the checkpoint, named by every setting of the request
     # (eval_file_name), so no other evaluation, of these weights or others, is replaced.
-    result = evaluate_run(model, cfg, source.parent, eps=eps, seed=args.seed, out=args.out, by_settings=True,
-                          progress=not args.no_progress, checkpoint=weights, named_out=bool(args.out))
+    result = evaluate_run(
+        model,
+        cfg,
+        source.parent,
+        eps=eps,
+        seed=args.seed,
+        out=args.out,
+        by_settings=True,
+        progress=not args.no_progress,
+        checkpoint=weights,
+        named_out=bool(args.out),
+    )
     print(format_table(result))
     print(f"saved: {args.out or source.parent / eval_file_name(cfg, eps, result['request_sha256'])}")
     return 0
@@ -351,8 +459,11 @@ def _print_registries() -> None:
     for name in METHODS.names():
         cls = METHODS.get(name)
         print(f"  {name:14s} {cls.display_label():12s} {cls.cost}")
-    for title, registry in (("models (model.arch)", MODELS), ("datasets (data.name)", DATASETS),
-                            ("attacks (eval.attacks, --attacks)", ATTACKS)):
+    for title, registry in (
+        ("models (model.arch)", MODELS),
+        ("datasets (data.name)", DATASETS),
+        ("attacks (eval.attacks, --attacks)", ATTACKS),
+    ):
         print(f"{title}: {', '.join(registry.names())}")
 
 
@@ -383,7 +494,6 @@ def _stdout_closed() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from atas.errors import AtasError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("ATAS_DEBUG", "").strip() not in ("", "0")
@@ -407,7 +517,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, handlers: dict, debug: bool) -> int:
-    from atas.rundir import TrainingDiverged
 
     try:
         if getattr(args, "imports", None) is not None:
@@ -423,12 +532,19 @@ def _run(args, handlers: dict, debug: bool) -> int:
         return _fail(args.command, e, e.exit_status, debug)
     except PermissionError as e:  # a file or folder this user may not read or write: the user can fix that
         where = f" {e.filename}" if e.filename else ""
-        return _fail(args.command, PermissionError(f"permission denied:{where}; run as a user who may access it "
-                                                   f"(ls -ld{where or ' PATH'})"), 2, debug)
+        return _fail(
+            args.command,
+            PermissionError(f"permission denied:{where}; run as a user who may access it (ls -ld{where or ' PATH'})"),
+            2,
+            debug,
+        )
     except BrokenPipeError:
         return _stdout_closed()
     except KeyboardInterrupt as e:
         how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        print(f"{how}; the last completed epoch's checkpoint is intact (resume with atas train --resume "
-              f"{getattr(args, 'run_dir_hint', 'RUN_DIR')})", file=sys.stderr)
+        print(
+            f"{how}; the last completed epoch's checkpoint is intact (resume with atas train --resume "
+            f"{getattr(args, 'run_dir_hint', 'RUN_DIR')})",
+            file=sys.stderr,
+        )
         return 143 if isinstance(e, Terminated) else 130

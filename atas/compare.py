@@ -12,6 +12,7 @@ anything trains, so a typo fails in a second, not after the first run.
 This module is the command (its parser, its checks, its output); the runs are planned, run and
 summarised by atas.sweep, and the tables, findings and plots are in atas.report.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,33 +78,60 @@ per eps, CO counts, findings, plots OUT/*.png), and the summary table on stdout.
 
 
 def add_compare_parser(sub) -> argparse.ArgumentParser:
-    c = sub.add_parser("compare", help="train and evaluate several methods/seeds/eps on one recipe; write a report",
-                       description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c = sub.add_parser(
+        "compare",
+        help="train and evaluate several methods/seeds/eps on one recipe; write a report",
+        description=__doc__.split("\n\n")[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     c.add_argument("recipe", help="shipped recipe name (see `atas recipes`) or a YAML path")
     # key=value after the options reach `overrides` through atas.cli.main's parse_known_args.
     c.add_argument("overrides", nargs="*", help="key=value overrides (see below)")
     c.add_argument("--methods", default="atas,fgsm_rs", help="comma list of method names (default: atas,fgsm_rs)")
     c.add_argument("--seeds", type=int, default=1, help="number of seeds per (method, eps) (default: 1)")
     c.add_argument("--eps", default=None, help="comma list, e.g. 0.1,0.2,0.3 or 8/255,16/255 (default: the recipe's)")
-    c.add_argument("--attacks", default=None,
-                   help="comma list for the final evaluation, e.g. clean,pgd,aa (default: the recipe's eval.attacks)")
-    c.add_argument("--n-examples", type=int, default=None,
-                   help="evaluate on the first N test images (default: the recipe's eval.n_examples)")
-    c.add_argument("--out", default=None,
-                   help="report folder (default: reports/<recipe>; an out_dir=DIR override means DIR/<recipe>)")
-    c.add_argument("--tune", action="store_true",
-                   help="before the seeds, search the hyper-parameter each compared method declares as not "
-                        "transferring (ELLE lam, ELLE-A lam_max, GradAlign lam) on a validation split, one run "
-                        "per grid value per eps, and run the seeds at the best value (see below)")
-    c.add_argument("--tune-val-size", type=int, default=None,
-                   help="with --tune: training images held out (the last N) to choose on (default: "
-                        f"{DEFAULT_VAL_SIZE})")
-    c.add_argument("--tune-n-examples", type=int, default=None,
-                   help="with --tune: validate each value on the first N held-out images (default: up to 1000)")
-    c.add_argument("--report-only", action="store_true",
-                   help="train and evaluate nothing: write the report from the runs that have finished, "
-                        "listing the others as not finished (look at a sweep while it runs)")
+    c.add_argument(
+        "--attacks",
+        default=None,
+        help="comma list for the final evaluation, e.g. clean,pgd,aa (default: the recipe's eval.attacks)",
+    )
+    c.add_argument(
+        "--n-examples",
+        type=int,
+        default=None,
+        help="evaluate on the first N test images (default: the recipe's eval.n_examples)",
+    )
+    c.add_argument(
+        "--out",
+        default=None,
+        help="report folder (default: reports/<recipe>; an out_dir=DIR override means DIR/<recipe>)",
+    )
+    c.add_argument(
+        "--tune",
+        action="store_true",
+        help="before the seeds, search the hyper-parameter each compared method declares as not "
+        "transferring (ELLE lam, ELLE-A lam_max, GradAlign lam) on a validation split, one run "
+        "per grid value per eps, and run the seeds at the best value (see below)",
+    )
+    c.add_argument(
+        "--tune-val-size",
+        type=int,
+        default=None,
+        help=f"with --tune: training images held out (the last N) to choose on (default: {DEFAULT_VAL_SIZE})",
+    )
+    c.add_argument(
+        "--tune-n-examples",
+        type=int,
+        default=None,
+        help="with --tune: validate each value on the first N held-out images (default: up to 1000)",
+    )
+    c.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train and evaluate nothing: write the report from the runs that have finished, "
+        "listing the others as not finished (look at a sweep while it runs)",
+    )
     return c
 
 
@@ -168,12 +196,14 @@ class Eta:
         when there is nothing to estimate (no run trained yet, or none left)."""
         if self.to_train[index]:
             self.seconds.append(seconds)
-        left = sum(self.to_train[index + 1:])
+        left = sum(self.to_train[index + 1 :])
         if not self.seconds or not left:
             return None
         mean = sum(self.seconds) / len(self.seconds)
-        return (f"about {_duration(mean * left)} left for {left} run(s) to train "
-                f"(mean {_duration(mean)} a run so far, {_duration(sum(self.seconds))} spent)")
+        return (
+            f"about {_duration(mean * left)} left for {left} run(s) to train "
+            f"(mean {_duration(mean)} a run so far, {_duration(sum(self.seconds))} spent)"
+        )
 
 
 def _duration(seconds: float) -> str:
@@ -188,6 +218,7 @@ def _duration(seconds: float) -> str:
 @dataclass
 class _Tuning:
     """`--tune`: the searches (atas.tune), their validation size and how many images they score on."""
+
     searches: list = field(default_factory=list)
     val_size: int | None = None
     n_examples: int | None = None
@@ -217,14 +248,19 @@ def _announce(specs: list[RunSpec], statuses: list, tuning: _Tuning, out: Path) 
     after = sum(st is None for st in statuses)
     search_specs = [sp for search in tuning.searches for sp in search.specs]
     search_todo = sum(training_status(sp.run_dir, sp.cfg) != "done" for sp in search_specs)
-    print(f"atas compare: {len(specs)} runs ({sum(st not in ('done', None) for st in statuses)} to train or resume"
-          + (f", {after} more after the hyper-parameter search" if after else "") + ")"
-          + (f", a search of {len(search_specs)} runs first ({search_todo} to train or resume)" if search_specs
-             else "") + f" -> {out}", flush=True)
+    print(
+        f"atas compare: {len(specs)} runs ({sum(st not in ('done', None) for st in statuses)} to train or resume"
+        + (f", {after} more after the hyper-parameter search" if after else "")
+        + ")"
+        + (f", a search of {len(search_specs)} runs first ({search_todo} to train or resume)" if search_specs else "")
+        + f" -> {out}",
+        flush=True,
+    )
 
 
-def _run_tuning(args, tuning: _Tuning, methods: list[str], eps_list, routed: RoutedOverrides, out: Path,
-                statuses: list) -> tuple[list[RunSpec], list]:
+def _run_tuning(
+    args, tuning: _Tuning, methods: list[str], eps_list, routed: RoutedOverrides, out: Path, statuses: list
+) -> tuple[list[RunSpec], list]:
     """Run the searches, then plan the seeds again with the values they chose."""
     from atas.tune import run_search
 
@@ -234,8 +270,10 @@ def _run_tuning(args, tuning: _Tuning, methods: list[str], eps_list, routed: Rou
     chosen = {(s.method, s.eps): s.override() for s in tuning.searches if s.chosen is not None}
     specs = plan_runs(args.recipe, methods, eps_list, args.seeds, routed, out, chosen)
     pending = {(s.method, s.eps) for s in tuning.searches if not s.skipped and not s.finished}
-    statuses = [st if st is not None or (sp.method, sp.eps) in pending else training_status(sp.run_dir, sp.cfg)
-                for sp, st in zip(specs, statuses)]
+    statuses = [
+        st if st is not None or (sp.method, sp.eps) in pending else training_status(sp.run_dir, sp.cfg)
+        for sp, st in zip(specs, statuses)
+    ]
     return specs, statuses
 
 
@@ -268,8 +306,10 @@ def _check_test_set_size(spec: RunSpec) -> None:
         return
     size = _test_set_size(d.name, d.data_dir, d.download, d.test_subset)
     if n_wanted > size:
-        raise ConfigError(f"--n-examples / eval.n_examples is {n_wanted} but the {d.name} test set has {size} "
-                          f"images; give at most {size}")
+        raise ConfigError(
+            f"--n-examples / eval.n_examples is {n_wanted} but the {d.name} test set has {size} "
+            f"images; give at most {size}"
+        )
 
 
 def _run_or_read(args, i: int, n: int, spec: RunSpec, status: str | None, out: Path) -> dict:
@@ -280,20 +320,32 @@ def _run_or_read(args, i: int, n: int, spec: RunSpec, status: str | None, out: P
     head = f"[{i}/{n}] {spec.method} eps={spec.eps} seed={spec.seed}"
     if status is None:  # --report-only, and the search that picks this run's value has not finished
         print(f"{head}: hyper-parameter search not finished (--report-only)", flush=True)
-        return {"method": spec.method, "eps": spec.eps, "eps_value": float(spec.cfg.method.eps),
-                "seed": spec.seed, "missing": "hyper-parameter search not finished",
-                "run_dir": os.path.relpath(spec.run_dir, out)}
+        return {
+            "method": spec.method,
+            "eps": spec.eps,
+            "eps_value": float(spec.cfg.method.eps),
+            "seed": spec.seed,
+            "missing": "hyper-parameter search not finished",
+            "run_dir": os.path.relpath(spec.run_dir, out),
+        }
     if args.report_only and status == "diverged":
         info = read_divergence(spec.run_dir)
         assert info is not None  # the status "diverged" is read from this very file
         print(f"{head}: diverged at epoch {info['epoch']} (loss {info['loss']}) (--report-only)", flush=True)
-        return _failed_row(spec, out, f"diverged at epoch {info['epoch']}, step {info['step']} "
-                                      f"(loss {info['loss']})", info)
+        return _failed_row(
+            spec, out, f"diverged at epoch {info['epoch']}, step {info['step']} (loss {info['loss']})", info
+        )
     if args.report_only and (status != "done" or not eval_is_current(spec.run_dir, spec.cfg)):
         missing = {"fresh": "not started", "resume": "training unfinished"}.get(status, "not evaluated")
         print(f"{head}: {missing} (--report-only)", flush=True)
-        return {"method": spec.method, "eps": spec.eps, "eps_value": float(spec.cfg.method.eps),
-                "seed": spec.seed, "missing": missing, "run_dir": os.path.relpath(spec.run_dir, out)}
+        return {
+            "method": spec.method,
+            "eps": spec.eps,
+            "eps_value": float(spec.cfg.method.eps),
+            "seed": spec.seed,
+            "missing": missing,
+            "run_dir": os.path.relpath(spec.run_dir, out),
+        }
     try:
         action = run_one(spec)
     except TrainingDiverged as e:  # one diverged run must not cost the rest of the sweep
@@ -312,16 +364,26 @@ def _verdict(row: dict) -> str:
     if outcome == "did not learn":
         return "did not learn"
     if outcome == "gave up":
-        end = next((e for e in reversed(row.get("guard_events") or []) if e.get("event") == "gave_up"), {})
-        return ("CO flagged, the guard gave up" + (f" (final weights: epoch {end['rollback_to']}, its last healthy one)"
-                                                   if "rollback_to" in end else ""))
+        end: dict = next((e for e in reversed(row.get("guard_events") or []) if e.get("event") == "gave_up"), {})
+        return "CO flagged, the guard gave up" + (
+            f" (final weights: epoch {end['rollback_to']}, its last healthy one)" if "rollback_to" in end else ""
+        )
     if outcome == "recovered":
         return "CO flagged, recovered by the guard (not flagged at the end)"
     return f"CO {'yes' if row['co_detected'] else 'no'}; {outcome}"
 
 
-def _write_outputs(args, methods: list[str], specs: list[RunSpec], attacks: list[str], routed: RoutedOverrides,
-                   rows: list[dict], out: Path, load_at_start: float | None, tuning: _Tuning) -> None:
+def _write_outputs(
+    args,
+    methods: list[str],
+    specs: list[RunSpec],
+    attacks: list[str],
+    routed: RoutedOverrides,
+    rows: list[dict],
+    out: Path,
+    load_at_start: float | None,
+    tuning: _Tuning,
+) -> None:
     """summary.json (with the command, its equivalent and the machine), the report, the table."""
     from atas.checkpoint import atomic_write_text
     from atas.factories import resolve_device
@@ -329,20 +391,42 @@ def _write_outputs(args, methods: list[str], specs: list[RunSpec], attacks: list
 
     mark_learning(rows)  # did not learn / outcome, against the other methods' runs
     eps = list(dict.fromkeys(s.eps for s in specs))
-    equivalent = ["atas", "compare", args.recipe, "--methods", ",".join(methods), "--seeds", str(args.seeds),
-                  "--eps", ",".join(eps), "--attacks", ",".join(attacks)]
+    equivalent = [
+        "atas",
+        "compare",
+        args.recipe,
+        "--methods",
+        ",".join(methods),
+        "--seeds",
+        str(args.seeds),
+        "--eps",
+        ",".join(eps),
+        "--attacks",
+        ",".join(attacks),
+    ]
     if args.n_examples is not None:
         equivalent += ["--n-examples", str(args.n_examples)]
     if args.tune:
         equivalent += ["--tune", "--tune-val-size", str(tuning.val_size), "--tune-n-examples", str(tuning.n_examples)]
-    command = {"command": shlex.join(sys.argv), "equivalent": shlex.join(equivalent + ["--out", str(out)]
-                                                                         + list(args.overrides))}
+    command = {
+        "command": shlex.join(sys.argv),
+        "equivalent": shlex.join(equivalent + ["--out", str(out)] + list(args.overrides)),
+    }
     machine = machine_info(str(resolve_device(specs[0].cfg.train.device)), load_at_start)
-    summary = {"format": SUMMARY_FORMAT,
-               "date": datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds"),
-               **command, "machine": machine, "recipe": args.recipe, "methods": methods,
-               "eps": eps, "seeds": sorted({s.seed for s in specs}),
-               "attacks": attacks, "n_examples": args.n_examples, "notes": routed.notes, "runs": rows}
+    summary = {
+        "format": SUMMARY_FORMAT,
+        "date": datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds"),
+        **command,
+        "machine": machine,
+        "recipe": args.recipe,
+        "methods": methods,
+        "eps": eps,
+        "seeds": sorted({s.seed for s in specs}),
+        "attacks": attacks,
+        "n_examples": args.n_examples,
+        "notes": routed.notes,
+        "runs": rows,
+    }
     if args.tune:  # per (method, eps): the grid, each value's validation accuracy, the value chosen
         summary["search"] = [s.summary(tuning.val_size, tuning.n_examples, specs[0].seed) for s in tuning.searches]
     out.mkdir(parents=True, exist_ok=True)

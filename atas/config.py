@@ -4,6 +4,7 @@ One unit system: pixels in [0, 1]. A perturbation size written `8/255` is parsed
 an exact fraction (never `eval`) and keeps the text the user wrote, so reports can say "8/255".
 The resolved config is saved in the run folder and in every checkpoint.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,12 +51,12 @@ def check_eps(eps: float, key: str = "method.eps") -> None:
 @dataclass
 class DataConfig:
     name: str = "cifar10"
-    data_dir: str | None = None      # None: the dataset's default search path (see atas.data)
-    download: bool = False           # torchvision download, needs internet
-    train_pad: int | None = None     # None: the dataset's default (CIFAR 4, as the official code)
-    flip: bool | None = None         # None: the dataset's default
-    subset: int | None = None        # keep only the first n training images (quick runs, tests)
-    test_subset: int | None = None   # keep only the first n test images
+    data_dir: str | None = None  # None: the dataset's default search path (see atas.data)
+    download: bool = False  # torchvision download, needs internet
+    train_pad: int | None = None  # None: the dataset's default (CIFAR 4, as the official code)
+    flip: bool | None = None  # None: the dataset's default
+    subset: int | None = None  # keep only the first n training images (quick runs, tests)
+    test_subset: int | None = None  # keep only the first n test images
     # Hold out the LAST n images of the training split (after data.subset) as a validation split:
     # never trained on (the run trains on the first len-n, with per-sample indices 0..len-n-1) and
     # evaluated by `atas train` at the end (val.json) and by `atas compare --tune`. 0: none.
@@ -64,7 +65,7 @@ class DataConfig:
     # split: for a split stored class by class, an image folder such as Tiny-ImageNet's, where the
     # last n would be whole classes). atas.data.val_indices.
     val_from: str = "last"
-    num_workers: int = 4             # DataLoader workers, folder datasets only
+    num_workers: int = 4  # DataLoader workers, folder datasets only
 
 
 @dataclass
@@ -87,7 +88,7 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"                # sgd (every paper recipe) | adam (Wong et al.'s MNIST recipe)
+    name: str = "sgd"  # sgd (every paper recipe) | adam (Wong et al.'s MNIST recipe)
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -100,8 +101,8 @@ class OptimConfig:
     milestones: list[int] = field(default_factory=lambda: [24, 28])
     gamma: float = 0.1
     pct_start: float = 0.4
-    div_factor: float = 25.0         # onecycle: starting lr = lr / div_factor (torch's default)
-    final_div_factor: float = 1e4    # onecycle: final lr = lr / div_factor / final_div_factor
+    div_factor: float = 25.0  # onecycle: starting lr = lr / div_factor (torch's default)
+    final_div_factor: float = 1e4  # onecycle: final lr = lr / div_factor / final_div_factor
 
 
 @dataclass
@@ -109,20 +110,20 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 128
     seed: int = 0
-    deterministic: bool = False      # torch.use_deterministic_algorithms + cudnn settings
-    device: str = "auto"             # auto | cpu | cuda | cuda:N
-    store_dtype: str = "float32"     # per-sample store: float32 (official) | float16 | bfloat16 | int8
-    store_size: int | None = None    # stored prior side; None: the frame (ImageNet official: 32)
+    deterministic: bool = False  # torch.use_deterministic_algorithms + cudnn settings
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    store_dtype: str = "float32"  # per-sample store: float32 (official) | float16 | bfloat16 | int8
+    store_size: int | None = None  # stored prior side; None: the frame (ImageNet official: 32)
     # Keep the store's prior in this file (memory-mapped, on the CPU) instead of in memory; a
     # relative path is under the run folder. None: in memory on the training device.
     store_memmap: str | None = None
-    drop_last: bool = False          # official: False (the last partial batch is trained on)
-    probe_size: int = 512            # fixed held-out batch for the per-epoch PGD probe (0: off)
-    probe_steps: int = 10            # PGD-k of the probe (cross-entropy at eps/4; margin with the eval's step rule)
-    probe_restarts: int = 1          # restarts of the probe's margin-loss PGD-k (its worst case)
-    amp: str = "off"                 # off | bf16 | fp16 (autocast; GradScaler for fp16)
+    drop_last: bool = False  # official: False (the last partial batch is trained on)
+    probe_size: int = 512  # fixed held-out batch for the per-epoch PGD probe (0: off)
+    probe_steps: int = 10  # PGD-k of the probe (cross-entropy at eps/4; margin with the eval's step rule)
+    probe_restarts: int = 1  # restarts of the probe's margin-loss PGD-k (its worst case)
+    amp: str = "off"  # off | bf16 | fp16 (autocast; GradScaler for fp16)
     channels_last: bool = False
-    compile: bool = False            # torch.compile the model (attack and training passes)
+    compile: bool = False  # torch.compile the model (attack and training passes)
     # The training-eps schedule of every method: a linear ramp of eps over the first N epochs
     # (0: none, as every paper). method.<name>.eps_ramp_epochs overrides it for one method.
     eps_ramp_epochs: int = 0
@@ -133,9 +134,9 @@ class TrainConfig:
     # (atas.guard), at most max_recoveries times and recover_budget_epochs replayed epochs.
     co_action: str = "recover"
     max_recoveries: int = 3
-    recover_budget_epochs: int | None = None   # None: train.epochs (the guard at most doubles a run)
+    recover_budget_epochs: int | None = None  # None: train.epochs (the guard at most doubles a run)
     progress: bool = True
-    max_steps: int | None = None     # stop after this many optimizer steps (tests, debugging)
+    max_steps: int | None = None  # stop after this many optimizer steps (tests, debugging)
     # Training techniques of the FastAT benchmark (docs/algorithm.md, "Training techniques"):
     # label smoothing of every method's training cross-entropy (method.<name>.label_smoothing
     # overrides it for one method; a method with no cross-entropy term ignores it);
@@ -161,10 +162,10 @@ class EvalConfig:
     # in pixel units (0.01, 2/255) or a multiple of eps ("eps/4", "0.25eps").
     pgd_alpha: str | None = None
     pgd_schedule: str | None = None  # constant | cosine; None: the default's (constant if pgd_alpha given)
-    pgd_loss: str | None = None      # ce | margin; None: the default's (ce if pgd_alpha given)
-    n_examples: int | None = None    # None: the whole test set
+    pgd_loss: str | None = None  # ce | margin; None: the default's (ce if pgd_alpha given)
+    n_examples: int | None = None  # None: the whole test set
     batch_size: int = 256
-    at_end: bool = True              # evaluate the final model when training ends
+    at_end: bool = True  # evaluate the final model when training ends
 
 
 @dataclass
@@ -364,45 +365,64 @@ def validate(cfg: Config) -> None:
     method_cls.check_options(options)  # the method's own range checks, before anything trains
     cfg.method.args = _to_plain(options)
     if cfg.train.compile and method_cls.no_compile:
-        raise ConfigError(f"train.compile=true cannot run {cfg.method.name}: {method_cls.no_compile}. "
-                          "Set train.compile=false.")
+        raise ConfigError(
+            f"train.compile=true cannot run {cfg.method.name}: {method_cls.no_compile}. Set train.compile=false."
+        )
     for key, n in (("data.subset", cfg.data.subset), ("data.test_subset", cfg.data.test_subset)):
         if n is not None and n < 1:  # x[:0] would keep nothing and x[:-5] all but 5: never what was meant
-            raise ConfigError(f"{key} must be >= 1 (keep the first N images), got {n}; "
-                              f"leave it out (or {key}=null) to use the whole split")
+            raise ConfigError(
+                f"{key} must be >= 1 (keep the first N images), got {n}; "
+                f"leave it out (or {key}=null) to use the whole split"
+            )
     if cfg.data.val_size < 0:
-        raise ConfigError(f"data.val_size must be >= 0 (the number of training images held out for validation; "
-                          f"0: none), got {cfg.data.val_size}")
+        raise ConfigError(
+            f"data.val_size must be >= 0 (the number of training images held out for validation; "
+            f"0: none), got {cfg.data.val_size}"
+        )
     if cfg.data.val_from not in ("last", "stride"):
-        raise ConfigError(f"data.val_from must be last or stride (evenly spread: a class-sorted image folder), "
-                          f"got {cfg.data.val_from!r}")
+        raise ConfigError(
+            f"data.val_from must be last or stride (evenly spread: a class-sorted image folder), "
+            f"got {cfg.data.val_from!r}"
+        )
     if cfg.data.subset is not None and cfg.data.val_size >= cfg.data.subset:
-        raise ConfigError(f"data.val_size={cfg.data.val_size} holds out all of the data.subset={cfg.data.subset} "
-                          f"training images; give data.val_size < {cfg.data.subset} (something must be trained on)")
+        raise ConfigError(
+            f"data.val_size={cfg.data.val_size} holds out all of the data.subset={cfg.data.subset} "
+            f"training images; give data.val_size < {cfg.data.subset} (something must be trained on)"
+        )
     if cfg.train.epochs < 1:
         raise ConfigError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
     if cfg.train.batch_size < 1:
         raise ConfigError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
     if cfg.train.store_dtype not in ("float32", "float16", "bfloat16", "int8"):
-        raise ConfigError("train.store_dtype must be float32, float16, bfloat16 or int8 (quantised relative to "
-                          f"eps), got {cfg.train.store_dtype!r}")
+        raise ConfigError(
+            "train.store_dtype must be float32, float16, bfloat16 or int8 (quantised relative to "
+            f"eps), got {cfg.train.store_dtype!r}"
+        )
     if cfg.train.amp not in ("off", "bf16", "fp16"):
         raise ConfigError(f"train.amp must be off, bf16 or fp16, got {cfg.train.amp!r}")
     if cfg.train.co_action not in CO_ACTIONS:
-        raise ConfigError(f"train.co_action must be one of {', '.join(CO_ACTIONS)} (recover: roll back to the last "
-                          f"healthy epoch and apply the method's remedy), got {cfg.train.co_action!r}")
+        raise ConfigError(
+            f"train.co_action must be one of {', '.join(CO_ACTIONS)} (recover: roll back to the last "
+            f"healthy epoch and apply the method's remedy), got {cfg.train.co_action!r}"
+        )
     for key in ("eps_ramp_epochs", "max_recoveries"):
         if getattr(cfg.train, key) < 0:
             raise ConfigError(f"train.{key} must be >= 0, got {getattr(cfg.train, key)}")
     if cfg.train.recover_budget_epochs is not None and cfg.train.recover_budget_epochs < 0:
-        raise ConfigError(f"train.recover_budget_epochs must be >= 0 (epochs the guard may replay), "
-                          f"got {cfg.train.recover_budget_epochs}")
+        raise ConfigError(
+            f"train.recover_budget_epochs must be >= 0 (epochs the guard may replay), "
+            f"got {cfg.train.recover_budget_epochs}"
+        )
     if cfg.train.probe_size < 0:  # x_test[--5:] would probe on 9,995 of the evaluation images
-        raise ConfigError(f"train.probe_size must be >= 0 (the number of test images held out for the per-epoch "
-                          f"probe; 0: no probe), got {cfg.train.probe_size}")
+        raise ConfigError(
+            f"train.probe_size must be >= 0 (the number of test images held out for the per-epoch "
+            f"probe; 0: no probe), got {cfg.train.probe_size}"
+        )
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
-        raise ConfigError(f"train.max_steps must be >= 1 (stop after that many optimizer steps), got "
-                          f"{cfg.train.max_steps}; leave it out (or train.max_steps=null) to train every epoch")
+        raise ConfigError(
+            f"train.max_steps must be >= 1 (stop after that many optimizer steps), got "
+            f"{cfg.train.max_steps}; leave it out (or train.max_steps=null) to train every epoch"
+        )
     check_device(cfg.train.device, "train.device")
     if cfg.train.probe_steps < 1:
         raise ConfigError(f"train.probe_steps must be >= 1, got {cfg.train.probe_steps}")
@@ -412,11 +432,15 @@ def validate(cfg: Config) -> None:
     if cfg.optim.schedule not in SCHEDULES:
         raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.optim.schedule!r}")
     if cfg.optim.schedule in ("cyclic", "onecycle") and not 0 < cfg.optim.pct_start < 1:
-        raise ConfigError(f"optim.pct_start (the fraction of training spent rising to the peak lr) must lie in "
-                          f"(0, 1), got {cfg.optim.pct_start}")
+        raise ConfigError(
+            f"optim.pct_start (the fraction of training spent rising to the peak lr) must lie in "
+            f"(0, 1), got {cfg.optim.pct_start}"
+        )
     if cfg.optim.div_factor < 1 or cfg.optim.final_div_factor < 1:
-        raise ConfigError(f"optim.div_factor and optim.final_div_factor must be >= 1 (onecycle starts at "
-                          f"lr/div_factor), got {cfg.optim.div_factor}, {cfg.optim.final_div_factor}")
+        raise ConfigError(
+            f"optim.div_factor and optim.final_div_factor must be >= 1 (onecycle starts at "
+            f"lr/div_factor), got {cfg.optim.div_factor}, {cfg.optim.final_div_factor}"
+        )
     if cfg.optim.name not in ("sgd", "adam"):
         raise ConfigError(f"optim.name must be sgd or adam, got {cfg.optim.name!r}")
     if cfg.optim.lr <= 0:
@@ -433,8 +457,9 @@ def check_device(name: str, key: str) -> None:
     try:
         torch.device(name)
     except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"{key}={name} is not a device ({str(e).split(' device type')[0]}); use auto, cpu, cuda "
-                          "or cuda:N") from None
+        raise ConfigError(
+            f"{key}={name} is not a device ({str(e).split(' device type')[0]}); use auto, cpu, cuda or cuda:N"
+        ) from None
 
 
 def training_warnings(cfg: Config) -> list[str]:
@@ -444,11 +469,13 @@ def training_warnings(cfg: Config) -> list[str]:
     ramp, start = int(opts.get("eps_ramp_epochs", 0) or 0), int(opts.get("eps_ramp_start", 1) or 1)
     if ramp and start + ramp - 1 > cfg.train.epochs:
         last = cfg.train.epochs - start + 1
-        key = ("method.eps_ramp_epochs" if ramp != cfg.train.eps_ramp_epochs else "train.eps_ramp_epochs")
-        notes.append(f"{key}={ramp} is longer than train.epochs={cfg.train.epochs}: the run never trains at "
-                     f"method.eps={cfg.method.eps.text} (its last epoch trains at eps "
-                     f"{float(cfg.method.eps) * max(last, 0) / ramp:.4g}, {max(last, 0)}/{ramp} of it); give "
-                     f"{key} <= train.epochs (or more train.epochs)")
+        key = "method.eps_ramp_epochs" if ramp != cfg.train.eps_ramp_epochs else "train.eps_ramp_epochs"
+        notes.append(
+            f"{key}={ramp} is longer than train.epochs={cfg.train.epochs}: the run never trains at "
+            f"method.eps={cfg.method.eps.text} (its last epoch trains at eps "
+            f"{float(cfg.method.eps) * max(last, 0) / ramp:.4g}, {max(last, 0)}/{ramp} of it); give "
+            f"{key} <= train.epochs (or more train.epochs)"
+        )
     return notes
 
 
@@ -458,16 +485,17 @@ def _check_ranges(cfg: Config) -> None:
     mid-run): each with the range it must lie in."""
     d, t, o = cfg.data, cfg.train, cfg.optim
     for key, value, ok, want in (
-            ("data.train_pad", d.train_pad, d.train_pad is None or d.train_pad >= 0, ">= 0 (or null: the dataset's)"),
-            ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
-            ("train.probe_size", t.probe_size, t.probe_size >= 0, ">= 0 (0: no probe)"),
-            ("train.probe_steps", t.probe_steps, t.probe_steps >= 1, ">= 1"),
-            ("train.store_size", t.store_size, t.store_size is None or t.store_size >= 1, ">= 1 (or null: the frame)"),
-            ("train.max_steps", t.max_steps, t.max_steps is None or t.max_steps >= 1, ">= 1 (or null: no limit)"),
-            ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
-            ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
-            ("optim.gamma", o.gamma, o.gamma > 0, "> 0 (the LR factor at each milestone)"),
-            ("optim.milestones", o.milestones, all(m >= 0 for m in o.milestones), "epochs >= 0")):
+        ("data.train_pad", d.train_pad, d.train_pad is None or d.train_pad >= 0, ">= 0 (or null: the dataset's)"),
+        ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
+        ("train.probe_size", t.probe_size, t.probe_size >= 0, ">= 0 (0: no probe)"),
+        ("train.probe_steps", t.probe_steps, t.probe_steps >= 1, ">= 1"),
+        ("train.store_size", t.store_size, t.store_size is None or t.store_size >= 1, ">= 1 (or null: the frame)"),
+        ("train.max_steps", t.max_steps, t.max_steps is None or t.max_steps >= 1, ">= 1 (or null: no limit)"),
+        ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
+        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+        ("optim.gamma", o.gamma, o.gamma > 0, "> 0 (the LR factor at each milestone)"),
+        ("optim.milestones", o.milestones, all(m >= 0 for m in o.milestones), "epochs >= 0"),
+    ):
         if not ok:
             raise ConfigError(f"{key} must be {want}, got {value}")
 
@@ -478,15 +506,17 @@ def check_techniques(cfg: Config) -> None:
 
     t = cfg.train
     if not 0.0 <= t.label_smoothing < 1.0:
-        raise ConfigError(f"train.label_smoothing must be in [0, 1) (the benchmark's 0.4; 0: none), "
-                          f"got {t.label_smoothing}")
+        raise ConfigError(
+            f"train.label_smoothing must be in [0, 1) (the benchmark's 0.4; 0: none), got {t.label_smoothing}"
+        )
     if t.wa_tau != 0:
         from atas.averaging import check_tau
 
         check_tau(t.wa_tau, "train.wa_tau")
     if t.wa_start_epoch < 1:
-        raise ConfigError(f"train.wa_start_epoch must be >= 1 (the first averaged epoch, 1-based), "
-                          f"got {t.wa_start_epoch}")
+        raise ConfigError(
+            f"train.wa_start_epoch must be >= 1 (the first averaged epoch, 1-based), got {t.wa_start_epoch}"
+        )
     selection_mode(t.select, t.wa_tau, cfg.data.val_size)
 
 
@@ -514,8 +544,9 @@ def check_attacks(attacks: list[str] | str, key: str = "", installed: bool = Fal
     names = list(dict.fromkeys(a.strip().lower() for a in attacks if a.strip()))
     unknown = [a for a in names if a not in ATTACKS.names()]
     if unknown or not names:
-        raise ConfigError(f"{key}unknown attack(s) {', '.join(unknown) or '(none given)'}; "
-                          f"valid: {', '.join(ATTACKS.names())}")
+        raise ConfigError(
+            f"{key}unknown attack(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(ATTACKS.names())}"
+        )
     missing = [a for a in names if ATTACKS[a].requires and not available(ATTACKS[a].requires)]
     if installed and missing:
         module = ATTACKS[missing[0]].requires
@@ -523,9 +554,11 @@ def check_attacks(attacks: list[str] | str, key: str = "", installed: bool = Fal
         kept = ",".join(a for a in names if a not in needs) or "clean,pgd"
         what = ", ".join(f"{a} ({ATTACKS[a].label})" for a in needs)
         option = key.rstrip(": ") or "--attacks"
-        raise MissingDependencyError(f"{option}={','.join(names)} runs {what}, and the {module} package is not "
-                                     f"installed: {INSTALL.get(module, f'pip install {module}')}; or evaluate "
-                                     f"without it: {option}={kept}")
+        raise MissingDependencyError(
+            f"{option}={','.join(names)} runs {what}, and the {module} package is not "
+            f"installed: {INSTALL.get(module, f'pip install {module}')}; or evaluate "
+            f"without it: {option}={kept}"
+        )
     return names
 
 

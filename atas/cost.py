@@ -16,6 +16,7 @@ loops, validation excluded) and the peak GPU memory (torch.cuda.max_memory_alloc
     memory_kind      which of the two: "cuda_max_allocated" | "cpu_peak_rss_process".
     passes_per_step  forward / backward passes over a batch per optimizer step (Method.passes_per_step).
 """
+
 from __future__ import annotations
 
 import json
@@ -42,14 +43,18 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10   # bytes on macOS, KiB on Linux
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
 
 def epoch_cost(method, device: torch.device) -> dict:
     """The cost entries of an epoch's metrics row (call at the end of its training loop)."""
     fwd, bwd = method.passes_per_step()
-    return {"peak_memory_mb": peak_memory_mb(device), "memory_kind": memory_kind(device),
-            "passes_fwd": float(fwd), "passes_bwd": float(bwd)}
+    return {
+        "peak_memory_mb": peak_memory_mb(device),
+        "memory_kind": memory_kind(device),
+        "passes_fwd": float(fwd),
+        "passes_bwd": float(bwd),
+    }
 
 
 def run_cost(rows: list[dict]) -> dict:
@@ -57,11 +62,14 @@ def run_cost(rows: list[dict]) -> dict:
     epochs = [r for r in rows if "epoch_time_s" in r]
     last = epochs[-1] if epochs else {}
     peaks = [r["peak_memory_mb"] for r in epochs if r.get("peak_memory_mb") is not None]
-    return {"train_time_s": sum(float(r["epoch_time_s"]) for r in epochs),
-            "peak_memory_mb": max(peaks) if peaks else None,
-            "memory_kind": last.get("memory_kind"),
-            "passes_per_step": [last["passes_fwd"], last["passes_bwd"]] if "passes_fwd" in last else None,
-            "steps": last.get("step"), "epochs_trained": len(epochs)}
+    return {
+        "train_time_s": sum(float(r["epoch_time_s"]) for r in epochs),
+        "peak_memory_mb": max(peaks) if peaks else None,
+        "memory_kind": last.get("memory_kind"),
+        "passes_per_step": [last["passes_fwd"], last["passes_bwd"]] if "passes_fwd" in last else None,
+        "steps": last.get("step"),
+        "epochs_trained": len(epochs),
+    }
 
 
 def write_cost(path, rows: list[dict]) -> dict:

@@ -20,6 +20,7 @@ no data is an error, never a silent switch to another copy); without it, in the 
 `default_data_dir()`, then in system folders (Debian's dataset-fashion-mnist). Only with
 `download=True` does torchvision fetch them. `data_source` says which folder a split is read from.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -59,13 +60,13 @@ class DatasetInfo:
     name: str
     num_classes: int
     channels: int
-    image_size: int           # side of the image fed to the model (train crop and test image)
-    train_pad: int            # zero padding around the frame before the paired random crop
-    flip: bool                # random horizontal flip during training
-    mean: tuple[float, ...]   # per-channel normalisation, applied inside the model
+    image_size: int  # side of the image fed to the model (train crop and test image)
+    train_pad: int  # zero padding around the frame before the paired random crop
+    flip: bool  # random horizontal flip during training
+    mean: tuple[float, ...]  # per-channel normalisation, applied inside the model
     std: tuple[float, ...]
-    resident: bool            # True: one uint8 tensor (load_tensors); False: streamed folder
-    frame_size: int           # side of the stored training image the crop is taken from
+    resident: bool  # True: one uint8 tensor (load_tensors); False: streamed folder
+    frame_size: int  # side of the stored training image the crop is taken from
     # A resident dataset's loader: load(split, data_dir, download) -> (x uint8 [N, C, H, W], y int64
     # [N]); a dataset of your own gives a function, the shipped ones a `FileSource` (their files on
     # disk). It may also have where(split, data_dir) -> the folder it reads (`data_source`).
@@ -131,8 +132,10 @@ def _refetch(path: Path, them: str = "it") -> str:
         Path(path).resolve().relative_to(Path(DEBIAN_FASHION_MNIST_DIR).resolve())
     except ValueError:
         return f"delete {them} and fetch {them} again"
-    return ("the system package's files are damaged: reinstall the package "
-            "(`apt-get install --reinstall dataset-fashion-mnist`)")
+    return (
+        "the system package's files are damaged: reinstall the package "
+        "(`apt-get install --reinstall dataset-fashion-mnist`)"
+    )
 
 
 def _corrupt(path: Path, what: str) -> DataFormatError:
@@ -152,8 +155,9 @@ def read_idx(path: str | Path, magic: int) -> np.ndarray:
         raise _corrupt(path, f"only {len(raw)} bytes, shorter than the IDX header")
     got = int.from_bytes(raw[:4], "big")
     if got != magic:
-        raise _corrupt(path, f"IDX magic number {got}, expected {magic} "
-                             f"({IDX_IMAGES_MAGIC} images, {IDX_LABELS_MAGIC} labels)")
+        raise _corrupt(
+            path, f"IDX magic number {got}, expected {magic} ({IDX_IMAGES_MAGIC} images, {IDX_LABELS_MAGIC} labels)"
+        )
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
@@ -161,8 +165,11 @@ def read_idx(path: str | Path, magic: int) -> np.ndarray:
     dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
     expected = header + int(np.prod(dims))
     if len(raw) != expected:
-        raise _corrupt(path, f"header promises dims {dims} = {expected} bytes, file has {len(raw)} "
-                             f"({'truncated' if len(raw) < expected else 'trailing bytes'})")
+        raise _corrupt(
+            path,
+            f"header promises dims {dims} = {expected} bytes, file has {len(raw)} "
+            f"({'truncated' if len(raw) < expected else 'trailing bytes'})",
+        )
     # copy(): frombuffer over `bytes` is read-only, and torch wants a writable array.
     return np.frombuffer(raw, np.uint8, offset=header).reshape(dims).copy()
 
@@ -171,12 +178,16 @@ def _read_idx_pair(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
     x = read_idx(paths[0], IDX_IMAGES_MAGIC)
     y = read_idx(paths[1], IDX_LABELS_MAGIC)
     if x.ndim != 3 or y.ndim != 1:
-        raise DataFormatError(f"{paths[0]} holds an array of shape {x.shape} and {paths[1]} one of shape "
-                              f"{y.shape}; expected images [N, rows, cols] and labels [N]: "
-                              f"{_refetch(paths[0], 'both')}.")
+        raise DataFormatError(
+            f"{paths[0]} holds an array of shape {x.shape} and {paths[1]} one of shape "
+            f"{y.shape}; expected images [N, rows, cols] and labels [N]: "
+            f"{_refetch(paths[0], 'both')}."
+        )
     if len(x) != len(y):
-        raise DataFormatError(f"{paths[0]} holds {len(x)} images but {paths[1]} holds {len(y)} labels; the "
-                              f"two files do not belong together: {_refetch(paths[0], 'both')}.")
+        raise DataFormatError(
+            f"{paths[0]} holds {len(x)} images but {paths[1]} holds {len(y)} labels; the "
+            f"two files do not belong together: {_refetch(paths[0], 'both')}."
+        )
     return torch.from_numpy(x).unsqueeze(1).contiguous(), torch.from_numpy(y).long()
 
 
@@ -186,18 +197,24 @@ def _read_idx_pair(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
 # Everything a CIFAR batch needs: ndarray reconstruction (numpy 1 and 2 module names; protocol 5
 # uses _frombuffer) and _codecs.encode, which Python 3 uses for bytes in protocol <= 2 pickles.
 _CIFAR_PICKLE_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
 }
 
 
 class _CifarUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in _CIFAR_PICKLE_GLOBALS:
-            raise UnsafePickleError(f"refusing global {module}.{name}: a CIFAR batch holds only "
-                                    f"numpy arrays, lists and bytes, so this file is not one (or was "
-                                    f"tampered with); it was not unpickled")
+            raise UnsafePickleError(
+                f"refusing global {module}.{name}: a CIFAR batch holds only "
+                f"numpy arrays, lists and bytes, so this file is not one (or was "
+                f"tampered with); it was not unpickled"
+            )
         if module.startswith("numpy.core"):  # numpy 2 renamed it; the old name warns
             try:
                 return super().find_class(module.replace("numpy.core", "numpy._core", 1), name)
@@ -217,10 +234,18 @@ def load_cifar_batch(path: str | Path) -> dict:
             batch = _CifarUnpickler(f, encoding="bytes").load()
         except UnsafePickleError:
             raise
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-                IndexError, KeyError, OverflowError, MemoryError) as e:
-            raise _corrupt(Path(path), f"cannot unpickle the CIFAR batch ({type(e).__name__}: "
-                                       f"{str(e)[:200]})") from e
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            ValueError,
+            TypeError,
+            AttributeError,
+            IndexError,
+            KeyError,
+            OverflowError,
+            MemoryError,
+        ) as e:
+            raise _corrupt(Path(path), f"cannot unpickle the CIFAR batch ({type(e).__name__}: {str(e)[:200]})") from e
     if not isinstance(batch, dict) or b"data" not in batch:
         raise DataFormatError(f"{path}: not a CIFAR batch (expected a dict with b'data')")
     return batch
@@ -231,8 +256,10 @@ def _read_cifar(paths: list[Path], label_key: bytes) -> tuple[torch.Tensor, torc
     data = np.concatenate([np.asarray(b[b"data"]) for b in batches])
     labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
     if data.dtype != np.uint8 or data.shape[1:] != (3 * 32 * 32,) or len(data) != len(labels):
-        raise DataFormatError(f"{paths[0].parent}: CIFAR data {data.dtype} {data.shape} with "
-                              f"{len(labels)} labels, expected uint8 [N, 3072] and N labels")
+        raise DataFormatError(
+            f"{paths[0].parent}: CIFAR data {data.dtype} {data.shape} with "
+            f"{len(labels)} labels, expected uint8 [N, 3072] and N labels"
+        )
     # Each row is 1024 red, 1024 green, 1024 blue values, each plane row-major: already CHW.
     return torch.from_numpy(data.reshape(-1, 3, 32, 32)).contiguous(), torch.from_numpy(labels)
 
@@ -268,11 +295,13 @@ def _idx_files(split: str) -> tuple[str, str]:
 def _torchvision_download(cls_name: str) -> Callable[[Path, str], None]:
     def download(root: Path, split: str) -> None:
         import torchvision.datasets as tvd
+
         cls = getattr(tvd, cls_name)
         if cls_name == "SVHN":
             cls(str(root), split=split, download=True)
         else:
             cls(str(root), train=split == "train", download=True)
+
     return download
 
 
@@ -282,12 +311,12 @@ class FileSource:
     system folder) or downloaded by torchvision, read by one of the readers above. It is the
     `load` of the dataset's `DatasetInfo`, called as a dataset of your own's function is."""
 
-    name: str                                   # the dataset it reads (messages, Debian's fmnist)
-    subdirs: tuple[str, ...]                    # where, under a root, the files may be
-    files: Callable[[str], tuple[str, ...]]     # split -> file names
-    gz_ok: bool                                 # also accept name + ".gz"
+    name: str  # the dataset it reads (messages, Debian's fmnist)
+    subdirs: tuple[str, ...]  # where, under a root, the files may be
+    files: Callable[[str], tuple[str, ...]]  # split -> file names
+    gz_ok: bool  # also accept name + ".gz"
     read: Callable[[list[Path]], tuple[torch.Tensor, torch.Tensor]]
-    fetch: Callable[[Path, str], None]          # torchvision, writing under root
+    fetch: Callable[[Path, str], None]  # torchvision, writing under root
     title: str
 
     def __call__(self, split: str, data_dir: Path | None, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,12 +331,21 @@ class FileSource:
             x, y = self.read(paths)
         except OSError as e:  # present but unreadable: permissions, an I/O error
             file = e.filename or paths[0]
-            fix = (f"make it readable (`chmod a+r {file}`, or run as its owner)" if isinstance(e, PermissionError)
-                   else "check the disk, or copy the data elsewhere and point data.data_dir at it")
+            fix = (
+                f"make it readable (`chmod a+r {file}`, or run as its owner)"
+                if isinstance(e, PermissionError)
+                else "check the disk, or copy the data elsewhere and point data.data_dir at it"
+            )
             raise DataAccessError(f"cannot read {file}: {e.strerror or e}; {fix}") from None
         # Checked here with the files' own names (the labels live in the last IDX file).
-        return _checked(x, y, dataset_info(self.name), paths[-1] if self.files(split)[-1].endswith("idx1-ubyte")
-                        else paths[0], self.title, paths[0])
+        return _checked(
+            x,
+            y,
+            dataset_info(self.name),
+            paths[-1] if self.files(split)[-1].endswith("idx1-ubyte") else paths[0],
+            self.title,
+            paths[0],
+        )
 
     def where(self, split: str, data_dir: Path | None) -> Path:
         """The folder the split is (or would be) read from; DataNotFoundError when there is none."""
@@ -326,34 +364,69 @@ def _cifar10_files(split: str) -> tuple[str, ...]:
 # The one table of datasets: each one's facts and its loader
 # --------------------------------------------------------------------------------------------
 def _idx_source(name: str, torchvision_name: str, title: str) -> FileSource:
-    return FileSource(name, ("", f"{torchvision_name}/raw"), _idx_files, True, _read_idx_pair,
-                      _torchvision_download(torchvision_name), title)
+    return FileSource(
+        name,
+        ("", f"{torchvision_name}/raw"),
+        _idx_files,
+        True,
+        _read_idx_pair,
+        _torchvision_download(torchvision_name),
+        title,
+    )
 
 
 def _mnist_like(name: str, torchvision_name: str, title: str, **facts: Any) -> DatasetInfo:
-    return DatasetInfo(name, num_classes=10, channels=1, image_size=28, train_pad=2, resident=True, frame_size=28,
-                       load=_idx_source(name, torchvision_name, title), **facts)
+    return DatasetInfo(
+        name,
+        num_classes=10,
+        channels=1,
+        image_size=28,
+        train_pad=2,
+        resident=True,
+        frame_size=28,
+        load=_idx_source(name, torchvision_name, title),
+        **facts,
+    )
 
 
 def _cifar_like(name: str, num_classes: int, flip: bool, load: FileSource) -> DatasetInfo:
-    return DatasetInfo(name, num_classes=num_classes, channels=3, image_size=32, train_pad=4, flip=flip,
-                       mean=IMAGENET_MEAN, std=IMAGENET_STD, resident=True, frame_size=32, load=load)
+    return DatasetInfo(
+        name,
+        num_classes=num_classes,
+        channels=3,
+        image_size=32,
+        train_pad=4,
+        flip=flip,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        resident=True,
+        frame_size=32,
+        load=load,
+    )
 
 
 # name -> DatasetInfo. Packages add theirs through the entry-point group "atas.datasets"
 # (atas.registry): `register_dataset(DatasetInfo("my_set", ..., load=my_loader))`.
-DATASETS = Registry("dataset", group="atas.datasets", ordered="registration",
-                    aliases={"fashion_mnist": "fmnist", "fashion-mnist": "fmnist", "tiny-imagenet": "tiny_imagenet"})
+DATASETS = Registry(
+    "dataset",
+    group="atas.datasets",
+    ordered="registration",
+    aliases={"fashion_mnist": "fmnist", "fashion-mnist": "fmnist", "tiny-imagenet": "tiny_imagenet"},
+)
 
 
 def register_dataset(info: DatasetInfo) -> DatasetInfo:
     """Add a dataset under `info.name` (a resident one gives its loader, `load`)."""
     if info.resident and info.load is None:
-        raise ConfigError(f"dataset {info.name!r}: a resident dataset needs its loader, DatasetInfo(..., "
-                          "load=function(split, data_dir, download) -> (x uint8 [N, C, H, W], y int64 [N]))")
+        raise ConfigError(
+            f"dataset {info.name!r}: a resident dataset needs its loader, DatasetInfo(..., "
+            "load=function(split, data_dir, download) -> (x uint8 [N, C, H, W], y int64 [N]))"
+        )
     if len(info.mean) != info.channels or len(info.std) != info.channels or min(info.std) <= 0:
-        raise ConfigError(f"dataset {info.name!r}: mean and std need one value per channel ({info.channels}), "
-                          f"std > 0; got mean {info.mean}, std {info.std}")
+        raise ConfigError(
+            f"dataset {info.name!r}: mean and std need one value per channel ({info.channels}), "
+            f"std > 0; got mean {info.mean}, std {info.std}"
+        )
     return DATASETS.register(info.name, info)
 
 
@@ -361,24 +434,79 @@ def register_dataset(info: DatasetInfo) -> DatasetInfo:
 for _info in (
     _mnist_like("fmnist", "FashionMNIST", "Fashion-MNIST", flip=True, mean=(0.2860,), std=(0.3530,)),
     _mnist_like("mnist", "MNIST", "MNIST", flip=False, mean=(0.1307,), std=(0.3081,)),
-    _cifar_like("cifar10", 10, True, FileSource("cifar10", ("cifar-10-batches-py", ""), _cifar10_files, False,
-                                                lambda paths: _read_cifar(paths, b"labels"),
-                                                _torchvision_download("CIFAR10"), "CIFAR-10")),
-    _cifar_like("cifar100", 100, True, FileSource("cifar100", ("cifar-100-python", ""), lambda split: (split,), False,
-                                                  lambda paths: _read_cifar(paths, b"fine_labels"),
-                                                  _torchvision_download("CIFAR100"), "CIFAR-100")),
+    _cifar_like(
+        "cifar10",
+        10,
+        True,
+        FileSource(
+            "cifar10",
+            ("cifar-10-batches-py", ""),
+            _cifar10_files,
+            False,
+            lambda paths: _read_cifar(paths, b"labels"),
+            _torchvision_download("CIFAR10"),
+            "CIFAR-10",
+        ),
+    ),
+    _cifar_like(
+        "cifar100",
+        100,
+        True,
+        FileSource(
+            "cifar100",
+            ("cifar-100-python", ""),
+            lambda split: (split,),
+            False,
+            lambda paths: _read_cifar(paths, b"fine_labels"),
+            _torchvision_download("CIFAR100"),
+            "CIFAR-100",
+        ),
+    ),
     # No flip for digits: a mirrored 2 or 5 is not a 2 or 5.
-    _cifar_like("svhn", 10, False, FileSource("svhn", ("", "svhn"), lambda split: (f"{split}_32x32.mat",), False,
-                                              _read_svhn, _torchvision_download("SVHN"), "SVHN")),
+    _cifar_like(
+        "svhn",
+        10,
+        False,
+        FileSource(
+            "svhn",
+            ("", "svhn"),
+            lambda split: (f"{split}_32x32.mat",),
+            False,
+            _read_svhn,
+            _torchvision_download("SVHN"),
+            "SVHN",
+        ),
+    ),
     # Official code: train Resize((256, 256)) + RandomCrop(224) + flip; test Resize((256, 256))
     # + CenterCrop(224). The resize happens here, the crop on the device.
-    DatasetInfo("imagenet", num_classes=1000, channels=3, image_size=224, train_pad=0,
-                flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, resident=False, frame_size=256, folders=("imagenet",)),
+    DatasetInfo(
+        "imagenet",
+        num_classes=1000,
+        channels=3,
+        image_size=224,
+        train_pad=0,
+        flip=True,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        resident=False,
+        frame_size=256,
+        folders=("imagenet",),
+    ),
     # Our choice (no official recipe): the images are already 64x64, so they are not resized and
     # are cropped as CIFAR is, RandomCrop(64, padding=4) + flip; the test image is the image itself.
-    DatasetInfo("tiny_imagenet", num_classes=200, channels=3, image_size=64,
-                train_pad=4, flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, resident=False, frame_size=64,
-                folders=("tiny_imagenet", "tiny-imagenet-200")),
+    DatasetInfo(
+        "tiny_imagenet",
+        num_classes=200,
+        channels=3,
+        image_size=64,
+        train_pad=4,
+        flip=True,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        resident=False,
+        frame_size=64,
+        folders=("tiny_imagenet", "tiny-imagenet-200"),
+    ),
 ):
     register_dataset(_info)
 
@@ -411,20 +539,26 @@ def _how_to_get(source: FileSource, split: str, folders: list[Path], target: Pat
     where = target / source.subdirs[0] if source.subdirs[0] else target
     fixes = []
     if name == "fmnist" and not explicit:
-        fixes.append(f"apt-get install dataset-fashion-mnist (Debian/Ubuntu; installs "
-                     f"{DEBIAN_FASHION_MNIST_DIR})")
-    fixes += [f"put {files} in {where}",
-              f"pass data.download=true (torchvision downloads under {target}, needs internet)"]
+        fixes.append(f"apt-get install dataset-fashion-mnist (Debian/Ubuntu; installs {DEBIAN_FASHION_MNIST_DIR})")
+    fixes += [
+        f"put {files} in {where}",
+        f"pass data.download=true (torchvision downloads under {target}, needs internet)",
+    ]
     if explicit:  # the user chose this folder: no other copy is used behind their back
-        system = (f", or Debian's {DEBIAN_FASHION_MNIST_DIR} after apt-get install dataset-fashion-mnist"
-                  if name == "fmnist" else "")
+        system = (
+            f", or Debian's {DEBIAN_FASHION_MNIST_DIR} after apt-get install dataset-fashion-mnist"
+            if name == "fmnist"
+            else ""
+        )
         fixes.append(f"leave data.data_dir unset to use the cache {default_data_dir()}{system}")
-        head = (f"{source.title} {split} split not found in data.data_dir={target}: it holds none of the "
-                f"layouts atas reads, and no other copy is used when data.data_dir is given. Searched:")
+        head = (
+            f"{source.title} {split} split not found in data.data_dir={target}: it holds none of the "
+            f"layouts atas reads, and no other copy is used when data.data_dir is given. Searched:"
+        )
     else:
         head = f"{source.title} {split} split not found. Searched:"
     searched = "\n".join(f"  {f}" for f in folders)
-    return (f"{head}\n{searched}\nTo fix, do one of:\n" + "\n".join(f"  - {fix}" for fix in fixes))
+    return f"{head}\n{searched}\nTo fix, do one of:\n" + "\n".join(f"  - {fix}" for fix in fixes)
 
 
 def _search_folders(source: FileSource, data_dir: str | Path | None) -> tuple[Path, list[Path]]:
@@ -460,13 +594,16 @@ def _check_labels(y: torch.Tensor, num_classes: int, path: Path, title: str) -> 
     bad = ((y < 0) | (y >= num_classes)).nonzero()
     if len(bad):
         i = int(bad[0])
-        raise DataFormatError(f"{path}: label {int(y[i])} at position {i} is outside 0..{num_classes - 1} "
-                              f"({title} has {num_classes} classes; {len(bad)} such label(s)). The file is "
-                              f"corrupt or of another dataset: {_refetch(path)}.")
+        raise DataFormatError(
+            f"{path}: label {int(y[i])} at position {i} is outside 0..{num_classes - 1} "
+            f"({title} has {num_classes} classes; {len(bad)} such label(s)). The file is "
+            f"corrupt or of another dataset: {_refetch(path)}."
+        )
 
 
-def load_tensors(name: str, split: str, data_dir: str | Path | None = None,
-                 download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def load_tensors(
+    name: str, split: str, data_dir: str | Path | None = None, download: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A resident dataset split: x uint8 [N, C, H, W] (contiguous), y int64 [N].
 
     Looks in data_dir when given (only there), else in default_data_dir(), then system folders;
@@ -476,28 +613,31 @@ def load_tensors(name: str, split: str, data_dir: str | Path | None = None,
     info = dataset_info(name)
     _check_split(split)
     if not info.resident:
-        raise ValueError(f"{info.name} is a folder dataset streamed from disk; use image_folder() "
-                         f"or load_split()")
+        raise ValueError(f"{info.name} is a folder dataset streamed from disk; use image_folder() or load_split()")
     if info.load is None:
-        raise ConfigError(f"dataset {info.name!r} is resident but has no loader: give its DatasetInfo "
-                          "load=function(split, data_dir, download) -> (x uint8 [N, C, H, W], y int64 [N])")
+        raise ConfigError(
+            f"dataset {info.name!r} is resident but has no loader: give its DatasetInfo "
+            "load=function(split, data_dir, download) -> (x uint8 [N, C, H, W], y int64 [N])"
+        )
     folder = None if data_dir is None else Path(data_dir).expanduser()
     x, y = info.load(split, folder, download)
     return _checked(x, y, info, folder or Path(info.name), info.name)
 
 
-def _checked(x: torch.Tensor, y: torch.Tensor, info: DatasetInfo, label_path: Path, title: str,
-             image_path: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _checked(
+    x: torch.Tensor, y: torch.Tensor, info: DatasetInfo, label_path: Path, title: str, image_path: Path | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The split as the dataset's facts say it must be: image shape and labels in range."""
     if x.shape[1:] != (info.channels, info.image_size, info.image_size):
-        raise DataFormatError(f"{image_path or label_path}: images {tuple(x.shape)}, expected "
-                              f"[N, {info.channels}, {info.image_size}, {info.image_size}]")
+        raise DataFormatError(
+            f"{image_path or label_path}: images {tuple(x.shape)}, expected "
+            f"[N, {info.channels}, {info.image_size}, {info.image_size}]"
+        )
     _check_labels(y, info.num_classes, label_path, title)
     return x, y
 
 
-def check_subset(subset: int | None, available: int, key: str = "data.subset",
-                 split: str = "training") -> int:
+def check_subset(subset: int | None, available: int, key: str = "data.subset", split: str = "training") -> int:
     """How many images `key`=subset keeps from a split of `available`: all of them when subset is
     None; ConfigError when subset is < 1 or larger than the split (asking for more images than
     there are must not silently train on fewer)."""
@@ -507,8 +647,10 @@ def check_subset(subset: int | None, available: int, key: str = "data.subset",
     if subset < 1:
         raise ConfigError(f"{key} must be >= 1 (keep the first N images), got {subset}")
     if subset > available:
-        raise ConfigError(f"{key}={subset} but the {split} split has only {available} images; use "
-                          f"{key}<={available}, or leave it out to use all of them")
+        raise ConfigError(
+            f"{key}={subset} but the {split} split has only {available} images; use "
+            f"{key}<={available}, or leave it out to use all of them"
+        )
     return subset
 
 
@@ -518,9 +660,11 @@ def check_val_size(val_size: int, available: int) -> int:
     if val_size < 0:
         raise ConfigError(f"data.val_size must be >= 0 (0: no validation split), got {val_size}")
     if val_size >= available:
-        raise ConfigError(f"data.val_size={val_size} but the training split has only {available} images"
-                          f" (data.subset applied, if given); give data.val_size < {available} "
-                          "so that something is left to train on")
+        raise ConfigError(
+            f"data.val_size={val_size} but the training split has only {available} images"
+            f" (data.subset applied, if given); give data.val_size < {available} "
+            "so that something is left to train on"
+        )
     return available - val_size
 
 
@@ -557,8 +701,9 @@ class IndexedTensorDataset(Dataset):
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor):
         if x.dtype != torch.uint8 or len(x) != len(y):
-            raise ValueError(f"expected uint8 images and as many labels, got {x.dtype} "
-                             f"{tuple(x.shape)} and {tuple(y.shape)}")
+            raise ValueError(
+                f"expected uint8 images and as many labels, got {x.dtype} {tuple(x.shape)} and {tuple(y.shape)}"
+            )
         self.x, self.y = x, y.long()
 
     def __len__(self) -> int:
@@ -583,19 +728,21 @@ class IndexedImageFolder(Dataset):
 
     def __getitem__(self, idx: int):
         from torchvision.datasets.folder import default_loader  # PIL, converted to RGB
+
         path, label = self.samples[idx]
         try:
             image = default_loader(path)
         except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated file, ...
-            raise DataFormatError(f"{path}: cannot read this image ({type(e).__name__}: {str(e)[:200]}). "
-                                  f"Replace or delete the file.") from e
+            raise DataFormatError(
+                f"{path}: cannot read this image ({type(e).__name__}: {str(e)[:200]}). Replace or delete the file."
+            ) from e
         return self.transform(image), label, idx
 
 
 def _folder_layout(name: str) -> str:
-    return ("train/<class>/**/<image> and val/<class>/**/<image>"
-            + (", or Tiny-ImageNet's val/images/*.JPEG + val/val_annotations.txt"
-               if name == "tiny_imagenet" else ""))
+    return "train/<class>/**/<image> and val/<class>/**/<image>" + (
+        ", or Tiny-ImageNet's val/images/*.JPEG + val/val_annotations.txt" if name == "tiny_imagenet" else ""
+    )
 
 
 def _folder_root(info: DatasetInfo, split: str, data_dir: str | Path | None) -> Path:
@@ -604,13 +751,15 @@ def _folder_root(info: DatasetInfo, split: str, data_dir: str | Path | None) -> 
     subdir = "train" if split == "train" else "val"
     bases = [Path(data_dir).expanduser()] if data_dir is not None else [default_data_dir()]
     roots = ([bases[0]] if data_dir is not None else []) + [
-        b / sub for b in bases for sub in info.folders or (info.name,)]
+        b / sub for b in bases for sub in info.folders or (info.name,)
+    ]
     root = next((r for r in roots if (r / subdir).is_dir()), None)
     if root is None:
         raise DataNotFoundError(
             f"{info.name} {split} split not found: no {subdir}/ folder in any of "
             f"{', '.join(str(r) for r in roots)}. Expected layout under data.data_dir: "
-            f"{_folder_layout(info.name)}. This dataset is not downloaded automatically.")
+            f"{_folder_layout(info.name)}. This dataset is not downloaded automatically."
+        )
     return root
 
 
@@ -635,28 +784,30 @@ def image_folder(name: str, split: str, data_dir: str | Path | None = None) -> I
     annotations = folder / "val_annotations.txt"
     tiny_val = split == "test" and annotations.is_file() and (folder / "images").is_dir()
     if tiny_val and not train_folder.is_dir():
-        raise DataNotFoundError(f"{annotations} labels images by class folder name (wnid); the "
-                                f"train/ folder next to it is needed to number the classes")
+        raise DataNotFoundError(
+            f"{annotations} labels images by class folder name (wnid); the "
+            f"train/ folder next to it is needed to number the classes"
+        )
     try:
         classes, class_to_idx = find_classes(train_folder if train_folder.is_dir() else folder)
     except FileNotFoundError:  # torchvision: "Couldn't find any class folder in ..."
-        raise DataNotFoundError(f"no class folders in {train_folder if train_folder.is_dir() else folder}; "
-                                f"expected layout: {_folder_layout(info.name)}") from None
+        raise DataNotFoundError(
+            f"no class folders in {train_folder if train_folder.is_dir() else folder}; "
+            f"expected layout: {_folder_layout(info.name)}"
+        ) from None
     if tiny_val:
         samples = _tiny_imagenet_val(folder, annotations, class_to_idx)
     else:
         samples = make_dataset(folder, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
     if not samples:
-        raise DataNotFoundError(f"no images found in {folder}; expected layout: "
-                                f"{_folder_layout(info.name)}")
+        raise DataNotFoundError(f"no images found in {folder}; expected layout: {_folder_layout(info.name)}")
 
     resize = transforms.Resize((info.frame_size, info.frame_size))
     steps = [resize] if split == "train" else [resize, transforms.CenterCrop(info.image_size)]
     return IndexedImageFolder(samples, classes, transforms.Compose(steps + [transforms.ToTensor()]))
 
 
-def _tiny_imagenet_val(folder: Path, annotations: Path,
-                       class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+def _tiny_imagenet_val(folder: Path, annotations: Path, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
     """Tiny-ImageNet's original val: images/<file> labelled by lines '<file>\\t<wnid>\\t<bbox>'."""
     samples = []
     for line_no, line in enumerate(annotations.read_text().splitlines(), 1):
@@ -664,8 +815,7 @@ def _tiny_imagenet_val(folder: Path, annotations: Path,
             continue
         file, wnid = line.split("\t")[:2]
         if wnid not in class_to_idx:
-            raise DataFormatError(f"{annotations}:{line_no}: class {wnid!r} is not a train/ "
-                                  f"class folder")
+            raise DataFormatError(f"{annotations}:{line_no}: class {wnid!r} is not a train/ class folder")
         samples.append((str(folder / "images" / file), class_to_idx[wnid]))
     return samples
 
@@ -696,8 +846,7 @@ class TestSplit:
         return x, torch.tensor([int(it[1]) for it in items])
 
 
-def load_split(name: str, split: str, data_dir: str | Path | None = None,
-               download: bool = False) -> Dataset:
+def load_split(name: str, split: str, data_dir: str | Path | None = None, download: bool = False) -> Dataset:
     """Any dataset split as a Dataset of (x float in [0, 1], y, idx)."""
     if dataset_info(name).resident:
         return IndexedTensorDataset(*load_tensors(name, split, data_dir, download))

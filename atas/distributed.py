@@ -12,6 +12,7 @@ other with a message that says which. Decisions taken on rank 0 alone (the per-e
 the catastrophic-overfitting verdict run there only) reach the other ranks through
 `broadcast_flag`, so every rank stops at the same epoch.
 """
+
 from __future__ import annotations
 
 import os
@@ -54,8 +55,9 @@ class DistContext:
             raise ConfigError(
                 f"{num_samples} training samples over {self.world_size} ranks leaves {per_rank} per rank, "
                 f"less than one batch (train.batch_size={cfg.train.batch_size} is per rank). Use fewer "
-                "processes or a smaller per-rank batch.")
-        return torch.arange(per_rank * self.world_size)[self.rank::self.world_size]
+                "processes or a smaller per-rank batch."
+            )
+        return torch.arange(per_rank * self.world_size)[self.rank :: self.world_size]
 
     def checkpoint_name(self, name: str) -> str:
         stem, ext = os.path.splitext(name)
@@ -74,23 +76,32 @@ class DistContext:
         saved = saved_world_sizes(run_dir, name)
         if saved and self.world_size not in saved:
             sizes = " and ".join(str(w) for w in sorted(saved))
-            how = "; ".join(f"`torchrun --nproc-per-node {w} -m atas train --resume {run_dir}`" if w > 1 else
-                            f"`atas train --resume {run_dir}` (one process, no torchrun)" for w in sorted(saved))
+            how = "; ".join(
+                f"`torchrun --nproc-per-node {w} -m atas train --resume {run_dir}`"
+                if w > 1
+                else f"`atas train --resume {run_dir}` (one process, no torchrun)"
+                for w in sorted(saved)
+            )
             files = sorted(p.name for p in Path(run_dir).iterdir() if p.name == name or _rank_of(p.name, name))
             raise CheckpointError(
                 f"cannot resume {run_dir} with world size {self.world_size}: its checkpoints were written with world "
                 f"size {sizes} ({', '.join(files)}). "
                 "Each rank saves its own shard of the per-sample store (index i lives on rank i % world size), so "
-                f"a run resumes only with the world size it was started with: {how}.")
+                f"a run resumes only with the world size it was started with: {how}."
+            )
         if saved:
-            raise CheckpointError(f"cannot resume rank {self.rank}: {path} is missing although the run has checkpoints "
-                                  f"for world size {self.world_size} (a rank crashed before its save?). Resume from "
-                                  "an earlier copy of the run folder or start a new run.")
+            raise CheckpointError(
+                f"cannot resume rank {self.rank}: {path} is missing although the run has checkpoints "
+                f"for world size {self.world_size} (a rank crashed before its save?). Resume from "
+                "an earlier copy of the run folder or start a new run."
+            )
         from atas.rundir import fresh_start_command
 
-        raise CheckpointError(f"nothing to resume: {path} does not exist (the run never finished an epoch, or this "
-                              f"is not its folder). Check the folder name, or start the run afresh: "
-                              f"`{fresh_start_command(run_dir)}`.")
+        raise CheckpointError(
+            f"nothing to resume: {path} does not exist (the run never finished an epoch, or this "
+            f"is not its folder). Check the folder name, or start the run afresh: "
+            f"`{fresh_start_command(run_dir)}`."
+        )
 
     def broadcast_flag(self, flag: bool) -> bool:
         """Rank 0's `flag` on every rank (sync point). For decisions taken on rank 0 alone, e.g.
@@ -116,7 +127,7 @@ class DistContext:
         if not self.enabled:
             return sums
         k = 3 + n_stats
-        head, lo, hi = sums[:k].clone(), sums[k:k + n_stats].clone(), sums[k + n_stats:].clone()
+        head, lo, hi = sums[:k].clone(), sums[k : k + n_stats].clone(), sums[k + n_stats :].clone()
         dist.all_reduce(head, op=dist.ReduceOp.SUM)
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
@@ -138,8 +149,10 @@ def setup(cfg: Config) -> DistContext:
     use_cuda = resolve_device(cfg.train.device).type == "cuda"  # the one check of train.device
     if use_cuda:
         if torch.cuda.device_count() <= local_rank:
-            raise ConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs on this node: "
-                              "--nproc-per-node must not exceed the GPU count")
+            raise ConfigError(
+                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs on this node: "
+                "--nproc-per-node must not exceed the GPU count"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:

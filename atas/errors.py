@@ -11,6 +11,7 @@ AssertionError), so an `except ValueError` written against an earlier release st
 
 A leaf module: it imports nothing of atas.
 """
+
 from __future__ import annotations
 
 __all__ = ["AtasError"]

@@ -12,6 +12,7 @@ or null with "evaluation_note" saying why: a card never carries another checkpoi
 Nothing here unpickles: training checkpoints go through `load_checkpoint` (weights_only) and
 exports through safetensors.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,13 @@ MODEL_FILE, CARD_FILE = "model.safetensors", "card.json"
 def model_arguments(cfg: Config) -> dict:
     """The keyword arguments of `build_model` that rebuild cfg's model (the card's "model")."""
     info = dataset_info(cfg.data.name)
-    return {"name": cfg.model.arch, "num_classes": info.num_classes, "in_channels": info.channels,
-            "mean": list(info.mean), "std": list(info.std)}
+    return {
+        "name": cfg.model.arch,
+        "num_classes": info.num_classes,
+        "in_channels": info.channels,
+        "mean": list(info.mean),
+        "std": list(info.std),
+    }
 
 
 def _build(cfg: Config) -> nn.Module:
@@ -55,8 +61,10 @@ def _load_weights(model: nn.Module, state: dict, source: str) -> nn.Module:
     try:
         model.load_state_dict(clean_state_dict(state))
     except RuntimeError as e:
-        raise CheckpointError(f"the weights in {source} do not fit the model its config describes "
-                              f"({str(e)[:300]}). The file was made by another architecture or dataset.") from None
+        raise CheckpointError(
+            f"the weights in {source} do not fit the model its config describes "
+            f"({str(e)[:300]}). The file was made by another architecture or dataset."
+        ) from None
     return model.eval()
 
 
@@ -71,8 +79,9 @@ def resolve_artifact(path: str | Path) -> Path:
         ranked = sorted(path.glob("checkpoint-rank0-of*.pt"))
         if ranked:
             return ranked[0]
-        raise CheckpointError(f"{path} holds no checkpoint.pt or {MODEL_FILE}; pass a run folder, a checkpoint "
-                              "or an export folder")
+        raise CheckpointError(
+            f"{path} holds no checkpoint.pt or {MODEL_FILE}; pass a run folder, a checkpoint or an export folder"
+        )
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     return path
@@ -81,8 +90,9 @@ def resolve_artifact(path: str | Path) -> Path:
 WEIGHTS = ("selected", "raw", "averaged")
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               weights: str = "selected") -> tuple[nn.Module, Config, dict]:
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", weights: str = "selected"
+) -> tuple[nn.Module, Config, dict]:
     """(model in eval mode, its config, extra info such as the card or epoch) from any artefact.
 
     weights (a run folder or checkpoint): "selected" (default) the weights the run hands on by its
@@ -99,18 +109,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         try:
             card = json.loads(card_path.read_text())
         except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
-            raise CheckpointError(f"{card_path} is not valid JSON ({e}): the card is truncated or corrupt. "
-                                  f"{redo}") from None
+            raise CheckpointError(
+                f"{card_path} is not valid JSON ({e}): the card is truncated or corrupt. {redo}"
+            ) from None
         try:
             cfg = config_from_dict(card["config"])
         except (KeyError, ValueError, TypeError) as e:
-            raise CheckpointError(f"{card_path}: cannot rebuild the model from its config "
-                                  f"({type(e).__name__}: {e}). {redo}") from None
+            raise CheckpointError(
+                f"{card_path}: cannot rebuild the model from its config ({type(e).__name__}: {e}). {redo}"
+            ) from None
         try:
             tensors = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path} is truncated or not a safetensors file ({str(e)[:200]}). "
-                                  f"{redo}") from None
+            raise CheckpointError(f"{path} is truncated or not a safetensors file ({str(e)[:200]}). {redo}") from None
         model = _load_weights(_build(cfg), tensors, str(path))
         return model.to(device), cfg, {"card": card}
     state = load_checkpoint(path, map_location="cpu")
@@ -120,8 +131,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         raise CheckpointError(f"{path}: cannot rebuild the model from the saved config ({e})") from None
     weights_state, extra = _pick_weights(path, state, cfg, weights)
     model = _load_weights(_build(cfg), weights_state, str(path))
-    return model.to(device), cfg, {"epoch": int(state["epoch"]), "step": int(state["step"]),
-                                   "metrics": state.get("metrics"), **extra}
+    return (
+        model.to(device),
+        cfg,
+        {"epoch": int(state["epoch"]), "step": int(state["step"]), "metrics": state.get("metrics"), **extra},
+    )
 
 
 def _pick_weights(path: Path, state: dict, cfg: Config, weights: str) -> tuple[dict, dict]:
@@ -130,24 +144,32 @@ def _pick_weights(path: Path, state: dict, cfg: Config, weights: str) -> tuple[d
 
     if "optimizer" not in state:  # best.pt / selected.pt: weights only, one model, its own label
         if weights == "averaged" and state.get("weights", "raw") != "averaged":
-            raise CheckpointError(f"{path} holds {state.get('weights', 'raw')} weights only; the averaged weights "
-                                  "are in the run's checkpoint.pt")
+            raise CheckpointError(
+                f"{path} holds {state.get('weights', 'raw')} weights only; the averaged weights "
+                "are in the run's checkpoint.pt"
+            )
         return state["model"], {"weights": state.get("weights", "raw")}
     mode = weights if weights != "selected" else selection_mode(cfg.train.select, cfg.train.wa_tau, cfg.data.val_size)
     if mode == "averaged":
         if "wa" not in state:
-            raise CheckpointError(f"{path} has no weight average (the run trained with train.wa_tau=0); "
-                                  "use --which-weights raw")
+            raise CheckpointError(
+                f"{path} has no weight average (the run trained with train.wa_tau=0); use --which-weights raw"
+            )
         return state["wa"]["model"], {"weights": "averaged"}
     if mode == "val":
         selected = path.parent / SELECTED
         if not selected.exists():
-            raise CheckpointError(f"{path}: the run selects its weights on the validation split "
-                                  f"(train.select) but {selected} does not exist (no epoch validated yet); "
-                                  "use --which-weights raw or --which-weights averaged")
+            raise CheckpointError(
+                f"{path}: the run selects its weights on the validation split "
+                f"(train.select) but {selected} does not exist (no epoch validated yet); "
+                "use --which-weights raw or --which-weights averaged"
+            )
         chosen = load_checkpoint(selected, map_location="cpu")
-        return chosen["model"], {"weights": chosen.get("weights", "raw"), "selected_epoch": int(chosen["epoch"]),
-                                 "selected_file": SELECTED}
+        return chosen["model"], {
+            "weights": chosen.get("weights", "raw"),
+            "selected_epoch": int(chosen["epoch"]),
+            "selected_file": SELECTED,
+        }
     return state["model"], {"weights": "raw"}
 
 
@@ -174,20 +196,32 @@ def training_state(source: str | Path, cfg: Config, extra: dict) -> dict | None:
     note = None
     if path.name == "selected.pt":
         finished = bool(run_finished(path.parent, cfg))
-        note = None if finished else (f"{path} holds the validation-selected weights (epoch {epoch}) of an "
-                                      f"unfinished run; finish it with `atas train --resume {path.parent}`")
+        note = (
+            None
+            if finished
+            else (
+                f"{path} holds the validation-selected weights (epoch {epoch}) of an "
+                f"unfinished run; finish it with `atas train --resume {path.parent}`"
+            )
+        )
     elif path.name == BEST:
-        note = (f"{path} is the best-robust checkpoint (epoch {epoch} of {planned}, chosen by the CO monitor), "
-                "not the final model")
+        note = (
+            f"{path} is the best-robust checkpoint (epoch {epoch} of {planned}, chosen by the CO monitor), "
+            "not the final model"
+        )
     elif _is_previous(path):  # one save older than the run's latest checkpoint, whatever the run's state
         latest = path.with_name(path.name.replace(".prev.", "."))
         run_done = run_finished(path.parent, cfg)
         whose = "a finished run" if run_done else "an unfinished run" if run_done is False else "its run"
-        note = (f"{path} is an older checkpoint of {whose} (epoch {epoch} of {planned}), kept as the fallback "
-                f"for a damaged {latest.name}; it is not the run's latest model ({latest})")
+        note = (
+            f"{path} is an older checkpoint of {whose} (epoch {epoch} of {planned}), kept as the fallback "
+            f"for a damaged {latest.name}; it is not the run's latest model ({latest})"
+        )
     elif not finished:
-        note = (f"{path} is from an unfinished run: epoch {epoch} of {planned}; finish it with "
-                f"`atas train --resume {path.parent}` before publishing, or publish it knowing that")
+        note = (
+            f"{path} is from an unfinished run: epoch {epoch} of {planned}; finish it with "
+            f"`atas train --resume {path.parent}` before publishing, or publish it knowing that"
+        )
     return {"epoch": epoch, "epochs_planned": planned, "finished": finished, "checkpoint": path.name, "note": note}
 
 
@@ -205,20 +239,31 @@ def checkpoint_record(source: str | Path, cfg: Config, extra: dict) -> dict | No
     path = resolve_artifact(source)
     run_dir = path.parent
     writer = live_writer(run_dir)
-    finished = state["finished"] if path.name.startswith("checkpoint") and not _is_previous(path) \
+    finished = (
+        state["finished"]
+        if path.name.startswith("checkpoint") and not _is_previous(path)
         else run_finished(run_dir, cfg)
-    record = {"file": path.name, "path": str(path), "epoch": state["epoch"], "step": extra.get("step"),
-              "epochs_planned": state["epochs_planned"], "mid_run": writer is not None or finished is False,
-              "warning": None, "weights": extra.get("weights", "raw")}
+    )
+    record = {
+        "file": path.name,
+        "path": str(path),
+        "epoch": state["epoch"],
+        "step": extra.get("step"),
+        "epochs_planned": state["epochs_planned"],
+        "mid_run": writer is not None or finished is False,
+        "warning": None,
+        "weights": extra.get("weights", "raw"),
+    }
     if "selected_epoch" in extra:  # the validation's pick (train.select), kept in selected.pt
         record.update(selected_epoch=extra["selected_epoch"], selected_file=extra["selected_file"])
-    what = f"this evaluates {path.name} as it is on disk, epoch {state['epoch']} of {state['epochs_planned']}, " \
-           "not the run's final model; the result records it (mid_run: true, with the epoch)"
+    what = (
+        f"this evaluates {path.name} as it is on disk, epoch {state['epoch']} of {state['epochs_planned']}, "
+        "not the run's final model; the result records it (mid_run: true, with the epoch)"
+    )
     if writer is not None:
         record["warning"] = f"{run_dir} is being trained right now (PID {writer} holds its lock): {what}"
     elif finished is False:
-        record["warning"] = (f"{run_dir} is an unfinished run (finish it with `atas train --resume {run_dir}`): "
-                             f"{what}")
+        record["warning"] = f"{run_dir} is an unfinished run (finish it with `atas train --resume {run_dir}`): {what}"
     return record
 
 
@@ -234,8 +279,9 @@ def run_evaluation(source: str | Path, model: nn.Module) -> tuple[dict | None, s
     path = resolve_artifact(source)
     if path.suffix == ".safetensors":
         return None, None
-    files = [path.with_name(EVAL)] + sorted(path.parent.glob("eval-*.json"),
-                                                   key=lambda f: f.stat().st_mtime, reverse=True)
+    files = [path.with_name(EVAL)] + sorted(
+        path.parent.glob("eval-*.json"), key=lambda f: f.stat().st_mtime, reverse=True
+    )
     files = [f for f in files if f.is_file()]
     if not files:
         return None, None
@@ -252,15 +298,17 @@ def run_evaluation(source: str | Path, model: nn.Module) -> tuple[dict | None, s
             return result, None
         if sha is None:
             unverifiable.append(file.name)
-    why = (f"{', '.join(f.name for f in files)} in {path.parent} evaluate other weights than {path.name}"
-           + (f" ({', '.join(unverifiable)} records no weights sha256: written by an older atas)"
-              if unverifiable else "")
-           + f"; evaluate these weights with `atas eval {path}` and export again to include it")
+    why = (
+        f"{', '.join(f.name for f in files)} in {path.parent} evaluate other weights than {path.name}"
+        + (f" ({', '.join(unverifiable)} records no weights sha256: written by an older atas)" if unverifiable else "")
+        + f"; evaluate these weights with `atas eval {path}` and export again to include it"
+    )
     return None, why
 
 
-def export_model(source: str | Path, out_dir: str | Path, evaluation: dict | None = None,
-                 weights: str = "selected") -> Path:
+def export_model(
+    source: str | Path, out_dir: str | Path, evaluation: dict | None = None, weights: str = "selected"
+) -> Path:
     """Write out_dir/model.safetensors and out_dir/card.json; returns out_dir. Exporting an
     unfinished run (or best.pt) warns, and the card's "training" says at which epoch it stopped.
     The card's "evaluation" is `evaluation` if given, else the run's evaluation of these very
@@ -286,13 +334,21 @@ def export_model(source: str | Path, out_dir: str | Path, evaluation: dict | Non
     atomic_write(out_dir / MODEL_FILE, lambda f: f.write(_safetensors_bytes(tensors)))
     info = dataset_info(cfg.data.name)
     card = {
-        "library": "atas", "version": __version__,
-        "architecture": cfg.model.arch, "dataset": cfg.data.name, "num_classes": info.num_classes,
+        "library": "atas",
+        "version": __version__,
+        "architecture": cfg.model.arch,
+        "dataset": cfg.data.name,
+        "num_classes": info.num_classes,
         "normalization": {"mean": list(info.mean), "std": list(info.std), "inside_model": True},
         "input": "images in [0, 1], shape [B, C, H, W]",
         "model": model_arguments(cfg),  # atas.models.build_model(**card["model"]) rebuilds it
-        "method": cfg.method.name, "eps": cfg.method.eps.text, "eps_value": float(cfg.method.eps),
-        "epoch": extra.get("epoch"), "training": state, "config": cfg.to_dict(), "evaluation": evaluation,
+        "method": cfg.method.name,
+        "eps": cfg.method.eps.text,
+        "eps_value": float(cfg.method.eps),
+        "epoch": extra.get("epoch"),
+        "training": state,
+        "config": cfg.to_dict(),
+        "evaluation": evaluation,
         # Which weights these are: "raw" or "averaged" (train.wa_tau), and the epoch validation chose.
         "weights": extra.get("weights", (card_in or {}).get("weights", "raw")),
         "selected_epoch": extra.get("selected_epoch"),
@@ -300,7 +356,7 @@ def export_model(source: str | Path, out_dir: str | Path, evaluation: dict | Non
     card["robustbench"] = robustbench_entry(card, evaluation)
     if card["robustbench"] is None:
         (out_dir / ROBUSTBENCH_FILE).unlink(missing_ok=True)  # an earlier export's entry is not these weights'
-        card["robustbench_note"] = robustbench_note(source)   # a note, not a warning: most exports need no entry
+        card["robustbench_note"] = robustbench_note(source)  # a note, not a warning: most exports need no entry
     else:
         save_json(out_dir / ROBUSTBENCH_FILE, card["robustbench"])
     if note:
@@ -310,8 +366,14 @@ def export_model(source: str | Path, out_dir: str | Path, evaluation: dict | Non
 
 
 # RobustBench's names of our architectures (its model_info "architecture" field).
-ROBUSTBENCH_ARCH = {"preact_resnet18": "PreActResNet-18", "resnet18_cifar": "ResNet-18", "resnet18": "ResNet-18",
-                    "resnet50": "ResNet-50", "wrn28_10": "WideResNet-28-10", "wrn34_10": "WideResNet-34-10"}
+ROBUSTBENCH_ARCH = {
+    "preact_resnet18": "PreActResNet-18",
+    "resnet18_cifar": "ResNet-18",
+    "resnet18": "ResNet-18",
+    "resnet50": "ResNet-50",
+    "wrn28_10": "WideResNet-28-10",
+    "wrn34_10": "WideResNet-34-10",
+}
 ROBUSTBENCH_FILE = "robustbench.json"
 PLACEHOLDER = "FILL IN"
 
@@ -327,21 +389,33 @@ def robustbench_entry(card: dict, evaluation: dict | None) -> dict | None:
     if "clean" not in results or "aa" not in results:
         return None
     pct = lambda name: f"{100 * results[name]['accuracy']:.2f}"  # noqa: E731
-    return {"link": PLACEHOLDER, "name": PLACEHOLDER, "authors": PLACEHOLDER, "venue": PLACEHOLDER,
-            "architecture": ROBUSTBENCH_ARCH.get(card["architecture"], card["architecture"]),
-            "eps": card["eps"], "threat_model": "Linf", "dataset": card["dataset"],
-            "additional_data": False, "number_forward_passes": 1,
-            "clean_acc": pct("clean"), "autoattack_acc": pct("aa"), "reported": pct("aa"),
-            "n_examples": int(results["aa"].get("n", (evaluation or {}).get("n_examples"))),
-            "footnote": f"atas {card['method']}, {card.get('weights', 'raw')} weights; evaluated on "
-                        f"{int(results['aa'].get('n', (evaluation or {}).get('n_examples')))} test images",
-            "unreliable": False}
+    return {
+        "link": PLACEHOLDER,
+        "name": PLACEHOLDER,
+        "authors": PLACEHOLDER,
+        "venue": PLACEHOLDER,
+        "architecture": ROBUSTBENCH_ARCH.get(card["architecture"], card["architecture"]),
+        "eps": card["eps"],
+        "threat_model": "Linf",
+        "dataset": card["dataset"],
+        "additional_data": False,
+        "number_forward_passes": 1,
+        "clean_acc": pct("clean"),
+        "autoattack_acc": pct("aa"),
+        "reported": pct("aa"),
+        "n_examples": int(results["aa"].get("n", (evaluation or {}).get("n_examples"))),
+        "footnote": f"atas {card['method']}, {card.get('weights', 'raw')} weights; evaluated on "
+        f"{int(results['aa'].get('n', (evaluation or {}).get('n_examples')))} test images",
+        "unreliable": False,
+    }
 
 
 def robustbench_note(source) -> str:
-    return (f"no evaluation of these weights with clean and AutoAttack: run `atas eval {source} "
-            "--attacks clean,aa` (the whole test set: RobustBench's numbers are on 10,000 CIFAR images) "
-            "and export again")
+    return (
+        f"no evaluation of these weights with clean and AutoAttack: run `atas eval {source} "
+        "--attacks clean,aa` (the whole test set: RobustBench's numbers are on 10,000 CIFAR images) "
+        "and export again"
+    )
 
 
 def _safetensors_bytes(tensors: dict) -> bytes:
@@ -353,9 +427,9 @@ def _safetensors_bytes(tensors: dict) -> bytes:
 
     raw = save(tensors, metadata={"format": "pt", "library": "atas"})
     n = int.from_bytes(raw[:8], "little")
-    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header = json.dumps(json.loads(raw[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the format pads the header with spaces to 8-byte alignment
-    return len(header).to_bytes(8, "little") + header + raw[8 + n:]
+    return len(header).to_bytes(8, "little") + header + raw[8 + n :]
 
 
 __all__ = ["checkpoint_record", "export_model", "load_model", "model_arguments", "resolve_artifact", "run_evaluation"]

@@ -6,6 +6,7 @@
 Weights load without unpickling anything: `.safetensors` through safetensors, anything else through
 torch.load(weights_only=True), which refuses a file holding arbitrary Python objects.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -44,8 +45,9 @@ def import_plugins(modules: list[str] | None = None) -> list[str]:
         try:
             importlib.import_module(name)
         except ImportError as e:
-            raise ConfigError(f"--import {name}: cannot import it ({type(e).__name__}: {e}); is it installed or "
-                              "on PYTHONPATH?") from e
+            raise ConfigError(
+                f"--import {name}: cannot import it ({type(e).__name__}: {e}); is it installed or on PYTHONPATH?"
+            ) from e
         loaded.append(name)
     for group in GROUPS:  # methods, models, datasets and attacks of installed packages
         loaded += load_entry_points(group)
@@ -61,8 +63,10 @@ def model_from_factory(spec: str) -> nn.Module:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ConfigError(f"--model {spec}: cannot import {module_name!r} ({type(e).__name__}: {e}); is it "
-                          "installed, in the current folder or on PYTHONPATH?") from e
+        raise ConfigError(
+            f"--model {spec}: cannot import {module_name!r} ({type(e).__name__}: {e}); is it "
+            "installed, in the current folder or on PYTHONPATH?"
+        ) from e
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ConfigError(f"--model {spec}: {module_name} has no callable {attr!r}")
@@ -106,14 +110,19 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            if not zipfile.is_zipfile(path) and _first_byte(path) != b"\x80":  # neither torch format (a pickle opens with PROTO)
-                raise ConfigError(f"--weights {path}: not a readable torch file (neither a torch zip archive nor a "
-                                  "pickle); give a .safetensors file or a torch.save(state_dict) file") from None
+            if (
+                not zipfile.is_zipfile(path) and _first_byte(path) != b"\x80"
+            ):  # neither torch format (a pickle opens with PROTO)
+                raise ConfigError(
+                    f"--weights {path}: not a readable torch file (neither a torch zip archive nor a "
+                    "pickle); give a .safetensors file or a torch.save(state_dict) file"
+                ) from None
             raise ConfigError(
                 f"--weights {path}: refused. It is a pickle holding Python objects beyond tensors, and unpickling "
                 "runs arbitrary code, so atas never does it for a file it did not write. Save the weights as a "
                 "state dict: safetensors.torch.save_file(model.state_dict(), 'weights.safetensors') or "
-                f"torch.save(model.state_dict(), 'weights.pt'). (torch: {str(e).splitlines()[0]})") from e
+                f"torch.save(model.state_dict(), 'weights.pt'). (torch: {str(e).splitlines()[0]})"
+            ) from e
         except (RuntimeError, EOFError, OSError) as e:
             raise ConfigError(f"--weights {path}: not a readable torch file ({str(e).splitlines()[0]})") from e
     for key in ("model", "state_dict"):
@@ -123,17 +132,22 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         raise ConfigError(f"--weights {path}: expected a state dict (parameter name -> tensor)")
     try:
         result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:   # shape mismatches: torch names each key
+    except RuntimeError as e:  # shape mismatches: torch names each key
         detail = "; ".join(line.strip() for line in str(e).splitlines()[1:4])
         raise ConfigError(f"--weights {path} does not fit the model: {detail}") from e
     if result.missing_keys or result.unexpected_keys:
+
         def names(keys):
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
         parts = []
         if result.missing_keys:
             parts.append(f"missing from the file: {names(result.missing_keys)}")
         if result.unexpected_keys:
             parts.append(f"not in the model: {names(result.unexpected_keys)}")
-        raise ConfigError(f"--weights {path} does not match the model's keys; " + "; ".join(parts)
-                          + ". Is it the weights of this architecture?")
+        raise ConfigError(
+            f"--weights {path} does not match the model's keys; "
+            + "; ".join(parts)
+            + ". Is it the weights of this architecture?"
+        )
     return model

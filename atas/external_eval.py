@@ -10,6 +10,7 @@ float32 images in [0, 1] cast to its dtype inside a wrapper, and its logits back
 eval() mode. A model that expects normalised inputs gets `normalization=(mean, std)` applied
 inside the wrapper, so every attack still works in [0, 1] pixel space.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -78,9 +79,21 @@ def _collect(data: Iterable, n_examples: int | None) -> tuple[torch.Tensor, torc
     return torch.cat(xs), torch.cat(ys)
 
 
-def benchmark(model: nn.Module, data, eps: float | str, attacks: Sequence[str] = ("clean", "pgd", "aa"), *,
-              normalization: tuple | None = None, n_examples: int | None = None, data_dir=None,
-              batch_size: int = 256, device=None, seed: int = 0, progress: bool = True, **kwargs) -> dict:
+def benchmark(
+    model: nn.Module,
+    data,
+    eps: float | str,
+    attacks: Sequence[str] = ("clean", "pgd", "aa"),
+    *,
+    normalization: tuple | None = None,
+    n_examples: int | None = None,
+    data_dir=None,
+    batch_size: int = 256,
+    device=None,
+    seed: int = 0,
+    progress: bool = True,
+    **kwargs,
+) -> dict:
     """Robust accuracy of any classifier under L-inf attacks of radius `eps`.
 
     Args:
@@ -117,17 +130,34 @@ def benchmark(model: nn.Module, data, eps: float | str, attacks: Sequence[str] =
     modes = [(m, m.training) for m in model.modules()]
     model.eval()  # evaluation is in eval() mode by definition: no warning for a freshly built model
     try:
-        result = evaluate(wrapped, x, y, eps, attacks, n_examples=n_examples, batch_size=batch_size,
-                          device=device if device is not None else model_device, seed=seed, progress=progress,
-                          eps_label=label, **kwargs)
+        result = evaluate(
+            wrapped,
+            x,
+            y,
+            eps,
+            attacks,
+            n_examples=n_examples,
+            batch_size=batch_size,
+            device=device if device is not None else model_device,
+            seed=seed,
+            progress=progress,
+            eps_label=label,
+            **kwargs,
+        )
     finally:
         for m, training in modes:
             m.training = training
-    result["model"] = {"class": f"{type(model).__module__}.{type(model).__qualname__}",
-                       "sha256": fingerprint_model(model),
-                       "normalization": None if normalization is None else [list(map(float, v)) for v in normalization]}
-    result["data"] = {**_data_identity(data, data_dir), "split": "test" if isinstance(data, (str, Config)) else None,
-                      "images": f"the first {result['n_examples']}", "sha256": result["request"]["data_sha256"]}
+    result["model"] = {
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "sha256": fingerprint_model(model),
+        "normalization": None if normalization is None else [list(map(float, v)) for v in normalization],
+    }
+    result["data"] = {
+        **_data_identity(data, data_dir),
+        "split": "test" if isinstance(data, (str, Config)) else None,
+        "images": f"the first {result['n_examples']}",
+        "sha256": result["request"]["data_sha256"],
+    }
     return result
 
 

@@ -5,6 +5,7 @@ says which `pip install` brings it.
     matplotlib    `atas[plots]`  the PNG plots of `atas compare`'s report
     scipy         (pip install scipy)  reading SVHN's .mat files
 """
+
 from __future__ import annotations
 
 import importlib
@@ -35,5 +36,7 @@ def require(module: str, feature: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise MissingDependencyError(f"{feature} needs the {module} package, which is not installed: "
-                                     f"{INSTALL.get(module, f'pip install {module}')}") from e
+        raise MissingDependencyError(
+            f"{feature} needs the {module} package, which is not installed: "
+            f"{INSTALL.get(module, f'pip install {module}')}"
+        ) from e

@@ -2,6 +2,7 @@
 schedule, the data, the method object. Each is a small public function a user's own loop calls
 the same way the trainer does (examples/own_loop.py; timm's habit of building from a config).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,13 +41,15 @@ def resolve_device(name: str, option: str = "train.device") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise ConfigError(f"{option}{sep}{name}: not a device ({str(e).splitlines()[0]}); use auto, cpu, cuda or "
-                          "cuda:N") from None
+        raise ConfigError(
+            f"{option}{sep}{name}: not a device ({str(e).splitlines()[0]}); use auto, cpu, cuda or cuda:N"
+        ) from None
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"{option}{sep}{name}: atas runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{option}{sep}{name} but no CUDA GPU is visible; use {option}{sep}cpu (or auto: the GPU "
-                          "when there is one)")
+        raise ConfigError(
+            f"{option}{sep}{name} but no CUDA GPU is visible; use {option}{sep}cpu (or auto: the GPU when there is one)"
+        )
     return device
 
 
@@ -62,16 +65,18 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 def make_model(cfg: Config) -> nn.Module:
     info = dataset_info(cfg.data.name)
-    return build_model(cfg.model.arch, num_classes=info.num_classes, in_channels=info.channels,
-                       mean=info.mean, std=info.std)
+    return build_model(
+        cfg.model.arch, num_classes=info.num_classes, in_channels=info.channels, mean=info.mean, std=info.std
+    )
 
 
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
     if o.name == "adam":
         return torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                           nesterov=o.nesterov)
+    return torch.optim.SGD(
+        model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
+    )
 
 
 def lr_factor(cfg: Config, steps_per_epoch: int):
@@ -96,7 +101,7 @@ def onecycle_factor(total: int, pct_start: float, div_factor: float, final_div_f
     steps, then down to 1/(div_factor * final_div_factor) at the last one. Smith & Topin 2019,
     "Super-Convergence", https://arxiv.org/abs/1708.07120. The momentum is not cycled (docs/algorithm.md)."""
     start, end = 1.0 / div_factor, 1.0 / (div_factor * final_div_factor)
-    peak = float(pct_start * total) - 1   # torch's phase boundary, in steps
+    peak = float(pct_start * total) - 1  # torch's phase boundary, in steps
 
     def anneal(a: float, b: float, pct: float) -> float:
         return b + (a - b) / 2.0 * (math.cos(math.pi * pct) + 1)
@@ -106,6 +111,7 @@ def onecycle_factor(total: int, pct_start: float, div_factor: float, final_div_f
         if it <= peak:
             return anneal(start, 1.0, it / peak) if peak > 0 else 1.0
         return anneal(1.0, end, (it - peak) / max(total - 1 - peak, 1e-12))
+
     return factor
 
 
@@ -133,31 +139,38 @@ def make_data(cfg: Config, device: torch.device, shard=None) -> TrainData:
     if info.resident:
         x, y = load_tensors(info.name, "train", d.data_dir, d.download)
         n = check_val_size(d.val_size, check_subset(d.subset, len(x)))
-        keep = train_indices(check_subset(d.subset, len(x)), d.val_size, d.val_from)   # data.val_from
+        keep = train_indices(check_subset(d.subset, len(x)), d.val_size, d.val_from)  # data.val_from
         x, y = (x[:n], y[:n]) if keep is None else (x[keep], y[keep])
         x_test, y_test = TestSplit(info.name, d.data_dir, d.download).take()
         indices = shard(len(x)) if shard else None
-        loader: ResidentLoader | FolderLoader = ResidentLoader(x.to(device), y.to(device), t.batch_size,
-                                                               indices=indices, seed=t.seed, drop_last=t.drop_last)
+        loader: ResidentLoader | FolderLoader = ResidentLoader(
+            x.to(device), y.to(device), t.batch_size, indices=indices, seed=t.seed, drop_last=t.drop_last
+        )
         augment = PairedAugment(info.image_size, pad=pad, flip=flip)
         num_train = len(x)
     else:
         train_set: IndexedImageFolder | torch.utils.data.Subset = image_folder(info.name, "train", d.data_dir)
         n = check_val_size(d.val_size, check_subset(d.subset, len(train_set)))
-        keep = train_indices(check_subset(d.subset, len(train_set)), d.val_size, d.val_from)   # data.val_from
+        keep = train_indices(check_subset(d.subset, len(train_set)), d.val_size, d.val_from)  # data.val_from
         if n < len(train_set):
             train_set = torch.utils.data.Subset(train_set, range(n) if keep is None else keep.tolist())
         # Only the images the probe or the evaluation can use are decoded.
         x_test, y_test = TestSplit(info.name, d.data_dir).take(d.test_subset or cfg.eval.n_examples)
         indices = shard(len(train_set)) if shard else None
-        loader = FolderLoader(train_set, t.batch_size, device, indices=indices, seed=t.seed,
-                              drop_last=t.drop_last, num_workers=d.num_workers)
+        loader = FolderLoader(
+            train_set,
+            t.batch_size,
+            device,
+            indices=indices,
+            seed=t.seed,
+            drop_last=t.drop_last,
+            num_workers=d.num_workers,
+        )
         augment = PairedAugment(info.image_size, pad=pad, frame=info.frame_size + 2 * pad, flip=flip)
         num_train = len(train_set)
     n = check_subset(d.test_subset, len(x_test), "data.test_subset", "test")
     x_test, y_test = x_test[:n], y_test[:n]
-    return TrainData(loader, num_train, augment, (info.channels, augment.frame, augment.frame), x_test, y_test,
-                     indices)
+    return TrainData(loader, num_train, augment, (info.channels, augment.frame, augment.frame), x_test, y_test, indices)
 
 
 def make_method(cfg: Config, data: TrainData, store_options: dict, changes: dict | None = None):
@@ -165,6 +178,12 @@ def make_method(cfg: Config, data: TrainData, store_options: dict, changes: dict
     options = method_options(cfg)
     if changes:
         options = dataclasses.replace(options, **changes)
-    return get_method(cfg.method.name)(cfg.method.eps, options, cfg.train.epochs, num_samples=data.num_train,
-                                       augment=data.augment, store_dtype=cfg.train.store_dtype,
-                                       store_options=store_options)
+    return get_method(cfg.method.name)(
+        cfg.method.eps,
+        options,
+        cfg.train.epochs,
+        num_samples=data.num_train,
+        augment=data.augment,
+        store_dtype=cfg.train.store_dtype,
+        store_options=store_options,
+    )

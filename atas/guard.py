@@ -40,6 +40,7 @@ Every run ends with one outcome (`outcome`): healthy, recovered (flagged, rolled
 end), gave up, or did not learn (final probe or test clean accuracy within NEAR_CHANCE of chance,
 whatever the guard did: a model that learnt nothing is neither healthy nor recovered).
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,8 +52,8 @@ import torch
 from atas.monitor import COMonitor, Probe
 
 EVENT = "event"
-LONGER_RAMP = 2     # epochs a restart adds to the eps ramp
-GENERIC_RAMP = 3    # the ramp a method without a remedy of its own restarts with, if it had none
+LONGER_RAMP = 2  # epochs a restart adds to the eps ramp
+GENERIC_RAMP = 3  # the ramp a method without a remedy of its own restarts with, if it had none
 # A final clean accuracy at most this far above chance (1 / classes): the run did not learn. The
 # shrunk recipes' stuck runs sat at 12-25% on ten classes; every run that learnt anything was above 40%.
 NEAR_CHANCE = 0.05
@@ -105,8 +106,7 @@ def is_healthy(verdict: dict, monitor: COMonitor, row: dict, num_classes: int) -
     """An epoch the guard may roll back to: not flagged, no rule counting towards a flag, and a
     model that learned something (probe clean accuracy at least twice chance: a run that sits at a
     constant prediction is not healthy even before the stuck rule has seen it twice)."""
-    return (not verdict["co"] and not monitor.pending
-            and row.get("probe_clean", 1.0) >= 2.0 / max(num_classes, 2))
+    return not verdict["co"] and not monitor.pending and row.get("probe_clean", 1.0) >= 2.0 / max(num_classes, 2)
 
 
 def is_stuck_only(reason: str) -> bool:
@@ -142,22 +142,35 @@ class Guard:
     holds the record and the kept healthy state, for a checkpoint of the run.
     """
 
-    def __init__(self, model=None, optimizer=None, method=None, probe: Probe | None = None, scheduler=None, *,
-                 max_recoveries: int = 3, budget_epochs: int | None = None, num_classes: int | None = None,
-                 keep: str | Path | None = None, rows: list[dict] | None = None, verbose: bool = True):
+    def __init__(
+        self,
+        model=None,
+        optimizer=None,
+        method=None,
+        probe: Probe | None = None,
+        scheduler=None,
+        *,
+        max_recoveries: int = 3,
+        budget_epochs: int | None = None,
+        num_classes: int | None = None,
+        keep: str | Path | None = None,
+        rows: list[dict] | None = None,
+        verbose: bool = True,
+    ):
         if probe is not None and not callable(probe):
             raise TypeError(f"Guard(probe=...) must be an atas.Probe(x_val, y_val, eps), got {type(probe).__name__}")
         if int(max_recoveries) < 0 or (budget_epochs is not None and int(budget_epochs) < 0):
-            raise ValueError(f"Guard: max_recoveries and budget_epochs must be >= 0, got {max_recoveries} and "
-                             f"{budget_epochs}")
+            raise ValueError(
+                f"Guard: max_recoveries and budget_epochs must be >= 0, got {max_recoveries} and {budget_epochs}"
+            )
         self.model, self.optimizer, self.method, self.probe = model, optimizer, method, probe
         self.scheduler, self.num_classes, self.keep, self.verbose = scheduler, num_classes, keep, verbose
         self.max_recoveries, self.budget_epochs = int(max_recoveries), budget_epochs
         self.rows: list[dict] = rows if rows is not None else []
         self.monitor = monitor_for(method.opt, self.rows) if method is not None else COMonitor()
-        self._healthy: dict | None = None     # the kept state (keep=None)
-        self._next: int | None = None         # the epoch `epochs` yields next
-        self._open: int | None = None         # the epoch yielded and not yet ended
+        self._healthy: dict | None = None  # the kept state (keep=None)
+        self._next: int | None = None  # the epoch `epochs` yields next
+        self._open: int | None = None  # the epoch yielded and not yet ended
 
     # -- the decisions, shared with the trainer ------------------------------------------------
     def judge(self, row: dict) -> dict:
@@ -170,8 +183,9 @@ class Guard:
         if self.num_classes is None:
             self.num_classes = int(self._num_outputs())
         verdict = self.monitor.update(row)
-        verdict["best"] = row["probe_pgd"] > max((r.get("probe_pgd", -1.0) for r in all_epochs(self.rows)
-                                                  if r is not row), default=-1.0)
+        verdict["best"] = row["probe_pgd"] > max(
+            (r.get("probe_pgd", -1.0) for r in all_epochs(self.rows) if r is not row), default=-1.0
+        )
         row["co"] = verdict["co"]
         if verdict["reason"]:
             row["co_reason"] = verdict["reason"]
@@ -200,13 +214,21 @@ class Guard:
         # weights before the collapse), not at the flagged one; a run never healthy keeps its last.
         end = {"rollback_to": last_healthy, "replayed_epochs": 0, "changes": {}} if last_healthy >= 1 else {}
         if len(past) >= self.max_recoveries:
-            return {EVENT: "gave_up", **base, **end,
-                    "why": f"{len(past)} recoveries already (train.max_recoveries={self.max_recoveries})"}
+            return {
+                EVENT: "gave_up",
+                **base,
+                **end,
+                "why": f"{len(past)} recoveries already (train.max_recoveries={self.max_recoveries})",
+            }
         if replayed + replay > budget:
-            return {EVENT: "gave_up", **base, **end,
-                    "why": f"rolling back to epoch {last_healthy} would replay {replay} epochs, but only "
-                           f"{budget - replayed} of the budget of {budget} are left "
-                           "(train.recover_budget_epochs)"}
+            return {
+                EVENT: "gave_up",
+                **base,
+                **end,
+                "why": f"rolling back to epoch {last_healthy} would replay {replay} epochs, but only "
+                f"{budget - replayed} of the budget of {budget} are left "
+                "(train.recover_budget_epochs)",
+            }
         method = self.method
         o = method.opt
         changes = {} if is_stuck_only(reason) or last_healthy == 0 else method.remedy(len(past) + 1)
@@ -215,15 +237,25 @@ class Guard:
         elif is_stuck_only(reason) or last_healthy == 0:
             ramp = o.eps_ramp_epochs + LONGER_RAMP
             changes = {"eps_ramp_epochs": ramp, "eps_ramp_start": last_healthy + 1}
-            remedy = (f"restart from {'the initial weights' if last_healthy == 0 else f'epoch {last_healthy}'} "
-                      f"with a longer eps ramp ({o.eps_ramp_epochs} -> {ramp} epochs)")
+            remedy = (
+                f"restart from {'the initial weights' if last_healthy == 0 else f'epoch {last_healthy}'} "
+                f"with a longer eps ramp ({o.eps_ramp_epochs} -> {ramp} epochs)"
+            )
         else:
             ramp = o.eps_ramp_epochs or GENERIC_RAMP
             changes = {"eps_ramp_epochs": ramp, "eps_ramp_start": last_healthy + 1}
-            remedy = (f"generic (the method has no remedy of its own): a {ramp}-epoch eps ramp from epoch "
-                      f"{last_healthy + 1}")
-        return {EVENT: "recovery", **base, "attempt": len(past) + 1, "rollback_to": last_healthy,
-                "replayed_epochs": replay, "changes": changes, "remedy": remedy}
+            remedy = (
+                f"generic (the method has no remedy of its own): a {ramp}-epoch eps ramp from epoch {last_healthy + 1}"
+            )
+        return {
+            EVENT: "recovery",
+            **base,
+            "attempt": len(past) + 1,
+            "rollback_to": last_healthy,
+            "replayed_epochs": replay,
+            "changes": changes,
+            "remedy": remedy,
+        }
 
     def record_rollback(self, event: dict) -> None:
         """Mark the epochs a recovery undoes as discarded and log the event (before the restore)."""
@@ -251,11 +283,13 @@ class Guard:
         self._next = int(start)
         while self._next <= n and not gave_up(self.rows):
             self._open = epoch = self._next
-            self._next = epoch + 1                # end_epoch sets it back after a rollback
+            self._next = epoch + 1  # end_epoch sets it back after a rollback
             yield epoch
             if self._open is not None:
-                raise RuntimeError(f"Guard.epochs: epoch {epoch} ended without guard.end_epoch({epoch}); call it "
-                                   "after the epoch's last optimizer step")
+                raise RuntimeError(
+                    f"Guard.epochs: epoch {epoch} ended without guard.end_epoch({epoch}); call it "
+                    "after the epoch's last optimizer step"
+                )
 
     def end_epoch(self, epoch: int | None = None, row: dict | None = None) -> dict:
         """Judge the epoch just trained: probe, verdict, keep its state if healthy, else roll back
@@ -299,8 +333,12 @@ class Guard:
 
     # -- the healthy state ------------------------------------------------------------------------
     def _snapshot(self) -> dict:
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "method": self.method.state_dict(), "rng": torch.get_rng_state()}
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "method": self.method.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
         device = next(self.model.parameters()).device
@@ -381,16 +419,23 @@ def outcome(rows: list[dict], final_clean: float | None, chance: float | None) -
 def flag_line(epoch: int, reason: str, row: dict, monitor: COMonitor) -> str:
     """The console line of a flagged epoch."""
     what = "RUN STUCK" if is_stuck_only(reason) else "CATASTROPHIC OVERFITTING"
-    return (f"{what} at epoch {epoch}: probe PGD accuracy {row['probe_pgd']:.3f} (best {monitor.best_pgd:.3f} at "
-            f"epoch {monitor.best_epoch}), FGSM accuracy {row['probe_fgsm']:.3f}, clean {row['probe_clean']:.3f}. "
-            f"{reason}.")
+    return (
+        f"{what} at epoch {epoch}: probe PGD accuracy {row['probe_pgd']:.3f} (best {monitor.best_pgd:.3f} at "
+        f"epoch {monitor.best_epoch}), FGSM accuracy {row['probe_fgsm']:.3f}, clean {row['probe_clean']:.3f}. "
+        f"{reason}."
+    )
 
 
 def describe(event: dict) -> str:
     """One line for the console and the report."""
     if event[EVENT] == "gave_up":
-        ends = (f"; the run ends with the weights of its last healthy epoch, {event['rollback_to']} (early stopping)"
-                if "rollback_to" in event else "")
+        ends = (
+            f"; the run ends with the weights of its last healthy epoch, {event['rollback_to']} (early stopping)"
+            if "rollback_to" in event
+            else ""
+        )
         return f"epoch {event['epoch']}: the guard gave up ({event['why']}){ends}; flagged: {event['reason']}"
-    return (f"epoch {event['epoch']}: recovery {event['attempt']}: rolled back to epoch {event['rollback_to']} "
-            f"({event['replayed_epochs']} epochs replayed); {event['remedy']}; flagged: {event['reason']}")
+    return (
+        f"epoch {event['epoch']}: recovery {event['attempt']}: rolled back to epoch {event['rollback_to']} "
+        f"({event['replayed_epochs']} epochs replayed); {event['remedy']}; flagged: {event['reason']}"
+    )

@@ -9,16 +9,32 @@ a dataset and says what to do; `allow_random_transforms=True` accepts it as an a
 (the prior then follows the sample but not its pixels: the official code's ImageNet path, whose
 prior is never updated, is no better; an unaligned prior is also what FGSM-PGI's momentum is).
 """
+
 from __future__ import annotations
 
 import torch
 from torch.utils.data import Dataset
 
 # torchvision transforms (v1 and v2 share these names) that move pixels at random.
-RANDOM_SPATIAL = {"RandomCrop", "RandomResizedCrop", "RandomHorizontalFlip", "RandomVerticalFlip", "RandomAffine",
-                  "RandomRotation", "RandomPerspective", "RandomIoUCrop", "RandomZoomOut", "ElasticTransform",
-                  "RandomShortestSize", "RandomResize", "ScaleJitter", "TrivialAugmentWide", "RandAugment",
-                  "AutoAugment", "AugMix"}
+RANDOM_SPATIAL = {
+    "RandomCrop",
+    "RandomResizedCrop",
+    "RandomHorizontalFlip",
+    "RandomVerticalFlip",
+    "RandomAffine",
+    "RandomRotation",
+    "RandomPerspective",
+    "RandomIoUCrop",
+    "RandomZoomOut",
+    "ElasticTransform",
+    "RandomShortestSize",
+    "RandomResize",
+    "ScaleJitter",
+    "TrivialAugmentWide",
+    "RandAugment",
+    "AutoAugment",
+    "AugMix",
+}
 
 
 def random_spatial_transforms(dataset) -> list[str]:
@@ -31,7 +47,7 @@ def random_spatial_transforms(dataset) -> list[str]:
         seen.add(id(t))
         if type(t).__name__ in RANDOM_SPATIAL:
             found.append(type(t).__name__)
-        for child in getattr(t, "transforms", None) or []:   # Compose, RandomApply, RandomChoice, v2
+        for child in getattr(t, "transforms", None) or []:  # Compose, RandomApply, RandomChoice, v2
             walk(child)
 
     # Walk every dataset under this one: Subset / IndexedDataset / wrappers (.dataset), and
@@ -60,8 +76,9 @@ class IndexedDataset(Dataset):
 
     def __init__(self, dataset, allow_random_transforms: bool = False):
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-            raise TypeError(f"IndexedDataset needs a map-style dataset (with __getitem__ and __len__), got "
-                            f"{type(dataset).__name__}")
+            raise TypeError(
+                f"IndexedDataset needs a map-style dataset (with __getitem__ and __len__), got {type(dataset).__name__}"
+            )
         found = random_spatial_transforms(dataset)
         if found and not allow_random_transforms:
             raise ValueError(
@@ -69,7 +86,8 @@ class IndexedDataset(Dataset):
                 "it: the per-sample prior of ATAS would land on other pixels than it was made for. Remove those "
                 "transforms and pass augment=atas.RandomCropFlip(pad=4) to the method (the same crop/flip on image "
                 "and prior, on the device), or pass IndexedDataset(ds, allow_random_transforms=True) to accept "
-                "an unaligned prior (an approximation; see the docs page 'Use ATAS in your own code').")
+                "an unaligned prior (an approximation; see the docs page 'Use ATAS in your own code')."
+            )
         self.dataset = dataset
 
     def __len__(self) -> int:

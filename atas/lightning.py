@@ -52,6 +52,7 @@ numbering follows the replay (Lightning's own epoch counter only goes forward). 
 (`callback.guard.rows`, `.events`, `.outcome`) and the healthy state are in Lightning's checkpoint.
 A gave-up run stops (`trainer.should_stop`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -77,30 +78,38 @@ class AdversarialTraining(pl.Callback):
     weight_average: an atas.WeightAverage to update after every training batch (default: none).
     """
 
-    def __init__(self, method: Method | None = None, seed: int | None = None, probe: Probe | None = None,
-                 max_recoveries: int = 3, budget_epochs: int | None = None,
-                 weight_average: WeightAverage | None = None):
+    def __init__(
+        self,
+        method: Method | None = None,
+        seed: int | None = None,
+        probe: Probe | None = None,
+        max_recoveries: int = 3,
+        budget_epochs: int | None = None,
+        weight_average: WeightAverage | None = None,
+    ):
         self.method = method
         self.seed = seed
         self.probe, self.max_recoveries, self.budget_epochs = probe, max_recoveries, budget_epochs
         self.weight_average = weight_average
         self.guard: Guard | None = None
-        self._max_epochs: int | None = None   # as the Trainer was given it (the guard adds the replays)
+        self._max_epochs: int | None = None  # as the Trainer was given it (the guard adds the replays)
         self._trainer = None
-        self._batches = 0        # training batches done in this epoch: a checkpoint knows if it is mid-epoch
+        self._batches = 0  # training batches done in this epoch: a checkpoint knows if it is mid-epoch
         self._pending: dict | None = None
         self._pending_guard: dict | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._trainer = trainer
         if self.seed is None:
-            self.seed = torch.initial_seed()   # a resume replaces it with the checkpoint's
+            self.seed = torch.initial_seed()  # a resume replaces it with the checkpoint's
         if self.method is None:
             found = [v for v in vars(pl_module).values() if isinstance(v, Method)]
             if len(found) != 1:
-                raise ValueError(f"AdversarialTraining() found {len(found)} atas method objects on "
-                                 f"{type(pl_module).__name__}; keep exactly one (self.atk = atas.ATAS(...)) or pass "
-                                 "it: AdversarialTraining(method)")
+                raise ValueError(
+                    f"AdversarialTraining() found {len(found)} atas method objects on "
+                    f"{type(pl_module).__name__}; keep exactly one (self.atk = atas.ATAS(...)) or pass "
+                    "it: AdversarialTraining(method)"
+                )
             self.method = found[0]
 
     def _method(self) -> Method:
@@ -138,20 +147,28 @@ class AdversarialTraining(pl.Callback):
         pl_module.log_dict({k: float(v) for k, v in row.items() if k.startswith("probe_")}, on_epoch=True)
         event = result["event"]
         if event is not None and event[EVENT] == "recovery":
-            trainer.fit_loop.max_epochs = (self._max_epochs or 0) + self._replayed()   # the undone epochs again
+            trainer.fit_loop.max_epochs = (self._max_epochs or 0) + self._replayed()  # the undone epochs again
         elif event is not None:
             trainer.should_stop = True
 
     def _build_guard(self, trainer, pl_module) -> None:
         schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
         if len(trainer.optimizers) != 1 or len(schedulers) > 1:
-            raise ValueError("AdversarialTraining(probe=...): the guard keeps and restores one optimizer and at most "
-                             f"one LR scheduler; this module has {len(trainer.optimizers)} and {len(schedulers)}")
+            raise ValueError(
+                "AdversarialTraining(probe=...): the guard keeps and restores one optimizer and at most "
+                f"one LR scheduler; this module has {len(trainer.optimizers)} and {len(schedulers)}"
+            )
         self._max_epochs = trainer.max_epochs
         budget = self.budget_epochs if self.budget_epochs is not None else max(trainer.max_epochs or 0, 0)
-        self.guard = Guard(pl_module, trainer.optimizers[0], self._method(), probe=self.probe,
-                           scheduler=schedulers[0] if schedulers else None, max_recoveries=self.max_recoveries,
-                           budget_epochs=budget)
+        self.guard = Guard(
+            pl_module,
+            trainer.optimizers[0],
+            self._method(),
+            probe=self.probe,
+            scheduler=schedulers[0] if schedulers else None,
+            max_recoveries=self.max_recoveries,
+            budget_epochs=budget,
+        )
         if self._pending_guard is not None:
             self.guard.load_state_dict(self._pending_guard)
             self._pending_guard = None
@@ -200,16 +217,18 @@ class AdversarialTraining(pl.Callback):
         # Mid-epoch (or an older checkpoint without the seed): the method's state only.
         if not (state.get("epoch_end") and "seed" in state and self._trainer is not None):
             return
-        nxt = self.method.current_epoch + 1 + self._replayed()   # Lightning's next epoch
-        max_epochs = self._trainer.max_epochs                    # as given: in the method's epochs
+        nxt = self.method.current_epoch + 1 + self._replayed()  # Lightning's next epoch
+        max_epochs = self._trainer.max_epochs  # as given: in the method's epochs
         if max_epochs is not None and 0 <= max_epochs < self.method.current_epoch + 1:
-            return   # nothing left to train
+            return  # nothing left to train
         # Lightning creates a resumed epoch's loader iterator (a draw from torch's generator) before
         # on_train_epoch_start; an uninterrupted epoch starts first. Start it now, on the built store,
         # so that the loader and ATAS's prior re-draw take their random numbers in the same order.
         m = self.method
         if m.uses_store and m.store is None and m._pending_store_state is not None:
             delta, meta = m._pending_store_state["delta"], m._pending_store_state["meta"]
-            m._build_store((delta.shape[1], int(meta[1]), int(meta[1])),
-                           m._store_options.get("device", self._trainer.strategy.root_device))
+            m._build_store(
+                (delta.shape[1], int(meta[1]), int(meta[1])),
+                m._store_options.get("device", self._trainer.strategy.root_device),
+            )
         self._start(nxt)

@@ -10,6 +10,7 @@ A loss that is affine on the ball has E_lin = 0; catastrophic overfitting bends 
 Neutral ground: the ELLE methods (atas.methods.elle) train on it, the per-epoch probe
 (atas.monitor.Probe) logs it, and neither imports the other.
 """
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ Both loaders draw from a fixed set of dataset indices (all of them, or one rank'
 DDP) and shuffle inside it with a generator seeded by (seed, epoch). The order therefore needs no
 state of its own: a resumed run replays exactly the batches an uninterrupted run would have seen.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,16 @@ class ResidentLoader:
 
     Every batch is one index_select on the device: no workers, no host-to-device copies."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, indices: torch.Tensor | None = None,
-                 seed: int = 0, drop_last: bool = False):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        *,
+        indices: torch.Tensor | None = None,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
         self.x, self.y = x, y
         self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
         self.indices = torch.arange(len(x)) if indices is None else indices.cpu()
@@ -37,7 +46,7 @@ class ResidentLoader:
     def __iter__(self):
         order = epoch_permutation(self.indices, self.seed, self.epoch).to(self.x.device)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            idx = order[start:start + self.batch_size]
+            idx = order[start : start + self.batch_size]
             yield self.x[idx].float().div_(255), self.y[idx], idx
 
 
@@ -61,13 +70,28 @@ class FolderLoader:
     """DataLoader over a folder dataset (ImageNet-scale): workers decode and resize, pinned memory,
     non-blocking copies; the paired crop/flip then happens on the device like for resident data."""
 
-    def __init__(self, dataset, batch_size: int, device: torch.device, *, indices: torch.Tensor | None = None,
-                 seed: int = 0, drop_last: bool = False, num_workers: int = 4):
+    def __init__(
+        self,
+        dataset,
+        batch_size: int,
+        device: torch.device,
+        *,
+        indices: torch.Tensor | None = None,
+        seed: int = 0,
+        drop_last: bool = False,
+        num_workers: int = 4,
+    ):
         self.sampler = ShardSampler(torch.arange(len(dataset)) if indices is None else indices, seed)
         self.device = device
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=drop_last,
-                                 num_workers=num_workers, pin_memory=device.type == "cuda",
-                                 persistent_workers=num_workers > 0)
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            drop_last=drop_last,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=num_workers > 0,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -77,5 +101,8 @@ class FolderLoader:
 
     def __iter__(self):
         for x, y, idx in self.loader:
-            yield (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
-                   idx.to(self.device, non_blocking=True))
+            yield (
+                x.to(self.device, non_blocking=True),
+                y.to(self.device, non_blocking=True),
+                idx.to(self.device, non_blocking=True),
+            )

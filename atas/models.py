@@ -13,6 +13,7 @@ Architectures are looked up by name in `MODELS` (filled by `@register`), never w
 Helpers for checkpoints written by wrapped models: `unwrap` strips DataParallel /
 DistributedDataParallel / torch.compile wrappers, `clean_state_dict` strips their key prefixes.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -27,15 +28,26 @@ import torchvision
 from atas.registry import Registry
 
 __all__ = [
-    "MODELS", "NormalizedModel", "register", "build_model", "list_models",
-    "unwrap", "clean_state_dict", "count_parameters",
-    "WongCNN", "SmallCNN", "PreActResNet", "WideResNet", "wide_resnet",
+    "MODELS",
+    "NormalizedModel",
+    "register",
+    "build_model",
+    "list_models",
+    "unwrap",
+    "clean_state_dict",
+    "count_parameters",
+    "WongCNN",
+    "SmallCNN",
+    "PreActResNet",
+    "WideResNet",
+    "wide_resnet",
 ]
 
 
 # ---------------------------------------------------------------------------------------------
 # The normalising wrapper
 # ---------------------------------------------------------------------------------------------
+
 
 class NormalizedModel(nn.Module):
     """logits = net((x - mean) / std) for images x in [0, 1], shape [B, C, H, W].
@@ -48,8 +60,14 @@ class NormalizedModel(nn.Module):
     mean: torch.Tensor  # buffers (register_buffer below), declared for the type checker
     std: torch.Tensor
 
-    def __init__(self, net: nn.Module, mean: Iterable[float], std: Iterable[float],
-                 arch: str | None = None, arch_kwargs: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        net: nn.Module,
+        mean: Iterable[float],
+        std: Iterable[float],
+        arch: str | None = None,
+        arch_kwargs: Mapping[str, Any] | None = None,
+    ):
         super().__init__()
         mean_t = torch.as_tensor(tuple(mean), dtype=torch.float32).view(1, -1, 1, 1)
         std_t = torch.as_tensor(tuple(std), dtype=torch.float32).view(1, -1, 1, 1)
@@ -71,9 +89,12 @@ class NormalizedModel(nn.Module):
         """Keyword arguments that rebuild this model: `build_model(**model.spec)`."""
         if self.arch is None:
             raise ValueError("this NormalizedModel was not built by build_model; no spec to give")
-        return {"name": self.arch, **self.arch_kwargs,
-                "mean": tuple(self.mean.flatten().tolist()),
-                "std": tuple(self.std.flatten().tolist())}
+        return {
+            "name": self.arch,
+            **self.arch_kwargs,
+            "mean": tuple(self.mean.flatten().tolist()),
+            "std": tuple(self.std.flatten().tolist()),
+        }
 
     def extra_repr(self) -> str:
         return f"arch={self.arch!r}, mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
@@ -85,9 +106,12 @@ class NormalizedModel(nn.Module):
 
 # name -> factory(num_classes, in_channels=3, **kwargs) -> bare nn.Module (no normalisation).
 # Packages add theirs through the entry-point group "atas.models" (atas.registry).
-MODELS = Registry("model", group="atas.models",
-                  hint=" (a model registered by your own code with atas.register_model needs `--import your.module` "
-                       "on the command line)")
+MODELS = Registry(
+    "model",
+    group="atas.models",
+    hint=" (a model registered by your own code with atas.register_model needs `--import your.module` "
+    "on the command line)",
+)
 
 
 def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
@@ -99,8 +123,7 @@ def list_models() -> list[str]:
     return MODELS.names()
 
 
-def _per_channel(values: float | Iterable[float] | None, default: float, channels: int,
-                 what: str) -> tuple[float, ...]:
+def _per_channel(values: float | Iterable[float] | None, default: float, channels: int, what: str) -> tuple[float, ...]:
     if values is None:
         return (default,) * channels
     if isinstance(values, (int, float)):
@@ -113,10 +136,14 @@ def _per_channel(values: float | Iterable[float] | None, default: float, channel
     return values
 
 
-def build_model(name: str, num_classes: int, in_channels: int = 3,
-                mean: float | Iterable[float] | None = None,
-                std: float | Iterable[float] | None = None,
-                **kwargs: Any) -> NormalizedModel:
+def build_model(
+    name: str,
+    num_classes: int,
+    in_channels: int = 3,
+    mean: float | Iterable[float] | None = None,
+    std: float | Iterable[float] | None = None,
+    **kwargs: Any,
+) -> NormalizedModel:
     """Build the registered architecture `name` and wrap it in its normalisation.
 
     mean/std: one value per input channel (or one value for all). None means no normalisation
@@ -189,16 +216,20 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 # MNIST-size networks (28x28)
 # ---------------------------------------------------------------------------------------------
 
+
 class WongCNN(nn.Sequential):
     """Wong, Rice & Kolter (ICLR 2020), "Fast is better than free", MNIST model: two strided
     4x4 convolutions and two linear layers; 28x28 inputs only (the flatten is 32*7*7)."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1):
         super().__init__(
-            nn.Conv2d(in_channels, 16, 4, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(in_channels, 16, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 4, stride=2, padding=1),
+            nn.ReLU(),
             nn.Flatten(),
-            nn.Linear(32 * 7 * 7, 100), nn.ReLU(),
+            nn.Linear(32 * 7 * 7, 100),
+            nn.ReLU(),
             nn.Linear(100, num_classes),
         )
 
@@ -211,8 +242,7 @@ class SmallCNN(nn.Module):
     dropout: before the second fc layer; TRADES uses 0.5, which is the default.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1,
-                 batch_norm: bool = False, dropout: float = 0.5):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, batch_norm: bool = False, dropout: float = 0.5):
         super().__init__()
 
         def conv(c_in: int, c_out: int) -> list[nn.Module]:
@@ -223,14 +253,20 @@ class SmallCNN(nn.Module):
 
         # 28 -> 26 -> 24 -> 12 -> 10 -> 8 -> 4
         self.features = nn.Sequential(
-            *conv(in_channels, 32), *conv(32, 32), nn.MaxPool2d(2),
-            *conv(32, 64), *conv(64, 64), nn.MaxPool2d(2),
+            *conv(in_channels, 32),
+            *conv(32, 32),
+            nn.MaxPool2d(2),
+            *conv(32, 64),
+            *conv(64, 64),
+            nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(64 * 4 * 4, 200), nn.ReLU(),
+            nn.Linear(64 * 4 * 4, 200),
+            nn.ReLU(),
             nn.Dropout(dropout),
-            nn.Linear(200, 200), nn.ReLU(),
+            nn.Linear(200, 200),
+            nn.ReLU(),
             nn.Linear(200, num_classes),
         )
         for m in self.modules():
@@ -252,14 +288,14 @@ def wong_cnn(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
 
 
 @register("small_cnn")
-def small_cnn(num_classes: int = 10, in_channels: int = 1, batch_norm: bool = False,
-              dropout: float = 0.5) -> nn.Module:
+def small_cnn(num_classes: int = 10, in_channels: int = 1, batch_norm: bool = False, dropout: float = 0.5) -> nn.Module:
     return SmallCNN(num_classes, in_channels, batch_norm=batch_norm, dropout=dropout)
 
 
 # ---------------------------------------------------------------------------------------------
 # CIFAR-size networks (32x32)
 # ---------------------------------------------------------------------------------------------
+
 
 class PreActBlock(nn.Module):
     """He et al. (ECCV 2016) pre-activation basic block: BN-ReLU-conv3x3-BN-ReLU-conv3x3, with a
@@ -299,13 +335,12 @@ class PreActResNet(nn.Module):
     and the official ATAS code: four stages of 64/128/256/512 channels, final BN-ReLU, global
     average pooling (4x4 at 32x32 input), linear."""
 
-    def __init__(self, blocks_per_stage: tuple[int, ...] = (2, 2, 2, 2), num_classes: int = 10,
-                 in_channels: int = 3):
+    def __init__(self, blocks_per_stage: tuple[int, ...] = (2, 2, 2, 2), num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
         stages, c_in = [], 64
         for i, n in enumerate(blocks_per_stage):
-            c_out = 64 * 2 ** i
+            c_out = 64 * 2**i
             blocks = []
             for j in range(n):
                 blocks.append(PreActBlock(c_in, c_out, stride=2 if (i > 0 and j == 0) else 1))
@@ -353,14 +388,13 @@ class CifarResNet(nn.Module):
     The ResNet-18 of the FastAT benchmark (arXiv 2604.22853) and of most CIFAR adversarial-training
     papers; unlike torchvision's `resnet18` (7x7 stride-2 stem and max-pool: 8x smaller feature maps)."""
 
-    def __init__(self, blocks_per_stage: tuple[int, ...] = (2, 2, 2, 2), num_classes: int = 10,
-                 in_channels: int = 3):
+    def __init__(self, blocks_per_stage: tuple[int, ...] = (2, 2, 2, 2), num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         stages, c_in = [], 64
         for i, n in enumerate(blocks_per_stage):
-            c_out = 64 * 2 ** i
+            c_out = 64 * 2**i
             blocks = []
             for j in range(n):
                 blocks.append(BasicBlock(c_in, c_out, stride=2 if (i > 0 and j == 0) else 1))
@@ -398,8 +432,9 @@ class WideResNet(nn.Module):
     blocks with 16k/32k/64k channels (strides 1/2/2), final BN-ReLU, global average pooling
     (8x8 at 32x32 input), linear."""
 
-    def __init__(self, depth: int = 28, widen_factor: int = 10, num_classes: int = 10,
-                 in_channels: int = 3, dropout: float = 0.0):
+    def __init__(
+        self, depth: int = 28, widen_factor: int = 10, num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0
+    ):
         super().__init__()
         if (depth - 4) % 6 != 0:
             raise ValueError(f"WideResNet depth must be 6n + 4, got {depth}")
@@ -408,8 +443,10 @@ class WideResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
         groups = []
         for g, stride in enumerate((1, 2, 2)):
-            blocks = [WideBlock(widths[g] if j == 0 else widths[g + 1], widths[g + 1],
-                                stride if j == 0 else 1, dropout) for j in range(n)]
+            blocks = [
+                WideBlock(widths[g] if j == 0 else widths[g + 1], widths[g + 1], stride if j == 0 else 1, dropout)
+                for j in range(n)
+            ]
             groups.append(nn.Sequential(*blocks))
         self.block1, self.block2, self.block3 = groups
         self.bn = nn.BatchNorm2d(widths[3])
@@ -427,8 +464,9 @@ class WideResNet(nn.Module):
         return self.fc(out)
 
 
-def wide_resnet(depth: int, widen_factor: int, num_classes: int = 10, in_channels: int = 3,
-                dropout: float = 0.0) -> WideResNet:
+def wide_resnet(
+    depth: int, widen_factor: int, num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0
+) -> WideResNet:
     """Any WRN-depth-widen_factor; dropout 0 as in the adversarial-training literature."""
     return WideResNet(depth, widen_factor, num_classes, in_channels, dropout)
 
@@ -447,13 +485,16 @@ def wrn34_10(num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0) 
 # ImageNet-size networks (torchvision, randomly initialised; nothing is downloaded)
 # ---------------------------------------------------------------------------------------------
 
-def _torchvision_resnet(builder: Callable[..., nn.Module], num_classes: int, in_channels: int,
-                        **kwargs: Any) -> nn.Module:
+
+def _torchvision_resnet(
+    builder: Callable[..., nn.Module], num_classes: int, in_channels: int, **kwargs: Any
+) -> nn.Module:
     net = builder(weights=None, num_classes=num_classes, **kwargs)
     if in_channels != 3:
         old: Any = net.conv1  # a Conv2d; its shape attributes are typed loosely by torch
-        net.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, stride=old.stride,
-                              padding=old.padding, bias=False)
+        net.conv1 = nn.Conv2d(
+            in_channels, old.out_channels, old.kernel_size, stride=old.stride, padding=old.padding, bias=False
+        )
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
     return net
 

@@ -56,6 +56,7 @@ It never looks at the test set used for the final evaluation numbers beyond the 
 The probe itself is `Probe` (and the function `probe`) below: `atas train` and a user's own loop
 (atas.Guard, docs/own-code.md) run the same one.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -92,8 +93,9 @@ def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps:
         # The margin loss with the evaluation's measured step rule (a cosine step from eps/2 at
         # eps >= 0.1, atas.evaluation.PGD_DEFAULTS): the probe's stronger half; see the module docstring.
         alpha, schedule, _, _ = pgd_step(eps)
-        _, robust_margin = PGD(eps, steps=steps, alpha=alpha, schedule=schedule, loss="margin",
-                               restarts=restarts).run(model, x, y)
+        _, robust_margin = PGD(eps, steps=steps, alpha=alpha, schedule=schedule, loss="margin", restarts=restarts).run(
+            model, x, y
+        )
         with torch.no_grad():
             lin_err = local_linearity_error(model, x, y, LinfBall(eps))
     out["probe_pgd"] = robust_ce.float().mean().item()
@@ -122,20 +124,31 @@ class Probe:
         row = probe(model)      # {'probe_clean': 0.81, 'probe_fgsm': 0.62, 'probe_pgd': 0.55, ...}
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, eps, steps: int = 10, restarts: int = 1,
-                 device: torch.device | str | None = None):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        eps,
+        steps: int = 10,
+        restarts: int = 1,
+        device: torch.device | str | None = None,
+    ):
         from atas.values import parse_fraction
 
         x, y = torch.as_tensor(x), torch.as_tensor(y)
         if x.dim() != 4 or y.dim() != 1 or len(x) != len(y) or not len(x):
-            raise ValueError(f"Probe(x, y, eps): x must be images [N, C, H, W] and y their N labels, got x of shape "
-                             f"{tuple(x.shape)} and y of shape {tuple(y.shape)}")
+            raise ValueError(
+                f"Probe(x, y, eps): x must be images [N, C, H, W] and y their N labels, got x of shape "
+                f"{tuple(x.shape)} and y of shape {tuple(y.shape)}"
+            )
         if int(steps) < 1 or int(restarts) < 1:
             raise ValueError(f"Probe: steps and restarts must be >= 1, got steps={steps}, restarts={restarts}")
         self.x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
         if float(self.x.min()) < 0 or float(self.x.max()) > 1:
-            raise ValueError("Probe: images must be pixels in [0, 1] (or uint8); normalise inside the model, as "
-                             "atas.NormalizedModel does")
+            raise ValueError(
+                "Probe: images must be pixels in [0, 1] (or uint8); normalise inside the model, as "
+                "atas.NormalizedModel does"
+            )
         self.y = y.long()
         self.eps = parse_fraction(eps) if isinstance(eps, str) else float(eps)
         self.steps, self.restarts = int(steps), int(restarts)
@@ -156,19 +169,20 @@ class Probe:
 # The monitor
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class COMonitor:
-    drop_ratio: float = 0.5      # PGD accuracy below half its best ...
-    min_best: float = 0.05       # ... of a best that was above chance-ish (else nothing to lose)
-    abs_drop: float = 0.2        # ... or more than 0.2 below the previous epoch's (Wong et al.)
+    drop_ratio: float = 0.5  # PGD accuracy below half its best ...
+    min_best: float = 0.05  # ... of a best that was above chance-ish (else nothing to lose)
+    abs_drop: float = 0.2  # ... or more than 0.2 below the previous epoch's (Wong et al.)
     signature_ratio: float = 0.5
-    mask_ratio: float = 0.6      # masked: worst-case probe below 0.6 x FGSM accuracy ...
-    decline_ratio: float = 0.8   # decline: worst-case probe below 0.8 x its best ...
-    patience: int = 2            # ... for 2 epochs in a row
-    warmup_epochs: int = 3       # the masked rule starts after epoch 3 ...
-    hold_until: int = 0          # ... and after this epoch (the end of the eps ramp; set by the trainer)
-    stuck_tol: float = 0.01      # stuck: clean, FGSM and PGD probe accuracies within 0.01 of each other
-    stuck_max: float = 0.25      # ... and clean accuracy at most 0.25: a constant prediction
+    mask_ratio: float = 0.6  # masked: worst-case probe below 0.6 x FGSM accuracy ...
+    decline_ratio: float = 0.8  # decline: worst-case probe below 0.8 x its best ...
+    patience: int = 2  # ... for 2 epochs in a row
+    warmup_epochs: int = 3  # the masked rule starts after epoch 3 ...
+    hold_until: int = 0  # ... and after this epoch (the end of the eps ramp; set by the trainer)
+    stuck_tol: float = 0.01  # stuck: clean, FGSM and PGD probe accuracies within 0.01 of each other
+    stuck_max: float = 0.25  # ... and clean accuracy at most 0.25: a constant prediction
     stuck_run: int = 0
     best_pgd: float = -1.0
     best_epoch: int = 0
@@ -192,8 +206,11 @@ class COMonitor:
         relative = self.best_pgd >= self.min_best and pgd < self.drop_ratio * self.best_pgd
         absolute = self.prev_pgd is not None and self.prev_pgd - pgd > self.abs_drop
         if (relative or absolute) and (fgsm_up or fgsm > clean) and fgsm > pgd:
-            what = (f"below {self.drop_ratio:g} x its best {self.best_pgd:.3f} (epoch {self.best_epoch})" if relative
-                    else f"down {self.prev_pgd - pgd:.3f} in one epoch")
+            what = (
+                f"below {self.drop_ratio:g} x its best {self.best_pgd:.3f} (epoch {self.best_epoch})"
+                if relative
+                else f"down {self.prev_pgd - pgd:.3f} in one epoch"
+            )
             reasons.append(f"collapse: probe PGD {pgd:.3f} {what}, FGSM {fgsm:.3f}")
         if fgsm > clean and pgd < self.signature_ratio * clean:
             reasons.append(f"signature: FGSM {fgsm:.3f} > clean {clean:.3f}, PGD {pgd:.3f}")
@@ -203,8 +220,10 @@ class COMonitor:
         stuck = clean <= self.stuck_max and max(clean, fgsm, pgd) - min(clean, fgsm, pgd) <= self.stuck_tol
         self.stuck_run = self.stuck_run + 1 if stuck else 0
         if self.stuck_run >= self.patience:
-            reasons.append(f"stuck: clean {clean:.3f} = FGSM {fgsm:.3f} = PGD {pgd:.3f} for {self.stuck_run} "
-                           "epochs, a constant prediction (the run is not learning, not CO)")
+            reasons.append(
+                f"stuck: clean {clean:.3f} = FGSM {fgsm:.3f} = PGD {pgd:.3f} for {self.stuck_run} "
+                "epochs, a constant prediction (the run is not learning, not CO)"
+            )
         best = pgd > self.best_pgd
         if best:
             self.best_pgd, self.best_epoch = pgd, row["epoch"]
@@ -221,14 +240,22 @@ class COMonitor:
         masked = not held and worst < self.mask_ratio * fgsm
         self.masked_run = self.masked_run + 1 if masked else 0
         if self.masked_run >= self.patience:
-            reasons.append(f"masked: worst-case probe {worst:.3f} < {self.mask_ratio:g} x FGSM {fgsm:.3f} "
-                           f"for {self.masked_run} epochs")
-        declined = (epoch > self.hold_until and self.best_worst >= self.min_best
-                    and worst < self.decline_ratio * self.best_worst and fgsm >= self.fgsm_at_best_worst)
+            reasons.append(
+                f"masked: worst-case probe {worst:.3f} < {self.mask_ratio:g} x FGSM {fgsm:.3f} "
+                f"for {self.masked_run} epochs"
+            )
+        declined = (
+            epoch > self.hold_until
+            and self.best_worst >= self.min_best
+            and worst < self.decline_ratio * self.best_worst
+            and fgsm >= self.fgsm_at_best_worst
+        )
         self.decline_run = self.decline_run + 1 if declined else 0
         if self.decline_run >= self.patience:
-            reasons.append(f"decline: worst-case probe {worst:.3f} < {self.decline_ratio:g} x its best "
-                           f"{self.best_worst:.3f} for {self.decline_run} epochs, FGSM {fgsm:.3f} did not fall")
+            reasons.append(
+                f"decline: worst-case probe {worst:.3f} < {self.decline_ratio:g} x its best "
+                f"{self.best_worst:.3f} for {self.decline_run} epochs, FGSM {fgsm:.3f} did not fall"
+            )
         if worst > self.best_worst:
             self.best_worst, self.fgsm_at_best_worst = worst, fgsm
         return reasons
@@ -257,8 +284,9 @@ class COMonitor:
 ROBUST_COLLAPSE = 0.1
 
 
-def co_verdict(metrics: list[dict], accuracy: dict[str, float],
-               hold_until: int = 0) -> tuple[bool, list[int], bool | None]:
+def co_verdict(
+    metrics: list[dict], accuracy: dict[str, float], hold_until: int = 0
+) -> tuple[bool, list[int], bool | None]:
     """(CO detected, epochs the probe monitor flagged, final-evaluation signature or None when it
     could not be read). The signature: FGSM accuracy above clean accuracy, or the worst robust
     accuracy (PGD, AutoAttack) below ROBUST_COLLAPSE x clean accuracy (a model that kept its clean

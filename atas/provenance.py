@@ -1,6 +1,7 @@
 """What produced a number: package versions, the machine, the commit (airbench: report the device,
 torch version, commit and load with every result). Shared by the evaluation (eval.json) and
 `atas compare` (summary.json and the report)."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -30,9 +31,13 @@ def atas_version() -> str:
 
 
 def versions() -> dict[str, str]:
-    return {"torch": torch.__version__, "torchvision": version("torchvision"),
-            "pyautoattack": version("pyautoattack"), "atas": atas_version(),
-            "python": platform.python_version()}
+    return {
+        "torch": torch.__version__,
+        "torchvision": version("torchvision"),
+        "pyautoattack": version("pyautoattack"),
+        "atas": atas_version(),
+        "python": platform.python_version(),
+    }
 
 
 def device_name(dev: torch.device) -> str:
@@ -55,12 +60,17 @@ def git_commit() -> str | None:
     """The checkout's commit (and whether it has uncommitted changes); None outside a git checkout."""
     root = Path(__file__).resolve().parent.parent
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return head.stdout.strip() + (" (uncommitted changes)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -79,7 +89,14 @@ def machine_info(train_device: str, load_at_start: float | None = None) -> dict:
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         gpu = ", ".join(f"{names.count(n)}x {n}" for n in dict.fromkeys(names))
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu or "none", "training device": train_device,
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "atas commit": git_commit(),
-            "load average (1 min) at start / end": f"{load_at_start} / {load_average()}"}
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "gpu": gpu or "none",
+        "training device": train_device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "atas commit": git_commit(),
+        "load average (1 min) at start / end": f"{load_at_start} / {load_average()}",
+    }

@@ -20,6 +20,7 @@ pyproject.toml:
 The groups are loaded the first time a registry is asked for a name it does not hold (or for its
 list of names), so an installed plugin is there for `atas recipes`, `--methods` and configs alike.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -43,8 +44,10 @@ def load_entry_points(group: str) -> list[str]:
         try:
             ep.load()
         except Exception as e:  # a broken plugin must say which one it is
-            raise PluginError(f"the installed plugin {ep.name!r} ({ep.value}, entry point group {group!r}) "
-                              f"failed to load: {type(e).__name__}: {e}") from e
+            raise PluginError(
+                f"the installed plugin {ep.name!r} ({ep.value}, entry point group {group!r}) "
+                f"failed to load: {type(e).__name__}: {e}"
+            ) from e
         loaded.append(ep.value)
     return loaded
 
@@ -57,8 +60,14 @@ class Registry(dict):
     "registration" in the order they were added (attacks: cheapest first). hint: appended to the
     unknown-name error (how a user's own entry is made visible). aliases: other spellings."""
 
-    def __init__(self, kind: str, group: str | None = None, ordered: str = "sorted", hint: str = "",
-                 aliases: dict[str, str] | None = None):
+    def __init__(
+        self,
+        kind: str,
+        group: str | None = None,
+        ordered: str = "sorted",
+        hint: str = "",
+        aliases: dict[str, str] | None = None,
+    ):
         super().__init__()
         self.kind, self.group, self.ordered, self.hint = kind, group, ordered, hint
         self.aliases = dict(aliases or {})
@@ -67,6 +76,7 @@ class Registry(dict):
     def register(self, name: Any = None, obj: Any = None, *, replace: bool = False) -> Any:
         """Add `obj` under `name`; without `obj`, a decorator. A class without a name given is
         registered under its `name` attribute. A name taken twice is an error (replace=True: on purpose)."""
+
         def add(obj: Any) -> Any:
             key = name if name is not None else getattr(obj, "name", None)
             if not isinstance(key, str) or not key:
@@ -75,6 +85,7 @@ class Registry(dict):
                 raise ValueError(f"{self.kind} {key!r} is already registered")
             self[key] = obj
             return obj
+
         if callable(name) and obj is None:  # @REGISTRY.register on a class with a `name`
             name, target = None, name
             return add(target)

@@ -11,6 +11,7 @@ from summary.json alone:
 Plots are drawn on matplotlib `Figure` objects (Agg canvas, no pyplot): no global backend state is
 touched, so this works on a headless machine and inside a user's notebook alike.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -32,9 +33,11 @@ from atas.values import parse_fraction
 GAP_POINTS = 3.0
 
 # Said loudly (report and stdout) when no run was evaluated with AutoAttack.
-AA_NOT_RUN = ("AUTOATTACK WAS NOT RUN: the robust accuracies here are PGD only, an upper bound that can "
-              "overstate robustness by several points (gradient masking, a step size unsuited to the model). "
-              "Add aa to --attacks (e.g. --attacks clean,fgsm,pgd,aa) before quoting these numbers.")
+AA_NOT_RUN = (
+    "AUTOATTACK WAS NOT RUN: the robust accuracies here are PGD only, an upper bound that can "
+    "overstate robustness by several points (gradient masking, a step size unsuited to the model). "
+    "Add aa to --attacks (e.g. --attacks clean,fgsm,pgd,aa) before quoting these numbers."
+)
 
 # NEAR_CHANCE (atas.guard): a clean accuracy within this of chance (1 / classes) did not learn; say so.
 
@@ -161,8 +164,11 @@ def mark_learning(rows: list[dict]) -> None:
     """Set each finished run's did_not_learn (the reason, or None) against the other methods' runs
     at its eps, and its outcome (`run_outcome`); summary.json keeps both."""
     for by_method in group_runs(rows).values():
-        robust_means = {m: _mean(runs, "clean") for m, runs in by_method.items()
-                        if any(max(r.get("pgd") or 0.0, r.get("aa") or 0.0) > ROBUST_ZERO for r in _ok(runs))}
+        robust_means = {
+            m: _mean(runs, "clean")
+            for m, runs in by_method.items()
+            if any(max(r.get("pgd") or 0.0, r.get("aa") or 0.0) > ROBUST_ZERO for r in _ok(runs))
+        }
         for method, runs in by_method.items():
             others = [v for m, v in robust_means.items() if m != method and v is not None]
             for r in _ok(runs):
@@ -198,10 +204,13 @@ def co_column(runs: list[dict]) -> str:
     k = sum(bool(r.get("co_detected")) or run_outcome(r) == "gave up" for r in learned) - stuck
     recovered = sum(run_outcome(r) == "recovered" for r in learned)
     gave_up = sum(run_outcome(r) == "gave up" for r in learned)
-    return (f"{'yes' if k else 'no'} ({k}/{len(learned)})" + (f", {len(dead)} did not learn" if dead else "")
-            + (f", {stuck} stuck" if stuck else "")
-            + (f", {recovered} recovered by the guard" if recovered else "")
-            + (f", guard gave up on {gave_up}" if gave_up else ""))
+    return (
+        f"{'yes' if k else 'no'} ({k}/{len(learned)})"
+        + (f", {len(dead)} did not learn" if dead else "")
+        + (f", {stuck} stuck" if stuck else "")
+        + (f", {recovered} recovered by the guard" if recovered else "")
+        + (f", guard gave up on {gave_up}" if gave_up else "")
+    )
 
 
 def _recoveries(run: dict) -> list[dict]:
@@ -257,32 +266,49 @@ def summary_tables(rows: list[dict]) -> list[tuple[str, list[str], list[list[str
     evaluated (`attack_columns`): FGSM, AA and any other attack appear only where some run was
     evaluated with it."""
     columns = attack_columns(rows)
-    with_cost = any(r.get("peak_memory_mb") is not None for r in _ok(rows))   # runs from before atas.cost: none
+    with_cost = any(r.get("peak_memory_mb") is not None for r in _ok(rows))  # runs from before atas.cost: none
     tables = []
     for eps, by_method in group_runs(rows).items():
         reference = _reference(by_method)
         pgd_time = _mean(by_method[reference], "train_time_s") if reference is not None else None
-        header = ["method", "seeds"] + [f"{label} (%)" for _, label in columns] + ["train time (s)"] \
-            + ([f"time vs {method_label(reference)}"] if pgd_time and reference is not None else []) \
-            + (["peak memory (MB)", "passes fwd/bwd"] if with_cost else []) + ["CO"]
+        header = (
+            ["method", "seeds"]
+            + [f"{label} (%)" for _, label in columns]
+            + ["train time (s)"]
+            + ([f"time vs {method_label(reference)}"] if pgd_time and reference is not None else [])
+            + (["peak memory (MB)", "passes fwd/bwd"] if with_cost else [])
+            + ["CO"]
+        )
         body = []
         for method, runs in by_method.items():
             ok = _ok(runs)
             n_diverged = sum(bool(r.get("failed") and r.get("diverged")) for r in runs)
             n_failed = sum(bool(r.get("failed")) for r in runs) - n_diverged
             n_missing = sum(bool(r.get("missing")) for r in runs)
-            why = ", ".join(t for t in (f"{n_failed} failed" if n_failed else "",
-                                        f"{n_diverged} diverged" if n_diverged else "",
-                                        f"{n_missing} not finished" if n_missing else "") if t)
+            why = ", ".join(
+                t
+                for t in (
+                    f"{n_failed} failed" if n_failed else "",
+                    f"{n_diverged} diverged" if n_diverged else "",
+                    f"{n_missing} not finished" if n_missing else "",
+                )
+                if t
+            )
             seeds = f"{len(ok)}" if len(ok) == len(runs) else f"{len(ok)} of {len(runs)} ({why})"
             time_mean = _mean(ok, "train_time_s")
             ratio = f"{time_mean / pgd_time:.2f}×" if pgd_time and time_mean is not None else "—"
-            body.append([method_label(method), seeds]
-                        + [format_pm([_accuracy(r, name) for r in ok]) for name, _ in columns]
-                        + [format_pm([r.get("train_time_s") for r in ok], scale=1.0)]
-                        + ([ratio] if pgd_time else [])
-                        + ([format_pm([r.get("peak_memory_mb") for r in ok], scale=1.0, digits=0),
-                            _passes(ok)] if with_cost else []) + [co_column(runs)])
+            body.append(
+                [method_label(method), seeds]
+                + [format_pm([_accuracy(r, name) for r in ok]) for name, _ in columns]
+                + [format_pm([r.get("train_time_s") for r in ok], scale=1.0)]
+                + ([ratio] if pgd_time else [])
+                + (
+                    [format_pm([r.get("peak_memory_mb") for r in ok], scale=1.0, digits=0), _passes(ok)]
+                    if with_cost
+                    else []
+                )
+                + [co_column(runs)]
+            )
         tables.append((eps, header, body))
     return tables
 
@@ -321,8 +347,9 @@ def findings(rows: list[dict]) -> dict[str, list[str]]:
         reference = _reference(by_method)
         for method in by_method:
             if _is(method, "claims_reference_robustness"):
-                facts += _gap_facts(method, by_method[method], reference,
-                                    by_method[reference] if reference is not None else [])
+                facts += _gap_facts(
+                    method, by_method[method], reference, by_method[reference] if reference is not None else []
+                )
         facts += _learning_facts(by_method)
         out[eps] = facts
     return out
@@ -338,13 +365,17 @@ def _co_fact(method: str, all_runs: list[dict]) -> str:
     runs = [r for r in finished if not did_not_learn(r)]
     dead = len(finished) - len(runs)
     if not runs:
-        return (f"{name} shows catastrophic overfitting: cannot say, no run learned ({dead}/{dead} seeds did not "
-                "learn: see below).")
+        return (
+            f"{name} shows catastrophic overfitting: cannot say, no run learned ({dead}/{dead} seeds did not "
+            "learn: see below)."
+        )
     besides = f"; {dead} more seed(s) did not learn" if dead else ""
     flagged = [r for r in runs if r.get("co_detected") and not _stuck_run(r)]
     if flagged:
-        return (f"{name} shows catastrophic overfitting: yes, {len(flagged)}/{len(runs)} seeds "
-                f"flagged (seed {_seed_list(flagged)}{besides}).")
+        return (
+            f"{name} shows catastrophic overfitting: yes, {len(flagged)}/{len(runs)} seeds "
+            f"flagged (seed {_seed_list(flagged)}{besides})."
+        )
     return f"{name} shows catastrophic overfitting: no (0/{len(runs)} seeds flagged{besides})."
 
 
@@ -370,12 +401,16 @@ def _gap_facts(method: str, runs: list[dict], reference: str | None, reference_r
     else:
         gap = 100 * (p - a)  # points the method is below the reference (negative: above)
         side = f"{abs(gap):.1f} points {'below' if gap >= 0 else 'above'} {ref}"
-        facts = [f"{name} {metric} within {GAP_POINTS:g} points of {ref}: {'yes' if gap <= GAP_POINTS else 'no'} "
-                 f"({name} {100 * a:.1f}% vs {ref} {100 * p:.1f}%, {side}), time ratio {ratio} "
-                 f"({name} {ta:.1f} s vs {ref} {tp:.1f} s)."]
+        facts = [
+            f"{name} {metric} within {GAP_POINTS:g} points of {ref}: {'yes' if gap <= GAP_POINTS else 'no'} "
+            f"({name} {100 * a:.1f}% vs {ref} {100 * p:.1f}%, {side}), time ratio {ratio} "
+            f"({name} {ta:.1f} s vs {ref} {tp:.1f} s)."
+        ]
     if not use_aa:
-        facts.append(f"AutoAttack was not evaluated for every {name} and {ref} run (add aa to --attacks); "
-                     f"the gap above is on {metric}, a weaker attack.")
+        facts.append(
+            f"AutoAttack was not evaluated for every {name} and {ref} run (add aa to --attacks); "
+            f"the gap above is on {metric}, a weaker attack."
+        )
     return facts
 
 
@@ -386,8 +421,10 @@ def _learning_facts(by_method: dict) -> list[str]:
         runs = _ok(runs)
         clean, chance = _mean(runs, "clean"), runs[0].get("chance") if runs else None
         if clean is not None and chance is not None and clean <= chance + NEAR_CHANCE:
-            facts.append(f"{method_label(method)} clean accuracy {100 * clean:.1f}% is near chance "
-                         f"({100 * chance:.0f}%): these runs did not learn, so the statements above say nothing.")
+            facts.append(
+                f"{method_label(method)} clean accuracy {100 * clean:.1f}% is near chance "
+                f"({100 * chance:.0f}%): these runs did not learn, so the statements above say nothing."
+            )
             continue
         dead = [r for r in runs if did_not_learn(r)]
         if dead:  # one seed stuck at a constant prediction drags the mean: say which
@@ -395,9 +432,13 @@ def _learning_facts(by_method: dict) -> list[str]:
             weak = [r for r in dead if r not in near]
             why = ([f"clean accuracy near chance, seed {_seed_list(near)}"] if near else []) + (
                 [f"robust accuracy about 0 with a clean accuracy far below learning's, seed {_seed_list(weak)}"]
-                if weak else [])
-            facts.append(f"{method_label(method)}: {len(dead)}/{len(runs)} seeds did not learn ({'; '.join(why)}); "
-                         "its means above include them.")
+                if weak
+                else []
+            )
+            facts.append(
+                f"{method_label(method)}: {len(dead)}/{len(runs)} seeds did not learn ({'; '.join(why)}); "
+                "its means above include them."
+            )
     return facts
 
 
@@ -405,8 +446,20 @@ def run_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Every run on its own line: what the means above are made of (clean, FGSM, PGD and AA always,
     then any other attack evaluated)."""
     columns = attack_columns(rows, always=_FIXED_COLUMNS)
-    header = ["method", "eps", "seed", *(label for _, label in columns), "time (s)", "peak memory (MB)",
-              "weights", "eps ramp", "CO epochs (probe)", "final-eval CO sign", "guard", "run folder"]
+    header = [
+        "method",
+        "eps",
+        "seed",
+        *(label for _, label in columns),
+        "time (s)",
+        "peak memory (MB)",
+        "weights",
+        "eps ramp",
+        "CO epochs (probe)",
+        "final-eval CO sign",
+        "guard",
+        "run folder",
+    ]
 
     def pct(v):
         return "—" if v is None else f"{100 * v:.1f}"
@@ -414,19 +467,42 @@ def run_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     body = []
     for r in rows:
         if r.get("failed") or r.get("missing"):
-            what = ("failed: " + r["failed"] if r.get("failed") and not r.get("diverged")
-                    else _diverged_cell(r["diverged"]) if r.get("failed") else "not finished: " + r["missing"])
-            body.append([method_label(r["method"]), r["eps"], str(r["seed"]), what,
-                         *["—"] * (len(header) - 5), r.get("run_dir", "")])
+            what = (
+                "failed: " + r["failed"]
+                if r.get("failed") and not r.get("diverged")
+                else _diverged_cell(r["diverged"])
+                if r.get("failed")
+                else "not finished: " + r["missing"]
+            )
+            body.append(
+                [
+                    method_label(r["method"]),
+                    r["eps"],
+                    str(r["seed"]),
+                    what,
+                    *["—"] * (len(header) - 5),
+                    r.get("run_dir", ""),
+                ]
+            )
             continue
         sig = r.get("co_final_signature")
         co_epochs = ", ".join(map(str, r.get("co_epochs") or [])) or "none"
-        body.append([method_label(r["method"]), r["eps"], str(r["seed"]),
-                     *(pct(_accuracy(r, name)) for name, _ in columns), f"{r.get('train_time_s', 0.0):.1f}",
-                     "—" if r.get("peak_memory_mb") is None else f"{r['peak_memory_mb']:.0f}", r.get("weights") or "—",
-                     _ramp(r), f"did not learn (flagged: {co_epochs})" if did_not_learn(r) else co_epochs,
-                     "not evaluated" if sig is None else ("yes" if sig else "no"), _guard_cell(r),
-                     r.get("run_dir", "")])
+        body.append(
+            [
+                method_label(r["method"]),
+                r["eps"],
+                str(r["seed"]),
+                *(pct(_accuracy(r, name)) for name, _ in columns),
+                f"{r.get('train_time_s', 0.0):.1f}",
+                "—" if r.get("peak_memory_mb") is None else f"{r['peak_memory_mb']:.0f}",
+                r.get("weights") or "—",
+                _ramp(r),
+                f"did not learn (flagged: {co_epochs})" if did_not_learn(r) else co_epochs,
+                "not evaluated" if sig is None else ("yes" if sig else "no"),
+                _guard_cell(r),
+                r.get("run_dir", ""),
+            ]
+        )
     return header, body
 
 
@@ -451,10 +527,13 @@ def schedule_note(rows: list[dict]) -> str:
     for r in _ok(rows):
         ramps.setdefault(_ramp(r), set()).add(method_label(r["method"]))
     if len(ramps) == 1:
-        (ramp, _), = ramps.items()
+        ((ramp, _),) = ramps.items()
         return f"Training-eps schedule: the same for every run (eps ramp: {ramp})."
-    return "Training-eps schedule DIFFERS between runs: " + "; ".join(
-        f"eps ramp {ramp}: {', '.join(sorted(methods))}" for ramp, methods in ramps.items()) + "."
+    return (
+        "Training-eps schedule DIFFERS between runs: "
+        + "; ".join(f"eps ramp {ramp}: {', '.join(sorted(methods))}" for ramp, methods in ramps.items())
+        + "."
+    )
 
 
 def _value(v) -> str:
@@ -468,13 +547,18 @@ def search_blocks(search: list[dict]) -> list[tuple]:
         return []
     first = search[0]
     blocks: list[tuple] = [("h2", "Hyper-parameter search")]
-    blocks.append(("p", "A hyper-parameter tuned in another setting (Method.search) was chosen per method and eps "
-                        f"on a validation split: one run per grid value (seed {first.get('seed')}), trained without "
-                        f"the last {first.get('val_size')} training images and validated on the first "
-                        f"{first.get('n_examples')} of them; the value with the best validation PGD accuracy was "
-                        "chosen (ties: clean accuracy, then the first in the grid; a value whose model did not learn "
-                        "or predicts a constant is out, and with none left the method is untuned), and the seeds "
-                        "above ran with it on the full training set. The test set played no part in the choice."))
+    blocks.append(
+        (
+            "p",
+            "A hyper-parameter tuned in another setting (Method.search) was chosen per method and eps "
+            f"on a validation split: one run per grid value (seed {first.get('seed')}), trained without "
+            f"the last {first.get('val_size')} training images and validated on the first "
+            f"{first.get('n_examples')} of them; the value with the best validation PGD accuracy was "
+            "chosen (ties: clean accuracy, then the first in the grid; a value whose model did not learn "
+            "or predicts a constant is out, and with none left the method is untuned), and the seeds "
+            "above ran with it on the full training set. The test set played no part in the choice.",
+        )
+    )
     labels = {r.get("pgd_label") for s in search for r in s.get("results") or [] if r.get("pgd_label")}
     pgd = labels.pop() if len(labels) == 1 else "PGD"
     header = ["method", "eps", "option", "grid", "value", "val clean (%)", f"val {pgd} (%)", "chosen", "run folder"]
@@ -500,8 +584,11 @@ def search_blocks(search: list[dict]) -> list[tuple]:
             if r.get("rejected"):  # out of the choice: the model did not learn
                 mark = (mark + "; " if mark else "") + "out: " + r["rejected"]
             if changed:  # the guard raised the value during that run (train.co_action=recover)
-                mark = (mark + "; " if mark else "") + "guard changed " + ", ".join(
-                    f"{k} to {_value(v)}" for k, v in changed.items())
+                mark = (
+                    (mark + "; " if mark else "")
+                    + "guard changed "
+                    + ", ".join(f"{k} to {_value(v)}" for k, v in changed.items())
+                )
             body.append(common + [_value(r["value"])] + cells + [mark, r.get("run_dir", "")])
     blocks.append(("table", header, body))
     return blocks
@@ -509,8 +596,11 @@ def search_blocks(search: list[dict]) -> list[tuple]:
 
 def guard_lines(rows: list[dict]) -> list[str]:
     """Every decision of the guard (train.co_action=recover), one line each."""
-    return [f"{method_label(r['method'])} eps {r['eps']} seed {r['seed']}: {describe(e)}"
-            for r in _ok(rows) for e in r.get("guard_events") or []]
+    return [
+        f"{method_label(r['method'])} eps {r['eps']} seed {r['seed']}: {describe(e)}"
+        for r in _ok(rows)
+        for e in r.get("guard_events") or []
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -558,8 +648,11 @@ def _plot_seeds_and_mean(ax, by_method: dict, colors: dict, key: str, scale: flo
         color = colors[method]
         for r in runs:
             c = r["curves"]
-            pts = [(e, scale * v, flag) for e, v, flag in zip(c["epoch"], c[key], c.get("co") or [False] * len(c[key]))
-                   if v is not None]
+            pts = [
+                (e, scale * v, flag)
+                for e, v, flag in zip(c["epoch"], c[key], c.get("co") or [False] * len(c[key]))
+                if v is not None
+            ]
             ax.plot([e for e, _, _ in pts], [v for _, v, _ in pts], color=color, lw=0.8, alpha=0.35)
             co = [(e, v) for e, v, flag in pts if flag]
             if co:
@@ -602,8 +695,11 @@ def plot_probe_masking(rows: list[dict], path: str | Path) -> Path | None:
         ratio = [w / f if w is not None and f else None for w, f in zip(c["probe_pgd_worst"], c["probe_fgsm"])]
         return {**r, "curves": {**c, "masking": ratio}}
 
-    rows = [with_ratio(r) for r in _ok(rows) if any(v is not None for v in (r.get("curves") or {}).get(
-        "probe_pgd_worst", []))]
+    rows = [
+        with_ratio(r)
+        for r in _ok(rows)
+        if any(v is not None for v in (r.get("curves") or {}).get("probe_pgd_worst", []))
+    ]
     if not rows:
         return None
     groups = group_runs(rows)
@@ -619,8 +715,10 @@ def plot_probe_masking(rows: list[dict], path: str | Path) -> Path | None:
     axes[0].set_ylabel("worst-case probe PGD / probe FGSM accuracy")
     axes[0].scatter([], [], marker="x", color="black", label="CO flagged")
     axes[0].legend(fontsize=8)
-    fig.suptitle("Masked gradients: worst-case (CE + margin) PGD over FGSM probe accuracy\n"
-                 f"(dotted: the monitor's threshold {COMonitor.mask_ratio:g}; x: flagged)")
+    fig.suptitle(
+        "Masked gradients: worst-case (CE + margin) PGD over FGSM probe accuracy\n"
+        f"(dotted: the monitor's threshold {COMonitor.mask_ratio:g}; x: flagged)"
+    )
     fig.savefig(path, dpi=110)
     return Path(path)
 
@@ -648,8 +746,9 @@ def plot_alpha(rows: list[dict], path: str | Path) -> Path | None:
                 if a is not None and b is not None:
                     lo[e], hi[e] = min(lo.get(e, a), a), max(hi.get(e, b), b)
         band = [e for e in epochs if e in lo]
-        ax.fill_between(band, [lo[e] for e in band], [hi[e] for e in band], color="C0", alpha=0.2,
-                        label="min .. max over samples")
+        ax.fill_between(
+            band, [lo[e] for e in band], [hi[e] for e in band], color="C0", alpha=0.2, label="min .. max over samples"
+        )
         ax.plot(epochs, mean, color="C0", lw=2, marker="o", ms=3, label="mean alpha")
         ax.axhline(runs[0].get("eps_value", float("nan")), color="gray", ls="--", lw=1, label="eps")
         for bound in ("alpha_min", "alpha_max"):  # the configured clamp, where alpha saturates
@@ -657,8 +756,13 @@ def plot_alpha(rows: list[dict], path: str | Path) -> Path | None:
             value = args.get(bound)
             if value is not None:
                 unit = runs[0].get("eps_value", 1.0) if args.get("alpha_unit") == "eps" else 1.0
-                ax.axhline(parse_fraction(value) * unit, color="C3", ls=":", lw=1,
-                           label="alpha_min / alpha_max" if bound == "alpha_min" else None)
+                ax.axhline(
+                    parse_fraction(value) * unit,
+                    color="C3",
+                    ls=":",
+                    lw=1,
+                    label="alpha_min / alpha_max" if bound == "alpha_min" else None,
+                )
         ax.set_title(f"eps = {eps}")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -684,14 +788,26 @@ def plot_time_vs_robust(rows: list[dict], path: str | Path) -> Path | None:
     panels = [("train_time_s", "training time (s, sum of epoch times)", rows)]
     if with_memory:  # the second cost the benchmark reports (atas.cost: what the number measures)
         kinds = {r.get("memory_kind") for r in with_memory}
-        what = "GPU max allocated" if kinds == {"cuda_max_allocated"} else "CPU: the process's peak RSS" \
-            if kinds == {"cpu_peak_rss_process"} else "mixed devices"
+        what = (
+            "GPU max allocated"
+            if kinds == {"cuda_max_allocated"}
+            else "CPU: the process's peak RSS"
+            if kinds == {"cpu_peak_rss_process"}
+            else "mixed devices"
+        )
         panels.append(("peak_memory_mb", f"peak memory (MB, {what})", with_memory))
     for ax, (x_key, x_label, points) in zip(axes, panels):
         for (method, eps), _ in {(r["method"], r["eps"]): None for r in points}.items():
             runs = [r for r in points if r["method"] == method and r["eps"] == eps]
-            ax.scatter([r[x_key] for r in runs], [100 * r[key] for r in runs], color=colors[method],
-                       marker=markers.get(eps, "o"), s=40, edgecolors="black", linewidths=0.5)
+            ax.scatter(
+                [r[x_key] for r in runs],
+                [100 * r[key] for r in runs],
+                color=colors[method],
+                marker=markers.get(eps, "o"),
+                s=40,
+                edgecolors="black",
+                linewidths=0.5,
+            )
         ax.set_xlabel(x_label)
         ax.set_ylabel(f"final {'AutoAttack' if key == 'aa' else _pgd_label(rows)} accuracy (%)")
         ax.grid(alpha=0.3)
@@ -713,58 +829,82 @@ def _notes(rows: list[dict], ok: list[dict], search: list[dict] | None = None) -
     """What the numbers are and how far to trust them; the loud warnings first."""
     n_examples = sorted({int(r["n_examples"]) for r in ok if r.get("n_examples")})
     epochs = sorted({int(e) for e in (r.get("epochs_planned") or r.get("epochs") for r in ok) if e})
-    notes = ["Accuracies in % on the first "
-             + (" / ".join(str(n) for n in n_examples) or "?") + " test images"
-             + (f" (one image = {100 / n_examples[0]:.2f} points)" if len(n_examples) == 1 else "")
-             + "; mean ± sample std (n-1) over seeds.",
-             "Train time: sum of the per-epoch training time (epoch_time_s), excluding the per-epoch probe and "
-             "the final evaluation" + (f"; {', '.join(map(str, epochs))} epochs" if epochs else "") + ".",
-             "CO: seeds with catastrophic overfitting, flagged by the per-epoch probe monitor (probe PGD accuracy "
-             "collapsing while FGSM accuracy rises) or by the final evaluation (FGSM accuracy above clean).",
-             "AA is standard AutoAttack (fra31, via pyautoattack); '—' where it was not evaluated."]
+    notes = [
+        "Accuracies in % on the first "
+        + (" / ".join(str(n) for n in n_examples) or "?")
+        + " test images"
+        + (f" (one image = {100 / n_examples[0]:.2f} points)" if len(n_examples) == 1 else "")
+        + "; mean ± sample std (n-1) over seeds.",
+        "Train time: sum of the per-epoch training time (epoch_time_s), excluding the per-epoch probe and "
+        "the final evaluation" + (f"; {', '.join(map(str, epochs))} epochs" if epochs else "") + ".",
+        "CO: seeds with catastrophic overfitting, flagged by the per-epoch probe monitor (probe PGD accuracy "
+        "collapsing while FGSM accuracy rises) or by the final evaluation (FGSM accuracy above clean).",
+        "AA is standard AutoAttack (fra31, via pyautoattack); '—' where it was not evaluated.",
+    ]
     if ok:
         notes.append(schedule_note(rows))
         n_guard = len(guard_lines(rows))
-        notes.append(f"The guard (train.co_action=recover) acted {n_guard} time(s): see 'Guard' below; train time "
-                     "includes the epochs it replayed." if n_guard else
-                     "The guard (train.co_action=recover, where on) never had to act.")
+        notes.append(
+            f"The guard (train.co_action=recover) acted {n_guard} time(s): see 'Guard' below; train time "
+            "includes the epochs it replayed."
+            if n_guard
+            else "The guard (train.co_action=recover, where on) never had to act."
+        )
     for item in search or []:
         if item.get("chosen") is not None:
-            notes.append(f"{method_label(item['method'])} at eps {item['eps']} ran with {item['option']} = "
-                         f"{_value(item['chosen'])}, chosen on a validation split (see 'Hyper-parameter search').")
+            notes.append(
+                f"{method_label(item['method'])} at eps {item['eps']} ran with {item['option']} = "
+                f"{_value(item['chosen'])}, chosen on a validation split (see 'Hyper-parameter search')."
+            )
         elif item.get("skipped"):
-            notes.append(f"{method_label(item['method'])} at eps {item['eps']}: {item['option']} not searched "
-                         f"({item['skipped']}).")
+            notes.append(
+                f"{method_label(item['method'])} at eps {item['eps']}: {item['option']} not searched "
+                f"({item['skipped']})."
+            )
         elif item.get("untuned") or (item.get("results") and all(r.get("missing") is None for r in item["results"])):
-            notes.insert(0, f"UNTUNED: {method_label(item['method'])} at eps {item['eps']} ran with the method's "
-                            f"default {item['option']}: " + (item.get("untuned") or "every value of the search failed")
-                            + " (see 'Hyper-parameter search').")
+            notes.insert(
+                0,
+                f"UNTUNED: {method_label(item['method'])} at eps {item['eps']} ran with the method's "
+                f"default {item['option']}: "
+                + (item.get("untuned") or "every value of the search failed")
+                + " (see 'Hyper-parameter search').",
+            )
     if ok and not any(r.get("aa") is not None for r in ok):
         notes.insert(0, AA_NOT_RUN)
     weak = [r for r in ok if any(w.startswith("WEAK ATTACK") for w in r.get("eval_warnings") or [])]
     if weak:
-        notes.insert(0, f"WEAK ATTACK in {len(weak)} run(s) ({', '.join(r.get('run_dir', '?') for r in weak)}): "
-                        "AutoAttack is more than a few points below PGD there; PGD overstates their robustness.")
+        notes.insert(
+            0,
+            f"WEAK ATTACK in {len(weak)} run(s) ({', '.join(r.get('run_dir', '?') for r in weak)}): "
+            "AutoAttack is more than a few points below PGD there; PGD overstates their robustness.",
+        )
     no_probe = [r for r in ok if not (r.get("curves") or {}).get("probe_pgd")]
     if no_probe:
-        notes.append(f"{len(no_probe)} run(s) trained without the per-epoch probe (train.probe_size=0): their CO "
-                     "verdict rests on the final evaluation alone, and only if FGSM was evaluated.")
+        notes.append(
+            f"{len(no_probe)} run(s) trained without the per-epoch probe (train.probe_size=0): their CO "
+            "verdict rests on the final evaluation alone, and only if FGSM was evaluated."
+        )
     missing = [r for r in rows if r.get("missing")]
     if missing:
-        notes.insert(0, f"PARTIAL: {len(missing)} of {len(rows)} planned runs have not finished (marked 'not "
-                        "finished' in the table of every run); means and verdicts are over the seeds that have.")
+        notes.insert(
+            0,
+            f"PARTIAL: {len(missing)} of {len(rows)} planned runs have not finished (marked 'not "
+            "finished' in the table of every run); means and verdicts are over the seeds that have.",
+        )
     return notes
 
 
 def _plot_blocks(images: dict[str, Path | None]) -> list[tuple]:
     blocks: list[tuple] = []
-    captions = {PROBE_PLOT: "Probe PGD accuracy per epoch (thick: mean over seeds; thin: each seed; x: CO flagged).",
-                MASK_PLOT: "The CO monitor's masked-gradient signal per epoch: worst-case (cross-entropy and margin) "
-                           "PGD probe accuracy over FGSM probe accuracy; dotted: its threshold (x: CO flagged).",
-                ALPHA_PLOT: "ATAS step size per epoch (mean; band: min..max over samples and seeds; dashed: eps; "
-                            "dotted: the alpha_min/alpha_max clamp).",
-                TIME_PLOT: "Final robust accuracy vs training time (left) and vs peak memory (right, where "
-                           "recorded), one point per run."}
+    captions = {
+        PROBE_PLOT: "Probe PGD accuracy per epoch (thick: mean over seeds; thin: each seed; x: CO flagged).",
+        MASK_PLOT: "The CO monitor's masked-gradient signal per epoch: worst-case (cross-entropy and margin) "
+        "PGD probe accuracy over FGSM probe accuracy; dotted: its threshold (x: CO flagged).",
+        ALPHA_PLOT: "ATAS step size per epoch (mean; band: min..max over samples and seeds; dashed: eps; "
+        "dotted: the alpha_min/alpha_max clamp).",
+        TIME_PLOT: "Final robust accuracy vs training time (left) and vs peak memory (right, where "
+        "recorded), one point per run.",
+    }
     drawn = [(name, p) for name, p in images.items() if p is not None]
     if drawn:
         blocks.append(("h2", "Plots"))
@@ -773,13 +913,26 @@ def _plot_blocks(images: dict[str, Path | None]) -> list[tuple]:
             blocks.append(("img", Path(p).name, Path(p).stem.replace("_", " ")))
     missing = [name for name, p in images.items() if p is None]
     if missing:
-        blocks.append(("p", "Not drawn (no data for them): " + ", ".join(missing)
-                       + (" (no ATAS run)" if ALPHA_PLOT in missing else "") + "."))
+        blocks.append(
+            (
+                "p",
+                "Not drawn (no data for them): "
+                + ", ".join(missing)
+                + (" (no ATAS run)" if ALPHA_PLOT in missing else "")
+                + ".",
+            )
+        )
     return blocks
 
 
-def _blocks(rows: list[dict], command: str | dict, machine: dict, images: dict[str, Path | None],
-            date: str, search: list[dict] | None = None) -> list[tuple]:
+def _blocks(
+    rows: list[dict],
+    command: str | dict,
+    machine: dict,
+    images: dict[str, Path | None],
+    date: str,
+    search: list[dict] | None = None,
+) -> list[tuple]:
     ok = _ok(rows)
     cmd = command if isinstance(command, dict) else {"command": command}
     blocks: list[tuple] = [("h1", "atas compare report")]
@@ -810,8 +963,9 @@ def _blocks(rows: list[dict], command: str | dict, machine: dict, images: dict[s
     warned = [(r, w) for r in ok for w in r.get("eval_warnings") or []]
     if warned:
         blocks.append(("h2", "Evaluation warnings"))
-        blocks.append(("list", [f"{method_label(r['method'])} eps {r['eps']} seed {r['seed']}: {w}"
-                                for r, w in warned]))
+        blocks.append(
+            ("list", [f"{method_label(r['method'])} eps {r['eps']} seed {r['seed']}: {w}" for r, w in warned])
+        )
     return blocks
 
 
@@ -833,16 +987,21 @@ def _render_md(blocks: list[tuple]) -> str:
     return "\n\n".join(out) + "\n"
 
 
-_CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-        "text-align:right}td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}"
-        "pre{background:#f6f6f6;padding:0.6em;overflow-x:auto;white-space:pre-wrap}img{max-width:100%}")
+_CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+    "text-align:right}td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}"
+    "pre{background:#f6f6f6;padding:0.6em;overflow-x:auto;white-space:pre-wrap}img{max-width:100%}"
+)
 
 
 def _render_html(blocks: list[tuple]) -> str:
     e = html.escape
-    out = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\"><title>atas compare report</title>",
-           f"<style>{_CSS}</style></head><body>"]
+    out = [
+        "<!DOCTYPE html>",
+        "<html><head><meta charset=\"utf-8\"><title>atas compare report</title>",
+        f"<style>{_CSS}</style></head><body>",
+    ]
     for kind, *rest in blocks:
         if kind in ("h1", "h2", "h3"):
             out.append(f"<{kind}>{e(rest[0])}</{kind}>")
@@ -862,8 +1021,9 @@ def _render_html(blocks: list[tuple]) -> str:
     return "\n".join(out) + "\n"
 
 
-def build_report(rows: list[dict], out_dir: str | Path, command: str | dict, machine: dict,
-                 search: list[dict] | None = None) -> Path:
+def build_report(
+    rows: list[dict], out_dir: str | Path, command: str | dict, machine: dict, search: list[dict] | None = None
+) -> Path:
     """Write report.md, report.html and the PNG plots into out_dir; returns the report.md path.
 
     rows: summary.json's runs. command: the command line (or {"command", "equivalent"}).
@@ -873,10 +1033,12 @@ def build_report(rows: list[dict], out_dir: str | Path, command: str | dict, mac
     out_dir.mkdir(parents=True, exist_ok=True)
 
     if available("matplotlib"):  # an optional dependency (`atas[plots]`)
-        images = {PROBE_PLOT: plot_probe_curves(rows, out_dir / PROBE_PLOT),
-                  MASK_PLOT: plot_probe_masking(rows, out_dir / MASK_PLOT),
-                  ALPHA_PLOT: plot_alpha(rows, out_dir / ALPHA_PLOT),
-                  TIME_PLOT: plot_time_vs_robust(rows, out_dir / TIME_PLOT)}
+        images = {
+            PROBE_PLOT: plot_probe_curves(rows, out_dir / PROBE_PLOT),
+            MASK_PLOT: plot_probe_masking(rows, out_dir / MASK_PLOT),
+            ALPHA_PLOT: plot_alpha(rows, out_dir / ALPHA_PLOT),
+            TIME_PLOT: plot_time_vs_robust(rows, out_dir / TIME_PLOT),
+        }
     else:
         print(f"report: no plots, matplotlib is not installed: {INSTALL['matplotlib']}", file=sys.stderr)
         images = dict.fromkeys((PROBE_PLOT, MASK_PLOT, ALPHA_PLOT, TIME_PLOT))

@@ -16,6 +16,7 @@ earlier run go before the new config.yaml is written, so no eval.json or best.pt
 sits beside the new one. Files `atomic_write` stages (`.NAME.tmp-PID`) whose process is gone
 (SIGKILL mid-save) are removed when the folder is taken.
 """
+
 from __future__ import annotations
 
 import copy
@@ -47,8 +48,8 @@ RESULTS = ("best.pt", "eval.json", "metrics.jsonl")  # (BEST, EVAL, METRICS belo
 BY_PRODUCTS = ("config.yaml", "metrics.csv", "eval.state", "diverged.json")
 _CHECKPOINT_FILE = re.compile(r"checkpoint(-rank\d+-of\d+)?(\.prev|\.healthy)?\.pt")
 _STAGED = re.compile(r"\..+\.tmp-(\d+)")
-_EVAL_FILE = re.compile(r"eval-.+\.(json|state)")      # `atas eval RUN`'s results and their progress
-OTHER_OUTPUTS = ("val.json", "val.state")              # written beside the run's own outputs
+_EVAL_FILE = re.compile(r"eval-.+\.(json|state)")  # `atas eval RUN`'s results and their progress
+OTHER_OUTPUTS = ("val.json", "val.state")  # written beside the run's own outputs
 
 
 class RunDirError(CheckpointError):
@@ -71,8 +72,7 @@ def run_outputs(run_dir: Path) -> list[Path]:
     """Every file of an earlier run in run_dir (checkpoints of any world size included)."""
     if not run_dir.is_dir():
         return []
-    return sorted(p for p in run_dir.iterdir()
-                  if p.name in RESULTS + BY_PRODUCTS or _CHECKPOINT_FILE.fullmatch(p.name))
+    return sorted(p for p in run_dir.iterdir() if p.name in RESULTS + BY_PRODUCTS or _CHECKPOINT_FILE.fullmatch(p.name))
 
 
 def _is_result(path: Path) -> bool:
@@ -96,8 +96,11 @@ def check_own_files(run_dir: Path) -> None:
     """Every file of run_dir that atas writes passes `check_own_file` (no symbolic link, no device
     or FIFO): checked when the folder is taken, before anything in it is written."""
     for p in sorted(Path(run_dir).iterdir()) if Path(run_dir).is_dir() else ():
-        if p.name in RESULTS + BY_PRODUCTS + OTHER_OUTPUTS or _CHECKPOINT_FILE.fullmatch(p.name) \
-                or _EVAL_FILE.fullmatch(p.name):
+        if (
+            p.name in RESULTS + BY_PRODUCTS + OTHER_OUTPUTS
+            or _CHECKPOINT_FILE.fullmatch(p.name)
+            or _EVAL_FILE.fullmatch(p.name)
+        ):
             check_own_file(p)
 
 
@@ -108,7 +111,7 @@ def clean_staged_files(run_dir: Path, names: tuple[str, ...] | None = None) -> l
     removed = []
     for p in Path(run_dir).iterdir() if Path(run_dir).is_dir() else ():
         m = _STAGED.fullmatch(p.name)
-        if names is not None and (not m or p.name[1:p.name.rindex(".tmp-")] not in names):
+        if names is not None and (not m or p.name[1 : p.name.rindex(".tmp-")] not in names):
             continue
         if m and p.is_file() and (int(m.group(1)) == os.getpid() or not pid_alive(int(m.group(1)))):
             p.unlink(missing_ok=True)
@@ -162,7 +165,8 @@ class RunLock:
         who = f"PID {pid}" if pid is not None else "a process whose PID is unknown"
         return RunDirError(
             f"{self.run_dir} is in use by another atas process ({who}, lock file {self.path}): two writers "
-            "would overwrite each other's checkpoints. Wait for it to finish, stop it, or use another --run-dir.")
+            "would overwrite each other's checkpoints. Wait for it to finish, stop it, or use another --run-dir."
+        )
 
     def acquire(self) -> None:
         while True:
@@ -173,8 +177,10 @@ class RunLock:
             except OSError as e:
                 if e.errno == errno.ELOOP:  # became a link between the check and the open
                     check_own_file(self.path)
-                raise RunDirError(f"cannot take the run folder {self.run_dir}: {e.strerror} ({self.path}). "
-                                  "Use a --run-dir you can write to.") from None
+                raise RunDirError(
+                    f"cannot take the run folder {self.run_dir}: {e.strerror} ({self.path}). "
+                    "Use a --run-dir you can write to."
+                ) from None
             try:
                 locked = self._flock(fd)
             except BaseException:
@@ -278,10 +284,14 @@ class RunFolder:
             resumable = any(_CHECKPOINT_FILE.fullmatch(name) and ".prev." not in name for name in held)
             raise RunDirError(
                 f"{self.run_dir} holds another run ({', '.join(held)}). "
-                + (f"Resume it with `atas train --resume {self.run_dir}`, choose" if resumable else
-                   "It holds no checkpoint to resume (killed before its first epoch was saved): choose")
+                + (
+                    f"Resume it with `atas train --resume {self.run_dir}`, choose"
+                    if resumable
+                    else "It holds no checkpoint to resume (killed before its first epoch was saved): choose"
+                )
                 + " another --run-dir, or pass --overwrite to replace it (its checkpoints, metrics and evaluation "
-                "are deleted).")
+                "are deleted)."
+            )
 
     def start(self, config_yaml: str) -> None:
         """Everything was checked: now write. A fresh run first removes every output of an earlier
@@ -307,8 +317,16 @@ METRICS, METRICS_CSV = "metrics.jsonl", "metrics.csv"
 LABEL_KEYS = ("name", "description", "out_dir")
 # Settings a resumed run may change: how it runs, not what it trains (train.epochs may grow; the
 # eval section only says how the end-of-run evaluation is done).
-RESUME_FREE_KEYS = (("train", "epochs"), ("train", "progress"), ("train", "device"), ("train", "max_steps"),
-                    ("train", "store_memmap"), ("data", "num_workers"), ("data", "data_dir"), ("eval", None))
+RESUME_FREE_KEYS = (
+    ("train", "epochs"),
+    ("train", "progress"),
+    ("train", "device"),
+    ("train", "max_steps"),
+    ("train", "store_memmap"),
+    ("data", "num_workers"),
+    ("data", "data_dir"),
+    ("eval", None),
+)
 
 
 class MetricsLog:
@@ -333,6 +351,7 @@ class MetricsLog:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(rows)
+
         atomic_write(self.csv, write_csv, mode="w")
 
 
@@ -373,19 +392,24 @@ def saved_config(run_dir: str | Path) -> dict | None:
     path = Path(run_dir) / CONFIG
     if not os.path.lexists(path):
         return None
-    redo = (f"restore it from a copy of the run folder, or start the run again (`atas train RECIPE --run-dir "
-            f"{run_dir} --overwrite`)")
+    redo = (
+        f"restore it from a copy of the run folder, or start the run again (`atas train RECIPE --run-dir "
+        f"{run_dir} --overwrite`)"
+    )
     try:
         check_own_file(path)
         tree = yaml.safe_load(path.read_text())
     except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror}; make the run folder readable "
-                              f"(`chmod -R u+r {run_dir}`) and try again") from None
+        raise CheckpointError(
+            f"cannot read {path}: {e.strerror}; make the run folder readable (`chmod -R u+r {run_dir}`) and try again"
+        ) from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); {redo}") from None
     if not isinstance(tree, dict):
-        raise CheckpointError(f"{path} does not hold a config (a YAML mapping of sections), but "
-                              f"{type(tree).__name__ if tree is not None else 'nothing'}; {redo}")
+        raise CheckpointError(
+            f"{path} does not hold a config (a YAML mapping of sections), but "
+            f"{type(tree).__name__ if tree is not None else 'nothing'}; {redo}"
+        )
     return tree
 
 
@@ -399,16 +423,20 @@ def load_run_config(run_dir: str | Path) -> Config:
     if tree is None:  # lost: every checkpoint carries the config it was trained with
         from atas.checkpoint import load_checkpoint
 
-        saved = [p for p in (Path(run_dir) / CHECKPOINT, *sorted(Path(run_dir).glob("checkpoint-rank0-of*.pt")))
-                 if is_plain_file(p)]
+        saved = [
+            p
+            for p in (Path(run_dir) / CHECKPOINT, *sorted(Path(run_dir).glob("checkpoint-rank0-of*.pt")))
+            if is_plain_file(p)
+        ]
         if not saved:
             raise CheckpointError(f"{run_dir} is not a run folder (no {CONFIG})")
         tree = load_checkpoint(saved[0])["config"]
     try:
         return config_from_dict(tree)
     except (ConfigError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{Path(run_dir) / CONFIG} is not a valid config ({e}); restore it from a copy, "
-                              f"or start the run again") from None
+        raise CheckpointError(
+            f"{Path(run_dir) / CONFIG} is not a valid config ({e}); restore it from a copy, or start the run again"
+        ) from None
 
 
 def check_resumable(saved: dict, cfg: Config) -> None:
@@ -419,8 +447,10 @@ def check_resumable(saved: dict, cfg: Config) -> None:
         theirs.pop(label, None)
     if isinstance(theirs.get("data"), dict):  # saved before data.val_size existed: it held nothing out
         theirs["data"] = {"val_size": 0, "val_from": "last", **theirs["data"]}
-    for section, new in (("train", {"label_smoothing": 0.0, "wa_tau": 0.0, "wa_start_epoch": 1, "select": "auto"}),
-                         ("optim", {"div_factor": 25.0, "final_div_factor": 1e4})):
+    for section, new in (
+        ("train", {"label_smoothing": 0.0, "wa_tau": 0.0, "wa_start_epoch": 1, "select": "auto"}),
+        ("optim", {"div_factor": 25.0, "final_div_factor": 1e4}),
+    ):
         if isinstance(theirs.get(section), dict):  # saved before these keys existed: their off values
             theirs[section] = {**new, **theirs[section]}
     if isinstance(theirs.get("method"), dict) and isinstance(theirs["method"].get("args"), dict):
@@ -435,13 +465,23 @@ def check_resumable(saved: dict, cfg: Config) -> None:
             elif isinstance(tree.get(section), dict):
                 tree[section].pop(key, None)
     if mine != theirs:
-        diff = [f"{s}.{k}: checkpoint {theirs.get(s, {}).get(k)!r} vs now {v!r}"
-                for s, sec in mine.items() if isinstance(sec, dict)
-                for k, v in sec.items() if not isinstance(theirs.get(s), dict) or theirs[s].get(k) != v]
-        diff += [f"{s}: checkpoint {theirs.get(s)!r} vs now {v!r}" for s, v in mine.items()
-                 if not isinstance(v, dict) and theirs.get(s) != v]
-        raise CheckpointError("cannot resume: the config differs from the one the run was started with ("
-                              + "; ".join(diff[:6]) + "). Resume without overrides, or start a new run.")
+        diff = [
+            f"{s}.{k}: checkpoint {theirs.get(s, {}).get(k)!r} vs now {v!r}"
+            for s, sec in mine.items()
+            if isinstance(sec, dict)
+            for k, v in sec.items()
+            if not isinstance(theirs.get(s), dict) or theirs[s].get(k) != v
+        ]
+        diff += [
+            f"{s}: checkpoint {theirs.get(s)!r} vs now {v!r}"
+            for s, v in mine.items()
+            if not isinstance(v, dict) and theirs.get(s) != v
+        ]
+        raise CheckpointError(
+            "cannot resume: the config differs from the one the run was started with ("
+            + "; ".join(diff[:6])
+            + "). Resume without overrides, or start a new run."
+        )
 
 
 def run_end(rows: list[dict], cfg: Config) -> str | None:
@@ -456,8 +496,10 @@ def run_end(rows: list[dict], cfg: Config) -> str | None:
     last, t = epochs[-1], cfg.train
     if rows[-1].get(guard.EVENT) == "gave_up":
         ends = f"; it ended with the weights of epoch {last['epoch']}" if "rollback_to" in rows[-1] else ""
-        return (f"the guard gave up at epoch {rows[-1].get('epoch', last['epoch'])} "
-                f"({rows[-1].get('why', 'no recovery left')}){ends}")
+        return (
+            f"the guard gave up at epoch {rows[-1].get('epoch', last['epoch'])} "
+            f"({rows[-1].get('why', 'no recovery left')}){ends}"
+        )
     if last["epoch"] >= t.epochs:
         return f"it trained its {t.epochs} epochs (train.epochs={t.epochs})"
     if t.max_steps is not None and last.get("step", 0) >= t.max_steps:

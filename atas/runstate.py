@@ -10,6 +10,7 @@ state it can trust instead: `checkpoint.pt` or `checkpoint.prev.pt` when one of 
 epoch of this very run (its metrics up to that epoch are the run's), else an older healthy epoch
 one of them holds, else the initial weights (epoch 0, rebuilt exactly from the run's seed).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,8 +43,11 @@ from atas.values import to_plain
 # --------------------------------------------------------------------------------------------
 def rng_state(device: torch.device) -> dict:
     numpy_state = cast(tuple, np.random.get_state())  # the legacy tuple: (name, keys, pos, ...)
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": torch.tensor(numpy_state[1].astype(np.int64)),
-                             "python": str(random.getstate())}
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.tensor(numpy_state[1].astype(np.int64)),
+        "python": str(random.getstate()),
+    }
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -57,12 +61,19 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 def snapshot(run, epoch: int, step: int, rows: list[dict]) -> dict:
     """The checkpoint of the end of `epoch`: all a resume (or a rollback) needs."""
-    ckpt = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(), "rng": rng_state(run.device), "config": run.cfg.to_dict(),
-            "epoch": epoch, "step": step, "num_train": run.data.num_train}
+    ckpt = {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "rng": rng_state(run.device),
+        "config": run.cfg.to_dict(),
+        "epoch": epoch,
+        "step": step,
+        "num_train": run.data.num_train,
+    }
     ckpt["method"] = run.method.state_dict()  # epoch, per-sample store, carried tensors
     if getattr(run, "tech", None) is not None:
-        ckpt.update(run.tech.state_dict())    # the weight average ("wa") and the selection's best
+        ckpt.update(run.tech.state_dict())  # the weight average ("wa") and the selection's best
     if run.cfg.train.amp == "fp16":
         ckpt["scaler"] = run.scaler.state_dict()
     ckpt["metrics"] = json.loads(json.dumps(rows))  # plain values; the metrics files are rebuilt from these
@@ -100,8 +111,18 @@ def resume_source(ctx, run_dir: Path, name: str) -> Path:
 # --------------------------------------------------------------------------------------------
 # The end of an epoch
 # --------------------------------------------------------------------------------------------
-def end_of_epoch(run, epoch: int, step: int, rows: list[dict], verdict: dict, monitor, run_dir: Path,
-                 log: MetricsLog, healthy: bool, last_word: dict | None) -> None:
+def end_of_epoch(
+    run,
+    epoch: int,
+    step: int,
+    rows: list[dict],
+    verdict: dict,
+    monitor,
+    run_dir: Path,
+    log: MetricsLog,
+    healthy: bool,
+    last_word: dict | None,
+) -> None:
     """Save what the epoch leaves: best.pt (first: a kill between the two saves then redoes the
     epoch, and best.pt is always the best epoch the checkpoint's metrics name), the checkpoint,
     its healthy link, the metrics; print the row and the verdict."""
@@ -130,13 +151,16 @@ def end_of_epoch(run, epoch: int, step: int, rows: list[dict], verdict: dict, mo
             if healthy:
                 link_as(run.ckpt_path, healthy_path(run.ckpt_path))
         log.write_all(rows)
+
     save_or_explain(save, run.ckpt_path, lambda: saved_epoch, run_dir)
     if ctx.is_main:
         row = rows[-1] if last_word is None or rolling_back else rows[-2]
         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         if verdict["co"]:
-            tqdm.write(guard.flag_line(epoch, verdict["reason"], row, monitor)
-                       + (" Best-robust checkpoint: best.pt." if keep_best else ""))
+            tqdm.write(
+                guard.flag_line(epoch, verdict["reason"], row, monitor)
+                + (" Best-robust checkpoint: best.pt." if keep_best else "")
+            )
         if last_word is not None:
             tqdm.write("GUARD " + guard.describe(last_word))
 
@@ -150,7 +174,7 @@ def repair_best(run, rows: list[dict], run_dir: Path) -> None:
     scored = [r for r in guard.all_epochs(rows) if "probe_pgd" in r]
     if not scored:
         return
-    best = max(scored, key=lambda r: r["probe_pgd"])   # first of equals, as the running max
+    best = max(scored, key=lambda r: r["probe_pgd"])  # first of equals, as the running max
     path = run_dir / BEST
     try:
         held = int(load_checkpoint(path)["epoch"]) if path.exists() else None
@@ -159,8 +183,10 @@ def repair_best(run, rows: list[dict], run_dir: Path) -> None:
     if held != best["epoch"] and best is scored[-1] and not best.get("discarded"):
         ckpt = snapshot(run, best["epoch"], best["step"], rows)
         save_checkpoint(path, {k: ckpt[k] for k in ("model", "config", "epoch", "step")})
-        tqdm.write(f"best.pt held {'no epoch' if held is None else f'epoch {held}'}, the metrics name epoch "
-                   f"{best['epoch']}: rewritten from the checkpoint")
+        tqdm.write(
+            f"best.pt held {'no epoch' if held is None else f'epoch {held}'}, the metrics name epoch "
+            f"{best['epoch']}: rewritten from the checkpoint"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,8 +216,11 @@ def trusted_state(run, rows: list[dict], epoch: int) -> tuple[dict, str] | None:
     holds it: a checkpoint counts only if it is that epoch and its metrics up to it are this run's
     (a file from an epoch a rollback undid does not). Epoch 0 is always there: rebuilt if need be."""
     for path, state in _saved_states(run):
-        if isinstance(state, dict) and int(state["epoch"]) == epoch \
-                and _lineage(state.get("metrics") or [], epoch) == _lineage(rows, epoch):
+        if (
+            isinstance(state, dict)
+            and int(state["epoch"]) == epoch
+            and _lineage(state.get("metrics") or [], epoch) == _lineage(rows, epoch)
+        ):
             return state, path.name
     if epoch == 0:
         return run.initial_state(), "the initial weights, rebuilt from the run's seed"
@@ -207,11 +236,21 @@ def rollback_target(run, rows: list[dict]) -> int:
         return target
     older = [r["epoch"] for r in guard.epoch_rows(rows) if r.get("healthy") and r["epoch"] < target]
     fallback = next((e for e in sorted(older, reverse=True) if trusted_state(run, rows, e) is not None), 0)
-    why = "; ".join(f"{p.name} " + (s if isinstance(s, str) else f"holds epoch {s['epoch']} of another lineage"
-                                    if int(s["epoch"]) == target else f"holds epoch {s['epoch']}")
-                    for p, s in _saved_states(run))
-    tqdm.write(f"GUARD the last healthy epoch {target} cannot be restored ({why}): rolling back to "
-               f"{f'epoch {fallback}' if fallback else 'the initial weights (epoch 0)'} instead")
+    why = "; ".join(
+        f"{p.name} "
+        + (
+            s
+            if isinstance(s, str)
+            else f"holds epoch {s['epoch']} of another lineage"
+            if int(s["epoch"]) == target
+            else f"holds epoch {s['epoch']}"
+        )
+        for p, s in _saved_states(run)
+    )
+    tqdm.write(
+        f"GUARD the last healthy epoch {target} cannot be restored ({why}): rolling back to "
+        f"{f'epoch {fallback}' if fallback else 'the initial weights (epoch 0)'} instead"
+    )
     return fallback
 
 
@@ -223,8 +262,10 @@ def roll_back(run, event: dict, sentinel, run_dir: Path, log: MetricsLog) -> tup
     target, rows = event["rollback_to"], sentinel.rows
     found = trusted_state(run, rows, target)
     if found is None:
-        raise CheckpointError(f"the guard's rollback to epoch {target} found no checkpoint of that epoch; resume "
-                              f"the run (`atas train --resume {run_dir}`): it rolls back to what it can trust")
+        raise CheckpointError(
+            f"the guard's rollback to epoch {target} found no checkpoint of that epoch; resume "
+            f"the run (`atas train --resume {run_dir}`): it rolls back to what it can trust"
+        )
     state, source = found
     sentinel.record_rollback(event)
     state["metrics"] = json.loads(json.dumps(rows))
@@ -235,6 +276,7 @@ def roll_back(run, event: dict, sentinel, run_dir: Path, log: MetricsLog) -> tup
         if source != healthy_path(run.ckpt_path).name:  # the healthy link is that epoch again
             link_as(run.ckpt_path, healthy_path(run.ckpt_path))
         log.write_all(rows)
+
     save_or_explain(save, run.ckpt_path, lambda: target, run_dir)
     step = restore(run, state, rows)
     sentinel.rolled_back(run.method)
@@ -255,6 +297,9 @@ def save_or_explain(save, ckpt_path: Path, saved_epoch, run_dir: Path) -> None:
 def disk_full(e: DiskFullError, ckpt_path: Path, saved_epoch: int, run_dir: Path) -> DiskFullError:
     """The message a full disk deserves: which file, which checkpoint survived, what to do."""
     if saved_epoch >= 1 and ckpt_path.exists():
-        return DiskFullError(e.path, f"the checkpoint of epoch {saved_epoch} is intact ({ckpt_path})",
-                             f"free space and resume with `atas train --resume {run_dir}`")
+        return DiskFullError(
+            e.path,
+            f"the checkpoint of epoch {saved_epoch} is intact ({ckpt_path})",
+            f"free space and resume with `atas train --resume {run_dir}`",
+        )
     return DiskFullError(e.path, "no checkpoint was written yet", "free space and start the run again")

@@ -17,6 +17,7 @@ The chosen weights of `val` are kept in RUN/selected.pt (weights only, like best
 weights they are ("raw" / "averaged") and their epoch; every epoch's scores go into metrics.jsonl
 (val_pgd_raw, val_pgd_averaged, val_pick, selected_epoch).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,8 +43,10 @@ def selection_mode(select: str, wa_tau: float, val_size: int) -> str:
     if select == "averaged" and wa_tau <= 0:
         raise ConfigError("train.select=averaged needs weight averaging: set train.wa_tau (e.g. 0.9995)")
     if select == "val" and val_size < 1:
-        raise ConfigError("train.select=val validates on held-out training images: set data.val_size "
-                          "(the benchmark: 1000 on CIFAR, 2000 on Tiny-ImageNet)")
+        raise ConfigError(
+            "train.select=val validates on held-out training images: set data.val_size "
+            "(the benchmark: 1000 on CIFAR, 2000 on Tiny-ImageNet)"
+        )
     return select
 
 
@@ -54,13 +57,14 @@ def better(raw: dict, averaged: dict | None) -> str:
 
 def improves(score: dict, best: dict | None) -> bool:
     """Whether an epoch's pick beats the best so far: higher PGD accuracy, or equal and higher clean."""
-    return best is None or score["pgd"] > best["pgd"] or (score["pgd"] == best["pgd"]
-                                                         and score["clean"] > best["clean"])
+    return (
+        best is None or score["pgd"] > best["pgd"] or (score["pgd"] == best["pgd"] and score["clean"] > best["clean"])
+    )
 
 
 @torch.no_grad()
 def _clean(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.cat([model(x[i:i + batch]).argmax(1) == y[i:i + batch] for i in range(0, len(x), batch)])
+    return torch.cat([model(x[i : i + batch]).argmax(1) == y[i : i + batch] for i in range(0, len(x), batch)])
 
 
 def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, batch_size: int = 256) -> dict:
@@ -75,8 +79,9 @@ def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, batch_
         torch.manual_seed(0)
         clean = _clean(model, x, y, batch_size)
         attack = PGD(eps, steps=VAL_STEPS, alpha=VAL_ALPHA_OVER_EPS * eps, restarts=1)
-        robust = torch.cat([attack.run(model, x[i:i + batch_size], y[i:i + batch_size])[1]
-                            for i in range(0, len(x), batch_size)])
+        robust = torch.cat(
+            [attack.run(model, x[i : i + batch_size], y[i : i + batch_size])[1] for i in range(0, len(x), batch_size)]
+        )
     model.train(was_training)
     return {"clean": clean.float().mean().item(), "pgd": robust.float().mean().item()}
 
@@ -86,7 +91,7 @@ class Selector:
 
     def __init__(self, x_val: torch.Tensor, y_val: torch.Tensor, eps: float):
         self.x_val, self.y_val, self.eps = x_val, y_val, float(eps)
-        self.best: dict | None = None   # {"pgd", "clean", "weights", "epoch", "step"}
+        self.best: dict | None = None  # {"pgd", "clean", "weights", "epoch", "step"}
 
     def judge(self, raw: nn.Module, averaged: nn.Module | None, epoch: int, step: int) -> tuple[dict, bool]:
         """(the epoch's metrics row entries, whether its pick is the new best)."""
@@ -131,6 +136,14 @@ def save_selected(path: Path, model: nn.Module, config: dict, best: dict) -> Non
     """RUN/selected.pt: the selected weights only (for evaluation and export, not for resuming)."""
     from atas.checkpoint import save_checkpoint
 
-    save_checkpoint(path, {"model": model.state_dict(), "config": config, "epoch": best["epoch"],
-                           "step": best["step"], "weights": best["weights"],
-                           "selection": {"rule": "val", "val_pgd": best["pgd"], "val_clean": best["clean"]}})
+    save_checkpoint(
+        path,
+        {
+            "model": model.state_dict(),
+            "config": config,
+            "epoch": best["epoch"],
+            "step": best["step"],
+            "weights": best["weights"],
+            "selection": {"rule": "val", "val_pgd": best["pgd"], "val_clean": best["clean"]},
+        },
+    )

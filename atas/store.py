@@ -26,6 +26,7 @@ which is every prior a projected method writes. `memmap_path` keeps delta in a f
 gather/scatter move each batch's window to and from the training device. `estimate_bytes` says
 what a store will take before building it.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,10 +38,9 @@ import torch.nn.functional as F
 
 from atas.augment import CropFlip, crop, uncrop_into
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "int8": torch.int8}
-INT8_LEVELS = 127           # q in [-127, 127]: symmetric, so -eps and +eps are both exact
-_CHUNK_BYTES = 64 * 2**20   # float32 working set of the row-chunked paths (init, dtype conversion)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
+INT8_LEVELS = 127  # q in [-127, 127]: symmetric, so -eps and +eps are both exact
+_CHUNK_BYTES = 64 * 2**20  # float32 working set of the row-chunked paths (init, dtype conversion)
 
 
 def _check_dtype(dtype: str) -> torch.dtype:
@@ -50,10 +50,19 @@ def _check_dtype(dtype: str) -> torch.dtype:
 
 
 class PerSampleStore:
-    def __init__(self, num_samples: int, frame_shape: tuple[int, int, int], eps: float, *,
-                 dtype: str = "float32", device: torch.device | str = "cpu",
-                 storage_size: int | None = None, indices: torch.Tensor | None = None,
-                 memmap_path: str | Path | None = None, draw: bool = True):
+    def __init__(
+        self,
+        num_samples: int,
+        frame_shape: tuple[int, int, int],
+        eps: float,
+        *,
+        dtype: str = "float32",
+        device: torch.device | str = "cpu",
+        storage_size: int | None = None,
+        indices: torch.Tensor | None = None,
+        memmap_path: str | Path | None = None,
+        draw: bool = True,
+    ):
         torch_dtype = _check_dtype(dtype)
         channels, frame_h, frame_w = frame_shape
         if frame_h != frame_w:
@@ -71,7 +80,8 @@ class PerSampleStore:
             raise ValueError(
                 f"a memory-mapped store (memmap_path={str(self.memmap_path)!r}) lives in host memory and cannot "
                 f"be on {self.device}: keep the store on the CPU (device='cpu'); gather/scatter then move each "
-                "batch's window to and from the training device.")
+                "batch's window to and from the training device."
+            )
         if indices is None:
             self.indices = None
             self._row = None
@@ -112,8 +122,9 @@ class PerSampleStore:
         return self.delta.numel() * self.delta.element_size() + self.grad_sq_ema.numel() * 4
 
     @staticmethod
-    def estimate_bytes(num_samples: int, frame_shape: tuple[int, int, int], dtype: str = "float32",
-                       storage_size: int | None = None) -> int:
+    def estimate_bytes(
+        num_samples: int, frame_shape: tuple[int, int, int], dtype: str = "float32", storage_size: int | None = None
+    ) -> int:
         """What `PerSampleStore(num_samples, frame_shape, ..., dtype=, storage_size=)` will hold:
         delta (num_samples x C x S x S of dtype, S = storage_size or the frame side) + fp32 v."""
         channels, frame_h, _ = frame_shape
@@ -128,8 +139,9 @@ class PerSampleStore:
             return
         # int8 / memmap: row chunks, so the float32 noise never takes 4x the store (or all of RAM).
         for start, stop in self._row_chunks():
-            noise = torch.rand((stop - start, *self.delta.shape[1:]), generator=generator, device=self.device,
-                               dtype=torch.float32)
+            noise = torch.rand(
+                (stop - start, *self.delta.shape[1:]), generator=generator, device=self.device, dtype=torch.float32
+            )
             self.delta[start:stop] = self._encode((noise * 2 - 1) * self.eps)
 
     # -- storage encoding: float32 values <-> the stored dtype ------------------------------
@@ -189,8 +201,11 @@ class PerSampleStore:
 
     # -- persistence ---------------------------------------------------------------------
     def state_dict(self) -> dict:
-        state = {"delta": self.delta, "grad_sq_ema": self.grad_sq_ema,
-                 "meta": torch.tensor([self.num_samples, self.frame, self.storage_size])}
+        state = {
+            "delta": self.delta,
+            "grad_sq_ema": self.grad_sq_ema,
+            "meta": torch.tensor([self.num_samples, self.frame, self.storage_size]),
+        }
         if self.indices is not None:
             state["indices"] = self.indices
         if self.quant_step is not None:
@@ -204,17 +219,21 @@ class PerSampleStore:
                 f"per-sample store mismatch: the checkpoint holds (samples, frame, storage) = {meta}, "
                 f"this run has {[self.num_samples, self.frame, self.storage_size]}. The checkpoint "
                 "was made on another dataset size or augmentation frame; resume with the config it was "
-                "made with (it is saved in the run folder as config.yaml).")
+                "made with (it is saved in the run folder as config.yaml)."
+            )
         theirs = state.get("indices")
         if (theirs is None) != (self.indices is None) or (
-                theirs is not None and self.indices is not None
-                and not torch.equal(theirs.to(self.device), self.indices)):
-            raise ValueError("per-sample store shard mismatch: the checkpoint's rows belong to another "
-                             "partition of the dataset (different world size or rank). Resume with the "
-                             "world size the run was started with.")
+            theirs is not None and self.indices is not None and not torch.equal(theirs.to(self.device), self.indices)
+        ):
+            raise ValueError(
+                "per-sample store shard mismatch: the checkpoint's rows belong to another "
+                "partition of the dataset (different world size or rank). Resume with the "
+                "world size the run was started with."
+            )
         if tuple(state["delta"].shape) != tuple(self.delta.shape):
-            raise ValueError(f"per-sample store shape mismatch: {tuple(state['delta'].shape)} vs "
-                             f"{tuple(self.delta.shape)}")
+            raise ValueError(
+                f"per-sample store shape mismatch: {tuple(state['delta'].shape)} vs {tuple(self.delta.shape)}"
+            )
         source = state["delta"]
         source_step = float(state.get("int8_step", self.eps / INT8_LEVELS)) if source.dtype == torch.int8 else None
         if source.dtype == self.delta.dtype and source_step == self.quant_step:
@@ -228,8 +247,9 @@ class PerSampleStore:
     def __repr__(self) -> str:
         shape = "x".join(str(d) for d in self.delta.shape[1:])
         where = f"memmap {self.memmap_path}" if self.memmap_path is not None else str(self.device)
-        return (f"PerSampleStore({len(self.delta)} rows of {shape} {self.dtype_name}, "
-                f"{self.nbytes / 1e9:.3f} GB, {where})")
+        return (
+            f"PerSampleStore({len(self.delta)} rows of {shape} {self.dtype_name}, {self.nbytes / 1e9:.3f} GB, {where})"
+        )
 
 
 def _map_file(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

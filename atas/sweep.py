@@ -7,6 +7,7 @@ run resumes from its checkpoint; an evaluation that was killed resumes from its 
 (eval.state). Every config is built and checked (the methods' own option checks included) before
 anything trains.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,13 +23,27 @@ from atas.monitor import co_reasons, co_verdict
 from atas.rundir import EVAL, EVAL_STATE
 
 # Per-epoch metrics copied into summary.json for the plots (and anyone re-plotting).
-CURVE_KEYS = ("probe_clean", "probe_fgsm", "probe_pgd", "probe_pgd_margin", "probe_pgd_worst", "probe_lin_err", "co",
-              "alpha_mean", "alpha_min", "alpha_max", "train_loss", "train_adv_acc", "epoch_time_s")
+CURVE_KEYS = (
+    "probe_clean",
+    "probe_fgsm",
+    "probe_pgd",
+    "probe_pgd_margin",
+    "probe_pgd_worst",
+    "probe_lin_err",
+    "co",
+    "alpha_mean",
+    "alpha_min",
+    "alpha_max",
+    "train_loss",
+    "train_adv_acc",
+    "epoch_time_s",
+)
 
 
 # --------------------------------------------------------------------------------------------
 # Input: eps, overrides -> one checked Config per run
 # --------------------------------------------------------------------------------------------
+
 
 def _passes(cfg) -> list[float] | None:
     """(forward, backward) passes per optimizer step of the run's method with its options."""
@@ -47,7 +62,6 @@ def _passes(cfg) -> list[float] | None:
         return None
 
 
-
 def parse_eps(text: str | Frac) -> Frac:
     """An eps from the command line, parsed once: '8/255' stays '8/255', '0.10' becomes '0.1' (the
     name of its folders and table rows). The Frac is the one the runs' configs hold."""
@@ -58,8 +72,8 @@ def parse_eps(text: str | Frac) -> Frac:
 
 @dataclass
 class RoutedOverrides:
-    common: list[str]                       # for every run
-    per_method: dict[str, list[str]]        # method -> its `method.<opt>=v` overrides
+    common: list[str]  # for every run
+    per_method: dict[str, list[str]]  # method -> its `method.<opt>=v` overrides
     notes: list[str] = field(default_factory=list)
 
 
@@ -90,8 +104,10 @@ def route_overrides(overrides: list[str], methods: list[str]) -> RoutedOverrides
         elif target[0] not in methods:
             routed.notes.append(f"{key}: {target[0]} is not in --methods; ignored")
         elif target[1] not in options[target[0]]:
-            raise ConfigError(f"{key}: method {target[0]} has no option {target[1]!r}; its options: "
-                              f"{', '.join(options[target[0]]) or '(none)'}")
+            raise ConfigError(
+                f"{key}: method {target[0]} has no option {target[1]!r}; its options: "
+                f"{', '.join(options[target[0]]) or '(none)'}"
+            )
         else:
             targeted[target[0]].append(f"method.{target[1]}={value}")
     for m in methods:  # the targeted ones last: they win
@@ -109,8 +125,9 @@ def _route_generic(opt: str, value: str, methods: list[str], options: dict, rout
         routed.per_method[m].append(f"method.{opt}={value}")
     skipped = [m for m in methods if m not in takers]
     if skipped:
-        routed.notes.append(f"method.{opt} applies to {', '.join(takers)}; not to {', '.join(skipped)} "
-                            "(no such option)")
+        routed.notes.append(
+            f"method.{opt} applies to {', '.join(takers)}; not to {', '.join(skipped)} (no such option)"
+        )
 
 
 def run_name(method: str, eps: str, seed: int) -> str:
@@ -120,7 +137,7 @@ def run_name(method: str, eps: str, seed: int) -> str:
 @dataclass
 class RunSpec:
     method: str
-    eps: str        # as written (folders, tables); cfg.method.eps is the Frac the run uses
+    eps: str  # as written (folders, tables); cfg.method.eps is the Frac the run uses
     seed: int
     cfg: Config
     run_dir: Path
@@ -135,9 +152,15 @@ def method_tree(base: Config, method: str) -> dict:
     return tree
 
 
-def plan_runs(recipe: str, methods: list[str], eps_list: list[Frac | str] | None, n_seeds: int,
-              routed: RoutedOverrides, out: Path, chosen: dict[tuple[str, str], list[str]] | None = None
-              ) -> list[RunSpec]:
+def plan_runs(
+    recipe: str,
+    methods: list[str],
+    eps_list: list[Frac | str] | None,
+    n_seeds: int,
+    routed: RoutedOverrides,
+    out: Path,
+    chosen: dict[tuple[str, str], list[str]] | None = None,
+) -> list[RunSpec]:
     """Build and validate every run's Config (eps outer, then method, then seed): every run is
     checked, the method's own option checks included, before the first one trains. `chosen` adds
     overrides per (method, eps text): the values a hyper-parameter search picked (atas.tune)."""
@@ -190,12 +213,15 @@ def training_status(run_dir: Path, cfg: Config) -> str:
         try:
             check_resumable(saved, cfg)
         except CheckpointError as e:
-            raise ConfigError(f"{run_dir} holds a run with another config: {e} Delete that folder or pick "
-                              "another --out.") from None
+            raise ConfigError(
+                f"{run_dir} holds a run with another config: {e} Delete that folder or pick another --out."
+            ) from None
     rows = _read_metrics(run_dir)
     if rows and rows[-1]["epoch"] > cfg.train.epochs:
-        raise ConfigError(f"{run_dir} holds a run trained for {rows[-1]['epoch']} epochs, more than the "
-                          f"train.epochs={cfg.train.epochs} asked for. Delete that folder or pick another --out.")
+        raise ConfigError(
+            f"{run_dir} holds a run trained for {rows[-1]['epoch']} epochs, more than the "
+            f"train.epochs={cfg.train.epochs} asked for. Delete that folder or pick another --out."
+        )
     if diverged:
         return "diverged"
     return "done" if run_end(_read_log(run_dir), cfg) is not None else "resume"
@@ -225,8 +251,11 @@ def eval_is_current(run_dir: Path, cfg: Config) -> bool:
     e, eps = cfg.eval, float(cfg.method.eps)
     if set(results) != set(e.attacks) or abs(float(result.get("eps", -1)) - eps) > 1e-12:
         return False
-    wanted_n = e.n_examples if e.n_examples is not None else _test_set_size(
-        cfg.data.name, cfg.data.data_dir, cfg.data.download, cfg.data.test_subset)
+    wanted_n = (
+        e.n_examples
+        if e.n_examples is not None
+        else _test_set_size(cfg.data.name, cfg.data.data_dir, cfg.data.download, cfg.data.test_subset)
+    )
     if n != wanted_n:
         return False
     if "pgd" in results:
@@ -287,8 +316,15 @@ def run_one(spec: RunSpec) -> str:
 
 def _failed_row(spec: RunSpec, out: Path, why: str, diverged: dict) -> dict:
     """summary.json's row of a run whose loss became NaN/inf: where (diverged), no accuracies."""
-    return {"method": spec.method, "eps": spec.eps, "eps_value": float(spec.cfg.method.eps), "seed": spec.seed,
-            "failed": why, "diverged": diverged, "run_dir": os.path.relpath(spec.run_dir, out)}
+    return {
+        "method": spec.method,
+        "eps": spec.eps,
+        "eps_value": float(spec.cfg.method.eps),
+        "seed": spec.seed,
+        "failed": why,
+        "diverged": diverged,
+        "run_dir": os.path.relpath(spec.run_dir, out),
+    }
 
 
 def column_labels(results: dict) -> dict[str, str]:
@@ -321,26 +357,39 @@ def summarize_run(spec: RunSpec, out: Path) -> dict:
         curves["co"] = [e in co_epochs for e in curves["epoch"]]
         curves["co_reason"] = co_reasons(metrics, hold)
     row = {
-        "method": spec.method, "eps": spec.eps, "eps_value": float(spec.cfg.method.eps), "seed": spec.seed,
-        "clean": accuracy.get("clean"), "fgsm": accuracy.get("fgsm"), "pgd": accuracy.get("pgd"),
+        "method": spec.method,
+        "eps": spec.eps,
+        "eps_value": float(spec.cfg.method.eps),
+        "seed": spec.seed,
+        "clean": accuracy.get("clean"),
+        "fgsm": accuracy.get("fgsm"),
+        "pgd": accuracy.get("pgd"),
         "aa": accuracy.get("aa"),
         "pgd_label": result["results"].get("pgd", {}).get("label"),
         # Every attack evaluated, in the order run (the four above included): the report's columns
         # come from here, so an attack of a plugin is reported as the shipped ones are.
-        "accuracy": accuracy, "attack_labels": column_labels(result["results"]),
-        "n_examples": result["n_examples"], "chance": 1.0 / dataset_info(spec.cfg.data.name).num_classes,
+        "accuracy": accuracy,
+        "attack_labels": column_labels(result["results"]),
+        "n_examples": result["n_examples"],
+        "chance": 1.0 / dataset_info(spec.cfg.data.name).num_classes,
         # Training only: the per-epoch probe and the final evaluation are not in epoch_time_s.
         # ... of every epoch trained, the ones the guard replayed included: that is what the run cost.
         "train_time_s": sum(float(r.get("epoch_time_s", 0.0)) for r in all_epochs(_read_log(spec.run_dir))),
         # Peak memory (GPU: max allocated during the training loops; CPU: the process's peak RSS) and
         # forward/backward passes per optimizer step (atas.cost); which weights eval.json measured.
-        **{k: v for k, v in run_cost(all_epochs(_read_log(spec.run_dir))).items()
-           if k in ("peak_memory_mb", "memory_kind", "passes_per_step")},
+        **{
+            k: v
+            for k, v in run_cost(all_epochs(_read_log(spec.run_dir))).items()
+            if k in ("peak_memory_mb", "memory_kind", "passes_per_step")
+        },
         # a run trained before passes were logged: they follow from the method and its options
         **({} if "passes_fwd" in (metrics[-1] if metrics else {}) else {"passes_per_step": _passes(spec.cfg)}),
         "weights": result.get("weights"),
-        "epochs": len(metrics), "epochs_planned": spec.cfg.train.epochs,
-        "co_detected": co, "co_epochs": co_epochs, "co_final_signature": signature,
+        "epochs": len(metrics),
+        "epochs_planned": spec.cfg.train.epochs,
+        "co_detected": co,
+        "co_epochs": co_epochs,
+        "co_final_signature": signature,
         "eval_warnings": result.get("warnings", []),
         "method_args": spec.cfg.method.args,
         # The training-eps schedule the run started with, and the guard's events (atas.guard).

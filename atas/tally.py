@@ -1,6 +1,7 @@
 """The epoch's running numbers of the training loop (atas.trainer): loss, accuracy, the first
 non-finite step, and the stats a method logs, kept on the device so that logging never waits.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,9 +21,9 @@ class EpochTally:
         self.method, self.keys = method, list(method.logged_stats)
         k = len(self.keys)
         self.sums = torch.zeros(3 + 3 * k, device=device)
-        self.sums[3 + k:3 + 2 * k], self.sums[3 + 2 * k:] = float("inf"), float("-inf")
-        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)   # the first non-finite step
-        self.bad_loss = torch.zeros((), device=device)                          # and its loss
+        self.sums[3 + k : 3 + 2 * k], self.sums[3 + 2 * k :] = float("inf"), float("-inf")
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)  # the first non-finite step
+        self.bad_loss = torch.zeros((), device=device)  # and its loss
         self._reduced: list[float] | None = None
 
     @torch.no_grad()
@@ -44,16 +45,22 @@ class EpochTally:
     def _stats(self, s: list[float]):
         """(key, unit, mean, min, max) of every logged stat that was seen this epoch."""
         k = len(self.keys)
-        return [(key, self.method.logged_stats[key], s[3 + i] / s[2], s[3 + k + i], s[3 + 2 * k + i])
-                for i, key in enumerate(self.keys) if s[3 + i]]
+        return [
+            (key, self.method.logged_stats[key], s[3 + i] / s[2], s[3 + k + i], s[3 + 2 * k + i])
+            for i, key in enumerate(self.keys)
+            if s[3 + i]
+        ]
 
     def postfix(self) -> dict:
         """The progress bar's numbers (reads the device: call it at a sync point)."""
         s = self.sums.tolist()
         post = {"loss": f"{s[0] / s[2]:.3f}", "acc": f"{s[1] / s[2]:.3f}"}
         for key, unit, mean, lo, hi in self._stats(s):
-            post[key] = (f"{mean * 255:.2f}/255 [{lo * 255:.1f},{hi * 255:.1f}]" if unit == "pixels"
-                         else f"{mean:.4g} [{lo:.4g},{hi:.4g}]")
+            post[key] = (
+                f"{mean * 255:.2f}/255 [{lo * 255:.1f},{hi * 255:.1f}]"
+                if unit == "pixels"
+                else f"{mean:.4g} [{lo:.4g},{hi:.4g}]"
+            )
         return post
 
     def totals(self, ctx) -> dict:
@@ -72,9 +79,15 @@ class EpochTally:
 def check_finite(tally: EpochTally, epoch: int, ckpt_path: Path) -> None:
     bad = int(tally.bad_step)  # sync point
     if bad >= 0:
-        kept = (f"the last good checkpoint {ckpt_path} (end of epoch {epoch - 1}) is kept"
-                if ckpt_path.exists() else "no checkpoint had been written yet")
+        kept = (
+            f"the last good checkpoint {ckpt_path} (end of epoch {epoch - 1}) is kept"
+            if ckpt_path.exists()
+            else "no checkpoint had been written yet"
+        )
         raise TrainingDiverged(
             f"the training loss became NaN/inf at epoch {epoch}, step {bad}; {kept}. Lower optim.lr, "
             "check the data range (pixels must be in [0, 1]), or resume with `atas train --resume RUN_DIR`.",
-            epoch, bad, float(tally.bad_loss))
+            epoch,
+            bad,
+            float(tally.bad_loss),
+        )

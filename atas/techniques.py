@@ -3,6 +3,7 @@ averaging (atas.averaging), the validation-based selection of raw vs averaged we
 (atas.selection) and the cost record (atas.cost). The trainer calls this in a few lines; the logic
 lives here and in those modules (docs/algorithm.md, "Training techniques").
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,7 +25,7 @@ class Techniques:
         self.mode = selection_mode(t.select, t.wa_tau, cfg.data.val_size)
         self.wa = WeightAverage(model, t.wa_tau, t.wa_start_epoch) if t.wa_tau > 0 else None
         self.selector = None
-        if self.mode == "val" and is_main:   # rank 0 validates and writes selected.pt
+        if self.mode == "val" and is_main:  # rank 0 validates and writes selected.pt
             from atas.evaluation.run import load_val_set
 
             x, y = load_val_set(cfg)
@@ -80,6 +81,5 @@ class Techniques:
             from atas.export import load_model
 
             chosen, _, extra = load_model(Path(run_dir) / SELECTED, self.device)
-            return chosen, {"weights": extra["weights"], "rule": "val", "epoch": extra["epoch"],
-                            "step": extra["step"]}
+            return chosen, {"weights": extra["weights"], "rule": "val", "epoch": extra["epoch"], "step": extra["step"]}
         return model, {"weights": "raw", "rule": self.mode}

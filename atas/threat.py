@@ -5,6 +5,7 @@ parsed once, in `atas.config`). Training methods (FGSM-RS, N-FGSM, PGD-AT, ATAS,
 evaluation attacks (FGSM, PGD-k with restarts) differ only in where they start and how big a
 step they take; the ball, the projection and the step below are shared.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,8 +49,9 @@ def signed_step(x_adv: torch.Tensor, grad: torch.Tensor, alpha: float | torch.Te
     return x_adv + alpha * grad.sign()
 
 
-def input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-               create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def input_grad(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, create_graph: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient of the SUMMED cross-entropy w.r.t. the input, and the logits.
 
     The sum makes grad[i] exactly the gradient of sample i's own loss, whatever the batch size;

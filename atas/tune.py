@@ -22,6 +22,7 @@ run again, as the seeds are. An explicit value (`elle.lam=100`, `method.lam=100`
 `method.elle.lam`) skips the search for that method, with a note. The guard (train.co_action=recover)
 acts in the search runs as in the seeds: the value searched is the one a run starts with.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from atas.config import Config, ConfigError, load_config
 
-DEFAULT_VAL_SIZE = 5000   # Fashion-MNIST: 1/12 of its 60000 training images
+DEFAULT_VAL_SIZE = 5000  # Fashion-MNIST: 1/12 of its 60000 training images
 
 
 def value_text(value: float) -> str:
@@ -47,30 +48,44 @@ def search_name(method: str, eps: str, option: str, value: float) -> str:
 @dataclass
 class Search:
     """The search of one (method, eps): its runs, then what they measured and the value chosen."""
+
     method: str
     eps: str
     option: str
     grid: tuple[float, ...]
-    specs: list = field(default_factory=list)   # atas.sweep.RunSpec, one per grid value
-    skipped: str | None = None                  # why no search runs (an explicit value was given)
+    specs: list = field(default_factory=list)  # atas.sweep.RunSpec, one per grid value
+    skipped: str | None = None  # why no search runs (an explicit value was given)
     results: list[dict] = field(default_factory=list)
     chosen: float | None = None
-    untuned: str | None = None                  # why no value was chosen (all failed or did not learn)
+    untuned: str | None = None  # why no value was chosen (all failed or did not learn)
 
     @property
     def finished(self) -> bool:
         """Every value has a validation result or a recorded failure (nothing still to train)."""
-        return self.skipped is None and len(self.results) == len(self.grid) and not any(
-            r.get("missing") for r in self.results)
+        return (
+            self.skipped is None
+            and len(self.results) == len(self.grid)
+            and not any(r.get("missing") for r in self.results)
+        )
 
     def override(self) -> list[str]:
         """What the seeds run with: the chosen value, or nothing (skipped, or every value failed)."""
         return [] if self.chosen is None else [f"method.{self.option}={value_text(self.chosen)}"]
 
     def summary(self, val_size: int, n_examples: int, seed: int) -> dict:
-        return {"method": self.method, "eps": self.eps, "option": self.option, "grid": list(self.grid),
-                "val_size": val_size, "n_examples": n_examples, "seed": seed, "skipped": self.skipped,
-                "results": self.results, "chosen": self.chosen, "untuned": self.untuned}
+        return {
+            "method": self.method,
+            "eps": self.eps,
+            "option": self.option,
+            "grid": list(self.grid),
+            "val_size": val_size,
+            "n_examples": n_examples,
+            "seed": seed,
+            "skipped": self.skipped,
+            "results": self.results,
+            "chosen": self.chosen,
+            "untuned": self.untuned,
+        }
 
 
 def searched_option(method: str) -> tuple[str, tuple[float, ...]] | None:
@@ -81,9 +96,11 @@ def searched_option(method: str) -> tuple[str, tuple[float, ...]] | None:
     if not search:
         return None
     if len(search) > 1:
-        raise ConfigError(f"method {method} declares a search over {len(search)} options ({', '.join(search)}); "
-                          "--tune searches one option per method (a grid over several multiplies the runs)")
-    (option, grid), = search.items()
+        raise ConfigError(
+            f"method {method} declares a search over {len(search)} options ({', '.join(search)}); "
+            "--tune searches one option per method (a grid over several multiplies the runs)"
+        )
+    ((option, grid),) = search.items()
     grid = tuple(float(v) for v in grid)
     if not grid:
         raise ConfigError(f"method {method} declares an empty grid for {option}; give it at least one value")
@@ -123,19 +140,24 @@ def check_tune_sizes(base: Config, val_size: int, n_examples: int | None) -> int
     try:
         check_val_size(val_size, available)
     except ConfigError:
-        raise ConfigError(f"--tune-val-size={val_size} but the training split has {available} images"
-                          f"{' (data.subset)' if d.subset else ''}; give at most {available - 1} "
-                          "(the search trains on the rest)") from None
+        raise ConfigError(
+            f"--tune-val-size={val_size} but the training split has {available} images"
+            f"{' (data.subset)' if d.subset else ''}; give at most {available - 1} "
+            "(the search trains on the rest)"
+        ) from None
     if n_examples is None:
         return min(VAL_N_EXAMPLES, val_size)
     if not 1 <= n_examples <= val_size:
-        raise ConfigError(f"--tune-n-examples={n_examples}: the search evaluates on the {val_size} held-out images "
-                          f"of --tune-val-size; give 1..{val_size}")
+        raise ConfigError(
+            f"--tune-n-examples={n_examples}: the search evaluates on the {val_size} held-out images "
+            f"of --tune-val-size; give 1..{val_size}"
+        )
     return n_examples
 
 
-def plan_searches(recipe: str, methods: list[str], eps_list: list[str] | None, routed, out: Path,
-                  val_size: int, notes: list[str]) -> list[Search]:
+def plan_searches(
+    recipe: str, methods: list[str], eps_list: list[str] | None, routed, out: Path, val_size: int, notes: list[str]
+) -> list[Search]:
     """Every search's checked run configs (eps outer, then method, then grid value); searches skipped
     for an explicit value are kept (so summary and report say so) and noted in `notes`."""
     from atas.sweep import RunSpec, method_tree
@@ -153,18 +175,28 @@ def plan_searches(recipe: str, methods: list[str], eps_list: list[str] | None, r
             given = explicit_value(option, routed.per_method[method], base, method)
             if given is not None:
                 search.skipped = f"{option}={given} given explicitly"
-                note = (f"{method}.{option}={given} is given: its hyper-parameter search "
-                        f"({option} over {', '.join(map(value_text, grid))}) is skipped")
+                note = (
+                    f"{method}.{option}={given} is given: its hyper-parameter search "
+                    f"({option} over {', '.join(map(value_text, grid))}) is skipped"
+                )
                 if note not in notes:  # one note per method, not per eps
                     notes.append(note)
                 continue
             tree = method_tree(base, method)
             for value in grid:
-                cfg = load_config(tree, routed.per_method[method] + [
-                    f"method.{option}={value_text(value)}", f"method.eps={eps}", f"train.seed={base.train.seed}",
-                    f"data.val_size={val_size}"])
-                search.specs.append(RunSpec(method, eps, base.train.seed, cfg,
-                                            out / "tune" / search_name(method, eps, option, value)))
+                cfg = load_config(
+                    tree,
+                    routed.per_method[method]
+                    + [
+                        f"method.{option}={value_text(value)}",
+                        f"method.eps={eps}",
+                        f"train.seed={base.train.seed}",
+                        f"data.val_size={val_size}",
+                    ],
+                )
+                search.specs.append(
+                    RunSpec(method, eps, base.train.seed, cfg, out / "tune" / search_name(method, eps, option, value))
+                )
     return searches
 
 
@@ -213,9 +245,14 @@ def run_value(spec, option: str, n_examples: int, report_only: bool, out: Path) 
     result = json.loads((spec.run_dir / VAL_FILE).read_text())["results"]
     from atas.data import dataset_info
 
-    row.update(clean=result["clean"]["accuracy"], pgd=result["pgd"]["accuracy"], pgd_label=result["pgd"]["label"],
-               n_examples=result["clean"]["n"], guard_changes=option_changes(_read_log(spec.run_dir)),
-               chance=1.0 / dataset_info(spec.cfg.data.name).num_classes)
+    row.update(
+        clean=result["clean"]["accuracy"],
+        pgd=result["pgd"]["accuracy"],
+        pgd_label=result["pgd"]["label"],
+        n_examples=result["clean"]["n"],
+        guard_changes=option_changes(_read_log(spec.run_dir)),
+        chance=1.0 / dataset_info(spec.cfg.data.name).num_classes,
+    )
     return row, ", ".join(done) or "finished before: read back"
 
 
@@ -257,8 +294,11 @@ def run_search(search: Search, n_examples: int, report_only: bool, out: Path, no
     for spec in search.specs:
         row, action = run_value(spec, search.option, n_examples, report_only, out)
         search.results.append(row)
-        accs = (f"; validation clean {100 * row['clean']:.1f}% {row['pgd_label']} {100 * row['pgd']:.1f}%"
-                if row.get("pgd") is not None else "")
+        accs = (
+            f"; validation clean {100 * row['clean']:.1f}% {row['pgd_label']} {100 * row['pgd']:.1f}%"
+            if row.get("pgd") is not None
+            else ""
+        )
         print(f"{head} {search.option}={value_text(row['value'])}: {action}{accs}", flush=True)
     if not search.finished:
         print(f"{head}: not finished (--report-only); its seeds wait for it", flush=True)
@@ -270,10 +310,12 @@ def run_search(search: Search, n_examples: int, report_only: bool, out: Path, no
     search.chosen = choose(search.results)
     if search.chosen is None:
         whys = [f"{value_text(r['value'])}: " + (r.get("rejected") or "failed") for r in search.results]
-        search.untuned = (f"no value of {search.option} can be chosen: every one failed or did not learn "
-                          f"({'; '.join(whys)})")
-        notes.append(f"{search.method} eps {search.eps}: UNTUNED, {search.untuned}; its seeds run with the "
-                     "method's default")
+        search.untuned = (
+            f"no value of {search.option} can be chosen: every one failed or did not learn ({'; '.join(whys)})"
+        )
+        notes.append(
+            f"{search.method} eps {search.eps}: UNTUNED, {search.untuned}; its seeds run with the method's default"
+        )
         print(f"{head}: UNTUNED ({search.untuned}); the seeds run with the method's default", flush=True)
     else:
         print(f"{head}: chose {search.option}={value_text(search.chosen)}", flush=True)

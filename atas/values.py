@@ -8,6 +8,7 @@ line all parse values here, so a method file needs nothing from the config to de
     build_dataclass(Options, {"c": "0.02"}, "method.")   # type-checked, errors name the key
     eps_multiple("eps/4")                # 0.25: the one grammar of a number in units of eps
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,8 +22,16 @@ from typing import Any
 
 from atas.errors import AtasError
 
-__all__ = ["ConfigError", "NotFiniteError", "Frac", "parse_fraction", "eps_multiple", "coerce", "build_dataclass",
-           "to_plain"]
+__all__ = [
+    "ConfigError",
+    "NotFiniteError",
+    "Frac",
+    "parse_fraction",
+    "eps_multiple",
+    "coerce",
+    "build_dataclass",
+    "to_plain",
+]
 
 
 class ConfigError(AtasError, ValueError):
@@ -106,7 +115,6 @@ class Frac(float):
 
     def __reduce__(self):  # copy/deepcopy keep the text
         return (Frac, (self.text,))
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,8 +208,10 @@ def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(prefix + str(k) for k in sorted(unknown, key=str))}; "
-                          f"valid keys under '{prefix or 'top level'}': {', '.join(sorted(names))}")
+        raise ConfigError(
+            f"unknown key(s) {', '.join(prefix + str(k) for k in sorted(unknown, key=str))}; "
+            f"valid keys under '{prefix or 'top level'}': {', '.join(sorted(names))}"
+        )
     kwargs = {}
     for name, value in values.items():
         tp = hints[name]

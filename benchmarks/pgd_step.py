@@ -21,6 +21,7 @@ step, Wong et al. 2020, and is run only where eps >= 0.1):
     pgd margin eps/4, pgd margin cos eps/2   the same on the margin (CW) loss instead of cross-entropy
     pgd-100-5 eps/10  half the restarts, twice the steps (same budget)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,49 +51,97 @@ def variants(eps: float, steps: int, restarts: int) -> list[dict]:
     out = [dict(name="pgd eps/4", alpha="eps/4", schedule="constant")]
     if eps >= MNIST_SCALE_EPS - 1e-12:
         out.append(dict(name="pgd 0.01", alpha="0.01", schedule="constant"))
-    out += [dict(name="pgd eps/10", alpha="eps/10", schedule="constant"),
-            dict(name="pgd cos eps/2", alpha="eps/2", schedule="cosine"),
-            dict(name="pgd cos eps", alpha="eps", schedule="cosine"),
-            dict(name="pgd margin eps/4", alpha="eps/4", schedule="constant", loss="margin"),
-            dict(name="pgd margin cos eps/2", alpha="eps/2", schedule="cosine", loss="margin")]
+    out += [
+        dict(name="pgd eps/10", alpha="eps/10", schedule="constant"),
+        dict(name="pgd cos eps/2", alpha="eps/2", schedule="cosine"),
+        dict(name="pgd cos eps", alpha="eps", schedule="cosine"),
+        dict(name="pgd margin eps/4", alpha="eps/4", schedule="constant", loss="margin"),
+        dict(name="pgd margin cos eps/2", alpha="eps/2", schedule="cosine", loss="margin"),
+    ]
     for v in out:
         v.update(steps=steps, restarts=restarts)
     if restarts % 2 == 0:
-        out.append(dict(name=f"pgd-{2 * steps}-{restarts // 2} eps/10", alpha="eps/10", schedule="constant",
-                        steps=2 * steps, restarts=restarts // 2))
+        out.append(
+            dict(
+                name=f"pgd-{2 * steps}-{restarts // 2} eps/10",
+                alpha="eps/10",
+                schedule="constant",
+                steps=2 * steps,
+                restarts=restarts // 2,
+            )
+        )
     return out
 
 
 def scale_of(eps: float) -> str:
-    return f"mnist-scale (eps >= {MNIST_SCALE_EPS:g})" if eps >= MNIST_SCALE_EPS - 1e-12 else \
-        f"cifar-scale (eps < {MNIST_SCALE_EPS:g})"
+    return (
+        f"mnist-scale (eps >= {MNIST_SCALE_EPS:g})"
+        if eps >= MNIST_SCALE_EPS - 1e-12
+        else f"cifar-scale (eps < {MNIST_SCALE_EPS:g})"
+    )
 
 
-def bench_model(source: str, n: int, device: torch.device, steps: int, restarts: int, batch_size: int,
-                seed: int, with_aa: bool, progress: bool, data_dir: str | None = None) -> dict:
+def bench_model(
+    source: str,
+    n: int,
+    device: torch.device,
+    steps: int,
+    restarts: int,
+    batch_size: int,
+    seed: int,
+    with_aa: bool,
+    progress: bool,
+    data_dir: str | None = None,
+) -> dict:
     model, cfg, extra = load_model(source, device)
     if data_dir:
         cfg.data.data_dir = data_dir
     eps = cfg.method.eps
     x, y = load_test_set(cfg, n)
-    row = {"source": str(resolve_artifact(source)), "method": cfg.method.name, "arch": cfg.model.arch,
-           "dataset": cfg.data.name, "eps": float(eps), "eps_label": eps.text,
-           "epoch": extra.get("epoch", (extra.get("card") or {}).get("epoch")),
-           "epochs_planned": cfg.train.epochs, "n_examples": int(len(y)), "attacks": {}}
+    row = {
+        "source": str(resolve_artifact(source)),
+        "method": cfg.method.name,
+        "arch": cfg.model.arch,
+        "dataset": cfg.data.name,
+        "eps": float(eps),
+        "eps_label": eps.text,
+        "epoch": extra.get("epoch", (extra.get("card") or {}).get("epoch")),
+        "epochs_planned": cfg.train.epochs,
+        "n_examples": int(len(y)),
+        "attacks": {},
+    }
     common = dict(batch_size=batch_size, seed=seed, device=device, progress=progress, eps_label=eps.text)
     base = evaluate(model, x, y, float(eps), attacks=["clean"] + (["apgd-ce", "aa"] if with_aa else []), **common)
     row["clean"] = base["results"]["clean"]["accuracy"]
     for name in ("apgd-ce", "aa"):
         if name in base["results"]:
-            row["attacks"][name] = {"accuracy": base["results"][name]["accuracy"],
-                                    "time_s": base["timing"][name], "settings": base["results"][name]["settings"]}
+            row["attacks"][name] = {
+                "accuracy": base["results"][name]["accuracy"],
+                "time_s": base["timing"][name],
+                "settings": base["results"][name]["settings"],
+            }
     for v in variants(float(eps), steps, restarts):
-        r = evaluate(model, x, y, float(eps), attacks=["pgd"], pgd_steps=v["steps"], pgd_restarts=v["restarts"],
-                     pgd_alpha=v["alpha"], pgd_schedule=v["schedule"], pgd_loss=v.get("loss", "ce"), **common)
-        row["attacks"][v["name"]] = {"accuracy": r["results"]["pgd"]["accuracy"], "time_s": r["timing"]["pgd"],
-                                     "settings": r["results"]["pgd"]["settings"]}
-        print(f"  {v['name']:<22} {100 * r['results']['pgd']['accuracy']:6.1f}%  ({r['timing']['pgd']:.1f} s)",
-              flush=True)
+        r = evaluate(
+            model,
+            x,
+            y,
+            float(eps),
+            attacks=["pgd"],
+            pgd_steps=v["steps"],
+            pgd_restarts=v["restarts"],
+            pgd_alpha=v["alpha"],
+            pgd_schedule=v["schedule"],
+            pgd_loss=v.get("loss", "ce"),
+            **common,
+        )
+        row["attacks"][v["name"]] = {
+            "accuracy": r["results"]["pgd"]["accuracy"],
+            "time_s": r["timing"]["pgd"],
+            "settings": r["results"]["pgd"]["settings"],
+        }
+        print(
+            f"  {v['name']:<22} {100 * r['results']['pgd']['accuracy']:6.1f}%  ({r['timing']['pgd']:.1f} s)", flush=True
+        )
     aa = row["attacks"].get("aa", {}).get("accuracy")
     for res in row["attacks"].values():
         res["gap_to_aa_points"] = None if aa is None else round(100 * (res["accuracy"] - aa), 2)
@@ -108,28 +157,45 @@ def summarize(rows: list[dict]) -> dict:
         stats = {}
         for name in names:
             gaps = [r["attacks"][name]["gap_to_aa_points"] for r in group if name in r["attacks"]]
-            best = sum(r["attacks"][name]["accuracy"] <= min(a["accuracy"] for k, a in r["attacks"].items()
-                                                                if k.startswith("pgd")) for r in group)
-            stats[name] = {"models": len(gaps), "mean_gap": round(statistics.fmean(gaps), 2),
-                           "max_gap": max(gaps), "strongest_pgd_on": best}
+            best = sum(
+                r["attacks"][name]["accuracy"]
+                <= min(a["accuracy"] for k, a in r["attacks"].items() if k.startswith("pgd"))
+                for r in group
+            )
+            stats[name] = {
+                "models": len(gaps),
+                "mean_gap": round(statistics.fmean(gaps), 2),
+                "max_gap": max(gaps),
+                "strongest_pgd_on": best,
+            }
         out[scale] = stats
     return out
 
 
 def markdown(rows: list[dict], summary: dict, meta: dict) -> str:
     names = list(dict.fromkeys(k for r in rows for k in r["attacks"]))
-    lines = [f"# PGD step size vs AutoAttack ({meta['date']})", "",
-             f"Command: `{meta['command']}`", "",
-             f"Machine: {meta['machine']}; device {meta['device']}; torch {meta['torch']}.", "",
-             "Robust accuracy (%) on the first N test images; in brackets the gap to AutoAttack in points "
-             f"(positive: the attack overstates robustness). PGD variants: PGD-{meta['steps']}-{meta['restarts']} "
-             "unless named otherwise.", ""]
+    lines = [
+        f"# PGD step size vs AutoAttack ({meta['date']})",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Machine: {meta['machine']}; device {meta['device']}; torch {meta['torch']}.",
+        "",
+        "Robust accuracy (%) on the first N test images; in brackets the gap to AutoAttack in points "
+        f"(positive: the attack overstates robustness). PGD variants: PGD-{meta['steps']}-{meta['restarts']} "
+        "unless named otherwise.",
+        "",
+    ]
     head = ["model", "eps", "epoch", "N", "clean"] + names
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"{Path(r['source']).parent.name}/{Path(r['source']).name} ({r['method']}, {r['arch']})",
-                 r["eps_label"], f"{r['epoch']}/{r['epochs_planned']}" if r["epoch"] is not None else "—",
-                 str(r["n_examples"]), f"{100 * r['clean']:.1f}"]
+        cells = [
+            f"{Path(r['source']).parent.name}/{Path(r['source']).name} ({r['method']}, {r['arch']})",
+            r["eps_label"],
+            f"{r['epoch']}/{r['epochs_planned']}" if r["epoch"] is not None else "—",
+            str(r["n_examples"]),
+            f"{100 * r['clean']:.1f}",
+        ]
         for k in names:
             a = r["attacks"].get(k)
             if a is None:
@@ -141,18 +207,26 @@ def markdown(rows: list[dict], summary: dict, meta: dict) -> str:
     for scale, stats in summary.items():
         if not stats:
             continue
-        lines += ["", f"## {scale}: gap of each PGD variant to AutoAttack, over models", "",
-                  "| variant | models | mean gap (points) | worst gap | strongest PGD on |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {scale}: gap of each PGD variant to AutoAttack, over models",
+            "",
+            "| variant | models | mean gap (points) | worst gap | strongest PGD on |",
+            "|---|---|---|---|---|",
+        ]
         for name, s in sorted(stats.items(), key=lambda kv: kv[1]["mean_gap"]):
-            lines.append(f"| {name} | {s['models']} | {s['mean_gap']:+.2f} | {s['max_gap']:+.1f} | "
-                         f"{s['strongest_pgd_on']} of {s['models']} |")
+            lines.append(
+                f"| {name} | {s['models']} | {s['mean_gap']:+.2f} | {s['max_gap']:+.1f} | "
+                f"{s['strongest_pgd_on']} of {s['models']} |"
+            )
     lines.append("")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("models", nargs="+", help="run folders, checkpoints or export folders")
     p.add_argument("--n-examples", type=int, default=200, help="first N test images (default: 200)")
     p.add_argument("--out", default="benchmarks/results/pgd_step", help="output folder (JSON + markdown)")
@@ -169,18 +243,36 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--n-examples must be >= 1, got {args.n_examples}")
     device = resolve_device(args.device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds"),
-            "command": " ".join(["python", "benchmarks/pgd_step.py"] + (argv if argv is not None else sys.argv[1:])),
-            "machine": gpu or f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
-            "device": str(device), "torch": torch.__version__, "steps": args.steps, "restarts": args.restarts}
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds"),
+        "command": " ".join(["python", "benchmarks/pgd_step.py"] + (argv if argv is not None else sys.argv[1:])),
+        "machine": gpu
+        or f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        "device": str(device),
+        "torch": torch.__version__,
+        "steps": args.steps,
+        "restarts": args.restarts,
+    }
     out = Path(args.out)
     rows: list[dict] = []
     for source in args.models:
         print(f"{source}:", flush=True)
         t0 = time.perf_counter()
-        rows.append(bench_model(source, args.n_examples, device, args.steps, args.restarts, args.batch_size,
-                                args.seed, not args.no_aa, not args.no_progress, args.data_dir))
+        rows.append(
+            bench_model(
+                source,
+                args.n_examples,
+                device,
+                args.steps,
+                args.restarts,
+                args.batch_size,
+                args.seed,
+                not args.no_aa,
+                not args.no_progress,
+                args.data_dir,
+            )
+        )
         rows[-1]["total_time_s"] = round(time.perf_counter() - t0, 1)
         summary = summarize(rows)  # written after every model: a long run killed half-way keeps what it did
         atomic_write_text(out / "pgd_step.json", json.dumps({**meta, "models": rows, "summary": summary}, indent=2))

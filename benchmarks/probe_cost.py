@@ -4,6 +4,7 @@ run's own mean epoch time (metrics.jsonl, probe excluded).
 
     python benchmarks/probe_cost.py reports/fmnist-quick/runs/atas_eps0.3_seed0
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,10 @@ def main(argv: list[str] | None = None) -> float:
     rows = [json.loads(line) for line in (Path(args.run) / "metrics.jsonl").read_text().splitlines() if line]
     rows = [r for r in rows if "epoch_time_s" in r]  # the guard's event rows have none
     epoch = sum(r["epoch_time_s"] for r in rows) / len(rows)
-    print(f"probe {min(times):.2f} s (min of {args.repeats}), mean training epoch {epoch:.2f} s: "
-          f"{100 * min(times) / epoch:.1f}% ({torch.get_num_threads()} threads)")
+    print(
+        f"probe {min(times):.2f} s (min of {args.repeats}), mean training epoch {epoch:.2f} s: "
+        f"{100 * min(times) / epoch:.1f}% ({torch.get_num_threads()} threads)"
+    )
     return min(times) / epoch
 
 

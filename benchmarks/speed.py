@@ -30,6 +30,7 @@ ELLE-A are reported as time per step relative to FGSM-RS (5 forward + 5 backward
 per step, no target).
 Then the per-sample store memory for CIFAR-10 per dtype (PerSampleStore.estimate_bytes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from store_memory import human
 
 # The dataset (shape, pad, eps) each model is benchmarked on unless --dataset says otherwise.
-MODEL_DATASET = {"preact_resnet18": "cifar10", "wrn28_10": "cifar10", "wrn34_10": "cifar10",
-                 "small_cnn": "fmnist", "wong_cnn": "fmnist"}
+MODEL_DATASET = {
+    "preact_resnet18": "cifar10",
+    "wrn28_10": "cifar10",
+    "wrn34_10": "cifar10",
+    "small_cnn": "fmnist",
+    "wong_cnn": "fmnist",
+}
 DATASET_EPS = {"cifar10": "8/255", "cifar100": "8/255", "svhn": "8/255", "fmnist": "0.1", "mnist": "0.3"}
 REFERENCE = "fgsm_rs"
 
@@ -72,8 +78,14 @@ def synthetic_make_data(cfg, device, shard=None):
     x = torch.randint(0, 256, (n, info.channels, info.image_size, info.image_size), generator=g, dtype=torch.uint8)
     y = torch.randint(0, info.num_classes, (n,), generator=g)
     indices = shard(n) if shard else None
-    loader = ResidentLoader(x.to(device), y.to(device), cfg.train.batch_size, indices=indices, seed=cfg.train.seed,
-                            drop_last=cfg.train.drop_last)
+    loader = ResidentLoader(
+        x.to(device),
+        y.to(device),
+        cfg.train.batch_size,
+        indices=indices,
+        seed=cfg.train.seed,
+        drop_last=cfg.train.drop_last,
+    )
     pad = info.train_pad if cfg.data.train_pad is None else cfg.data.train_pad
     flip = info.flip if cfg.data.flip is None else cfg.data.flip
     augment = PairedAugment(info.image_size, pad=pad, flip=flip)
@@ -82,13 +94,25 @@ def synthetic_make_data(cfg, device, shard=None):
 
 def method_config(args, dataset: str, method: str, run_root: Path):
     overrides = [
-        f"name=speed-{method}", f"out_dir={run_root}", f"data.name={dataset}",
-        f"data.subset={args.steps * args.batch_size}", f"model.arch={args.model}",
-        f"method.name={method}", f"method.eps={DATASET_EPS.get(dataset, '8/255')}",
-        f"train.epochs={1 + args.repeats}", f"train.batch_size={args.batch_size}", "train.drop_last=true",
-        f"train.device={args.device}", f"train.channels_last={args.channels_last}",
-        f"train.compile={args.compile}", f"train.store_dtype={args.store_dtype}", "train.probe_size=0",
-        "train.progress=false", "train.co_action=none", "optim.schedule=constant", "optim.lr=0.01",
+        f"name=speed-{method}",
+        f"out_dir={run_root}",
+        f"data.name={dataset}",
+        f"data.subset={args.steps * args.batch_size}",
+        f"model.arch={args.model}",
+        f"method.name={method}",
+        f"method.eps={DATASET_EPS.get(dataset, '8/255')}",
+        f"train.epochs={1 + args.repeats}",
+        f"train.batch_size={args.batch_size}",
+        "train.drop_last=true",
+        f"train.device={args.device}",
+        f"train.channels_last={args.channels_last}",
+        f"train.compile={args.compile}",
+        f"train.store_dtype={args.store_dtype}",
+        "train.probe_size=0",
+        "train.progress=false",
+        "train.co_action=none",
+        "optim.schedule=constant",
+        "optim.lr=0.01",
         "eval.at_end=false",
     ]
     if args.amp != "off":  # (`train.amp=off` would reach YAML as the boolean false)
@@ -117,10 +141,22 @@ def time_method(args, dataset: str, method: str, run_root: Path) -> tuple[list[f
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip() + \
-            ("+dirty" if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                        text=True, cwd=Path(__file__).parent).stdout.strip() else "")
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip() + (
+            "+dirty"
+            if subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+            ).stdout.strip()
+            else ""
+        )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -146,8 +182,11 @@ def format_table(rates: dict[str, tuple[float, float]], rows: dict[str, dict], a
     none, time per optimizer step vs FGSM-RS, passes per optimizer step, memory."""
     label = {"pgd": f"pgd (K={args.pgd_steps})"}
     gpu = any(r.get("memory_kind") == "cuda_max_allocated" for r in rows.values())
-    lines = [f"{'method':14s} {'images/s':>16s} {'ms/step':>9s} {'vs none':>8s} {'time vs FGSM-RS':>16s} "
-             f"{'passes fwd/bwd':>15s}" + (f" {'peak MB':>9s}" if gpu else "")]
+    lines = [
+        f"{'method':14s} {'images/s':>16s} {'ms/step':>9s} {'vs none':>8s} {'time vs FGSM-RS':>16s} "
+        f"{'passes fwd/bwd':>15s}" + (f" {'peak MB':>9s}" if gpu else "")
+    ]
+
     def step_ms(method: str) -> float:
         return 1000 * args.batch_size / rates[method][0] / rows[method].get("replays", 1)
 
@@ -157,8 +196,10 @@ def format_table(rates: dict[str, tuple[float, float]], rows: dict[str, dict], a
         row = rows[method]
         passes = f"{row['passes_fwd']:g}/{row['passes_bwd']:g}" if "passes_fwd" in row else "-"
         ms = step_ms(method)
-        line = (f"{label.get(method, method):14s} {mean:9.1f} ± {std:5.1f} {ms:9.2f} {vs_none:>8s} {vs_ref:>16s} "
-                f"{passes:>15s}")
+        line = (
+            f"{label.get(method, method):14s} {mean:9.1f} ± {std:5.1f} {ms:9.2f} {vs_none:>8s} {vs_ref:>16s} "
+            f"{passes:>15s}"
+        )
         if gpu:
             line += f" {row.get('peak_memory_mb', float('nan')):9.0f}"
         lines.append(line)
@@ -166,10 +207,12 @@ def format_table(rates: dict[str, tuple[float, float]], rows: dict[str, dict], a
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="preact_resnet18",
-                   help="preact_resnet18 (CIFAR shape) | small_cnn (FMNIST) | ...")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model", default="preact_resnet18", help="preact_resnet18 (CIFAR shape) | small_cnn (FMNIST) | ..."
+    )
     p.add_argument("--dataset", default=None, help="shape/pad/eps source (default: by model; cifar10 or fmnist)")
     p.add_argument("--data", choices=["synthetic", "real"], default="synthetic")
     p.add_argument("--device", default="auto")
@@ -195,11 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     info = dataset_info(dataset)
 
     print(f"device: {_device_name(args.device)} | torch {torch.__version__} | commit {_commit()}")
-    print(f"model {args.model} on {args.data} {dataset}-shaped data "
-          f"{info.channels}x{info.image_size}x{info.image_size} "
-          f"(pad {info.train_pad}) | batch {args.batch_size} | {args.steps} steps/epoch, 1 warm-up + {args.repeats} "
-          f"timed epochs | amp {args.amp} | channels_last {args.channels_last} | compile {args.compile} | "
-          f"store {args.store_dtype}")
+    print(
+        f"model {args.model} on {args.data} {dataset}-shaped data "
+        f"{info.channels}x{info.image_size}x{info.image_size} "
+        f"(pad {info.train_pad}) | batch {args.batch_size} | {args.steps} steps/epoch, 1 warm-up + {args.repeats} "
+        f"timed epochs | amp {args.amp} | channels_last {args.channels_last} | compile {args.compile} | "
+        f"store {args.store_dtype}"
+    )
     rates: dict[str, tuple[float, float]] = {}
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="atas-speed-") as tmp:
@@ -213,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     if "atas" in rates and "fgsm_rs" in rates:
         ratio = rates["atas"][0] / rates["fgsm_rs"][0]
         verdict = "meets" if ratio >= 0.95 else "MISSES"
-        print(f"\natas / fgsm_rs throughput: {ratio:.3f} ({verdict} the target >= 0.95, "
-              "i.e. ATAS time <= 1.05x FGSM-RS)")
+        print(
+            f"\natas / fgsm_rs throughput: {ratio:.3f} ({verdict} the target >= 0.95, i.e. ATAS time <= 1.05x FGSM-RS)"
+        )
     for method in ("elle", "elle_a"):  # no target: the paper's point is 'cheaper than GradAlign', not 'as FGSM'
         if method in rates and "fgsm_rs" in rates:
             print(f"{method} time per step / fgsm_rs: {rates['fgsm_rs'][0] / rates[method][0]:.2f}x")

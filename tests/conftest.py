@@ -1,10 +1,11 @@
 """Shared test fixtures (helpers that are not fixtures: tests/helpers.py).
 
-    one_thread      torch on one intra-op thread (a shared CPU runs several threads 8x slower)
-    isolated_data   no dataset copy but the test's own: an empty cache, HOME and Debian folder in tmp_path
-    no_network      any socket connect fails: no test downloads anything
-    no_debug        ATAS_DEBUG unset, so the CLI prints its one-line errors without a traceback
+one_thread      torch on one intra-op thread (a shared CPU runs several threads 8x slower)
+isolated_data   no dataset copy but the test's own: an empty cache, HOME and Debian folder in tmp_path
+no_network      any socket connect fails: no test downloads anything
+no_debug        ATAS_DEBUG unset, so the CLI prints its one-line errors without a traceback
 """
+
 import socket
 
 import pytest

@@ -3,6 +3,7 @@ path and its marker, and writers of small dataset files (IDX, PNG) with random c
 
     from tests.helpers import FMNIST, fmnist_dir, needs_fmnist, save_png, write_idx
 """
+
 from __future__ import annotations
 
 import gzip
@@ -30,17 +31,20 @@ def write_idx(path: Path, array: np.ndarray, magic: int | None = None, gz: bool 
     return path
 
 
-def fmnist_dir(folder: Path, n_train: int = 32, n_test: int = 16, gz: bool = False,
-               n_train_labels: int | None = None) -> dict[str, Path]:
+def fmnist_dir(
+    folder: Path, n_train: int = 32, n_test: int = 16, gz: bool = False, n_train_labels: int | None = None
+) -> dict[str, Path]:
     """The four Fashion-MNIST IDX files with random content (seed 0); returns their paths by name
     ('train-images', 'train-labels', 't10k-images', 't10k-labels')."""
     rng = np.random.default_rng(0)
     files = {}
     for prefix, n, n_labels in (("train", n_train, n_train_labels or n_train), ("t10k", n_test, n_test)):
-        files[f"{prefix}-images"] = write_idx(folder / f"{prefix}-images-idx3-ubyte",
-                                              rng.integers(0, 256, (n, 28, 28)), 2051, gz)
-        files[f"{prefix}-labels"] = write_idx(folder / f"{prefix}-labels-idx1-ubyte",
-                                              rng.integers(0, 10, (n_labels,)), 2049, gz)
+        files[f"{prefix}-images"] = write_idx(
+            folder / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), 2051, gz
+        )
+        files[f"{prefix}-labels"] = write_idx(
+            folder / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, (n_labels,)), 2049, gz
+        )
     return files
 
 

@@ -1,4 +1,5 @@
 """Mixed precision and memory layout: the ATAS step under bf16 autocast matches fp32 on the same batch."""
+
 from __future__ import annotations
 
 import torch
@@ -44,10 +45,10 @@ def test_atas_step_under_bf16_autocast_matches_fp32():
     adv32, alpha32, v32, x = _step(False)
     adv16, alpha16, v16, _ = _step(True)
     assert v16.dtype == torch.float32 and alpha16.dtype == torch.float32  # norms and EMA kept in fp32
-    assert torch.allclose(v16, v32, rtol=0.1)            # bf16 activations: a few % on the norm
+    assert torch.allclose(v16, v32, rtol=0.1)  # bf16 activations: a few % on the norm
     assert torch.allclose(alpha16, alpha32, rtol=0.05)
     agree = ((adv16 - x).sign() == (adv32 - x).sign()).float().mean()
-    assert agree > 0.9                                   # the signed step points the same way
+    assert agree > 0.9  # the signed step points the same way
     assert (adv16 - x).abs().max() <= 8 / 255 + 1e-6 and adv16.dtype == torch.float32
 
 
@@ -62,10 +63,23 @@ def test_training_runs_under_bf16_and_channels_last(tmp_path):
     from atas.config import load_config
     from atas.trainer import train
 
-    cfg = load_config("fmnist", ["model.arch=wong_cnn", "data.subset=256", "train.batch_size=64", "train.epochs=1",
-                                 "train.amp=bf16", "train.channels_last=true", "train.probe_size=32",
-                                 "train.co_action=keep_best", "train.probe_steps=1", "train.progress=false",
-                                 "eval.at_end=false", f"out_dir={tmp_path}"])
+    cfg = load_config(
+        "fmnist",
+        [
+            "model.arch=wong_cnn",
+            "data.subset=256",
+            "train.batch_size=64",
+            "train.epochs=1",
+            "train.amp=bf16",
+            "train.channels_last=true",
+            "train.probe_size=32",
+            "train.co_action=keep_best",
+            "train.probe_steps=1",
+            "train.progress=false",
+            "eval.at_end=false",
+            f"out_dir={tmp_path}",
+        ],
+    )
     run = train(cfg, run_dir=tmp_path / "r")
     assert run.metrics[0]["train_loss"] == run.metrics[0]["train_loss"]  # finite, not NaN
     assert all(p.dtype == torch.float32 for p in run.model.parameters())  # master weights stay fp32

@@ -4,6 +4,7 @@ PreActResNet-18 (Wong et al. 2020, the official ATAS code) applies the shortcut 
 raw input x; WideResNet's official block applies it to relu(bn1(x)). One tiny block with hand-set
 weights, whose output is computed by hand below, tells the two apart.
 """
+
 import torch
 
 from atas.models import PreActBlock, WideBlock, build_model
@@ -50,10 +51,8 @@ def test_wide_block_shortcut_reads_preactivated_input():
 def test_networks_use_the_intended_blocks():
     prn = build_model("preact_resnet18", 10).net
     down = [prn.layer2[0], prn.layer3[0], prn.layer4[0]]
-    assert all(type(b) is PreActBlock and b.shortcut is not None and not b.shortcut_preactivated
-               for b in down)
+    assert all(type(b) is PreActBlock and b.shortcut is not None and not b.shortcut_preactivated for b in down)
     assert all(b.shortcut is None for b in [prn.layer1[0], prn.layer1[1], prn.layer2[1]])
     wrn = build_model("wrn28_10", 10).net
     firsts = [wrn.block1[0], wrn.block2[0], wrn.block3[0]]  # 16->160 (stride 1), then stride 2
-    assert all(isinstance(b, WideBlock) and b.shortcut is not None and b.shortcut_preactivated
-               for b in firsts)
+    assert all(isinstance(b, WideBlock) and b.shortcut is not None and b.shortcut_preactivated for b in firsts)

@@ -1,6 +1,7 @@
 """`atas compare`: the override routing, the CO verdict and column, the findings on synthetic rows;
 bad input rejected before anything trains; and one small end-to-end sweep on Fashion-MNIST that
 writes summary.json, report.md/html and valid PNGs, then re-runs without training anything."""
+
 from __future__ import annotations
 
 import json
@@ -42,12 +43,16 @@ def _forbid_training(monkeypatch):
 # Override routing
 # --------------------------------------------------------------------------------------------
 def test_prefix_override_reaches_only_its_method():
-    r = route_overrides(["train.epochs=2", "pgd.steps=2", "method.warmup_epochs=1", "atas.c=0.02",
-                         "method.fgsm_rs.alpha_factor=1.0"], ["atas", "fgsm_rs", "pgd"])
+    r = route_overrides(
+        ["train.epochs=2", "pgd.steps=2", "method.warmup_epochs=1", "atas.c=0.02", "method.fgsm_rs.alpha_factor=1.0"],
+        ["atas", "fgsm_rs", "pgd"],
+    )
     assert r.common == ["train.epochs=2"]
-    assert r.per_method == {"atas": ["method.warmup_epochs=1", "method.c=0.02"],
-                            "fgsm_rs": ["method.alpha_factor=1.0"],
-                            "pgd": ["method.steps=2"]}
+    assert r.per_method == {
+        "atas": ["method.warmup_epochs=1", "method.c=0.02"],
+        "fgsm_rs": ["method.alpha_factor=1.0"],
+        "pgd": ["method.steps=2"],
+    }
     assert any("warmup_epochs" in n and "fgsm_rs" in n for n in r.notes)
 
 
@@ -58,10 +63,15 @@ def test_generic_method_option_goes_to_every_method_that_has_it():
     assert r.per_method["pgd"] == ["method.bn_mode=eval", "method.bn_mode=train"]  # the targeted one wins
 
 
-@pytest.mark.parametrize("bad, match", [("method.nope=1", "none of the compared methods"),
-                                        ("pgd.nope=1", "pgd has no option"),
-                                        ("method.name=pgd", "--methods"),
-                                        ("train.epochs", "key=value")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("method.nope=1", "none of the compared methods"),
+        ("pgd.nope=1", "pgd has no option"),
+        ("method.name=pgd", "--methods"),
+        ("train.epochs", "key=value"),
+    ],
+)
 def test_bad_overrides_are_errors(bad, match):
     with pytest.raises(ConfigError, match=match):
         route_overrides([bad], ["atas", "pgd"])
@@ -77,8 +87,11 @@ def test_plan_runs_builds_checked_configs(tmp_path):
     routed = route_overrides(["train.epochs=3", "pgd.steps=2", "method.warmup_epochs=1"], methods)
     specs = plan_runs("fmnist", methods, ["0.1", "8/255"], 2, routed, tmp_path)
     assert len(specs) == 12
-    assert [(s.method, s.eps, s.seed) for s in specs[:3]] == [("atas", "0.1", 0), ("atas", "0.1", 1),
-                                                             ("fgsm_rs", "0.1", 0)]
+    assert [(s.method, s.eps, s.seed) for s in specs[:3]] == [
+        ("atas", "0.1", 0),
+        ("atas", "0.1", 1),
+        ("fgsm_rs", "0.1", 0),
+    ]
     by = {(s.method, s.eps, s.seed): s for s in specs}
     assert by["pgd", "0.1", 0].cfg.method.args["steps"] == 2
     assert "steps" not in by["atas", "0.1", 0].cfg.method.args
@@ -94,8 +107,10 @@ def test_plan_runs_builds_checked_configs(tmp_path):
 # CO verdict and the report on synthetic rows (no training)
 # --------------------------------------------------------------------------------------------
 def _probe(curve, co=False):
-    return [{"epoch": e, "probe_clean": c, "probe_fgsm": f, "probe_pgd": p, "co": co}
-            for e, (c, f, p) in enumerate(curve, 1)]
+    return [
+        {"epoch": e, "probe_clean": c, "probe_fgsm": f, "probe_pgd": p, "co": co}
+        for e, (c, f, p) in enumerate(curve, 1)
+    ]
 
 
 def test_co_verdict_uses_the_probe_and_the_final_fgsm_signature():
@@ -123,13 +138,32 @@ def _row(method, eps, seed, clean, pgd, aa=None, t=10.0, co=False, curve=(0.3, 0
     epochs = list(range(1, len(curve) + 1))
     curves = {"epoch": epochs, "probe_pgd": list(curve), "co": [co and e == len(curve) for e in epochs]}
     if method == "atas":
-        curves.update(alpha_mean=[0.1, 0.15, 0.2][:len(curve)], alpha_min=[0.1, 0.1, 0.12][:len(curve)],
-                      alpha_max=[0.1, 0.2, 0.3][:len(curve)])
-    return {"method": method, "eps": eps, "eps_value": float(eps), "seed": seed, "clean": clean, "fgsm": None,
-            "pgd": pgd, "aa": aa, "pgd_label": "PGD-50-10", "n_examples": 1000, "train_time_s": t,
-            "epochs": len(curve), "co_detected": co, "co_epochs": [len(curve)] if co else [],
-            "co_final_signature": None, "chance": 0.1, "method_args": {"alpha_min": "0.1", "alpha_max": "0.35"}
-            if method == "atas" else {}, "run_dir": f"runs/{method}_eps{eps}_seed{seed}", "curves": curves}
+        curves.update(
+            alpha_mean=[0.1, 0.15, 0.2][: len(curve)],
+            alpha_min=[0.1, 0.1, 0.12][: len(curve)],
+            alpha_max=[0.1, 0.2, 0.3][: len(curve)],
+        )
+    return {
+        "method": method,
+        "eps": eps,
+        "eps_value": float(eps),
+        "seed": seed,
+        "clean": clean,
+        "fgsm": None,
+        "pgd": pgd,
+        "aa": aa,
+        "pgd_label": "PGD-50-10",
+        "n_examples": 1000,
+        "train_time_s": t,
+        "epochs": len(curve),
+        "co_detected": co,
+        "co_epochs": [len(curve)] if co else [],
+        "co_final_signature": None,
+        "chance": 0.1,
+        "method_args": {"alpha_min": "0.1", "alpha_max": "0.35"} if method == "atas" else {},
+        "run_dir": f"runs/{method}_eps{eps}_seed{seed}",
+        "curves": curves,
+    }
 
 
 def test_co_column_counts_flagged_seeds():
@@ -139,10 +173,11 @@ def test_co_column_counts_flagged_seeds():
     assert co_column(runs + [{"method": "fgsm_rs", "eps": "0.3", "seed": 3, "failed": "NaN"}]) == "yes (2/3)"
 
 
-SYNTHETIC = ([_row("atas", "0.3", s, 0.80, 0.40 + 0.01 * s, aa=0.38 + 0.01 * s, t=10.0) for s in range(2)]
-             + [_row("fgsm_rs", "0.3", s, 0.85, 0.0, aa=0.0, t=8.0, co=True, curve=(0.3, 0.35, 0.0))
-                for s in range(2)]
-             + [_row("pgd", "0.3", s, 0.78, 0.46, aa=0.44, t=40.0) for s in range(2)])
+SYNTHETIC = (
+    [_row("atas", "0.3", s, 0.80, 0.40 + 0.01 * s, aa=0.38 + 0.01 * s, t=10.0) for s in range(2)]
+    + [_row("fgsm_rs", "0.3", s, 0.85, 0.0, aa=0.0, t=8.0, co=True, curve=(0.3, 0.35, 0.0)) for s in range(2)]
+    + [_row("pgd", "0.3", s, 0.78, 0.46, aa=0.44, t=40.0) for s in range(2)]
+)
 
 
 def test_findings_state_the_claims_and_report_a_miss_as_a_miss():
@@ -179,8 +214,14 @@ def test_build_report_on_synthetic_rows(tmp_path):
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
     html = (tmp_path / "report.html").read_text()
     assert html.startswith("<!DOCTYPE html>") and all(f'src="{n}"' in html for n in (PROBE_PLOT, TIME_PLOT))
-    failed = {"method": "atas", "eps": "0.3", "eps_value": 0.3, "seed": 2, "failed": "loss became NaN",
-              "run_dir": "runs/atas_eps0.3_seed2"}
+    failed = {
+        "method": "atas",
+        "eps": "0.3",
+        "eps_value": 0.3,
+        "seed": 2,
+        "failed": "loss became NaN",
+        "run_dir": "runs/atas_eps0.3_seed2",
+    }
     build_report(SYNTHETIC + [failed], tmp_path, "x", {})
     md = (tmp_path / "report.md").read_text()
     assert "| ATAS | 2 of 3 (1 failed) |" in md and "failed: loss became NaN" in md
@@ -193,10 +234,15 @@ def test_build_report_on_synthetic_rows(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Bad input: rejected before anything trains, exit status 2, the valid names listed
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("extra, match", [(["--methods", "atas,fgsm_rs,bogus"], "fgsm_rs"),
-                                          (["--attacks", "clean,pgd,nope"], "apgd-ce"),
-                                          (["--seeds", "0"], "--seeds"),
-                                          (["method.nope=1"], "none of the compared methods")])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--methods", "atas,fgsm_rs,bogus"], "fgsm_rs"),
+        (["--attacks", "clean,pgd,nope"], "apgd-ce"),
+        (["--seeds", "0"], "--seeds"),
+        (["method.nope=1"], "none of the compared methods"),
+    ],
+)
 def test_bad_input_exits_2_before_training(tmp_path, monkeypatch, capsys, extra, match):
     _forbid_training(monkeypatch)
     assert cli(["compare", "fmnist", "--out", str(tmp_path), *extra]) == 2
@@ -210,25 +256,63 @@ def test_bad_input_exits_2_before_training(tmp_path, monkeypatch, capsys, extra,
 # --------------------------------------------------------------------------------------------
 # End to end
 # --------------------------------------------------------------------------------------------
-TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=256", "train.epochs=2", "train.batch_size=64",
-        "train.probe_size=32", "train.probe_steps=2", "eval.pgd_steps=2", "eval.pgd_restarts=1", "train.progress=false",
-        "method.warmup_epochs=1"]
-RUN_KEYS = {"method", "eps", "seed", "clean", "pgd", "aa", "train_time_s", "co_detected", "co_epochs",
-            "co_final_signature", "curves", "run_dir"}
+TINY = [
+    "model.arch=wong_cnn",
+    "train.co_action=keep_best",
+    "data.subset=256",
+    "train.epochs=2",
+    "train.batch_size=64",
+    "train.probe_size=32",
+    "train.probe_steps=2",
+    "eval.pgd_steps=2",
+    "eval.pgd_restarts=1",
+    "train.progress=false",
+    "method.warmup_epochs=1",
+]
+RUN_KEYS = {
+    "method",
+    "eps",
+    "seed",
+    "clean",
+    "pgd",
+    "aa",
+    "train_time_s",
+    "co_detected",
+    "co_epochs",
+    "co_final_signature",
+    "curves",
+    "run_dir",
+}
 
 
 @needs_fmnist
 @pytest.mark.slow
 def test_compare_end_to_end_then_rerun_trains_nothing(tmp_path, monkeypatch, capsys, one_thread):
-    argv = ["compare", "fmnist", "--methods", "atas,fgsm_rs", "--seeds", "2", "--eps", "0.1,0.2",
-            "--attacks", "clean,pgd", "--n-examples", "32", "--out", str(tmp_path), *TINY]
+    argv = [
+        "compare",
+        "fmnist",
+        "--methods",
+        "atas,fgsm_rs",
+        "--seeds",
+        "2",
+        "--eps",
+        "0.1,0.2",
+        "--attacks",
+        "clean,pgd",
+        "--n-examples",
+        "32",
+        "--out",
+        str(tmp_path),
+        *TINY,
+    ]
     assert cli(argv) == 0
     out = capsys.readouterr().out
     summary = json.loads((tmp_path / "summary.json").read_text())
     runs = summary["runs"]
     assert len(runs) == 8
     assert {(r["method"], r["eps"], r["seed"]) for r in runs} == {
-        (m, e, s) for m in ("atas", "fgsm_rs") for e in ("0.1", "0.2") for s in (0, 1)}
+        (m, e, s) for m in ("atas", "fgsm_rs") for e in ("0.1", "0.2") for s in (0, 1)
+    }
     for r in runs:
         assert RUN_KEYS <= set(r), r.keys()
         assert r["aa"] is None and 0 <= r["clean"] <= 1 and 0 <= r["pgd"] <= 1
@@ -273,8 +357,21 @@ def test_compare_end_to_end_then_rerun_trains_nothing(tmp_path, monkeypatch, cap
 
 @needs_fmnist
 def test_unfinished_run_resumes_and_its_time_adds_up(tmp_path, capsys, monkeypatch, one_thread):
-    argv = ["compare", "fmnist", "--methods", "atas", "--eps", "0.1", "--attacks", "clean", "--n-examples", "16",
-            "--out", str(tmp_path), *TINY]
+    argv = [
+        "compare",
+        "fmnist",
+        "--methods",
+        "atas",
+        "--eps",
+        "0.1",
+        "--attacks",
+        "clean",
+        "--n-examples",
+        "16",
+        "--out",
+        str(tmp_path),
+        *TINY,
+    ]
     assert cli([*argv, "train.epochs=1"]) == 0  # stands in for a sweep killed after epoch 1
     capsys.readouterr()
 
@@ -309,8 +406,21 @@ def test_a_diverged_run_is_reported_as_diverged(tmp_path, capsys, monkeypatch, o
         loss, logits = original(self, model, x_adv, y, x, state)
         return (loss * float("nan"), logits) if state.epoch == 2 else (loss, logits)
 
-    argv = ["compare", "fmnist", "--methods", "atas", "--eps", "0.1", "--attacks", "clean", "--n-examples", "16",
-            "--out", str(tmp_path), *TINY]
+    argv = [
+        "compare",
+        "fmnist",
+        "--methods",
+        "atas",
+        "--eps",
+        "0.1",
+        "--attacks",
+        "clean",
+        "--n-examples",
+        "16",
+        "--out",
+        str(tmp_path),
+        *TINY,
+    ]
     with monkeypatch.context() as m:
         m.setattr(ATAS, "training_loss", poisoned)
         assert cli(argv) == 0  # one diverged run does not end the sweep

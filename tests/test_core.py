@@ -1,4 +1,5 @@
 """Invariants of the core pieces: fractions, config, threat model, paired augmentation, store, ATAS step."""
+
 from __future__ import annotations
 
 import pytest
@@ -63,17 +64,20 @@ def test_defaults_reproduce_official_atas():
     assert cfg.train.epochs == 30 and cfg.train.batch_size == 128 and float(cfg.method.eps) == 8 / 255
 
 
-@pytest.mark.parametrize("override, match", [
-    (["train.epochs=abc"], "train.epochs"),
-    (["train.epochs=2.5"], "train.epochs"),
-    (["train.nonsense=1"], "valid keys"),
-    (["method.name=fsgm_rs"], "valid: .*atas.*fgsm_rs"),  # a typo (fgsm is a method now)
-    (["model.arch=resnet9000"], "valid"),
-    (["data.name=cifar11"], "cifar10"),
-    (["method.no_such_option=1"], "valid keys"),
-    (["train.deterministic=maybe"], "true or false"),
-    (["train.store_dtype=float64"], "store_dtype"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        (["train.epochs=abc"], "train.epochs"),
+        (["train.epochs=2.5"], "train.epochs"),
+        (["train.nonsense=1"], "valid keys"),
+        (["method.name=fsgm_rs"], "valid: .*atas.*fgsm_rs"),  # a typo (fgsm is a method now)
+        (["model.arch=resnet9000"], "valid"),
+        (["data.name=cifar11"], "cifar10"),
+        (["method.no_such_option=1"], "valid keys"),
+        (["train.deterministic=maybe"], "true or false"),
+        (["train.store_dtype=float64"], "store_dtype"),
+    ],
+)
 def test_bad_config_values_name_the_fix(override, match):
     with pytest.raises((ConfigError, ValueError), match=match):
         load_config("fmnist", override)
@@ -109,7 +113,7 @@ def test_eps_out_of_range_rejected():
 def _reference_crop(frames, top, left, flip, size):
     out = []
     for f, t, l, fl in zip(frames, top.tolist(), left.tolist(), flip.tolist()):
-        w = f[:, t:t + size, l:l + size]
+        w = f[:, t : t + size, l : l + size]
         out.append(torch.flip(w, [2]) if fl else w)
     return torch.stack(out)
 
@@ -125,9 +129,9 @@ def test_crop_matches_per_sample_reference_and_inverse_restores_window():
     uncrop_into(restored, torch.arange(16), windows, cf)
     for b in range(16):  # inside the window: the original; outside: untouched zeros
         t, l = int(cf.top[b]), int(cf.left[b])
-        assert torch.equal(restored[b, :, t:t + 32, l:l + 32], frames[b, :, t:t + 32, l:l + 32])
+        assert torch.equal(restored[b, :, t : t + 32, l : l + 32], frames[b, :, t : t + 32, l : l + 32])
         mask = torch.ones(40, 40, dtype=torch.bool)
-        mask[t:t + 32, l:l + 32] = False
+        mask[t : t + 32, l : l + 32] = False
         assert restored[b][:, mask].abs().sum() == 0
 
 
@@ -158,7 +162,7 @@ def test_store_scatter_touches_only_its_indices_and_window():
     for b, i in enumerate(idx.tolist()):
         t, l = int(cf.top[b]), int(cf.left[b])
         mask = torch.ones(40, 40, dtype=torch.bool)
-        mask[t:t + 32, l:l + 32] = False
+        mask[t : t + 32, l : l + 32] = False
         assert torch.equal(store.delta[i][:, mask], before[i][:, mask])
 
 
@@ -218,8 +222,8 @@ def _official_step(model, x_nat, x_start, y, v_old, c, beta, amin, amax, eps):
 def test_atas_step_hand_computed():
     m = ATAS(8 / 255, ATAS.Options(c=0.01, beta=0.5))
     grad = torch.zeros(2, 1, 2, 2)
-    grad[0, 0, 0, 0] = 3.0 * 2   # ||g_0|| = 6 -> batch-mean scaled: 3
-    grad[1, 0, 0, 0] = 0.0       # zero gradient
+    grad[0, 0, 0, 0] = 3.0 * 2  # ||g_0|| = 6 -> batch-mean scaled: 3
+    grad[1, 0, 0, 0] = 0.0  # zero gradient
     v_old = torch.tensor([2.0, 0.0])
     alpha, v = m.step_size(grad, v_old)
     # v_0 = 0.5*2 + 0.5*9 = 5.5 ; alpha_0 = (16/255)/(1+sqrt(5.5)/0.01) -> clamped to 4/255
@@ -245,8 +249,9 @@ def test_atas_step_equals_official_formula_with_batch_mean_scaling(batch):
     v_old = store.gather_grad_sq_ema(idx).clone()
     method = ATAS(eps, ATAS.Options(warmup_epochs=0), epochs=30)
     x_adv = method.attack(model, x, y, BatchState(idx, epoch=1, store=store, prior=prior))
-    ref_adv, ref_v, ref_alpha = _official_step(model, x, (x + prior).clamp(0, 1), y, v_old, 0.01, 0.5,
-                                               4 / 255, 14 / 255, eps)
+    ref_adv, ref_v, ref_alpha = _official_step(
+        model, x, (x + prior).clamp(0, 1), y, v_old, 0.01, 0.5, 4 / 255, 14 / 255, eps
+    )
     assert torch.allclose(store.gather_grad_sq_ema(idx), ref_v, rtol=1e-4, atol=1e-12)
     assert torch.allclose(method.stats["alpha"], ref_alpha, rtol=1e-4)
     assert torch.allclose(x_adv, ref_adv, atol=1e-6)
@@ -305,4 +310,4 @@ def test_reset_schedule_every_10_epochs_never_the_last(epochs, expected):
 
 def test_method_registry_lists_names():
     with pytest.raises(ValueError, match="atas.*fgsm_rs.*none.*pgd"):
-        get_method("fsgm_rs")   # a typo (fgsm is a method now)
+        get_method("fsgm_rs")  # a typo (fgsm is a method now)

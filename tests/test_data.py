@@ -4,6 +4,7 @@ Every test runs with ATAS_DATA_DIR and HOME pointed into tmp_path, the Debian Fa
 folder pointed at an empty path (unless a test says otherwise) and sockets refusing to connect,
 so nothing touches the real cache or the network.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,8 +46,7 @@ def rng(seed=0):
 # Registry
 # --------------------------------------------------------------------------------------------
 def test_registry_covers_the_paper_datasets():
-    assert set(DATASETS) == {"fmnist", "mnist", "cifar10", "cifar100", "svhn", "imagenet",
-                             "tiny_imagenet"}
+    assert set(DATASETS) == {"fmnist", "mnist", "cifar10", "cifar100", "svhn", "imagenet", "tiny_imagenet"}
     assert dataset_info("fashion_mnist") is DATASETS["fmnist"]
     cifar = dataset_info("cifar10")
     assert (cifar.image_size, cifar.train_pad, cifar.flip, cifar.resident) == (32, 4, True, True)
@@ -162,6 +162,7 @@ def test_missing_fmnist_says_how_to_get_it(tmp_path):
 
 def test_download_uses_torchvision_then_reads_the_idx_files(tmp_path, monkeypatch):
     import torchvision.datasets as tvd
+
     calls = []
 
     class FakeFashionMNIST:  # writes what torchvision would, without the network
@@ -195,9 +196,12 @@ def write_cifar10(folder: Path, n: int = 2, protocol: int = pickle.DEFAULT_PROTO
     folder.mkdir(parents=True)
     batches = {}
     for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
-        batch = {b"batch_label": name.encode(), b"data": rng(i).integers(0, 256, (n, 3072), dtype=np.uint8),
-                 b"labels": [int(v) for v in rng(i + 10).integers(0, 10, n)],
-                 b"filenames": [b"img%d.png" % j for j in range(n)]}
+        batch = {
+            b"batch_label": name.encode(),
+            b"data": rng(i).integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"labels": [int(v) for v in rng(i + 10).integers(0, 10, n)],
+            b"filenames": [b"img%d.png" % j for j in range(n)],
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f, protocol=protocol)
         batches[name] = batch
@@ -352,8 +356,9 @@ def test_tiny_imagenet_original_val_layout(tmp_path):
         (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("ignored\n")
     save_png(root / "val" / "images" / "val_0.JPEG", (64, 64), 5)
     save_png(root / "val" / "images" / "val_1.JPEG", (64, 64), 6)
-    (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn003\t0\t0\t10\t10\n"
-                                                      "val_1.JPEG\tn001\t1\t2\t30\t40\n")
+    (root / "val" / "val_annotations.txt").write_text(
+        "val_0.JPEG\tn003\t0\t0\t10\t10\nval_1.JPEG\tn001\t1\t2\t30\t40\n"
+    )
     train = load_split("tiny_imagenet", "train", data_dir=tmp_path)
     assert len(train) == 3 and train[1][0].shape == (3, 64, 64) and train[1][1:] == (1, 1)
     val = load_split("tiny_imagenet", "test", data_dir=tmp_path)

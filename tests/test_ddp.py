@@ -7,6 +7,7 @@ indices i % 2 == rank, every one of them was visited and rewritten by that rank,
 weights agree (DDP averaged the gradients), and resuming the 2-rank run in one process is
 refused. Around 25 s on two CPU cores.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,9 +28,19 @@ from tests.helpers import FMNIST
 
 REPO = Path(__file__).resolve().parents[1]
 N, WORLD = 512, 2
-OVERRIDES = ["model.arch=wong_cnn", f"data.subset={N}", f"data.data_dir={FMNIST}", "train.device=cpu",
-             "train.batch_size=64", "train.epochs=1", "train.progress=false", "train.probe_size=64",
-             "train.co_action=keep_best", "eval.at_end=false", "method.warmup_epochs=0"]
+OVERRIDES = [
+    "model.arch=wong_cnn",
+    f"data.subset={N}",
+    f"data.data_dir={FMNIST}",
+    "train.device=cpu",
+    "train.batch_size=64",
+    "train.epochs=1",
+    "train.progress=false",
+    "train.probe_size=64",
+    "train.co_action=keep_best",
+    "eval.at_end=false",
+    "method.warmup_epochs=0",
+]
 
 
 def _free_port() -> int:
@@ -49,10 +60,24 @@ def _env() -> dict:
 def _torchrun(*args: str, entry: tuple[str, ...] = ("-m", "atas"), timeout: float = 240) -> str:
     """Run `torchrun --nproc-per-node 2 <entry> train ARGS`; its stdout. A hang (ranks waiting on
     each other) fails the test after `timeout` s, and the whole process group is killed with it."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", f"--nproc-per-node={WORLD}",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *entry, "train", *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        f"--nproc-per-node={WORLD}",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        *entry,
+        "train",
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -69,11 +94,11 @@ def ddp_run(tmp_path_factory):
         pytest.skip(f"Fashion-MNIST not found in {FMNIST} (apt-get install dataset-fashion-mnist)")
     root = tmp_path_factory.mktemp("ddp")
     run_dir, epoch1 = root / "run", root / "epoch1"
-    _torchrun("fmnist", *OVERRIDES, "--run-dir", str(run_dir))           # epoch 1, then the run ends
+    _torchrun("fmnist", *OVERRIDES, "--run-dir", str(run_dir))  # epoch 1, then the run ends
     epoch1.mkdir()
     for rank in range(WORLD):
         shutil.copy(run_dir / f"checkpoint-rank{rank}-of{WORLD}.pt", epoch1)
-    _torchrun("--resume", str(run_dir), "train.epochs=2")                # resumed: epoch 2
+    _torchrun("--resume", str(run_dir), "train.epochs=2")  # resumed: epoch 2
     return run_dir, epoch1
 
 
@@ -159,8 +184,16 @@ def test_co_stop_on_rank_0_stops_every_rank(tmp_path):
     entry = tmp_path / "co_at_epoch_2.py"
     entry.write_text(_CO_AT_EPOCH_2)
     overrides = [o for o in OVERRIDES if not o.startswith("train.epochs")]
-    out = _torchrun("fmnist", *overrides, "train.epochs=4", "train.co_action=stop", "--run-dir", str(tmp_path / "run"),
-                    entry=(str(entry),), timeout=90)
+    out = _torchrun(
+        "fmnist",
+        *overrides,
+        "train.epochs=4",
+        "train.co_action=stop",
+        "--run-dir",
+        str(tmp_path / "run"),
+        entry=(str(entry),),
+        timeout=90,
+    )
     assert "ending the run" in out
     for rank in range(WORLD):
         assert _ckpt(tmp_path / "run", rank)["epoch"] == 2

@@ -1,4 +1,5 @@
 """ELLE and ELLE-A: the local-linearity penalty, ELLE-A's switch, short training runs, resume."""
+
 from __future__ import annotations
 
 import pytest
@@ -44,8 +45,8 @@ def test_linearity_error_matches_hand_computed_values():
     # affine losses along the segment: zero; l(x) = x^2 on the segment 0 -> 1 at t: t^2 - t
     t = torch.tensor([0.25, 0.5])
     assert linearity_error(torch.tensor([1.0, 3.0, 5.0, 7.0, 2.0, 5.0]), t) == 0  # l_c = (1-t) l_a + t l_b
-    quad = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.25 ** 2, 0.5 ** 2])
-    expected = ((0.25 ** 2 - 0.25) ** 2 + (0.5 ** 2 - 0.5) ** 2) / 2
+    quad = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.25**2, 0.5**2])
+    expected = ((0.25**2 - 0.25) ** 2 + (0.5**2 - 0.5) ** 2) / 2
     assert linearity_error(quad, t).item() == pytest.approx(expected)
 
 
@@ -117,7 +118,7 @@ def test_elle_a_switches_on_at_a_spike_then_decays():
     assert float(method.penalty_weight()) == 4000.0
     method.observe(torch.tensor(1.0))
     method.observe(torch.tensor(1.0))
-    assert float(method.penalty_weight()) == pytest.approx(4000 * 0.99 ** 2)
+    assert float(method.penalty_weight()) == pytest.approx(4000 * 0.99**2)
     # the running statistics are numpy's mean and population std of every value seen
     seen = torch.tensor([1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 5.0, 1.0, 1.0], dtype=torch.float64)
     s = method.method_state()
@@ -153,10 +154,21 @@ def test_elle_a_state_dict_round_trip_continues_exactly():
 def test_short_training_run_is_finite_and_resumes_exactly(tmp_path, name):
     from atas.trainer import train
 
-    common = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=256", "train.batch_size=64",
-              "train.probe_size=64", "train.probe_steps=2", "train.progress=false", "eval.at_end=false",
-              "optim.lr=0.02", "train.deterministic=true", f"method.name={name}", "method.eps=0.1",
-              f"out_dir={tmp_path}"]
+    common = [
+        "model.arch=wong_cnn",
+        "train.co_action=keep_best",
+        "data.subset=256",
+        "train.batch_size=64",
+        "train.probe_size=64",
+        "train.probe_steps=2",
+        "train.progress=false",
+        "eval.at_end=false",
+        "optim.lr=0.02",
+        "train.deterministic=true",
+        f"method.name={name}",
+        "method.eps=0.1",
+        f"out_dir={tmp_path}",
+    ]
     full = train(load_config("fmnist", common + ["train.epochs=2"]), run_dir=tmp_path / "full")
     assert all(r["train_loss"] == r["train_loss"] and abs(r["train_loss"]) < 1e6 for r in full.metrics)
     train(load_config("fmnist", common + ["train.epochs=1"]), run_dir=tmp_path / "half")

@@ -4,6 +4,7 @@ traceback; a diverged run exits with 3; `--debug` / ATAS_DEBUG=1 add the traceba
 Each bad input is built small in tmp_path, in the real on-disk format, and goes through the real
 command line (`atas.cli.main`, in process; one test runs `python -m atas` for the real status).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,14 @@ from tests.helpers import fmnist_dir, save_png
 
 REPO = Path(__file__).resolve().parents[1]
 # Quick, deterministic training settings for runs that must get as far as the first steps.
-QUICK = ["model.arch=wong_cnn", "train.epochs=1", "train.batch_size=16", "train.probe_size=0",
-         "eval.at_end=false", "train.progress=false"]
+QUICK = [
+    "model.arch=wong_cnn",
+    "train.epochs=1",
+    "train.batch_size=16",
+    "train.probe_size=0",
+    "eval.at_end=false",
+    "train.progress=false",
+]
 
 
 pytestmark = pytest.mark.usefixtures("isolated_data")
@@ -49,8 +56,9 @@ def assert_one_line(err: str, *fragments: str) -> None:
 
 
 def train_fmnist(capsys, tmp_path, folder: Path, *extra) -> tuple[int, str]:
-    return run_cli(capsys, "train", "fmnist", f"data.data_dir={folder}", *QUICK, *extra,
-                   "--run-dir", str(tmp_path / "run"))
+    return run_cli(
+        capsys, "train", "fmnist", f"data.data_dir={folder}", *QUICK, *extra, "--run-dir", str(tmp_path / "run")
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,8 +115,15 @@ def test_truncated_cifar_pickle(tmp_path):
         load_tensors("cifar10", "test", data_dir=tmp_path)
 
 
-IMAGENET_QUICK = ["train.epochs=1", "train.batch_size=2", "train.probe_size=0", "eval.at_end=false",
-                  "train.progress=false", "data.num_workers=0", "model.arch=resnet18"]
+IMAGENET_QUICK = [
+    "train.epochs=1",
+    "train.batch_size=2",
+    "train.probe_size=0",
+    "eval.at_end=false",
+    "train.progress=false",
+    "data.num_workers=0",
+    "model.arch=resnet18",
+]
 
 
 @pytest.mark.parametrize("layout", ["class folders without images", "no class folders"])
@@ -116,8 +131,15 @@ def test_empty_image_folder(tmp_path, capsys, layout):
     root = tmp_path / "imagenet"
     (root / "train" / ("n01" if layout == "class folders without images" else "")).mkdir(parents=True)
     save_png(root / "val" / "n01" / "a.png")
-    status, err = run_cli(capsys, "train", "imagenet-rn18-eps2", f"data.data_dir={root}", *IMAGENET_QUICK,
-                          "--run-dir", str(tmp_path / "run"))
+    status, err = run_cli(
+        capsys,
+        "train",
+        "imagenet-rn18-eps2",
+        f"data.data_dir={root}",
+        *IMAGENET_QUICK,
+        "--run-dir",
+        str(tmp_path / "run"),
+    )
     assert status == 2
     assert "Traceback" not in err
     assert str(root / "train") in err.splitlines()[0]
@@ -131,8 +153,15 @@ def test_corrupt_image_names_the_file(tmp_path, capsys):
         save_png(root / split / "n02" / "b.png", seed=1)
     bad = root / "val" / "n02" / "b.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really an image")
-    status, err = run_cli(capsys, "train", "imagenet-rn18-eps2", f"data.data_dir={root}", *IMAGENET_QUICK,
-                          "--run-dir", str(tmp_path / "run"))
+    status, err = run_cli(
+        capsys,
+        "train",
+        "imagenet-rn18-eps2",
+        f"data.data_dir={root}",
+        *IMAGENET_QUICK,
+        "--run-dir",
+        str(tmp_path / "run"),
+    )
     assert status == 2
     assert_one_line(err, str(bad), "cannot read this image")
 
@@ -144,8 +173,7 @@ def test_corrupt_image_in_a_dataloader_worker_keeps_one_line(tmp_path):
     save_png(root / "train" / "n01" / "a.png")
     bad = root / "train" / "n01" / "b.png"
     bad.write_bytes(b"garbage")
-    loader = torch.utils.data.DataLoader(image_folder("imagenet", "train", root), batch_size=2,
-                                         num_workers=1)
+    loader = torch.utils.data.DataLoader(image_folder("imagenet", "train", root), batch_size=2, num_workers=1)
     with pytest.raises(DataFormatError) as e:
         next(iter(loader))
     assert "\n" not in str(e.value) and str(e.value).startswith(f"{bad}: cannot read this image")
@@ -242,8 +270,18 @@ def test_autoattack_without_the_extra_says_which_pip_install(tmp_path, capsys, m
     with pytest.raises(MissingDependencyError, match=r"pip install 'atas\[aa\]'"):
         evaluate(model, x, y, 0.1, attacks=["clean", "aa"], progress=False)
     fmnist_dir(tmp_path / "d")
-    status, err = run_cli(capsys, "eval", str(export_dir), "--attacks", "clean,aa", "--data-dir",
-                          str(tmp_path / "d"), "--out", str(tmp_path / "eval.json"), "--no-progress")
+    status, err = run_cli(
+        capsys,
+        "eval",
+        str(export_dir),
+        "--attacks",
+        "clean,aa",
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--out",
+        str(tmp_path / "eval.json"),
+        "--no-progress",
+    )
     assert status == 2
     assert_one_line(err, "AutoAttack", "pip install 'atas[aa]'")
     # A recipe that ends with AutoAttack is refused before training starts, not after.
@@ -291,8 +329,14 @@ def test_version(capsys):
 def _atas(*args, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("ATAS_DEBUG", None)
-    return subprocess.Popen([sys.executable, "-m", "atas", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "atas", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kwargs,
+    )
 
 
 @pytest.mark.slow

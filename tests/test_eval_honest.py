@@ -3,6 +3,7 @@ the weak-attack warning when AutoAttack beats PGD by a margin (on a real gradien
 progress within an attack, sizes that are what was asked or an error, `atas eval` leaving the
 training-end eval.json alone, SIGTERM during training, exporting an unfinished run, and the
 `atas compare` table/report columns and out_dir."""
+
 from __future__ import annotations
 
 import importlib
@@ -28,9 +29,18 @@ from tests.helpers import FMNIST, needs_fmnist
 
 ev = importlib.import_module("atas.evaluation")  # the package (atas.evaluate is the function)
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=256", "train.batch_size=64",
-        "train.probe_size=32", "train.probe_steps=2", "train.progress=false", "optim.lr=0.02",
-        "method.atas.warmup_epochs=1", f"data.data_dir={FMNIST}"]
+TINY = [
+    "model.arch=wong_cnn",
+    "train.co_action=keep_best",
+    "data.subset=256",
+    "train.batch_size=64",
+    "train.probe_size=32",
+    "train.probe_steps=2",
+    "train.progress=false",
+    "optim.lr=0.02",
+    "method.atas.warmup_epochs=1",
+    f"data.data_dir={FMNIST}",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,9 +60,13 @@ def test_pgd_step_defaults_per_threat_model_and_parsing():
     assert math.isclose(ev.pgd_step(8 / 255, "2/255")[0], 2 / 255)
     assert ev.pgd_step(0.2, "0.01") == (0.01, "constant", "ce", "given: 0.01")
     assert ev.pgd_step(0.2, "eps/2", "cosine", "margin")[1:3] == ("cosine", "margin")
-    for bad, schedule, loss, match in [("eps/0", None, None, "not a step"), ("fast", None, None, "not a step"),
-                                       ("1.0", None, None, "outside"), ("eps/4", "linear", None, "schedule"),
-                                       ("eps/4", None, "dlr", "loss")]:
+    for bad, schedule, loss, match in [
+        ("eps/0", None, None, "not a step"),
+        ("fast", None, None, "not a step"),
+        ("1.0", None, None, "outside"),
+        ("eps/4", "linear", None, "schedule"),
+        ("eps/4", None, "dlr", "loss"),
+    ]:
         with pytest.raises(ValueError, match=match):
             ev.pgd_step(0.2, bad, schedule, loss)
 
@@ -110,8 +124,9 @@ def test_weak_attack_warning_fires_when_autoattack_beats_pgd():
     pytest.importorskip("pyautoattack")
     masked = _linear(reverse=True)
     x, y = _confident_points(masked)
-    result = ev.evaluate(masked, x, y, 0.3, attacks=("clean", "pgd", "aa"), pgd_steps=10, pgd_restarts=2,
-                         progress=False)
+    result = ev.evaluate(
+        masked, x, y, 0.3, attacks=("clean", "pgd", "aa"), pgd_steps=10, pgd_restarts=2, progress=False
+    )
     acc = {k: v["accuracy"] for k, v in result["results"].items()}
     assert acc["clean"] == 1.0 and acc["pgd"] == 1.0 and acc["aa"] < 0.5  # PGD fooled by the masking
     weak = [w for w in result["warnings"] if w.startswith("WEAK ATTACK")]
@@ -122,8 +137,9 @@ def test_weak_attack_warning_fires_when_autoattack_beats_pgd():
 
     honest = _linear(reverse=False)  # the same network without the masking: PGD finds the worst case
     x, y = _confident_points(honest)
-    result = ev.evaluate(honest, x, y, 0.3, attacks=("clean", "pgd", "aa"), pgd_steps=10, pgd_restarts=2,
-                         progress=False)
+    result = ev.evaluate(
+        honest, x, y, 0.3, attacks=("clean", "pgd", "aa"), pgd_steps=10, pgd_restarts=2, progress=False
+    )
     assert not [w for w in result["warnings"] if w.startswith("WEAK ATTACK")]
     assert result["results"]["pgd"]["accuracy"] - result["results"]["aa"]["accuracy"] <= ev.WEAK_PGD_POINTS / 100
 
@@ -136,8 +152,19 @@ def test_pgd_step_and_rule_are_in_the_result():
     frac, schedule, loss = ev.PGD_DEFAULTS["mnist-scale"]
     assert s["alpha"] == pytest.approx(frac * 0.2) and (s["schedule"], s["loss"]) == (schedule, loss)
     assert "default" in s["step_rule"]
-    r = ev.evaluate(model, x, y, 0.2, attacks=("pgd",), pgd_steps=3, pgd_restarts=1, pgd_alpha="eps/10",
-                    pgd_schedule="cosine", pgd_loss="margin", progress=False)
+    r = ev.evaluate(
+        model,
+        x,
+        y,
+        0.2,
+        attacks=("pgd",),
+        pgd_steps=3,
+        pgd_restarts=1,
+        pgd_alpha="eps/10",
+        pgd_schedule="cosine",
+        pgd_loss="margin",
+        progress=False,
+    )
     s = r["results"]["pgd"]["settings"]
     assert s["alpha"] == pytest.approx(0.02) and (s["schedule"], s["loss"]) == ("cosine", "margin")
     assert s["step_rule"] == "given: eps/10"
@@ -190,15 +217,18 @@ def run_dir(tmp_path_factory):
 
 
 @needs_fmnist
-@pytest.mark.parametrize("args, message", [
-    (["--n-examples", "0"], "n_examples must be >= 1"),
-    (["--n-examples", "-5"], "got -5"),
-    (["--n-examples", "20000"], "test set has 10000 images"),
-    (["--attacks", ""], "(none given); valid: clean, fgsm, pgd"),
-    (["--attacks", "clean,pgdd"], "unknown attack(s) pgdd; valid: clean, fgsm, pgd, aa"),
-    (["--pgd-alpha", "fast"], "not a step"),
-    (["--pgd-steps", "0"], "eval.pgd_steps must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--n-examples", "0"], "n_examples must be >= 1"),
+        (["--n-examples", "-5"], "got -5"),
+        (["--n-examples", "20000"], "test set has 10000 images"),
+        (["--attacks", ""], "(none given); valid: clean, fgsm, pgd"),
+        (["--attacks", "clean,pgdd"], "unknown attack(s) pgdd; valid: clean, fgsm, pgd, aa"),
+        (["--pgd-alpha", "fast"], "not a step"),
+        (["--pgd-steps", "0"], "eval.pgd_steps must be >= 1"),
+    ],
+)
 def test_eval_bad_sizes_and_names_are_one_line_errors(run_dir, capsys, args, message):
     assert cli(["eval", str(run_dir), "--no-progress", *args]) == 2
     err = capsys.readouterr().err
@@ -208,17 +238,32 @@ def test_eval_bad_sizes_and_names_are_one_line_errors(run_dir, capsys, args, mes
 @needs_fmnist
 def test_atas_eval_leaves_the_training_end_eval_json_intact(run_dir, capsys, one_thread):
     before = (run_dir / "eval.json").read_bytes()
-    argv = ["eval", str(run_dir), "--attacks", "clean,pgd", "--n-examples", "8", "--pgd-steps", "2",
-            "--pgd-restarts", "1", "--pgd-alpha", "eps/10", "--no-progress"]
+    argv = [
+        "eval",
+        str(run_dir),
+        "--attacks",
+        "clean,pgd",
+        "--n-examples",
+        "8",
+        "--pgd-steps",
+        "2",
+        "--pgd-restarts",
+        "1",
+        "--pgd-alpha",
+        "eps/10",
+        "--no-progress",
+    ]
     assert cli(argv) == 0
     assert (run_dir / "eval.json").read_bytes() == before
-    out, = run_dir.glob("eval-clean+pgd-n8-*.json")
+    (out,) = run_dir.glob("eval-clean+pgd-n8-*.json")
     assert f"saved: {out}" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["n_examples"] == 8 and result["results"]["pgd"]["settings"]["alpha"] == pytest.approx(0.02)
     assert json.loads(before)["n_examples"] == 16
-    assert cli(argv[:2] + ["--attacks", "clean", "--n-examples", "4", "--out", str(run_dir / "x.json"),
-                           "--no-progress"]) == 0
+    assert (
+        cli(argv[:2] + ["--attacks", "clean", "--n-examples", "4", "--out", str(run_dir / "x.json"), "--no-progress"])
+        == 0
+    )
     assert json.loads((run_dir / "x.json").read_text())["n_examples"] == 4
 
 
@@ -238,8 +283,13 @@ def test_export_of_an_unfinished_run_warns_and_records_the_epoch(run_dir, tmp_pa
     err = capsys.readouterr().err
     assert "atas: warning:" in err and "unfinished run: epoch 1 of 3" in err and "--resume" in err
     card = json.loads((tmp_path / "e" / "card.json").read_text())
-    assert card["training"] == {"epoch": 1, "epochs_planned": 3, "finished": False, "checkpoint": CHECKPOINT,
-                                "note": card["training"]["note"]}
+    assert card["training"] == {
+        "epoch": 1,
+        "epochs_planned": 3,
+        "finished": False,
+        "checkpoint": CHECKPOINT,
+        "note": card["training"]["note"],
+    }
 
 
 @needs_fmnist
@@ -247,9 +297,25 @@ def test_export_of_an_unfinished_run_warns_and_records_the_epoch(run_dir, tmp_pa
 def test_sigterm_during_training_says_the_checkpoint_is_intact(tmp_path):
     run = tmp_path / "r"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "atas", "train", "fmnist", *TINY, "train.epochs=500",
-                             "eval.at_end=false", "--run-dir", str(run)], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "atas",
+            "train",
+            "fmnist",
+            *TINY,
+            "train.epochs=500",
+            "eval.at_end=false",
+            "--run-dir",
+            str(run),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while not (run / CHECKPOINT).exists() and proc.poll() is None and time.time() < deadline:
@@ -270,11 +336,29 @@ def test_sigterm_during_training_says_the_checkpoint_is_intact(tmp_path):
 # atas compare: columns, AA not run, out_dir
 # --------------------------------------------------------------------------------------------
 def _row(method, seed, **acc):
-    return {"method": method, "eps": "0.2", "eps_value": 0.2, "seed": seed, "clean": 0.8, "fgsm": acc.get("fgsm"),
-            "pgd": 0.4, "aa": acc.get("aa"), "pgd_label": "PGD-50-10", "n_examples": 100, "chance": 0.1,
-            "train_time_s": 10.0, "epochs": 1, "epochs_planned": 1, "co_detected": False, "co_epochs": [],
-            "co_final_signature": None, "eval_warnings": acc.get("warnings", []), "method_args": {},
-            "run_dir": f"runs/{method}_{seed}", "curves": {"epoch": [1]}}
+    return {
+        "method": method,
+        "eps": "0.2",
+        "eps_value": 0.2,
+        "seed": seed,
+        "clean": 0.8,
+        "fgsm": acc.get("fgsm"),
+        "pgd": 0.4,
+        "aa": acc.get("aa"),
+        "pgd_label": "PGD-50-10",
+        "n_examples": 100,
+        "chance": 0.1,
+        "train_time_s": 10.0,
+        "epochs": 1,
+        "epochs_planned": 1,
+        "co_detected": False,
+        "co_epochs": [],
+        "co_final_signature": None,
+        "eval_warnings": acc.get("warnings", []),
+        "method_args": {},
+        "run_dir": f"runs/{method}_{seed}",
+        "curves": {"epoch": [1]},
+    }
 
 
 def test_summary_table_shows_exactly_the_attacks_that_ran(tmp_path):

@@ -1,4 +1,5 @@
 """Tests of atas.evaluation (`atas.evaluate`): CPU only, tiny models, deterministic, invariants rather than numbers."""
+
 import importlib
 import json
 import warnings
@@ -154,7 +155,7 @@ def _analytic_robust(lin, x, y, eps):
     robust = torch.ones(len(y), dtype=torch.bool)
     closest = torch.full((len(y),), float("inf"))
     for j in range(w.shape[0]):
-        d = w[y] - w[j]                                     # [N, 64]
+        d = w[y] - w[j]  # [N, 64]
         x_worst = (x - eps * d.sign()).clamp(0, 1)
         margin = (d * x_worst).sum(1) + b[y] - b[j]
         other = y != j
@@ -175,8 +176,9 @@ def test_pgd_finds_the_analytic_worst_case_of_a_linear_binary_model():
     keep = closest > 1e-3  # no exact ties: argmax at a tie is arbitrary
     x, y, robust = x[keep], y[keep], robust[keep]
     assert 0.2 < robust.float().mean() < 0.8  # non-trivial
-    result = evaluate(model, x, y, eps, attacks=("clean", "fgsm", "pgd"), pgd_steps=10,
-                      pgd_restarts=2, batch_size=64, **_quiet())
+    result = evaluate(
+        model, x, y, eps, attacks=("clean", "fgsm", "pgd"), pgd_steps=10, pgd_restarts=2, batch_size=64, **_quiet()
+    )
     assert result["per_sample"]["pgd"] == robust.tolist()
     assert result["results"]["pgd"]["n_correct"] == int(robust.sum())
     # for a binary linear model the signed gradient always points at the optimal vertex
@@ -190,8 +192,9 @@ def test_no_attack_beats_the_analytic_worst_case_of_a_linear_multiclass_model():
         y = model(x).argmax(1)
     eps = 0.02
     robust, _ = _analytic_robust(lin, x, y, eps)
-    result = evaluate(model, x, y, eps, attacks=("clean", "fgsm", "pgd", "apgd-ce"), pgd_steps=20,
-                      pgd_restarts=2, **_quiet())
+    result = evaluate(
+        model, x, y, eps, attacks=("clean", "fgsm", "pgd", "apgd-ce"), pgd_steps=20, pgd_restarts=2, **_quiet()
+    )
     assert 0 < robust.sum() < len(y)
     # (multiclass: untargeted CE ascent need not reach the optimal vertex, so only the bound holds)
     for name in ("fgsm", "pgd", "apgd-ce"):
@@ -204,8 +207,18 @@ def test_no_attack_beats_the_analytic_worst_case_of_a_linear_multiclass_model():
 
 def test_evaluate_result_layout_and_ordering(trained):
     model, x, y = trained
-    result = evaluate(model, x, y, 0.05, eps_label="0.05 (test)", pgd_steps=10, pgd_restarts=3,
-                      n_examples=40, batch_size=16, **_quiet())
+    result = evaluate(
+        model,
+        x,
+        y,
+        0.05,
+        eps_label="0.05 (test)",
+        pgd_steps=10,
+        pgd_restarts=3,
+        n_examples=40,
+        batch_size=16,
+        **_quiet(),
+    )
     assert result["eps"] == 0.05 and result["eps_label"] == "0.05 (test)"
     assert result["n_examples"] == 40 and result["seed"] == 0
     assert set(result["results"]) == {"clean", "fgsm", "pgd"}
@@ -224,8 +237,7 @@ def test_evaluate_result_layout_and_ordering(trained):
     assert set(result["versions"]) >= {"torch", "torchvision", "pyautoattack", "atas", "python"}
     assert result["device"] == "cpu" and result["warnings"] == []
     # n_examples takes the FIRST n: same verdicts as evaluating x[:40] directly
-    again = evaluate(model, x[:40], y[:40], 0.05, pgd_steps=10, pgd_restarts=3, batch_size=16,
-                     **_quiet())
+    again = evaluate(model, x[:40], y[:40], 0.05, pgd_steps=10, pgd_restarts=3, batch_size=16, **_quiet())
     assert again["per_sample"] == result["per_sample"]
 
 
@@ -241,11 +253,15 @@ def test_evaluate_is_seeded_and_leaves_global_rng_alone(trained):
 
 def test_uint8_input_equals_float_input(trained):
     model, _, _ = trained
-    x8, y = (torch.rand(32, 1, 4, 4, generator=torch.Generator().manual_seed(7)) * 255).to(torch.uint8), \
-        torch.arange(32) % K
+    x8, y = (
+        (torch.rand(32, 1, 4, 4, generator=torch.Generator().manual_seed(7)) * 255).to(torch.uint8),
+        torch.arange(32) % K,
+    )
     kw = dict(attacks=("clean", "pgd"), pgd_steps=3, pgd_restarts=1, **_quiet())
-    assert evaluate(model, x8, y, 8 / 255, **kw)["per_sample"] == \
-        evaluate(model, x8.float() / 255, y, 8 / 255, **kw)["per_sample"]
+    assert (
+        evaluate(model, x8, y, 8 / 255, **kw)["per_sample"]
+        == evaluate(model, x8.float() / 255, y, 8 / 255, **kw)["per_sample"]
+    )
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         evaluate(model, x8.float(), y, 8 / 255, **kw)  # 0..255 floats: a normalisation bug
     with pytest.raises(ValueError, match="eps"):
@@ -254,24 +270,21 @@ def test_uint8_input_equals_float_input(trained):
 
 def test_train_mode_is_warned_and_restored_exactly():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(D, 32), nn.BatchNorm1d(32), nn.Dropout(0.5),
-                          nn.Linear(32, K))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(D, 32), nn.BatchNorm1d(32), nn.Dropout(0.5), nn.Linear(32, K))
     x, y = _blobs(32, seed=3)
     model.train()
     model[2].eval()  # a deliberately frozen BN must stay frozen
     modes = [m.training for m in model.modules()]
     bn_stats = model[2].running_mean.clone()
     with pytest.warns(EvaluationWarning, match="train mode"):
-        result = evaluate(model, x, y, 0.05, attacks=("clean", "pgd"), pgd_steps=2,
-                          pgd_restarts=1, **_quiet())
+        result = evaluate(model, x, y, 0.05, attacks=("clean", "pgd"), pgd_steps=2, pgd_restarts=1, **_quiet())
     assert [m.training for m in model.modules()] == modes
     assert torch.equal(model[2].running_mean, bn_stats)  # no BN statistics updated by attacks
     assert any("train mode" in w for w in result["warnings"])
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        expected = evaluate(model, x, y, 0.05, attacks=("clean", "pgd"), pgd_steps=2,
-                            pgd_restarts=1, **_quiet())
+        expected = evaluate(model, x, y, 0.05, attacks=("clean", "pgd"), pgd_steps=2, pgd_restarts=1, **_quiet())
     assert result["per_sample"] == expected["per_sample"]  # it really ran in eval mode
 
 
@@ -316,8 +329,7 @@ def test_sanity_warnings_across_attacks():
     ev._sanity_across_attacks({"clean": res(0.5), "pgd": res(0.6), "aa": res(0.7)}, messages.append)
     assert len(messages) == 3  # pgd > clean, aa > clean, aa > pgd
     messages = []
-    ev._sanity_across_attacks({"clean": res(0.8), "fgsm": res(0.5), "pgd": res(0.4),
-                               "aa": res(0.38)}, messages.append)
+    ev._sanity_across_attacks({"clean": res(0.8), "fgsm": res(0.5), "pgd": res(0.4), "aa": res(0.38)}, messages.append)
     assert messages == []  # AA 2 points below PGD: within the WEAK_PGD_POINTS tolerance
 
 
@@ -346,8 +358,7 @@ class Killable(nn.Module):
 
 def test_killed_evaluation_resumes_to_the_same_result(trained, tmp_path):
     model, x, y = trained
-    kw = dict(attacks=("clean", "fgsm", "pgd"), pgd_steps=4, pgd_restarts=3, batch_size=8,
-              seed=3, **_quiet())
+    kw = dict(attacks=("clean", "fgsm", "pgd"), pgd_steps=4, pgd_restarts=3, batch_size=8, seed=3, **_quiet())
     wrapped = Killable(model).eval()
     reference = evaluate(wrapped, x, y, 0.05, **kw)
     total_calls = wrapped.calls
@@ -389,8 +400,18 @@ def test_state_with_other_settings_starts_fresh(trained, tmp_path):
 @pytest.mark.slow
 def test_autoattack_runs_through_pyautoattack_and_is_strongest(trained):
     model, x, y = trained
-    result = evaluate(model, x, y, 0.05, attacks=("clean", "pgd", "aa", "apgd-ce"), pgd_steps=10,
-                      pgd_restarts=3, n_examples=16, batch_size=16, **_quiet())
+    result = evaluate(
+        model,
+        x,
+        y,
+        0.05,
+        attacks=("clean", "pgd", "aa", "apgd-ce"),
+        pgd_steps=10,
+        pgd_restarts=3,
+        n_examples=16,
+        batch_size=16,
+        **_quiet(),
+    )
     res = result["results"]
     assert res["aa"]["accuracy"] <= res["pgd"]["accuracy"] <= res["clean"]["accuracy"]
     assert res["aa"]["accuracy"] <= res["apgd-ce"]["accuracy"]
@@ -410,8 +431,7 @@ def test_autoattack_runs_through_pyautoattack_and_is_strongest(trained):
 
 def test_format_table_and_save_result(trained, tmp_path):
     model, x, y = trained
-    result = evaluate(model, x, y, 8 / 255, attacks=("clean", "pgd"), pgd_steps=3, pgd_restarts=2,
-                      **_quiet())
+    result = evaluate(model, x, y, 8 / 255, attacks=("clean", "pgd"), pgd_steps=3, pgd_restarts=2, **_quiet())
     table = format_table(result)
     assert "8/255" in table and "PGD-3-2" in table
     for res in result["results"].values():

@@ -1,4 +1,5 @@
 """Every example in examples/ runs here on a small subset, so none can rot."""
+
 from __future__ import annotations
 
 import gzip
@@ -43,7 +44,7 @@ def test_own_loop_marks_every_atas_line_and_needs_at_most_eight():
     text = (EXAMPLES / "own_loop.py").read_text()
     marked = atas_lines(EXAMPLES / "own_loop.py")
     assert 0 < len(marked) <= 8
-    body = text.split('"""', 2)[2]   # code after the module docstring
+    body = text.split('"""', 2)[2]  # code after the module docstring
     for line in body.splitlines():
         if re.search(r"\batas\b|\batk\b", line.split("#")[0]):
             assert line.rstrip().endswith("# atas"), line
@@ -56,8 +57,9 @@ def test_own_loop_trains_checkpoints_and_resumes(tv_root, tmp_path, capsys):
     assert 0 <= out["clean"] <= 1 and out["loss"] == out["loss"]
     state = torch.load(ckpt, weights_only=True)
     assert state["epoch"] == 1 and state["atas"]["store"]["delta"].shape == (256, 1, 32, 32)
-    again = own.main(["--data", str(tv_root), "--subset", "256", "--epochs", "2", "--checkpoint", ckpt,
-                      "--resume", ckpt])
+    again = own.main(
+        ["--data", str(tv_root), "--subset", "256", "--epochs", "2", "--checkpoint", ckpt, "--resume", ckpt]
+    )
     assert torch.load(ckpt, weights_only=True)["atas"]["epoch"] == 2 and again["clean"] >= 0
     assert "epoch 2:" in capsys.readouterr().out
 
@@ -84,9 +86,21 @@ def test_lightning_example_trains_probes_and_resumes_the_store(tv_root, tmp_path
     saved = torch.load(ckpts[-1], weights_only=True)
     (state,) = [v for k, v in saved["callbacks"].items() if "AdversarialTraining" in k]
     assert state["epoch"] == 2 and torch.equal(state["store"]["delta"], model.atk.store.delta.cpu())
-    assert [r["epoch"] for r in state["guard"]["rows"] if "event" not in r] == [1, 2]   # the guard's record, too
+    assert [r["epoch"] for r in state["guard"]["rows"] if "event" not in r] == [1, 2]  # the guard's record, too
     # Resuming through Lightning's own mechanism restores the per-sample store.
-    resumed = lit.main(["--data", str(tv_root), "--subset", "256", "--epochs", "2", "--out", str(tmp_path / "b"),
-                        "--resume", str(ckpts[-1])])
+    resumed = lit.main(
+        [
+            "--data",
+            str(tv_root),
+            "--subset",
+            "256",
+            "--epochs",
+            "2",
+            "--out",
+            str(tmp_path / "b"),
+            "--resume",
+            str(ckpts[-1]),
+        ]
+    )
     assert resumed.atk.current_epoch == 2
     assert torch.equal(resumed.atk.state_dict()["store"]["delta"].cpu(), state["store"]["delta"])

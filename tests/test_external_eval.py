@@ -1,4 +1,5 @@
 """Evaluating a model atas did not train: `atas eval --model`, plugins, safe weights, bf16, DataLoaders."""
+
 from __future__ import annotations
 
 import json
@@ -56,18 +57,48 @@ def weights_file(tmp_path, fmt="safetensors"):
 def test_atas_eval_model_factory_with_safetensors_weights(user_pkg, tmp_path):
     path, model = weights_file(tmp_path)
     out = tmp_path / "res.json"
-    assert cli(["eval", "--model", f"{user_pkg}:factory", "--weights", str(path), "--data", "fmnist", "--eps", "0.1",
-                "--attacks", "clean,pgd", "--n-examples", "64", "--pgd-steps", "3", "--pgd-restarts", "1",
-                "--no-progress", "--out", str(out)]) == 0
+    assert (
+        cli(
+            [
+                "eval",
+                "--model",
+                f"{user_pkg}:factory",
+                "--weights",
+                str(path),
+                "--data",
+                "fmnist",
+                "--eps",
+                "0.1",
+                "--attacks",
+                "clean,pgd",
+                "--n-examples",
+                "64",
+                "--pgd-steps",
+                "3",
+                "--pgd-restarts",
+                "1",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["n_examples"] == 64 and result["model"]["factory"] == f"{user_pkg}:factory"
     expected = atas.benchmark(model, "fmnist", 0.1, attacks=["clean"], n_examples=64, progress=False)
     assert result["results"]["clean"]["accuracy"] == expected["results"]["clean"]["accuracy"]
 
 
-@pytest.mark.parametrize("spec, message", [("no_such_module_xyz:f", "cannot import"),
-                                           ("{pkg}:not_a_model", "not a torch.nn.Module"),
-                                           ("{pkg}:missing", "no callable"), ("nocolon", "MODULE:FUNCTION")])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no_such_module_xyz:f", "cannot import"),
+        ("{pkg}:not_a_model", "not a torch.nn.Module"),
+        ("{pkg}:missing", "no callable"),
+        ("nocolon", "MODULE:FUNCTION"),
+    ],
+)
 def test_bad_model_spec_is_one_clear_error(user_pkg, tmp_path, capsys, spec, message):
     code = cli(["eval", "--model", spec.format(pkg=user_pkg), "--data", "fmnist", "--eps", "0.1"])
     assert code == 2 and message in capsys.readouterr().err
@@ -81,8 +112,9 @@ def test_weights_whose_keys_do_not_match_name_the_keys(tmp_path):
 
         load_weights(other, path)
     renamed = nn.Sequential(nn.Identity(), nn.Flatten(), nn.Linear(784, 10))
-    with pytest.raises(atas.ConfigError,
-                       match=r"missing from the file: 2\.weight.*not in the model: 1\.bias, 1\.weight"):
+    with pytest.raises(
+        atas.ConfigError, match=r"missing from the file: 2\.weight.*not in the model: 1\.bias, 1\.weight"
+    ):
         from atas.external import load_weights
 
         load_weights(renamed, path)
@@ -101,7 +133,7 @@ def test_a_pickle_given_as_weights_is_refused_with_the_reason(tmp_path):
     with pytest.raises(atas.ConfigError, match="refused.*never"):
         load_weights(nn.Linear(2, 2), path)
     torch_path = tmp_path / "evil_torch.pt"
-    torch.save({"layer": nn.Linear(2, 2)}, torch_path)   # a whole module: pickled Python objects
+    torch.save({"layer": nn.Linear(2, 2)}, torch_path)  # a whole module: pickled Python objects
     with pytest.raises(atas.ConfigError, match="refused"):
         load_weights(nn.Linear(2, 2), torch_path)
 
@@ -118,9 +150,26 @@ def test_plain_torch_state_dict_loads(tmp_path):
 @needs_fmnist
 def test_user_registered_model_trains_and_exports_with_import(user_pkg, tmp_path):
     run = tmp_path / "run"
-    assert cli(["train", "fmnist", f"model.arch={user_pkg}_net", "data.subset=128", "train.epochs=1",
-                "train.probe_size=0", "train.progress=false", "eval.at_end=false", f"out_dir={tmp_path}",
-                "--run-dir", str(run), "--import", user_pkg]) == 0
+    assert (
+        cli(
+            [
+                "train",
+                "fmnist",
+                f"model.arch={user_pkg}_net",
+                "data.subset=128",
+                "train.epochs=1",
+                "train.probe_size=0",
+                "train.progress=false",
+                "eval.at_end=false",
+                f"out_dir={tmp_path}",
+                "--run-dir",
+                str(run),
+                "--import",
+                user_pkg,
+            ]
+        )
+        == 0
+    )
     assert cli(["export", str(run), "--out", str(tmp_path / "exp"), "--import", user_pkg]) == 0
     assert (tmp_path / "exp" / "model.safetensors").exists()
 
@@ -129,8 +178,9 @@ def test_bf16_model_evaluates():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4)).to(torch.bfloat16)
     x, y = torch.rand(32, 1, 4, 4), torch.randint(0, 4, (32,))
-    result = atas.benchmark(model, (x, y), "1/255", attacks=["clean", "fgsm", "pgd"], pgd_steps=3, pgd_restarts=1,
-                            progress=False)
+    result = atas.benchmark(
+        model, (x, y), "1/255", attacks=["clean", "fgsm", "pgd"], pgd_steps=3, pgd_restarts=1, progress=False
+    )
     r = result["results"]
     assert r["pgd"]["accuracy"] <= r["clean"]["accuracy"] and next(model.parameters()).dtype == torch.bfloat16
 

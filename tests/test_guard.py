@@ -1,6 +1,7 @@
 """The guard of train.co_action=recover (atas.guard): rollback to the last healthy epoch, the method's
 remedy, events in metrics.jsonl, exact resume after a kill during a recovery, its limits; and the
 eps schedule every method shares."""
+
 import re
 import shlex
 import subprocess
@@ -21,9 +22,19 @@ from atas.rundir import CHECKPOINT, MetricsLog
 from atas.trainer import train
 from tests.helpers import needs_fmnist as needs_data
 
-TINY = ["model.arch=wong_cnn", "data.subset=256", "train.batch_size=64", "train.probe_size=32",
-        "train.probe_steps=1", "train.progress=false", "eval.at_end=false", "eval.attacks=clean",
-        "method.atas.warmup_epochs=1", "train.deterministic=true", "train.epochs=5"]
+TINY = [
+    "model.arch=wong_cnn",
+    "data.subset=256",
+    "train.batch_size=64",
+    "train.probe_size=32",
+    "train.probe_steps=1",
+    "train.progress=false",
+    "eval.at_end=false",
+    "eval.attacks=clean",
+    "method.atas.warmup_epochs=1",
+    "train.deterministic=true",
+    "train.epochs=5",
+]
 
 
 def tiny(tmp_path, *extra):
@@ -33,6 +44,7 @@ def tiny(tmp_path, *extra):
 class Scripted(COMonitor):
     """A monitor that flags exactly the epochs it is told to (`script`: epoch -> reason) as long as
     the run has had no recovery, and judges nothing else: the guard's mechanics, not the probe's."""
+
     script: dict = {}
 
     def update(self, row):
@@ -101,8 +113,10 @@ def test_the_guard_gives_up_past_its_budget_with_one_clear_line(tmp_path, script
     scripted.script = {4: "collapse: scripted"}
     assert cli(["train", "fmnist", *TINY, "train.recover_budget_epochs=0", "--run-dir", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
-    assert "GUARD epoch 4: the guard gave up (rolling back to epoch 3 would replay 1 epochs, but only 0 of the " \
-           "budget of 0 are left (train.recover_budget_epochs))" in out
+    assert (
+        "GUARD epoch 4: the guard gave up (rolling back to epoch 3 would replay 1 epochs, but only 0 of the "
+        "budget of 0 are left (train.recover_budget_epochs))" in out
+    )
     assert "the run ends with the weights of its last healthy epoch, 3 (early stopping)" in out
     rows = logged(tmp_path / "r")
     # Giving up ends the run at its last healthy epoch: epoch 4 is undone, the final weights are epoch 3's.
@@ -114,8 +128,9 @@ def test_the_guard_gives_up_past_its_budget_with_one_clear_line(tmp_path, script
     assert int(final["epoch"]) == 3 and all(torch.equal(final["model"][k], healthy["model"][k]) for k in final["model"])
 
 
-@pytest.mark.parametrize("where", ["before the rollback is saved", "after the rollback is saved",
-                                   "in the replayed epoch"])
+@pytest.mark.parametrize(
+    "where", ["before the rollback is saved", "after the rollback is saved", "in the replayed epoch"]
+)
 @needs_data
 def test_a_kill_during_a_recovery_resumes_to_the_same_final_weights(tmp_path, scripted, monkeypatch, where):
     import atas.runstate as runstate
@@ -135,12 +150,20 @@ def test_a_kill_during_a_recovery_resumes_to_the_same_final_weights(tmp_path, sc
             m.setattr(runstate, "roll_back", lambda *a: kill() if armed[0] else real_roll_back(*a))
         elif where == "after the rollback is saved":  # _restore follows the rollback's save
             real_restore = runstate.restore
-            m.setattr(runstate, "restore", lambda run, state, rows: kill() if armed[0] and guard.events(rows)
-                      else real_restore(run, state, rows))
+            m.setattr(
+                runstate,
+                "restore",
+                lambda run, state, rows: kill() if armed[0] and guard.events(rows) else real_restore(run, state, rows),
+            )
         else:
             real_epoch = trainer._train_epoch
-            m.setattr(trainer, "_train_epoch", lambda run, epoch, step: kill()
-                      if armed[0] and run.method.opt.step_scale == 0.75 else real_epoch(run, epoch, step))
+            m.setattr(
+                trainer,
+                "_train_epoch",
+                lambda run, epoch, step: (
+                    kill() if armed[0] and run.method.opt.step_scale == 0.75 else real_epoch(run, epoch, step)
+                ),
+            )
         with pytest.raises(KeyboardInterrupt):
             train(tiny(tmp_path), run_dir=tmp_path / "killed")
     assert not armed[0]
@@ -181,8 +204,12 @@ def test_atas_follows_eps_t_and_is_the_official_step_without_a_ramp():
     atas = get_method("atas")
     official = atas(8 / 255)
     assert official.step_rule(8 / 255) == (16 / 255, 4 / 255, 14 / 255)
-    relative = atas(0.3, atas.Options(step_numerator="2eps", alpha_unit="eps", alpha_min=Frac("0.5"),
-                                      alpha_max=Frac("1.75"), eps_ramp_epochs=3))
+    relative = atas(
+        0.3,
+        atas.Options(
+            step_numerator="2eps", alpha_unit="eps", alpha_min=Frac("0.5"), alpha_max=Frac("1.75"), eps_ramp_epochs=3
+        ),
+    )
     numerator, lo, hi = relative.step_rule(relative.eps_at(1))
     assert numerator == pytest.approx(0.2) and lo == pytest.approx(0.05) and hi == pytest.approx(0.175)
     relative.set_options(step_scale=0.5)
@@ -203,8 +230,9 @@ def _best_epoch(run_dir):
     return max(scored, key=lambda r: r["probe_pgd"])["epoch"]
 
 
-@pytest.mark.parametrize("where", ["during the best.pt save", "between best.pt and the checkpoint",
-                                   "between the checkpoint and the metrics"])
+@pytest.mark.parametrize(
+    "where", ["during the best.pt save", "between best.pt and the checkpoint", "between the checkpoint and the metrics"]
+)
 @needs_data
 def test_best_pt_is_the_best_epoch_the_metrics_name_after_a_kill(tmp_path, monkeypatch, where):
     import atas.runstate as runstate
@@ -261,13 +289,13 @@ def test_a_best_pt_lost_by_the_older_save_order_is_rewritten_on_resume(tmp_path,
 
 def test_n_fgsm_raises_its_noise_only_while_the_image_survives_it():
     n_fgsm = get_method("n_fgsm")
-    assert n_fgsm(8 / 255).remedy(1) == {"noise_factor": 3.0}              # 3 eps = 0.09: more noise
-    assert n_fgsm(0.3).remedy(1) == {"step_factor": 0.8}                   # 3 eps = 0.9: a smaller step
+    assert n_fgsm(8 / 255).remedy(1) == {"noise_factor": 3.0}  # 3 eps = 0.09: more noise
+    assert n_fgsm(0.3).remedy(1) == {"step_factor": 0.8}  # 3 eps = 0.9: a smaller step
     m = n_fgsm(0.1)
     m.set_options(**m.remedy(1))
-    assert m.opt.noise_factor == 3.0 and m.remedy(2) == {"noise_factor": 4.5}   # 4.5 eps = 0.45: still below 0.5
+    assert m.opt.noise_factor == 3.0 and m.remedy(2) == {"noise_factor": 4.5}  # 4.5 eps = 0.45: still below 0.5
     m.set_options(**m.remedy(2))
-    assert m.remedy(3) == {"step_factor": 0.8}                                  # 6.75 eps = 0.675: too much
+    assert m.remedy(3) == {"step_factor": 0.8}  # 6.75 eps = 0.675: too much
 
 
 def test_an_epoch_at_chance_is_not_a_rollback_target():
@@ -313,8 +341,9 @@ def test_a_run_that_ended_stays_ended_on_resume_and_trains_on_only_when_asked(tm
     assert [r["epoch"] for r in guard.epoch_rows(logged(run_dir))] == [1, 2, 3, 4, 5, 6]
 
 
-@pytest.mark.parametrize("where", ["before its checkpoint is saved", "between the checkpoint and the metrics",
-                                   "after everything is saved"])
+@pytest.mark.parametrize(
+    "where", ["before its checkpoint is saved", "between the checkpoint and the metrics", "after everything is saved"]
+)
 @pytest.mark.parametrize("action", ["gave_up", "stop"])
 @needs_data
 def test_a_kill_on_the_way_out_resumes_to_the_same_ended_run(tmp_path, scripted, monkeypatch, action, where):
@@ -360,8 +389,10 @@ def test_a_kill_on_the_way_out_resumes_to_the_same_ended_run(tmp_path, scripted,
     assert not again.trained
     for run in (resumed, again):
         _same_weights(whole.model, run.model)
-    untimed = [[{k: v for k, v in r.items() if k != "epoch_time_s"} for r in logged(tmp_path / name)]
-               for name in ("whole", "killed")]
+    untimed = [
+        [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in logged(tmp_path / name)]
+        for name in ("whole", "killed")
+    ]
     assert untimed[0] == untimed[1]  # one gave_up / stop, no epoch trained twice
 
 
@@ -383,8 +414,9 @@ def _kill_at_epoch(monkeypatch, cfg, run_dir, at):
 
 @pytest.mark.parametrize("harm", ["deleted", "damaged"])
 @needs_data
-def test_a_lost_healthy_checkpoint_falls_back_to_the_checkpoint_of_that_epoch(tmp_path, scripted, monkeypatch,
-                                                                              capsys, harm):
+def test_a_lost_healthy_checkpoint_falls_back_to_the_checkpoint_of_that_epoch(
+    tmp_path, scripted, monkeypatch, capsys, harm
+):
     scripted.script = {4: "collapse: scripted"}
     cfg = tiny(tmp_path)
     whole = train(cfg, run_dir=tmp_path / "whole")
@@ -405,8 +437,9 @@ def test_a_lost_healthy_checkpoint_falls_back_to_the_checkpoint_of_that_epoch(tm
 
 
 @needs_data
-def test_with_no_healthy_state_on_disk_the_rollback_rebuilds_the_initial_weights_exactly(tmp_path, scripted,
-                                                                                       monkeypatch, capsys):
+def test_with_no_healthy_state_on_disk_the_rollback_rebuilds_the_initial_weights_exactly(
+    tmp_path, scripted, monkeypatch, capsys
+):
     # Nothing is ever healthy: epoch 2 is flagged and the run goes back to its initial weights,
     # which the epoch-0 snapshot holds; without it they are rebuilt from the seed, bit for bit.
     scripted.script = {2: "stuck: scripted"}
@@ -423,8 +456,7 @@ def test_with_no_healthy_state_on_disk_the_rollback_rebuilds_the_initial_weights
 
 
 @needs_data
-def test_a_healthy_epoch_no_file_holds_falls_back_to_an_older_one_and_says_so(tmp_path, scripted, monkeypatch,
-                                                                              capsys):
+def test_a_healthy_epoch_no_file_holds_falls_back_to_an_older_one_and_says_so(tmp_path, scripted, monkeypatch, capsys):
     # Only epoch 1 is healthy; at the flag of epoch 4 checkpoint.pt holds epoch 3 and the one before
     # it epoch 2: with checkpoint.healthy.pt gone, no file holds epoch 1, so the run restarts from
     # its initial weights, says so, and finishes.
@@ -443,8 +475,7 @@ def test_a_healthy_epoch_no_file_holds_falls_back_to_an_older_one_and_says_so(tm
 
 
 @needs_data
-def test_a_damaged_healthy_checkpoint_names_the_way_out_and_the_way_out_works(tmp_path, scripted, monkeypatch,
-                                                                              capsys):
+def test_a_damaged_healthy_checkpoint_names_the_way_out_and_the_way_out_works(tmp_path, scripted, monkeypatch, capsys):
     cfg = tiny(tmp_path, "train.epochs=3")
     _kill_at_epoch(monkeypatch, cfg, tmp_path / "r", 3)
     healthy = healthy_path(tmp_path / "r" / CHECKPOINT)

@@ -2,6 +2,7 @@
 loop: a collapse is caught and rolled back to the healthy epoch's state, the method's remedy is
 applied and the undone epochs are replayed; docs/own-code.md's block runs as written; a method's
 option changes are part of its state."""
+
 from __future__ import annotations
 
 import copy
@@ -24,6 +25,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "own-code.md"
 # tiny runs learn little: every unflagged epoch counts as healthy (the clean-accuracy floor has its own test)
 LENIENT = lambda verdict, monitor, row, n: not verdict["co"] and not monitor.pending  # noqa: E731
 
+
 def tiny_run(seed=0, n=48, method="atas"):
     torch.manual_seed(seed)
     x = torch.rand(n + 32, 1, 8, 8)
@@ -31,8 +33,11 @@ def tiny_run(seed=0, n=48, method="atas"):
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-    atk = atas.method(method, eps=0.1, num_samples=n, relative=True, warmup_epochs=0) if method == "atas" \
+    atk = (
+        atas.method(method, eps=0.1, num_samples=n, relative=True, warmup_epochs=0)
+        if method == "atas"
         else atas.method(method, eps=0.1, num_samples=n)
+    )
     loader = DataLoader(atas.IndexedDataset(TensorDataset(x[:n], y[:n])), batch_size=16, shuffle=True)
     return model, opt, sched, atk, loader, x[n:], y[n:]
 
@@ -55,7 +60,7 @@ class Injected:
     def __call__(self, model):
         row = self.probe(model)
         g = self.guard_ref[0]
-        if not g.events and len(g.rows) + 1 == self.at:   # the first pass's epoch `at`
+        if not g.events and len(g.rows) + 1 == self.at:  # the first pass's epoch `at`
             row.update(probe_pgd=0.0, probe_pgd_worst=0.0, probe_fgsm=min(1.0, row["probe_clean"] + 0.2))
         return row
 
@@ -65,8 +70,9 @@ def test_a_collapse_in_an_own_loop_is_rolled_back_remedied_and_replayed(monkeypa
     monkeypatch.setattr(guard_module, "is_healthy", LENIENT)
     model, opt, sched, atk, loader, x_val, y_val = tiny_run()
     ref = [None]
-    g = atas.Guard(model, opt, atk, probe=Injected(atas.Probe(x_val, y_val, eps=0.1, steps=3), ref, at=4),
-                   scheduler=sched)
+    g = atas.Guard(
+        model, opt, atk, probe=Injected(atas.Probe(x_val, y_val, eps=0.1, steps=3), ref, at=4), scheduler=sched
+    )
     ref[0] = g
     options_before = copy.deepcopy(atk.opt)
     seen, kept = [], {}
@@ -74,15 +80,25 @@ def test_a_collapse_in_an_own_loop_is_rolled_back_remedied_and_replayed(monkeypa
         seen.append(epoch)
         train_epoch(model, opt, atk, loader)
         sched.step()
-        state = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()),
-                 "sched": sched.state_dict(), "store": atk.store.delta.clone(), "epoch": atk.current_epoch}
+        state = {
+            "model": copy.deepcopy(model.state_dict()),
+            "opt": copy.deepcopy(opt.state_dict()),
+            "sched": sched.state_dict(),
+            "store": atk.store.delta.clone(),
+            "epoch": atk.current_epoch,
+        }
         result = g.end_epoch(epoch)
         if result["healthy"]:
             kept[epoch] = state
         if result["event"] is not None:  # the state right after the rollback
-            after = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()),
-                     "sched": sched.state_dict(), "store": atk.store.delta.clone(), "epoch": atk.current_epoch}
-    assert seen == [1, 2, 3, 4, 4, 5]                          # epoch 4 collapsed and was replayed
+            after = {
+                "model": copy.deepcopy(model.state_dict()),
+                "opt": copy.deepcopy(opt.state_dict()),
+                "sched": sched.state_dict(),
+                "store": atk.store.delta.clone(),
+                "epoch": atk.current_epoch,
+            }
+    assert seen == [1, 2, 3, 4, 4, 5]  # epoch 4 collapsed and was replayed
     (event,) = g.events
     assert event["event"] == "recovery" and event["epoch"] == 4 and event["rollback_to"] == 3
     assert "signature" in event["reason"] and event["replayed_epochs"] == 1
@@ -106,8 +122,14 @@ def test_the_guard_gives_up_and_the_loop_stops(monkeypatch):
     monkeypatch.setattr(guard_module, "is_healthy", LENIENT)
     model, opt, sched, atk, loader, x_val, y_val = tiny_run()
     ref = [None]
-    g = atas.Guard(model, opt, atk, probe=Injected(atas.Probe(x_val, y_val, eps=0.1, steps=2), ref, at=2),
-                   max_recoveries=0, verbose=False)
+    g = atas.Guard(
+        model,
+        opt,
+        atk,
+        probe=Injected(atas.Probe(x_val, y_val, eps=0.1, steps=2), ref, at=2),
+        max_recoveries=0,
+        verbose=False,
+    )
     ref[0] = g
     seen = []
     for epoch in g.epochs(5):
@@ -120,7 +142,7 @@ def test_the_guard_gives_up_and_the_loop_stops(monkeypatch):
 def test_a_run_that_never_learns_is_not_healthy_and_says_did_not_learn():
     assert guard_module.outcome([{"epoch": 1}], final_clean=0.12, chance=0.1) == "did not learn"
     recovered = [{"epoch": 1}, {"event": "recovery", "epoch": 1}]
-    assert guard_module.outcome(recovered, final_clean=0.13, chance=0.1) == "did not learn"   # never 'recovered'
+    assert guard_module.outcome(recovered, final_clean=0.13, chance=0.1) == "did not learn"  # never 'recovered'
     assert guard_module.outcome(recovered, final_clean=0.6, chance=0.1) == "recovered"
     assert guard_module.outcome([{"event": "gave_up"}], final_clean=0.6, chance=0.1) == "gave up"
     assert guard_module.outcome([], final_clean=0.6, chance=0.1) == "healthy"
@@ -142,8 +164,14 @@ def test_the_healthy_state_can_live_in_a_file_and_the_guard_state_round_trips(tm
     monkeypatch.setattr(guard_module, "is_healthy", LENIENT)
     model, opt, sched, atk, loader, x_val, y_val = tiny_run()
     ref = [None]
-    g = atas.Guard(model, opt, atk, probe=Injected(atas.Probe(x_val, y_val, eps=0.1, steps=2), ref, at=3),
-                   keep=tmp_path / "healthy.pt", verbose=False)
+    g = atas.Guard(
+        model,
+        opt,
+        atk,
+        probe=Injected(atas.Probe(x_val, y_val, eps=0.1, steps=2), ref, at=3),
+        keep=tmp_path / "healthy.pt",
+        verbose=False,
+    )
     ref[0] = g
     for epoch in g.epochs(3):
         train_epoch(model, opt, atk, loader)
@@ -163,7 +191,7 @@ def test_probe_checks_its_input_and_leaves_the_rng_alone():
         atas.Probe(torch.rand(8, 64), torch.zeros(8), eps=0.1)
     with pytest.raises(ValueError, match="pixels in"):
         atas.Probe(torch.rand(8, 1, 4, 4) * 255, torch.zeros(8), eps=0.1)
-    model, *_ , x_val, y_val = tiny_run()
+    model, *_, x_val, y_val = tiny_run()
     p = atas.Probe((x_val * 255).to(torch.uint8), y_val, eps="1/10", steps=2)
     state = torch.get_rng_state()
     row = p(model)
@@ -176,8 +204,17 @@ def test_the_documented_guard_block_runs(capsys):
     section = DOCS.read_text().split("### Catastrophic overfitting: the probe, the monitor and the guard", 1)[1]
     block = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], flags=re.S)[0]
     model, opt, sched, atk, loader, x_val, y_val = tiny_run()
-    scope = {"atas": atas, "model": model, "opt": opt, "sched": sched, "atk": atk, "loader": loader,
-             "device": "cpu", "x_val": x_val, "y_val": y_val}
+    scope = {
+        "atas": atas,
+        "model": model,
+        "opt": opt,
+        "sched": sched,
+        "atk": atk,
+        "loader": loader,
+        "device": "cpu",
+        "x_val": x_val,
+        "y_val": y_val,
+    }
     exec(compile(block, str(DOCS), "exec"), scope)
     assert scope["guard"].outcome in guard_module.OUTCOMES and atk.current_epoch >= 1
     assert len(guard_module.epoch_rows(scope["guard"].rows)) == atk.current_epoch
@@ -204,8 +241,8 @@ def test_set_options_survives_state_dict_and_a_differing_load_says_so(tmp_path):
     same = atas.FGSMRS(eps=0.2, alpha_factor=1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        same.load_state_dict(f.state_dict())               # nothing differs: silent
-    old = {k: v for k, v in f.state_dict().items() if k != "options"}   # saved before options were kept
+        same.load_state_dict(f.state_dict())  # nothing differs: silent
+    old = {k: v for k, v in f.state_dict().items() if k != "options"}  # saved before options were kept
     h = atas.FGSMRS(eps=0.2)
     h.load_state_dict(old)
     assert h.opt.alpha_factor == 1.25

@@ -1,6 +1,7 @@
 """The ImageNet path end to end on a tiny ImageFolder tree: DataLoader workers' output resized to the
 256 frame, paired 224 crop + flip on the device, the prior stored at 32x32 fp16 (as the official
 code) and really updated (official defect 2)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,10 +27,20 @@ def imagenet_tree(tmp_path):
 
 
 def test_imagenet_path_updates_the_low_resolution_prior(imagenet_tree, tmp_path):
-    cfg = load_config("imagenet-rn18-eps4", [
-        f"data.data_dir={imagenet_tree}", "data.num_workers=0", "train.batch_size=4", "train.epochs=1",
-        "train.probe_size=0", "train.progress=false", "eval.at_end=false", "method.warmup_epochs=0",
-        f"out_dir={tmp_path}"])
+    cfg = load_config(
+        "imagenet-rn18-eps4",
+        [
+            f"data.data_dir={imagenet_tree}",
+            "data.num_workers=0",
+            "train.batch_size=4",
+            "train.epochs=1",
+            "train.probe_size=0",
+            "train.progress=false",
+            "eval.at_end=false",
+            "method.warmup_epochs=0",
+            f"out_dir={tmp_path}",
+        ],
+    )
     torch.manual_seed(0)
     run = train(cfg, run_dir=tmp_path / "r")
     store = run.store

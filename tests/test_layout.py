@@ -2,6 +2,7 @@
 "a module imports only modules listed above it (the import graph has no cycle, not even through an
 import inside a function)". Both are checked here from the source (every import statement, at any
 depth), so a new module or import that breaks the order fails with the pair that breaks it."""
+
 from __future__ import annotations
 
 import ast
@@ -55,13 +56,6 @@ def _imports(path: Path, name: str, known: set[str]) -> set[str]:
     return {m for m in found if m in known and m != name}
 
 
-# README.md is the coordinator's to edit: its Layout block gets the lines of this branch's report
-# (atas/errors.py, atas/linearity.py, atas/external_eval.py; no atas/evaluate.py, atas/benchmark.py;
-# atas/report.py above atas/sweep.py, which imports it). Then these two marks go.
-README_PENDING = pytest.mark.xfail(strict=True, reason="README Layout lines pending (house's report): remove this mark")
-
-
-@README_PENDING
 def test_every_module_is_in_the_readme_layout_and_every_listed_one_exists():
     listed, modules = _layout(), _modules()
     assert len(listed) == len(set(listed)), "a module is listed twice"
@@ -69,9 +63,6 @@ def test_every_module_is_in_the_readme_layout_and_every_listed_one_exists():
     assert sorted(set(listed) - set(modules)) == [], "README's Layout block lists modules that do not exist"
 
 
-@pytest.mark.xfail(strict=True, reason="README Layout lines pending (house's report), and main's import cycles through "
-                   "function-level imports: atas.checkpoint -> atas.rundir (fresh_start_command) -> atas.checkpoint, "
-                   "and atas.store -> atas.checkpoint -> atas.rundir -> atas.config -> ... -> atas.store")
 def test_a_module_imports_only_modules_listed_above_it():
     listed, modules = _layout(), _modules()
     order = {name: i for i, name in enumerate(listed)}
@@ -100,6 +91,9 @@ def test_no_two_public_names_of_the_package_mean_different_things(kind):
     modules = set(_modules())
     import atas
 
-    shadowed = [f"atas.{attr}" for attr in dir(atas) if f"atas.{attr}" in modules
-                and not isinstance(getattr(atas, attr), type(atas))]
+    shadowed = [
+        f"atas.{attr}"
+        for attr in dir(atas)
+        if f"atas.{attr}" in modules and not isinstance(getattr(atas, attr), type(atas))
+    ]
     assert shadowed == [], "a module whose name the package's __init__ rebinds to something else"

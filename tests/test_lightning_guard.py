@@ -1,6 +1,7 @@
 """The guard inside Lightning (atas.lightning.AdversarialTraining(probe=...)): a collapse in a
 LightningModule is caught by the probe and the monitor, rolled back to the healthy epoch's state,
 remedied and replayed; the record and the healthy state travel in Lightning's checkpoint."""
+
 from __future__ import annotations
 
 import copy
@@ -19,6 +20,7 @@ import atas.lightning  # noqa: E402
 # tiny runs learn little: every unflagged epoch counts as healthy (the clean-accuracy floor has its own test)
 LENIENT = lambda verdict, monitor, row, n: not verdict["co"] and not monitor.pending  # noqa: E731
 
+
 def data(n=48, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n + 32, 1, 8, 8, generator=g)
@@ -31,7 +33,7 @@ class Lit(L.LightningModule):
         super().__init__()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
         self.atk = atas.ATAS(eps=0.1, num_samples=n, relative=True, warmup_epochs=0)
-        self.ends = []   # (method epoch, weights, store) at each epoch's end, after the guard's decision
+        self.ends = []  # (method epoch, weights, store) at each epoch's end, after the guard's decision
 
     def forward(self, x):
         return self.net(x)
@@ -41,8 +43,14 @@ class Lit(L.LightningModule):
         return self.atk.loss(self, self.atk.perturb(self, x, y, idx), y, x)
 
     def on_train_epoch_end(self):
-        self.ends.append((self.atk.current_epoch, copy.deepcopy(self.net.state_dict()), self.atk.store.delta.clone(),
-                          copy.deepcopy(self.trainer.optimizers[0].state_dict())))
+        self.ends.append(
+            (
+                self.atk.current_epoch,
+                copy.deepcopy(self.net.state_dict()),
+                self.atk.store.delta.clone(),
+                copy.deepcopy(self.trainer.optimizers[0].state_dict()),
+            )
+        )
 
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
@@ -70,9 +78,17 @@ def fit(tmp_path, max_epochs, at=3, ckpt_path=None, checkpoint=False):
     loader = DataLoader(atas.IndexedDataset(TensorDataset(x[:48], y[:48])), batch_size=16, shuffle=True)
     callback = atas.lightning.AdversarialTraining(seed=0)
     callback.probe = Injected(atas.Probe(x[48:], y[48:], eps=0.1, steps=2), callback, at)
-    trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=checkpoint, default_root_dir=tmp_path,
-                        callbacks=[callback])
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=checkpoint,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+    )
     trainer.fit(model, loader, ckpt_path=ckpt_path)
     return model, callback, trainer
 
@@ -90,7 +106,7 @@ def test_a_collapse_in_a_lightning_module_is_rolled_back_remedied_and_replayed(t
     assert "signature" in event["reason"] and event["changes"] == {"step_scale": 0.75}
     # method epochs 1, 2, 3 (collapsed, rolled back to 2: the state at its end is epoch 2's), 3 again, 4
     assert [e[0] for e in model.ends] == [1, 2, 2, 3, 4]
-    assert trainer.current_epoch == 5 and model.atk.current_epoch == 4   # max_epochs grew by the replayed epoch
+    assert trainer.current_epoch == 5 and model.atk.current_epoch == 4  # max_epochs grew by the replayed epoch
     _, healthy_w, healthy_store, healthy_opt = model.ends[1]
     _, after_w, after_store, after_opt = model.ends[2]
     for name, w in healthy_w.items():
@@ -122,7 +138,14 @@ def test_without_a_probe_the_callback_is_unchanged(tmp_path):
     x, y = data()
     model = Lit(48)
     callback = atas.lightning.AdversarialTraining(seed=0)
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, callbacks=[callback])
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[callback],
+    )
     trainer.fit(model, DataLoader(atas.IndexedDataset(TensorDataset(x[:48], y[:48])), batch_size=16))
     assert callback.guard is None and [e[0] for e in model.ends] == [1, 2]

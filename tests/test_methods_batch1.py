@@ -1,6 +1,7 @@
 """Methods of batch 1 (FGSM-AT, ConvergeSmooth on FGSM-RS / FGSM-MEP, ZeroGrad, MultiGrad, N-/RS-AAER):
 each step against a hand computation of its paper's formula on a tiny model, option checks, and
 bit-exact continuation of the methods that carry state from a checkpoint."""
+
 from __future__ import annotations
 
 import io
@@ -16,7 +17,7 @@ from atas.config import ConfigError, load_config
 from atas.methods import BatchState, get_method
 from atas.methods.aaer import NAAER, RSAAER, aaer_penalty
 from atas.methods.converge_smooth import FGSMMEPCS, FGSMRSCS, soft_targets
-from atas.methods.fgsm import FGSM
+from atas.methods.fgsm import FGSMAT
 from atas.methods.fgsm_pgi import FGSMPGI, smoothed_ce
 from atas.methods.fgsm_rs import FGSMRS
 from atas.methods.n_fgsm import NFGSM
@@ -84,6 +85,7 @@ def project(x_adv, x, eps):
 @pytest.mark.parametrize("name", BATCH1)
 def test_registered_exported_and_contract_attributes(name):
     import atas
+
     cls = get_method(name)
     assert getattr(atas, cls.__name__) is cls
     assert cls.label and cls.cost and len(cls.passes) == 2
@@ -94,30 +96,47 @@ def test_registered_exported_and_contract_attributes(name):
     assert x_adv.shape == x.shape and not x_adv.requires_grad and 0 <= x_adv.min() and x_adv.max() <= 1
     loss, logits = method.training_loss(model, x_adv, y, x, st)
     assert torch.isfinite(loss) and logits.shape == (B, 10)
-    loss.backward()   # the training loss reaches the parameters
+    loss.backward()  # the training loss reaches the parameters
     assert all(p.grad is not None for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", BATCH1)
 def test_unknown_option_rejected_and_defaults_complete(name):
     import dataclasses
+
     cfg = load_config("fmnist", [f"method.name={name}"])
     assert sorted(cfg.method.args) == sorted(f.name for f in dataclasses.fields(get_method(name).Options))
     with pytest.raises(ConfigError, match="method.no_such_option"):
         load_config("fmnist", [f"method.name={name}", "method.no_such_option=1"])
 
 
-@pytest.mark.parametrize("name, option, value", [
-    ("fgsm", "alpha_factor", 0.0), ("fgsm", "bn_mode", "test"),
-    ("zerograd", "q", 1.0), ("zerograd", "q", -0.1), ("zerograd", "alpha_factor", -1.0),
-    ("multigrad", "samples", 0), ("multigrad", "threshold", 4), ("multigrad", "bn_mode", "none"),
-    ("n_aaer", "lam1", -1.0), ("n_aaer", "lam2", float("inf")), ("n_aaer", "bn_mode", "x"),
-    ("rs_aaer", "lam3", -0.5), ("rs_aaer", "alpha_factor", 0.0),
-    ("fgsm_rs_cs", "gamma", 0.0), ("fgsm_rs_cs", "ratio", 0.5), ("fgsm_rs_cs", "w2", -1.0),
-    ("fgsm_rs_cs", "stride", -1), ("fgsm_rs_cs", "ls_factor", 0.0),
-    ("fgsm_mep_cs", "gamma", -1.0), ("fgsm_mep_cs", "stride", -2), ("fgsm_mep_cs", "label_smoothing", 1.5),
-    ("fgsm_mep_cs", "momentum_decay", -1.0),
-])
+@pytest.mark.parametrize(
+    "name, option, value",
+    [
+        ("fgsm", "alpha_factor", 0.0),
+        ("fgsm", "bn_mode", "test"),
+        ("zerograd", "q", 1.0),
+        ("zerograd", "q", -0.1),
+        ("zerograd", "alpha_factor", -1.0),
+        ("multigrad", "samples", 0),
+        ("multigrad", "threshold", 4),
+        ("multigrad", "bn_mode", "none"),
+        ("n_aaer", "lam1", -1.0),
+        ("n_aaer", "lam2", float("inf")),
+        ("n_aaer", "bn_mode", "x"),
+        ("rs_aaer", "lam3", -0.5),
+        ("rs_aaer", "alpha_factor", 0.0),
+        ("fgsm_rs_cs", "gamma", 0.0),
+        ("fgsm_rs_cs", "ratio", 0.5),
+        ("fgsm_rs_cs", "w2", -1.0),
+        ("fgsm_rs_cs", "stride", -1),
+        ("fgsm_rs_cs", "ls_factor", 0.0),
+        ("fgsm_mep_cs", "gamma", -1.0),
+        ("fgsm_mep_cs", "stride", -2),
+        ("fgsm_mep_cs", "label_smoothing", 1.5),
+        ("fgsm_mep_cs", "momentum_decay", -1.0),
+    ],
+)
 def test_check_options_rejects_bad_values(name, option, value):
     cls = get_method(name)
     with pytest.raises(ConfigError, match=f"method.{option}"):
@@ -142,10 +161,10 @@ def test_fgsm_rs_and_n_fgsm_split_into_start_and_step_is_the_same_attack():
 # ---------------------------------------------------------------- FGSM-AT
 def test_fgsm_step_and_loss_by_hand():
     model, (x, y) = tiny_net(), batch()
-    m = FGSM(EPS)
+    m = FGSMAT(EPS)
     assert m.opt.alpha_factor == 1.0 and m.passes_per_step() == (2, 2)
     x_adv = m.attack(model, x, y, state())
-    expected = (x + EPS * mean_ce_grad(model, x, y).sign()).clamp(0, 1)   # from x, no random start
+    expected = (x + EPS * mean_ce_grad(model, x, y).sign()).clamp(0, 1)  # from x, no random start
     assert torch.equal(x_adv, expected)
     loss, _ = m.training_loss(model, x_adv, y, x, state())
     assert loss.item() == pytest.approx(F.cross_entropy(model(expected), y).item(), rel=1e-6)
@@ -189,12 +208,12 @@ def test_multigrad_consensus_step_and_loss_by_hand():
     x_adv = m.attack(model, x, y, state())
     torch.manual_seed(11)
     signs = []
-    for _ in range(3):   # three draws in a row, as the method makes them
+    for _ in range(3):  # three draws in a row, as the method makes them
         x_s = (x + (torch.rand_like(x) * 2 - 1) * EPS).clamp(0, 1)
         signs.append(mean_ce_grad(model, x_s, y).sign())
     votes = sum(signs)
     unanimous = torch.where(votes.abs() < 3, torch.zeros_like(votes), votes)
-    expected = project(x + 2 * EPS * unanimous.sign(), x, EPS)   # from x (delta = 0), step cut to eps
+    expected = project(x + 2 * EPS * unanimous.sign(), x, EPS)  # from x (delta = 0), step cut to eps
     assert torch.equal(x_adv, expected)
     assert torch.allclose(m.stats["zeroed"], (unanimous == 0).flatten(1).float().mean(1))
     assert 0 < m.stats["zeroed"].mean() < 1
@@ -243,7 +262,7 @@ def test_aaer_attack_is_its_base_and_loss_matches_official_formula(cls, base):
     assert loss.item() == pytest.approx(F.cross_entropy(logits, y).item() + reg.item(), rel=1e-5)
     assert m.stats["abnormal"].sum().item() == n_ab
     with pytest.raises(RuntimeError, match="perturb"):
-        m.training_loss(model, x_adv, y, x, state(64))   # the attack's logits are used once
+        m.training_loss(model, x_adv, y, x, state(64))  # the attack's logits are used once
 
 
 def test_aaer_defaults_follow_the_official_commands():
@@ -255,10 +274,10 @@ def test_aaer_defaults_follow_the_official_commands():
 def test_aaer_penalty_is_zero_without_both_kinds_and_gradient_raises_abnormal_loss():
     y = torch.tensor([0, 1])
     start = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
-    up = torch.tensor([[-1.0, 1.0], [1.0, -1.0]])      # both losses rise: all normal
+    up = torch.tensor([[-1.0, 1.0], [1.0, -1.0]])  # both losses rise: all normal
     reg, ab = aaer_penalty(start, up, y, 1.0, 1.0, 1.0)
     assert reg.item() == 0 and ab.sum() == 0
-    adv = torch.tensor([[1.0, -1.0], [1.0, -1.0]], requires_grad=True)   # sample 0 abnormal, 1 normal
+    adv = torch.tensor([[1.0, -1.0], [1.0, -1.0]], requires_grad=True)  # sample 0 abnormal, 1 normal
     reg, ab = aaer_penalty(start, adv, y, 1.0, 2.0, 0.0)
     assert ab.tolist() == [1.0, 0.0]
     l0, l1 = math.log(2), math.log(1 + math.exp(-2))
@@ -280,7 +299,7 @@ def test_rs_cs_step_by_hand_no_projection_by_default():
     torch.manual_seed(2)
     x_adv = m.attack(model, x, y, state())
     x0 = uniform(x, EPS, 2)
-    expected = (x0 + EPS * mean_ce_grad(model, x0, y).sign()).clamp(0, 1)   # official: no eps ball
+    expected = (x0 + EPS * mean_ce_grad(model, x0, y).sign()).clamp(0, 1)  # official: no eps ball
     assert torch.equal(x_adv, expected)
     assert (x_adv - x).abs().max() > EPS + 1e-6
     torch.manual_seed(2)
@@ -298,9 +317,12 @@ def test_rs_cs_loss_by_hand(offset, sign):
     x0 = uniform(x, EPS, 4)
     targets = soft_targets(y, 10, 0.6)
     assert torch.allclose(targets.sum(1), torch.ones(B)) and targets[0, y[0]] == pytest.approx(0.6)
-    ls_ce = lambda logits: -(targets * F.log_softmax(logits, 1)).sum(1).mean()   # the official LabelSmoothLoss
+
+    def ls_ce(logits):  # the official LabelSmoothLoss
+        return -(targets * F.log_softmax(logits, 1)).sum(1).mean()
+
     normal = ls_ce(model(x0)).item()
-    set_cs(m, normal - offset, 0.01)   # tau = clip(0.01, 0.03, 0.03) = 0.03
+    set_cs(m, normal - offset, 0.01)  # tau = clip(0.01, 0.03, 0.03) = 0.03
     loss, logits = m.training_loss(model, x_adv, y, x, state(epoch=5))
     expected = ls_ce(model(x_adv)).item() + 0.5 * sign * normal
     assert loss.item() == pytest.approx(expected, rel=1e-5)
@@ -309,8 +331,15 @@ def test_rs_cs_loss_by_hand(offset, sign):
 
 def test_cs_band_is_clipped_beta_and_window_follows_stride():
     m = FGSMRSCS(EPS, epochs=10, gamma=0.1, ratio=4.0)
-    for beta, diff, fired in [(0.0, 0.03, True), (0.0, 0.02, False), (0.05, 0.04, False), (0.05, 0.06, True),
-                              (1.0, 0.09, False), (1.0, 0.11, True), (-1.0, 0.026, True)]:
+    for beta, diff, fired in [
+        (0.0, 0.03, True),
+        (0.0, 0.02, False),
+        (0.05, 0.04, False),
+        (0.05, 0.06, True),
+        (1.0, 0.09, False),
+        (1.0, 0.11, True),
+        (-1.0, 0.026, True),
+    ]:
         set_cs(m, 1.0, beta)
         m.smoothness(torch.tensor(1.0 + diff), 4, epoch=5)
         assert bool(m.stats["cs_active"][0]) == fired, (beta, diff)
@@ -324,12 +353,12 @@ def test_cs_epoch_means_and_beta_follow_the_official_bookkeeping():
     m.start_epoch(1)
     for loss, n in [(2.0, 2), (1.0, 6)]:
         m.smoothness(torch.tensor(loss), n, epoch=1)
-    m.start_epoch(2)   # L_1 = (4 + 6) / 8 = 1.25, beta = 1.25 - 0
+    m.start_epoch(2)  # L_1 = (4 + 6) / 8 = 1.25, beta = 1.25 - 0
     assert m._cs["prev_mean"].item() == pytest.approx(1.25) and m._cs["beta"].item() == pytest.approx(1.25)
     m.smoothness(torch.tensor(1.0), 4, epoch=2)
-    m.start_epoch(2)   # the same epoch again (a resume): nothing rolls over
+    m.start_epoch(2)  # the same epoch again (a resume): nothing rolls over
     assert m._cs["prev_mean"].item() == pytest.approx(1.25)
-    m.start_epoch(3)   # L_2 = 1.0, beta = 1.0 - 1.25
+    m.start_epoch(3)  # L_2 = 1.0, beta = 1.0 - 1.25
     assert m._cs["prev_mean"].item() == pytest.approx(1.0) and m._cs["beta"].item() == pytest.approx(-0.25)
 
 
@@ -363,25 +392,38 @@ def train_steps(method, model, opt, data, epochs):
             opt.step()
 
 
-@pytest.mark.parametrize("name, options", [("fgsm_rs_cs", {"stride": 0, "gamma": 0.001}),
-                                           ("fgsm_mep_cs", {"stride": 0, "gamma": 0.001, "lam": 1.0})])
+@pytest.mark.parametrize(
+    "name, options",
+    [("fgsm_rs_cs", {"stride": 0, "gamma": 0.001}), ("fgsm_mep_cs", {"stride": 0, "gamma": 0.001, "lam": 1.0})],
+)
 def test_checkpoint_mid_run_continues_bit_exactly(name, options):
     """state_dict after 2 epochs, loaded (weights_only) into a fresh object: epochs 3-4 identical."""
     cls = get_method(name)
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(48, 1, 8, 8, generator=g), torch.randint(0, 10, (48,), generator=g)
-    data = [(x[i:i + 16], y[i:i + 16], torch.arange(i, i + 16)) for i in range(0, 48, 16)]
+    data = [(x[i : i + 16], y[i : i + 16], torch.arange(i, i + 16)) for i in range(0, 48, 16)]
 
     def fresh():
         model = tiny_net(0)
-        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), cls(0.1, num_samples=48, epochs=4, **options)
+        return (
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+            cls(0.1, num_samples=48, epochs=4, **options),
+        )
 
     model, opt, method = fresh()
     torch.manual_seed(1)
     train_steps(method, model, opt, data, 2)
     buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "method": method.state_dict(),
-                "rng": torch.get_rng_state()}, buf)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "method": method.state_dict(),
+            "rng": torch.get_rng_state(),
+        },
+        buf,
+    )
     train_steps(method, model, opt, data, 2)
     assert method.stats["cs_active"].sum() > 0, "the constraint must have fired in the continued epochs"
 
@@ -404,7 +446,7 @@ def test_checkpoint_mid_run_continues_bit_exactly(name, options):
 
 
 # ---------------------------------------------------------------- end to end
-from conftest import needs_fmnist  # noqa: E402
+from tests.helpers import needs_fmnist  # noqa: E402
 
 
 @needs_fmnist
@@ -412,10 +454,24 @@ from conftest import needs_fmnist  # noqa: E402
 def test_short_training_run(tmp_path, name):
     from atas.trainer import train
 
-    cfg = load_config("fmnist", [f"method.name={name}", "data.subset=256", "train.epochs=1", "train.batch_size=64",
-                                 "model.arch=wong_cnn", "train.probe_size=64", "train.probe_steps=2",
-                                 "train.co_action=keep_best", "train.progress=false", "eval.at_end=false",
-                                 f"out_dir={tmp_path}", "train.device=cpu", "train.max_steps=2"])
+    cfg = load_config(
+        "fmnist",
+        [
+            f"method.name={name}",
+            "data.subset=256",
+            "train.epochs=1",
+            "train.batch_size=64",
+            "model.arch=wong_cnn",
+            "train.probe_size=64",
+            "train.probe_steps=2",
+            "train.co_action=keep_best",
+            "train.progress=false",
+            "eval.at_end=false",
+            f"out_dir={tmp_path}",
+            "train.device=cpu",
+            "train.max_steps=2",
+        ],
+    )
     run = train(cfg)
     assert len(run.metrics) == 1 and run.metrics[0]["step"] == 2
     assert math.isfinite(run.metrics[0]["train_loss"])
@@ -428,10 +484,22 @@ def test_training_run_resumes_exactly_through_the_constraint(tmp_path, name):
     constraint, on from epoch 2 with stride 0, reads the epoch means carried in the checkpoint)."""
     from atas.trainer import train
 
-    common = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=256", "train.batch_size=64",
-              "train.probe_size=64", "train.probe_steps=2", "train.progress=false", "eval.at_end=false",
-              "train.deterministic=true", f"method.name={name}", "method.eps=0.1", "method.stride=0",
-              "method.gamma=0.001", f"out_dir={tmp_path}"]
+    common = [
+        "model.arch=wong_cnn",
+        "train.co_action=keep_best",
+        "data.subset=256",
+        "train.batch_size=64",
+        "train.probe_size=64",
+        "train.probe_steps=2",
+        "train.progress=false",
+        "eval.at_end=false",
+        "train.deterministic=true",
+        f"method.name={name}",
+        "method.eps=0.1",
+        "method.stride=0",
+        "method.gamma=0.001",
+        f"out_dir={tmp_path}",
+    ]
     full = train(load_config("fmnist", common + ["train.epochs=3"]), run_dir=tmp_path / "full")
     assert all(math.isfinite(r["train_loss"]) for r in full.metrics)
     train(load_config("fmnist", common + ["train.epochs=2"]), run_dir=tmp_path / "half")

@@ -1,5 +1,6 @@
 """GAT, NuAT, SSAT and LIET: each step against a hand computation of its paper's formula on a tiny
 model, their schedules, bit-exact continuation from a saved state, and option checks."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,11 @@ BATCH2 = ["gat", "nuat", "ssat", "liet"]
 
 def tiny_net(seed=0, bn=False):
     torch.manual_seed(seed)
-    layers = [nn.Conv2d(1, 4, 3, padding=1)] + ([nn.BatchNorm2d(4)] if bn else []) + [
-        nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)]
+    layers = (
+        [nn.Conv2d(1, 4, 3, padding=1)]
+        + ([nn.BatchNorm2d(4)] if bn else [])
+        + [nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)]
+    )
     return nn.Sequential(*layers)
 
 
@@ -71,13 +75,30 @@ def test_registered_exported_and_every_option_checked(name):
 
 
 BAD_OPTIONS = [
-    ("gat", "lam", -1.0), ("gat", "lam", float("inf")), ("gat", "lam_boost", 0.0), ("gat", "lam_boost_at", 1.0),
-    ("gat", "init_factor", 1.5), ("gat", "step_factor", 0.0), ("gat", "bn_mode", "test"),
-    ("nuat", "lam", -0.1), ("nuat", "lam_ramp", 1.5), ("nuat", "init_factor", -0.5), ("nuat", "step_factor", 3.0),
+    ("gat", "lam", -1.0),
+    ("gat", "lam", float("inf")),
+    ("gat", "lam_boost", 0.0),
+    ("gat", "lam_boost_at", 1.0),
+    ("gat", "init_factor", 1.5),
+    ("gat", "step_factor", 0.0),
+    ("gat", "bn_mode", "test"),
+    ("nuat", "lam", -0.1),
+    ("nuat", "lam_ramp", 1.5),
+    ("nuat", "init_factor", -0.5),
+    ("nuat", "step_factor", 3.0),
     ("nuat", "bn_mode", "x"),
-    ("ssat", "alpha_factor", 0.0), ("ssat", "c", 1), ("ssat", "c", 2.5), ("ssat", "bn_mode", "x"),
-    ("liet", "lam", -1.0), ("liet", "lam_ramp", -0.1), ("liet", "min_mask_ratio", 0.6), ("liet", "max_mask_ratio", 1.5),
-    ("liet", "noise_factor", -1.0), ("liet", "li_every", 0), ("liet", "label_smoothing", 0.4), ("liet", "ls", 1.0),
+    ("ssat", "alpha_factor", 0.0),
+    ("ssat", "c", 1),
+    ("ssat", "c", 2.5),
+    ("ssat", "bn_mode", "x"),
+    ("liet", "lam", -1.0),
+    ("liet", "lam_ramp", -0.1),
+    ("liet", "min_mask_ratio", 0.6),
+    ("liet", "max_mask_ratio", 1.5),
+    ("liet", "noise_factor", -1.0),
+    ("liet", "li_every", 0),
+    ("liet", "label_smoothing", 0.4),
+    ("liet", "ls", 1.0),
 ]
 
 
@@ -85,7 +106,7 @@ BAD_OPTIONS = [
 def test_check_options_rejects_bad_values_naming_the_option(name, option, value):
     cls = get_method(name)
     with pytest.raises(ConfigError, match=f"method.{option}"):
-        cls(EPS, cls.Options(**{option: value}))     # as the config's validation runs it
+        cls(EPS, cls.Options(**{option: value}))  # as the config's validation runs it
 
 
 @pytest.mark.parametrize("name", BATCH2)
@@ -106,10 +127,10 @@ def test_step_stays_in_the_ball_and_trains(name):
 # ---------------------------------------------------------------- GAT
 def test_gat_step_and_loss_match_the_formula():
     model, (x, y) = sharp_net(), batch()
-    eps, lam = 0.1, 50.0          # so that the guided step differs visibly from the plain one
+    eps, lam = 0.1, 50.0  # so that the guided step differs visibly from the plain one
     method = GAT(eps, lam=lam, lam_boost_at=None)
     p_clean = F.softmax(model(x), 1).detach()
-    for t in (0, 1):                       # t = 0: cross-entropy only; t = 1: with the relaxation term
+    for t in (0, 1):  # t = 0: cross-entropy only; t = 1: with the relaxation term
         torch.manual_seed(10 + t)
         x_adv = method.attack(model, x, y, state())
         torch.manual_seed(10 + t)
@@ -137,13 +158,18 @@ def test_gat_step_and_loss_match_the_formula():
 
 def test_gat_lambda_boost_by_fraction_of_the_run_and_alternation_option():
     method = GAT(EPS, epochs=100)
-    assert [method.lam_at(e) for e in (1, 86, 87, 100)] == [10.0, 10.0, 40.0, 40.0]  # official: x4 after epoch 85 (0-based)
+    assert [method.lam_at(e) for e in (1, 86, 87, 100)] == [
+        10.0,
+        10.0,
+        40.0,
+        40.0,
+    ]  # official: x4 after epoch 85 (0-based)
     assert GAT(EPS, epochs=10).lam_at(10) == 40.0 and GAT(EPS, epochs=10).lam_at(9) == 10.0
-    assert GAT(EPS).lam_at(1000) == 10.0                          # unknown run length: no boost
+    assert GAT(EPS).lam_at(1000) == 10.0  # unknown run length: no boost
     model, (x, y) = sharp_net(), batch()
     every = GAT(EPS, lam=50.0, alternate=False)
     torch.manual_seed(3)
-    guided = every.attack(model, x, y, state())                   # t = 0, guided without alternation
+    guided = every.attack(model, x, y, state())  # t = 0, guided without alternation
     alternating = GAT(EPS, lam=50.0)
     torch.manual_seed(3)
     assert not torch.equal(guided, alternating.attack(model, x, y, state()))
@@ -153,7 +179,7 @@ def test_gat_lambda_boost_by_fraction_of_the_run_and_alternation_option():
 def test_nuat_step_and_loss_match_the_formula():
     model, (x, y) = tiny_net(), batch()
     lam = 4.5
-    method = NuAT(EPS)                                            # epochs unknown: lam from the start
+    method = NuAT(EPS)  # epochs unknown: lam from the start
     logits_clean = model(x).detach()
 
     def nuclear(a, b):
@@ -164,7 +190,9 @@ def test_nuat_step_and_loss_match_the_formula():
         x_adv = method.attack(model, x, y, state())
         torch.manual_seed(20 + t)
         x0 = (x + 0.5 * EPS * torch.sign(0.5 - torch.rand_like(x))).clamp(0, 1)
-        grad = input_gradient(lambda z, t=t: F.cross_entropy(model(z), y) + t * lam * nuclear(model(z), logits_clean), x0)
+        grad = input_gradient(
+            lambda z, t=t: F.cross_entropy(model(z), y) + t * lam * nuclear(model(z), logits_clean), x0
+        )
         torch.testing.assert_close(x_adv, project(x0 + EPS * grad.sign(), x, EPS))
         loss, _ = method.training_loss(model, x_adv, y, x, state())
         expected = F.cross_entropy(model(x), y) + lam * nuclear(model(x_adv), model(x))
@@ -177,8 +205,8 @@ def test_nuat_step_and_loss_match_the_formula():
 def test_nuat_lambda_ramps_linearly_over_the_run():
     method = NuAT(EPS, epochs=100)
     assert method.lam_at(1) == 0.0 and method.lam_at(91) == pytest.approx(4.5) and method.lam_at(100) == 4.5
-    assert method.lam_at(46) == pytest.approx(4.5 * 45 / 90)       # official: += 4.5 / 90 after each epoch
-    bench = NuAT(EPS, epochs=100, lam=4.0, lam_ramp=1.0)          # the FastAT benchmark's schedule
+    assert method.lam_at(46) == pytest.approx(4.5 * 45 / 90)  # official: += 4.5 / 90 after each epoch
+    bench = NuAT(EPS, epochs=100, lam=4.0, lam_ramp=1.0)  # the FastAT benchmark's schedule
     assert bench.lam_at(100) == pytest.approx(3.96)
     assert NuAT(EPS, epochs=10, lam_ramp=0.0).lam_at(1) == 4.5
     # while lam_e = 0 the loss is the clean cross-entropy alone
@@ -190,15 +218,19 @@ def test_nuat_lambda_ramps_linearly_over_the_run():
 
 # ---------------------------------------------------------------- SSAT
 def test_first_fooling_checkpoint_by_hand():
-    wrong = torch.tensor([[True, False, False, True],     # k = 1
-                          [False, True, False, True]])    # k = 2 (c = 3)
+    wrong = torch.tensor(
+        [
+            [True, False, False, True],  # k = 1
+            [False, True, False, True],
+        ]
+    )  # k = 2 (c = 3)
     correct = torch.tensor([True, True, True, False])
     assert first_fooling_checkpoint(correct, wrong).tolist() == [1, 2, 3, 0]
 
 
 def test_ssat_step_matches_the_per_sample_rule():
     model, (x, y) = tiny_net(), batch(64)
-    eps, c = 0.3, 3                                         # a radius where the checkpoints disagree
+    eps, c = 0.3, 3  # a radius where the checkpoints disagree
     method = SSAT(eps, c=c)
     torch.manual_seed(5)
     x_adv = method.attack(model, x, y, state(n=64))
@@ -209,7 +241,7 @@ def test_ssat_step_matches_the_per_sample_rule():
     delta = x_fgsm - x
     start_right = model(x0).argmax(1) == y
     chosen = []
-    for i in range(len(x)):                                 # the rule, one sample at a time
+    for i in range(len(x)):  # the rule, one sample at a time
         if not start_right[i]:
             k, expected = 0, x[i]
         else:
@@ -244,7 +276,7 @@ def test_random_smoothed_ce_and_js_by_hand():
     assert torch.allclose(targets.sum(1), torch.ones(6))
     assert got.item() == pytest.approx(-(targets * logits.log_softmax(1)).sum(1).mean().item(), rel=1e-6)
     assert random_smoothed_ce(logits, y, 0.0).item() == pytest.approx(F.cross_entropy(logits, y).item())
-    even = F.cross_entropy(logits, y, label_smoothing=0.6 * 5 / 4)      # torch's s = ls K / (K - 1)
+    even = F.cross_entropy(logits, y, label_smoothing=0.6 * 5 / 4)  # torch's s = ls K / (K - 1)
     assert random_smoothed_ce(logits, y, 0.6, random=False).item() == pytest.approx(even.item(), rel=1e-6)
     # train.label_smoothing does not reach LIET (its own smoothing), but does reach GAT
     assert load_config("fmnist", ["method.name=liet", "train.label_smoothing=0.4"]).method.args["ls"] == 0.6
@@ -262,8 +294,7 @@ def test_random_smoothed_ce_and_js_by_hand():
 def test_liet_step_and_loss_match_the_formula(mask):
     model, (x, y) = tiny_net(), batch()
     lam = 3.0
-    method = LIET(EPS, lam=lam, ls=0.0, random_smoothing=False, min_mask_ratio=mask,
-                  max_mask_ratio=mask)
+    method = LIET(EPS, lam=lam, ls=0.0, random_smoothing=False, min_mask_ratio=mask, max_mask_ratio=mask)
     torch.manual_seed(7)
     x_adv = method.attack(model, x, y, state())
     # the label-indicative perturbations: eps * sign of each class's gradient at the gray image
@@ -271,7 +302,7 @@ def test_liet_step_and_loss_match_the_formula(mask):
     li = EPS * input_gradient(lambda z: F.cross_entropy(model(z), torch.arange(10)), gray).sign()
     torch.testing.assert_close(method.li_sign * EPS, li)
     torch.manual_seed(7)
-    torch.rand(())                                          # the mask ratio's draw (fixed here)
+    torch.rand(())  # the mask ratio's draw (fixed here)
     noise = (torch.rand_like(x) * 2 - 1) * EPS
     replaced = torch.rand_like(x) < mask
     sign = -1.0 if torch.rand(()) < 0.5 else 1.0
@@ -291,10 +322,10 @@ def test_liet_step_and_loss_match_the_formula(mask):
 
 def test_liet_schedule_large_eps_switch_and_li_refresh():
     method = LIET(EPS, epochs=100)
-    assert method.lam_at(1) == pytest.approx(1.0) and method.lam_at(100) == 100.0   # official: lambda * (e / epochs)
+    assert method.lam_at(1) == pytest.approx(1.0) and method.lam_at(100) == 100.0  # official: lambda * (e / epochs)
     assert LIET(EPS).lam_at(1) == 100.0
     model, (x, y) = tiny_net(), batch()
-    big = LIET(16 / 255)                                    # above 8/255: noise 2 eps and no projection
+    big = LIET(16 / 255)  # above 8/255: noise 2 eps and no projection
     for _ in range(3):
         x_adv = big.attack(model, x, y, state())
     assert (x_adv - x).abs().max() > 16 / 255 + 1e-6
@@ -323,8 +354,9 @@ def run_steps(method, model, opt, batches, epoch_at):
     return out
 
 
-@pytest.mark.parametrize("name, options", [("gat", {"lam_boost_at": 0.5}), ("nuat", {}), ("liet", {"li_every": 2}),
-                                           ("ssat", {})])
+@pytest.mark.parametrize(
+    "name, options", [("gat", {"lam_boost_at": 0.5}), ("nuat", {}), ("liet", {"li_every": 2}), ("ssat", {})]
+)
 def test_state_dict_mid_epoch_continues_bit_exactly(name, options):
     cls = get_method(name)
     batches = [batch(seed=s) for s in range(7)]
@@ -332,7 +364,7 @@ def test_state_dict_mid_epoch_continues_bit_exactly(name, options):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     method = cls(EPS, epochs=3, **options)
     torch.manual_seed(0)
-    run_steps(method, model, opt, batches[:3], {0: 1})         # epoch 1, three batches (odd counter)
+    run_steps(method, model, opt, batches[:3], {0: 1})  # epoch 1, three batches (odd counter)
     buffer = io.BytesIO()
     torch.save({"method": method.state_dict(), "model": model.state_dict(), "opt": opt.state_dict()}, buffer)
     rng = torch.get_rng_state()
@@ -364,7 +396,7 @@ def test_carried_state_is_what_a_fresh_object_lacks():
     gat.perturb(model, x, y)
     assert gat.method_state() == {"step_in_epoch": 1}
     gat.start_epoch()
-    assert gat.method_state() == {"step_in_epoch": 0}       # the alternation restarts every epoch
+    assert gat.method_state() == {"step_in_epoch": 0}  # the alternation restarts every epoch
 
 
 # ---------------------------------------------------------------- search and remedies
@@ -373,7 +405,7 @@ def test_search_only_for_liet_and_remedies_are_valid_options():
     for name in ("gat", "nuat", "ssat"):
         assert get_method(name).search == {}
     assert GAT(EPS).remedy(1) == {"lam": 20.0} and NuAT(EPS).remedy(1) == {"lam": 9.0}
-    assert GAT(EPS, lam=30.0).remedy(1) == {"lam": 40.0} and GAT(EPS, lam=40.0).remedy(2) == {}   # capped at 4x
+    assert GAT(EPS, lam=30.0).remedy(1) == {"lam": 40.0} and GAT(EPS, lam=40.0).remedy(2) == {}  # capped at 4x
     assert NuAT(EPS, lam=18.0).remedy(3) == {}
     liet = LIET(EPS)
     change = liet.remedy(1)
@@ -383,7 +415,7 @@ def test_search_only_for_liet_and_remedies_are_valid_options():
 
 
 # ---------------------------------------------------------------- end to end
-from conftest import needs_fmnist  # noqa: E402
+from tests.helpers import needs_fmnist  # noqa: E402
 
 
 @needs_fmnist
@@ -391,10 +423,24 @@ from conftest import needs_fmnist  # noqa: E402
 def test_short_training_run(tmp_path, name):
     from atas.trainer import train
 
-    cfg = load_config("fmnist", [f"method.name={name}", "data.subset=256", "train.epochs=1", "train.batch_size=64",
-                                 "model.arch=wong_cnn", "train.probe_size=64", "train.probe_steps=2",
-                                 "train.co_action=keep_best", "train.progress=false", "eval.at_end=false",
-                                 f"out_dir={tmp_path}", "train.device=cpu", "train.max_steps=2"])
+    cfg = load_config(
+        "fmnist",
+        [
+            f"method.name={name}",
+            "data.subset=256",
+            "train.epochs=1",
+            "train.batch_size=64",
+            "model.arch=wong_cnn",
+            "train.probe_size=64",
+            "train.probe_steps=2",
+            "train.co_action=keep_best",
+            "train.progress=false",
+            "eval.at_end=false",
+            f"out_dir={tmp_path}",
+            "train.device=cpu",
+            "train.max_steps=2",
+        ],
+    )
     run = train(cfg)
     assert len(run.metrics) == 1 and run.metrics[0]["step"] == 2
     assert run.metrics[0]["train_loss"] == run.metrics[0]["train_loss"]

@@ -1,6 +1,7 @@
 """FGSM-PCO and the universal-perturbation initialisations (FGSM-UAP, -CUAP, -FUAP): each step
 against a hand computation of its formula on a tiny model, exact resumption of the carried state,
 option checks."""
+
 from __future__ import annotations
 
 import copy
@@ -50,7 +51,7 @@ def test_pco_step_and_loss_match_the_formula():
     net, (x, y) = tiny_net(), batch()
     prior = (torch.rand_like(x) * 2 - 1) * EPS
     method = FGSMPCO(EPS)
-    st = BatchState(idx=torch.arange(B), epoch=2, prior=prior)   # epoch 2: the prior as stored
+    st = BatchState(idx=torch.arange(B), epoch=2, prior=prior)  # epoch 2: the prior as stored
     x_adv = method.attack(net, x, y, st)
     d_got = method.new_prior(x_adv, x).clone()
     loss = method.training_loss(net, x_adv, y, x, st)[0]
@@ -69,14 +70,18 @@ def test_pco_step_and_loss_match_the_formula():
     assert (x_adv - x).abs().max() <= 1.5 * EPS + 1e-6 and (d_got.abs() <= EPS + 1e-7).all()
     logits = net(x_new)
     logits_fgsm = net(x + d)
-    expected = F.cross_entropy(logits, targets) + 10 * (F.mse_loss(logits_fgsm, logits0)
-                                                        - F.mse_loss(logits_fgsm, logits)).abs()
+    expected = (
+        F.cross_entropy(logits, targets)
+        + 10 * (F.mse_loss(logits_fgsm, logits0) - F.mse_loss(logits_fgsm, logits)).abs()
+    )
     assert torch.allclose(loss, expected, atol=1e-6)
     # The gradient also flows through c into the attack's forward, as the official code's.
     for a, b in zip(grads, param_grads(net, expected)):
         assert torch.allclose(a, b, atol=1e-5)
-    detached = F.cross_entropy(net(x_new.detach()), targets) + 10 * (
-        F.mse_loss(logits_fgsm, logits0) - F.mse_loss(logits_fgsm, net(x_new.detach()))).abs()
+    detached = (
+        F.cross_entropy(net(x_new.detach()), targets)
+        + 10 * (F.mse_loss(logits_fgsm, logits0) - F.mse_loss(logits_fgsm, net(x_new.detach()))).abs()
+    )
     assert not all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, param_grads(net, detached)))
 
 
@@ -117,7 +122,7 @@ def uap_hand(net, x, y, slot, v0, m0, lam=10.0, mu=0.3, factor=1.25, x_start=Non
     loss = F.cross_entropy(logits, y) + lam * F.mse_loss(logits, net(x_init))
     unit = g / g.abs().sum()
     v1, m1 = v0.clone(), m0.clone()
-    for k in slot.unique().tolist():                 # the benchmark's loop over the batch's slots
+    for k in slot.unique().tolist():  # the benchmark's loop over the batch's slots
         m1[k] = unit[slot == k].mean(0) + mu * m0[k]
         v1[k] = (v0[k] + m1[k].sign()).clamp(-1, 1)
     return x_adv, loss, v1, m1
@@ -126,7 +131,7 @@ def uap_hand(net, x, y, slot, v0, m0, lam=10.0, mu=0.3, factor=1.25, x_start=Non
 @pytest.mark.parametrize("cls", [FGSMUAP, FGSMCUAP])
 def test_uap_and_cuap_step_loss_and_update_match_the_formula(cls):
     net, (x, y) = tiny_net(), batch()
-    y[:3] = 4                                        # a class seen several times; others not at all
+    y[:3] = 4  # a class seen several times; others not at all
     method = cls(EPS)
     slots = 1 if cls is FGSMUAP else 10
     torch.manual_seed(5)
@@ -187,7 +192,7 @@ def test_fuap_selects_by_the_head_and_trains_it():
 
     torch.manual_seed(3)
     x_start = (x + (torch.rand_like(x) * 2 - 1) * EPS).clamp(0, 1)
-    features = net[:-1](x_start).detach()                  # the input of the last nn.Linear
+    features = net[:-1](x_start).detach()  # the input of the last nn.Linear
     z = head[0](features)
     slot = z.argmax(1)
     F.cross_entropy(head[2](head[1](z)), y).backward()
@@ -258,13 +263,26 @@ def test_state_dict_mid_run_continues_bit_identically(name):
         assert final_a["method"]["uap_sign"].abs().max() == 1
 
 
-@pytest.mark.parametrize("name, option, value", [
-    ("fgsm_pco", "lam", -1.0), ("fgsm_pco", "beta", 0.0), ("fgsm_pco", "alpha_factor", 0.0),
-    ("fgsm_pco", "ls_factor", 1.5), ("fgsm_pco", "delta_init", "normal"), ("fgsm_pco", "bn_mode", "test"),
-    ("fgsm_uap", "lam", -0.5), ("fgsm_uap", "momentum_decay", 1.5), ("fgsm_cuap", "uap_factor", 0.0),
-    ("fgsm_cuap", "step_factor", -1.0), ("fgsm_uap", "bn_mode", "x"), ("fgsm_fuap", "num_uaps", 0),
-    ("fgsm_fuap", "num_uaps", -3), ("fgsm_fuap", "head_lr", 0.0), ("fgsm_fuap", "label_smoothing", 1.0),
-])
+@pytest.mark.parametrize(
+    "name, option, value",
+    [
+        ("fgsm_pco", "lam", -1.0),
+        ("fgsm_pco", "beta", 0.0),
+        ("fgsm_pco", "alpha_factor", 0.0),
+        ("fgsm_pco", "ls_factor", 1.5),
+        ("fgsm_pco", "delta_init", "normal"),
+        ("fgsm_pco", "bn_mode", "test"),
+        ("fgsm_uap", "lam", -0.5),
+        ("fgsm_uap", "momentum_decay", 1.5),
+        ("fgsm_cuap", "uap_factor", 0.0),
+        ("fgsm_cuap", "step_factor", -1.0),
+        ("fgsm_uap", "bn_mode", "x"),
+        ("fgsm_fuap", "num_uaps", 0),
+        ("fgsm_fuap", "num_uaps", -3),
+        ("fgsm_fuap", "head_lr", 0.0),
+        ("fgsm_fuap", "label_smoothing", 1.0),
+    ],
+)
 def test_check_options_rejects_bad_values(name, option, value):
     with pytest.raises(ConfigError, match=f"method.{option}"):
         get_method(name)(EPS, **{option: value})
@@ -288,20 +306,33 @@ def test_remedies_are_valid_option_changes():
 def test_ranks_share_the_universal_perturbations_under_ddp(tmp_path):
     """Two gloo ranks training fgsm_fuap: the broadcast initial draw and the all-reduced updates
     leave every rank with the same perturbations, momentum and selection head (~20 s)."""
-    from conftest import FMNIST
     from test_ddp import WORLD, _torchrun
 
     from atas.checkpoint import load_checkpoint
+    from tests.helpers import FMNIST
 
     if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"Fashion-MNIST not found in {FMNIST}")
     run_dir = tmp_path / "run"
-    _torchrun("fmnist", "model.arch=wong_cnn", "data.subset=256", f"data.data_dir={FMNIST}", "train.device=cpu",
-              "train.batch_size=32", "train.epochs=1", "train.progress=false", "train.probe_size=32",
-              "train.co_action=keep_best", "eval.at_end=false", "method.name=fgsm_fuap", "method.num_uaps=5",
-              "--run-dir", str(run_dir))
+    _torchrun(
+        "fmnist",
+        "model.arch=wong_cnn",
+        "data.subset=256",
+        f"data.data_dir={FMNIST}",
+        "train.device=cpu",
+        "train.batch_size=32",
+        "train.epochs=1",
+        "train.progress=false",
+        "train.probe_size=32",
+        "train.co_action=keep_best",
+        "eval.at_end=false",
+        "method.name=fgsm_fuap",
+        "method.num_uaps=5",
+        "--run-dir",
+        str(run_dir),
+    )
     states = [load_checkpoint(run_dir / f"checkpoint-rank{r}-of{WORLD}.pt")["method"]["method"] for r in range(WORLD)]
     assert {"uap_sign", "momentum", "head.0.weight", "adam.0.exp_avg"} <= set(states[0])
-    assert (states[0]["momentum"] != 0).any()   # updated by the run, not only drawn
+    assert (states[0]["momentum"] != 0).any()  # updated by the run, not only drawn
     for key, value in states[0].items():
         assert torch.allclose(value, states[1][key], atol=1e-6), key

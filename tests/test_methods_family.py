@@ -1,5 +1,6 @@
 """The peer methods N-FGSM, GradAlign, FGSM-PGI (MEP) and Free-AT: invariants on tiny CPU models,
 then one short end-to-end run of each on a Fashion-MNIST subset."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,8 +62,8 @@ def test_perturb_shape_range_and_registry(name):
 
 @pytest.mark.parametrize("name", NEW_METHODS)
 def test_unknown_option_rejected_listing_valid_ones(name):
-    cfg = load_config("fmnist", [f"method.name={name}"])     # as `atas train fmnist method.name=...`
-    valid = sorted(cfg.method.args)                   # validation filled in every default
+    cfg = load_config("fmnist", [f"method.name={name}"])  # as `atas train fmnist method.name=...`
+    valid = sorted(cfg.method.args)  # validation filled in every default
     assert valid == sorted(f.name for f in dataclasses.fields(get_method(name).Options))
     with pytest.raises(ConfigError, match="method.no_such_option") as err:
         load_config("fmnist", [f"method.name={name}", "method.no_such_option=1"])
@@ -131,7 +132,7 @@ def test_grad_align_lambda_schedule_matches_paper():
         assert grad_align_lam_schedule(e / 255) == pytest.approx(lam, abs=6e-4)
     assert GradAlign(8 / 255).lam == pytest.approx(0.2)
     with pytest.warns(UserWarning, match="method.lam"):
-        assert GradAlign(0.2).lam == pytest.approx(2.0)   # held at its 16/255 value, with a warning
+        assert GradAlign(0.2).lam == pytest.approx(2.0)  # held at its 16/255 value, with a warning
     assert GradAlign(0.2, GradAlign.Options(lam=0.5)).lam == 0.5
 
 
@@ -170,7 +171,7 @@ def test_grad_align_default_attack_is_fgsm_from_x():
     model, (x, y) = tiny_net(), batch()
     x_adv = GradAlign(EPS, GradAlign.Options(lam=0.0)).attack(model, x, y, state())
     x_in = x.clone().requires_grad_(True)
-    grad, = torch.autograd.grad(nn.functional.cross_entropy(model(x_in), y, reduction="sum"), [x_in])
+    (grad,) = torch.autograd.grad(nn.functional.cross_entropy(model(x_in), y, reduction="sum"), [x_in])
     expected = torch.minimum(torch.maximum(x + EPS * grad.sign(), x - EPS), x + EPS).clamp(0, 1)
     torch.testing.assert_close(x_adv, expected)
 
@@ -201,7 +202,7 @@ def first_input(model, fn):
 
 
 def pgi_state(store, idx, epoch):
-    cf = PairedAugment(8, flip=False).sample(len(idx), "cpu")   # identity crop
+    cf = PairedAugment(8, flip=False).sample(len(idx), "cpu")  # identity crop
     return cf, BatchState(idx=idx, epoch=epoch, store=store, prior=store.gather_delta(idx, cf))
 
 
@@ -235,12 +236,12 @@ def test_fgsm_pgi_prior_read_written_and_momentum_carried():
     torch.testing.assert_close(x_init, (x + first).clamp(0, 1))
     # momentum: normalised new gradient + 0.3 * the old one
     new_part = method.momentum - 0.3 * momentum_after_1
-    assert new_part.abs().sum().item() == pytest.approx(1.0, rel=1e-4)   # ||g||_1-normalised
+    assert new_part.abs().sum().item() == pytest.approx(1.0, rel=1e-4)  # ||g||_1-normalised
 
 
 def test_fgsm_pgi_first_epoch_starts_on_corners_and_resets():
     model, (x, y) = tiny_net(), batch()
-    x = x * 0.5 + 0.25   # away from the image border, so no clipping hides the corners
+    x = x * 0.5 + 0.25  # away from the image border, so no clipping hides the corners
     store = PerSampleStore(B, (1, 8, 8), EPS)
     method = FGSMPGI(EPS, FGSMPGI.Options(reset_every=2))
     method.on_epoch_start(1, store)
@@ -249,9 +250,9 @@ def test_fgsm_pgi_first_epoch_starts_on_corners_and_resets():
     torch.testing.assert_close((x_init - x).abs(), torch.full_like(x, EPS))
     before = store.delta.clone()
     method.on_epoch_start(2, store)
-    assert torch.equal(store.delta, before)           # not a reset epoch
+    assert torch.equal(store.delta, before)  # not a reset epoch
     method.on_epoch_start(3, store)
-    assert not torch.equal(store.delta, before)       # epoch 3 = 1 + 2: redrawn
+    assert not torch.equal(store.delta, before)  # epoch 3 = 1 + 2: redrawn
     assert method.momentum.abs().sum() == 0
 
 
@@ -267,7 +268,7 @@ def test_fgsm_pgi_regulariser_term_present():
     reg = nn.functional.mse_loss(logits, model(x_init))
     assert reg.item() > 0 and method.stats["reg"].item() == pytest.approx(reg.item(), rel=1e-5)
     assert loss.item() == pytest.approx(ce.item() + 10.0 * reg.item(), rel=1e-5)
-    loss.backward()   # through both the adversarial and the prior-initialised forward
+    loss.backward()  # through both the adversarial and the prior-initialised forward
     assert model[0].weight.grad.abs().sum() > 0
 
 
@@ -296,12 +297,12 @@ def test_free_replays_and_delta_carried_and_bounded():
     method = Free(EPS)
     assert method.replays == 8 and Free(EPS, Free.Options(m=3)).replays == 3
     x_adv = free_step(method, model, x, y)
-    torch.testing.assert_close(x_adv, x)               # delta starts at zero
-    x_adv = free_step(method, model, x, y)             # the first backward's step is applied now
+    torch.testing.assert_close(x_adv, x)  # delta starts at zero
+    x_adv = free_step(method, model, x, y)  # the first backward's step is applied now
     assert (linf(x_adv, x) > 0).any() and (linf(x_adv, x) <= EPS + 1e-6).all()
     leaf, grad = method._delta_leaf.detach(), method._delta_leaf.grad
     expected = (leaf + EPS * grad.sign()).clamp(-EPS, EPS)
-    x2, y2 = batch(seed=5)                             # a new minibatch starts from the carried delta
+    x2, y2 = batch(seed=5)  # a new minibatch starts from the carried delta
     torch.testing.assert_close(method.attack(model, x2, y2, state()), (x2 + expected).clamp(0, 1))
     for _ in range(10):
         free_step(method, model, x2, y2)
@@ -322,13 +323,13 @@ def test_free_survives_batch_size_changes():
     method = Free(EPS, Free.Options(m=2))
     free_step(method, model, x, y)
     free_step(method, model, x, y)
-    xs, ys = x[:5], y[:5]                              # last partial batch
-    assert free_step(method, model, xs, ys).shape == xs.shape   # (applies the full batch's step)
+    xs, ys = x[:5], y[:5]  # last partial batch
+    assert free_step(method, model, xs, ys).shape == xs.shape  # (applies the full batch's step)
     rows_tail = method.delta[5:].clone()
     free_step(method, model, xs, ys)
     method.attack(model, xs, ys, state(5))
-    assert torch.equal(method.delta[5:], rows_tail)    # untouched rows wait for the next full batch
-    xl, yl = batch(24, seed=3)                         # a larger batch grows delta with zeros
+    assert torch.equal(method.delta[5:], rows_tail)  # untouched rows wait for the next full batch
+    xl, yl = batch(24, seed=3)  # a larger batch grows delta with zeros
     assert free_step(method, model, xl, yl).shape == xl.shape
     assert method.delta.shape[0] == 24 and (method.delta.abs() <= EPS + 1e-6).all()
 
@@ -344,17 +345,34 @@ def test_free_ignores_non_finite_gradient():
 
 # ---------------------------------------------------------------- end to end
 
+
 @needs_fmnist
-@pytest.mark.parametrize("name, extra", [("n_fgsm", []), ("grad_align", ["method.lam=0.5"]),
-                                         ("fgsm_pgi", []), ("free", ["method.m=2"])])
+@pytest.mark.parametrize(
+    "name, extra", [("n_fgsm", []), ("grad_align", ["method.lam=0.5"]), ("fgsm_pgi", []), ("free", ["method.m=2"])]
+)
 def test_short_training_run(tmp_path, name, extra):
     """Two optimizer steps (x m replays for Free) of a real run: data, store, probe, checkpoint."""
     from atas.trainer import train
 
-    cfg = load_config("fmnist", [f"method.name={name}", "data.subset=256", "train.epochs=1", "train.batch_size=64",
-                                 "model.arch=wong_cnn", "train.probe_size=64", "train.probe_steps=2",
-                                 "train.co_action=keep_best", "train.progress=false", "eval.at_end=false",
-                                 f"out_dir={tmp_path}", "train.device=cpu", "train.max_steps=2"] + extra)
+    cfg = load_config(
+        "fmnist",
+        [
+            f"method.name={name}",
+            "data.subset=256",
+            "train.epochs=1",
+            "train.batch_size=64",
+            "model.arch=wong_cnn",
+            "train.probe_size=64",
+            "train.probe_steps=2",
+            "train.co_action=keep_best",
+            "train.progress=false",
+            "eval.at_end=false",
+            f"out_dir={tmp_path}",
+            "train.device=cpu",
+            "train.max_steps=2",
+        ]
+        + extra,
+    )
     run = train(cfg)
     assert len(run.metrics) == 1 and run.metrics[0]["step"] == 2
     assert math.isfinite(run.metrics[0]["train_loss"])

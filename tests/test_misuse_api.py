@@ -1,5 +1,6 @@
 """Misuse of the public method object: said out loud (a warning naming the option, or a clear error
 raised before anything is written), never a silently different run."""
+
 from __future__ import annotations
 
 import re
@@ -40,7 +41,7 @@ def test_warmup_covering_the_whole_run_warns_naming_the_option():
     assert len(msgs) == 1 and "warmup_epochs=5 covers the whole run (epochs=3)" in msgs[0]
     _, msgs = caught(lambda: atas.ATAS(eps=8 / 255, epochs=30))
     assert msgs == []
-    _, msgs = caught(lambda: atas.ATAS(eps=8 / 255))   # epochs unknown: nothing to say
+    _, msgs = caught(lambda: atas.ATAS(eps=8 / 255))  # epochs unknown: nothing to say
     assert msgs == []
 
 
@@ -58,7 +59,8 @@ def test_absolute_bounds_below_eps_warn_and_relative_is_one_argument():
     # relative=True at 8/255 is the official configuration up to rounding.
     official, rel = atas.ATAS(eps=8 / 255), atas.ATAS(eps=8 / 255, relative=True)
     assert (rel.numerator, rel.alpha_min, rel.alpha_max) == pytest.approx(
-        (official.numerator, official.alpha_min, official.alpha_max))
+        (official.numerator, official.alpha_min, official.alpha_max)
+    )
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
@@ -116,15 +118,17 @@ def test_free_without_replays_warns_once_and_with_them_stays_quiet():
         for i in range(batches):
             x, y = batch(8, seed=i)
             for _ in range(replays):
-                xb = x.clone() if copy else x   # a fresh copy per replay is still the same minibatch
+                xb = x.clone() if copy else x  # a fresh copy per replay is still the same minibatch
                 loss = atk.loss(model, atk.perturb(model, xb, y), y, xb)
                 loss.backward()
         return atk
 
     _, msgs = caught(lambda: run(1))
-    assert msgs == ["free: a new minibatch came after 1 perturb() call(s) on the last one, but Free-AT replays "
-                    "each minibatch m=3 times. Put the per-batch lines in `for _ in range(atk.replays):`, or this "
-                    "trains one pass per minibatch (not Free-AT)."]
+    assert msgs == [
+        "free: a new minibatch came after 1 perturb() call(s) on the last one, but Free-AT replays "
+        "each minibatch m=3 times. Put the per-batch lines in `for _ in range(atk.replays):`, or this "
+        "trains one pass per minibatch (not Free-AT)."
+    ]
     for copy in (False, True):
         _, msgs = caught(lambda copy=copy: run(3, copy=copy))
         assert msgs == []
@@ -155,7 +159,7 @@ def test_step_sizes_and_store_summary_are_read_only_views():
     loader = DataLoader(atas.IndexedDataset(TensorDataset(x, y)), batch_size=8)
     for xb, yb, idx in atk.batches(loader):
         atk.perturb(model, xb, yb, idx)
-    assert torch.equal(atk.last_step_sizes, torch.full((8,), 0.1))   # warm-up: alpha = eps
+    assert torch.equal(atk.last_step_sizes, torch.full((8,), 0.1))  # warm-up: alpha = eps
     s = atk.store_summary()
     assert (s["epoch"], s["num_samples"], s["updated"]) == (1, 16, 0) and s["grad_norm_ema"]["mean"] is None
     assert 0 < s["prior_abs"]["mean"] <= s["prior_abs"]["max"] <= 0.1 + 1e-6
@@ -163,7 +167,7 @@ def test_step_sizes_and_store_summary_are_read_only_views():
         atk.perturb(model, xb, yb, idx)
     alpha = atk.last_step_sizes
     assert alpha.shape == (8,) and not alpha.requires_grad and ((alpha >= 0.05 - 1e-7) & (alpha <= 0.175 + 1e-7)).all()
-    alpha.zero_()   # a copy: the object's numbers are untouched
+    alpha.zero_()  # a copy: the object's numbers are untouched
     assert atk.last_step_sizes.min() > 0
     s = atk.store_summary()
     ema = s["grad_norm_ema"]
@@ -192,8 +196,15 @@ def test_the_documented_watching_snippet_runs(capsys):
     model = tiny_net()
     atk = atas.ATAS(eps=0.1, num_samples=16, epochs=2, relative=True, warmup_epochs=0)
     loader = DataLoader(atas.IndexedDataset(TensorDataset(x, y)), batch_size=8)
-    scope = {"atk": atk, "model": model, "loader": loader, "device": "cpu", "range": lambda n: range(2),
-             "epochs": 2, "opt": torch.optim.SGD(model.parameters(), lr=0.01)}
+    scope = {
+        "atk": atk,
+        "model": model,
+        "loader": loader,
+        "device": "cpu",
+        "range": lambda n: range(2),
+        "epochs": 2,
+        "opt": torch.optim.SGD(model.parameters(), lr=0.01),
+    }
     exec(block, scope)
     out = capsys.readouterr().out
     assert "16/16 samples adapting" in out and out.count("\n") == 2
@@ -220,9 +231,16 @@ def test_lightning_resume_gives_the_uninterrupted_weights_bit_for_bit(tmp_path):
     class Lit(L.LightningModule):
         def __init__(self):
             super().__init__()
-            self.net = nn.Sequential(tiny_net(), nn.Dropout(0.2))   # dropout: the generators matter in the step too
-            self.atk = atas.ATAS(eps=0.1, num_samples=32, epochs=3, relative=True, warmup_epochs=1, reset_every=2,
-                                 augment=atas.RandomCropFlip(pad=1))
+            self.net = nn.Sequential(tiny_net(), nn.Dropout(0.2))  # dropout: the generators matter in the step too
+            self.atk = atas.ATAS(
+                eps=0.1,
+                num_samples=32,
+                epochs=3,
+                relative=True,
+                warmup_epochs=1,
+                reset_every=2,
+                augment=atas.RandomCropFlip(pad=1),
+            )
 
         def forward(self, x):
             return self.net(x)
@@ -238,9 +256,16 @@ def test_lightning_resume_gives_the_uninterrupted_weights_bit_for_bit(tmp_path):
     def fit(root, ckpt=None):
         L.seed_everything(0, verbose=False)
         model = Lit()
-        trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                            enable_model_summary=False, default_root_dir=root,
-                            callbacks=[atas.lightning.AdversarialTraining(), ModelCheckpoint(save_top_k=-1)])
+        trainer = L.Trainer(
+            max_epochs=3,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=root,
+            callbacks=[atas.lightning.AdversarialTraining(), ModelCheckpoint(save_top_k=-1)],
+        )
         loader = DataLoader(atas.IndexedDataset(TensorDataset(x, y)), batch_size=8, shuffle=True)
         trainer.fit(model, loader, ckpt_path=ckpt)
         return model

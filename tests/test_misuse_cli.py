@@ -1,6 +1,7 @@
 """Misuse of the command line and of the files around a run: every case here once ended in a
 traceback, a silently wrong file or advice that named a broken file. Each must now give one line
 that says what to do, exit 2, and leave nothing wrong behind."""
+
 from __future__ import annotations
 
 import errno
@@ -24,9 +25,18 @@ from tests.helpers import FMNIST, fmnist_dir as write_fmnist, needs_fmnist as ne
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY = ["model.arch=wong_cnn", "data.subset=256", "train.batch_size=64", "train.probe_size=32",
-        "train.probe_steps=1", "train.progress=false", "eval.at_end=false", "eval.attacks=clean",
-        "method.atas.warmup_epochs=1", "train.deterministic=true"]
+TINY = [
+    "model.arch=wong_cnn",
+    "data.subset=256",
+    "train.batch_size=64",
+    "train.probe_size=32",
+    "train.probe_steps=1",
+    "train.progress=false",
+    "eval.at_end=false",
+    "eval.attacks=clean",
+    "method.atas.warmup_epochs=1",
+    "train.deterministic=true",
+]
 EVAL = ["--attacks", "clean", "--n-examples", "16", "--no-progress"]
 
 
@@ -50,9 +60,9 @@ def assert_one_line(err: str, *fragments: str) -> str:
 
 def result_file(folder: Path, prefix: str) -> Path:
     """The one evaluation result PREFIX-<digest>.json in folder; its digest names its own request."""
-    files = [p for p in folder.glob(f"{prefix}-*.json") if p.name[len(prefix) + 1:-5].isalnum()]
+    files = [p for p in folder.glob(f"{prefix}-*.json") if p.name[len(prefix) + 1 : -5].isalnum()]
     assert len(files) == 1, (prefix, sorted(p.name for p in folder.iterdir()))
-    assert files[0].name[len(prefix) + 1:-5] == json.loads(files[0].read_text())["request_sha256"]
+    assert files[0].name[len(prefix) + 1 : -5] == json.loads(files[0].read_text())["request_sha256"]
     return files[0]
 
 
@@ -102,8 +112,17 @@ def test_a_label_beyond_the_classes_is_refused_naming_the_file(tmp_path, capsys,
     labels = np.zeros(32, np.uint8)
     labels[5] = 77
     write_idx(files["train-labels"], labels, 2049)
-    status, _, err = run_cli(capsys, "train", "fmnist", f"data.data_dir={tmp_path / 'd'}", *TINY, "data.subset=32",
-                             "train.epochs=1", "--run-dir", tmp_path / "run")
+    status, _, err = run_cli(
+        capsys,
+        "train",
+        "fmnist",
+        f"data.data_dir={tmp_path / 'd'}",
+        *TINY,
+        "data.subset=32",
+        "train.epochs=1",
+        "--run-dir",
+        tmp_path / "run",
+    )
     assert status == 2
     assert_one_line(err, str(files["train-labels"]), "label 77 at position 5", "outside 0..9")
     assert not (tmp_path / "run").exists()  # refused before config.yaml was written
@@ -123,8 +142,17 @@ def test_an_unreadable_data_file_is_one_line(tmp_path, capsys, monkeypatch, no_s
             return real(self)
 
         monkeypatch.setattr(Path, "read_bytes", read_bytes)
-    status, _, err = run_cli(capsys, "train", "fmnist", f"data.data_dir={tmp_path / 'd'}", *TINY, "data.subset=32",
-                             "train.epochs=1", "--run-dir", tmp_path / "run")
+    status, _, err = run_cli(
+        capsys,
+        "train",
+        "fmnist",
+        f"data.data_dir={tmp_path / 'd'}",
+        *TINY,
+        "data.subset=32",
+        "train.epochs=1",
+        "--run-dir",
+        tmp_path / "run",
+    )
     target.chmod(0o644)
     assert status == 2
     assert_one_line(err, f"cannot read {target}", "Permission denied", "chmod a+r")
@@ -134,8 +162,9 @@ def test_an_unreadable_data_file_is_one_line(tmp_path, capsys, monkeypatch, no_s
 def test_an_explicit_data_dir_without_data_is_an_error(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    status, _, err = run_cli(capsys, "train", "fmnist", f"data.data_dir={empty}", *TINY, "train.epochs=1",
-                             "--run-dir", tmp_path / "run")
+    status, _, err = run_cli(
+        capsys, "train", "fmnist", f"data.data_dir={empty}", *TINY, "train.epochs=1", "--run-dir", tmp_path / "run"
+    )
     assert status == 2 and "Traceback" not in err
     assert f"not found in data.data_dir={empty}" in err and "train-images-idx3-ubyte" in err
     assert "leave data.data_dir unset" in err
@@ -158,8 +187,18 @@ def test_data_source_names_the_copy_used(tmp_path, monkeypatch):
 
 def test_train_says_which_copy_of_the_data_it_reads(tmp_path, capsys, no_system_data):
     fmnist_dir(tmp_path / "d")
-    status, out, _ = run_cli(capsys, "train", "fmnist", f"data.data_dir={tmp_path / 'd'}", *TINY, "data.subset=32",
-                             "train.probe_size=0", "train.epochs=1", "--run-dir", tmp_path / "run")
+    status, out, _ = run_cli(
+        capsys,
+        "train",
+        "fmnist",
+        f"data.data_dir={tmp_path / 'd'}",
+        *TINY,
+        "data.subset=32",
+        "train.probe_size=0",
+        "train.epochs=1",
+        "--run-dir",
+        tmp_path / "run",
+    )
     assert status == 0 and f"data: fmnist from {tmp_path / 'd'}" in out.splitlines()
 
 
@@ -233,8 +272,9 @@ def test_model_eval_files_are_named_by_their_settings(module_in_cwd, tmp_path, c
     assert run_cli(capsys, *base, "--attacks", "clean", "--n-examples", "32")[0] == 0
     model = f"{module_in_cwd}.factory-fmnist"
     names = sorted(p.name.rsplit("-", 1)[0] for p in tmp_path.glob("eval-*.json"))
-    assert names == sorted([f"eval-{model}-clean+fgsm-n16-eps0.1", f"eval-{model}-clean-n16-eps0.1",
-                            f"eval-{model}-clean-n32-eps0.1"])
+    assert names == sorted(
+        [f"eval-{model}-clean+fgsm-n16-eps0.1", f"eval-{model}-clean-n16-eps0.1", f"eval-{model}-clean-n32-eps0.1"]
+    )
     assert json.loads(result_file(tmp_path, f"eval-{model}-clean-n16-eps0.1").read_text())["n_examples"] == 16
 
 
@@ -321,8 +361,12 @@ def test_disk_full_in_the_final_evaluation_of_training_is_one_line(tmp_path, mon
     args = ["train", "fmnist", *TINY, "train.epochs=1", "eval.at_end=true", "eval.n_examples=16", "--run-dir", run_dir]
     status, _, err = run_cli(capsys, *args)
     assert status == 2
-    assert_one_line(err, "no space left on device while writing", "training finished",
-                    f"atas eval {run_dir} --out {run_dir / 'eval.json'}")
+    assert_one_line(
+        err,
+        "no space left on device while writing",
+        "training finished",
+        f"atas eval {run_dir} --out {run_dir / 'eval.json'}",
+    )
     monkeypatch.undo()
     assert not [p for p in run_dir.iterdir() if ".tmp" in p.name]
     status, _, err = run_cli(capsys, "eval", run_dir, "--out", run_dir / "eval.json", "--no-progress")
@@ -337,7 +381,7 @@ def flip_byte_in_largest_member(path: Path) -> None:
     with zipfile.ZipFile(path) as z:
         info = max(z.infolist(), key=lambda i: i.file_size)
     raw = bytearray(path.read_bytes())
-    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
     raw[info.header_offset + 30 + name_len + extra_len + info.file_size // 2] ^= 0x04
     path.write_bytes(bytes(raw))
 
@@ -427,8 +471,9 @@ def test_an_evaluation_of_a_run_in_training_says_so(run_copy, capsys):
 
 # ---------------------------------------------------------------- 19. small ones
 def test_a_refused_run_leaves_no_runs_folder(tmp_path, capsys):
-    status, _, err = run_cli(capsys, "train", "fmnist", *TINY, f"out_dir={tmp_path / 'runs'}",
-                             f"data.data_dir={tmp_path / 'no-data'}")
+    status, _, err = run_cli(
+        capsys, "train", "fmnist", *TINY, f"out_dir={tmp_path / 'runs'}", f"data.data_dir={tmp_path / 'no-data'}"
+    )
     assert status == 2 and "not found" in err
     assert list(tmp_path.iterdir()) == []
 
@@ -479,8 +524,10 @@ def test_nothing_to_resume_says_what_to_do(run_copy, capsys):
 
 
 # ---------------------------------------------------------------- a run folder's config, read in one place
-@pytest.mark.parametrize("text,what", [("just a string\n", "str"), ("- a\n- list\n", "list"), ("", "nothing"),
-                                       ("train: [unclosed\n", "not valid YAML")])
+@pytest.mark.parametrize(
+    "text,what",
+    [("just a string\n", "str"), ("- a\n- list\n", "list"), ("", "nothing"), ("train: [unclosed\n", "not valid YAML")],
+)
 @needs_data
 def test_an_edited_config_yaml_is_one_line_on_resume(run_copy, capsys, text, what):
     (run_copy / "config.yaml").write_text(text)

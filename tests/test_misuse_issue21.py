@@ -1,6 +1,7 @@
 """Issue 21, items 7-16: the last tracebacks of the CLI, silent settings, evaluation results that
 replaced each other, ATAS's silent traps in a loop of one's own, and the minor ones. Each test
 failed on the code before the fix."""
+
 from __future__ import annotations
 
 import builtins
@@ -18,10 +19,8 @@ from torch.utils.data import ConcatDataset, Subset, TensorDataset
 
 import atas
 from atas.config import ConfigError, load_config, training_warnings
-
-from conftest import needs_fmnist  # noqa: E402
-from test_misuse_cli import (EVAL, TINY, assert_one_line, finished_run, result_file, run_cli,  # noqa: F401
-                             run_copy)
+from tests.helpers import needs_fmnist  # noqa: E402
+from tests.test_misuse_cli import EVAL, TINY, assert_one_line, finished_run, result_file, run_cli, run_copy  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
@@ -38,9 +37,15 @@ def caught(fn):
 
 # ------------------------------------------------------------------------------- the 9 tracebacks
 @needs_fmnist
-@pytest.mark.parametrize("text, what", [('"just a string"\n', "does not hold a config"),
-                                        ("[1, 2]\n", "does not hold a config"),
-                                        ("", "does not hold a config"), ("a: [b\n", "is not valid YAML")])
+@pytest.mark.parametrize(
+    "text, what",
+    [
+        ('"just a string"\n', "does not hold a config"),
+        ("[1, 2]\n", "does not hold a config"),
+        ("", "does not hold a config"),
+        ("a: [b\n", "is not valid YAML"),
+    ],
+)
 def test_an_edited_config_yaml_is_one_line_on_resume(run_copy, capsys, text, what):
     (run_copy / "config.yaml").write_text(text)
     status, _, err = run_cli(capsys, "train", "--resume", run_copy)
@@ -77,6 +82,7 @@ def unreadable(monkeypatch):
                 if inside(path, False) or (itself and inside(path, True)):
                     deny(path)
                 return real(path, *args, **kwargs)
+
             return call
 
         monkeypatch.setattr(os, "stat", guard(os.stat, False))
@@ -125,9 +131,14 @@ def test_an_unknown_train_device_is_one_line_naming_the_key(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------- silent settings
-@pytest.mark.parametrize("override, fragment", [("train.probe_size=-5", "train.probe_size must be >= 0"),
-                                                ("train.max_steps=0", "train.max_steps must be >= 1"),
-                                                ("train.probe_steps=0", "train.probe_steps must be >= 1")])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.probe_size=-5", "train.probe_size must be >= 0"),
+        ("train.max_steps=0", "train.max_steps must be >= 1"),
+        ("train.probe_steps=0", "train.probe_steps must be >= 1"),
+    ],
+)
 def test_negative_probe_and_zero_steps_are_refused_naming_the_key(override, fragment, tmp_path, capsys):
     with pytest.raises(ConfigError, match=fragment):
         load_config("fmnist", [override])
@@ -149,8 +160,9 @@ def test_an_eps_ramp_longer_than_the_run_is_said_naming_both_keys():
 
 @needs_fmnist
 def test_the_eps_ramp_warning_reaches_the_cli_as_one_line(tmp_path, capsys):
-    status, _, err = run_cli(capsys, "train", "fmnist", *TINY, "train.epochs=1", "train.eps_ramp_epochs=50",
-                             "--run-dir", tmp_path / "r")
+    status, _, err = run_cli(
+        capsys, "train", "fmnist", *TINY, "train.epochs=1", "train.eps_ramp_epochs=50", "--run-dir", tmp_path / "r"
+    )
     assert status == 0
     lines = [line for line in err.splitlines() if "eps_ramp_epochs" in line]
     assert len(lines) == 1 and lines[0].startswith("atas: warning: train.eps_ramp_epochs=50")
@@ -161,10 +173,13 @@ def test_the_eps_ramp_warning_reaches_the_cli_as_one_line(tmp_path, capsys):
 @needs_fmnist
 def test_evaluations_with_other_settings_never_replace_each_other(run_copy, capsys):
     base = ["eval", run_copy, "--attacks", "clean,pgd", "--n-examples", "16", "--no-progress"]
-    variants = [["--pgd-steps", "3", "--pgd-restarts", "2"], ["--pgd-steps", "2", "--pgd-restarts", "1"],
-                ["--pgd-steps", "3", "--pgd-restarts", "2", "--seed", "1"],
-                ["--pgd-steps", "3", "--pgd-restarts", "2", "--pgd-loss", "ce"],
-                ["--pgd-steps", "3", "--pgd-restarts", "2", "--batch-size", "8"]]
+    variants = [
+        ["--pgd-steps", "3", "--pgd-restarts", "2"],
+        ["--pgd-steps", "2", "--pgd-restarts", "1"],
+        ["--pgd-steps", "3", "--pgd-restarts", "2", "--seed", "1"],
+        ["--pgd-steps", "3", "--pgd-restarts", "2", "--pgd-loss", "ce"],
+        ["--pgd-steps", "3", "--pgd-restarts", "2", "--batch-size", "8"],
+    ]
     for extra in variants:
         assert run_cli(capsys, *base, *extra)[0] == 0
     files = sorted(run_copy.glob("eval-clean+pgd-n16-*.json"))
@@ -173,7 +188,9 @@ def test_evaluations_with_other_settings_never_replace_each_other(run_copy, caps
     assert len({r["request_sha256"] for r in results}) == len(variants)
     for f, r in zip(files, results):
         assert f.name == f"eval-clean+pgd-n16-{r['request_sha256']}.json"
-        assert r["model"]["sha256"] == r["request"]["model_sha256"] and r["data"]["sha256"] == r["request"]["data_sha256"]
+        assert (
+            r["model"]["sha256"] == r["request"]["model_sha256"] and r["data"]["sha256"] == r["request"]["data_sha256"]
+        )
     # other weights (the older checkpoint), the same settings: a file of its own too
     assert run_cli(capsys, "eval", run_copy / "checkpoint.prev.pt", *base[2:], *variants[0])[0] == 0
     assert len(list(run_copy.glob("eval-clean+pgd-n16-*.json"))) == len(variants) + 1
@@ -189,8 +206,9 @@ def test_an_evaluation_into_a_file_holding_another_is_kept_aside_with_a_message(
     out = run_copy / "eval.json"
     assert run_cli(capsys, "eval", run_copy, *EVAL, "--out", out)[0] == 0
     first = json.loads(out.read_text())
-    status, _, err = run_cli(capsys, "eval", run_copy, "--attacks", "clean", "--n-examples", "8", "--no-progress",
-                             "--out", out)
+    status, _, err = run_cli(
+        capsys, "eval", run_copy, "--attacks", "clean", "--n-examples", "8", "--no-progress", "--out", out
+    )
     assert status == 0
     kept = run_copy / f"eval-{first['request_sha256']}.json"
     assert f"atas: warning: {out} held an evaluation with other settings (n_examples 16 -> 8" in err
@@ -205,8 +223,9 @@ def test_an_evaluation_into_a_file_holding_another_is_kept_aside_with_a_message(
 
 @pytest.fixture
 def two_weight_files(tmp_path, monkeypatch):
-    (tmp_path / "mynets.py").write_text("import torch.nn as nn\n\ndef make_net():\n"
-                                        "    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))\n")
+    (tmp_path / "mynets.py").write_text(
+        "import torch.nn as nn\n\ndef make_net():\n    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))\n"
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     from safetensors.torch import save_file
@@ -217,17 +236,32 @@ def two_weight_files(tmp_path, monkeypatch):
         save_file(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).state_dict(), str(path))
     yield tmp_path
     import sys
+
     sys.modules.pop("mynets", None)
 
 
 @needs_fmnist
 def test_model_evaluations_differ_by_settings_and_weights_and_record_them(two_weight_files, capsys):
-    base = ["eval", "--model", "mynets:make_net", "--data", "fmnist", "--eps", "0.1", "--attacks", "clean,pgd",
-            "--n-examples", "20", "--no-progress"]
-    variants = [["--weights", "w.safetensors", "--pgd-steps", "3", "--pgd-restarts", "2"],
-                ["--weights", "w.safetensors", "--pgd-steps", "2", "--pgd-restarts", "1"],
-                ["--weights", "w.safetensors", "--pgd-steps", "3", "--pgd-restarts", "2", "--seed", "1"],
-                ["--weights", "other/w.safetensors", "--pgd-steps", "3", "--pgd-restarts", "2"]]
+    base = [
+        "eval",
+        "--model",
+        "mynets:make_net",
+        "--data",
+        "fmnist",
+        "--eps",
+        "0.1",
+        "--attacks",
+        "clean,pgd",
+        "--n-examples",
+        "20",
+        "--no-progress",
+    ]
+    variants = [
+        ["--weights", "w.safetensors", "--pgd-steps", "3", "--pgd-restarts", "2"],
+        ["--weights", "w.safetensors", "--pgd-steps", "2", "--pgd-restarts", "1"],
+        ["--weights", "w.safetensors", "--pgd-steps", "3", "--pgd-restarts", "2", "--seed", "1"],
+        ["--weights", "other/w.safetensors", "--pgd-steps", "3", "--pgd-restarts", "2"],
+    ]
     for extra in variants:
         status, _, err = run_cli(capsys, *base, *extra)
         assert status == 0, err
@@ -283,9 +317,11 @@ def test_batch_mean_at_another_batch_size_warns_once_with_the_factor_and_the_fix
     small = atas.ATAS(eps=0.1, num_samples=2048, epochs=30, relative=True)
     _, msgs = caught(lambda: _batches(small, [32]))
     assert len(msgs) == 1 and "128/32 = 4x" in msgs[0] and "alpha_min" in msgs[0]
-    for quiet in (atas.ATAS(eps=0.1, num_samples=2048, epochs=30, relative=True),
-                  atas.ATAS(eps=0.1, num_samples=2048, epochs=30, relative=True, grad_norm="per_sample")):
-        _, msgs = caught(lambda: _batches(quiet, [128, 128, 7] if quiet.opt.grad_norm == "batch_mean" else [512]))
+    for quiet in (
+        atas.ATAS(eps=0.1, num_samples=2048, epochs=30, relative=True),
+        atas.ATAS(eps=0.1, num_samples=2048, epochs=30, relative=True, grad_norm="per_sample"),
+    ):
+        _, msgs = caught(lambda q=quiet: _batches(q, [128, 128, 7] if q.opt.grad_norm == "batch_mean" else [512]))
         assert msgs == []
 
 
@@ -328,9 +364,11 @@ def test_nested_datasets_with_random_crops_are_refused_like_a_bare_subset():
 
     plain = TensorDataset(torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
     cropped = WithCrop(torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
-    for nested in (ConcatDataset([Subset(cropped, [0, 1]), plain]),
-                   ConcatDataset([plain, ConcatDataset([plain, Subset(Subset(cropped, [0, 1, 2]), [0])])]),
-                   Subset(ConcatDataset([plain, cropped]), [0, 5])):
+    for nested in (
+        ConcatDataset([Subset(cropped, [0, 1]), plain]),
+        ConcatDataset([plain, ConcatDataset([plain, Subset(Subset(cropped, [0, 1, 2]), [0])])]),
+        Subset(ConcatDataset([plain, cropped]), [0, 5]),
+    ):
         with pytest.raises(ValueError, match="RandomCrop"):
             atas.IndexedDataset(nested)
         assert len(atas.IndexedDataset(nested, allow_random_transforms=True)) == len(nested)
@@ -399,6 +437,9 @@ def test_compare_progress_gives_the_overall_time_left():
     line = "about 2 min 00 s left for 2 run(s) to train (mean 1 min 00 s a run so far, 1 min 00 s spent)"
     assert eta.done(0, 60.0) == line
     assert eta.done(1, 0.1) == line  # a run read back, not trained: no time, no change
-    assert eta.done(2, 120.0) == "about 1 min 30 s left for 1 run(s) to train (mean 1 min 30 s a run so far, 3 min 00 s spent)"
+    assert (
+        eta.done(2, 120.0)
+        == "about 1 min 30 s left for 1 run(s) to train (mean 1 min 30 s a run so far, 3 min 00 s spent)"
+    )
     assert eta.done(3, 30.0) is None  # nothing left
     assert Eta([False, True]).done(0, 5.0) is None  # nothing trained yet: no estimate

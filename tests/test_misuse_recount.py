@@ -5,20 +5,21 @@ option it names, or what is wrong), no traceback, and writes nothing where a run
 Rows marked ARGPARSE are refused by the argument parser itself (its usage line and one error line,
 exit 2), the standard form of a malformed command line; rows marked MULTILINE (data that is not
 found) give the error line first, then the folders searched and the ways to fix it, by design."""
+
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
 import pytest
-
-from conftest import FMNIST
 from test_misuse_cli import TINY, assert_one_line, finished_run, run_cli  # noqa: F401
+
+from tests.helpers import FMNIST
 
 ARGPARSE = "ARGPARSE"
 MULTILINE = "MULTILINE:"  # data not found: one error line, then the places searched and the fixes
-R = "{run}"          # replaced by a copy of a finished run folder
-T = "{tmp}"          # replaced by the test's temporary folder
+R = "{run}"  # replaced by a copy of a finished run folder
+T = "{tmp}"  # replaced by the test's temporary folder
 
 TRAIN = [
     # recipe and command line shape
@@ -127,7 +128,10 @@ EVAL = [
     (["eval", R, "--pgd-schedule", "linear"], ARGPARSE),
     (["eval", R, "--device", "tpu"], "--device tpu: not a device"),
     (["eval", R, "--out", f"{T}/a-file/x.json"], "a-file"),
-    (["eval", R, "--data-dir", f"{T}/missing", "--n-examples", "4"], MULTILINE + "test split not found in data.data_dir"),
+    (
+        ["eval", R, "--data-dir", f"{T}/missing", "--n-examples", "4"],
+        MULTILINE + "test split not found in data.data_dir",
+    ),
     (["eval", "--model", "no_such_module:f", "--data", "fmnist", "--eps", "0.1"], "no_such_module"),
     (["eval", "--model", "json", "--data", "fmnist", "--eps", "0.1"], "MODULE:FUNCTION"),
     (["eval", "--model", "json:nosuchfunction", "--data", "fmnist", "--eps", "0.1"], "nosuchfunction"),
@@ -135,21 +139,35 @@ EVAL = [
     (["eval", "--model", "torch.nn:Flatten", "--data", "fmnist"], "give --data and --eps"),
     (["eval", R, "--model", "torch.nn:Flatten", "--data", "fmnist", "--eps", "0.1"], "not both"),
     (["eval", "--model", "torch.nn:Flatten", "--data", "fmnist", "--eps", "8"], "Did you mean --eps=8/255"),
-    (["eval", "--model", "torch.nn:Flatten", "--data", "fmnist", "--eps", "0.1", "--weights", f"{T}/missing.pt"],
-     "no such file"),
-    (["eval", "--model", "torch.nn:Flatten", "--data", "fmnist", "--eps", "0.1", "--weights", f"{T}/garbage.pt"],
-     "not a readable torch file"),
-    (["eval", "--model", "torch.nn:Flatten", "--data", "fmnist", "--eps", "0.1", "--mean", "0.5"],
-     "--mean and --std go together"),
-    (["eval", "--model", "torch.nn:Flatten", "--data", "fmnist", "--eps", "0.1", "--mean", "a", "--std", "b"],
-     "--mean: 'a' is not a number"),
+    (
+        ["eval", "--model", "torch.nn:Flatten", "--data", "fmnist", "--eps", "0.1", "--weights", f"{T}/missing.pt"],
+        "no such file",
+    ),
+    (
+        ["eval", "--model", "torch.nn:Flatten", "--data", "fmnist", "--eps", "0.1", "--weights", f"{T}/garbage.pt"],
+        "not a readable torch file",
+    ),
+    (
+        ["eval", "--model", "torch.nn:Flatten", "--data", "fmnist", "--eps", "0.1", "--mean", "0.5"],
+        "--mean and --std go together",
+    ),
+    (
+        ["eval", "--model", "torch.nn:Flatten", "--data", "fmnist", "--eps", "0.1", "--mean", "a", "--std", "b"],
+        "--mean: 'a' is not a number",
+    ),
     (["eval", "--model", "torch.nn:Flatten", "--data", "nosuch", "--eps", "0.1"], "nosuch"),
-    (["eval", "--model", "torch.nn:Flatten", "--data", "fmnist", "--eps", "0.1", "--attacks", "nosuch"],
-     "unknown attack(s) nosuch"),
-    (["eval", "--model", "torch.nn:Flatten", "--data", "fmnist", "--eps", "0.1", "--pgd-steps", "0"],
-     "--pgd-steps must be >= 1"),
-    (["eval", "--model", "torch.nn:Flatten", "--data", "fmnist", "--eps", "0.1", "--n-examples", "0"],
-     "--n-examples must be >= 1"),
+    (
+        ["eval", "--model", "torch.nn:Flatten", "--data", "fmnist", "--eps", "0.1", "--attacks", "nosuch"],
+        "unknown attack(s) nosuch",
+    ),
+    (
+        ["eval", "--model", "torch.nn:Flatten", "--data", "fmnist", "--eps", "0.1", "--pgd-steps", "0"],
+        "--pgd-steps must be >= 1",
+    ),
+    (
+        ["eval", "--model", "torch.nn:Flatten", "--data", "fmnist", "--eps", "0.1", "--n-examples", "0"],
+        "--n-examples must be >= 1",
+    ),
 ]
 
 EXPORT = [
@@ -189,8 +207,12 @@ def _fill(tmp: Path, run: Path | None) -> None:
     (tmp / "a-file").write_text("x")
     (tmp / "garbage.pt").write_bytes(b"not a checkpoint at all")
     if run is not None:
-        for name, text in (("config-str", '"s"\n'), ("config-list", "[1]\n"), ("config-empty", ""),
-                           ("config-invalid", "a: [b\n")):
+        for name, text in (
+            ("config-str", '"s"\n'),
+            ("config-list", "[1]\n"),
+            ("config-empty", ""),
+            ("config-invalid", "a: [b\n"),
+        ):
             shutil.copytree(run, tmp / name)
             (tmp / name / "config.yaml").write_text(text)
 
@@ -223,8 +245,8 @@ def test_a_bad_input_is_one_clear_line_and_exit_2(argv, fragment, tmp_path, caps
     status, _, err = run_cli(capsys, *argv)
     assert status == 2, err
     if fragment.startswith(MULTILINE):
-        assert "Traceback" not in err and fragment[len(MULTILINE):] in err.splitlines()[0]
-        err, fragment = err.splitlines()[0], fragment[len(MULTILINE):]
+        assert "Traceback" not in err and fragment[len(MULTILINE) :] in err.splitlines()[0]
+        err, fragment = err.splitlines()[0], fragment[len(MULTILINE) :]
     line = assert_one_line(err, fragment)
     assert line.startswith(f"atas {argv[0]}: error: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no runs/ or reports/ folder, no result

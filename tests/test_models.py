@@ -1,5 +1,6 @@
 """CPU tests for atas.models: every registered architecture, the normalising wrapper, the
 registry's error, and the unwrap / clean_state_dict helpers for checkpoints of wrapped models."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -32,8 +33,7 @@ INPUT_SHAPE = {
 def _build(name: str, num_classes: int = 7, **kwargs) -> NormalizedModel:
     torch.manual_seed(0)
     channels = INPUT_SHAPE[name][0]
-    return build_model(name, num_classes, in_channels=channels,
-                       mean=[0.5] * channels, std=[0.25] * channels, **kwargs)
+    return build_model(name, num_classes, in_channels=channels, mean=[0.5] * channels, std=[0.25] * channels, **kwargs)
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -132,11 +132,22 @@ def test_unwrap_strips_every_wrapper():
 
 def test_clean_state_dict_strips_prefixes():
     value = torch.zeros(1)
-    sd = {"module.net.0.weight": value, "_orig_mod.module.net.0.bias": value,
-          "module._orig_mod.mean": value, "net._orig_mod.2.weight": value, "std": value,
-          "net.module.weight": value}
-    assert list(clean_state_dict(sd)) == ["net.0.weight", "net.0.bias", "mean", "net.2.weight",
-                                          "std", "net.module.weight"]
+    sd = {
+        "module.net.0.weight": value,
+        "_orig_mod.module.net.0.bias": value,
+        "module._orig_mod.mean": value,
+        "net._orig_mod.2.weight": value,
+        "std": value,
+        "net.module.weight": value,
+    }
+    assert list(clean_state_dict(sd)) == [
+        "net.0.weight",
+        "net.0.bias",
+        "mean",
+        "net.2.weight",
+        "std",
+        "net.module.weight",
+    ]
     with pytest.raises(ValueError, match="collide"):
         clean_state_dict({"module.std": value, "std": value})
 

@@ -1,4 +1,5 @@
 """The catastrophic-overfitting monitor on synthetic and logged probe curves, and the probe's margin attack."""
+
 import json
 from pathlib import Path
 
@@ -68,15 +69,24 @@ def test_replay_rebuilds_state():
 # ---------------------------------------------------------------- gradual collapse, masked gradients
 def _rows_worst(curve):
     """(clean, fgsm, pgd, worst) per epoch: rows as logged by a probe with the worst-case PGD."""
-    return [{"epoch": e + 1, "probe_clean": c, "probe_fgsm": f, "probe_pgd": p, "probe_pgd_worst": w}
-            for e, (c, f, p, w) in enumerate(curve)]
+    return [
+        {"epoch": e + 1, "probe_clean": c, "probe_fgsm": f, "probe_pgd": p, "probe_pgd_worst": w}
+        for e, (c, f, p, w) in enumerate(curve)
+    ]
 
 
 def test_flags_a_gradual_decline_of_the_worst_case_probe():
     # no epoch falls by 0.2, none halves the best: the old rules stay silent; robustness drains
     # over epochs 5-6 while FGSM accuracy keeps rising
-    curve = [(0.70, 0.60, 0.52, 0.50), (0.72, 0.65, 0.56, 0.55), (0.74, 0.68, 0.59, 0.58), (0.75, 0.70, 0.55, 0.52),
-             (0.76, 0.72, 0.50, 0.45), (0.77, 0.74, 0.49, 0.44), (0.78, 0.75, 0.48, 0.43)]
+    curve = [
+        (0.70, 0.60, 0.52, 0.50),
+        (0.72, 0.65, 0.56, 0.55),
+        (0.74, 0.68, 0.59, 0.58),
+        (0.75, 0.70, 0.55, 0.52),
+        (0.76, 0.72, 0.50, 0.45),
+        (0.77, 0.74, 0.49, 0.44),
+        (0.78, 0.75, 0.48, 0.43),
+    ]
     m = COMonitor()
     verdicts = [m.update(r) for r in _rows_worst(curve)]
     assert [v["co"] for v in verdicts] == [False] * 5 + [True, True]
@@ -86,8 +96,16 @@ def test_flags_a_gradual_decline_of_the_worst_case_probe():
 
 
 def test_a_noisy_plateau_is_not_flagged():
-    curve = [(0.70, 0.62, 0.52, 0.50), (0.72, 0.65, 0.57, 0.55), (0.71, 0.63, 0.54, 0.52), (0.74, 0.66, 0.59, 0.57),
-             (0.72, 0.64, 0.55, 0.53), (0.73, 0.66, 0.58, 0.56), (0.71, 0.62, 0.53, 0.51), (0.74, 0.66, 0.57, 0.55)]
+    curve = [
+        (0.70, 0.62, 0.52, 0.50),
+        (0.72, 0.65, 0.57, 0.55),
+        (0.71, 0.63, 0.54, 0.52),
+        (0.74, 0.66, 0.59, 0.57),
+        (0.72, 0.64, 0.55, 0.53),
+        (0.73, 0.66, 0.58, 0.56),
+        (0.71, 0.62, 0.53, 0.51),
+        (0.74, 0.66, 0.57, 0.55),
+    ]
     m = COMonitor()
     assert not any(m.update(r)["co"] for r in _rows_worst(curve)) and not m.reasons
 
@@ -134,8 +152,12 @@ def test_logged_sweep_atas_and_pgd_at_runs_are_not_flagged_as_co():
     for r in runs:
         reasons = list(_replay(r).reasons.values())
         learned = r["clean"] > 2 * r["chance"]
-        assert (not reasons) if learned else all(x.startswith("stuck:") for x in reasons), \
-            (r["method"], r["eps"], r["seed"], reasons)
+        assert (not reasons) if learned else all(x.startswith("stuck:") for x in reasons), (
+            r["method"],
+            r["eps"],
+            r["seed"],
+            reasons,
+        )
 
 
 def test_logged_sweep_runs_below_half_of_pgd_at_are_flagged():
@@ -160,10 +182,10 @@ def test_the_probe_keys_and_its_margin_attack():
     state = torch.get_rng_state()
     out = probe(model, x, y, 0.1, steps=3)
     assert torch.equal(torch.get_rng_state(), state)  # the probe leaves the training's RNG alone
-    assert out == probe(model, x, y, 0.1, steps=3)    # and attacks the same way every time
+    assert out == probe(model, x, y, 0.1, steps=3)  # and attacks the same way every time
     assert out["probe_pgd_worst"] <= min(out["probe_pgd"], out["probe_pgd_margin"]) and out["probe_lin_err"] >= 0
-    assert out["probe_pgd_margin"] <= correct         # robust implies correct at x
-    assert probe(model, x, y, 1e-7, steps=2)["probe_pgd_margin"] == correct   # nothing to move
+    assert out["probe_pgd_margin"] <= correct  # robust implies correct at x
+    assert probe(model, x, y, 1e-7, steps=2)["probe_pgd_margin"] == correct  # nothing to move
     # more restarts can only find more points that fool the model
     assert probe(model, x, y, 0.1, steps=3, restarts=3)["probe_pgd_margin"] <= out["probe_pgd_margin"]
 
@@ -172,16 +194,21 @@ def test_report_plots_the_masking_signal_and_skips_runs_without_it(tmp_path):
     from atas.report import plot_probe_masking
 
     def run(method, seed, worst):
-        curves = {"epoch": [1, 2, 3], "probe_fgsm": [0.5, 0.6, 0.7], "probe_pgd": [0.4, 0.5, 0.5],
-                  "co": [False, False, True]}
+        curves = {
+            "epoch": [1, 2, 3],
+            "probe_fgsm": [0.5, 0.6, 0.7],
+            "probe_pgd": [0.4, 0.5, 0.5],
+            "co": [False, False, True],
+        }
         if worst is not None:
             curves["probe_pgd_worst"] = worst
         return {"method": method, "eps": "0.2", "seed": seed, "aa": 0.3, "curves": curves}
 
     old = [run("fgsm_rs", 0, None)]
     assert plot_probe_masking(old, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
-    path = plot_probe_masking(old + [run("atas", 0, [0.4, 0.5, 0.6]), run("fgsm_rs", 1, [0.4, None, 0.3])],
-                              tmp_path / "m.png")
+    path = plot_probe_masking(
+        old + [run("atas", 0, [0.4, 0.5, 0.6]), run("fgsm_rs", 1, [0.4, None, 0.3])], tmp_path / "m.png"
+    )
     assert path.exists() and path.stat().st_size > 1000
 
 
@@ -189,23 +216,33 @@ def test_constant_prediction_is_flagged_as_stuck_not_co():
     """A run stuck at a constant prediction (clean = FGSM = PGD near chance) is flagged with a
     'stuck' reason at the end of its second epoch; a healthy run never has clean = PGD."""
     m = COMonitor()
-    verdicts = [m.update({"epoch": e, "probe_clean": 0.12, "probe_fgsm": 0.12, "probe_pgd": 0.12,
-                          "probe_pgd_worst": 0.12}) for e in range(1, 7)]
+    verdicts = [
+        m.update({"epoch": e, "probe_clean": 0.12, "probe_fgsm": 0.12, "probe_pgd": 0.12, "probe_pgd_worst": 0.12})
+        for e in range(1, 7)
+    ]
     assert [v["co"] for v in verdicts] == [False] + [True] * 5
     assert verdicts[-1]["reason"].startswith("stuck:") and "not CO" in verdicts[-1]["reason"]
     from atas.report import co_column
 
-    run = {"co_detected": True, "co_final_signature": False, "clean": 0.1, "pgd": 0.1,
-           "curves": {"co_reason": [v["reason"] for v in verdicts]}}
+    run = {
+        "co_detected": True,
+        "co_final_signature": False,
+        "clean": 0.1,
+        "pgd": 0.1,
+        "curves": {"co_reason": [v["reason"] for v in verdicts]},
+    }
     assert co_column([run]) == "no (0/1), 1 stuck"
     healthy = COMonitor()
     for e in range(1, 7):
-        assert not healthy.update({"epoch": e, "probe_clean": 0.7, "probe_fgsm": 0.6, "probe_pgd": 0.5,
-                                   "probe_pgd_worst": 0.5})["co"]
+        assert not healthy.update(
+            {"epoch": e, "probe_clean": 0.7, "probe_fgsm": 0.6, "probe_pgd": 0.5, "probe_pgd_worst": 0.5}
+        )["co"]
 
 
-EPS03 = [Path(__file__).resolve().parents[1] / "docs" / "results" / name / "summary.json"
-         for name in ("fmnist-eps03-cpu", "fmnist-eps03-cpu-guard-off")]
+EPS03 = [
+    Path(__file__).resolve().parents[1] / "docs" / "results" / name / "summary.json"
+    for name in ("fmnist-eps03-cpu", "fmnist-eps03-cpu-guard-off")
+]
 
 
 def _replay_held(run: dict) -> COMonitor:

@@ -1,6 +1,7 @@
 """Adding a method is one file: defined outside the package (by `--import` or an installed entry
 point), it is listed by `atas recipes`, accepted by `--methods`, has its options checked before
 anything trains, trains, and is labelled in the report, with no edit to atas itself."""
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,9 @@ METHOD_FILE = textwrap.dedent('''
 
 def _atas(*args: str, cwd: Path, pythonpath: list[Path] = ()) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in [*pythonpath, ROOT]), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "atas", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "atas", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 @pytest.mark.slow
@@ -76,8 +78,18 @@ def test_a_method_from_an_entry_point_is_listed(tmp_path):
 @pytest.mark.slow
 def test_its_options_are_checked_before_any_run_trains(tmp_path):
     (tmp_path / "half_step.py").write_text(METHOD_FILE)
-    proc = _atas("compare", "fmnist", "--import", "half_step", "--methods", "fgsm_rs,half_step",
-                 "--out", str(tmp_path / "out"), "half_step.factor=2", cwd=tmp_path)
+    proc = _atas(
+        "compare",
+        "fmnist",
+        "--import",
+        "half_step",
+        "--methods",
+        "fgsm_rs,half_step",
+        "--out",
+        str(tmp_path / "out"),
+        "half_step.factor=2",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and "method.factor must lie in (0, 1], got 2" in proc.stderr
     assert not (tmp_path / "out" / "runs").exists()  # fgsm_rs, first in line, did not train
 
@@ -86,11 +98,36 @@ def test_its_options_are_checked_before_any_run_trains(tmp_path):
 @pytest.mark.slow
 def test_a_method_in_one_file_trains_and_is_labelled_in_the_report(tmp_path):
     (tmp_path / "half_step.py").write_text(METHOD_FILE)
-    tiny = ["model.arch=wong_cnn", "data.subset=128", "train.epochs=1", "train.batch_size=64", "train.probe_size=32",
-            "train.probe_steps=2", "eval.pgd_steps=2", "eval.pgd_restarts=1", "train.progress=false",
-            f"data.data_dir={FMNIST}"]
-    proc = _atas("compare", "fmnist", "--import", "half_step", "--methods", "half_step", "--eps", "0.1",
-                 "--attacks", "clean,pgd", "--n-examples", "32", "--out", str(tmp_path / "out"), *tiny, cwd=tmp_path)
+    tiny = [
+        "model.arch=wong_cnn",
+        "data.subset=128",
+        "train.epochs=1",
+        "train.batch_size=64",
+        "train.probe_size=32",
+        "train.probe_steps=2",
+        "eval.pgd_steps=2",
+        "eval.pgd_restarts=1",
+        "train.progress=false",
+        f"data.data_dir={FMNIST}",
+    ]
+    proc = _atas(
+        "compare",
+        "fmnist",
+        "--import",
+        "half_step",
+        "--methods",
+        "half_step",
+        "--eps",
+        "0.1",
+        "--attacks",
+        "clean,pgd",
+        "--n-examples",
+        "32",
+        "--out",
+        str(tmp_path / "out"),
+        *tiny,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     runs = json.loads((tmp_path / "out" / "summary.json").read_text())["runs"]
     assert [(r["method"], r["epochs"]) for r in runs] == [("half_step", 1)]

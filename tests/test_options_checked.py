@@ -2,6 +2,7 @@
 number out of range or an unknown word fails `atas train` with one line and exit 2, and the run
 folder is never created. The registry is iterated, so a method added later is covered by the same
 test: each field of its Options gets the bad values of its type (see `_bad_values`)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,8 +43,7 @@ def _cases():
 
 
 @pytest.mark.parametrize("method,option,bad", list(_cases()))
-def test_every_option_of_every_method_is_checked_before_the_run_folder_exists(tmp_path, capsys, method, option,
-                                                                               bad):
+def test_every_option_of_every_method_is_checked_before_the_run_folder_exists(tmp_path, capsys, method, option, bad):
     with pytest.raises(ConfigError):
         load_config("fmnist", [f"method.name={method}", f"method.{option}={bad}"])
     run = tmp_path / "run"
@@ -55,12 +55,32 @@ def test_every_option_of_every_method_is_checked_before_the_run_folder_exists(tm
 
 # The dataset's, the model's, the training loop's and the evaluation's (attacks') options: each
 # numeric one out of its range, each choice misspelt.
-SECTION_CASES = ["data.name=cifar11", "data.train_pad=-1", "data.num_workers=-1", "data.subset=0", "data.val_size=-1",
-                 "model.arch=no_such_net", "train.probe_size=-5", "train.probe_steps=0", "train.store_size=0",
-                 "train.max_steps=0", "train.store_dtype=float8", "train.amp=fp8", "train.co_action=ignore",
-                 "optim.momentum=1.5", "optim.weight_decay=-1", "optim.gamma=0", "optim.div_factor=0.5",
-                 "optim.milestones=[-1]", "optim.schedule=linear", "eval.attacks=clean,bogus", "eval.pgd_steps=0",
-                 "eval.pgd_alpha=3eps", "eval.pgd_loss=hinge", "eval.n_examples=0"]
+SECTION_CASES = [
+    "data.name=cifar11",
+    "data.train_pad=-1",
+    "data.num_workers=-1",
+    "data.subset=0",
+    "data.val_size=-1",
+    "model.arch=no_such_net",
+    "train.probe_size=-5",
+    "train.probe_steps=0",
+    "train.store_size=0",
+    "train.max_steps=0",
+    "train.store_dtype=float8",
+    "train.amp=fp8",
+    "train.co_action=ignore",
+    "optim.momentum=1.5",
+    "optim.weight_decay=-1",
+    "optim.gamma=0",
+    "optim.div_factor=0.5",
+    "optim.milestones=[-1]",
+    "optim.schedule=linear",
+    "eval.attacks=clean,bogus",
+    "eval.pgd_steps=0",
+    "eval.pgd_alpha=3eps",
+    "eval.pgd_loss=hinge",
+    "eval.n_examples=0",
+]
 
 
 @pytest.mark.parametrize("override", SECTION_CASES)
@@ -91,10 +111,16 @@ def test_the_error_classes_share_one_root_and_keep_their_old_bases():
     from atas.trainer import TrainingDiverged
 
     assert atas.AtasError is AtasError
-    for cls, old in ((ConfigError, ValueError), (CheckpointError, RuntimeError), (DiskFullError, RuntimeError),
-                     (DataNotFoundError, FileNotFoundError), (DataFormatError, ValueError),
-                     (EvaluationError, AssertionError), (MissingDependencyError, ImportError),
-                     (TrainingDiverged, RuntimeError)):
+    for cls, old in (
+        (ConfigError, ValueError),
+        (CheckpointError, RuntimeError),
+        (DiskFullError, RuntimeError),
+        (DataNotFoundError, FileNotFoundError),
+        (DataFormatError, ValueError),
+        (EvaluationError, AssertionError),
+        (MissingDependencyError, ImportError),
+        (TrainingDiverged, RuntimeError),
+    ):
         assert issubclass(cls, AtasError) and issubclass(cls, old), cls
     # what the CLI does with each: one line and the status, or (a bug) the traceback
     assert (ConfigError.exit_status, TrainingDiverged.exit_status, EvaluationError.exit_status) == (2, 3, None)

@@ -1,4 +1,5 @@
 """The package metadata says what the code needs and what the repository ships."""
+
 import re
 from pathlib import Path
 
@@ -18,8 +19,11 @@ def test_license_file_matches_pyproject():
 
 def test_python_classifiers_start_at_requires_python():
     low = re.fullmatch(r">=3\.(\d+)", PROJECT["requires-python"]).group(1)
-    minors = sorted(int(c.rsplit(".", 1)[1]) for c in PROJECT["classifiers"]
-                    if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c))
+    minors = sorted(
+        int(c.rsplit(".", 1)[1])
+        for c in PROJECT["classifiers"]
+        if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)
+    )
     assert minors[0] == int(low) and minors == list(range(minors[0], minors[-1] + 1))
 
 

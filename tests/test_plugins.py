@@ -2,6 +2,7 @@
 method defined outside the package, made visible by `--import` or by an installed entry point, are
 listed by `atas recipes`, trained on, evaluated with, and shown in `atas compare`'s report, with no
 edit to atas itself (docs/contributing.md). The data is the plugin's own: no Fashion-MNIST needed."""
+
 from __future__ import annotations
 
 import json
@@ -97,10 +98,15 @@ RECIPE = textwrap.dedent('''
 
 
 def _atas(*args: str, cwd: Path, pythonpath: list[Path] = ()) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in [*pythonpath, ROOT]), "OMP_NUM_THREADS": "1",
-           "ATAS_DATA_DIR": str(cwd / "no-cache")}
-    return subprocess.run([sys.executable, "-m", "atas", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(str(p) for p in [*pythonpath, ROOT]),
+        "OMP_NUM_THREADS": "1",
+        "ATAS_DATA_DIR": str(cwd / "no-cache"),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "atas", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture
@@ -112,8 +118,9 @@ def installed(tmp_path) -> Path:
     info = site / "synth_plugin-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: synth-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("".join(f"[atas.{group}]\nsynth = synth_plugin\n"
-                                                   for group in ("methods", "models", "datasets", "attacks")))
+    (info / "entry_points.txt").write_text(
+        "".join(f"[atas.{group}]\nsynth = synth_plugin\n" for group in ("methods", "models", "datasets", "attacks"))
+    )
     return site
 
 
@@ -143,8 +150,17 @@ def test_an_installed_dataset_model_method_and_attack_train_and_evaluate(tmp_pat
     # learnt: the plugin's images are separable, so the tiny linear model is far above chance (25%)
     assert result["results"]["clean"]["accuracy"] > 0.5
     # ... and evaluated again later, from its run folder alone, on the plugin's test split
-    proc = _atas("eval", str(run), "--attacks", "clean,half_fgsm", "--out", str(tmp_path / "again.json"),
-                 "--no-progress", cwd=tmp_path, pythonpath=[installed])
+    proc = _atas(
+        "eval",
+        str(run),
+        "--attacks",
+        "clean,half_fgsm",
+        "--out",
+        str(tmp_path / "again.json"),
+        "--no-progress",
+        cwd=tmp_path,
+        pythonpath=[installed],
+    )
     assert proc.returncode == 0, proc.stderr
     again = json.loads((tmp_path / "again.json").read_text())
     for name in ("clean", "half_fgsm"):
@@ -155,8 +171,21 @@ def test_an_installed_dataset_model_method_and_attack_train_and_evaluate(tmp_pat
 def test_imported_plugins_are_compared_and_reported_in_their_own_columns(tmp_path):
     (tmp_path / "synth_plugin.py").write_text(PLUGIN)
     (tmp_path / "synth.yaml").write_text(RECIPE)
-    proc = _atas("compare", "synth.yaml", "--import", "synth_plugin", "--methods", "half_step,fgsm_rs",
-                 "--eps", "0.1", "--attacks", "clean,pgd,half_fgsm", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    proc = _atas(
+        "compare",
+        "synth.yaml",
+        "--import",
+        "synth_plugin",
+        "--methods",
+        "half_step,fgsm_rs",
+        "--eps",
+        "0.1",
+        "--attacks",
+        "clean,pgd,half_fgsm",
+        "--out",
+        str(tmp_path / "out"),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["attacks"] == ["clean", "pgd", "half_fgsm"]

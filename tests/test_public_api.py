@@ -1,4 +1,5 @@
 """The public method object: one engine for a user's loop and `atas train`, its state, its errors."""
+
 from __future__ import annotations
 
 import copy
@@ -21,10 +22,22 @@ from tests.helpers import needs_fmnist
 def test_plain_loop_with_the_public_object_equals_atas_train(tmp_path, name):
     """The same batches through atas.train and through a hand-written loop on the public object
     give bit-identical weights: the trainer is a client of the same engine."""
-    cfg = load_config("fmnist", ["model.arch=wong_cnn", "data.subset=256", "train.batch_size=64", "train.epochs=2",
-                                 "train.probe_size=0", "train.progress=false", "eval.at_end=false",
-                                 "train.deterministic=true", f"method.name={name}", "method.atas.warmup_epochs=1",
-                                 f"out_dir={tmp_path}"])
+    cfg = load_config(
+        "fmnist",
+        [
+            "model.arch=wong_cnn",
+            "data.subset=256",
+            "train.batch_size=64",
+            "train.epochs=2",
+            "train.probe_size=0",
+            "train.progress=false",
+            "eval.at_end=false",
+            "train.deterministic=true",
+            f"method.name={name}",
+            "method.atas.warmup_epochs=1",
+            f"out_dir={tmp_path}",
+        ],
+    )
     trained = train(cfg, run_dir=tmp_path / "r").model
 
     # The user's loop: their model/optimizer/schedule, atas's method object, the same batches.
@@ -35,8 +48,9 @@ def test_plain_loop_with_the_public_object_equals_atas_train(tmp_path, name):
     model = make_model(cfg)
     opt = make_optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, len(loader)))
-    atk = atas.method(name, cfg.method.eps, options=method_options(cfg), epochs=2, num_samples=256,
-                      augment=atas.RandomCropFlip(pad=2))
+    atk = atas.method(
+        name, cfg.method.eps, options=method_options(cfg), epochs=2, num_samples=256, augment=atas.RandomCropFlip(pad=2)
+    )
     for _ in range(2):
         model.train()
         for xb, yb, idx in atk.batches(loader):
@@ -75,7 +89,7 @@ def test_state_dict_resumes_exactly_and_carries_the_store():
     full = atas.ATAS(eps=0.1, num_samples=32, epochs=3, warmup_epochs=0, augment=atas.RandomCropFlip(pad=1))
     torch.manual_seed(1)
     run(full, model, 2)
-    state = copy.deepcopy(full.state_dict())   # as a checkpoint file holds it
+    state = copy.deepcopy(full.state_dict())  # as a checkpoint file holds it
     assert state["epoch"] == 2 and state["store"]["delta"].shape == (32, 1, 10, 10)
     rng = torch.get_rng_state()
     expected = run(full, model, 1)

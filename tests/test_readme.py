@@ -1,9 +1,11 @@
 """The README's Python examples run, as written, on a small subset (sizes capped by the prelude)."""
+
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 import atas
@@ -28,17 +30,27 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     torch.manual_seed(0)
     x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
-    tiny = ["model.arch=wong_cnn", "data.subset=128", "train.epochs=1", "train.probe_size=0", "train.progress=false",
-            "eval.at_end=false"]
+    tiny = [
+        "model.arch=wong_cnn",
+        "data.subset=128",
+        "train.epochs=1",
+        "train.probe_size=0",
+        "train.progress=false",
+        "eval.at_end=false",
+    ]
     real_load_config, real_benchmark, real_evaluate = atas.load_config, atas.benchmark, atas.evaluate
     monkeypatch.setattr(atas, "load_config", lambda name, overrides=(): real_load_config(name, list(overrides) + tiny))
-    monkeypatch.setattr(atas, "benchmark", lambda *a, **k: real_benchmark(
-        *a, **{**k, **SMALL_EVAL}))
-    monkeypatch.setattr(atas, "evaluate", lambda *a, **k: real_evaluate(
-        *a, **{**k, **SMALL_EVAL}))
-    scope = {"train_set": torch.utils.data.TensorDataset(x, y), "model": model, "device": "cpu",
-             "opt": torch.optim.SGD(model.parameters(), lr=0.01), "DataLoader": torch.utils.data.DataLoader,
-             "torch": torch, "range": lambda *a: range(*a[:-1], min(a[-1], 2))}
+    monkeypatch.setattr(atas, "benchmark", lambda *a, **k: real_benchmark(*a, **{**k, **SMALL_EVAL}))
+    monkeypatch.setattr(atas, "evaluate", lambda *a, **k: real_evaluate(*a, **{**k, **SMALL_EVAL}))
+    scope = {
+        "train_set": torch.utils.data.TensorDataset(x, y),
+        "model": model,
+        "device": "cpu",
+        "opt": torch.optim.SGD(model.parameters(), lr=0.01),
+        "DataLoader": torch.utils.data.DataLoader,
+        "torch": torch,
+        "range": lambda *a: range(*a[:-1], min(a[-1], 2)),
+    }
     for block in blocks:
         exec(compile(block, "README.md", "exec"), scope)
     assert scope["atk"].current_epoch == 2 and Path("ckpt.pt").exists()
@@ -58,12 +70,19 @@ def test_readme_own_loop_resumes_exactly(tmp_path, monkeypatch):
         (tmp_path / folder).mkdir(exist_ok=True)
         monkeypatch.chdir(tmp_path / folder)
         torch.manual_seed(seed)  # a resumed process builds its model anew: other initial weights
-        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.Dropout(0.2),
-                                    torch.nn.ReLU(), torch.nn.Linear(32, 10))
+        model = torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.Dropout(0.2), torch.nn.ReLU(), torch.nn.Linear(32, 10)
+        )
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        scope = {"train_set": torch.utils.data.TensorDataset(x, y), "model": model, "device": "cpu", "opt": opt,
-                 "DataLoader": lambda ds, batch_size, shuffle: torch.utils.data.DataLoader(ds, 16, shuffle=shuffle),
-                 "torch": torch, "range": lambda *a: range(*a[:-1], min(a[-1], epochs))}
+        scope = {
+            "train_set": torch.utils.data.TensorDataset(x, y),
+            "model": model,
+            "device": "cpu",
+            "opt": opt,
+            "DataLoader": lambda ds, batch_size, shuffle: torch.utils.data.DataLoader(ds, 16, shuffle=shuffle),
+            "torch": torch,
+            "range": lambda *a: range(*a[:-1], min(a[-1], epochs)),
+        }
         with pytest.warns(UserWarning):  # batch 16, not ATAS's reference 128: said, and irrelevant here
             exec(compile(loop, "README.md", "exec"), scope)
         return {"model": model.state_dict(), "atas": scope["atk"].state_dict(), "epoch": scope["atk"].current_epoch}

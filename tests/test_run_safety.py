@@ -1,6 +1,7 @@
 """The run folder under faults: a refused resume changes nothing, a damaged checkpoint is refused
 (and the one before it is kept), metrics survive a kill between save and log, one writer per
 folder, a full disk says so, and files a killed save left behind are cleaned up."""
+
 from __future__ import annotations
 
 import errno
@@ -26,9 +27,19 @@ from atas.rundir import CHECKPOINT, MetricsLog, RunDirError, RunLock
 from atas.trainer import train
 from tests.helpers import needs_fmnist as needs_data
 
-TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=256", "train.batch_size=64",
-        "train.probe_size=32", "train.probe_steps=1", "train.progress=false", "eval.at_end=false", "eval.attacks=clean",
-        "method.atas.warmup_epochs=1", "train.deterministic=true"]
+TINY = [
+    "model.arch=wong_cnn",
+    "train.co_action=keep_best",
+    "data.subset=256",
+    "train.batch_size=64",
+    "train.probe_size=32",
+    "train.probe_steps=1",
+    "train.progress=false",
+    "eval.at_end=false",
+    "eval.attacks=clean",
+    "method.atas.warmup_epochs=1",
+    "train.deterministic=true",
+]
 
 
 def tiny(tmp_path, *extra):
@@ -57,7 +68,7 @@ def flip_byte_in_largest_member(path: Path) -> None:
     with zipfile.ZipFile(path) as z:
         info = max(z.infolist(), key=lambda i: i.file_size)
     raw = bytearray(path.read_bytes())
-    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
     start = info.header_offset + 30 + name_len + extra_len
     raw[start + info.file_size // 2] ^= 0x04
     path.write_bytes(bytes(raw))
@@ -256,8 +267,9 @@ def test_disk_full_at_epoch_2_names_the_file_and_the_intact_epoch(tmp_path, monk
     run_dir = tmp_path / "r"
     assert cli(["train", "fmnist", *TINY, "train.epochs=3", "--run-dir", str(run_dir)]) == 2
     err = capsys.readouterr().err
-    assert (f"no space left on device while writing {run_dir / CHECKPOINT}; the checkpoint of epoch 1 is intact"
-            in err) and f"free space and resume with `atas train --resume {run_dir}`" in err
+    assert (
+        f"no space left on device while writing {run_dir / CHECKPOINT}; the checkpoint of epoch 1 is intact" in err
+    ) and f"free space and resume with `atas train --resume {run_dir}`" in err
     assert "Traceback" not in err
     monkeypatch.undo()
     assert load_checkpoint(run_dir / CHECKPOINT)["epoch"] == 1
@@ -317,8 +329,7 @@ def folder_state(folder: Path) -> dict:
     that could block or follow."""
     state = {}
     for p in sorted(folder.iterdir()):
-        state[p.name] = (("link", os.readlink(p)) if p.is_symlink() else p.read_bytes() if p.is_file()
-                         else "special")
+        state[p.name] = ("link", os.readlink(p)) if p.is_symlink() else p.read_bytes() if p.is_file() else "special"
     return state
 
 
@@ -326,28 +337,48 @@ def refused_in_one_line(capsys, argv, *fragments) -> str:
     status = cli([str(a) for a in argv])
     err = capsys.readouterr().err
     assert status == 2, err
-    lines = [line for line in err.strip().splitlines() if "WARNING" not in line and not line.startswith("atas: warning: ")]
+    lines = [
+        line for line in err.strip().splitlines() if "WARNING" not in line and not line.startswith("atas: warning: ")
+    ]
     assert len(lines) == 1 and "Traceback" not in err, err
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
 
 
-@pytest.mark.parametrize("name,kind", [
-    (".lock", "link"), ("metrics.jsonl", "link"), ("metrics.jsonl", "device"), ("metrics.csv", "link"),
-    ("metrics.csv", "fifo"), ("best.pt", "link"), ("best.pt", "device"), ("checkpoint.pt", "link"),
-    ("checkpoint.prev.pt", "link"), ("checkpoint.healthy.pt", "link"), ("config.yaml", "link"),
-    ("eval.json", "link"), ("eval.state", "fifo"), ("diverged.json", "link"), ("val.json", "link")])
+@pytest.mark.parametrize(
+    "name,kind",
+    [
+        (".lock", "link"),
+        ("metrics.jsonl", "link"),
+        ("metrics.jsonl", "device"),
+        ("metrics.csv", "link"),
+        ("metrics.csv", "fifo"),
+        ("best.pt", "link"),
+        ("best.pt", "device"),
+        ("checkpoint.pt", "link"),
+        ("checkpoint.prev.pt", "link"),
+        ("checkpoint.healthy.pt", "link"),
+        ("config.yaml", "link"),
+        ("eval.json", "link"),
+        ("eval.state", "fifo"),
+        ("diverged.json", "link"),
+        ("val.json", "link"),
+    ],
+)
 @needs_data
-def test_no_file_of_a_run_folder_is_written_through_a_link_or_into_a_special_file(run_copy, tmp_path, capsys,
-                                                                                  name, kind):
+def test_no_file_of_a_run_folder_is_written_through_a_link_or_into_a_special_file(
+    run_copy, tmp_path, capsys, name, kind
+):
     outside = tmp_path / "outside.txt"
     outside.write_text(PRECIOUS)
     plant(run_copy / name, kind, outside)
     before = folder_state(run_copy)
     what = {"link": "symbolic link", "device": "symbolic link", "fifo": "FIFO"}[kind]
-    for argv in (["train", "--resume", run_copy, "train.epochs=3"],
-                 ["train", "fmnist", *TINY, "train.epochs=1", "--run-dir", run_copy, "--overwrite"]):
+    for argv in (
+        ["train", "--resume", run_copy, "train.epochs=3"],
+        ["train", "fmnist", *TINY, "train.epochs=1", "--run-dir", run_copy, "--overwrite"],
+    ):
         refused_in_one_line(capsys, argv, f"{run_copy / name} is a {what}", f"rm {run_copy / name}")
         assert outside.read_text() == PRECIOUS
         assert folder_state(run_copy) == before  # refused before anything was written
@@ -364,8 +395,9 @@ def test_the_store_memmap_is_never_written_through_a_link(tmp_path, capsys):
     outside = tmp_path / "outside.txt"
     outside.write_text(PRECIOUS)
     plant(run_dir / "store.bin", "link", outside)
-    refused_in_one_line(capsys, ["train", "--resume", run_dir, "train.epochs=2"],
-                        f"{run_dir / 'store.bin'} is a symbolic link")
+    refused_in_one_line(
+        capsys, ["train", "--resume", run_dir, "train.epochs=2"], f"{run_dir / 'store.bin'} is a symbolic link"
+    )
     assert outside.read_text() == PRECIOUS
 
 
@@ -381,8 +413,9 @@ def test_atas_eval_never_writes_its_result_through_a_link(run_copy, tmp_path, ca
     outside = tmp_path / "outside.txt"
     outside.write_text(PRECIOUS)
     plant(target, "link", outside)
-    refused_in_one_line(capsys, ["eval", run_copy, "--n-examples", "16", "--no-progress"],
-                        f"{target} is a symbolic link")
+    refused_in_one_line(
+        capsys, ["eval", run_copy, "--n-examples", "16", "--no-progress"], f"{target} is a symbolic link"
+    )
     assert outside.read_text() == PRECIOUS
 
 
@@ -403,7 +436,7 @@ def test_the_atomic_writer_refuses_a_link_and_never_writes_through_its_temporary
 
     outside = tmp_path / "outside.txt"
     outside.write_text(PRECIOUS)
-    mine = tmp_path / "summary.json"           # any file atas names: summary.json, report.md, ...
+    mine = tmp_path / "summary.json"  # any file atas names: summary.json, report.md, ...
     plant(mine, "link", outside)
     with pytest.raises(UnsafeFileError, match="summary.json is a symbolic link"):
         atomic_write_text(mine, "{}")
@@ -414,4 +447,4 @@ def test_the_atomic_writer_refuses_a_link_and_never_writes_through_its_temporary
     fifo = tmp_path / "named.fifo"
     plant(fifo, "fifo", outside)
     with pytest.raises(UnsafeFileError, match="is a FIFO"):
-        atomic_write_text(fifo, "x")            # atas's own name: refused; a --out the user names is written in place
+        atomic_write_text(fifo, "x")  # atas's own name: refused; a --out the user names is written in place

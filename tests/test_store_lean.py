@@ -5,6 +5,7 @@ gather/scatter touch only the crop window of the listed rows whatever the dtype;
 behaves exactly like the in-memory one and survives state_dict/load_state_dict; estimate_bytes
 is what the store really holds.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -15,15 +16,19 @@ from atas.store import DTYPES, PerSampleStore
 
 # Largest gather error after a scatter, per stored dtype, for values in [-eps, eps].
 # float16: 11-bit mantissa; bfloat16: 8-bit; int8: half a quantisation level, eps/254.
-TOLERANCE = {"float32": lambda eps: 0.0, "float16": lambda eps: eps * 2.0 ** -11,
-             "bfloat16": lambda eps: eps * 2.0 ** -8, "int8": lambda eps: eps / 254}
+TOLERANCE = {
+    "float32": lambda eps: 0.0,
+    "float16": lambda eps: eps * 2.0**-11,
+    "bfloat16": lambda eps: eps * 2.0**-8,
+    "int8": lambda eps: eps / 254,
+}
 
 
 def _window_mask(cf, b: int, frame: int) -> torch.Tensor:
     """True inside sample b's crop window."""
     mask = torch.zeros(frame, frame, dtype=torch.bool)
     t, l = int(cf.top[b]), int(cf.left[b])
-    mask[t:t + cf.size, l:l + cf.size] = True
+    mask[t : t + cf.size, l : l + cf.size] = True
     return mask
 
 
@@ -55,8 +60,9 @@ def test_int8_clamps_to_the_eps_ball_and_init_is_uniform():
     init = store.gather_delta(torch.arange(200), cf)
     assert init.abs().max() <= eps + 1e-7 and abs(init.abs().mean().item() - eps / 2) < 0.01
     store.scatter_delta(torch.arange(2), sample_crop_flip(2, 8, 8, False, "cpu"), torch.full((2, 1, 8, 8), 3 * eps))
-    assert torch.allclose(store.gather_delta(torch.arange(2), sample_crop_flip(2, 8, 8, False, "cpu")),
-                          torch.full((2, 1, 8, 8), eps))
+    assert torch.allclose(
+        store.gather_delta(torch.arange(2), sample_crop_flip(2, 8, 8, False, "cpu")), torch.full((2, 1, 8, 8), eps)
+    )
 
 
 # ---------------------------------------------------------------- every dtype: only the window moves
@@ -140,8 +146,9 @@ def test_memmap_store_equals_in_memory_store(tmp_path, dtype):
         assert torch.equal(memory.gather_delta(idx, cf), mapped.gather_delta(idx, cf))
     assert torch.equal(memory.delta, mapped.delta) and torch.equal(memory.grad_sq_ema, mapped.grad_sq_ema)
     # the rows really live in the file: a fresh mapping of it reads the same bytes
-    reread = torch.from_file(str(tmp_path / "store.bin"), shared=False, size=mapped.delta.numel(),
-                             dtype=DTYPES[dtype]).view(mapped.delta.shape)
+    reread = torch.from_file(
+        str(tmp_path / "store.bin"), shared=False, size=mapped.delta.numel(), dtype=DTYPES[dtype]
+    ).view(mapped.delta.shape)
     assert torch.equal(reread, memory.delta)
     # state_dict -> checkpoint file -> a new memmap store (and an in-memory one)
     torch.save({"store": mapped.state_dict()}, tmp_path / "ckpt.pt")
@@ -175,8 +182,7 @@ def test_memmap_on_cuda_is_refused_with_advice(tmp_path):
 def test_estimate_bytes_matches_nbytes(dtype, storage_size):
     store = PerSampleStore(20, (3, 12, 12), 0.1, dtype=dtype, storage_size=storage_size)
     assert PerSampleStore.estimate_bytes(20, (3, 12, 12), dtype, storage_size) == store.nbytes
-    shard = PerSampleStore(20, (3, 12, 12), 0.1, dtype=dtype, storage_size=storage_size,
-                           indices=torch.arange(20)[1::2])
+    shard = PerSampleStore(20, (3, 12, 12), 0.1, dtype=dtype, storage_size=storage_size, indices=torch.arange(20)[1::2])
     assert PerSampleStore.estimate_bytes(10, (3, 12, 12), dtype, storage_size) == shard.nbytes
 
 

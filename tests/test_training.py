@@ -1,5 +1,6 @@
 """Training end to end on a Fashion-MNIST subset: runs, resumes bit-exactly, survives crashes while
 saving, refuses bad checkpoints, stops on NaN, and gives clear errors for bad input."""
+
 from __future__ import annotations
 
 import errno
@@ -18,9 +19,19 @@ from tests.helpers import needs_fmnist
 
 pytestmark = needs_fmnist
 
-TINY = ["model.arch=wong_cnn", "train.co_action=keep_best", "data.subset=384", "train.batch_size=64",
-        "train.probe_size=64", "train.probe_steps=2", "train.progress=false", "eval.at_end=false", "optim.lr=0.02",
-        "method.atas.warmup_epochs=1", "train.deterministic=true"]
+TINY = [
+    "model.arch=wong_cnn",
+    "train.co_action=keep_best",
+    "data.subset=384",
+    "train.batch_size=64",
+    "train.probe_size=64",
+    "train.probe_steps=2",
+    "train.progress=false",
+    "eval.at_end=false",
+    "optim.lr=0.02",
+    "method.atas.warmup_epochs=1",
+    "train.deterministic=true",
+]
 
 
 def tiny(tmp_path, *extra):
@@ -181,13 +192,16 @@ def test_cli_recipes_lists_shipped(capsys):
     assert "fmnist" in out and "cifar10-prn18-eps8" in out
 
 
-@pytest.mark.parametrize("args, message", [
-    (["method.name=fgsmx"], "unknown method 'fgsmx'; valid: atas"),
-    (["model.arch=vgg"], "unknown model 'vgg'"),
-    (["data.name=cifar11"], "cifar10"),
-    (["method.eps=8"], "Did you mean method.eps=8/255"),
-    (["method.eps=1.5"], "larger than the whole pixel range"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["method.name=fgsmx"], "unknown method 'fgsmx'; valid: atas"),
+        (["model.arch=vgg"], "unknown model 'vgg'"),
+        (["data.name=cifar11"], "cifar10"),
+        (["method.eps=8"], "Did you mean method.eps=8/255"),
+        (["method.eps=1.5"], "larger than the whole pixel range"),
+    ],
+)
 def test_cli_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
     assert cli(["train", "fmnist", f"out_dir={tmp_path}"] + args) == 2
     assert message in capsys.readouterr().err
@@ -195,24 +209,60 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
 
 def test_cli_missing_data_names_the_fix(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ATAS_DATA_DIR", str(tmp_path / "cache"))
-    code = cli(["train", "fmnist", "data.name=cifar10", f"data.data_dir={tmp_path}", "model.arch=wong_cnn",
-                f"out_dir={tmp_path}"])
+    code = cli(
+        [
+            "train",
+            "fmnist",
+            "data.name=cifar10",
+            f"data.data_dir={tmp_path}",
+            "model.arch=wong_cnn",
+            f"out_dir={tmp_path}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "data.download=true" in err and "cifar-10-batches-py" in err
 
 
 def test_cli_train_resume_and_eval(tmp_path, capsys):
-    args = ["train", "fmnist", *TINY[:-1], "eval.at_end=true", "eval.n_examples=64", "eval.pgd_steps=3",
-            "eval.pgd_restarts=2", "train.epochs=1", "--run-dir", str(tmp_path / "r")]
+    args = [
+        "train",
+        "fmnist",
+        *TINY[:-1],
+        "eval.at_end=true",
+        "eval.n_examples=64",
+        "eval.pgd_steps=3",
+        "eval.pgd_restarts=2",
+        "train.epochs=1",
+        "--run-dir",
+        str(tmp_path / "r"),
+    ]
     args.remove("eval.at_end=false")
     assert cli(args) == 0
     assert cli(["train", "--resume", str(tmp_path / "r"), "train.epochs=2", "eval.n_examples=64"]) == 0
     assert load_checkpoint(tmp_path / "r" / CHECKPOINT)["epoch"] == 2
-    assert cli(["eval", str(tmp_path / "r"), "--attacks", "clean,pgd", "--n-examples", "32", "--pgd-steps", "2",
-                "--pgd-restarts", "1", "--no-progress"]) == 0
+    assert (
+        cli(
+            [
+                "eval",
+                str(tmp_path / "r"),
+                "--attacks",
+                "clean,pgd",
+                "--n-examples",
+                "32",
+                "--pgd-steps",
+                "2",
+                "--pgd-restarts",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "PGD-2-1" in out
-    result, = (json.loads(p.read_text()) for p in (tmp_path / "r").glob("eval-clean+pgd-n32-*.json"))  # eval.json is training's
+    (result,) = (
+        json.loads(p.read_text()) for p in (tmp_path / "r").glob("eval-clean+pgd-n32-*.json")
+    )  # eval.json is training's
     assert result["n_examples"] == 32 and result["eps_label"] == "0.2"
     assert json.loads((tmp_path / "r" / "eval.json").read_text())["n_examples"] == 64
     assert cli(["eval", str(tmp_path / "r" / "garbage.pt")]) == 2
@@ -222,11 +272,11 @@ def test_checkpoint_whose_model_cannot_be_rebuilt_is_a_clear_error(tmp_path):
     train(tiny(tmp_path, "train.epochs=1"), run_dir=tmp_path / "r")
     state = load_checkpoint(tmp_path / "r" / CHECKPOINT)
     state.pop("format")
-    state["config"]["model"]["arch"] = "small_cnn"          # weights of another architecture
+    state["config"]["model"]["arch"] = "small_cnn"  # weights of another architecture
     save_checkpoint(tmp_path / "other.pt", state)
     with pytest.raises(CheckpointError, match="do not fit the model"):
         load_model(tmp_path / "other.pt")
-    state["config"]["model"]["arch"] = "no_such_net"        # a model this library cannot build
+    state["config"]["model"]["arch"] = "no_such_net"  # a model this library cannot build
     save_checkpoint(tmp_path / "unknown.pt", state)
     with pytest.raises(CheckpointError, match="cannot rebuild"):
         load_model(tmp_path / "unknown.pt")
@@ -234,8 +284,10 @@ def test_checkpoint_whose_model_cannot_be_rebuilt_is_a_clear_error(tmp_path):
 
 def test_eval_at_another_eps_warns(tmp_path, capsys):
     train(tiny(tmp_path, "train.epochs=1"), run_dir=tmp_path / "r")
-    assert cli(["eval", str(tmp_path / "r"), "--eps", "0.1", "--attacks", "clean", "--n-examples", "16",
-                "--no-progress"]) == 0
+    assert (
+        cli(["eval", str(tmp_path / "r"), "--eps", "0.1", "--attacks", "clean", "--n-examples", "16", "--no-progress"])
+        == 0
+    )
     # the command line says it as one line of its own (atas.cli.say_warning)
     assert "atas: warning: evaluating at eps=0.1 but the model was trained at eps=0.2" in capsys.readouterr().err
 
@@ -244,10 +296,18 @@ def test_the_library_writes_what_atas_train_writes_evaluation_included(tmp_path)
     # atas.train() and `atas train` share one path: the end-of-training evaluation is the library's.
     import atas
 
-    extra = ["train.epochs=1", "eval.at_end=true", "eval.attacks=clean,pgd", "eval.n_examples=16",
-             "eval.pgd_steps=1", "eval.pgd_restarts=1", "data.val_size=32"]
+    extra = [
+        "train.epochs=1",
+        "eval.at_end=true",
+        "eval.attacks=clean,pgd",
+        "eval.n_examples=16",
+        "eval.pgd_steps=1",
+        "eval.pgd_restarts=1",
+        "data.val_size=32",
+    ]
     run = atas.train(tiny(tmp_path, *extra), run_dir=tmp_path / "api")
     assert cli(["train", "fmnist", *TINY, *extra, f"out_dir={tmp_path}", "--run-dir", str(tmp_path / "cli")]) == 0
+
     def accuracies(folder, name):
         result = json.loads((tmp_path / folder / name).read_text())
         return {k: (v["accuracy"], v["n"]) for k, v in result["results"].items()}, result.get("model", {}).get("sha256")

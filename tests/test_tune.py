@@ -3,6 +3,7 @@ last N training images and training never sees them; val_size=0 is today's run b
 sizes are clear errors before anything trains; --tune picks the value with the best validation
 robust accuracy (an evaluation stubbed to known numbers), runs the seeds with it, records grid and
 choice in summary.json and the report, re-uses its runs; an explicit value skips the search."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,17 @@ from atas.trainer import check_resumable, make_data
 from atas.tune import choose
 from tests.helpers import needs_fmnist
 
-TINY = ["model.arch=wong_cnn", "data.subset=256", "train.epochs=1", "train.batch_size=64", "train.probe_size=0",
-        "eval.pgd_steps=2", "eval.pgd_restarts=1", "train.progress=false", "train.co_action=keep_best"]
+TINY = [
+    "model.arch=wong_cnn",
+    "data.subset=256",
+    "train.epochs=1",
+    "train.batch_size=64",
+    "train.probe_size=0",
+    "eval.pgd_steps=2",
+    "eval.pgd_restarts=1",
+    "train.progress=false",
+    "train.co_action=keep_best",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,15 +72,18 @@ def test_val_split_holds_out_exactly_the_last_n_and_never_trains_on_them():
     for x, _, idx in batches:
         assert torch.equal((x * 255).round().to(torch.uint8), x_all[idx])
     held_out = {tuple(img.flatten().tolist()) for img in x_val}
-    assert not any(tuple(img.flatten().tolist()) in held_out for x, _, _ in batches
-                   for img in (x * 255).round().to(torch.uint8))
+    assert not any(
+        tuple(img.flatten().tolist()) in held_out for x, _, _ in batches for img in (x * 255).round().to(torch.uint8)
+    )
 
 
 @needs_fmnist
 def test_val_size_zero_is_todays_run_bit_for_bit_and_old_runs_still_resume(tmp_path):
     base = TINY + ["method.name=fgsm_rs", "train.max_steps=2", "eval.at_end=false"]
-    runs = [atas.trainer.train(load_config("fmnist", base + extra), run_dir=tmp_path / name)
-            for name, extra in (("plain", []), ("zero", ["data.val_size=0"]))]
+    runs = [
+        atas.trainer.train(load_config("fmnist", base + extra), run_dir=tmp_path / name)
+        for name, extra in (("plain", []), ("zero", ["data.val_size=0"]))
+    ]
     a, b = (r.model.state_dict() for r in runs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # A run saved before data.val_size existed compares equal to val_size 0 (resumable), not to 64.
@@ -81,9 +94,14 @@ def test_val_size_zero_is_todays_run_bit_for_bit_and_old_runs_still_resume(tmp_p
         check_resumable(saved, load_config("fmnist", base + ["data.val_size=64"]))
 
 
-@pytest.mark.parametrize("extra, match", [(["data.val_size=-1"], "data.val_size must be >= 0"),
-                                          (["data.val_size=256"], "holds out all of the data.subset=256"),
-                                          (["data.val_size=abc"], "data.val_size: expected an integer")])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["data.val_size=-1"], "data.val_size must be >= 0"),
+        (["data.val_size=256"], "holds out all of the data.subset=256"),
+        (["data.val_size=abc"], "data.val_size: expected an integer"),
+    ],
+)
 def test_bad_val_sizes_are_config_errors(extra, match):
     with pytest.raises(ConfigError, match=match):
         load_config("fmnist", TINY + extra)
@@ -103,8 +121,22 @@ def test_val_size_as_large_as_the_training_split_fails_before_training():
 @needs_fmnist
 def test_atas_train_reports_validation_accuracy(tmp_path, capsys):
     run = tmp_path / "run"
-    assert cli(["train", "fmnist", *TINY, "data.subset=96", "data.val_size=32", "eval.attacks=clean",
-                "eval.n_examples=8", "--run-dir", str(run)]) == 0
+    assert (
+        cli(
+            [
+                "train",
+                "fmnist",
+                *TINY,
+                "data.subset=96",
+                "data.val_size=32",
+                "eval.attacks=clean",
+                "eval.n_examples=8",
+                "--run-dir",
+                str(run),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "validation (32 of the 32 held-out training images): clean" in out and "PGD-10-1" in out
     val = json.loads((run / VAL_FILE).read_text())
@@ -117,10 +149,14 @@ def test_atas_train_reports_validation_accuracy(tmp_path, capsys):
 # Choosing a value
 # --------------------------------------------------------------------------------------------
 def test_choose_best_robust_then_clean_then_first_and_skips_failures():
-    rows = [{"value": 10.0, "clean": 0.9, "pgd": 0.2}, {"value": 100.0, "clean": 0.7, "pgd": 0.5},
-            {"value": 1000.0, "clean": 0.8, "pgd": 0.5}, {"value": 1e4, "failed": "loss became NaN"}]
-    assert choose(rows) == 1000.0                     # robust tie 0.5 broken by clean 0.8 > 0.7
-    assert choose([dict(r, clean=0.7) for r in rows[:3]]) == 100.0   # full tie: the first in the grid
+    rows = [
+        {"value": 10.0, "clean": 0.9, "pgd": 0.2},
+        {"value": 100.0, "clean": 0.7, "pgd": 0.5},
+        {"value": 1000.0, "clean": 0.8, "pgd": 0.5},
+        {"value": 1e4, "failed": "loss became NaN"},
+    ]
+    assert choose(rows) == 1000.0  # robust tie 0.5 broken by clean 0.8 > 0.7
+    assert choose([dict(r, clean=0.7) for r in rows[:3]]) == 100.0  # full tie: the first in the grid
     assert choose(rows[3:]) is None and choose([]) is None
 
 
@@ -147,11 +183,16 @@ def _fake_validation(calls):
         lam = float(cfg.method.args["lam"])
         calls.append((lam, cfg.data.val_size, n_examples, cfg.train.seed))
         clean, pgd = FAKE[lam]
-        result = {"results": {"clean": {"label": "clean", "accuracy": clean, "n": n_examples},
-                              "pgd": {"label": "PGD-10-1", "accuracy": pgd, "n": n_examples}},
-                  "request": validation_request(cfg, n_examples)}
+        result = {
+            "results": {
+                "clean": {"label": "clean", "accuracy": clean, "n": n_examples},
+                "pgd": {"label": "PGD-10-1", "accuracy": pgd, "n": n_examples},
+            },
+            "request": validation_request(cfg, n_examples),
+        }
         (Path(run_dir) / VAL_FILE).write_text(json.dumps(result))
         return result
+
     return fake
 
 
@@ -160,9 +201,28 @@ def _fake_validation(calls):
 def test_tune_picks_the_best_value_runs_the_seeds_with_it_and_records_it(tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(atas.evaluation.run, "evaluate_validation", _fake_validation(calls))
-    argv = ["compare", "fmnist", "--methods", "elle,fgsm_rs", "--eps", "0.1", "--seeds", "2", "--attacks", "clean",
-            "--n-examples", "16", "--tune", "--tune-val-size", "64", "--tune-n-examples", "32",
-            "--out", str(tmp_path), *TINY]
+    argv = [
+        "compare",
+        "fmnist",
+        "--methods",
+        "elle,fgsm_rs",
+        "--eps",
+        "0.1",
+        "--seeds",
+        "2",
+        "--attacks",
+        "clean",
+        "--n-examples",
+        "16",
+        "--tune",
+        "--tune-val-size",
+        "64",
+        "--tune-n-examples",
+        "32",
+        "--out",
+        str(tmp_path),
+        *TINY,
+    ]
     assert cli(argv) == 0
     out = capsys.readouterr().out
     assert "search elle eps=0.1: chose lam=1000" in out
@@ -179,9 +239,16 @@ def test_tune_picks_the_best_value_runs_the_seeds_with_it_and_records_it(tmp_pat
 
     summary = json.loads((tmp_path / "summary.json").read_text())
     (search,) = summary["search"]
-    assert {k: search[k] for k in ("method", "eps", "option", "grid", "chosen", "val_size", "n_examples", "seed")} \
-        == {"method": "elle", "eps": "0.1", "option": "lam", "grid": [10.0, 100.0, 1000.0], "chosen": 1000.0,
-            "val_size": 64, "n_examples": 32, "seed": 0}
+    assert {k: search[k] for k in ("method", "eps", "option", "grid", "chosen", "val_size", "n_examples", "seed")} == {
+        "method": "elle",
+        "eps": "0.1",
+        "option": "lam",
+        "grid": [10.0, 100.0, 1000.0],
+        "chosen": 1000.0,
+        "val_size": 64,
+        "n_examples": 32,
+        "seed": 0,
+    }
     assert [(r["value"], r["clean"], r["pgd"]) for r in search["results"]] == [(v, *FAKE[v]) for v in FAKE]
     assert [r["method_args"]["lam"] for r in summary["runs"] if r["method"] == "elle"] == [1000.0, 1000.0]
     assert "--tune --tune-val-size 64 --tune-n-examples 32" in summary["equivalent"]
@@ -208,8 +275,29 @@ def test_tune_picks_the_best_value_runs_the_seeds_with_it_and_records_it(tmp_pat
 def test_an_explicit_value_skips_the_search(tmp_path, monkeypatch, capsys):
     _forbid(monkeypatch, *TRAIN_AND_EVAL)
     for override in ("elle.lam=100", "method.lam=100"):
-        assert cli(["compare", "fmnist", "--methods", "elle,elle_a", "--eps", "0.1,0.2", "--attacks", "clean",
-                    "--tune", "--tune-val-size", "64", "--out", str(tmp_path), "--report-only", *TINY, override]) == 0
+        assert (
+            cli(
+                [
+                    "compare",
+                    "fmnist",
+                    "--methods",
+                    "elle,elle_a",
+                    "--eps",
+                    "0.1,0.2",
+                    "--attacks",
+                    "clean",
+                    "--tune",
+                    "--tune-val-size",
+                    "64",
+                    "--out",
+                    str(tmp_path),
+                    "--report-only",
+                    *TINY,
+                    override,
+                ]
+            )
+            == 0
+        )
         out = capsys.readouterr().out
         assert "note: elle.lam=100 is given: its hyper-parameter search (lam over 10, 100, 1000) is skipped" in out
         assert out.count("search elle eps=0.1: skipped (lam=100 given explicitly)") == 1
@@ -218,7 +306,9 @@ def test_an_explicit_value_skips_the_search(tmp_path, monkeypatch, capsys):
         summary = json.loads((tmp_path / "summary.json").read_text())
         elle = [s for s in summary["search"] if s["method"] == "elle"]
         assert [(s["eps"], s["skipped"], s["chosen"], s["results"]) for s in elle] == [
-            ("0.1", "lam=100 given explicitly", None, []), ("0.2", "lam=100 given explicitly", None, [])]
+            ("0.1", "lam=100 given explicitly", None, []),
+            ("0.2", "lam=100 given explicitly", None, []),
+        ]
         runs = {(r["method"], r["eps"]): r["missing"] for r in summary["runs"]}
         assert runs[("elle", "0.1")] == "not started"  # planned with lam=100, no search to wait for
         assert runs[("elle_a", "0.1")] == "hyper-parameter search not finished"
@@ -228,10 +318,15 @@ def test_an_explicit_value_skips_the_search(tmp_path, monkeypatch, capsys):
 
 
 @needs_fmnist
-@pytest.mark.parametrize("extra, match", [(["--tune-val-size", "0"], "--tune-val-size must be >= 1"),
-                                          (["--tune-val-size", "256"], "give at most 255"),
-                                          (["--tune-val-size", "64", "--tune-n-examples", "65"], "give 1..64"),
-                                          (["--tune-n-examples", "0"], "give 1..5000")])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--tune-val-size", "0"], "--tune-val-size must be >= 1"),
+        (["--tune-val-size", "256"], "give at most 255"),
+        (["--tune-val-size", "64", "--tune-n-examples", "65"], "give 1..64"),
+        (["--tune-n-examples", "0"], "give 1..5000"),
+    ],
+)
 def test_bad_tune_sizes_exit_2_before_anything_trains(tmp_path, monkeypatch, capsys, extra, match):
     _forbid(monkeypatch, *TRAIN_AND_EVAL)
     argv = ["compare", "fmnist", "--methods", "elle", "--tune", *extra, "--out", str(tmp_path), *TINY]

@@ -7,23 +7,41 @@
 
 The trainer's per-epoch probe and the monitor import only `attacks`.
 """
+
 from atas.evaluation.attacks import (
-                                     ATTACKS,
-                                     FGSM,
-                                     PGD,
-                                     PGD_DEFAULTS,
-                                     PGD_LOSSES,
-                                     PGD_SCHEDULES,
-                                     Attack,
-                                     AttackSetup,
-                                     EvaluationError,
-                                     EvaluationWarning,
-                                     check_adversarial,
-                                     pgd_step,
-                                     register_attack,
+    ATTACKS,
+    FGSM,
+    PGD,
+    PGD_DEFAULTS,
+    PGD_LOSSES,
+    PGD_SCHEDULES,
+    Attack,
+    AttackSetup,
+    EvaluationError,
+    EvaluationWarning,
+    check_adversarial,
+    pgd_step,
+    register_attack,
 )
 from atas.evaluation.protocol import WEAK_PGD_POINTS, attack_names, evaluate, format_table, save_result
 
-__all__ = ["ATTACKS", "Attack", "AttackSetup", "EvaluationError", "EvaluationWarning", "FGSM", "PGD", "PGD_DEFAULTS",
-           "PGD_LOSSES", "PGD_SCHEDULES", "WEAK_PGD_POINTS", "attack_names", "check_adversarial", "evaluate",
-           "format_table", "pgd_step", "register_attack", "save_result"]
+__all__ = [
+    "ATTACKS",
+    "Attack",
+    "AttackSetup",
+    "EvaluationError",
+    "EvaluationWarning",
+    "FGSM",
+    "PGD",
+    "PGD_DEFAULTS",
+    "PGD_LOSSES",
+    "PGD_SCHEDULES",
+    "WEAK_PGD_POINTS",
+    "attack_names",
+    "check_adversarial",
+    "evaluate",
+    "format_table",
+    "pgd_step",
+    "register_attack",
+    "save_result",
+]

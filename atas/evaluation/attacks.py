@@ -9,6 +9,7 @@ attack `evaluate` can run is an `Attack` entry in ATTACKS, looked up by name lik
 where build(name, setup) -> (settings, run(x, y, progress) -> (x_adv, robust verdict or None)) is
 called once per evaluation (docs/contributing.md). AutoAttack's entries are in atas.evaluation.autoattack.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,21 @@ from atas.registry import Registry
 from atas.threat import LinfBall, bn_mode, input_grad, signed_step
 from atas.values import ConfigError, eps_multiple, parse_fraction
 
-__all__ = ["ATTACKS", "Attack", "AttackSetup", "EvaluationError", "EvaluationWarning", "FGSM", "PGD", "PGD_DEFAULTS",
-           "PGD_LOSSES", "PGD_SCHEDULES", "check_adversarial", "pgd_step", "register_attack"]
+__all__ = [
+    "ATTACKS",
+    "Attack",
+    "AttackSetup",
+    "EvaluationError",
+    "EvaluationWarning",
+    "FGSM",
+    "PGD",
+    "PGD_DEFAULTS",
+    "PGD_LOSSES",
+    "PGD_SCHEDULES",
+    "check_adversarial",
+    "pgd_step",
+    "register_attack",
+]
 
 PGD_SCHEDULES = ("constant", "cosine")
 
@@ -56,6 +70,7 @@ class EvaluationError(AtasError, AssertionError):
     CLI shows its traceback)."""
 
     exit_status = None
+
 
 class EvaluationWarning(UserWarning):
     """Something makes the numbers suspicious (train mode, probabilities, inconsistent attacks)."""
@@ -151,9 +166,16 @@ class PGD:
         >>> x_adv = attack(model, x, y)
     """
 
-    def __init__(self, eps: float, steps: int = 50, alpha: float | None = None,
-                 restarts: int = 10, random_start: bool = True, schedule: str = "constant",
-                 loss: str = "ce"):
+    def __init__(
+        self,
+        eps: float,
+        steps: int = 50,
+        alpha: float | None = None,
+        restarts: int = 10,
+        random_start: bool = True,
+        schedule: str = "constant",
+        loss: str = "ce",
+    ):
         self.ball = LinfBall(eps)
         self.eps = self.ball.eps
         if int(steps) != steps or steps < 1:
@@ -167,8 +189,11 @@ class PGD:
         self.schedule, self.loss = _checked_schedule_and_loss(schedule, loss)
         self.random_start = bool(random_start)
         if not self.random_start and self.restarts > 1:
-            warnings.warn(f"PGD with random_start=False repeats the same attack {self.restarts} "
-                          "times; use restarts=1", EvaluationWarning, stacklevel=2)
+            warnings.warn(
+                f"PGD with random_start=False repeats the same attack {self.restarts} times; use restarts=1",
+                EvaluationWarning,
+                stacklevel=2,
+            )
 
     def step_size(self, t: int) -> float:
         """Step size of step t = 0 .. steps-1: alpha, or alpha * (1 + cos(pi t / steps)) / 2
@@ -178,15 +203,23 @@ class PGD:
         return self.alpha
 
     def settings(self) -> dict[str, Any]:
-        return {"eps": self.eps, "steps": self.steps, "alpha": self.alpha,
-                "alpha_over_eps": round(self.alpha / self.eps, 6), "schedule": self.schedule,
-                "loss": self.loss, "restarts": self.restarts, "random_start": self.random_start}
+        return {
+            "eps": self.eps,
+            "steps": self.steps,
+            "alpha": self.alpha,
+            "alpha_over_eps": round(self.alpha / self.eps, 6),
+            "schedule": self.schedule,
+            "loss": self.loss,
+            "restarts": self.restarts,
+            "random_start": self.random_start,
+        }
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.run(model, x, y)[0]
 
-    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-            tick: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, tick: Callable[[int], None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_adv, robust): robust[i] is False as soon as any point tried for sample i fooled
         the model (x itself included). tick(k), if given, is called as steps are done (k steps,
         restarts * steps in all, skipped steps included), for a progress bar."""
@@ -206,8 +239,9 @@ class PGD:
                 x_cur, x_nat, y_nat = start[idx], x[idx], y[idx]
                 for step in range(self.steps + 1):
                     if step < self.steps:
-                        grad, logits = (input_grad(model, x_cur, y_nat) if self.loss == "ce"
-                                        else _margin_grad(model, x_cur, y_nat))
+                        grad, logits = (
+                            input_grad(model, x_cur, y_nat) if self.loss == "ce" else _margin_grad(model, x_cur, y_nat)
+                        )
                     else:  # the last iterate gets a forward of its own, no gradient
                         with torch.no_grad():
                             logits = model(x_cur)
@@ -223,8 +257,7 @@ class PGD:
                         tick(self.steps - step)
                         break
                     if step < self.steps:
-                        x_cur = self.ball.project(signed_step(x_cur, grad, self.step_size(step)),
-                                                  x_nat).detach()
+                        x_cur = self.ball.project(signed_step(x_cur, grad, self.step_size(step)), x_nat).detach()
                         tick(1)
                 # survivors of this restart: remember where they ended (still correctly classified)
                 x_adv[idx] = x_cur.detach()
@@ -245,8 +278,9 @@ def _margin_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[to
     return grad, logits
 
 
-def pgd_step(eps: float, alpha: float | str | None = None, schedule: str | None = None,
-             loss: str | None = None) -> tuple[float, str, str, str]:
+def pgd_step(
+    eps: float, alpha: float | str | None = None, schedule: str | None = None, loss: str | None = None
+) -> tuple[float, str, str, str]:
     """(alpha in pixel units, schedule, loss, rule) for PGD at radius eps.
 
     alpha: None = this threat model's default (PGD_DEFAULTS); a number (0.01, "2/255") in pixel
@@ -259,8 +293,10 @@ def pgd_step(eps: float, alpha: float | str | None = None, schedule: str | None 
         frac, default_schedule, default_loss = PGD_DEFAULTS[scale]
         value = frac * eps
         schedule, loss = schedule or default_schedule, loss or default_loss
-        rule = (f"default for {scale} eps (eps {'>=' if scale == 'mnist-scale' else '<'} {MNIST_SCALE_EPS:g}): "
-                f"eps*{frac:g}, {default_schedule}, {default_loss}")
+        rule = (
+            f"default for {scale} eps (eps {'>=' if scale == 'mnist-scale' else '<'} {MNIST_SCALE_EPS:g}): "
+            f"eps*{frac:g}, {default_schedule}, {default_loss}"
+        )
     else:
         value, rule = _parse_alpha(alpha, eps), f"given: {alpha}"
         schedule, loss = schedule or "constant", loss or "ce"
@@ -287,8 +323,10 @@ def _parse_alpha(alpha: float | str, eps: float) -> float:
         coefficient = eps_multiple(str(alpha))
         return coefficient * eps if coefficient is not None else parse_fraction(str(alpha))
     except ConfigError:
-        raise ConfigError(f"PGD step {alpha!r} is not a step: write a number in pixel units (0.01, 2/255) "
-                          "or a multiple of eps (eps/4, 0.25eps)") from None
+        raise ConfigError(
+            f"PGD step {alpha!r} is not a step: write a number in pixel units (0.01, 2/255) "
+            "or a multiple of eps (eps/4, 0.25eps)"
+        ) from None
 
 
 def check_adversarial(x_adv: torch.Tensor, x: torch.Tensor, eps: float, name: str = "attack") -> None:
@@ -325,7 +363,7 @@ class AttackSetup:
     warn: Callable[[str], None]
     pgd_steps: int = 50
     pgd_restarts: int = 10
-    pgd_spec: tuple | None = None   # pgd_step(...): (alpha, schedule, loss, rule)
+    pgd_spec: tuple | None = None  # pgd_step(...): (alpha, schedule, loss, rule)
 
 
 @dataclass(frozen=True)
@@ -374,8 +412,7 @@ def _build_fgsm(name: str, setup: AttackSetup) -> tuple[dict, Callable]:
 
 def _build_pgd(name: str, setup: AttackSetup) -> tuple[dict, Callable]:
     alpha, schedule, loss, rule = setup.pgd_spec or pgd_step(setup.eps)
-    pgd = PGD(setup.eps, steps=setup.pgd_steps, alpha=alpha, restarts=setup.pgd_restarts, schedule=schedule,
-              loss=loss)
+    pgd = PGD(setup.eps, steps=setup.pgd_steps, alpha=alpha, restarts=setup.pgd_restarts, schedule=schedule, loss=loss)
     settings = {**pgd.settings(), "step_rule": rule}
     return settings, lambda x, y, progress: pgd.run(setup.model, x, y, tick=progress.step)
 
@@ -383,5 +420,12 @@ def _build_pgd(name: str, setup: AttackSetup) -> tuple[dict, Callable]:
 register_attack("clean", Attack("clean", _build_clean, perturbs=False))
 register_attack("fgsm", Attack("FGSM", _build_fgsm))
 # PGD counts its steps (steps x restarts per batch) on the progress bar; the others count batches.
-register_attack("pgd", Attack("PGD", _build_pgd, named=lambda s: f"PGD-{s['steps']}-{s['restarts']}",
-                              units=lambda s: s["steps"] * s["restarts"]))
+register_attack(
+    "pgd",
+    Attack(
+        "PGD",
+        _build_pgd,
+        named=lambda s: f"PGD-{s['steps']}-{s['restarts']}",
+        units=lambda s: s["steps"] * s["restarts"],
+    ),
+)

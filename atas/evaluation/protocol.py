@@ -15,6 +15,7 @@ verdicts are written after every batch, so a killed evaluation (AutoAttack takes
 it stopped and, because every batch is seeded from (seed, attack, batch index), ends with exactly the
 numbers an uninterrupted run gives.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,8 +41,15 @@ from atas.provenance import device_name, versions
 from atas.threat import LinfBall
 from atas.values import coerce
 
-__all__ = ["WEAK_PGD_POINTS", "attack_names", "evaluate", "evaluation_request", "format_table", "request_digest",
-           "save_result"]
+__all__ = [
+    "WEAK_PGD_POINTS",
+    "attack_names",
+    "evaluate",
+    "evaluation_request",
+    "format_table",
+    "request_digest",
+    "save_result",
+]
 
 # AutoAttack more than this many points below PGD: PGD is a weak attack on this model.
 WEAK_PGD_POINTS = 3.0
@@ -53,13 +61,26 @@ _STATE_FORMAT = "atas.evaluate.state/1"
 # evaluate
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-             attacks: Sequence[str] = ("clean", "fgsm", "pgd"), *,
-             pgd_steps: int = 50, pgd_restarts: int = 10, pgd_alpha: float | str | None = None,
-             pgd_schedule: str | None = None, pgd_loss: str | None = None, batch_size: int = 256,
-             n_examples: int | None = None, seed: int = 0,
-             device: str | torch.device | None = None, progress: bool = True,
-             state_path: str | os.PathLike | None = None, eps_label: str | None = None) -> dict:
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    attacks: Sequence[str] = ("clean", "fgsm", "pgd"),
+    *,
+    pgd_steps: int = 50,
+    pgd_restarts: int = 10,
+    pgd_alpha: float | str | None = None,
+    pgd_schedule: str | None = None,
+    pgd_loss: str | None = None,
+    batch_size: int = 256,
+    n_examples: int | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    state_path: str | os.PathLike | None = None,
+    eps_label: str | None = None,
+) -> dict:
     """Accuracy of `model` on (x, y) under each attack in `attacks`, L-inf radius eps.
 
     Args:
@@ -93,8 +114,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     """
     names = attack_names(attacks)
     if isinstance(eps, str):
-        raise TypeError(f"eps must be a number in pixel units, got the string {eps!r}: parse it "
-                        "once at the boundary (e.g. atas.config / fractions.Fraction)")
+        raise TypeError(
+            f"eps must be a number in pixel units, got the string {eps!r}: parse it "
+            "once at the boundary (e.g. atas.config / fractions.Fraction)"
+        )
     eps_given, eps = eps, float(eps)
     LinfBall(eps)  # validates 0 < eps <= 1 (catches eps=8 meant as 8/255)
     if int(batch_size) != batch_size or batch_size < 1:
@@ -102,8 +125,18 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     x, y = _prepare_data(x, y, n_examples)
     n = x.shape[0]
     pgd_spec = pgd_step(eps, pgd_alpha, pgd_schedule, pgd_loss) if "pgd" in names else None
-    request = _request(names, eps, n, int(seed), int(batch_size), pgd_steps, pgd_restarts, pgd_spec,
-                       fingerprint_model(model), _fingerprint_data(x, y))
+    request = _request(
+        names,
+        eps,
+        n,
+        int(seed),
+        int(batch_size),
+        pgd_steps,
+        pgd_restarts,
+        pgd_spec,
+        fingerprint_model(model),
+        _fingerprint_data(x, y),
+    )
     dev = _resolve_device(model, device)
     messages: list[str] = []
 
@@ -114,39 +147,62 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
 
     modes = [(m, m.training) for m in model.modules()]
     if any(training for _, training in modes):
-        warn("model was passed in train mode; it is evaluated in eval() mode (BatchNorm running "
-             "statistics, no dropout) and its modes are restored afterwards")
+        warn(
+            "model was passed in train mode; it is evaluated in eval() mode (BatchNorm running "
+            "statistics, no dropout) and its modes are restored afterwards"
+        )
     model.eval()
-    settings = {"format": _STATE_FORMAT, "eps": eps, "n_examples": n, "batch_size": int(batch_size),
-                "seed": int(seed)}
+    settings = {"format": _STATE_FORMAT, "eps": eps, "n_examples": n, "batch_size": int(batch_size), "seed": int(seed)}
     if state_path is not None:  # only needed to refuse resuming with another model or data set
         settings["model_sha256"] = request["model_sha256"]
         settings["data_sha256"] = request["data_sha256"]
     try:
-        rng_devices = ([dev.index if dev.index is not None else torch.cuda.current_device()]
-                       if dev.type == "cuda" else [])
+        rng_devices = (
+            [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+        )
         with torch.random.fork_rng(devices=rng_devices):  # the caller's RNG streams are untouched
             n_classes = _preflight(model, x[:batch_size], dev, warn)
             setup = AttackSetup(model, eps, seed, batch_size, n_classes, dev, warn, pgd_steps, pgd_restarts, pgd_spec)
-            results, per_sample, timing = _run_attacks(names, setup, x, y, _State(state_path, settings, warn),
-                                                       progress)
+            results, per_sample, timing = _run_attacks(names, setup, x, y, _State(state_path, settings, warn), progress)
     finally:
         for m, training in modes:
             m.train(training)
     _sanity_across_attacks(results, warn)
     if eps_label is None:  # an atas.config.Frac remembers how the user wrote it ("0.2", "8/255")
         eps_label = getattr(eps_given, "text", None) or _default_label(eps)
-    return {"eps": eps, "eps_label": eps_label,
-            "n_examples": n, "seed": int(seed), "batch_size": int(batch_size), "results": results,
-            "per_sample": per_sample, "versions": versions(), "device": device_name(dev),
-            "timing": timing, "warnings": messages, "request": request, "request_sha256": request_digest(request)}
+    return {
+        "eps": eps,
+        "eps_label": eps_label,
+        "n_examples": n,
+        "seed": int(seed),
+        "batch_size": int(batch_size),
+        "results": results,
+        "per_sample": per_sample,
+        "versions": versions(),
+        "device": device_name(dev),
+        "timing": timing,
+        "warnings": messages,
+        "request": request,
+        "request_sha256": request_digest(request),
+    }
 
 
-def evaluation_request(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-                       attacks: Sequence[str] | str = ("clean", "fgsm", "pgd"), *, pgd_steps: int = 50,
-                       pgd_restarts: int = 10, pgd_alpha: float | str | None = None, pgd_schedule: str | None = None,
-                       pgd_loss: str | None = None, batch_size: int = 256, n_examples: int | None = None,
-                       seed: int = 0) -> dict:
+def evaluation_request(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    attacks: Sequence[str] | str = ("clean", "fgsm", "pgd"),
+    *,
+    pgd_steps: int = 50,
+    pgd_restarts: int = 10,
+    pgd_alpha: float | str | None = None,
+    pgd_schedule: str | None = None,
+    pgd_loss: str | None = None,
+    batch_size: int = 256,
+    n_examples: int | None = None,
+    seed: int = 0,
+) -> dict:
     """Every setting that changes the numbers `evaluate` would return for these arguments: the
     attacks and the settings they run with (PGD's steps, restarts, step, schedule and loss, as
     resolved), eps, the number of images, the seed, the batch size (it decides which random start
@@ -157,18 +213,48 @@ def evaluation_request(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: 
     eps = float(eps)
     x, y = _prepare_data(x, y, n_examples)
     pgd_spec = pgd_step(eps, pgd_alpha, pgd_schedule, pgd_loss) if "pgd" in names else None
-    return _request(names, eps, x.shape[0], int(seed), int(batch_size), pgd_steps, pgd_restarts, pgd_spec,
-                    fingerprint_model(model), _fingerprint_data(x, y))
+    return _request(
+        names,
+        eps,
+        x.shape[0],
+        int(seed),
+        int(batch_size),
+        pgd_steps,
+        pgd_restarts,
+        pgd_spec,
+        fingerprint_model(model),
+        _fingerprint_data(x, y),
+    )
 
 
-def _request(names: list[str], eps: float, n: int, seed: int, batch_size: int, pgd_steps: int, pgd_restarts: int,
-             pgd_spec: tuple | None, model_sha256: str, data_sha256: str) -> dict:
-    request: dict[str, Any] = {"attacks": list(names), "eps": eps, "n_examples": n, "seed": seed,
-                               "batch_size": batch_size}
+def _request(
+    names: list[str],
+    eps: float,
+    n: int,
+    seed: int,
+    batch_size: int,
+    pgd_steps: int,
+    pgd_restarts: int,
+    pgd_spec: tuple | None,
+    model_sha256: str,
+    data_sha256: str,
+) -> dict:
+    request: dict[str, Any] = {
+        "attacks": list(names),
+        "eps": eps,
+        "n_examples": n,
+        "seed": seed,
+        "batch_size": batch_size,
+    }
     if pgd_spec is not None:  # PGD's settings matter only where PGD runs
         alpha, schedule, loss, _ = pgd_spec
-        request["pgd"] = {"steps": int(pgd_steps), "restarts": int(pgd_restarts), "alpha": float(alpha),
-                          "schedule": schedule, "loss": loss}
+        request["pgd"] = {
+            "steps": int(pgd_steps),
+            "restarts": int(pgd_restarts),
+            "alpha": float(alpha),
+            "schedule": schedule,
+            "loss": loss,
+        }
     request.update(model_sha256=model_sha256, data_sha256=data_sha256)
     return request
 
@@ -179,8 +265,9 @@ def request_digest(request: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _run_attacks(names: list[str], setup: AttackSetup, x: torch.Tensor, y: torch.Tensor, state: _State,
-                 progress: bool) -> tuple[dict, dict, dict]:
+def _run_attacks(
+    names: list[str], setup: AttackSetup, x: torch.Tensor, y: torch.Tensor, state: _State, progress: bool
+) -> tuple[dict, dict, dict]:
     """Each attack over the whole set, one after the other: (results, per-sample verdicts, seconds)."""
     n = x.shape[0]
     results: dict[str, dict] = {}
@@ -189,14 +276,31 @@ def _run_attacks(names: list[str], setup: AttackSetup, x: torch.Tensor, y: torch
     for name in names:
         attack = ATTACKS.get(name)
         attack_settings, run_batch = attack.build(name, setup)
-        flags, seconds = _run_attack(name, attack_settings, run_batch, setup.model, x, y, setup.eps, setup.seed,
-                                     setup.batch_size, setup.device, state, progress)
+        flags, seconds = _run_attack(
+            name,
+            attack_settings,
+            run_batch,
+            setup.model,
+            x,
+            y,
+            setup.eps,
+            setup.seed,
+            setup.batch_size,
+            setup.device,
+            state,
+            progress,
+        )
         timing[name] = round(seconds, 3)
         per_sample[name] = flags
         n_correct = int(sum(flags))
-        results[name] = {"label": attack.title(attack_settings), "accuracy": n_correct / n,
-                         "n_correct": n_correct, "n": n, "settings": attack_settings,
-                         "is_autoattack": attack.is_autoattack}
+        results[name] = {
+            "label": attack.title(attack_settings),
+            "accuracy": n_correct / n,
+            "n_correct": n_correct,
+            "n": n,
+            "settings": attack_settings,
+            "is_autoattack": attack.is_autoattack,
+        }
     return results, per_sample, timing
 
 
@@ -237,8 +341,10 @@ def _prepare_data(x, y, n_examples: int | None) -> tuple[torch.Tensor, torch.Ten
         if not x.is_floating_point():
             raise ValueError(f"x must be uint8 or float in [0, 1], got {x.dtype}")
         if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
-            raise ValueError(f"float x must lie in [0, 1] (got min {float(x.min()):.4g}, max "
-                             f"{float(x.max()):.4g}): normalisation belongs inside the model")
+            raise ValueError(
+                f"float x must lie in [0, 1] (got min {float(x.min()):.4g}, max "
+                f"{float(x.max()):.4g}): normalisation belongs inside the model"
+            )
     return x.detach().cpu(), y.detach().cpu().long()
 
 
@@ -264,8 +370,10 @@ def _preflight(model: nn.Module, x: torch.Tensor, dev: torch.device, warn) -> in
         raise ValueError(f"model must return logits [B, K] with K >= 2, got shape {tuple(out.shape)}")
     out = out.float()
     if bool((out >= 0).all()) and bool(((out.sum(1) - 1).abs() < 1e-4).all()):
-        warn("model outputs look like probabilities (non-negative, rows sum to 1): pass logits. "
-             "Attacks on softmax outputs see vanishing gradients and report inflated robustness")
+        warn(
+            "model outputs look like probabilities (non-negative, rows sum to 1): pass logits. "
+            "Attacks on softmax outputs see vanishing gradients and report inflated robustness"
+        )
     return int(out.shape[1])
 
 
@@ -288,9 +396,20 @@ def _batch_seed(seed: int, name: str, batch: int) -> int:
     return int(np.random.SeedSequence([int(seed), zlib.crc32(name.encode()), batch]).generate_state(1)[0])
 
 
-def _run_attack(name: str, attack_settings: dict, run_batch: Callable, model: nn.Module,
-                x: torch.Tensor, y: torch.Tensor, eps: float, seed: int, batch_size: int,
-                dev: torch.device, state: _State, progress: bool) -> tuple[list[bool], float]:
+def _run_attack(
+    name: str,
+    attack_settings: dict,
+    run_batch: Callable,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    seed: int,
+    batch_size: int,
+    dev: torch.device,
+    state: _State,
+    progress: bool,
+) -> tuple[list[bool], float]:
     """(per-sample verdicts, seconds spent on this attack): a resumed attack's seconds include
     those its earlier, killed calls spent (kept in the state file), so its time is the real one."""
     n = x.shape[0]
@@ -300,8 +419,14 @@ def _run_attack(name: str, attack_settings: dict, run_batch: Callable, model: nn
     done = len(flags) // batch_size if len(flags) < n else n_batches
     attack = ATTACKS.get(name)
     label, units = attack.label, attack.units_per_batch(attack_settings)
-    bar = tqdm(total=n_batches * units, initial=done * units, desc=f"{label:>8}",
-               unit="step" if units > 1 else "batch", disable=not progress, leave=True)
+    bar = tqdm(
+        total=n_batches * units,
+        initial=done * units,
+        desc=f"{label:>8}",
+        unit="step" if units > 1 else "batch",
+        disable=not progress,
+        leave=True,
+    )
     try:
         for b in range(done, n_batches):
             lo, hi = b * batch_size, min((b + 1) * batch_size, n)
@@ -354,12 +479,18 @@ class _State:
             return []
         n, bs = self.settings["n_examples"], self.settings["batch_size"]
         correct = entry.get("correct", "")
-        ok = (entry.get("settings") == _jsonable(attack_settings) and isinstance(correct, str)
-              and set(correct) <= {"0", "1"} and len(correct) <= n
-              and (len(correct) % bs == 0 or len(correct) == n))
+        ok = (
+            entry.get("settings") == _jsonable(attack_settings)
+            and isinstance(correct, str)
+            and set(correct) <= {"0", "1"}
+            and len(correct) <= n
+            and (len(correct) % bs == 0 or len(correct) == n)
+        )
         if not ok:
-            self.warn(f"state file {self.path}: saved progress of {name!r} does not match its "
-                      "current settings; rerunning it from the start")
+            self.warn(
+                f"state file {self.path}: saved progress of {name!r} does not match its "
+                "current settings; rerunning it from the start"
+            )
             self.attacks.pop(name, None)  # and its seconds with it
             return []
         return [c == "1" for c in correct]
@@ -372,49 +503,70 @@ class _State:
     def save(self, name: str, attack_settings: dict, flags: list[bool], seconds: float = 0.0) -> None:
         if self.path is None:
             return
-        self.attacks[name] = {"settings": _jsonable(attack_settings),
-                              "correct": "".join("1" if f else "0" for f in flags), "seconds": round(seconds, 3)}
+        self.attacks[name] = {
+            "settings": _jsonable(attack_settings),
+            "correct": "".join("1" if f else "0" for f in flags),
+            "seconds": round(seconds, 3),
+        }
         try:
-            atomic_write_text(self.path, json.dumps(
-                {"format": _STATE_FORMAT, "settings": self.settings, "attacks": self.attacks}))
+            atomic_write_text(
+                self.path, json.dumps({"format": _STATE_FORMAT, "settings": self.settings, "attacks": self.attacks})
+            )
         except DiskFullError as e:
-            intact = ("the progress saved after the previous batch is intact" if self.path.exists()
-                      else "no progress was saved yet")
-            raise DiskFullError(e.path, intact, "free space and run the same evaluation again: it resumes "
-                                "from there") from None
+            intact = (
+                "the progress saved after the previous batch is intact"
+                if self.path.exists()
+                else "no progress was saved yet"
+            )
+            raise DiskFullError(
+                e.path, intact, "free space and run the same evaluation again: it resumes from there"
+            ) from None
 
 
 def _sanity_across_attacks(results: dict, warn) -> None:
     acc = {k: v["accuracy"] for k, v in results.items()}
     loud = "SANITY CHECK FAILED: "
     if "clean" in acc and "fgsm" in acc and acc["fgsm"] > acc["clean"]:
-        warn(loud + f"FGSM accuracy {100 * acc['fgsm']:.2f}% > clean accuracy "
-             f"{100 * acc['clean']:.2f}%: the signature of catastrophic overfitting (the single "
-             "gradient step no longer finds adversarial examples); trust PGD / AutoAttack, not FGSM")
+        warn(
+            loud + f"FGSM accuracy {100 * acc['fgsm']:.2f}% > clean accuracy "
+            f"{100 * acc['clean']:.2f}%: the signature of catastrophic overfitting (the single "
+            "gradient step no longer finds adversarial examples); trust PGD / AutoAttack, not FGSM"
+        )
     for k in ("pgd", "apgd-ce", "apgd-t", "aa"):
         if "clean" in acc and k in acc and acc[k] > acc["clean"]:
-            warn(loud + f"{results[k]['label']} accuracy {100 * acc[k]:.2f}% > clean accuracy "
-                 f"{100 * acc['clean']:.2f}%, impossible for a deterministic model: the model is "
-                 "randomised / non-deterministic, or there is a bug")
+            warn(
+                loud + f"{results[k]['label']} accuracy {100 * acc[k]:.2f}% > clean accuracy "
+                f"{100 * acc['clean']:.2f}%, impossible for a deterministic model: the model is "
+                "randomised / non-deterministic, or there is a bug"
+            )
     if "aa" in acc and "pgd" in acc and acc["aa"] > acc["pgd"]:
-        warn(loud + f"AutoAttack accuracy {100 * acc['aa']:.2f}% > {results['pgd']['label']} "
-             f"accuracy {100 * acc['pgd']:.2f}%: AutoAttack should be the stronger attack; "
-             "suspect a randomised or non-deterministic model, or too few examples to compare")
+        warn(
+            loud + f"AutoAttack accuracy {100 * acc['aa']:.2f}% > {results['pgd']['label']} "
+            f"accuracy {100 * acc['pgd']:.2f}%: AutoAttack should be the stronger attack; "
+            "suspect a randomised or non-deterministic model, or too few examples to compare"
+        )
     for k in ("pgd",):
         if "aa" in acc and k in acc and 100 * (acc[k] - acc["aa"]) > WEAK_PGD_POINTS:
             gap = 100 * (acc[k] - acc["aa"])
             s = results[k].get("settings", {})
-            how = (f" (step {s['alpha']:.4g} = eps*{s['alpha_over_eps']:g}, {s['schedule']}, "
-                   f"{s.get('loss', 'ce')} loss)" if k == "pgd" and "alpha_over_eps" in s else "")
-            warn(f"WEAK ATTACK: {results[k]['label']}{how} accuracy {100 * acc[k]:.2f}% is {gap:.1f} "
-                 f"points above AutoAttack {100 * acc['aa']:.2f}% (more than {WEAK_PGD_POINTS:g}): "
-                 f"{results[k]['label']} overstates robustness on this model (gradient masking, or a step "
-                 "size unsuited to it); report AutoAttack, not this number")
+            how = (
+                f" (step {s['alpha']:.4g} = eps*{s['alpha_over_eps']:g}, {s['schedule']}, {s.get('loss', 'ce')} loss)"
+                if k == "pgd" and "alpha_over_eps" in s
+                else ""
+            )
+            warn(
+                f"WEAK ATTACK: {results[k]['label']}{how} accuracy {100 * acc[k]:.2f}% is {gap:.1f} "
+                f"points above AutoAttack {100 * acc['aa']:.2f}% (more than {WEAK_PGD_POINTS:g}): "
+                f"{results[k]['label']} overstates robustness on this model (gradient masking, or a step "
+                "size unsuited to it); report AutoAttack, not this number"
+            )
     for k in ("apgd-ce", "apgd-t"):
         if "aa" in acc and k in acc and acc["aa"] > acc[k]:
-            warn(loud + f"AutoAttack accuracy {100 * acc['aa']:.2f}% > {k.upper()} alone "
-                 f"{100 * acc[k]:.2f}%, although AutoAttack runs {k.upper()} first: "
-                 "non-deterministic model or bug")
+            warn(
+                loud + f"AutoAttack accuracy {100 * acc['aa']:.2f}% > {k.upper()} alone "
+                f"{100 * acc[k]:.2f}%, although AutoAttack runs {k.upper()} first: "
+                "non-deterministic model or bug"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,8 +606,7 @@ def _jsonable(obj: Any) -> Any:
 def _settings_text(settings: dict) -> str:
     parts = []
     for k, v in settings.items():
-        if k in ("eps", "norm", "note", "pyautoattack", "seed", "step_rule", "random_start") \
-                or isinstance(v, dict):
+        if k in ("eps", "norm", "note", "pyautoattack", "seed", "step_rule", "random_start") or isinstance(v, dict):
             continue
         if isinstance(v, float):
             v = f"{v:.5g}"
@@ -467,12 +618,16 @@ def _settings_text(settings: dict) -> str:
 
 def format_table(result: dict) -> str:
     """A fixed-width table: attack, accuracy %, n_correct/n, settings; then any warnings."""
-    head = (f"eps {result['eps_label']} ({result['eps']:.6g}) | n = {result['n_examples']} | "
-            f"seed {result['seed']} | {result['device']}")
+    head = (
+        f"eps {result['eps_label']} ({result['eps']:.6g}) | n = {result['n_examples']} | "
+        f"seed {result['seed']} | {result['device']}"
+    )
     rows = [f"{'attack':<30} {'accuracy':>9} {'n_correct/n':>13}  settings", "-" * 80]
     for res in result["results"].values():
-        rows.append(f"{res['label']:<30} {100 * res['accuracy']:>7.2f} % "
-                    f"{res['n_correct']:>6}/{res['n']:<6}  {_settings_text(res['settings'])}")
+        rows.append(
+            f"{res['label']:<30} {100 * res['accuracy']:>7.2f} % "
+            f"{res['n_correct']:>6}/{res['n']:<6}  {_settings_text(res['settings'])}"
+        )
     lines = [head, *rows]
     if result.get("warnings"):
         lines.append(f"{len(result['warnings'])} warning(s):")

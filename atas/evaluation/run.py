@@ -2,6 +2,7 @@
 
 What `atas train` does at the end, `atas eval RUN_DIR` and `atas compare` for each run.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,13 +14,20 @@ from atas.checkpoint import DiskFullError, check_output, check_own_file, is_spec
 from atas.config import Config, ConfigError, check_attacks
 from atas.data import TestSplit, check_subset, data_source, dataset_info, image_folder, load_tensors, val_indices
 from atas.evaluation.attacks import pgd_step
-from atas.evaluation.protocol import (attack_names, evaluate, evaluation_request, fingerprint_model, request_digest,
-                                     save_result)
+from atas.evaluation.protocol import (
+    attack_names,
+    evaluate,
+    evaluation_request,
+    fingerprint_model,
+    request_digest,
+    save_result,
+)
 from atas.rundir import EVAL, clean_staged_files
 
 
-def load_test_set(dataset: str | Config, n_examples: int | None = None, data_dir: str | Path | None = None,
-                  download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def load_test_set(
+    dataset: str | Config, n_examples: int | None = None, data_dir: str | Path | None = None, download: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The unpadded test images (uint8 [N, C, H, W]) and labels of a dataset name ("fmnist",
     "cifar10", ...; read from data_dir, see atas.data) or of a run's Config (its data section:
     data_dir, download, test_subset); the first n_examples if given (an error unless 1 <=
@@ -35,9 +43,11 @@ def load_test_set(dataset: str | Config, n_examples: int | None = None, data_dir
     split = TestSplit(cfg.data.name, cfg.data.data_dir, cfg.data.download)
     size = min(len(split), cfg.data.test_subset) if cfg.data.test_subset else len(split)
     if n_examples is not None and n_examples > size:
-        raise ConfigError(f"--n-examples / eval.n_examples is {n_examples} but the {split.info.name} test set has "
-                          f"{size} images{' (data.test_subset)' if cfg.data.test_subset else ''}; "
-                          f"give at most {size} (or leave it unset for all)")
+        raise ConfigError(
+            f"--n-examples / eval.n_examples is {n_examples} but the {split.info.name} test set has "
+            f"{size} images{' (data.test_subset)' if cfg.data.test_subset else ''}; "
+            f"give at most {size} (or leave it unset for all)"
+        )
     return split.take(n_examples if n_examples is not None else size)
 
 
@@ -48,21 +58,25 @@ def load_val_set(cfg: Config, n_examples: int | None = None) -> tuple[torch.Tens
     are centre-cropped from their frame to the model's input size, as its test images are."""
     info, d = dataset_info(cfg.data.name), cfg.data
     if d.val_size < 1:
-        raise ConfigError("this run has no validation split (data.val_size=0); set data.val_size=N to hold out "
-                          "the last N training images")
+        raise ConfigError(
+            "this run has no validation split (data.val_size=0); set data.val_size=N to hold out "
+            "the last N training images"
+        )
     if n_examples is not None and not 1 <= n_examples <= d.val_size:
-        raise ConfigError(f"validation on {n_examples} images, but data.val_size={d.val_size} holds out only "
-                          f"{d.val_size}; give 1..{d.val_size}")
+        raise ConfigError(
+            f"validation on {n_examples} images, but data.val_size={d.val_size} holds out only "
+            f"{d.val_size}; give 1..{d.val_size}"
+        )
     n = d.val_size if n_examples is None else n_examples
     if info.resident:
         x, y = load_tensors(info.name, "train", d.data_dir, d.download)
-        held = val_indices(check_subset(d.subset, len(x)), d.val_size, d.val_from)[:n]   # data.val_from
+        held = val_indices(check_subset(d.subset, len(x)), d.val_size, d.val_from)[:n]  # data.val_from
         return x[held], y[held]
     train_set = image_folder(info.name, "train", d.data_dir)
     held = val_indices(check_subset(d.subset, len(train_set)), d.val_size, d.val_from)[:n]
     items = [train_set[i] for i in held.tolist()]
     offset = (info.frame_size - info.image_size) // 2
-    x = torch.stack([it[0] for it in items])[..., offset:offset + info.image_size, offset:offset + info.image_size]
+    x = torch.stack([it[0] for it in items])[..., offset : offset + info.image_size, offset : offset + info.image_size]
     return x.mul(255).round().to(torch.uint8), torch.tensor([int(it[1]) for it in items])
 
 
@@ -76,14 +90,22 @@ VAL_FILE = "val.json"
 def validation_request(cfg: Config, n_examples: int | None = None) -> dict:
     """What a validation evaluation of this run measures: a val.json with other settings is stale."""
     e = cfg.eval
-    return {"val_size": cfg.data.val_size, "n_examples": min(VAL_N_EXAMPLES, cfg.data.val_size)
-            if n_examples is None else n_examples, "attacks": list(VAL_ATTACKS), "pgd_steps": VAL_PGD_STEPS,
-            "pgd_restarts": VAL_PGD_RESTARTS, "pgd_alpha": e.pgd_alpha, "pgd_schedule": e.pgd_schedule,
-            "pgd_loss": e.pgd_loss, "eps": cfg.method.eps.text}
+    return {
+        "val_size": cfg.data.val_size,
+        "n_examples": min(VAL_N_EXAMPLES, cfg.data.val_size) if n_examples is None else n_examples,
+        "attacks": list(VAL_ATTACKS),
+        "pgd_steps": VAL_PGD_STEPS,
+        "pgd_restarts": VAL_PGD_RESTARTS,
+        "pgd_alpha": e.pgd_alpha,
+        "pgd_schedule": e.pgd_schedule,
+        "pgd_loss": e.pgd_loss,
+        "eps": cfg.method.eps.text,
+    }
 
 
-def evaluate_validation(model: nn.Module, cfg: Config, run_dir: str | Path, n_examples: int | None = None,
-                        progress: bool = False) -> dict:
+def evaluate_validation(
+    model: nn.Module, cfg: Config, run_dir: str | Path, n_examples: int | None = None, progress: bool = False
+) -> dict:
     """Clean and PGD-10 accuracy (one restart, the eval section's step, or the threat model's measured
     default) of `model` on the first n_examples (default: up to 1000) held-out validation images of
     data.val_size; written to RUN/val.json with the request that made it, and returned."""
@@ -92,10 +114,22 @@ def evaluate_validation(model: nn.Module, cfg: Config, run_dir: str | Path, n_ex
     x, y = load_val_set(cfg, request["n_examples"])
     model.eval()
     e = cfg.eval
-    result = evaluate(model, x, y, float(cfg.method.eps), attacks=VAL_ATTACKS, pgd_steps=VAL_PGD_STEPS,
-                      pgd_restarts=VAL_PGD_RESTARTS, pgd_alpha=e.pgd_alpha, pgd_schedule=e.pgd_schedule,
-                      pgd_loss=e.pgd_loss, batch_size=e.batch_size, device=next(model.parameters()).device,
-                      progress=progress, eps_label=cfg.method.eps.text)
+    result = evaluate(
+        model,
+        x,
+        y,
+        float(cfg.method.eps),
+        attacks=VAL_ATTACKS,
+        pgd_steps=VAL_PGD_STEPS,
+        pgd_restarts=VAL_PGD_RESTARTS,
+        pgd_alpha=e.pgd_alpha,
+        pgd_schedule=e.pgd_schedule,
+        pgd_loss=e.pgd_loss,
+        batch_size=e.batch_size,
+        device=next(model.parameters()).device,
+        progress=progress,
+        eps_label=cfg.method.eps.text,
+    )
     result.pop("per_sample", None)  # a choice between values needs the accuracies, not 1000 verdicts
     result["split"] = "validation (the last data.val_size training images, never trained on)"
     result["request"] = request
@@ -119,20 +153,37 @@ def eval_file_name(cfg: Config, eps: float | None, digest: str) -> str:
     return f"eval-{_settings_name(cfg.eval.attacks, cfg.eval.n_examples, eps, digest)}.json"
 
 
-def request_file_name(model: nn.Module, cfg: Config, eps: float | None = None, seed: int = 0,
-                      test_set: tuple[torch.Tensor, torch.Tensor] | None = None) -> str:
+def request_file_name(
+    model: nn.Module,
+    cfg: Config,
+    eps: float | None = None,
+    seed: int = 0,
+    test_set: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> str:
     """The `eval_file_name` an evaluation of `model` with cfg.eval's settings (at `eps`, default
     the training eps, and `seed`) gets: its request's digest needs the weights and the images."""
     e = cfg.eval
     x, y = test_set if test_set is not None else load_test_set(cfg, e.n_examples)
-    request = evaluation_request(model, x, y, float(cfg.method.eps if eps is None else eps), e.attacks,
-                                 pgd_steps=e.pgd_steps, pgd_restarts=e.pgd_restarts, pgd_alpha=e.pgd_alpha,
-                                 pgd_schedule=e.pgd_schedule, pgd_loss=e.pgd_loss, batch_size=e.batch_size, seed=seed)
+    request = evaluation_request(
+        model,
+        x,
+        y,
+        float(cfg.method.eps if eps is None else eps),
+        e.attacks,
+        pgd_steps=e.pgd_steps,
+        pgd_restarts=e.pgd_restarts,
+        pgd_alpha=e.pgd_alpha,
+        pgd_schedule=e.pgd_schedule,
+        pgd_loss=e.pgd_loss,
+        batch_size=e.batch_size,
+        seed=seed,
+    )
     return eval_file_name(cfg, eps, request_digest(request))
 
 
-def model_eval_file_name(spec: str, data: str, attacks: str, n_examples: int | None, eps: float,
-                         weights: str | Path | None, digest: str) -> str:
+def model_eval_file_name(
+    spec: str, data: str, attacks: str, n_examples: int | None, eps: float, weights: str | Path | None, digest: str
+) -> str:
     """Where `atas eval --model` writes by default: named, for people, by the model (factory and
     weights file), the data, the attacks, size and eps, and by `digest` (as `eval_file_name`), so
     that evaluating other weights or with other settings never replaces an earlier result."""
@@ -162,8 +213,7 @@ def keep_earlier(out: Path, result: dict) -> Path | None:
     digest = earlier.get("request_sha256")
     if digest == result.get("request_sha256"):
         return None
-    name = digest if isinstance(digest, str) and digest.isalnum() else \
-        "earlier-" + hashlib.sha256(raw).hexdigest()[:12]
+    name = digest if isinstance(digest, str) and digest.isalnum() else "earlier-" + hashlib.sha256(raw).hexdigest()[:12]
     kept = out.with_name(f"{out.stem}-{name}{out.suffix}")
     os.replace(out, kept)
     what = _request_difference(earlier.get("request"), result.get("request"))
@@ -184,10 +234,20 @@ def _short(value) -> str:
     return text[:12] if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text
 
 
-def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: float | None = None, seed: int = 0,
-                 out: str | Path | None = None, progress: bool | None = None,
-                 checkpoint: dict | None = None, by_settings: bool = False, named_out: bool | None = None,
-                 weights: str | None = None) -> dict:
+def evaluate_run(
+    model: nn.Module,
+    cfg: Config,
+    run_dir: str | Path,
+    *,
+    eps: float | None = None,
+    seed: int = 0,
+    out: str | Path | None = None,
+    progress: bool | None = None,
+    checkpoint: dict | None = None,
+    by_settings: bool = False,
+    named_out: bool | None = None,
+    weights: str | None = None,
+) -> dict:
     """Evaluate `model` with cfg.eval's attacks on the unpadded test set; save JSON; return the result.
 
     Saved to `out`, else (by_settings) run_dir/`eval_file_name` (a name per request), else the
@@ -223,26 +283,46 @@ def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: flo
     state_path = None if named and is_special_file(out) else check_own_file(out.with_suffix(".state"))
     if state_path is not None:  # what a killed write of this evaluation left behind
         clean_staged_files(out.parent, names=(out.name, state_path.name))
-    result = evaluate(model, x, y, float(eps), attacks=attack_names(e.attacks),
-                      pgd_steps=e.pgd_steps, pgd_restarts=e.pgd_restarts,
-                      pgd_alpha=e.pgd_alpha, pgd_schedule=e.pgd_schedule, pgd_loss=e.pgd_loss,
-                      batch_size=e.batch_size,
-                      seed=seed, device=device, progress=cfg.train.progress if progress is None else progress,
-                      state_path=state_path, eps_label=getattr(eps, "text", str(eps)))
+    result = evaluate(
+        model,
+        x,
+        y,
+        float(eps),
+        attacks=attack_names(e.attacks),
+        pgd_steps=e.pgd_steps,
+        pgd_restarts=e.pgd_restarts,
+        pgd_alpha=e.pgd_alpha,
+        pgd_schedule=e.pgd_schedule,
+        pgd_loss=e.pgd_loss,
+        batch_size=e.batch_size,
+        seed=seed,
+        device=device,
+        progress=cfg.train.progress if progress is None else progress,
+        state_path=state_path,
+        eps_label=getattr(eps, "text", str(eps)),
+    )
     if float(eps) != float(cfg.method.eps):
         import warnings
 
-        msg = (f"evaluating at eps={getattr(eps, 'text', eps)} but the model was trained at "
-               f"eps={cfg.method.eps.text}")
+        msg = f"evaluating at eps={getattr(eps, 'text', eps)} but the model was trained at eps={cfg.method.eps.text}"
         warnings.warn(msg, stacklevel=2)
         result.setdefault("warnings", []).append(msg)
-    result["model"] = {"arch": cfg.model.arch, "dataset": cfg.data.name, "method": cfg.method.name,
-                       "train_eps": cfg.method.eps.text, "sha256": fingerprint_model(model)}
+    result["model"] = {
+        "arch": cfg.model.arch,
+        "dataset": cfg.data.name,
+        "method": cfg.method.name,
+        "train_eps": cfg.method.eps.text,
+        "sha256": fingerprint_model(model),
+    }
     folder = data_source(cfg.data.name, "test", cfg.data.data_dir)  # None: a dataset's own loader chose
-    result["data"] = {"name": cfg.data.name, "folder": None if folder is None else str(folder),
-                      "split": "test", "images": f"the first {result['n_examples']}"
-                      + (f" of data.test_subset={cfg.data.test_subset}" if cfg.data.test_subset else ""),
-                      "sha256": result["request"]["data_sha256"]}
+    result["data"] = {
+        "name": cfg.data.name,
+        "folder": None if folder is None else str(folder),
+        "split": "test",
+        "images": f"the first {result['n_examples']}"
+        + (f" of data.test_subset={cfg.data.test_subset}" if cfg.data.test_subset else ""),
+        "sha256": result["request"]["data_sha256"],
+    }
     # Which weights were measured: "raw" (trained) or "averaged" (train.wa_tau); None: not known here
     # (an export folder: its card says).
     result["weights"] = weights or (checkpoint.get("weights", "raw") if checkpoint is not None else None)
@@ -258,10 +338,12 @@ def evaluate_run(model: nn.Module, cfg: Config, run_dir: str | Path, *, eps: flo
     except DiskFullError as err:
         if state_path is None:  # written in place: its own message says so
             raise
-        kept = (f"the per-sample verdicts are kept in {state_path}" if state_path.exists()
-                else "nothing was written")
-        raise DiskFullError(err.path, kept, "free space and run the same evaluation again: it resumes from "
-                            "there without attacking again") from None
+        kept = f"the per-sample verdicts are kept in {state_path}" if state_path.exists() else "nothing was written"
+        raise DiskFullError(
+            err.path,
+            kept,
+            "free space and run the same evaluation again: it resumes from there without attacking again",
+        ) from None
     return result
 
 
@@ -281,11 +363,17 @@ def evaluate_trained(run, cfg: Config) -> None:
 
     last = run.metrics[-1] if run.metrics else {}
     checkpoint = resolve_artifact(run.run_dir)
-    weights = {"file": checkpoint.name, "path": str(checkpoint), "epoch": last.get("epoch"),
-               "step": last.get("step"), "epochs_planned": cfg.train.epochs, "mid_run": False}
+    weights = {
+        "file": checkpoint.name,
+        "path": str(checkpoint),
+        "epoch": last.get("epoch"),
+        "step": last.get("step"),
+        "epochs_planned": cfg.train.epochs,
+        "mid_run": False,
+    }
     picked = getattr(run, "weights", None) or {}
     weights.update(picked)  # which weights: raw or averaged, and by which rule (train.select, atas.selection)
-    if "epoch" in picked:   # the validation's pick: selected.pt, from its epoch
+    if "epoch" in picked:  # the validation's pick: selected.pt, from its epoch
         from atas.selection import SELECTED
 
         weights.update(file=SELECTED, path=str(Path(run.run_dir) / SELECTED))
@@ -293,8 +381,11 @@ def evaluate_trained(run, cfg: Config) -> None:
         run.evaluation = evaluate_run(run.model, cfg, run.run_dir, checkpoint=weights)
     except DiskFullError as e:  # the training is done and saved: say how to get its evaluation
         out = Path(run.run_dir) / EVAL
-        raise DiskFullError(e.path, f"training finished and its checkpoint {checkpoint} is intact",
-                            f"free space and run the end-of-training evaluation with `atas eval {run.run_dir} "
-                            f"--out {out}` (it resumes from {out.with_suffix('.state')})") from None
+        raise DiskFullError(
+            e.path,
+            f"training finished and its checkpoint {checkpoint} is intact",
+            f"free space and run the end-of-training evaluation with `atas eval {run.run_dir} "
+            f"--out {out}` (it resumes from {out.with_suffix('.state')})",
+        ) from None
     if cfg.data.val_size:
         run.validation = evaluate_validation(run.model, cfg, run.run_dir)

@@ -7,6 +7,7 @@ shared. Adding a method is one file: a `@register` class with an `Options` datac
 logged stats); made visible by `--import` or the entry-point group "atas.methods"
 (docs/contributing.md).
 """
+
 # Importing the modules fills the registry.
 from atas.methods import (  # noqa: F401
     aaer,

@@ -44,6 +44,7 @@ Example:
     atas train fmnist method.name=n_aaer
     atas train fmnist method.name=rs_aaer method.lam2=5.0
 """
+
 from __future__ import annotations
 
 import math
@@ -59,8 +60,9 @@ from atas.threat import bn_mode, input_grad
 from atas.values import ConfigError
 
 
-def aaer_penalty(logits_start: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, lam1: float,
-                 lam2: float, lam3: float) -> tuple[torch.Tensor, torch.Tensor]:
+def aaer_penalty(
+    logits_start: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, lam1: float, lam2: float, lam3: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(regulariser, abnormal mask [B] as float) from the attack's logits at x_0 (constants) and the
     training logits at x_adv; no host sync (the 'both sets non-empty' test is a torch.where)."""
     before = logits_start.detach().float()
@@ -70,7 +72,7 @@ def aaer_penalty(logits_start: torch.Tensor, logits_adv: torch.Tensor, y: torch.
     abnormal = (l0 > l1).float()
     n_ab = abnormal.sum()
     n_norm = len(y) - n_ab
-    variation = (before - after).square().sum(1)                      # ||f(x_0) - f(x_adv)||^2 per sample
+    variation = (before - after).square().sum(1)  # ||f(x_0) - f(x_adv)||^2 per sample
     ce_ab = (abnormal * (l0 - l1)).sum() / n_ab.clamp_min(1)
     var_ab = (abnormal * variation).sum() / n_ab.clamp_min(1)
     var_norm = ((1 - abnormal) * variation).sum().detach() / n_norm.clamp_min(1)
@@ -83,7 +85,7 @@ class AAERMixin(Method):
 
     has_regularizer = True
     prone_to_co = False
-    logged_stats = {"abnormal": "fraction"}   # per sample: 1 for an abnormal adversarial example
+    logged_stats = {"abnormal": "fraction"}  # per sample: 1 for an abnormal adversarial example
 
     @classmethod
     def check_options(cls, o) -> None:
@@ -99,7 +101,7 @@ class AAERMixin(Method):
         x_start = self.start(x, ball)
         with bn_mode(model, self.opt.bn_mode):
             grad, logits = input_grad(model, x_start, y)
-        self._logits_start = logits.detach()   # f(x_0) for the regulariser: a constant, no extra pass
+        self._logits_start = logits.detach()  # f(x_0) for the regulariser: a constant, no extra pass
         return self.step(x_start, grad, x, ball)
 
     def training_loss(self, model, x_adv, y, x, state):
@@ -124,7 +126,7 @@ class NAAER(AAERMixin, NFGSM):
     name = "n_aaer"
     label = "N-AAER"
     cost = "2 fwd + 2 bwd"
-    search = {"lam2": (1.5, 3.5, 8.5)}   # set per eps and dataset by the official README: docstring
+    search = {"lam2": (1.5, 3.5, 8.5)}  # set per eps and dataset by the official README: docstring
 
     @dataclass
     class Options(NFGSM.Options):
@@ -138,7 +140,7 @@ class RSAAER(AAERMixin, FGSMRS):
     name = "rs_aaer"
     label = "RS-AAER"
     cost = "2 fwd + 2 bwd"
-    search = {"lam2": (2.5, 5.0, 7.0)}   # set per eps and dataset by the official README: docstring
+    search = {"lam2": (2.5, 5.0, 7.0)}  # set per eps and dataset by the official README: docstring
 
     @dataclass
     class Options(FGSMRS.Options):

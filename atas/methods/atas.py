@@ -41,6 +41,7 @@ Example:
     atas train cifar10-prn18-eps8            # the paper's CIFAR-10 PreActResNet-18 row
     atas train fmnist method.c=0.02
 """
+
 from __future__ import annotations
 
 import warnings
@@ -69,9 +70,9 @@ class ATAS(Method):
     label = "ATAS"
     cost = "2 fwd + 2 bwd"
     uses_store = True
-    logged_stats = {"alpha": "pixels"}   # the per-sample step size, the point of the method
+    logged_stats = {"alpha": "pixels"}  # the per-sample step size, the point of the method
     prone_to_co = True
-    claims_reference_robustness = True   # the paper: within a few points of PGD-AT, much faster
+    claims_reference_robustness = True  # the paper: within a few points of PGD-AT, much faster
 
     @dataclass
     class Options(Method.Options):
@@ -95,20 +96,24 @@ class ATAS(Method):
     def __init__(self, eps, options=None, epochs=None, *, relative: bool = False, **kwargs):
         if relative:
             if options is not None:
-                raise TypeError("ATAS(relative=True) sets step_numerator, alpha_unit, alpha_min and alpha_max: give "
-                                "the other options as keywords, not options=")
+                raise TypeError(
+                    "ATAS(relative=True) sets step_numerator, alpha_unit, alpha_min and alpha_max: give "
+                    "the other options as keywords, not options="
+                )
             kwargs = {**self.RELATIVE, **kwargs}  # an option given by name still wins
         super().__init__(eps, options, epochs, **kwargs)
         self._warn_if_it_cannot_adapt()
-        self._batch_checked = False      # the batch-size check of the first batch (`_check_batch_size`)
-        self._epochs_checked = False     # the epochs= check of the first batch
+        self._batch_checked = False  # the batch-size check of the first batch (`_check_batch_size`)
+        self._epochs_checked = False  # the epochs= check of the first batch
 
     @classmethod
     def check_options(cls, o) -> None:
         super().check_options(o)
         if o.step_numerator != "official" and not (eps_multiple(o.step_numerator) or 0) > 0:
-            raise ConfigError(f"method.step_numerator must be 'official' (16/255) or a multiple of eps such as '2eps', "
-                              f"got {o.step_numerator!r}")
+            raise ConfigError(
+                f"method.step_numerator must be 'official' (16/255) or a multiple of eps such as '2eps', "
+                f"got {o.step_numerator!r}"
+            )
         if o.grad_norm not in ("batch_mean", "per_sample"):
             raise ConfigError(f"method.grad_norm must be 'batch_mean' or 'per_sample', got {o.grad_norm!r}")
         if o.alpha_unit not in ("absolute", "eps"):
@@ -121,8 +126,9 @@ class ATAS(Method):
             if getattr(o, key) < 0:
                 raise ConfigError(f"method.{key} must be >= 0 (0: {zero}), got {getattr(o, key)}")
         if o.ref_batch < 1:
-            raise ConfigError(f"method.ref_batch (the batch size grad_norm=per_sample matches) must be >= 1, "
-                              f"got {o.ref_batch}")
+            raise ConfigError(
+                f"method.ref_batch (the batch size grad_norm=per_sample matches) must be >= 1, got {o.ref_batch}"
+            )
         if not 0 < o.step_scale <= 1:
             raise ConfigError(f"method.step_scale must lie in (0, 1], got {o.step_scale}")
 
@@ -143,20 +149,27 @@ class ATAS(Method):
         when they leave nothing to adapt (kept, not changed: the shipped recipes reproduce the paper)."""
         o = self.opt
         if self.epochs is not None and o.warmup_epochs >= self.epochs:
-            warnings.warn(f"atas: warmup_epochs={o.warmup_epochs} covers the whole run (epochs={self.epochs}): every "
-                          "step is alpha = eps and the adaptive step size never starts. Set warmup_epochs below "
-                          "epochs (method.warmup_epochs=0 in a config), or train longer.", UserWarning, stacklevel=3)
+            warnings.warn(
+                f"atas: warmup_epochs={o.warmup_epochs} covers the whole run (epochs={self.epochs}): every "
+                "step is alpha = eps and the adaptive step size never starts. Set warmup_epochs below "
+                "epochs (method.warmup_epochs=0 in a config), or train longer.",
+                UserWarning,
+                stacklevel=3,
+            )
         # The largest step the rule can take (a zero gradient): the numerator, clamped to the bounds.
         numerator, alpha_min, alpha_max = self.step_rule(self.eps)
         largest = min(max(numerator, alpha_min), alpha_max)
         if largest < self.eps * (1 - 1e-6):
-            warnings.warn(f"atas: the largest step this configuration can take is {largest * 255:.3g}/255 (alpha_max="
-                          f"{o.alpha_max}, alpha_unit={o.alpha_unit!r}, step_numerator={o.step_numerator!r}), below "
-                          f"eps = {self.eps * 255:.3g}/255, so no single step can reach the ball's edge. The defaults "
-                          "are the official code's constants for eps 8/255; for steps that scale with eps use "
-                          "atas.ATAS(eps, relative=True) (in a config: method.step_numerator=2eps "
-                          "method.alpha_unit=eps method.alpha_min=0.5 method.alpha_max=1.75).",
-                          UserWarning, stacklevel=3)
+            warnings.warn(
+                f"atas: the largest step this configuration can take is {largest * 255:.3g}/255 (alpha_max="
+                f"{o.alpha_max}, alpha_unit={o.alpha_unit!r}, step_numerator={o.step_numerator!r}), below "
+                f"eps = {self.eps * 255:.3g}/255, so no single step can reach the ball's edge. The defaults "
+                "are the official code's constants for eps 8/255; for steps that scale with eps use "
+                "atas.ATAS(eps, relative=True) (in a config: method.step_numerator=2eps "
+                "method.alpha_unit=eps method.alpha_min=0.5 method.alpha_max=1.75).",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _check_epochs(self) -> None:
         """Without epochs= (a loop of one's own), the warm-up check above is skipped: a run of
@@ -165,12 +178,16 @@ class ATAS(Method):
         self._epochs_checked = True
         o = self.opt
         if self.epochs is None and o.warmup_epochs > 0:
-            warnings.warn(f"atas: epochs was not given (atas.ATAS(eps, ..., epochs=N)), so the warm-up is not "
-                          f"checked against the run's length: the first warmup_epochs={o.warmup_epochs} epochs step "
-                          f"with alpha = eps and the adaptive step starts at epoch {o.warmup_epochs + 1}, so a run of "
-                          f"{o.warmup_epochs} epochs or fewer never adapts; the prior reset before the last epoch is "
-                          "not skipped either. Pass epochs=<the number of epochs you train> (and warmup_epochs "
-                          "below it for a short run).", UserWarning, stacklevel=4)
+            warnings.warn(
+                f"atas: epochs was not given (atas.ATAS(eps, ..., epochs=N)), so the warm-up is not "
+                f"checked against the run's length: the first warmup_epochs={o.warmup_epochs} epochs step "
+                f"with alpha = eps and the adaptive step starts at epoch {o.warmup_epochs + 1}, so a run of "
+                f"{o.warmup_epochs} epochs or fewer never adapts; the prior reset before the last epoch is "
+                "not skipped either. Pass epochs=<the number of epochs you train> (and warmup_epochs "
+                "below it for a short run).",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _check_batch_size(self, grad: torch.Tensor, eps_t: float) -> None:
         """grad_norm="batch_mean" (the official rule) divides every gradient norm by the batch size
@@ -189,15 +206,19 @@ class ATAS(Method):
                 return float((numerator / (1 + norm * scale / o.c)).clamp(alpha_min, alpha_max).mean()) / eps_t
 
             here, reference = mean_alpha(1 / b), mean_alpha(1 / o.ref_batch)
-        warnings.warn(f"atas: grad_norm='batch_mean' (the official rule) at batch size {b}, not the "
-                      f"ref_batch={o.ref_batch} its c={o.c:g} was tuned at: every gradient norm in alpha = N / (1 + "
-                      f"||g|| / c) is {o.ref_batch}/{b} = {o.ref_batch / b:.3g}x the reference's, as if c were "
-                      f"{o.c * b / o.ref_batch:.3g}; on this first batch the mean step after the warm-up would be "
-                      f"{here:.3g} eps instead of {reference:.3g} eps at batch {o.ref_batch} (steps move toward "
-                      f"{'alpha_max: fewer samples adapt' if b > o.ref_batch else 'alpha_min'}). Set "
-                      "method.grad_norm=per_sample (atas.ATAS(..., grad_norm='per_sample')) for a step that does "
-                      f"not depend on the batch size (the official one at batch {o.ref_batch}); see "
-                      "docs/own-code.md.", UserWarning, stacklevel=4)
+        warnings.warn(
+            f"atas: grad_norm='batch_mean' (the official rule) at batch size {b}, not the "
+            f"ref_batch={o.ref_batch} its c={o.c:g} was tuned at: every gradient norm in alpha = N / (1 + "
+            f"||g|| / c) is {o.ref_batch}/{b} = {o.ref_batch / b:.3g}x the reference's, as if c were "
+            f"{o.c * b / o.ref_batch:.3g}; on this first batch the mean step after the warm-up would be "
+            f"{here:.3g} eps instead of {reference:.3g} eps at batch {o.ref_batch} (steps move toward "
+            f"{'alpha_max: fewer samples adapt' if b > o.ref_batch else 'alpha_min'}). Set "
+            "method.grad_norm=per_sample (atas.ATAS(..., grad_norm='per_sample')) for a step that does "
+            f"not depend on the batch size (the official one at batch {o.ref_batch}); see "
+            "docs/own-code.md.",
+            UserWarning,
+            stacklevel=4,
+        )
 
     @property
     def last_step_sizes(self) -> torch.Tensor | None:
@@ -216,14 +237,15 @@ class ATAS(Method):
         if every and epoch % every == 0 and epoch != self.epochs:
             self.reset_store(store)
 
-    def step_size(self, grad: torch.Tensor, grad_sq_ema: torch.Tensor,
-                  eps_t: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_size(
+        self, grad: torch.Tensor, grad_sq_ema: torch.Tensor, eps_t: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha [B], new v [B]) from the per-sample gradients of the summed loss, at training
         radius eps_t (default: eps)."""
         o = self.opt
         numerator, alpha_min, alpha_max = self.step_rule(self.eps if eps_t is None else eps_t)
         scale = 1.0 / (len(grad) if o.grad_norm == "batch_mean" else o.ref_batch)
-        grad_sq = grad.flatten(1).float().pow(2).sum(1) * scale ** 2  # fp32 even under AMP
+        grad_sq = grad.flatten(1).float().pow(2).sum(1) * scale**2  # fp32 even under AMP
         v = o.beta * grad_sq_ema + (1 - o.beta) * grad_sq
         alpha = (numerator / (1 + v.sqrt() / o.c)).clamp(alpha_min, alpha_max)
         return alpha, v

@@ -15,6 +15,7 @@ A subclass says how x_adv is made (`attack`) and, if it has one, its training lo
 (`training_loss`); the per-sample store (ATAS's prior and gradient-norm average), the paired
 augmentation, epoch bookkeeping and checkpoint state live here, behind the public calls.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -89,7 +90,7 @@ class Method:
     # What a method says about itself: the registry, the trainer and the report read these, so
     # adding a method is its own file and nothing else.
     name: ClassVar[str]
-    label: ClassVar[str] = ""          # as the papers write it, for reports ("" : the name)
+    label: ClassVar[str] = ""  # as the papers write it, for reports ("" : the name)
     cost: ClassVar[str] = ""
     uses_store: ClassVar[bool] = False
     # True where `training_loss` adds a term to the cross-entropy (a user who trains on a plain
@@ -134,13 +135,23 @@ class Method:
             (`Method.cross_entropy`); the attack's own gradients use the plain cross-entropy. A
             method whose loss has no cross-entropy term sets `supports_label_smoothing = False`.
         """
+
         eps_ramp_epochs: int = 0
         eps_ramp_start: int = 1
         label_smoothing: float = 0.0
 
-    def __init__(self, eps, options=None, epochs: int | None = None, *, num_samples: int | None = None,
-                 augment: PairedAugment | None = None, store_dtype: str = "float32",
-                 store_options: dict | None = None, **option_values):
+    def __init__(
+        self,
+        eps,
+        options=None,
+        epochs: int | None = None,
+        *,
+        num_samples: int | None = None,
+        augment: PairedAugment | None = None,
+        store_dtype: str = "float32",
+        store_options: dict | None = None,
+        **option_values,
+    ):
         self.eps = parse_fraction(eps) if isinstance(eps, str) else float(eps)
         self.ball = LinfBall(self.eps)
         if options is not None and option_values:
@@ -151,23 +162,25 @@ class Method:
         if num_samples is not None and (int(num_samples) != num_samples or num_samples < 1):
             raise ValueError(f"num_samples must be a positive integer (len(train_set)), got {num_samples!r}")
         if augment is not None and not isinstance(augment, PairedAugment):
-            raise TypeError(f"augment must be None or atas.RandomCropFlip(...), got {type(augment).__name__}. "
-                            "A torchvision transform belongs in the Dataset; see atas.IndexedDataset for "
-                            "why ATAS cannot use random crops it does not see.")
+            raise TypeError(
+                f"augment must be None or atas.RandomCropFlip(...), got {type(augment).__name__}. "
+                "A torchvision transform belongs in the Dataset; see atas.IndexedDataset for "
+                "why ATAS cannot use random crops it does not see."
+            )
         self.num_samples = None if num_samples is None else int(num_samples)
         self.augment = augment
         self.store_dtype = store_dtype
         self._store_options = dict(store_options or {})
         self.store: PerSampleStore | None = None
         self._pending_store_state: dict | None = None
-        self.current_epoch = 0          # 1-based once an epoch has started; 0 before
-        self._crop: tuple[torch.Tensor | None, CropFlip] | None = None   # (idx, crop) of the last augment
-        self._state: BatchState | None = None                      # the last perturb's batch
+        self.current_epoch = 0  # 1-based once an epoch has started; 0 before
+        self._crop: tuple[torch.Tensor | None, CropFlip] | None = None  # (idx, crop) of the last augment
+        self._state: BatchState | None = None  # the last perturb's batch
         self._loss_pending = False
         self._warned_no_loss = False
         self._checked_epoch = -1
-        self._checked_idx: torch.Tensor | None = None   # the indices batches() last checked
-        self.logits: torch.Tensor | None = None   # logits of the last `loss` (for accuracy logs)
+        self._checked_idx: torch.Tensor | None = None  # the indices batches() last checked
+        self.logits: torch.Tensor | None = None  # logits of the last `loss` (for accuracy logs)
         # Per-step numbers for the progress bar / logs, kept as tensors (no device sync here).
         self.stats: dict[str, torch.Tensor] = {}
         self._reset_due = False
@@ -201,8 +214,10 @@ class Method:
         for batch in loader:
             if not isinstance(batch, (tuple, list)) or len(batch) != 3:
                 got = len(batch) if isinstance(batch, (tuple, list)) else type(batch).__name__
-                raise ValueError(f"each batch must be (x, y, idx) with idx the samples' dataset indices; the "
-                                 f"loader gave {got} item(s) per batch. Wrap the dataset in atas.IndexedDataset(...)")
+                raise ValueError(
+                    f"each batch must be (x, y, idx) with idx the samples' dataset indices; the "
+                    f"loader gave {got} item(s) per batch. Wrap the dataset in atas.IndexedDataset(...)"
+                )
             x, y, idx = batch
             idx = torch.as_tensor(idx)
             self._check_idx(idx, len(x))
@@ -223,15 +238,19 @@ class Method:
         self._crop = (idx, cf)
         return aug(x, cf)
 
-    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                idx: torch.Tensor | None = None) -> torch.Tensor:
+    def perturb(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x_adv for the batch (x in [0, 1], already augmented; y labels; idx dataset indices, needed
         by methods with per-sample state). The model's train/eval mode is restored afterwards."""
         if self._loss_pending and self.has_regularizer and not self._warned_no_loss:
             self._warned_no_loss = True
-            warnings.warn(f"{self.name}: perturb() was called again without loss(): this method's training "
-                          f"loss adds a regulariser to the cross-entropy. Train on loss = atk.loss(model, "
-                          "x_adv, y, x), or the regulariser is silently dropped.", stacklevel=2)
+            warnings.warn(
+                f"{self.name}: perturb() was called again without loss(): this method's training "
+                f"loss adds a regulariser to the cross-entropy. Train on loss = atk.loss(model, "
+                "x_adv, y, x), or the regulariser is silently dropped.",
+                stacklevel=2,
+            )
         if self.current_epoch == 0:
             self.start_epoch(1)
         if self._checked_model is None or self._checked_model() is not model:  # once per model, not per step
@@ -244,18 +263,20 @@ class Method:
         cf: CropFlip | None = None
         if self.uses_store:
             if idx is None:
-                raise ValueError(f"{self.name} keeps state per training sample: pass perturb(model, x, y, idx) "
-                                 "with the samples' dataset indices (wrap the dataset in atas.IndexedDataset)")
+                raise ValueError(
+                    f"{self.name} keeps state per training sample: pass perturb(model, x, y, idx) "
+                    "with the samples' dataset indices (wrap the dataset in atas.IndexedDataset)"
+                )
             cf = self._crop_for(idx, x)
             if idx is not self._checked_idx:
                 idx = torch.as_tensor(idx, device=x.device)
                 self._check_idx(idx, len(x))
             store = self._store_for(x, cf)
-            prior = store.gather_delta(idx, cf)                                   # gather
+            prior = store.gather_delta(idx, cf)  # gather
         self._state = state = BatchState(idx=idx, epoch=self.current_epoch, store=store, prior=prior)
-        x_adv = self.attack(model, x, y, state)                                   # attack
+        x_adv = self.attack(model, x, y, state)  # attack
         if store is not None and idx is not None and cf is not None:  # (all three, or none: uses_store)
-            store.scatter_delta(idx, cf, self.new_prior(x_adv, x))                # scatter
+            store.scatter_delta(idx, cf, self.new_prior(x_adv, x))  # scatter
         self._loss_pending = True
         return x_adv
 
@@ -278,8 +299,9 @@ class Method:
         if not self.uses_store:
             raise TypeError(f"{self.name} keeps no per-sample state; store_summary() is for atas and fgsm_pgi")
         if self.store is None:
-            raise RuntimeError(f"{self.name}: the per-sample store is built at the first batch; call "
-                               "store_summary() after perturb()")
+            raise RuntimeError(
+                f"{self.name}: the per-sample store is built at the first batch; call store_summary() after perturb()"
+            )
         v = self.store.grad_sq_ema
         updated = v[v > 0].sqrt()
         prior_sum, prior_max = 0.0, 0.0
@@ -287,11 +309,18 @@ class Method:
             chunk = self.store._decode(self.store.delta[start:stop]).abs()
             prior_sum += float(chunk.sum(dtype=torch.float64))
             prior_max = max(prior_max, float(chunk.max()))
-        norms = ({"mean": float(updated.mean()), "min": float(updated.min()), "max": float(updated.max())}
-                 if len(updated) else {"mean": None, "min": None, "max": None})
-        return {"epoch": self.current_epoch, "num_samples": len(v), "updated": len(updated),
-                "grad_norm_ema": norms,
-                "prior_abs": {"mean": prior_sum / max(1, self.store.delta.numel()), "max": prior_max}}
+        norms = (
+            {"mean": float(updated.mean()), "min": float(updated.min()), "max": float(updated.max())}
+            if len(updated)
+            else {"mean": None, "min": None, "max": None}
+        )
+        return {
+            "epoch": self.current_epoch,
+            "num_samples": len(v),
+            "updated": len(updated),
+            "grad_norm_ema": norms,
+            "prior_abs": {"mean": prior_sum / max(1, self.store.delta.numel()), "max": prior_max},
+        }
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -313,14 +342,18 @@ class Method:
     def load_state_dict(self, state: dict) -> None:
         saved_name = state.get("name", self.name)  # states saved before the name was recorded: accepted
         if saved_name != self.name:
-            raise ValueError(f"cannot load a state saved by method {saved_name!r} into {self.name!r}: its store and "
-                             f"carried tensors mean something else to {self.name}. Load it into "
-                             f"atas.method({saved_name!r}, ...), or start {self.name} fresh.")
+            raise ValueError(
+                f"cannot load a state saved by method {saved_name!r} into {self.name!r}: its store and "
+                f"carried tensors mean something else to {self.name}. Load it into "
+                f"atas.method({saved_name!r}, ...), or start {self.name} fresh."
+            )
         saved_n = state.get("num_samples")
         if self.uses_store and saved_n is not None and int(saved_n) != self.num_samples:
-            raise ValueError(f"cannot resume {self.name}: the saved per-sample state is for "
-                             f"num_samples={int(saved_n)}, this object has num_samples={self.num_samples}. Resume "
-                             "with the training set the state was saved with (same size and order), or start fresh.")
+            raise ValueError(
+                f"cannot resume {self.name}: the saved per-sample state is for "
+                f"num_samples={int(saved_n)}, this object has num_samples={self.num_samples}. Resume "
+                "with the training set the state was saved with (same size and order), or start fresh."
+            )
         self._warn_if_other_eps(state)
         if "options" in state:  # states saved before the options were recorded: the object's stay
             self._load_options(state["options"])
@@ -331,8 +364,12 @@ class Method:
             else:  # built at the first batch, when the device and image size are known
                 self._pending_store_state = state["store"]
         device = self.store.device if self.store is not None else None
-        self.load_method_state({k: v.to(device) if device is not None and torch.is_tensor(v) else v
-                                for k, v in state.get("method", {}).items()})
+        self.load_method_state(
+            {
+                k: v.to(device) if device is not None and torch.is_tensor(v) else v
+                for k, v in state.get("method", {}).items()
+            }
+        )
 
     def _warn_if_other_eps(self, state: dict) -> None:
         """A state saved at another eps continues with numbers made for that ball (ATAS's prior,
@@ -341,11 +378,13 @@ class Method:
         say nothing and are accepted as they are."""
         saved = state.get("eps")
         if isinstance(saved, (int, float)) and not math.isclose(float(saved), self.eps, rel_tol=1e-9):
-            warnings.warn(f"{self.name}: loading a state saved at eps {_eps_text(saved)} into an object with eps "
-                          f"{_eps_text(self.eps)}: its per-sample state was made in the eps {_eps_text(saved)} ball "
-                          f"and now continues at {_eps_text(self.eps)}. To resume that run exactly, build the object "
-                          f"with eps={_eps_text(saved)}; to train at the new eps, start fresh (do not load the state).",
-                          stacklevel=3)
+            warnings.warn(
+                f"{self.name}: loading a state saved at eps {_eps_text(saved)} into an object with eps "
+                f"{_eps_text(self.eps)}: its per-sample state was made in the eps {_eps_text(saved)} ball "
+                f"and now continues at {_eps_text(self.eps)}. To resume that run exactly, build the object "
+                f"with eps={_eps_text(saved)}; to train at the new eps, start fresh (do not load the state).",
+                stacklevel=3,
+            )
 
     def _load_options(self, saved: dict) -> None:
         """The loaded options win: a run resumed from a state continues with the options it was
@@ -355,14 +394,21 @@ class Method:
             loaded = build_dataclass(type(self.opt), {k: v for k, v in saved.items() if k in names}, "")
             self.check_options(loaded)
         except ConfigError as e:
-            raise ValueError(f"{self.name}: the state's options do not load ({e}); was it saved by another "
-                             "version of this method?") from None
-        differ = [f"{k} {getattr(self.opt, k)!r} -> {getattr(loaded, k)!r}" for k in sorted(names)
-                  if to_plain(getattr(self.opt, k)) != to_plain(getattr(loaded, k))]
+            raise ValueError(
+                f"{self.name}: the state's options do not load ({e}); was it saved by another version of this method?"
+            ) from None
+        differ = [
+            f"{k} {getattr(self.opt, k)!r} -> {getattr(loaded, k)!r}"
+            for k in sorted(names)
+            if to_plain(getattr(self.opt, k)) != to_plain(getattr(loaded, k))
+        ]
         if not differ:
             return
-        warnings.warn(f"{self.name}: the loaded state's options differ from this object's ({', '.join(differ)}); "
-                      "the loaded ones are used, as the run they were saved from had them", stacklevel=3)
+        warnings.warn(
+            f"{self.name}: the loaded state's options differ from this object's ({', '.join(differ)}); "
+            "the loaded ones are used, as the run they were saved from had them",
+            stacklevel=3,
+        )
         self.opt = loaded
         self.options_changed()
 
@@ -393,14 +439,18 @@ class Method:
         # (bn_mode=evl) must not pass validation, write the run folder and fail at the first attack.
         bn = getattr(opt, "bn_mode", None)
         if bn is not None and bn not in BN_MODES:
-            raise ConfigError(f"method.bn_mode must be one of {', '.join(BN_MODES)} (BatchNorm statistics during "
-                              f"the attack: running or batch), got {bn!r}")
+            raise ConfigError(
+                f"method.bn_mode must be one of {', '.join(BN_MODES)} (BatchNorm statistics during "
+                f"the attack: running or batch), got {bn!r}"
+            )
         factor = getattr(opt, "alpha_factor", None)
         if factor is not None and not factor > 0:
             raise ConfigError(f"method.alpha_factor (the attack's step, a multiple of eps) must be > 0, got {factor}")
         if opt.label_smoothing > 0 and not cls.supports_label_smoothing:
-            raise ConfigError(f"method.label_smoothing: {cls.name}'s training loss has no cross-entropy term to "
-                              f"smooth; set label_smoothing=0 for it (method.{cls.name}.label_smoothing=0)")
+            raise ConfigError(
+                f"method.label_smoothing: {cls.name}'s training loss has no cross-entropy term to "
+                f"smooth; set label_smoothing=0 for it (method.{cls.name}.label_smoothing=0)"
+            )
 
     def passes_per_step(self) -> tuple[float, float]:
         """(forward, backward) passes over a batch of B images per optimizer step (attack and
@@ -462,8 +512,9 @@ class Method:
         """What is written back into the store after the attack (default: the perturbation)."""
         return x_adv - x
 
-    def training_loss(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
-                      state: BatchState) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_loss(
+        self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, x: torch.Tensor, state: BatchState
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy on x_adv (label smoothing as configured); returns (loss, logits)."""
         logits = model(x_adv)
         return self.cross_entropy(logits, y), logits
@@ -473,26 +524,33 @@ class Method:
         """Dataset indices must be integers in [0, num_samples), one per image. The range check
         needs the values: free on CPU; on an accelerator done once per epoch (one sync)."""
         if idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.dim() != 1 or len(idx) != batch:
-            raise ValueError(f"idx must be a 1-D integer tensor with one dataset index per image ({batch}), got "
-                             f"{idx.dtype} of shape {tuple(idx.shape)}")
+            raise ValueError(
+                f"idx must be a 1-D integer tensor with one dataset index per image ({batch}), got "
+                f"{idx.dtype} of shape {tuple(idx.shape)}"
+            )
         if self.num_samples is None or (idx.device.type != "cpu" and self._checked_epoch == self.current_epoch):
             return
         self._checked_epoch = self.current_epoch
         if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= self.num_samples):
-            raise IndexError(f"dataset index out of range: this batch has indices in [{int(idx.min())}, "
-                             f"{int(idx.max())}] but num_samples={self.num_samples}. Give num_samples=len(train_set) "
-                             "of the dataset the indices come from (atas.IndexedDataset gives 0..len-1).")
+            raise IndexError(
+                f"dataset index out of range: this batch has indices in [{int(idx.min())}, "
+                f"{int(idx.max())}] but num_samples={self.num_samples}. Give num_samples=len(train_set) "
+                "of the dataset the indices come from (atas.IndexedDataset gives 0..len-1)."
+            )
 
     def _crop_for(self, idx: torch.Tensor, x: torch.Tensor) -> CropFlip:
         """The crop/flip this batch was augmented with (identity without `augment`)."""
         if self.augment is None:
             zeros = torch.zeros(len(x), dtype=torch.long, device=x.device)
-            return CropFlip(zeros, zeros, torch.zeros(len(x), dtype=torch.bool, device=x.device),
-                            x.shape[-1], x.shape[-1])
+            return CropFlip(
+                zeros, zeros, torch.zeros(len(x), dtype=torch.bool, device=x.device), x.shape[-1], x.shape[-1]
+            )
         if self._crop is None or self._crop[0] is None or not _same_tensor(self._crop[0], idx):
-            raise RuntimeError(f"{self.name} was built with augment={self.augment!r}: take the batch from "
-                               "atk.batches(loader) or call x = atk.augment_batch(x, idx) before perturb(), "
-                               "so that the prior is cropped like the image")
+            raise RuntimeError(
+                f"{self.name} was built with augment={self.augment!r}: take the batch from "
+                "atk.batches(loader) or call x = atk.augment_batch(x, idx) before perturb(), "
+                "so that the prior is cropped like the image"
+            )
         return self._crop[1]
 
     def _store_for(self, x: torch.Tensor, cf: CropFlip) -> PerSampleStore:
@@ -501,18 +559,29 @@ class Method:
         if store is None:
             store = self._build_store(frame_shape, self._store_options.get("device", x.device))
         if (store.delta.shape[1], store.frame, store.frame) != frame_shape:
-            raise ValueError(f"this batch's images need a stored prior of {frame_shape} (channels, frame, frame) but "
-                             f"the store holds {(store.delta.shape[1], store.frame, store.frame)}: "
-                             "every batch of a run must have the image size (and augmentation) it started with")
+            raise ValueError(
+                f"this batch's images need a stored prior of {frame_shape} (channels, frame, frame) but "
+                f"the store holds {(store.delta.shape[1], store.frame, store.frame)}: "
+                "every batch of a run must have the image size (and augmentation) it started with"
+            )
         return store
 
     def _build_store(self, frame_shape: tuple[int, int, int], device) -> PerSampleStore:
         if self.num_samples is None:
-            raise ValueError(f"{self.name} keeps state per training sample: build it with "
-                             "num_samples=len(train_set) (and batches with dataset indices: atas.IndexedDataset)")
+            raise ValueError(
+                f"{self.name} keeps state per training sample: build it with "
+                "num_samples=len(train_set) (and batches with dataset indices: atas.IndexedDataset)"
+            )
         opts = {k: v for k, v in self._store_options.items() if k != "device"}
-        self.store = store = PerSampleStore(self.num_samples, frame_shape, self.eps, dtype=self.store_dtype,
-                                            device=device, draw=self._pending_store_state is None, **opts)
+        self.store = store = PerSampleStore(
+            self.num_samples,
+            frame_shape,
+            self.eps,
+            dtype=self.store_dtype,
+            device=device,
+            draw=self._pending_store_state is None,
+            **opts,
+        )
         if self._pending_store_state is not None:
             store.load_state_dict(self._pending_store_state)
             self._pending_store_state = None
@@ -534,13 +603,14 @@ def _check_float32(name: str, model: nn.Module, x: torch.Tensor) -> None:
     """Half-precision weights or images fail deep inside the attack with torch's dtype error (or
     round eps-sized steps away); say what works instead, before the store is allocated."""
     half = next((p.dtype for p in model.parameters() if p.dtype in _HALF), None)
-    what = f"the model has {half} parameters" if half is not None else (
-        f"x is {x.dtype}" if x.dtype in _HALF else None)
+    what = f"the model has {half} parameters" if half is not None else (f"x is {x.dtype}" if x.dtype in _HALF else None)
     if what is not None:
-        raise TypeError(f"{name}: perturb() needs float32 weights and images, but {what}. Keep the model and x in "
-                        "float32 and run under torch.autocast(device_type, dtype=torch.bfloat16) (float16: with a "
-                        "torch.amp.GradScaler), as `atas train train.amp=bf16` does; in Lightning use "
-                        "precision='bf16-mixed' or '16-mixed', not '*-true'.")
+        raise TypeError(
+            f"{name}: perturb() needs float32 weights and images, but {what}. Keep the model and x in "
+            "float32 and run under torch.autocast(device_type, dtype=torch.bfloat16) (float16: with a "
+            "torch.amp.GradScaler), as `atas train train.amp=bf16` does; in Lightning use "
+            "precision='bf16-mixed' or '16-mixed', not '*-true'."
+        )
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:

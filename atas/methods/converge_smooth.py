@@ -63,6 +63,7 @@ Example:
     atas train fmnist method.name=fgsm_rs_cs
     atas train fmnist method.name=fgsm_mep_cs method.lam=10
 """
+
 from __future__ import annotations
 
 import math
@@ -84,8 +85,9 @@ def soft_targets(y: torch.Tensor, num_classes: int, true_prob: float) -> torch.T
     return torch.full((len(y), num_classes), rest, device=y.device).scatter_(1, y[:, None], true_prob)
 
 
-def smoothness_term(normal_loss: torch.Tensor, prev_mean: torch.Tensor, beta: torch.Tensor, gamma: float,
-                    ratio: float, w2: float) -> tuple[torch.Tensor, torch.Tensor]:
+def smoothness_term(
+    normal_loss: torch.Tensor, prev_mean: torch.Tensor, beta: torch.Tensor, gamma: float, ratio: float, w2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(w2 * sign(l - L) * l where |l - L| > clip(beta, gamma / ratio, gamma), else 0; fired) for the
     batch's normal loss l (with its graph) and the previous epoch's mean L."""
     diff = normal_loss.detach() - prev_mean
@@ -99,7 +101,7 @@ class ConvergeSmoothMixin(Method):
 
     has_regularizer = True
     prone_to_co = False
-    logged_stats = {"cs_active": "fraction"}   # the fraction of steps on which the constraint fired
+    logged_stats = {"cs_active": "fraction"}  # the fraction of steps on which the constraint fired
 
     @classmethod
     def check_options(cls, o) -> None:
@@ -119,16 +121,20 @@ class ConvergeSmoothMixin(Method):
         super().__init__(*args, **kwargs)
         # L_{e-1}, beta (float32, as the official tensors), this epoch's sum of l * B and count
         # (float64, as its Python floats) and the epoch they are summed for.
-        self._cs = {"prev_mean": torch.zeros(()), "beta": torch.zeros(()),
-                    "sum": torch.zeros((), dtype=torch.float64), "count": torch.zeros((), dtype=torch.float64),
-                    "epoch": 0}
+        self._cs = {
+            "prev_mean": torch.zeros(()),
+            "beta": torch.zeros(()),
+            "sum": torch.zeros((), dtype=torch.float64),
+            "count": torch.zeros((), dtype=torch.float64),
+            "epoch": 0,
+        }
 
     def on_epoch_start(self, epoch, store):
         super().on_epoch_start(epoch, store)
         s = self._cs
         if epoch <= s["epoch"]:
-            return                      # the same epoch again (a resumed epoch): keep summing
-        if s["epoch"] > 0:              # close the epoch that was summed: L and beta move on
+            return  # the same epoch again (a resumed epoch): keep summing
+        if s["epoch"] > 0:  # close the epoch that was summed: L and beta move on
             mean = (s["sum"] / s["count"].clamp_min(1)).to(s["prev_mean"].dtype)
             s["beta"], s["prev_mean"] = mean - s["prev_mean"], mean
             s["sum"], s["count"] = torch.zeros_like(s["sum"]), torch.zeros_like(s["count"])
@@ -208,7 +214,7 @@ class FGSMRSCS(ConvergeSmoothMixin, FGSMRS):
         targets = soft_targets(y, logits.shape[1], self.opt.ls_factor)
         loss = self.cross_entropy(logits, targets)
         self.stats = {}
-        normal = self.cross_entropy(model(x_start), targets)   # l_t at the random start, a fresh forward
+        normal = self.cross_entropy(model(x_start), targets)  # l_t at the random start, a fresh forward
         return loss + self.smoothness(normal, len(y), state.epoch), logits
 
 
@@ -232,6 +238,6 @@ class FGSMMEPCS(ConvergeSmoothMixin, FGSMPGI):
 
     def training_loss(self, model, x_adv, y, x, state):
         self.stats = {}
-        loss, logits = super().training_loss(model, x_adv, y, x, state)   # fgsm_pgi's: LS-CE (+ lam * reg)
-        normal = smoothed_ce(model(x), y, self.opt.ls_factor)            # l_t on the clean image
+        loss, logits = super().training_loss(model, x_adv, y, x, state)  # fgsm_pgi's: LS-CE (+ lam * reg)
+        normal = smoothed_ce(model(x), y, self.opt.ls_factor)  # l_t on the clean image
         return loss + self.smoothness(normal, len(y), state.epoch), logits

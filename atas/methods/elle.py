@@ -67,6 +67,7 @@ Example:
     atas train fmnist method.name=elle method.lam=5000
     atas train fmnist method.name=elle_a
 """
+
 from __future__ import annotations
 
 import math
@@ -112,8 +113,9 @@ class ELLE(Method):
     def check_options(cls, o) -> None:
         super().check_options(o)
         if o.step_factor <= 0 or o.noise_factor < 0:
-            raise ConfigError(f"need method.step_factor > 0 and method.noise_factor >= 0, "
-                              f"got {o.step_factor} and {o.noise_factor}")
+            raise ConfigError(
+                f"need method.step_factor > 0 and method.noise_factor >= 0, got {o.step_factor} and {o.noise_factor}"
+            )
         cls.check_penalty(o)
 
     @staticmethod
@@ -128,9 +130,12 @@ class ELLE(Method):
     def _initial_lam(self) -> float:
         lam = self.opt.lam
         if lam is None and self.eps > SCHEDULE_MAX_EPS + 1e-12:
-            warnings.warn(f"ELLE's lambda schedule comes from CIFAR-10 runs with eps <= 26/255; at eps="
-                          f"{self.eps:.4g} it is held at {elle_lam_schedule(self.eps):g}. Set method.lam explicitly "
-                          "for this dataset/eps.", stacklevel=3)
+            warnings.warn(
+                f"ELLE's lambda schedule comes from CIFAR-10 runs with eps <= 26/255; at eps="
+                f"{self.eps:.4g} it is held at {elle_lam_schedule(self.eps):g}. Set method.lam explicitly "
+                "for this dataset/eps.",
+                stacklevel=3,
+            )
         return elle_lam_schedule(self.eps) if lam is None else float(lam)
 
     def attack(self, model, x, y, state):
@@ -184,8 +189,10 @@ class ELLEA(ELLE):
     @staticmethod
     def check_penalty(o) -> None:
         if not (o.lam_max >= 0 and math.isfinite(o.lam_max)) or not 0 <= o.decay <= 1 or o.sensitivity < 0:
-            raise ConfigError(f"need method.lam_max >= 0 (finite), 0 <= method.decay <= 1 and method.sensitivity "
-                              f">= 0, got {o.lam_max}, {o.decay} and {o.sensitivity}")
+            raise ConfigError(
+                f"need method.lam_max >= 0 (finite), 0 <= method.decay <= 1 and method.sensitivity "
+                f">= 0, got {o.lam_max}, {o.decay} and {o.sensitivity}"
+            )
 
     def _initial_lam(self) -> float:
         # Device tensors (float64, as numpy's mean/std in the official code): the switch below

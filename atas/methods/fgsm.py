@@ -26,6 +26,7 @@ Example:
     atas train fmnist method.name=fgsm
     atas train fmnist method.name=fgsm method.alpha_factor=0.8
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,17 +36,17 @@ from atas.methods.fgsm_rs import FGSMRS
 
 
 @register
-class FGSM(FGSMRS):
+class FGSMAT(FGSMRS):
     name = "fgsm"
     label = "FGSM-AT"
     cost = "2 fwd + 2 bwd"
-    prone_to_co = True   # the method the whole field's remedies are for
+    prone_to_co = True  # the method the whole field's remedies are for
 
     @dataclass
     class Options(FGSMRS.Options):
         alpha_factor: float = 1.0
 
     def start(self, x, ball):
-        return x   # no random start: the gradient is taken at the clean image
+        return x  # no random start: the gradient is taken at the clean image
 
     # remedy (inherited from FGSM-RS): a smaller step, Wong et al.'s remedy for FGSM-type training.

@@ -55,6 +55,7 @@ Example:
     atas train fmnist method.name=fgsm_pco
     atas train fmnist method.name=fgsm_pco method.lam=20
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -62,9 +63,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from atas.values import ConfigError
 from atas.methods.base import Method, register
 from atas.threat import bn_mode, signed_step
+from atas.values import ConfigError
 
 
 def smoothed_targets(y: torch.Tensor, num_classes: int, true_prob: float) -> torch.Tensor:
@@ -82,7 +83,7 @@ class FGSMPCO(Method):
     passes = (3, 4)
     uses_store = True
     has_regularizer = True
-    logged_stats = {"weight": "fraction"}   # c, the per-sample fusion weight of the prior
+    logged_stats = {"weight": "fraction"}  # c, the per-sample fusion weight of the prior
 
     @dataclass
     class Options(Method.Options):
@@ -111,7 +112,7 @@ class FGSMPCO(Method):
 
     def __init__(self, eps, options=None, epochs=None, **kwargs):
         super().__init__(eps, options, epochs, **kwargs)
-        self._pending: dict | None = None   # what `training_loss` needs from this batch's attack
+        self._pending: dict | None = None  # what `training_loss` needs from this batch's attack
 
     def remedy(self, attempt):
         # Wang et al. 2024 give no option change against CO: the adaptive fusion itself is their
@@ -164,8 +165,7 @@ class FGSMPCO(Method):
         loss = self.cross_entropy(logits, targets)
         if o.lam > 0:
             logits_fgsm = model(x + pending["d_fgsm"]).float()
-            reg = (F.mse_loss(logits_fgsm, pending["logits0"].float())
-                   - F.mse_loss(logits_fgsm, logits.float())).abs()
+            reg = (F.mse_loss(logits_fgsm, pending["logits0"].float()) - F.mse_loss(logits_fgsm, logits.float())).abs()
             self.stats["reg"] = reg.detach()
             loss = loss + o.lam * reg
         return loss, logits

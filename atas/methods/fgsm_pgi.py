@@ -52,6 +52,7 @@ Example:
     atas train fmnist method.name=fgsm_pgi method.reset_every=0
     atas train fmnist method.name=fgsm_pgi method.momentum_decay=0      # FGSM-EP
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -96,8 +97,10 @@ class FGSMPGI(Method):
     def check_options(cls, o) -> None:
         super().check_options(o)
         if o.lam < 0 or o.momentum_decay < 0 or o.alpha_factor <= 0:
-            raise ConfigError(f"need method.lam >= 0, method.momentum_decay >= 0 and method.alpha_factor > 0, "
-                              f"got {o.lam}, {o.momentum_decay}, {o.alpha_factor}")
+            raise ConfigError(
+                f"need method.lam >= 0, method.momentum_decay >= 0 and method.alpha_factor > 0, "
+                f"got {o.lam}, {o.momentum_decay}, {o.alpha_factor}"
+            )
         if not 0 < o.ls_factor <= 1:
             raise ConfigError(f"method.ls_factor (true-class probability) must lie in (0, 1], got {o.ls_factor}")
         if o.reset_every < 0:
@@ -105,9 +108,9 @@ class FGSMPGI(Method):
 
     def __init__(self, eps, options=None, epochs=None, **kwargs):
         super().__init__(eps, options, epochs, **kwargs)
-        self.momentum: torch.Tensor | None = None        # [store rows, C, H, W], see the docstring
-        self._logits_init: torch.Tensor | None = None    # f(x_init) with its graph, for `loss`
-        self._next_prior: torch.Tensor | None = None     # eta for the next epoch, for `new_prior`
+        self.momentum: torch.Tensor | None = None  # [store rows, C, H, W], see the docstring
+        self._logits_init: torch.Tensor | None = None  # f(x_init) with its graph, for `loss`
+        self._next_prior: torch.Tensor | None = None  # eta for the next epoch, for `new_prior`
 
     def remedy(self, attempt):
         # Jia et al. 2022: the regulariser between the two adversarial outputs is what prevents
@@ -128,7 +131,7 @@ class FGSMPGI(Method):
     def on_epoch_start(self, epoch, store):
         if self.is_reset_epoch(epoch):
             if epoch > 1:
-                self.reset_store(store)   # U(-eps, eps); made into corners as each batch reads it
+                self.reset_store(store)  # U(-eps, eps); made into corners as each batch reads it
             if self.momentum is not None:
                 self.momentum.zero_()
 
@@ -141,8 +144,10 @@ class FGSMPGI(Method):
                 self.momentum = torch.zeros((n_rows, *x.shape[1:]), dtype=torch.float32, device=x.device)
             except (RuntimeError, MemoryError) as e:
                 gib = n_rows * x[0].numel() * 4 / 2**30
-                raise RuntimeError(f"fgsm_pgi: the momentum buffer ({n_rows} x {tuple(x.shape[1:])} float32, "
-                                   f"{gib:.1f} GiB) does not fit; method.momentum_decay=0 (FGSM-EP) needs none") from e
+                raise RuntimeError(
+                    f"fgsm_pgi: the momentum buffer ({n_rows} x {tuple(x.shape[1:])} float32, "
+                    f"{gib:.1f} GiB) does not fit; method.momentum_decay=0 (FGSM-EP) needs none"
+                ) from e
         return store.rows(state.idx).to(x.device)
 
     def attack(self, model, x, y, state):
@@ -159,16 +164,18 @@ class FGSMPGI(Method):
         x_init = (x + prior).clamp(0.0, 1.0).requires_grad_(True)
         with bn_mode(model, o.bn_mode), torch.enable_grad():
             logits_init = model(x_init)
-            (grad,) = torch.autograd.grad(smoothed_ce(logits_init, y, o.ls_factor, reduction="sum"), [x_init],
-                                          retain_graph=o.lam > 0)
+            (grad,) = torch.autograd.grad(
+                smoothed_ce(logits_init, y, o.ls_factor, reduction="sum"), [x_init], retain_graph=o.lam > 0
+            )
         x_init = x_init.detach()
         x_adv = ball.project(signed_step(x_init, grad, alpha), x)
         direction = grad
         if o.momentum_decay > 0:
             rows = self._momentum_rows(state, x)
             # Official normalisation: the L1 norm of the WHOLE batch's gradient.
-            direction = grad / grad.abs().sum().clamp_min(torch.finfo(grad.dtype).tiny) \
-                + o.momentum_decay * self.momentum[rows]
+            direction = (
+                grad / grad.abs().sum().clamp_min(torch.finfo(grad.dtype).tiny) + o.momentum_decay * self.momentum[rows]
+            )
             self.momentum[rows] = direction
         self._next_prior = (ball.project(signed_step(x_init, direction, alpha), x) - x).detach()
         self._logits_init = logits_init if o.lam > 0 else None
@@ -187,8 +194,11 @@ class FGSMPGI(Method):
         # composed with the run's label_smoothing s (training loss only): smoothing the already
         # smoothed targets again puts (1 - s) * ls_factor + s / K on the true class, i.e. the
         # true-class probability below. s = 0 leaves the official loss as it was, bit for bit.
-        true_prob = o.ls_factor if o.label_smoothing == 0 else \
-            (1 - o.label_smoothing) * o.ls_factor + o.label_smoothing / logits.shape[1]
+        true_prob = (
+            o.ls_factor
+            if o.label_smoothing == 0
+            else (1 - o.label_smoothing) * o.ls_factor + o.label_smoothing / logits.shape[1]
+        )
         loss = smoothed_ce(logits, y, true_prob)
         if o.lam > 0:
             if self._logits_init is None:

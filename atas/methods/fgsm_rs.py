@@ -14,6 +14,7 @@ Cost: 2 forward + 2 backward per step (attack + training).
 Example:
     atas train fmnist method.name=fgsm_rs
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ class FGSMRS(Method):
     name = "fgsm_rs"
     label = "FGSM-RS"
     cost = "2 fwd + 2 bwd"
-    prone_to_co = True   # Wong et al.: CO as alpha grows past ~1.25 eps
+    prone_to_co = True  # Wong et al.: CO as alpha grows past ~1.25 eps
 
     @dataclass
     class Options(Method.Options):

@@ -66,6 +66,7 @@ Example:
     atas train fmnist method.name=fgsm_cuap
     atas train fmnist method.name=fgsm_fuap method.num_uaps=20
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -75,9 +76,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from atas.values import ConfigError
 from atas.methods.base import Method, register
 from atas.threat import LinfBall, bn_mode, signed_step
+from atas.values import ConfigError
 
 
 def _world() -> bool:
@@ -117,17 +118,18 @@ class UniversalInit(Method):
 
     def __init__(self, eps, options=None, epochs=None, **kwargs):
         super().__init__(eps, options, epochs, **kwargs)
-        self.uap_sign: torch.Tensor | None = None    # v: [S, C, H, W] in {-1, 0, 1}
-        self.momentum: torch.Tensor | None = None    # m: [S, C, H, W]
-        self._loaded: dict = {}                      # method state loaded before the first batch
+        self.uap_sign: torch.Tensor | None = None  # v: [S, C, H, W] in {-1, 0, 1}
+        self.momentum: torch.Tensor | None = None  # m: [S, C, H, W]
+        self._loaded: dict = {}  # method state loaded before the first batch
         self._logits_init: torch.Tensor | None = None
 
     # -- what a variant defines ------------------------------------------------------------
     def num_slots(self, model: nn.Module, x: torch.Tensor) -> int:
         raise NotImplementedError
 
-    def select(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-               ball: LinfBall) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ball: LinfBall
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_start, slot index per sample [B] long)."""
         raise NotImplementedError
 
@@ -141,8 +143,9 @@ class UniversalInit(Method):
         x_init = ball.project(x_start + uap, x).requires_grad_(True)
         with bn_mode(model, o.bn_mode), torch.enable_grad():
             logits_init = model(x_init)
-            (grad,) = torch.autograd.grad(F.cross_entropy(logits_init.float(), y, reduction="sum"), [x_init],
-                                          retain_graph=o.lam > 0)
+            (grad,) = torch.autograd.grad(
+                F.cross_entropy(logits_init.float(), y, reduction="sum"), [x_init], retain_graph=o.lam > 0
+            )
         x_adv = ball.project(signed_step(x_init.detach(), grad, o.step_factor * ball.eps), x)
         self._logits_init = logits_init if o.lam > 0 else None
         self._update(grad, slot)
@@ -152,6 +155,7 @@ class UniversalInit(Method):
     def _update(self, grad: torch.Tensor, slot: torch.Tensor) -> None:
         """m_k <- mean_{s_i = k} g_i / ||g||_1 + mu m_k and v_k <- clip(v_k + sign(m_k), -1, 1) for
         the slots this batch selected: one scatter-add, no loop over slots."""
+        assert self.uap_sign is not None and self.momentum is not None  # built at the first batch
         n_slots = len(self.uap_sign)
         unit = grad.float() / grad.float().abs().sum().clamp_min(torch.finfo(torch.float32).tiny)
         sums = torch.zeros_like(self.momentum).index_add_(0, slot, unit)
@@ -199,23 +203,29 @@ class UniversalInit(Method):
                 if _world():
                     dist.broadcast(self.uap_sign, src=0)
         if self.uap_sign.shape[1:] != x.shape[1:]:
-            raise ValueError(f"{self.name}: the universal perturbations are {tuple(self.uap_sign.shape[1:])} but this "
-                             f"batch's images are {tuple(x.shape[1:])}; every batch of a run must have one image size")
+            raise ValueError(
+                f"{self.name}: the universal perturbations are {tuple(self.uap_sign.shape[1:])} but this "
+                f"batch's images are {tuple(x.shape[1:])}; every batch of a run must have one image size"
+            )
+        assert self.momentum is not None
         if self.uap_sign.device != x.device:
             self.uap_sign, self.momentum = self.uap_sign.to(x.device), self.momentum.to(x.device)
 
     def method_state(self) -> dict:
         if self.uap_sign is None:
             return {k: v.clone() for k, v in self._loaded.items()}
+        assert self.momentum is not None
         return {"uap_sign": self.uap_sign.clone(), "momentum": self.momentum.clone()}
 
     def load_method_state(self, state: dict) -> None:
         if not state:
             return
         if "uap_sign" not in state or "momentum" not in state:
-            raise ValueError(f"{self.name}: checkpoint lacks the universal perturbations; it was not written by {self.name}")
+            raise ValueError(
+                f"{self.name}: checkpoint lacks the universal perturbations; it was not written by {self.name}"
+            )
         self._loaded = {k: v.clone() for k, v in state.items()}
-        self.uap_sign = self.momentum = None   # taken (and moved to the device) at the next batch
+        self.uap_sign = self.momentum = None  # taken (and moved to the device) at the next batch
 
 
 @register
@@ -254,8 +264,10 @@ def penultimate_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
         if isinstance(module, nn.Linear):
             last = module
     if last is None:
-        raise ValueError("fgsm_fuap selects a perturbation from the penultimate features, the input of the model's "
-                         "last nn.Linear, and this model has none; use fgsm_uap or fgsm_cuap with it")
+        raise ValueError(
+            "fgsm_fuap selects a perturbation from the penultimate features, the input of the model's "
+            "last nn.Linear, and this model has none; use fgsm_uap or fgsm_cuap with it"
+        )
     seen: list[torch.Tensor] = []
     handle = last.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
     try:
@@ -306,7 +318,7 @@ class FGSMFUAP(UniversalInit):
             head_loss = self.cross_entropy(out, y)
             self.head_opt.zero_grad(set_to_none=True)
             head_loss.backward()
-        slot = z.detach().argmax(1)   # the head before this step's update, as the benchmark
+        slot = z.detach().argmax(1)  # the head before this step's update, as the benchmark
         if _world():
             for p in self.head.parameters():
                 dist.all_reduce(p.grad)
@@ -317,7 +329,7 @@ class FGSMFUAP(UniversalInit):
     def _ensure_head(self, n_features: int, n_classes: int, device) -> None:
         if self.head is not None:
             return
-        loaded = {k[len("head."):]: self._loaded.pop(k) for k in list(self._loaded) if k.startswith("head.")}
+        loaded = {k[len("head.") :]: self._loaded.pop(k) for k in list(self._loaded) if k.startswith("head.")}
         if loaded:
             n_features, n_classes = loaded["0.weight"].shape[1], loaded["2.weight"].shape[0]
         s = int(self.opt.num_uaps)
@@ -334,7 +346,9 @@ class FGSMFUAP(UniversalInit):
                 for key, value in adam.items():
                     _, i, field = key.split(".")
                     state.setdefault(int(i), {})[field] = value
-                self.head_opt.load_state_dict({"state": state, "param_groups": self.head_opt.state_dict()["param_groups"]})
+                self.head_opt.load_state_dict(
+                    {"state": state, "param_groups": self.head_opt.state_dict()["param_groups"]}
+                )
         elif _world():
             for p in self.head.parameters():
                 dist.broadcast(p.data, src=0)
@@ -347,6 +361,7 @@ class FGSMFUAP(UniversalInit):
     def method_state(self) -> dict:
         state = super().method_state()
         if self.head is not None:
+            assert self.head_opt is not None  # built with the head
             state.update({f"head.{k}": v.detach().clone() for k, v in self.head.state_dict().items()})
             for i, fields in self.head_opt.state_dict()["state"].items():
                 state.update({f"adam.{i}.{field}": torch.as_tensor(v).clone() for field, v in fields.items()})
@@ -355,4 +370,4 @@ class FGSMFUAP(UniversalInit):
     def load_method_state(self, state: dict) -> None:
         super().load_method_state(state)
         if state:
-            self.head = self.head_opt = None   # rebuilt from the loaded tensors at the next batch
+            self.head = self.head_opt = None  # rebuilt from the loaded tensors at the next batch

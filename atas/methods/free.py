@@ -29,6 +29,7 @@ Example:
     atas train fmnist method.name=free train.epochs=2       # 2 passes x 8 replays
     atas train fmnist method.name=free method.m=4 train.epochs=3
 """
+
 from __future__ import annotations
 
 import warnings
@@ -45,7 +46,7 @@ class Free(Method):
     name = "free"
     label = "Free-AT"
     cost = "m fwd + m bwd (1 + 1 per replay)"
-    passes = (1, 1)   # per optimizer step (each replay is one)
+    passes = (1, 1)  # per optimizer step (each replay is one)
 
     @dataclass
     class Options(Method.Options):
@@ -61,16 +62,16 @@ class Free(Method):
     def __init__(self, eps, options=None, epochs=None, **kwargs):
         super().__init__(eps, options, epochs, **kwargs)
         self.replays = self.opt.m
-        self.delta: torch.Tensor | None = None         # [rows >= B, C, H, W], carried across batches
-        self._delta_leaf: torch.Tensor | None = None   # the leaf the last `loss` trained on
-        self._replay_x: torch.Tensor | None = None     # the minibatch being replayed (kept: its address stays ours)
+        self.delta: torch.Tensor | None = None  # [rows >= B, C, H, W], carried across batches
+        self._delta_leaf: torch.Tensor | None = None  # the leaf the last `loss` trained on
+        self._replay_x: torch.Tensor | None = None  # the minibatch being replayed (kept: its address stays ours)
         self._replays_done = 0
         self._warned_replays = False
 
     def _take_pending_step(self) -> None:
         """delta <- clip(delta + step * sign(grad), -eps, eps) with the grad of the last backward."""
         leaf, self._delta_leaf = self._delta_leaf, None
-        if leaf is None or leaf.grad is None:   # no backward since the last `loss` (or none yet)
+        if leaf is None or leaf.grad is None:  # no backward since the last `loss` (or none yet)
             return
         grad = leaf.grad
         # A non-finite gradient (fp16 GradScaler overflow: that optimizer step is skipped too)
@@ -78,7 +79,7 @@ class Free(Method):
         eps_t = self.eps_at(self.current_epoch)
         stepped = (leaf.detach() + self.opt.step_factor * eps_t * grad.sign()).clamp_(-eps_t, eps_t)
         assert self.delta is not None  # the leaf is a view of it
-        self.delta[:len(leaf)] = torch.where(torch.isfinite(grad), stepped, leaf.detach())
+        self.delta[: len(leaf)] = torch.where(torch.isfinite(grad), stepped, leaf.detach())
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """The first B rows of delta, (re)allocating it when the image shape or device changes or
@@ -88,7 +89,7 @@ class Free(Method):
         elif len(x) > len(self.delta):
             extra = self.delta.new_zeros((len(x) - len(self.delta), *x.shape[1:]))
             self.delta = torch.cat([self.delta, extra])
-        return self.delta[:len(x)]
+        return self.delta[: len(x)]
 
     def method_state(self) -> dict:
         if self.delta is None:
@@ -112,10 +113,14 @@ class Free(Method):
             new = not (prev.shape == x.shape and prev.device == x.device and torch.equal(prev, x))
             if new:
                 self._warned_replays, self._replay_x = True, None
-                warnings.warn(f"free: a new minibatch came after {self._replays_done} perturb() call(s) on the last "
-                              f"one, but Free-AT replays each minibatch m={self.replays} times. Put the per-batch "
-                              "lines in `for _ in range(atk.replays):`, or this trains one pass per minibatch "
-                              "(not Free-AT).", UserWarning, stacklevel=4)
+                warnings.warn(
+                    f"free: a new minibatch came after {self._replays_done} perturb() call(s) on the last "
+                    f"one, but Free-AT replays each minibatch m={self.replays} times. Put the per-batch "
+                    "lines in `for _ in range(atk.replays):`, or this trains one pass per minibatch "
+                    "(not Free-AT).",
+                    UserWarning,
+                    stacklevel=4,
+                )
                 return
         self._replays_done = 1 if new else self._replays_done + 1
         self._replay_x = x

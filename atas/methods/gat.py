@@ -50,6 +50,7 @@ Example:
     atas train fmnist method.name=gat
     atas train fmnist method.name=gat method.lam=20 method.alternate=false
 """
+
 from __future__ import annotations
 
 import math
@@ -80,7 +81,7 @@ class GAT(Method):
     cost = "3 fwd + 3 bwd"
     passes = (3, 3)
     has_regularizer = True
-    remedy_cap = 40.0   # the largest lam the guard's remedy goes to: 4 x the paper's 10
+    remedy_cap = 40.0  # the largest lam the guard's remedy goes to: 4 x the paper's 10
 
     @dataclass
     class Options(Method.Options):
@@ -100,8 +101,9 @@ class GAT(Method):
         if not (o.lam_boost > 0 and math.isfinite(o.lam_boost)):
             raise ConfigError(f"method.lam_boost must be a finite number > 0 (1: no boost), got {o.lam_boost}")
         if o.lam_boost_at is not None and not 0 <= o.lam_boost_at < 1:
-            raise ConfigError(f"method.lam_boost_at must lie in [0, 1) (a fraction of the epochs) or none, "
-                              f"got {o.lam_boost_at}")
+            raise ConfigError(
+                f"method.lam_boost_at must lie in [0, 1) (a fraction of the epochs) or none, got {o.lam_boost_at}"
+            )
         cls.check_attack(o)
 
     @staticmethod
@@ -115,8 +117,8 @@ class GAT(Method):
 
     def __init__(self, eps, options=None, epochs=None, **kwargs):
         super().__init__(eps, options, epochs, **kwargs)
-        self.step_in_epoch = 0                            # t: the relaxation term's alternation
-        self._logits_clean: torch.Tensor | None = None    # f(x) with its graph, for `loss`
+        self.step_in_epoch = 0  # t: the relaxation term's alternation
+        self._logits_clean: torch.Tensor | None = None  # f(x) with its graph, for `loss`
 
     def remedy(self, attempt):
         # Sriramanan et al. 2020/2021: the clean-vs-adversarial regulariser is what keeps the

@@ -51,6 +51,7 @@ Example:
     atas train fmnist method.name=grad_align method.lam=0.5
     atas train fmnist method.name=grad_align method.lam=0.5 method.backprop_clean_grad=false
 """
+
 from __future__ import annotations
 
 import math
@@ -117,9 +118,12 @@ class GradAlign(Method):
         super().__init__(eps, options, epochs, **kwargs)
         o = self.opt
         if o.lam is None and self.eps > SCHEDULE_MAX_EPS + 1e-12:
-            warnings.warn(f"GradAlign's lambda schedule was tuned on CIFAR-10 for eps <= 16/255; at eps="
-                          f"{self.eps:.4g} it is held at {grad_align_lam_schedule(self.eps):g} (its 16/255 value). "
-                          "Set method.lam explicitly for this dataset/eps.", stacklevel=2)
+            warnings.warn(
+                f"GradAlign's lambda schedule was tuned on CIFAR-10 for eps <= 16/255; at eps="
+                f"{self.eps:.4g} it is held at {grad_align_lam_schedule(self.eps):g} (its 16/255 value). "
+                "Set method.lam explicitly for this dataset/eps.",
+                stacklevel=2,
+            )
         self.lam = grad_align_lam_schedule(self.eps) if o.lam is None else float(o.lam)
         self._reg: torch.Tensor | None = None
 

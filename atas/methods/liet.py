@@ -58,6 +58,7 @@ Example:
     atas train fmnist method.name=liet
     atas train fmnist method.name=liet method.lam=20 method.noise_factor=2 method.project=false
 """
+
 from __future__ import annotations
 
 import math
@@ -101,7 +102,7 @@ class LIET(Method):
     cost = "2 fwd + 3 bwd"
     passes = (2, 3)
     has_regularizer = True
-    supports_label_smoothing = False   # its own, non-uniform smoothing: option `ls`
+    supports_label_smoothing = False  # its own, non-uniform smoothing: option `ls`
     search = {"lam": (20.0, 100.0, 200.0)}  # retuned per eps and dataset by the authors: module docstring
 
     @dataclass
@@ -119,28 +120,37 @@ class LIET(Method):
     @classmethod
     def check_options(cls, o) -> None:
         if o.label_smoothing > 0:
-            raise ConfigError(f"method.label_smoothing: liet smooths its labels its own way (the paper's non-uniform "
-                              f"smoothing); set label_smoothing=0 and method.liet.ls (now {o.ls}) instead")
+            raise ConfigError(
+                f"method.label_smoothing: liet smooths its labels its own way (the paper's non-uniform "
+                f"smoothing); set label_smoothing=0 and method.liet.ls (now {o.ls}) instead"
+            )
         super().check_options(o)
         if not 0 <= o.ls < 1:
             raise ConfigError(f"method.ls (the mass moved off the true class) must lie in [0, 1), got {o.ls}")
         if not (o.lam >= 0 and math.isfinite(o.lam)):
             raise ConfigError(f"method.lam must be a finite number >= 0, got {o.lam}")
         if not 0 <= o.lam_ramp <= 1:
-            raise ConfigError(f"method.lam_ramp must lie in [0, 1] (a fraction of the epochs; 0: no ramp), "
-                              f"got {o.lam_ramp}")
+            raise ConfigError(
+                f"method.lam_ramp must lie in [0, 1] (a fraction of the epochs; 0: no ramp), got {o.lam_ramp}"
+            )
         if not 0 <= o.min_mask_ratio <= o.max_mask_ratio <= 1:
-            raise ConfigError(f"need 0 <= method.min_mask_ratio <= method.max_mask_ratio <= 1, got "
-                              f"{o.min_mask_ratio} and {o.max_mask_ratio}")
+            raise ConfigError(
+                f"need 0 <= method.min_mask_ratio <= method.max_mask_ratio <= 1, got "
+                f"{o.min_mask_ratio} and {o.max_mask_ratio}"
+            )
         if o.noise_factor is not None and not 0 <= o.noise_factor <= 4:
-            raise ConfigError(f"method.noise_factor must lie in [0, 4] (a multiple of eps) or none, got {o.noise_factor}")
+            raise ConfigError(
+                f"method.noise_factor must lie in [0, 4] (a multiple of eps) or none, got {o.noise_factor}"
+            )
         if isinstance(o.li_every, bool) or not isinstance(o.li_every, int) or o.li_every < 1:
-            raise ConfigError(f"method.li_every must be an integer >= 1 (batches between refreshes), got {o.li_every!r}")
+            raise ConfigError(
+                f"method.li_every must be an integer >= 1 (batches between refreshes), got {o.li_every!r}"
+            )
 
     def __init__(self, eps, options=None, epochs=None, **kwargs):
         super().__init__(eps, options, epochs, **kwargs)
-        self.step_in_epoch = 0                       # batches of this epoch so far (the LI refresh)
-        self.li_sign: torch.Tensor | None = None     # sign of the LI, [K, C, H, W] float32
+        self.step_in_epoch = 0  # batches of this epoch so far (the LI refresh)
+        self.li_sign: torch.Tensor | None = None  # sign of the LI, [K, C, H, W] float32
         self._logits_start: torch.Tensor | None = None
 
     def remedy(self, attempt):

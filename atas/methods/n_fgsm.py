@@ -30,6 +30,7 @@ Example:
     atas train fmnist method.name=n_fgsm method.noise_factor=4
     atas train fmnist method.name=n_fgsm method.eps_ramp_epochs=3
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,8 +59,9 @@ class NFGSM(Method):
     def check_options(cls, o) -> None:
         super().check_options(o)
         if o.noise_factor < 0 or o.step_factor <= 0:
-            raise ConfigError(f"need method.noise_factor >= 0 and method.step_factor > 0, "
-                              f"got {o.noise_factor} and {o.step_factor}")
+            raise ConfigError(
+                f"need method.noise_factor >= 0 and method.step_factor > 0, got {o.noise_factor} and {o.step_factor}"
+            )
         if o.clip_delta is not None and o.clip_delta <= 0:
             raise ConfigError(f"method.clip_delta must be > 0 (a multiple of eps) or none, got {o.clip_delta}")
 

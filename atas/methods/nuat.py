@@ -45,6 +45,7 @@ Example:
     atas train fmnist method.name=nuat
     atas train fmnist method.name=nuat method.lam=4 method.lam_ramp=1
 """
+
 from __future__ import annotations
 
 import math
@@ -81,12 +82,13 @@ class NuAT(GAT):
 
     @classmethod
     def check_options(cls, o) -> None:
-        super(GAT, cls).check_options(o)   # the base checks, not GAT's boost options
+        super(GAT, cls).check_options(o)  # the base checks, not GAT's boost options
         if not (o.lam >= 0 and math.isfinite(o.lam)):
             raise ConfigError(f"method.lam must be a finite number >= 0, got {o.lam}")
         if not 0 <= o.lam_ramp <= 1:
-            raise ConfigError(f"method.lam_ramp must lie in [0, 1] (a fraction of the epochs; 0: no ramp), "
-                              f"got {o.lam_ramp}")
+            raise ConfigError(
+                f"method.lam_ramp must lie in [0, 1] (a fraction of the epochs; 0: no ramp), got {o.lam_ramp}"
+            )
         cls.check_attack(o)
 
     def lam_at(self, epoch: int) -> float:

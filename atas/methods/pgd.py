@@ -19,6 +19,7 @@ Cost: K+1 forward + K+1 backward per step.
 Example:
     atas train fmnist method.name=pgd method.steps=10
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ class PGDAT(Method):
     name = "pgd"
     label = "PGD-AT"
     cost = "K+1 fwd + K+1 bwd"
-    reference = True   # the robust baseline the report times and measures the others against
+    reference = True  # the robust baseline the report times and measures the others against
 
     @dataclass
     class Options(Method.Options):

@@ -39,6 +39,7 @@ Example:
     atas train fmnist method.name=ssat
     atas train fmnist method.name=ssat method.c=4
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

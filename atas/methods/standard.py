@@ -1,4 +1,5 @@
 """Standard (non-adversarial) training: x_adv = x. The speed and accuracy baseline."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

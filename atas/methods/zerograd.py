@@ -54,6 +54,7 @@ Example:
     atas train fmnist method.name=zerograd method.q=0.5
     atas train fmnist method.name=multigrad method.samples=3
 """
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,7 @@ from atas.methods.fgsm_rs import FGSMRS
 from atas.threat import bn_mode, input_grad, signed_step
 from atas.values import ConfigError
 
-
-QUANTILE_MAX_NUMEL = 2**24   # torch.quantile refuses larger inputs (a batch of 128 ImageNet images)
+QUANTILE_MAX_NUMEL = 2**24  # torch.quantile refuses larger inputs (a batch of 128 ImageNet images)
 
 
 def row_quantile(a: torch.Tensor, q: float) -> torch.Tensor:
@@ -137,7 +137,7 @@ class MultiGrad(FGSMRS):
     cost = "S+1 fwd + S+1 bwd (S = samples, 3)"
     passes = (4, 4)
     prone_to_co = False
-    logged_stats = {"zeroed": "fraction"}   # per sample: the fraction of coordinates without consensus
+    logged_stats = {"zeroed": "fraction"}  # per sample: the fraction of coordinates without consensus
 
     @dataclass
     class Options(FGSMRS.Options):
@@ -151,8 +151,10 @@ class MultiGrad(FGSMRS):
         if not (isinstance(o.samples, int) and o.samples >= 1):
             raise ConfigError(f"method.samples (random starts) must be an integer >= 1, got {o.samples!r}")
         if o.threshold is not None and not (isinstance(o.threshold, int) and 1 <= o.threshold <= o.samples):
-            raise ConfigError(f"method.threshold must be an integer in [1, method.samples={o.samples}] or none "
-                              f"(none: all samples agree), got {o.threshold!r}")
+            raise ConfigError(
+                f"method.threshold must be an integer in [1, method.samples={o.samples}] or none "
+                f"(none: all samples agree), got {o.threshold!r}"
+            )
 
     def passes_per_step(self):
         return (self.opt.samples + 1, self.opt.samples + 1)
@@ -162,7 +164,7 @@ class MultiGrad(FGSMRS):
         ball = self.ball_at(state.epoch)
         votes = torch.zeros_like(x)
         with bn_mode(model, o.bn_mode):
-            for _ in range(o.samples):   # S restarts, each a batch-wide pass (no per-sample loop)
+            for _ in range(o.samples):  # S restarts, each a batch-wide pass (no per-sample loop)
                 grad, _ = input_grad(model, ball.random_start(x), y)
                 votes += grad.sign()
         needed = 2 * (o.samples if o.threshold is None else o.threshold) - o.samples
