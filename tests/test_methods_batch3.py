@@ -306,10 +306,9 @@ def test_remedies_are_valid_option_changes():
 def test_ranks_share_the_universal_perturbations_under_ddp(tmp_path):
     """Two gloo ranks training fgsm_fuap: the broadcast initial draw and the all-reduced updates
     leave every rank with the same perturbations, momentum and selection head (~20 s)."""
-    from test_ddp import WORLD, _torchrun
-
     from atas.checkpoint import load_checkpoint
     from tests.helpers import FMNIST
+    from tests.test_ddp import WORLD, _torchrun
 
     if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"Fashion-MNIST not found in {FMNIST}")

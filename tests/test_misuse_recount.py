@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_misuse_cli import TINY, assert_one_line, finished_run, run_cli  # noqa: F401
 
 from tests.helpers import FMNIST
+from tests.test_misuse_cli import TINY, assert_one_line, finished_run, run_cli  # noqa: F401
 
 ARGPARSE = "ARGPARSE"
 MULTILINE = "MULTILINE:"  # data not found: one error line, then the places searched and the fixes
