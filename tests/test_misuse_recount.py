@@ -86,7 +86,7 @@ TRAIN = [
     (["train", "fmnist", "method.beta=1"], "method.beta < 1"),
     (["train", "fmnist", "method.alpha_min=0"], "method.alpha_min"),
     (["train", "fmnist", "method.grad_norm=nope"], "method.grad_norm must be"),
-    (["train", "fmnist", "method.step_numerator=3eps"], "method.step_numerator must be"),
+    (["train", "fmnist", "method.step_numerator=-2eps"], "method.step_numerator must be"),
     (["train", "fmnist", "method.step_scale=2"], "method.step_scale must lie in (0, 1]"),
     (["train", "fmnist", "method.label_smoothing=1"], "method.label_smoothing must be in [0, 1)"),
     # recipe files
