@@ -146,7 +146,14 @@ def test_an_installed_dataset_model_method_and_attack_train_and_evaluate(tmp_pat
     assert list(result["results"]) == ["clean", "pgd", "half_fgsm"] and result["n_examples"] == 40
     assert result["results"]["half_fgsm"]["label"] == "FGSM (eps/2 step)"
     assert result["results"]["half_fgsm"]["settings"] == {"eps": 0.1, "step": 0.05}
-    assert result["data"] == {"name": "synth", "folder": None}
+    # a dataset with its own loader has no folder; the images evaluated are named by their sha256
+    assert {k: result["data"][k] for k in ("name", "folder", "split", "images")} == {
+        "name": "synth",
+        "folder": None,
+        "split": "test",
+        "images": "the first 40",
+    }
+    assert len(result["data"]["sha256"]) == 64
     # learnt: the plugin's images are separable, so the tiny linear model is far above chance (25%)
     assert result["results"]["clean"]["accuracy"] > 0.5
     # ... and evaluated again later, from its run folder alone, on the plugin's test split
