@@ -370,7 +370,12 @@ def _co_fact(method: str, all_runs: list[dict]) -> str:
             "learn: see below)."
         )
     besides = f"; {dead} more seed(s) did not learn" if dead else ""
-    flagged = [r for r in runs if r.get("co_detected") and not _stuck_run(r)]
+    # flagged at the end, or flagged during training and given up on by the guard (its final
+    # weights are the last healthy epoch's, but the method did overfit)
+    flagged = [r for r in runs if (r.get("co_detected") and not _stuck_run(r)) or run_outcome(r) == "gave up"]
+    recovered = [r for r in runs if r not in flagged and run_outcome(r) == "recovered"]
+    if recovered:
+        besides += f"; {len(recovered)} more flagged during training and recovered by the guard"
     if flagged:
         return (
             f"{name} shows catastrophic overfitting: yes, {len(flagged)}/{len(runs)} seeds "
