@@ -201,11 +201,13 @@ def training_status(run_dir: Path, cfg: Config) -> str:
 
     A folder holding a run of another config (more epochs excepted, as for `atas train --resume`)
     is an error: resuming it would mix two experiments, overwriting it would lose one."""
-    from atas.checkpoint import CheckpointError
+    from atas.checkpoint import CheckpointError, healthy_path
     from atas.rundir import CHECKPOINT, LABEL_KEYS, check_resumable, read_divergence, run_end, saved_config
 
     diverged = read_divergence(run_dir) is not None
-    if not (run_dir / CHECKPOINT).exists() and not diverged:
+    # killed in its first epoch under co_action=recover: only the epoch-0 snapshot, which resumes
+    started = (run_dir / CHECKPOINT).exists() or healthy_path(run_dir / CHECKPOINT).exists()
+    if not started and not diverged:
         return "fresh"
     saved = saved_config(run_dir)
     if saved is not None:
@@ -279,11 +281,16 @@ def train_as_needed(spec: RunSpec, stale: tuple[str, ...] = (EVAL, EVAL_STATE)):
     model or None when nothing trained, what was done). `stale`: the run's files that belong to the
     model before this training, deleted before it starts."""
     import atas.trainer
+    from atas.checkpoint import healthy_path
     from atas.rundir import CHECKPOINT, LABEL_KEYS, saved_config
 
     status = training_status(spec.run_dir, spec.cfg)
     if status == "diverged":  # tried again: from its last checkpoint, or from the start
-        status = "resume" if (spec.run_dir / CHECKPOINT).exists() else "fresh"
+        status = (
+            "resume"
+            if (spec.run_dir / CHECKPOINT).exists() or healthy_path(spec.run_dir / CHECKPOINT).exists()
+            else "fresh"
+        )
     if status == "done":
         return None, []
     cfg = spec.cfg

@@ -499,5 +499,8 @@ def test_a_run_killed_in_its_first_epoch_resumes_from_its_initial_weights(tmp_pa
     whole = train(cfg, run_dir=tmp_path / "whole")
     _kill_at_epoch(monkeypatch, cfg, tmp_path / "r", 1)
     assert not (tmp_path / "r" / CHECKPOINT).exists() and healthy_path(tmp_path / "r" / CHECKPOINT).exists()
+    from atas.sweep import training_status
+
+    assert training_status(tmp_path / "r", cfg) == "resume"  # `atas compare` resumes it too, no refusal
     assert cli(["train", "--resume", str(tmp_path / "r")]) == 0
     _same_weights(whole.model, load_model(tmp_path / "r")[0])
