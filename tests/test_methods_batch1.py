@@ -450,34 +450,6 @@ from tests.helpers import needs_fmnist  # noqa: E402
 
 
 @needs_fmnist
-@pytest.mark.parametrize("name", BATCH1)
-def test_short_training_run(tmp_path, name):
-    from atas.trainer import train
-
-    cfg = load_config(
-        "fmnist",
-        [
-            f"method.name={name}",
-            "data.subset=256",
-            "train.epochs=1",
-            "train.batch_size=64",
-            "model.arch=wong_cnn",
-            "train.probe_size=64",
-            "train.probe_steps=2",
-            "train.co_action=keep_best",
-            "train.progress=false",
-            "eval.at_end=false",
-            f"out_dir={tmp_path}",
-            "train.device=cpu",
-            "train.max_steps=2",
-        ],
-    )
-    run = train(cfg)
-    assert len(run.metrics) == 1 and run.metrics[0]["step"] == 2
-    assert math.isfinite(run.metrics[0]["train_loss"])
-
-
-@needs_fmnist
 @pytest.mark.parametrize("name", ["fgsm_rs_cs", "fgsm_mep_cs"])
 def test_training_run_resumes_exactly_through_the_constraint(tmp_path, name):
     """`atas train --resume` after epoch 2 of 3 gives the weights of the uninterrupted run (the

@@ -415,34 +415,3 @@ def test_search_only_for_liet_and_remedies_are_valid_options():
 
 
 # ---------------------------------------------------------------- end to end
-from tests.helpers import needs_fmnist  # noqa: E402
-
-
-@needs_fmnist
-@pytest.mark.parametrize("name", BATCH2)
-def test_short_training_run(tmp_path, name):
-    from atas.trainer import train
-
-    cfg = load_config(
-        "fmnist",
-        [
-            f"method.name={name}",
-            "data.subset=256",
-            "train.epochs=1",
-            "train.batch_size=64",
-            "model.arch=wong_cnn",
-            "train.probe_size=64",
-            "train.probe_steps=2",
-            "train.co_action=keep_best",
-            "train.progress=false",
-            "eval.at_end=false",
-            f"out_dir={tmp_path}",
-            "train.device=cpu",
-            "train.max_steps=2",
-        ],
-    )
-    run = train(cfg)
-    assert len(run.metrics) == 1 and run.metrics[0]["step"] == 2
-    assert run.metrics[0]["train_loss"] == run.metrics[0]["train_loss"]
-    if name == "ssat":
-        assert 0 <= run.metrics[0]["delta_max"] <= cfg.method.eps + 1e-6
